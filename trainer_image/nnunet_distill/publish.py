@@ -1,0 +1,807 @@
+"""Publish a packaged model directory to object storage so that readers only ever see verified models.
+
+A model in a bucket is only useful if a consumer can trust it, so publishing is a small protocol rather
+than a copy:
+
+1. the local package is checked against its own `SHA256SUMS` first (a damaged package is refused);
+2. every file is uploaded under a fresh version prefix `<prefix>/<version>/` (large files as multipart);
+3. every object is read back and its size and SHA-256 compared with `SHA256SUMS`;
+4. only then is the marker `<prefix>/<version>/_PUBLISHED` written, and after it `<prefix>/LATEST`.
+
+A reader that follows `LATEST` (or lists versions and requires `_PUBLISHED`) never sees a half-published
+model, and a failed publish leaves no marker: nothing partial is reported as the model. Uploads go through
+obstore, whose per-request retries (exponential backoff with jitter) absorb short outages; an outer bounded
+retry re-sends whole files when a transfer or a read-back still fails after that.
+
+Credentials come only from the standard environment variables (for S3: `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`; `GOOGLE_*` for `gs://`,
+`AZURE_*` for `az://`), as a Kubernetes `secretKeyRef` sets them. The least privilege that suffices is
+put + get on the prefix (delete is used, best effort, only to clean up after a failed publish); listing
+the bucket is never needed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import mimetypes
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+SUMS_FILE = "SHA256SUMS"
+MARKER_FILE = "_PUBLISHED"
+LATEST_FILE = "LATEST"
+MARKER_SCHEMA = "nnunet-distill.published/v1"
+MIN_PART_BYTES = 5 * 1024 * 1024  # S3's smallest allowed multipart part (except the last)
+MAX_PARTS = 10_000  # S3's largest number of parts in one multipart upload
+SUPPORTED_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "file")
+
+
+class Reason:
+    """Failure reasons: stable strings the operator copies into the publish stage's condition."""
+
+    PACKAGE_DAMAGED = "PackageDamaged"
+    INVALID_URI = "InvalidURI"
+    INVALID_CREDENTIALS = "InvalidCredentials"
+    PERMISSION_DENIED = "PermissionDenied"
+    BUCKET_NOT_FOUND = "BucketNotFound"
+    ENDPOINT_UNREACHABLE = "EndpointUnreachable"
+    VERIFICATION_FAILED = "VerificationFailed"
+    UPLOAD_FAILED = "UploadFailed"
+    NOT_PUBLISHED = "NotPublished"
+
+
+class PublishError(Exception):
+    """A classified publish failure; `reason` is one of `Reason`, `str()` is one line without secrets.
+
+    `transient` says whether trying the same request again could help (5xx, dropped connections,
+    a read-back mismatch); the outer retry only repeats transient failures.
+    """
+
+    def __init__(self, reason: str, message: str, *, transient: bool = False, http_status: int | None = None):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+        self.transient = transient
+        self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    path: str  # POSIX path relative to the package root, as written in SHA256SUMS
+    size: int
+    sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try. Defaults fail an unreachable endpoint within seconds but ride out brief outages.
+
+    The first five fields configure obstore's per-request retry; `attempts` bounds the outer retry that
+    re-sends whole files (only after the endpoint has answered at least once, so a wrong endpoint fails fast).
+    """
+
+    max_retries: int = 4
+    init_backoff_s: float = 0.25
+    max_backoff_s: float = 4.0
+    retry_timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 300.0
+    attempts: int = 3
+    attempt_backoff_s: float = 1.0
+
+    def obstore_retry_config(self) -> dict[str, Any]:
+        return {
+            "max_retries": self.max_retries,
+            "retry_timeout": _dt.timedelta(seconds=self.retry_timeout_s),
+            "backoff": {
+                "init_backoff": _dt.timedelta(seconds=self.init_backoff_s),
+                "max_backoff": _dt.timedelta(seconds=self.max_backoff_s),
+                "base": 2,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    uri: str  # the version's URI, e.g. s3://models/liver/20261125T131834Z-1a2b3c4d5e6f
+    version: str
+    files: tuple[PackageFile, ...]
+    sha256sums_sha256: str
+    model_path: str | None  # the ONNX file inside the package (None when the package has none)
+    model_sha256: str | None
+    total_bytes: int  # every uploaded package file, SHA256SUMS included (marker and LATEST excluded)
+    attempts: int = 1
+    latest_uri: str = ""
+
+    def artifacts(self) -> dict[str, Any]:
+        """The `status.artifacts` fields this publish establishes (camelCase, as in the CRD)."""
+        return {
+            "uri": self.uri,
+            "sha256": self.model_sha256 or self.sha256sums_sha256,
+            "sizeBytes": self.total_bytes,
+            "version": self.version,
+            "modelPath": self.model_path,
+            "sha256sums": self.sha256sums_sha256,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "version": self.version,
+            "latest": self.latest_uri,
+            "modelPath": self.model_path,
+            "modelSha256": self.model_sha256,
+            "sha256sumsSha256": self.sha256sums_sha256,
+            "totalBytes": self.total_bytes,
+            "attempts": self.attempts,
+            "files": [f.as_dict() for f in self.files],
+        }
+
+
+# --------------------------------------------------------------------------------------------- pure parts
+
+
+def parse_sha256sums(text: str) -> list[tuple[str, str]]:
+    """`sha256sum` output → [(hex digest, relative path)]; accepts text (`  `) and binary (` *`) mode lines.
+
+    Paths must stay inside the package (no absolute paths, no `..`), because they become object keys.
+    """
+    entries: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.rstrip("\r")
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line)
+        if m is None:
+            raise PublishError(Reason.PACKAGE_DAMAGED, f"{SUMS_FILE} line {lineno} is not '<sha256>  <path>'")
+        digest, path = m.group(1).lower(), m.group(2)
+        path = path.removeprefix("./")
+        pure = PurePosixPath(path)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in path or not path:
+            raise PublishError(
+                Reason.PACKAGE_DAMAGED, f"{SUMS_FILE} line {lineno}: path {path!r} leaves the package"
+            )
+        if path in seen:
+            raise PublishError(Reason.PACKAGE_DAMAGED, f"{SUMS_FILE} lists {path!r} twice")
+        seen.add(path)
+        entries.append((digest, path))
+    if not entries:
+        raise PublishError(Reason.PACKAGE_DAMAGED, f"{SUMS_FILE} lists no files")
+    return entries
+
+
+def sha256_file(path: Path, chunk: int = 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_package(package_dir: str | os.PathLike[str]) -> tuple[list[PackageFile], bytes]:
+    """Check the directory against its SHA256SUMS; returns the files and the SHA256SUMS bytes.
+
+    Refuses a file missing, altered, or present but unlisted: a package whose contents and checksums
+    disagree cannot be verified remotely either, so it must not be published.
+    """
+    root = Path(package_dir)
+    if not root.is_dir():
+        raise PublishError(Reason.PACKAGE_DAMAGED, f"package directory {root} does not exist")
+    sums_path = root / SUMS_FILE
+    if not sums_path.is_file():
+        raise PublishError(
+            Reason.PACKAGE_DAMAGED,
+            f"{sums_path} is missing; create the package with `nnunet-distill package`",
+        )
+    sums_bytes = sums_path.read_bytes()
+    try:
+        entries = parse_sha256sums(sums_bytes.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PublishError(Reason.PACKAGE_DAMAGED, f"{sums_path} is not UTF-8 text") from None
+    files: list[PackageFile] = []
+    for digest, rel in entries:
+        local = root / rel
+        if rel == SUMS_FILE or rel in (MARKER_FILE, LATEST_FILE):
+            raise PublishError(Reason.PACKAGE_DAMAGED, f"{SUMS_FILE} may not list the reserved name {rel!r}")
+        if not local.is_file():
+            raise PublishError(Reason.PACKAGE_DAMAGED, f"{local} is listed in {SUMS_FILE} but missing")
+        try:
+            actual = sha256_file(local)
+        except OSError as exc:
+            raise PublishError(
+                Reason.PACKAGE_DAMAGED, f"cannot read {local}: {exc.strerror or type(exc).__name__}"
+            ) from None
+        if actual != digest:
+            raise PublishError(
+                Reason.PACKAGE_DAMAGED,
+                f"{local} has sha256 {actual[:12]}…, {SUMS_FILE} says {digest[:12]}…; re-create the package",
+            )
+        files.append(PackageFile(rel, local.stat().st_size, digest))
+    listed = {f.path for f in files} | {SUMS_FILE}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.relative_to(root).as_posix() not in listed:
+            raise PublishError(
+                Reason.PACKAGE_DAMAGED, f"{p} is not listed in {SUMS_FILE}; re-create the package"
+            )
+    return files, sums_bytes
+
+
+def version_name(sums_bytes: bytes, now: _dt.datetime) -> str:
+    """`20261125T131834Z-1a2b3c4d5e6f`: sorts by time, and names the exact file set it holds."""
+    stamp = now.astimezone(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{hashlib.sha256(sums_bytes).hexdigest()[:12]}"
+
+
+def pick_model_file(files: Iterable[PackageFile]) -> PackageFile | None:
+    """The largest `.onnx` file: the network the package serves (Triton repos hold exactly one)."""
+    onnx = [f for f in files if f.path.lower().endswith(".onnx")]
+    return max(onnx, key=lambda f: (f.size, f.path)) if onnx else None
+
+
+def part_size(size: int) -> int:
+    """Multipart chunk size: S3's 5 MiB minimum, larger only when needed to stay within 10 000 parts."""
+    return max(MIN_PART_BYTES, -(-size // MAX_PARTS))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed destination URI; `base` is the URI of the prefix (no trailing slash)."""
+
+    scheme: str
+    bucket: str  # bucket / container, or the root directory for file://
+    prefix: str  # key prefix inside the bucket, '' for the bucket root
+    base: str
+
+    def uri_of(self, key: str) -> str:
+        return f"{self.base}/{key}"
+
+
+def parse_uri(uri: str) -> Target:
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in SUPPORTED_SCHEMES:
+        raise PublishError(
+            Reason.INVALID_URI,
+            f"URI {uri!r} must start with s3://, gs://, az:// or file:// (bucket/prefix follows)",
+        )
+    if parts.query or parts.fragment:
+        raise PublishError(Reason.INVALID_URI, f"URI {_redact(uri)!r} must not carry a query or fragment")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise PublishError(Reason.INVALID_URI, f"file URI {uri!r} must be absolute: file:///path/to/dir")
+        root = parts.path.rstrip("/") or "/"
+        return Target("file", root, "", f"file://{root.rstrip('/')}")
+    if not parts.netloc:
+        raise PublishError(Reason.INVALID_URI, f"URI {uri!r} names no bucket: use {scheme}://BUCKET/PREFIX")
+    prefix = parts.path.strip("/")
+    base = f"{scheme}://{parts.netloc}" + (f"/{prefix}" if prefix else "")
+    return Target(scheme, parts.netloc, prefix, base)
+
+
+# Env vars each store understands (from obstore's documented configuration); bucket names come from the URI.
+_ENV_KEYS: dict[str, tuple[str, ...]] = {
+    "s3": (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT",
+        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+        "AWS_ROLE_ARN",
+        "AWS_ROLE_SESSION_NAME",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_STS_ENDPOINT",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+        "AWS_SERVER_SIDE_ENCRYPTION",
+        "AWS_SSE_KMS_KEY_ID",
+        "AWS_SSE_BUCKET_KEY_ENABLED",
+        "AWS_REQUEST_PAYER",
+        "AWS_SKIP_SIGNATURE",
+        "AWS_UNSIGNED_PAYLOAD",
+        "AWS_IMDSV1_FALLBACK",
+        "AWS_METADATA_ENDPOINT",
+        "AWS_S3_EXPRESS",
+    ),
+    "gs": (
+        "GOOGLE_SERVICE_ACCOUNT",
+        "GOOGLE_SERVICE_ACCOUNT_PATH",
+        "GOOGLE_SERVICE_ACCOUNT_KEY",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "GOOGLE_BASE_URL",
+        "GOOGLE_BEARER_TOKEN",
+        "GOOGLE_SKIP_SIGNATURE",
+    ),
+    "az": (
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_ACCESS_KEY",
+        "AZURE_STORAGE_MASTER_KEY",
+        "AZURE_STORAGE_CLIENT_ID",
+        "AZURE_CLIENT_ID",
+        "AZURE_STORAGE_CLIENT_SECRET",
+        "AZURE_CLIENT_SECRET",
+        "AZURE_STORAGE_TENANT_ID",
+        "AZURE_TENANT_ID",
+        "AZURE_STORAGE_AUTHORITY_ID",
+        "AZURE_AUTHORITY_ID",
+        "AZURE_AUTHORITY_HOST",
+        "AZURE_STORAGE_AUTHORITY_HOST",
+        "AZURE_STORAGE_SAS_KEY",
+        "AZURE_STORAGE_SAS_TOKEN",
+        "AZURE_STORAGE_TOKEN",
+        "AZURE_STORAGE_USE_EMULATOR",
+        "AZURE_STORAGE_ENDPOINT",
+        "AZURE_ENDPOINT",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_USE_AZURE_CLI",
+        "AZURE_MSI_ENDPOINT",
+        "AZURE_IDENTITY_ENDPOINT",
+        "AZURE_OBJECT_ID",
+        "AZURE_MSI_RESOURCE_ID",
+        "AZURE_SKIP_SIGNATURE",
+    ),
+}
+_FAMILY = {"s3": "s3", "s3a": "s3", "gs": "gs", "az": "az", "abfs": "az", "abfss": "az"}
+_CREDENTIAL_HINT = {
+    "s3": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in the storage secret",
+    "gs": "check GOOGLE_SERVICE_ACCOUNT / GOOGLE_APPLICATION_CREDENTIALS in the storage secret",
+    "az": "check AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY (or the SAS token) in the secret",
+    "file": "check that the directory is writable by the pod's user",
+}
+
+
+def endpoint_of(env: Mapping[str, str]) -> str | None:
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"):
+        if env.get(key):
+            return env[key]
+    return None
+
+
+def store_options(
+    target: Target, env: Mapping[str, str], policy: RetryPolicy
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(store config, client options) for obstore from the standard env vars.
+
+    A custom S3 endpoint (MinIO, Ceph, moto, …) gets path-style requests unless
+    AWS_VIRTUAL_HOSTED_STYLE_REQUEST says otherwise, and plain http is allowed only when the
+    endpoint itself is http://.
+    """
+    family = _FAMILY.get(target.scheme, target.scheme)
+    config = {k.lower(): env[k] for k in _ENV_KEYS.get(family, ()) if env.get(k)}
+    client: dict[str, Any] = {
+        "connect_timeout": _dt.timedelta(seconds=policy.connect_timeout_s),
+        "timeout": _dt.timedelta(seconds=policy.request_timeout_s),
+    }
+    if family == "s3":
+        endpoint = endpoint_of(env)
+        if endpoint:
+            if "aws_virtual_hosted_style_request" not in config:
+                config["aws_virtual_hosted_style_request"] = "false"
+            if not (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")):
+                config["aws_region"] = "us-east-1"  # MinIO & co. accept any region; SigV4 needs one
+            if endpoint.lower().startswith("http://"):
+                client["allow_http"] = True
+    if family == "az" and str(env.get("AZURE_STORAGE_USE_EMULATOR", "")).lower() in ("1", "true"):
+        client["allow_http"] = True
+    return config, client
+
+
+_URL_RE = re.compile(r"(https?://[^\s?#]+)\?[^\s]*")
+_CODE_RE = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
+_STATUS_RE = re.compile(r"(?:status code: |status: )(\d{3})")
+
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed",
+    "InvalidSecurity",
+    "AuthenticationFailed",
+    "InvalidAuthenticationInfo",
+    "NoAuthenticationInformation",
+    "AccountIsDisabled",
+}
+_PERMISSION_CODES = {
+    "AccessDenied",
+    "AuthorizationPermissionMismatch",
+    "AuthorizationFailure",
+    "AllAccessDisabled",
+}
+_BUCKET_CODES = {"NoSuchBucket", "ContainerNotFound", "ContainerBeingDeleted", "ResourceNotFound"}
+_UNREACHABLE_HINTS = (
+    "error sending request",
+    "connection refused",
+    "dns error",
+    "failed to lookup address",
+    "connect",
+    "tcp connect error",
+    "timed out",
+    "operation timed out",
+    "no route to host",
+)
+
+
+def _is_missing_object(exc: BaseException) -> bool:
+    """A 404 for the object itself, not for its bucket (both arrive as FileNotFoundError)."""
+    code = _CODE_RE.search(str(exc))
+    return code is None or code.group(1) not in _BUCKET_CODES
+
+
+def _redact(text: str) -> str:
+    """Drop query strings from URLs (SAS tokens and presigned signatures live there)."""
+    return _URL_RE.sub(r"\1?…", text)
+
+
+def classify(
+    exc: BaseException, *, target: Target, env: Mapping[str, str], action: str, key: str
+) -> PublishError:
+    """Map an obstore/OS exception to a PublishError with a reason and a one-line, secret-free message."""
+    if isinstance(exc, PublishError):
+        return exc
+    text = str(exc)
+    code_m, status_m = _CODE_RE.search(text), _STATUS_RE.search(text)
+    code = code_m.group(1) if code_m else None
+    status = int(status_m.group(1)) if status_m else None
+    family = _FAMILY.get(target.scheme, target.scheme)
+    where = f"{action} {target.uri_of(key)}"
+    hint = _CREDENTIAL_HINT.get(family, "")
+    endpoint = endpoint_of(env) if family == "s3" else None
+    detail = f"{status} {code}" if status and code else (code or (str(status) if status else ""))
+    type_name = type(exc).__name__
+
+    if code in _BUCKET_CODES or (
+        status == 404 and "bucket" in text.lower() and "does not exist" in text.lower()
+    ):
+        return PublishError(
+            Reason.BUCKET_NOT_FOUND,
+            f"bucket {target.bucket!r} does not exist{' at ' + endpoint if endpoint else ''} "
+            f"({where}: {detail}); "
+            "create it or fix the URI",
+            http_status=status,
+        )
+    if code in _CREDENTIAL_CODES or type_name == "UnauthenticatedError" or status == 401:
+        return PublishError(
+            Reason.INVALID_CREDENTIALS,
+            f"the storage service rejected the credentials ({where}: {detail}); {hint}",
+            http_status=status,
+        )
+    if code in _PERMISSION_CODES or type_name == "PermissionDeniedError" or status == 403:
+        return PublishError(
+            Reason.INVALID_CREDENTIALS if family != "file" else Reason.PERMISSION_DENIED,
+            f"access denied ({where}: {detail or 'forbidden'}); {hint} and that they may put and get objects "
+            "under the prefix",
+            http_status=status,
+        )
+    if isinstance(exc, PermissionError):
+        return PublishError(Reason.PERMISSION_DENIED, f"permission denied ({where}); {hint}")
+    lowered = text.lower()
+    if status is None and any(
+        h in lowered for h in ("credential", "imds", "missing secretaccesskey", "missing accesskey")
+    ):
+        return PublishError(
+            Reason.INVALID_CREDENTIALS,
+            f"no usable credentials for {target.base} ({where}); {hint}",
+        )
+    if status is None and any(h in lowered for h in _UNREACHABLE_HINTS):
+        target_host = endpoint or f"the {family} service"
+        return PublishError(
+            Reason.ENDPOINT_UNREACHABLE,
+            f"cannot reach {target_host} ({where}); check AWS_ENDPOINT_URL and the network path"
+            if family == "s3"
+            else f"cannot reach {target_host} ({where}); check the network path",
+        )
+    transient = status is None or status >= 500 or status in (408, 429)
+    first_line = _redact(text.splitlines()[0] if text else type_name)[:200]
+    return PublishError(
+        Reason.UPLOAD_FAILED,
+        f"{where} failed: {detail or type_name} ({first_line})",
+        transient=transient,
+        http_status=status,
+    )
+
+
+def marker_document(
+    *,
+    version: str,
+    uri: str,
+    files: list[PackageFile],
+    sums_bytes: bytes,
+    model: PackageFile | None,
+    created: _dt.datetime,
+) -> dict[str, Any]:
+    sums = PackageFile(SUMS_FILE, len(sums_bytes), hashlib.sha256(sums_bytes).hexdigest())
+    return {
+        "schema": MARKER_SCHEMA,
+        "version": version,
+        "uri": uri,
+        "createdAt": created.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": model.as_dict() if model else None,
+        "sha256sums": sums.sha256,
+        "totalBytes": sum(f.size for f in files) + sums.size,
+        "files": [f.as_dict() for f in files] + [sums.as_dict()],
+    }
+
+
+# ------------------------------------------------------------------------------------------- side effects
+
+
+def open_store(target: Target, env: Mapping[str, str], policy: RetryPolicy) -> Any:
+    """An obstore store rooted at the target prefix (keys below are relative to it)."""
+    from obstore.store import LocalStore, from_url
+
+    if target.scheme == "file":
+        try:
+            return LocalStore(prefix=target.bucket, mkdir=True)
+        except Exception as exc:  # noqa: BLE001 - obstore raises plain exceptions for mkdir failures
+            raise PublishError(
+                Reason.PERMISSION_DENIED, f"cannot create directory {target.bucket}: {type(exc).__name__}"
+            ) from None
+    config, client = store_options(target, env, policy)
+    url = f"{target.scheme}://{target.bucket}" + (f"/{target.prefix}" if target.prefix else "")
+    try:
+        return from_url(url, config=config, client_options=client, retry_config=policy.obstore_retry_config())
+    except Exception as exc:  # noqa: BLE001 - configuration errors (bad key file, missing account, ...)
+        first = _redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        family = _FAMILY.get(target.scheme, target.scheme)
+        raise PublishError(
+            Reason.INVALID_CREDENTIALS,
+            f"cannot configure {target.base}: {first[:200]}; {_CREDENTIAL_HINT[family]}",
+        ) from None
+
+
+class _Session:
+    """One publish's store access: classifies errors and remembers whether the endpoint ever answered."""
+
+    def __init__(self, store: Any, target: Target, env: Mapping[str, str], policy: RetryPolicy):
+        self.store, self.target, self.env, self.policy = store, target, env, policy
+        self.reached = False  # any response at all (even an error status) proves the endpoint exists
+
+    def _fail(self, exc: BaseException, action: str, key: str) -> PublishError:
+        err = classify(exc, target=self.target, env=self.env, action=action, key=key)
+        if err.http_status is not None:
+            self.reached = True
+        if err.reason == Reason.ENDPOINT_UNREACHABLE and self.reached:
+            err.transient = True  # the endpoint worked a moment ago: a blip, worth another attempt
+        return err
+
+    def put_file(self, key: str, local: Path, size: int) -> None:
+        import obstore
+
+        kwargs: dict[str, Any] = {"chunk_size": part_size(size), "max_concurrency": 4}
+        if self.target.scheme != "file":
+            kwargs["attributes"] = {
+                "Content-Type": mimetypes.guess_type(local.name)[0] or "application/octet-stream"
+            }
+        try:
+            with open(local, "rb") as fh:
+                obstore.put(self.store, key, fh, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            raise self._fail(exc, "PUT", key) from None
+        self.reached = True
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        import obstore
+
+        attributes = {"Content-Type": content_type} if self.target.scheme != "file" else None
+        try:
+            obstore.put(self.store, key, data, attributes=attributes, use_multipart=False)
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(exc, "PUT", key) from None
+        self.reached = True
+
+    def read_back(self, key: str) -> tuple[int, str]:
+        """(size, sha256) of the stored object, streamed so large files never sit in memory."""
+        import obstore
+
+        h, n = hashlib.sha256(), 0
+        try:
+            result = obstore.get(self.store, key)
+            for chunk in result.stream(min_chunk_size=1024 * 1024):
+                h.update(chunk)
+                n += len(chunk)
+        except FileNotFoundError as exc:
+            if not _is_missing_object(exc):
+                raise self._fail(exc, "GET", key) from None
+            self.reached = True
+            return -1, ""
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(exc, "GET", key) from None
+        self.reached = True
+        return n, h.hexdigest()
+
+    def delete_quietly(self, keys: list[str]) -> None:
+        import obstore
+
+        if not keys:
+            return
+        try:
+            obstore.delete(self.store, keys)
+        except Exception as exc:  # noqa: BLE001 - best effort; the missing marker already marks it unusable
+            log.warning(
+                "could not remove %d partial objects under %s (%s); they carry no %s marker",
+                len(keys),
+                self.target.base,
+                type(exc).__name__,
+                MARKER_FILE,
+            )
+
+
+def _utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+def publish(
+    package_dir: str | os.PathLike[str],
+    uri: str,
+    *,
+    env: Mapping[str, str] = os.environ,
+    policy: RetryPolicy = RetryPolicy(),
+    now: Callable[[], _dt.datetime] = _utcnow,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PublishResult:
+    """Upload, verify, then mark a packaged model under `<uri>/<version>/`; raises PublishError.
+
+    Safe to call again after a failure: it starts from the same local files under a new version, and a
+    failed attempt leaves no `_PUBLISHED` marker (its partial objects are removed when possible).
+    """
+    target = parse_uri(uri)
+    files, sums_bytes = verify_package(package_dir)
+    root = Path(package_dir)
+    started = now()
+    version = version_name(sums_bytes, started)
+    version_uri = target.uri_of(version)
+    store = open_store(target, env, policy)
+    session = _Session(store, target, env, policy)
+
+    sums_sha = hashlib.sha256(sums_bytes).hexdigest()
+    to_send = files + [PackageFile(SUMS_FILE, len(sums_bytes), sums_sha)]
+    uploaded: set[str] = set()  # package paths whose PUT succeeded
+    verified: set[str] = set()  # package paths whose read-back matched
+    touched: set[str] = set()  # package paths stored at least once (to clean up after a failure)
+    marker_written = False
+    attempt = 0
+    log.info(
+        "publishing %d files (%d bytes) from %s to %s",
+        len(to_send),
+        sum(f.size for f in to_send),
+        root,
+        version_uri,
+    )
+    while True:
+        attempt += 1
+        try:
+            for f in to_send:
+                if f.path not in uploaded:
+                    session.put_file(f"{version}/{f.path}", root / f.path, f.size)
+                    uploaded.add(f.path)
+                    touched.add(f.path)
+                    log.info("uploaded %s (%d bytes)", f.path, f.size)
+            mismatched: list[str] = []
+            for f in to_send:
+                if f.path in verified:
+                    continue
+                size, digest = session.read_back(f"{version}/{f.path}")
+                if size == f.size and digest == f.sha256:
+                    verified.add(f.path)
+                else:
+                    uploaded.discard(f.path)  # send it again on the next attempt
+                    got = "missing" if size < 0 else f"{size} bytes, sha256 {digest[:12]}…"
+                    mismatched.append(f"{f.path} ({got}; expected {f.size} bytes, sha256 {f.sha256[:12]}…)")
+            if mismatched:
+                raise PublishError(
+                    Reason.VERIFICATION_FAILED,
+                    f"read-back of {version_uri} does not match {SUMS_FILE}: " + "; ".join(mismatched[:3]),
+                    transient=True,
+                )
+            model = pick_model_file(files)
+            marker = marker_document(
+                version=version,
+                uri=version_uri,
+                files=files,
+                sums_bytes=sums_bytes,
+                model=model,
+                created=started,
+            )
+            session.put_bytes(
+                f"{version}/{MARKER_FILE}", json.dumps(marker, indent=1).encode(), "application/json"
+            )
+            marker_written = True
+            session.put_bytes(LATEST_FILE, f"{version}\n".encode(), "text/plain")
+            break
+        except PublishError as err:
+            if not err.transient or attempt >= policy.attempts:
+                if err.reason in (Reason.VERIFICATION_FAILED, Reason.UPLOAD_FAILED) and attempt > 1:
+                    err = PublishError(err.reason, f"{err.message} (gave up after {attempt} attempts)")
+                if not marker_written:  # tidy up; without the marker nothing here counts as a model anyway
+                    session.delete_quietly([f"{version}/{f.path}" for f in to_send if f.path in touched])
+                raise err from None
+            delay = policy.attempt_backoff_s * (2 ** (attempt - 1))
+            log.warning(
+                "publish attempt %d/%d failed (%s); retrying in %.1fs", attempt, policy.attempts, err, delay
+            )
+            sleep(delay)
+
+    model = pick_model_file(files)
+    result = PublishResult(
+        uri=version_uri,
+        version=version,
+        files=tuple(files),
+        sha256sums_sha256=sums_sha,
+        model_path=model.path if model else None,
+        model_sha256=model.sha256 if model else None,
+        total_bytes=sum(f.size for f in to_send),
+        attempts=attempt,
+        latest_uri=target.uri_of(LATEST_FILE),
+    )
+    log.info("published and verified %s (%d files, %d bytes)", version_uri, len(to_send), result.total_bytes)
+    return result
+
+
+def resolve_latest(
+    uri: str, *, env: Mapping[str, str] = os.environ, policy: RetryPolicy = RetryPolicy()
+) -> dict[str, Any]:
+    """Follow `<uri>/LATEST` to its `_PUBLISHED` marker and return the marker (what a consumer should do)."""
+    import obstore
+
+    target = parse_uri(uri)
+    store = open_store(target, env, policy)
+    key = LATEST_FILE
+    try:
+        version = bytes(obstore.get(store, key).bytes()).decode().strip()
+        key = f"{version}/{MARKER_FILE}"
+        marker = json.loads(bytes(obstore.get(store, key).bytes()))
+    except FileNotFoundError as exc:
+        if not _is_missing_object(exc):
+            raise classify(exc, target=target, env=env, action="GET", key=key) from None
+        raise PublishError(
+            Reason.NOT_PUBLISHED, f"{target.uri_of(key)} does not exist: nothing published there"
+        ) from None
+    except Exception as exc:  # noqa: BLE001
+        raise classify(exc, target=target, env=env, action="GET", key=key) from None
+    return marker
+
+
+__all__ = [
+    "LATEST_FILE",
+    "MARKER_FILE",
+    "SUMS_FILE",
+    "PackageFile",
+    "PublishError",
+    "PublishResult",
+    "Reason",
+    "RetryPolicy",
+    "Target",
+    "classify",
+    "marker_document",
+    "parse_sha256sums",
+    "parse_uri",
+    "pick_model_file",
+    "publish",
+    "resolve_latest",
+    "store_options",
+    "verify_package",
+    "version_name",
+]

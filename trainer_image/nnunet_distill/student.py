@@ -1,0 +1,428 @@
+"""Student architecture from nnU-Net plans: fewer channels, same topology, its own plans file.
+
+The student is described entirely by a plans file (a deep copy of the student base plans with the
+configuration's channel counts divided by the reduction factor r, and for residual encoders a new
+number of blocks per stage). Everything that decides which preprocessed data a configuration reads
+(data_identifier, spacing, normalization, patch and batch size) is left untouched, so the student
+trains on the teacher's preprocessed data and stock nnU-Net (`nnUNetv2_predict`) rebuilds exactly
+this network from the plans alone, with no code of ours on the import path.
+
+Pure functions first (features, blocks, plans); the two functions touching torch or the disk
+(`build_network`, `write_student_plans`) are at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import pydoc
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nnunet_distill import naming
+
+MIN_FEATURES = 8
+MAX_BLOCKS = 8
+
+PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+
+BLOCK_STRATEGY_HELP = {
+    "reduce": "halve the residual blocks of every encoder stage, at least 1 (the seed's rule): "
+              "a shallower and narrower, fastest student",
+    "keep": "keep the teacher's blocks per stage (default): only the width shrinks, so parameters "
+            "and compute fall by about r^2",
+    "increase": "one more block per stage, at most 8 (the seed's rule): a deeper student, "
+                "about (n+1)/n times the parameters of `keep`",
+    "adaptive": "give back depth for the width lost: up to one extra block per halving of a stage's "
+                "width (at most 8), added shallow stages first, within the encoder parameter budget "
+                "of teacher/r^2, taking blocks from the deepest stages to pay for it; never larger than "
+                "`keep`, and it changes the network for every r >= 2",
+}
+
+
+class CompatibilityError(ValueError):
+    """Teacher and student cannot be distilled together; the message is one line naming the fix."""
+
+
+class StudentPlansError(ValueError):
+    """The student plans cannot be derived or written; the message names the field and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure rules
+# ---------------------------------------------------------------------------------------------
+
+def reduce_features(features: Sequence[int], r: int, minimum: int = MIN_FEATURES) -> list[int]:
+    """Channels per stage of the student: floor(f / r), but never below `minimum` (8).
+
+    Floor division is the seed's rule and keeps r=2/4/8 students at exactly 1/r of every power-of-two
+    stage. The floor of 8 channels exists because a stage with 2 or 4 channels cannot hold enough
+    distinct filters for a multi-label output, its per-channel InstanceNorm statistics get noisy, and
+    GPU kernels (tensor cores) work on channel counts in multiples of 8; without the floor r=8 would
+    turn a 32-channel stem into 4 channels. A teacher stage that is already narrower than the floor is
+    kept as is (a student is never wider than its teacher).
+    """
+    if r < 1:
+        raise ValueError(f"reduction factor must be >= 1, got {r}")
+    if minimum < 1:
+        raise ValueError(f"minimum feature count must be >= 1, got {minimum}")
+    return [min(int(f), max(int(f) // r, minimum)) for f in features]
+
+
+def width_loss(teacher_features: Sequence[int], student_features: Sequence[int]) -> list[float]:
+    """Per stage, how many times narrower the student is (>= 1; below r where the min-8 floor applied)."""
+    return [t / s for t, s in zip(teacher_features, student_features)]
+
+
+def block_counts(teacher_blocks: Sequence[int], strategy: str, r: int, *,
+                 teacher_features: Sequence[int] | None = None,
+                 kernel_sizes: Sequence[Sequence[int]] | None = None,
+                 minimum_features: int = MIN_FEATURES, max_blocks: int = MAX_BLOCKS) -> list[int]:
+    """Residual blocks per encoder stage of a ResEnc student.
+
+    - `reduce`:   max(n // 2, 1). The seed's rule; r does not enter.
+    - `keep`:     n. Width alone shrinks, so the student is ~1/r^2 of the teacher.
+    - `increase`: min(n + 1, max_blocks). The seed's rule; r does not enter.
+    - `adaptive`: thin-and-deep under a parameter budget (the FitNets observation: at a fixed budget
+      a thinner, deeper student distils better than a wide, shallow one). Each stage may get back one
+      block per halving of its width, ceil(log2(teacher/student width)), capped at `max_blocks`; the
+      budget is the encoder's residual parameters of the teacher divided by r^2 (what `keep` costs,
+      counted at width f/r where the min-8 floor made a stage wider), so the student never grows past
+      the size the user asked for with r.
+      Blocks are assigned round-robin, shallow stages first, starting from `reduce`'s counts: a block
+      at the shallowest stages costs a small fraction of one at the deepest (parameters grow with
+      channels^2), so depth moves to the high-resolution stages, where small structures are resolved,
+      and the deepest, widest stages pay for it. Unlike the seed's rule (a no-op below r=4) this
+      changes the network for every r >= 2; r=1 returns the teacher's counts. Compute (FLOPs) grows
+      a little because shallow stages run at high resolution.
+
+    `adaptive` needs `teacher_features` (and uses `kernel_sizes`, if given, to weigh a block by its
+    kernel volume).
+    """
+    blocks = [int(n) for n in teacher_blocks]
+    if any(n < 1 for n in blocks):
+        raise ValueError(f"teacher blocks per stage must all be >= 1, got {blocks}")
+    if r < 1:
+        raise ValueError(f"reduction factor must be >= 1, got {r}")
+    if strategy == "keep":
+        return blocks
+    if strategy == "reduce":
+        return [max(n // 2, 1) for n in blocks]
+    if strategy == "increase":
+        return [max(min(n + 1, max_blocks), n) for n in blocks]
+    if strategy != "adaptive":
+        raise ValueError(f"block strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, got {strategy!r}")
+    if teacher_features is None or len(teacher_features) != len(blocks):
+        raise ValueError("the adaptive block strategy needs teacher_features, one per encoder stage "
+                         f"({len(blocks)} stages)")
+    if r == 1:
+        return blocks
+    student_features = reduce_features(teacher_features, r, minimum_features)
+    volumes = ([math.prod(int(k) for k in ks) for ks in kernel_sizes] if kernel_sizes is not None
+               else [1] * len(blocks))
+    if len(volumes) != len(blocks):
+        raise ValueError(f"kernel_sizes has {len(volumes)} stages, teacher blocks {len(blocks)}")
+    cost = [f * f * v for f, v in zip(student_features, volumes)]
+    budget = sum(n * min(f / r, fs) ** 2 * v
+                 for n, f, fs, v in zip(blocks, teacher_features, student_features, volumes))
+    target = [min(max(max_blocks, n), n + math.ceil(math.log2(c) - 1e-9))
+              for n, c in zip(blocks, width_loss(teacher_features, student_features))]
+    counts = [max(n // 2, 1) for n in blocks]
+    spent = sum(n * c for n, c in zip(counts, cost))
+    grew = True
+    while grew:
+        grew = False
+        for s in range(len(counts)):
+            if counts[s] < target[s] and spent + cost[s] <= budget + 1e-9:
+                counts[s] += 1
+                spent += cost[s]
+                grew = True
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans derivation (pure: dict in, dict out)
+# ---------------------------------------------------------------------------------------------
+
+def _arch_class(class_name: str) -> type | None:
+    located = pydoc.locate(class_name)
+    return located if isinstance(located, type) else None
+
+
+def is_residual_encoder(architecture: dict) -> bool:
+    """Decided by the plans' network class (and its kwargs), never by the plans identifier's name."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+    cls = _arch_class(architecture.get("network_class_name", ""))
+    if cls is not None and issubclass(cls, ResidualEncoderUNet):
+        return True
+    if cls is not None and issubclass(cls, PlainConvUNet):
+        return False
+    kwargs = architecture.get("arch_kwargs", {})
+    if "n_blocks_per_stage" in kwargs:
+        return True
+    if "n_conv_per_stage" in kwargs:
+        return False
+    raise StudentPlansError(f"unsupported student architecture {architecture.get('network_class_name')!r}: "
+                            "the student plans must use PlainConvUNet or ResidualEncoderUNet "
+                            "(plans made by nnUNetv2_plan_experiment with the default or a ResEnc planner)")
+
+
+def _configuration_descendants(configurations: dict, configuration: str) -> list[str]:
+    """Configurations that inherit (directly or transitively) from `configuration`."""
+    out: list[str] = []
+    frontier = [configuration]
+    while frontier:
+        parent = frontier.pop()
+        for name, cfg in configurations.items():
+            if cfg.get("inherits_from") == parent and name not in out and name != configuration:
+                out.append(name)
+                frontier.append(name)
+    return out
+
+
+def _resolved_architecture(configurations: dict, configuration: str) -> dict:
+    seen: list[str] = []
+    name = configuration
+    while True:
+        if name not in configurations:
+            raise StudentPlansError(f"configuration {name!r} not found in the student plans "
+                                    f"(available: {', '.join(configurations)})")
+        if name in seen:
+            raise StudentPlansError(f"circular inherits_from in plans: {' -> '.join(seen + [name])}")
+        seen.append(name)
+        cfg = configurations[name]
+        if "architecture" in cfg:
+            return cfg["architecture"]
+        if "inherits_from" not in cfg:
+            raise StudentPlansError(f"configuration {configuration!r} has no architecture in the plans "
+                                    "(re-plan it with nnUNetv2_plan_experiment)")
+        name = cfg["inherits_from"]
+
+
+def _reduce_architecture(architecture: dict, r: int, block_strategy: str | None) -> dict:
+    arch = copy.deepcopy(architecture)
+    kwargs = arch["arch_kwargs"]
+    teacher_features = [int(f) for f in kwargs["features_per_stage"]]
+    kwargs["features_per_stage"] = reduce_features(teacher_features, r)
+    if kwargs.get("stem_channels") is not None:
+        kwargs["stem_channels"] = reduce_features([kwargs["stem_channels"]], r)[0]
+    if kwargs.get("bottleneck_channels") is not None:
+        bc = kwargs["bottleneck_channels"]
+        kwargs["bottleneck_channels"] = (reduce_features(bc, r) if isinstance(bc, (list, tuple))
+                                         else reduce_features([bc], r)[0])
+    if is_residual_encoder(arch):
+        blocks = kwargs["n_blocks_per_stage"]
+        blocks = [int(blocks)] * len(teacher_features) if isinstance(blocks, int) else [int(b) for b in blocks]
+        kwargs["n_blocks_per_stage"] = block_counts(blocks, block_strategy or "keep", r,
+                                                    teacher_features=teacher_features,
+                                                    kernel_sizes=kwargs.get("kernel_sizes"))
+    elif block_strategy not in (None, "keep"):
+        raise StudentPlansError(f"block strategy {block_strategy!r} needs a ResidualEncoderUNet student, but the "
+                                f"student plans use {arch.get('network_class_name')}: pass -bs keep, or ResEnc "
+                                "student plans (-spl nnUNetResEncUNetMPlans)")
+    return arch
+
+
+def derive_student_plans(student_base_plans: dict, configuration: str, reduction_factor: int,
+                         block_strategy: str | None = None, plans_name: str | None = None) -> dict:
+    """Student plans: the base plans with `configuration`'s channels divided by r.
+
+    Returns a new dict (the input is not modified). The configuration, and every configuration that
+    inherits from it, gets reduced `features_per_stage` (and, for a ResidualEncoderUNet, blocks per
+    stage from `block_strategy`, default `keep`); an architecture inherited from a parent is copied
+    into the configuration first so the parent stays as it was. Kernels, strides, convs per stage,
+    norm, non-linearity, deep supervision, data_identifier, patch, batch and spacing are untouched, so
+    the student reads the teacher's preprocessed data. Whether the student is plain or residual follows
+    the base plans' `network_class_name`. A `distillation` entry records r, the strategy and the base.
+    """
+    if reduction_factor < 1:
+        raise StudentPlansError(f"reduction factor (-r) must be >= 1, got {reduction_factor}")
+    if block_strategy is not None and block_strategy not in naming.BLOCK_STRATEGIES:
+        raise StudentPlansError(f"block strategy (-bs) must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
+                                f"got {block_strategy!r}")
+    plans = copy.deepcopy(student_base_plans)
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, dict) or configuration not in configurations:
+        available = ", ".join(configurations) if isinstance(configurations, dict) else "none"
+        raise StudentPlansError(f"configuration {configuration!r} not found in plans "
+                                f"{plans.get('plans_name')!r} (available: {available})")
+    base_name = plans.get("plans_name", naming.DEFAULT_PLANS)
+    resenc = is_residual_encoder(_resolved_architecture(configurations, configuration))
+    strategy = block_strategy if resenc else (None if block_strategy in (None, "keep") else block_strategy)
+
+    own = configurations[configuration]
+    if "architecture" not in own:
+        own["architecture"] = copy.deepcopy(_resolved_architecture(configurations, configuration))
+    for name in [configuration, *_configuration_descendants(configurations, configuration)]:
+        cfg = configurations[name]
+        if "architecture" in cfg:
+            cfg["architecture"] = _reduce_architecture(cfg["architecture"], reduction_factor, strategy)
+
+    plans["plans_name"] = plans_name or naming.student_plans_identifier(
+        base_name, reduction_factor, (strategy or "keep") if resenc else None)
+    plans["distillation"] = {
+        "base_plans": base_name,
+        "configuration": configuration,
+        "reduction_factor": reduction_factor,
+        "block_strategy": (strategy or "keep") if resenc else None,
+        "min_features": MIN_FEATURES,
+    }
+    plans.pop("continue_training", None)
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility check (pure)
+# ---------------------------------------------------------------------------------------------
+
+def _dataset_id(plans: dict) -> str:
+    name = str(plans.get("dataset_name", ""))
+    return str(int(name[7:10])) if name.startswith("Dataset") and name[7:10].isdigit() else "ID"
+
+
+def _fix_command(plans: dict) -> str:
+    planner = plans.get("experiment_planner_used") or "ExperimentPlanner"
+    pl = "" if planner == "ExperimentPlanner" else f" -pl {planner}"
+    return f"nnUNetv2_plan_experiment -d {_dataset_id(plans)}{pl}"
+
+
+def _labels_key(dataset_json: dict) -> list:
+    labels = dataset_json.get("labels", {})
+    return sorted((str(k), json.dumps(v, sort_keys=True)) for k, v in labels.items())
+
+
+def _total_stride(strides: Iterable[Sequence[int]], dim: int) -> list[int]:
+    total = [1] * dim
+    for stride in strides:
+        stride = [stride] * dim if isinstance(stride, int) else list(stride)
+        total = [t * int(s) for t, s in zip(total, stride)]
+    return total
+
+
+def check_compatible(teacher_plans: dict, teacher_dataset_json: dict, student_plans: dict,
+                     student_dataset_json: dict, configuration: str) -> None:
+    """Raise CompatibilityError (one line, naming the mismatch and the fix) if the student cannot learn
+    from the teachers: the KD loss compares logits voxel by voxel on one shared batch, so both must read
+    the same preprocessed data and predict the same outputs from the same inputs."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    t_name = teacher_plans.get("plans_name", "teacher plans")
+    s_name = student_plans.get("plans_name", "student plans")
+    fix = _fix_command(student_plans)
+    for plans, who in ((teacher_plans, "teacher"), (student_plans, "student")):
+        if configuration not in plans.get("configurations", {}):
+            raise CompatibilityError(f"configuration {configuration!r} is not in the {who} plans "
+                                     f"{plans.get('plans_name')!r}: plan it with {_fix_command(plans)} "
+                                     f"or choose one of {', '.join(plans.get('configurations', {}))}")
+    if teacher_plans.get("dataset_name") != student_plans.get("dataset_name"):
+        raise CompatibilityError(f"teacher plans {t_name} are for {teacher_plans.get('dataset_name')} but student "
+                                 f"plans {s_name} for {student_plans.get('dataset_name')}: use student plans of the "
+                                 f"teacher's dataset ({_fix_command({**student_plans, 'dataset_name': teacher_plans.get('dataset_name')})})")
+    t_pm, s_pm = PlansManager(teacher_plans), PlansManager(student_plans)
+    t_cm, s_cm = t_pm.get_configuration(configuration), s_pm.get_configuration(configuration)
+
+    t_in = determine_num_input_channels(t_pm, t_cm, teacher_dataset_json)
+    s_in = determine_num_input_channels(s_pm, s_cm, student_dataset_json)
+    if t_in != s_in:
+        raise CompatibilityError(f"input channels differ: teacher {t_in}, student {s_in} (dataset.json "
+                                 "channel_names): train the student on the teacher's dataset.json")
+    if _labels_key(teacher_dataset_json) != _labels_key(student_dataset_json) or \
+            teacher_dataset_json.get("regions_class_order") != student_dataset_json.get("regions_class_order"):
+        raise CompatibilityError(f"labels/regions differ: teacher {teacher_dataset_json.get('labels')}, student "
+                                 f"{student_dataset_json.get('labels')}: train the student on the teacher's "
+                                 "dataset.json")
+    t_heads = t_pm.get_label_manager(teacher_dataset_json).num_segmentation_heads
+    s_heads = s_pm.get_label_manager(student_dataset_json).num_segmentation_heads
+    if t_heads != s_heads:
+        raise CompatibilityError(f"output heads differ: teacher {t_heads}, student {s_heads}: "
+                                 "train the student on the teacher's dataset.json")
+    if len(t_cm.patch_size) != len(s_cm.patch_size):
+        raise CompatibilityError(f"configuration dimensionality differs: teacher {len(t_cm.patch_size)}D "
+                                 f"({t_name}), student {len(s_cm.patch_size)}D ({s_name}): use the same -c for both")
+    checks = (
+        ("data_identifier", t_cm.data_identifier, s_cm.data_identifier),
+        ("spacing", [float(x) for x in t_cm.spacing], [float(x) for x in s_cm.spacing]),
+        ("normalization_schemes", list(t_cm.normalization_schemes), list(s_cm.normalization_schemes)),
+        ("use_mask_for_norm", list(t_cm.use_mask_for_norm), list(s_cm.use_mask_for_norm)),
+        ("transpose_forward", list(t_pm.transpose_forward), list(s_pm.transpose_forward)),
+    )
+    for field, t_val, s_val in checks:
+        if t_val != s_val:
+            raise CompatibilityError(f"teacher and student do not share preprocessed data: {configuration} "
+                                     f"{field} is {t_val} in {t_name} but {s_val} in {s_name}; make student "
+                                     f"plans from the teacher's fingerprint with {fix} (the ResEnc and default "
+                                     "planners share nnUNetPlans_3d_fullres data)")
+    dim = len(s_cm.patch_size)
+    total = _total_stride(s_cm.network_arch_init_kwargs.get("strides", []), dim)
+    if any(int(p) % t for p, t in zip(s_cm.patch_size, total)):
+        raise CompatibilityError(f"student patch size {list(s_cm.patch_size)} is not divisible by its total "
+                                 f"stride {total} ({s_name}, {configuration}): re-plan the student with {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges: torch and the disk
+# ---------------------------------------------------------------------------------------------
+
+def _normalized(plans: dict) -> Any:
+    return json.loads(json.dumps(plans))
+
+
+def write_student_plans(preprocessed_dataset_dir: str | os.PathLike, plans: dict) -> Path:
+    """Write `<plans_name>.json` beside the teacher's plans (where nnU-Net's `-p` looks).
+
+    Idempotent: several folds distilled in parallel may all write the same file. A different file of
+    that name is never overwritten, because a student trained earlier from it would silently no longer
+    match its plans.
+    """
+    name = plans.get("plans_name")
+    if not name:
+        raise StudentPlansError("student plans have no plans_name; derive them with derive_student_plans")
+    directory = Path(preprocessed_dataset_dir)
+    if not directory.is_dir():
+        raise StudentPlansError(f"preprocessed dataset folder {directory} does not exist: run "
+                                "nnUNetv2_plan_and_preprocess first")
+    path = directory / f"{name}.json"
+    content = _normalized(plans)
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StudentPlansError(f"{path} exists but cannot be read ({exc}): remove it") from exc
+        if existing == content:
+            return path
+        raise StudentPlansError(f"{path} already exists with different plans: remove it or choose another "
+                                "reduction factor/block strategy/plans name")
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(content, fh, indent=4, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_network(plans: dict, configuration: str, dataset_json: dict, deep_supervision: bool = True):
+    """The network stock nnU-Net builds from these plans (same classes, same calls, same init)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_inputs,
+                                                    num_outputs, deep_supervision)
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())

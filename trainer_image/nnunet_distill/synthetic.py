@@ -1,0 +1,228 @@
+"""Synthetic nnU-Net raw datasets for the demo, the tests and the benchmarks.
+
+A real nnU-Net raw dataset (`DatasetXXX_Name` with imagesTr/labelsTr/imagesTs/labelsTs as .nii.gz
+and a dataset.json) that a tiny nnU-Net learns in a few iterations, yet exercises what real data
+does: several labels of very different sizes (including a small structure a few voxels across, the
+kind that suffers first when a student is made narrower), Gaussian noise, a smooth multiplicative
+intensity inhomogeneity (bias field), optional anisotropic spacing and optional extra channels with
+different contrasts. The labelled held-out test set (imagesTs/labelsTs) is generated from its own
+random streams and is never listed in `numTraining`, so no teacher fold ever sees it.
+
+Every case is drawn from its own generator seeded by (seed, split, index): the same seed gives
+byte-identical images, and case i does not depend on how many cases were asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {"background": 0, "bright": 1, "dark": 2, "small": 3}
+# Mean intensity of each label (background, bright, dark, small) per channel: channel 0 is "CT"-like
+# (nnU-Net's CT normalization), channel 1 inverts the bright/dark contrast like a second MR sequence,
+# further channels rotate the table so every channel carries some information.
+_CONTRAST = (
+    (1.0, 2.0, 0.2, 3.0),
+    (1.0, 0.4, 2.0, 2.6),
+)
+NOISE_SIGMA = 0.15
+BIAS_AMPLITUDE = 0.2
+ANISOTROPIC_SPACING = (1.0, 1.0, 3.0)
+ANISOTROPIC_DEFAULT_SIZE = (48, 48, 16)
+DEFAULT_SIZE = (48, 48, 48)
+SYNTHETIC_MARKER = "nnunet-distill synthetic"
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What to generate. `size` and `spacing` are in SimpleITK (x, y, z) order."""
+
+    dataset_id: int
+    name: str
+    cases: int = 16
+    test_cases: int = 4
+    size: tuple[int, int, int] = DEFAULT_SIZE
+    channels: int = 1
+    anisotropic: bool = False
+    seed: int = 0
+    spacing: tuple[float, float, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.dataset_id <= 999:
+            raise ValueError(f"dataset id (-d) must be in 1..999, got {self.dataset_id}")
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ValueError(f"dataset name (--name) must be letters, digits, '-' or '_', got {self.name!r}")
+        if self.cases < 2:
+            raise ValueError(f"--cases must be >= 2 (nnU-Net needs a train/val split), got {self.cases}")
+        if self.test_cases < 0:
+            raise ValueError(f"--test-cases must be >= 0, got {self.test_cases}")
+        if len(self.size) != 3 or min(self.size) < 16:
+            raise ValueError(f"--size needs three values >= 16 (x y z), got {list(self.size)}")
+        if self.channels < 1:
+            raise ValueError(f"--channels must be >= 1, got {self.channels}")
+        object.__setattr__(self, "size", tuple(int(s) for s in self.size))
+        object.__setattr__(self, "spacing", ANISOTROPIC_SPACING if self.anisotropic else (1.0, 1.0, 1.0))
+
+    @property
+    def folder_name(self) -> str:
+        return dataset_folder_name(self.dataset_id, self.name)
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
+def channel_names(channels: int) -> dict[str, str]:
+    """Channel 0 is called CT so nnU-Net picks CT normalization; the others z-score normalization."""
+    return {str(c): ("CT" if c == 0 else f"MR{c}") for c in range(channels)}
+
+
+def contrast_table(channel: int) -> tuple[float, ...]:
+    if channel < len(_CONTRAST):
+        return _CONTRAST[channel]
+    base = _CONTRAST[channel % len(_CONTRAST)]
+    shift = channel // len(_CONTRAST)
+    fg = base[1:]
+    return (base[0], *fg[shift % 3:], *fg[:shift % 3])
+
+
+def _grid(shape_zyx: tuple[int, int, int], spacing_xyz: tuple[float, float, float]) -> tuple[np.ndarray, ...]:
+    """Physical coordinates (mm) of every voxel, in numpy (z, y, x) order."""
+    sz, sy, sx = spacing_xyz[2], spacing_xyz[1], spacing_xyz[0]
+    z, y, x = np.meshgrid(np.arange(shape_zyx[0]) * sz, np.arange(shape_zyx[1]) * sy,
+                          np.arange(shape_zyx[2]) * sx, indexing="ij", sparse=True)
+    return z, y, x
+
+
+def _ellipsoid(grid: tuple[np.ndarray, ...], center: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    z, y, x = grid
+    return ((z - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2 + \
+        ((x - center[2]) / radii[2]) ** 2 <= 1.0
+
+
+def _bias_field(rng: np.random.Generator, grid: tuple[np.ndarray, ...], extent: np.ndarray) -> np.ndarray:
+    """Smooth multiplicative field in [1-a, 1+a]: a random low-order (linear + quadratic) polynomial."""
+    z, y, x = (g / e - 0.5 for g, e in zip(grid, extent))
+    coeffs = rng.uniform(-1.0, 1.0, size=6)
+    poly = coeffs[0] * z + coeffs[1] * y + coeffs[2] * x + coeffs[3] * z * y + coeffs[4] * y * x + \
+        coeffs[5] * (x * x + z * z - y * y)
+    peak = max(float(np.max(np.abs(poly))), 1e-6)
+    return 1.0 + BIAS_AMPLITUDE * poly / peak
+
+
+def _place(rng: np.random.Generator, extent: np.ndarray, radius: float, taken: list[tuple[np.ndarray, float]],
+           margin: float) -> np.ndarray:
+    """A centre at least one radius inside the field of view, clear of the objects already placed."""
+    lo = np.minimum(radius + margin, extent / 2)
+    hi = np.maximum(extent - radius - margin, extent / 2)
+    best, best_gap = None, -np.inf
+    for _ in range(50):
+        c = rng.uniform(lo, hi)
+        gap = min((np.linalg.norm(c - tc) - (radius + tr) for tc, tr in taken), default=np.inf)
+        if gap >= 0:
+            return c
+        if gap > best_gap:
+            best, best_gap = c, gap
+    return best
+
+
+def generate_case(rng: np.random.Generator, size_xyz: tuple[int, int, int],
+                  spacing_xyz: tuple[float, float, float], channels: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """One case: per-channel float32 images and a uint8 label map, both in numpy (z, y, x) order.
+
+    1-2 bright and 1-2 dark ellipsoids (radii 12-22 % of the field of view) and one small sphere of
+    about 2.5 mm radius, placed without overlap; noise and a bias field on top.
+    """
+    shape = (size_xyz[2], size_xyz[1], size_xyz[0])
+    grid = _grid(shape, spacing_xyz)
+    extent = np.array([shape[0] * spacing_xyz[2], shape[1] * spacing_xyz[1], shape[2] * spacing_xyz[0]])
+    fov = float(np.min(extent))
+    label = np.zeros(shape, dtype=np.uint8)
+    taken: list[tuple[np.ndarray, float]] = []
+    for lab, count in ((LABELS["dark"], int(rng.integers(1, 3))), (LABELS["bright"], int(rng.integers(1, 3)))):
+        for _ in range(count):
+            radii = rng.uniform(0.12, 0.22, size=3) * fov
+            center = _place(rng, extent, float(radii.max()), taken, margin=1.0)
+            taken.append((center, float(radii.max())))
+            label[_ellipsoid(grid, center, radii)] = lab
+    small_r = max(2.5, float(max(spacing_xyz)))
+    center = _place(rng, extent, small_r, taken, margin=2.0)
+    label[_ellipsoid(grid, center, np.full(3, small_r))] = LABELS["small"]
+
+    bias = _bias_field(rng, grid, extent)
+    images = []
+    for c in range(channels):
+        table = np.asarray(contrast_table(c), dtype=np.float32)
+        tissue = table[label]
+        noise = rng.normal(0.0, NOISE_SIGMA, size=shape).astype(np.float32)
+        images.append(((tissue + noise) * bias).astype(np.float32))
+    return images, label
+
+
+def _write_nifti(array: np.ndarray, spacing_xyz: tuple[float, float, float], path: Path) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def dataset_json(spec: SyntheticSpec) -> dict:
+    return {
+        "name": spec.name,
+        "description": f"{SYNTHETIC_MARKER}: bright/dark ellipsoids and a small sphere, noise and bias field",
+        "channel_names": channel_names(spec.channels),
+        "labels": dict(LABELS),
+        "numTraining": spec.cases,
+        "file_ending": ".nii.gz",
+        "synthetic": {"generator": SYNTHETIC_MARKER, "seed": spec.seed, "size": list(spec.size),
+                      "spacing": list(spec.spacing), "test_cases": spec.test_cases},
+    }
+
+
+def _check_target(raw_dir: Path, spec: SyntheticSpec) -> Path:
+    """Refuse to clobber real data: only an earlier synthetic dataset of the same name is replaced."""
+    target = raw_dir / spec.folder_name
+    prefix = f"Dataset{spec.dataset_id:03d}_"
+    clashes = [p.name for p in raw_dir.glob(prefix + "*") if p.is_dir() and p.name != spec.folder_name]
+    if clashes:
+        raise FileExistsError(f"dataset id {spec.dataset_id} is already used by {clashes[0]} in {raw_dir}: "
+                              "choose another -d or remove that folder")
+    if target.exists():
+        try:
+            marker = json.loads((target / "dataset.json").read_text()).get("synthetic", {}).get("generator")
+        except (OSError, json.JSONDecodeError):
+            marker = None
+        if marker != SYNTHETIC_MARKER:
+            raise FileExistsError(f"{target} exists and is not a synthetic dataset: remove it or choose another -d")
+        shutil.rmtree(target)
+    return target
+
+
+def write_dataset(raw_dir: str | Path, spec: SyntheticSpec) -> Path:
+    """Write the dataset under `raw_dir` (usually $nnUNet_raw) and return its folder."""
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    target = _check_target(raw_dir, spec)
+    tmp = raw_dir / f".{spec.folder_name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (tmp / sub).mkdir(parents=True)
+    for split, count, prefix, images_dir, labels_dir in (
+            (0, spec.cases, "case", "imagesTr", "labelsTr"),
+            (1, spec.test_cases, "test", "imagesTs", "labelsTs")):
+        for i in range(count):
+            rng = np.random.default_rng([spec.seed, split, i])
+            images, label = generate_case(rng, spec.size, spec.spacing, spec.channels)
+            case = f"{prefix}_{i:04d}"
+            for c, image in enumerate(images):
+                _write_nifti(image, spec.spacing, tmp / images_dir / f"{case}_{c:04d}.nii.gz")
+            _write_nifti(label, spec.spacing, tmp / labels_dir / f"{case}.nii.gz")
+    (tmp / "dataset.json").write_text(json.dumps(dataset_json(spec), indent=2) + "\n")
+    tmp.rename(target)
+    return target
