@@ -1,0 +1,473 @@
+"""kopf handlers: watch DistillationJobs, their Jobs and pods; apply `reconcile.decide` to each change.
+
+Design (see reconcile.py for the logic):
+- Level-triggered. Every event of a DistillationJob, one of its Jobs or one of their pods runs the same
+  reconciliation of the owning DistillationJob, plus a periodic resync (TTL, missed events).
+- kopf indexes hold the Jobs and pods by owner. kopf fills all indexes before any handler runs, so an
+  operator that restarts mid-run sees the existing Jobs before it could create one: no duplicates.
+  Job names are deterministic on top of that, so a race can only ever produce a 409, never a 2nd Job.
+- One lock per DistillationJob serialises reconciliations (handlers run in kopf's thread pool).
+- Single writer: only the operator writes the status fields it owns, so the result of its own last
+  status patch is always the newest value of those fields; it is overlaid on (possibly stale) bodies
+  from the watch stream. Likewise for Jobs it created whose ADDED event has not arrived yet.
+- No finalizers: deletion cleans up through ownerReferences, and the operator being down never blocks a
+  `kubectl delete`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from nnunet_distill_operator import __version__, api, k8s, metrics
+from nnunet_distill_operator.reconcile import ANNOTATION_ACCEPTED_SPEC, OWNED_STATUS_FIELDS, Decision, decide
+from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, parse_time
+
+log = logging.getLogger("nnunet_distill_operator")
+REGISTRY = kopf.OperatorRegistry()
+COMPONENT = "nnunet-distill-operator"
+USER_AGENT = f"{COMPONENT}/{__version__}"
+
+
+@dataclass
+class OperatorConfig:
+    """Process-level settings (flags/env of nnunet-distill-operator); tests replace them."""
+
+    defaults: k8s.Defaults = field(default_factory=k8s.Defaults)
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
+    resync_seconds: float = 60.0
+    kubeconfig: str | None = None
+    context: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
+        defaults = k8s.Defaults(
+            image=env.get("NNUNET_DISTILL_TRAINER_IMAGE") or k8s.Defaults.image,
+            image_pull_policy=env.get("NNUNET_DISTILL_TRAINER_IMAGE_PULL_POLICY") or None,
+            service_account=env.get("NNUNET_DISTILL_TRAINER_SERVICE_ACCOUNT") or None,
+        )
+        return cls(defaults=defaults)
+
+
+CONFIG = OperatorConfig.from_env()
+
+
+def configure(config: OperatorConfig) -> None:
+    global CONFIG
+    CONFIG = config
+
+
+# ------------------------------------------------------------------------------------------- clients
+
+
+class Clients:
+    """kubernetes client APIs on a private configuration (never the process-wide default)."""
+
+    def __init__(self, kubeconfig: str | None = None, context: str | None = None):
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            path = kubeconfig or next((p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p), None)
+            config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
+        self.api_client = client.ApiClient(cfg)
+        self.api_client.user_agent = USER_AGENT  # audit logs (and the RBAC test) tell our calls apart
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.batch = client.BatchV1Api(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.ApiException = client.exceptions.ApiException
+
+    def close(self) -> None:
+        self.api_client.close()
+
+
+@dataclass
+class State:
+    """Per-run memory of the operator (kept in kopf's memo: a restarted operator starts empty)."""
+
+    clients: Clients
+    locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    locks_guard: threading.Lock = field(default_factory=threading.Lock)
+    owned_status: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    accepted: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    created: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
+    rejected: dict[tuple[str, str, str], dict[str, str]] = field(default_factory=dict)
+    deleted: set[tuple[str, str, str]] = field(default_factory=set)
+    jobs_index: Any = None
+    pods_index: Any = None
+    djs_index: Any = None
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self.locks_guard:
+            return self.locks.setdefault((namespace, name), threading.Lock())
+
+
+# --------------------------------------------------------------------------------------------- kopf
+
+
+@kopf.on.login(registry=REGISTRY)
+def login(**kwargs: Any) -> Any:
+    """In-cluster service account first, else the kubeconfig ($KUBECONFIG read at call time)."""
+    if CONFIG.kubeconfig:
+        os.environ["KUBECONFIG"] = CONFIG.kubeconfig
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup(registry=REGISTRY)
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
+                  distillationjobs_idx: Any, stage_jobs_idx: Any, stage_pods_idx: Any, **_: Any) -> None:
+    settings.posting.enabled = False  # Events are posted by us, with the client, from any thread
+    settings.execution.max_workers = max(settings.execution.max_workers or 0, 8)
+    state = State(clients=Clients(CONFIG.kubeconfig, CONFIG.context))
+    state.djs_index, state.jobs_index, state.pods_index = distillationjobs_idx, stage_jobs_idx, stage_pods_idx
+    memo.state = state
+    metrics.JOBS.clear()
+    if CONFIG.metrics_port is not None:
+        server, port = metrics.serve(CONFIG.metrics_port, CONFIG.metrics_addr)
+        memo.metrics_server, memo.metrics_port = server, port
+        logger.info("serving Prometheus metrics on %s:%s/metrics", CONFIG.metrics_addr, port)
+    memo.resync_task = asyncio.create_task(_resync_forever(state), name="nnunet-distill resync")
+
+
+@kopf.on.cleanup(registry=REGISTRY)
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task = getattr(memo, "resync_task", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    server = getattr(memo, "metrics_server", None)
+    if server is not None:
+        await asyncio.to_thread(metrics.stop, server)
+        memo.metrics_server = None
+    state = getattr(memo, "state", None)
+    if state is not None:
+        state.clients.close()
+
+
+@kopf.on.probe(id="distillationjobs", registry=REGISTRY)
+def probe_jobs(memo: kopf.Memo, **_: Any) -> int:
+    state = getattr(memo, "state", None)
+    return len(state.djs_index) if state is not None and state.djs_index is not None else 0
+
+
+@kopf.index(api.GROUP, api.VERSION, api.PLURAL, registry=REGISTRY)
+def distillationjobs_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
+            registry=REGISTRY)
+def stage_jobs_idx(namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body,
+                   **_: Any) -> dict[Any, Any] | None:
+    owner = annotations.get(k8s.ANNOTATION_JOB_NAME)
+    if not owner:
+        return None
+    return {(namespace, owner): (labels[k8s.LABEL_STAGE], _plain(body))}
+
+
+@kopf.index("", "v1", "pods", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
+            registry=REGISTRY)
+def stage_pods_idx(namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body,
+                   **_: Any) -> dict[Any, Any] | None:
+    owner = annotations.get(k8s.ANNOTATION_JOB_NAME)
+    if not owner:
+        return None
+    return {(namespace, owner): (labels[k8s.LABEL_STAGE], _plain(body))}
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=REGISTRY)
+def on_distillationjob(type: str | None, body: kopf.Body, namespace: str, name: str, uid: str, memo: kopf.Memo,
+                       **_: Any) -> None:
+    state: State = memo.state
+    if type == "DELETED" or (body.get("metadata") or {}).get("deletionTimestamp"):
+        _forget(state, namespace, name, uid)
+        return
+    reconcile_one(state, _plain(body), trigger="distillationjob")
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={k8s.LABEL_JOB: kopf.PRESENT}, registry=REGISTRY)
+def on_job(namespace: str, annotations: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    _reconcile_owner(memo.state, namespace, annotations.get(k8s.ANNOTATION_JOB_NAME), trigger="job")
+
+
+@kopf.on.event("", "v1", "pods", labels={k8s.LABEL_JOB: kopf.PRESENT}, registry=REGISTRY)
+def on_pod(namespace: str, annotations: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+    _reconcile_owner(memo.state, namespace, annotations.get(k8s.ANNOTATION_JOB_NAME), trigger="pod")
+
+
+# ------------------------------------------------------------------------------------ reconciliation
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    return copy.deepcopy(dict(body))
+
+
+def _forget(state: State, namespace: str, name: str, uid: str) -> None:
+    metrics.JOBS.forget(namespace, name)
+    key = (namespace, name, uid)
+    state.owned_status.pop(key, None)
+    state.accepted.pop(key, None)
+    state.created.pop(key, None)
+    state.rejected.pop(key, None)
+    state.deleted.discard(key)
+
+
+def _reconcile_owner(state: State, namespace: str, owner: str | None, trigger: str) -> None:
+    if not owner or state.djs_index is None:
+        return
+    bodies = list(state.djs_index.get((namespace, owner), ()))
+    if not bodies:
+        return  # the owner is gone; the garbage collector deletes its Jobs
+    reconcile_one(state, bodies[-1], trigger=trigger)
+
+
+def _indexed(index: Any, namespace: str, name: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    if index is None:
+        return out
+    for stage, body in index.get((namespace, name), ()):
+        out.setdefault(stage, []).append(body)
+    return out
+
+
+def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision | None:
+    """Reconcile one DistillationJob now (thread-safe; called from handlers and the resync loop)."""
+    meta = body.get("metadata") or {}
+    namespace, name, uid = meta.get("namespace", "default"), meta.get("name", ""), meta.get("uid", "")
+    key = (namespace, name, uid)
+    started = time.perf_counter()
+    result = "ok"
+    try:
+        with state.lock(namespace, name):
+            if key in state.deleted:
+                return None
+            cr = _with_own_writes(state, body, key)
+            jobs = {stage: bodies[-1] for stage, bodies in _indexed(state.jobs_index, namespace, name).items()}
+            pending = state.created.get(key, {})
+            for stage in list(pending):
+                if stage in jobs:
+                    del pending[stage]  # the watch stream has caught up
+                else:
+                    jobs[stage] = pending[stage]  # created by us, ADDED event not seen yet
+            pods = _indexed(state.pods_index, namespace, name)
+            now = datetime.now(UTC)
+            decision = decide(cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected.get(key))
+            try:
+                _apply(state, cr, decision, key)
+            except JobRejected as exc:
+                # Quota, admission webhooks, PodSecurity: say so in status; tried again on the next event
+                # or resync (the Job name is deterministic, so a retry can never make a second Job).
+                state.rejected.setdefault(key, {})[exc.stage] = exc.message
+                decision = decide(cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected[key])
+                _apply(state, cr, dataclasses.replace(decision, create=()), key)
+                result = "rejected"
+                return decision
+            if decision.create or decision.status_patch or decision.suspend or decision.resume:
+                result = "changed"
+            return decision
+    except Exception:
+        result = "error"
+        metrics.RECONCILE_ERRORS.labels(trigger).inc()
+        log.exception("reconciling DistillationJob %s/%s failed; it will be retried on the next event or "
+                      "resync", namespace, name)
+        return None
+    finally:
+        metrics.RECONCILE_TOTAL.labels(trigger, result).inc()
+        metrics.RECONCILE_DURATION.labels(trigger).observe(time.perf_counter() - started)
+
+
+def _with_own_writes(state: State, body: dict[str, Any], key: tuple[str, str, str]) -> dict[str, Any]:
+    cr = copy.deepcopy(body)
+    owned = state.owned_status.get(key)
+    if owned is not None:
+        status = cr.setdefault("status", {}) or {}
+        for f in OWNED_STATUS_FIELDS:
+            if f in owned:
+                status[f] = copy.deepcopy(owned[f])
+            else:
+                status.pop(f, None)
+        cr["status"] = status
+    accepted = state.accepted.get(key)
+    if accepted is not None:
+        cr.setdefault("metadata", {}).setdefault("annotations", {})[ANNOTATION_ACCEPTED_SPEC] = accepted
+    return cr
+
+
+class JobRejected(Exception):
+    """The API server refused to create a stage's Job (4xx other than 409)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage, self.message = stage, message
+
+
+def _api_message(exc: Any) -> str:
+    """The human part of a Kubernetes Status error body."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    return str(body.get("message") or exc.reason or f"HTTP {exc.status}")
+
+
+def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str, str, str]) -> None:
+    """Perform a Decision's side effects, in an order that is safe to interrupt at any point."""
+    c = state.clients
+    namespace, name, _uid = key
+    # 1. The accepted spec first: if we crash after creating a Job, the restarted operator knows which
+    #    spec that Job was created from.
+    if decision.accepted_spec is not None:
+        c.custom.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name,
+            {"metadata": {"annotations": {ANNOTATION_ACCEPTED_SPEC: decision.accepted_spec}}},
+            _content_type="application/merge-patch+json")
+        state.accepted[key] = decision.accepted_spec
+    for manifest in decision.create:
+        stage = manifest["metadata"]["labels"][k8s.LABEL_STAGE]
+        try:
+            created = c.batch.create_namespaced_job(namespace, manifest)
+            created_body = c.api_client.sanitize_for_serialization(created)
+        except c.ApiException as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 409:
+                raise JobRejected(stage, _api_message(exc)) from None
+            if exc.status != 409:
+                raise
+            log.info("Job %s already exists (created concurrently); adopting it", manifest["metadata"]["name"])
+            created_body = manifest
+        else:
+            metrics.JOBS_CREATED.labels(stage).inc()
+            if stage == decision.stages[0].name if decision.stages else False:
+                created_at = parse_time((cr.get("metadata") or {}).get("creationTimestamp"))
+                if created_at is not None:
+                    metrics.START_LATENCY.observe(max(0.0, (datetime.now(UTC) - created_at).total_seconds()))
+            _post_event(state, cr, "Normal", "StageStarted",
+                        f"created Job {manifest['metadata']['name']} for stage {stage}")
+        state.created.setdefault(key, {})[stage] = created_body
+        state.rejected.get(key, {}).pop(stage, None)
+    for job in decision.suspend:
+        c.batch.patch_namespaced_job(job, namespace, {
+            "spec": {"suspend": True},
+            "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}}},
+            _content_type="application/merge-patch+json")
+    for job in decision.resume:
+        c.batch.patch_namespaced_job(job, namespace, {
+            "spec": {"suspend": False},
+            "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
+            _content_type="application/merge-patch+json")
+    if decision.status_patch is not None:
+        try:
+            result = c.custom.patch_namespaced_custom_object_status(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, decision.status_patch,
+                _content_type="application/merge-patch+json")
+        except c.ApiException as exc:
+            if exc.status == 404:
+                state.deleted.add(key)
+                return
+            raise
+        written = (result or {}).get("status") or {}
+        state.owned_status[key] = {f: copy.deepcopy(written[f]) for f in OWNED_STATUS_FIELDS if f in written}
+    else:
+        state.owned_status.setdefault(key, {f: copy.deepcopy(v) for f, v in (cr.get("status") or {}).items()
+                                            if f in OWNED_STATUS_FIELDS})
+    for stage, result_, seconds in decision.finished_stages:
+        metrics.STAGE_DURATION.labels(stage, result_).observe(seconds)
+    for event in decision.events:
+        _post_event(state, cr, event.type, event.reason, event.message)
+    merged_status = {**(cr.get("status") or {}), **decision.status}
+    metrics.JOBS.update(namespace, name, merged_status)
+    if decision.delete:
+        log.info("deleting DistillationJob %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
+        try:
+            c.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name,
+                                                     propagation_policy="Background")
+        except c.ApiException as exc:
+            if exc.status != 404:
+                raise
+        state.deleted.add(key)
+        metrics.JOBS.forget(namespace, name)
+
+
+def _post_event(state: State, cr: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """A core/v1 Event on the DistillationJob. Events are best effort: failures are logged, never raised."""
+    meta = cr.get("metadata") or {}
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+        "involvedObject": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta.get("name"),
+                           "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+        "reason": reason,
+        "message": message[:1024],
+        "type": type_,
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": os.environ.get("POD_NAME", COMPONENT),
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    (log.warning if type_ == "Warning" else log.info)("%s/%s: %s: %s", meta.get("namespace"), meta.get("name"),
+                                                      reason, message)
+    try:
+        state.clients.core.create_namespaced_event(meta.get("namespace"), body)
+    except Exception as exc:  # noqa: BLE001 - an Event must never break reconciliation
+        log.debug("could not post Event %s: %s", reason, exc)
+
+
+async def _resync_forever(state: State) -> None:
+    """Periodic level-triggered pass over every DistillationJob (TTL expiry, missed watch events)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(CONFIG.resync_seconds)
+        bodies = []
+        for key in list(state.djs_index or ()):
+            items = list(state.djs_index.get(key, ()))
+            if items:
+                bodies.append(items[-1])
+        for body in bodies:
+            await loop.run_in_executor(None, reconcile_one, state, body, "resync")
+
+
+def operator_settings(namespaces: list[str]) -> kopf.OperatorSettings:
+    """kopf settings for a watch scope. Exact namespace names need no namespace scanning, hence no
+    cluster-wide list/watch permission on namespaces (only globs like `ml-*` do)."""
+    settings = kopf.OperatorSettings()
+    if namespaces and not any(ch in ns for ns in namespaces for ch in "*?[!"):
+        settings.scanning.disabled = True
+    return settings
+
+
+def run(*, namespaces: list[str], all_namespaces: bool, standalone: bool | None, peering_name: str | None,
+        liveness_endpoint: str | None, config: OperatorConfig) -> None:
+    """Run the operator until SIGTERM (nnunet-distill-operator)."""
+    configure(config)
+    kopf.run(
+        registry=REGISTRY,
+        settings=operator_settings(namespaces),
+        clusterwide=all_namespaces,
+        namespaces=namespaces,
+        standalone=standalone,
+        peering_name=peering_name,
+        liveness_endpoint=liveness_endpoint,
+    )
+
+
+__all__ = ["CONFIG", "REGISTRY", "OperatorConfig", "configure", "reconcile_one", "run"]

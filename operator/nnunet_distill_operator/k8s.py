@@ -1,0 +1,318 @@
+"""Pure: one planned Stage -> one batch/v1 Job manifest (a dict ready for the API).
+
+Every decision a cluster admin would review lives here: the deterministic Job name (a handler that runs
+twice can only ever hit 409, never create a second Job), GPU limits, volume mounts and the nnUNet_* env,
+/dev/shm sized from the spec, a podFailurePolicy under which evictions and preemptions do not use up
+retries, a non-root pod without privilege escalation, Kueue admission, credentials only via secretKeyRef.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from nnunet_distill_operator import api
+from nnunet_distill_operator.plan import DataPaths, Stage
+
+LABEL_PREFIX = "distillation.nnunet.io"
+LABEL_JOB = f"{LABEL_PREFIX}/job"          # the DistillationJob's name (hashed when longer than a label value)
+LABEL_STAGE = f"{LABEL_PREFIX}/stage"
+ANNOTATION_JOB_NAME = f"{LABEL_PREFIX}/job-name"  # full DistillationJob name, read by the downward API
+ANNOTATION_JOB_UID = f"{LABEL_PREFIX}/job-uid"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MANAGED_BY = "nnunet-distill-operator"
+
+MAX_JOB_NAME = 52  # leaves room for "-<index>" in indexed pods' hostnames (63) and pod-name suffixes
+EXIT_CODE_USAGE = 2  # argparse / configuration errors: retrying cannot help
+CONTAINER_MAIN = "main"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme.
+CREDENTIAL_ENV: dict[str, tuple[tuple[str, bool], ...]] = {
+    "s3": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_REGION", False),
+           ("AWS_ENDPOINT_URL", False), ("AWS_SESSION_TOKEN", False)),
+    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", False), ("GOOGLE_SERVICE_ACCOUNT", False)),
+    "az": (("AZURE_STORAGE_ACCOUNT_NAME", False), ("AZURE_STORAGE_ACCOUNT_KEY", False),
+           ("AZURE_STORAGE_SAS_TOKEN", False)),
+    "file": (),
+}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DistillationJob that owns the Jobs (garbage collection through ownerReferences)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Operator-level defaults (flags / env of nnunet-distill-operator) for fields the spec may omit."""
+
+    image: str = "ghcr.io/nnunet-distill/nnunet-distill-trainer:0.1.0"
+    image_pull_policy: str | None = None
+    service_account: str | None = None
+
+
+def _short_hash(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def job_name(cr_name: str, stage: str) -> str:
+    """`<cr>-<stage>`, deterministic; shortened with a hash of the full name when too long."""
+    name = f"{cr_name}-{stage}"
+    if len(name) <= MAX_JOB_NAME:
+        return name
+    keep = MAX_JOB_NAME - len(stage) - 10
+    return f"{cr_name[:keep].rstrip('-.')}-{_short_hash(cr_name)}-{stage}"
+
+
+def label_value(cr_name: str) -> str:
+    """A label value (<= 63 chars) identifying the DistillationJob; hashed when the name is longer."""
+    if len(cr_name) <= 63:
+        return cr_name
+    return f"{cr_name[:54].rstrip('-.')}-{_short_hash(cr_name)}"
+
+
+def labels(owner: Owner, stage: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "nnunet-distill-trainer",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/component": stage,
+        LABEL_JOB: label_value(owner.name),
+        LABEL_STAGE: stage,
+    }
+
+
+def guard_script(stage: Stage) -> str | None:
+    """/bin/sh that exits 0 when the stage's outputs exist and otherwise execs the command ("$@").
+
+    Globs are expanded by the shell; `present` is true when any match exists. For indexed stages the
+    pod's $JOB_COMPLETION_INDEX selects the index value the globs refer to.
+    """
+    if not stage.done_when_exists:
+        return None
+    lines = ['present() { for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }']
+    if stage.index_values:
+        cases = " ".join(f"{i}) v={shlex.quote(v)} ;;" for i, v in enumerate(stage.index_values))
+        lines.append(f'case "${{JOB_COMPLETION_INDEX:-0}}" in {cases} *) exec "$@" ;; esac')
+    checks = " && ".join(f"present {p.replace('{value}', '$v')}" for p in stage.done_when_exists)
+    what = f"{stage.name}" + (" (index value $v)" if stage.index_values else "")
+    lines.append(f'if {checks}; then echo "nnunet-distill: {what} outputs already present; skipping"; exit 0; fi')
+    lines.append('exec "$@"')
+    return "\n".join(lines)
+
+
+def container_command(stage: Stage, argv: tuple[str, ...], guarded: bool) -> list[str]:
+    script = guard_script(stage) if guarded else None
+    if script is None:
+        return list(argv)
+    return ["/bin/sh", "-c", script, "nnunet-distill-guard", *argv]
+
+
+def _env(owner: Owner, stage: Stage, paths: DataPaths, spec: api.DistillationJobSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in paths.env().items()]
+    required = dict(stage.required_env)
+    env += [{"name": k, "value": v} for k, v in stage.env if k not in required]
+    env += [{"name": k, "value": v} for k, v in stage.required_env]
+    env += [
+        {"name": "DISTILLATIONJOB_NAME",
+         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_NAME}']"}}},
+        {"name": "DISTILLATIONJOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "DISTILLATIONJOB_UID",
+         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_UID}']"}}},
+        {"name": "DISTILLATIONJOB_STAGE", "value": stage.name},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if stage.uses_credentials and spec.output is not None and spec.output.secret_ref is not None:
+        scheme = spec.output.uri.split("://", 1)[0]
+        for var, required in CREDENTIAL_ENV.get(scheme, ()):
+            ref: dict[str, Any] = {"name": spec.output.secret_ref.name, "key": var}
+            if not required:
+                ref["optional"] = True
+            env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _volumes(spec: api.DistillationJobSpec, stage: Stage) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container mounts): one volume per distinct claim, sub-paths per folder."""
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    claims: dict[str, str] = {}
+    folders = {"raw": api.MOUNT_RAW, "preprocessed": api.MOUNT_PREPROCESSED, "results": api.MOUNT_RESULTS}
+    for folder, mount_path in folders.items():
+        vol = spec.storage.volume(folder)  # type: ignore[arg-type]
+        if vol is None:
+            continue
+        if vol.claim_name not in claims:
+            claims[vol.claim_name] = f"data-{len(claims)}"
+            volumes.append({"name": claims[vol.claim_name],
+                            "persistentVolumeClaim": {"claimName": vol.claim_name}})
+        mount: dict[str, Any] = {"name": claims[vol.claim_name], "mountPath": mount_path}
+        if vol.sub_path:
+            mount["subPath"] = vol.sub_path
+        if vol.read_only or (folder == "raw" and stage.name != "preprocess"):
+            mount["readOnly"] = True
+        mounts.append(mount)
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}})
+    volumes.append({"name": "tmp", "emptyDir": {}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    return volumes, mounts
+
+
+def _resources(spec: api.DistillationJobSpec, stage: Stage) -> dict[str, Any]:
+    r = stage.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if r.cpu is not None:
+        requests["cpu"] = limits["cpu"] = r.cpu
+    if r.memory is not None:
+        requests["memory"] = limits["memory"] = r.memory
+    if r.gpus:
+        # Extended resources are limits (requests default to them); the API wants quantity strings.
+        limits[spec.resources.gpu_resource_name] = str(r.gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _security(spec: api.DistillationJobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    pod: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "runAsUser": spec.security.run_as_user,
+        "runAsGroup": spec.security.run_as_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if spec.security.fs_group is not None:
+        pod["fsGroup"] = spec.security.fs_group
+        pod["fsGroupChangePolicy"] = "OnRootMismatch"
+    container = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    return pod, container
+
+
+def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths: DataPaths,
+            defaults: Defaults = Defaults(), suspend: bool = False) -> dict[str, Any]:
+    """The batch/v1 Job running `stage` for `owner`. `suspend` creates it suspended (spec.suspend)."""
+    name = job_name(owner.name, stage.name)
+    job_labels = labels(owner, stage.name)
+    queued = spec.scheduling.queue_name is not None
+    if queued:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name  # type: ignore[assignment]
+    pod_labels = labels(owner, stage.name)
+    annotations = {ANNOTATION_JOB_NAME: owner.name, ANNOTATION_JOB_UID: owner.uid}
+    volumes, mounts = _volumes(spec, stage)
+    pod_security, container_security = _security(spec)
+    env = _env(owner, stage, paths, spec)
+    image = spec.image or defaults.image
+    pull_policy = spec.image_pull_policy or defaults.image_pull_policy
+
+    def container(name: str, argv: tuple[str, ...], guarded: bool) -> dict[str, Any]:
+        c: dict[str, Any] = {
+            "name": name,
+            "image": image,
+            "command": container_command(stage, argv, guarded),
+            "env": env,
+            "resources": _resources(spec, stage),
+            "volumeMounts": mounts,
+            "securityContext": container_security,
+            "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }
+        if pull_policy:
+            c["imagePullPolicy"] = pull_policy
+        return c
+
+    # Earlier commands of a stage run as init containers (in order, each only after the previous one
+    # succeeded); the last is the main container, whose termination message the operator reads.
+    init = [container(c.name, c.argv, guarded=False) for c in stage.commands[:-1]]
+    main = container(CONTAINER_MAIN, stage.argv, guarded=True)
+    if init and stage.done_when_exists:
+        # The guard must also protect the preparation steps: guard the first one instead.
+        init[0]["command"] = container_command(stage, stage.commands[0].argv, guarded=True)
+        main["command"] = list(stage.argv)
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": pod_security,
+        "containers": [main],
+        "volumes": volumes,
+        "enableServiceLinks": False,
+    }
+    if init:
+        pod_spec["initContainers"] = init
+    sa = spec.service_account_name or defaults.service_account
+    if sa:
+        pod_spec["serviceAccountName"] = sa
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
+    sched = spec.scheduling
+    if sched.node_selector:
+        pod_spec["nodeSelector"] = dict(sched.node_selector)
+    if sched.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
+    if sched.affinity:
+        pod_spec["affinity"] = sched.affinity
+    if sched.priority_class_name:
+        pod_spec["priorityClassName"] = sched.priority_class_name
+
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        "completions": stage.completions,
+        "parallelism": stage.completions,
+        # Evictions, preemptions and node drains are not the trainer's fault: they do not count towards
+        # backoffLimit (the pod is recreated and resumes from its checkpoint). Usage errors (exit 2) fail at
+        # once, since a retry runs the same wrong command.
+        "podFailurePolicy": {"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_CODE_USAGE]}},
+        ]},
+        "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
+    }
+    if stage.index_values:
+        job_spec["completionMode"] = "Indexed"
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if suspend or queued:
+        # Kueue admits a queued Job by un-suspending it; it must be created suspended.
+        job_spec["suspend"] = True
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": job_labels,
+            "annotations": dict(annotations),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": job_spec,
+    }
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }

@@ -1,0 +1,388 @@
+"""Local executor: run a DistillationJob's planned Stages as processes on this machine.
+
+The same `plan.plan()` output that becomes Kubernetes Jobs runs here, command for command, with the
+env a pod would get (nnUNet_* folders, JOB_COMPLETION_INDEX for indexed stages, a termination-message
+file). Output is streamed with a `[stage]` prefix and kept per stage in `<workdir>/logs/`; progress is
+read from nnU-Net's own epoch lines; the final status — the same shape as the DistillationJob's
+`.status` — is written to `<workdir>/status.yaml` and `status.json` after every change, so a run can be
+watched (`watch cat status.yaml`) and inspected afterwards.
+
+The first failing command stops the run with one clear message: which stage, which command, its exit
+code, and the tail of its log.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from nnunet_distill_operator.plan import DataPaths, Stage
+from nnunet_distill_operator.status import (
+    Cond,
+    condition_type,
+    format_duration,
+    kstatus_conditions,
+    merge_conditions,
+    parse_summary,
+    results_from_summaries,
+    rfc3339,
+)
+
+LOG_TAIL_LINES = 20
+_NUM = r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|nan|inf)"
+_EPOCH = re.compile(r":\s*Epoch (\d+)\s*$")
+_EPOCH_TIME = re.compile(r"Epoch time:\s*" + _NUM + r"\s*s")
+_TRAIN_LOSS = re.compile(r":\s*train_loss\s+" + _NUM)
+_KD_LOSS = re.compile(r":\s*(?:train_)?(?:kd_loss|loss_kd)\s+" + _NUM)  # "train_loss_kd 0.41 (T^2-scaled KL)"
+_PSEUDO_DICE = re.compile(r":\s*Pseudo dice\s+\[(.*)\]")
+_DICE_VALUES = re.compile(r"(?<![\w.])(-?\d+\.\d+(?:[eE][-+]?\d+)?|nan)")
+
+
+class LocalRunError(RuntimeError):
+    """A stage failed; the message says which, how, and where its log is."""
+
+    def __init__(self, message: str, status: Mapping[str, Any]):
+        super().__init__(message)
+        self.status = dict(status)
+
+
+# ------------------------------------------------------------------------------------ progress parsing
+
+
+@dataclass
+class ProgressTracker:
+    """Turns nnU-Net's console lines into status.progress (epoch, losses, pseudo Dice, ETA)."""
+
+    stage: str
+    total_epochs: int | None = None
+    current_epoch: int | None = None
+    completed: int | None = None
+    train_loss: float | None = None
+    kd_loss: float | None = None
+    pseudo_dice: float | None = None
+    durations: list[float] = field(default_factory=list)
+    updated_at: str | None = None
+
+    def feed(self, line: str, now: datetime) -> bool:
+        """Consume one output line; True when the progress changed."""
+        if m := _EPOCH.search(line):
+            self.current_epoch = int(m.group(1))
+            return False
+        if m := _TRAIN_LOSS.search(line):
+            self.train_loss = _float(m.group(1))
+            return False
+        if m := _KD_LOSS.search(line):
+            self.kd_loss = _float(m.group(1))
+            return False
+        if m := _PSEUDO_DICE.search(line):
+            values = [v for v in (_float(x) for x in _DICE_VALUES.findall(m.group(1))) if v is not None]
+            self.pseudo_dice = round(sum(values) / len(values), 4) if values else None
+            return False
+        if m := _EPOCH_TIME.search(line):
+            seconds = _float(m.group(1))
+            if seconds is not None:
+                self.durations.append(seconds)
+            self.completed = (self.current_epoch + 1) if self.current_epoch is not None else len(self.durations)
+            self.updated_at = rfc3339(now)
+            return True
+        return False
+
+    def as_status(self) -> dict[str, Any]:
+        eta = None
+        if self.total_epochs is not None and self.completed is not None and self.durations:
+            recent = self.durations[-5:]
+            eta = max(0, round(sum(recent) / len(recent) * (self.total_epochs - self.completed)))
+        out = {"stage": self.stage, "epoch": self.completed, "totalEpochs": self.total_epochs,
+               "trainLoss": self.train_loss, "kdLoss": self.kd_loss, "pseudoDice": self.pseudo_dice,
+               "etaSeconds": eta, "updatedAt": self.updated_at}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def total_epochs(argv: Iterable[str]) -> int | None:
+    """The -e budget of a training command line, if given."""
+    args = list(argv)
+    for flag in ("-e", "--epochs", "-num_epochs"):
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 < len(args) and args[i + 1].isdigit():
+                return int(args[i + 1])
+    return None
+
+
+# ------------------------------------------------------------------------------------------- status
+
+
+@dataclass
+class LocalStatus:
+    """The run's status, in the same shape as a DistillationJob's .status (written after every change)."""
+
+    name: str
+    stages: list[Stage]
+    path_yaml: Path
+    path_json: Path
+    data: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.data = {"phase": "Pending", "stages": {}, "conditions": [], "startTime": rfc3339(_now())}
+
+    def stage(self, name: str, state: str, reason: str, message: str = "", **extra: Any) -> None:
+        with self.lock:
+            entry = self.data["stages"].setdefault(name, {"jobName": f"local:{name}"})
+            entry.update({"state": state, "reason": reason, "message": message or None, **extra})
+            self.data["stages"][name] = {k: v for k, v in entry.items() if v is not None}
+            self.data["currentStage"] = name
+        self.write()
+
+    def progress(self, progress: Mapping[str, Any]) -> None:
+        with self.lock:
+            self.data["progress"] = dict(progress)
+        self.write()
+
+    def results(self, summaries: list[dict[str, Any]]) -> None:
+        artifacts, metrics = results_from_summaries(summaries)
+        with self.lock:
+            if artifacts:
+                self.data["artifacts"] = {**self.data.get("artifacts", {}), **artifacts}
+            if metrics:
+                self.data["metrics"] = {**self.data.get("metrics", {}), **metrics}
+
+    def finish(self, phase: str, reason: str, message: str) -> None:
+        with self.lock:
+            self.data["phase"] = phase
+            self.data["completionTime"] = rfc3339(_now())
+            if phase == "Failed":
+                self.data["reason"], self.data["message"] = reason, message
+        self.write(reason=reason, message=message)
+
+    def write(self, reason: str | None = None, message: str | None = None) -> None:
+        with self.lock:
+            phase = self.data.get("phase", "Pending")
+            states = self.data["stages"]
+            if phase not in ("Succeeded", "Failed"):
+                phase = "Running" if states else "Pending"
+                self.data["phase"] = phase
+            current = self.data.get("currentStage")
+            conds = kstatus_conditions(phase, reason or (states.get(current, {}).get("reason") or phase),
+                                       message or f"stage {current}" if current else "", None, False)
+            for s in self.stages:
+                st = states.get(s.name, {})
+                conds.append(Cond(condition_type(s.name), st.get("state") == "Succeeded",
+                                  st.get("reason") or "NotStarted", st.get("message") or ""))
+            self.data["conditions"] = merge_conditions(self.data.get("conditions", []), conds, _now(), None)
+            snapshot = json.loads(json.dumps(self.data))
+        _atomic_write(self.path_json, json.dumps(snapshot, indent=2) + "\n")
+        _atomic_write(self.path_yaml, yaml.safe_dump(snapshot, sort_keys=False))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def resolve_executable(name: str) -> str:
+    """Console scripts live next to this interpreter even when the venv is not activated."""
+    if os.sep in name:
+        return name
+    found = shutil.which(name)
+    if found:
+        return found
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    raise LocalRunError(f"command {name!r} not found on PATH or next to {sys.executable}; install the trainer "
+                        "(pip install 'nnunet-distill[trainer]')", {})
+
+
+def done(patterns: Iterable[str], value: str | None = None) -> bool:
+    """True when every glob (with {value} filled in) matches at least one existing path."""
+    pats = [p.replace("{value}", value) if value is not None else p for p in patterns]
+    return bool(pats) and all(glob.glob(p) for p in pats)
+
+
+@dataclass
+class LocalRunner:
+    """Runs stages in order; `out` receives the prefixed output (stdout by default)."""
+
+    name: str
+    paths: DataPaths
+    workdir: Path
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    out: TextIO = sys.stdout
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+    _proc: subprocess.Popen[str] | None = None
+
+    def run(self, stages: list[Stage] | tuple[Stage, ...]) -> dict[str, Any]:
+        stages = list(stages)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for sub in ("logs", "termination"):
+            (self.workdir / sub).mkdir(exist_ok=True)
+        for d in (self.paths.raw, self.paths.preprocessed, self.paths.results, self.paths.work):
+            Path(d).mkdir(parents=True, exist_ok=True)
+        status = LocalStatus(self.name, stages, self.workdir / "status.yaml", self.workdir / "status.json")
+        status.write()
+        self._say("run", f"{len(stages)} stages: {' -> '.join(s.name for s in stages)}; "
+                         f"status: {status.path_yaml}")
+        started = time.monotonic()
+        for number, stage in enumerate(stages, 1):
+            self._run_stage(stage, number, len(stages), status)
+        status.finish("Succeeded", "Succeeded", f"all {len(stages)} stages succeeded")
+        self._say("run", f"succeeded in {format_duration(time.monotonic() - started)}")
+        return status.data
+
+    def _say(self, prefix: str, text: str) -> None:
+        print(f"[{prefix}] {text}", file=self.out, flush=True)
+
+    def _stage_env(self, stage: Stage) -> dict[str, str]:
+        env = dict(self.env)
+        env.update(self.paths.env())
+        for key, value in stage.env:
+            env.setdefault(key, value)  # the user's env (e.g. nnUNet_n_proc_DA=0 on a laptop) wins
+        env.update(stage.required_env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env["DISTILLATIONJOB_STAGE"] = stage.name
+        for key in ("DISTILLATIONJOB_NAME", "DISTILLATIONJOB_NAMESPACE", "DISTILLATIONJOB_UID"):
+            env.pop(key, None)  # no cluster to report to: the trainer's reporter stays a no-op
+        return env
+
+    def _run_stage(self, stage: Stage, number: int, count: int, status: LocalStatus) -> None:
+        t0 = time.monotonic()
+        start_iso = rfc3339(_now())
+        self._say(stage.name, f"({number}/{count}) {stage.description}")
+        indices: list[tuple[int | None, str | None]] = (
+            [(i, v) for i, v in enumerate(stage.index_values)] if stage.index_values else [(None, None)])
+        summaries: list[dict[str, Any]] = []
+        ran = False
+        for index, value in indices:
+            label = stage.name if index is None else f"{stage.name}:{value}"
+            if stage.done_when_exists and done(stage.done_when_exists, value):
+                self._say(label, "outputs already present; skipping")
+                continue
+            ran = True
+            status.stage(stage.name, "Running", "Running", f"running {label}", startTime=start_iso)
+            tracker = ProgressTracker(stage.name, total_epochs(stage.argv)) if stage.reports_progress else None
+            for command in stage.commands:
+                summary = self._run_command(stage, command.name, command.argv, index, label, status, tracker)
+                if summary:
+                    summaries.append(summary)
+        status.results(summaries)
+        elapsed = time.monotonic() - t0
+        status.stage(stage.name, "Succeeded", "Succeeded" if ran else "AlreadyDone",
+                     f"finished in {format_duration(elapsed)}" if ran else "outputs already present",
+                     startTime=start_iso, completionTime=rfc3339(_now()))
+        self._say(stage.name, f"done in {format_duration(elapsed)}")
+
+    def _run_command(self, stage: Stage, command_name: str, argv: tuple[str, ...], index: int | None, label: str,
+                     status: LocalStatus, tracker: ProgressTracker | None) -> dict[str, Any]:
+        env = self._stage_env(stage)
+        suffix = f"-{index}" if index is not None else ""
+        log_path = self.workdir / "logs" / f"{stage.name}{suffix}.log"
+        term_path = self.workdir / "termination" / f"{stage.name}{suffix}-{command_name}.json"
+        term_path.unlink(missing_ok=True)
+        env["TERMINATION_MESSAGE_PATH"] = str(term_path)
+        if index is not None:
+            env["JOB_COMPLETION_INDEX"] = str(index)
+        executable = resolve_executable(argv[0])
+        self._say(label, f"$ {shlex.join(argv)}")
+        tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        last_write = 0.0
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"$ {shlex.join(argv)}\n")
+            try:
+                self._proc = subprocess.Popen([executable, *argv[1:]], env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                              start_new_session=True)
+            except OSError as exc:
+                raise self._fail(stage, status, f"stage {stage.name}: cannot start {argv[0]}: {exc}") from None
+            assert self._proc.stdout is not None
+            for line in self._proc.stdout:
+                line = line.rstrip("\n")
+                log.write(line + "\n")
+                tail.append(line)
+                print(f"[{label}] {line}", file=self.out, flush=True)
+                if tracker is not None and tracker.feed(line, _now()):
+                    now = time.monotonic()
+                    if now - last_write >= 0.5:
+                        last_write = now
+                        progress = tracker.as_status()
+                        status.progress(progress)
+                        if self.on_progress is not None:
+                            self.on_progress(progress)
+            code = self._proc.wait()
+            self._proc = None
+        if tracker is not None and tracker.completed is not None:
+            status.progress(tracker.as_status())
+        summary = parse_summary(term_path.read_text()) if term_path.exists() else {}
+        if code != 0:
+            err = summary.get("error") if isinstance(summary.get("error"), dict) else {}
+            why = f": {err.get('reason')}: {err.get('message')}" if err.get("message") else ""
+            tail_text = "\n".join(f"    {ln}" for ln in tail)
+            message = (f"stage {stage.name} failed: `{argv[0]}` ({command_name}) exited with code {code}{why}\n"
+                       f"  log: {log_path}\n  last lines:\n{tail_text}")
+            raise self._fail(stage, status, message, code)
+        return summary
+
+    def _fail(self, stage: Stage, status: LocalStatus, message: str, code: int | None = None) -> LocalRunError:
+        status.stage(stage.name, "Failed", "Error" if code is not None else "StartFailed", message.splitlines()[0],
+                     completionTime=rfc3339(_now()))
+        status.finish("Failed", "StageFailed", message.splitlines()[0])
+        return LocalRunError(message, status.data)
+
+    def interrupt(self) -> None:
+        """Stop the running command (Ctrl-C): its whole process group gets SIGTERM."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def local_paths(*, data_dir: str | None, raw: str | None, preprocessed: str | None, results: str | None,
+                workdir: str, env: Mapping[str, str]) -> DataPaths:
+    """Folders from flags, else $nnUNet_* env, else <data-dir>/nnUNet_*; a clear error names what is missing."""
+    def pick(flag: str | None, var: str) -> str:
+        if flag:
+            return str(Path(flag).resolve())
+        if env.get(var):
+            return str(Path(env[var]).resolve())
+        if data_dir:
+            return str((Path(data_dir) / var).resolve())
+        raise ValueError(f"no folder for {var}: pass --data-dir DIR (uses DIR/{var}), "
+                         f"--{var.split('_', 1)[1]} DIR, or set ${var}")
+    return DataPaths(pick(raw, "nnUNet_raw"), pick(preprocessed, "nnUNet_preprocessed"),
+                     pick(results, "nnUNet_results"), str(Path(workdir).resolve()))

@@ -1,0 +1,419 @@
+"""Pure reconciliation: (DistillationJob, its Jobs, their pods, now) -> what to do and the new status.
+
+The controller is level-triggered: every event (the DistillationJob changed, one of its Jobs or pods
+changed, a periodic resync) calls `decide` with the whole observed state and applies the Decision. The
+function never looks at *why* it was called, so running it twice, late, or after an operator restart
+gives the same answer — which is what makes "no duplicate Job" and "status continues" hold.
+
+Spec changes after the first Job exists: fields that only shape Jobs not created yet (resources,
+scheduling, image, output, suspend, deadlines) are accepted; fields that define the model (dataset,
+teachers, student, distillation, ...) would mix two models into one and are rejected with a Stalled
+condition naming them, while the job continues with the spec it started with (kept in an annotation).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from nnunet_distill_operator import api, k8s
+from nnunet_distill_operator.plan import DataPaths, Stage, plan
+from nnunet_distill_operator.status import (
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    TERMINAL,
+    Cond,
+    JobView,
+    PodIssue,
+    condition_type,
+    format_duration,
+    kstatus_conditions,
+    merge_conditions,
+    observe_job,
+    parse_time,
+    pod_issue,
+    pod_summary,
+    results_from_summaries,
+    rfc3339,
+)
+
+ANNOTATION_ACCEPTED_SPEC = "distillation.nnunet.io/accepted-spec"
+# Top-level spec fields that may change while the job runs: they affect only Jobs created afterwards
+# (or, for suspend, the running Job). Everything else defines the model being produced.
+SAFE_FIELDS = frozenset({
+    "suspend", "resources", "scheduling", "image", "imagePullPolicy", "imagePullSecrets", "serviceAccountName",
+    "security", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "output",
+})
+OWNED_STATUS_FIELDS = ("phase", "currentStage", "observedGeneration", "conditions", "stages", "startTime",
+                       "completionTime", "reason", "message", "artifacts", "metrics")
+NOT_STARTED = "NotStarted"
+DEFAULTS = k8s.Defaults()
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    create: tuple[dict[str, Any], ...] = ()          # Job manifests (at most one stage at a time)
+    suspend: tuple[str, ...] = ()                    # Job names to suspend
+    resume: tuple[str, ...] = ()                     # Job names to resume (only those the operator suspended)
+    status: dict[str, Any] = field(default_factory=dict)   # operator-owned status fields after this decision
+    status_patch: dict[str, Any] | None = None      # merge patch for the status subresource; None = unchanged
+    accepted_spec: str | None = None                 # new value of the accepted-spec annotation, if it changes
+    events: tuple[Event, ...] = ()
+    finished_stages: tuple[tuple[str, str, float], ...] = ()  # (stage, Succeeded|Failed, seconds), newly
+    delete: bool = False                             # ttlSecondsAfterFinished has passed
+    requeue_after: float | None = None               # look again after this many seconds (TTL)
+    stages: tuple[Stage, ...] = ()
+
+
+def _compact(value: Any) -> Any:
+    """Drop None values recursively: they mean 'absent' in a merge patch and in stored objects."""
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    return value
+
+
+def _leaf_diffs(a: Any, b: Any, path: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _leaf_diffs(a.get(key), b.get(key), f"{path}.{key}")
+        return out
+    return [] if a == b else [path]
+
+
+def unsafe_changes(accepted: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Field paths (spec.x.y) that changed between two normalized specs and may not change after start."""
+    out = []
+    for key in sorted(set(accepted) | set(current)):
+        if key in SAFE_FIELDS:
+            continue
+        out += _leaf_diffs(accepted.get(key), current.get(key), f"spec.{key}")
+    return out
+
+
+def _effective_spec(current: Mapping[str, Any], accepted: Mapping[str, Any]) -> dict[str, Any]:
+    """The accepted spec with the safe fields taken from the current one."""
+    merged = {k: v for k, v in accepted.items() if k not in SAFE_FIELDS}
+    merged.update({k: v for k, v in current.items() if k in SAFE_FIELDS})
+    return merged
+
+
+def _owned_by(job: Mapping[str, Any], uid: str) -> bool:
+    refs = (job.get("metadata") or {}).get("ownerReferences") or ()
+    return any(r.get("uid") == uid for r in refs)
+
+
+@dataclass
+class _StageState:
+    name: str
+    job_name: str
+    state: str
+    reason: str | None = None
+    message: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    view: JobView | None = None
+
+    def as_status(self) -> dict[str, Any]:
+        return {"jobName": self.job_name, "state": PENDING if self.state == NOT_STARTED else self.state,
+                "reason": self.reason, "message": self.message, "startTime": self.start_time,
+                "completionTime": self.completion_time}
+
+
+def _issue_for(stage: str, pods: Sequence[Mapping[str, Any]], failed: bool) -> PodIssue | None:
+    """A pending pod's problem; for a failed stage, the newest failed pod's problem."""
+    ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+    if any((p.get("status") or {}).get("phase") == "Running" for p in ordered) and not failed:
+        return None
+    for pod in ordered:
+        phase = (pod.get("status") or {}).get("phase")
+        if phase == "Pending" or (failed and phase == "Failed") or (failed and phase is None):
+            issue = pod_issue(pod, stage)
+            if issue is not None:
+                return issue
+    return None
+
+
+def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
+           pods: Mapping[str, Sequence[Mapping[str, Any]]], now: datetime,
+           defaults: k8s.Defaults = DEFAULTS, rejected: Mapping[str, str] | None = None) -> Decision:
+    """Everything the operator should do for one DistillationJob, given what exists now.
+
+    `rejected`: stage -> why the API server refused its Job last time (quota, admission webhook,
+    PodSecurity); the Job is tried again, and the reason is shown until it is accepted.
+    """
+    meta = cr.get("metadata") or {}
+    name, namespace, uid = meta.get("name", ""), meta.get("namespace", "default"), meta.get("uid", "")
+    generation = meta.get("generation")
+    annotations = meta.get("annotations") or {}
+    prev_raw = cr.get("status") or {}
+    prev = api.parse_status(prev_raw)
+    prev_stages = {k: v for k, v in prev.stages.items()}
+
+    own_jobs = {s: j for s, j in jobs.items() if _owned_by(j, uid)}
+    foreign_jobs = {s: j for s, j in jobs.items() if s not in own_jobs}
+    started = bool(own_jobs) or any(st.job_name for st in prev_stages.values())
+
+    # ---- which spec to run
+    problems: list[str] = []
+    current: api.DistillationJobSpec | None
+    try:
+        current = api.parse_spec(cr.get("spec"))
+    except api.InvalidSpec as exc:
+        current, problems = None, exc.problems
+    accepted_raw = annotations.get(ANNOTATION_ACCEPTED_SPEC)
+    accepted: api.DistillationJobSpec | None = None
+    if started and accepted_raw:
+        try:
+            accepted = api.parse_spec(json.loads(accepted_raw))
+        except (ValueError, api.InvalidSpec):
+            accepted = None
+    stalled: tuple[str, str] | None = None
+    effective: api.DistillationJobSpec | None = current
+    if current is None:
+        stalled = ("InvalidSpec", "; ".join(problems))
+        effective = accepted if started else None
+    elif started and accepted is not None:
+        acc, cur = api.spec_to_dict(accepted), api.spec_to_dict(current)
+        changed = unsafe_changes(acc, cur)
+        if changed:
+            why = (f"{', '.join(changed)} changed after the job started; a running job cannot change what "
+                   "model it produces: revert the change, or create a new DistillationJob")
+            stalled = ("SpecChangeRejected", why)
+            effective = api.DistillationJobSpec.model_validate(_effective_spec(cur, acc))
+
+    events: list[Event] = []
+    prev_reason = prev_raw.get("reason")
+    prev_message = prev_raw.get("message")
+
+    if effective is None:
+        # Never started and invalid: nothing to run, nothing to retry until the spec is fixed.
+        message = stalled[1] if stalled else "invalid spec"
+        status = {
+            "phase": FAILED, "currentStage": None, "observedGeneration": generation,
+            "conditions": merge_conditions(prev_raw.get("conditions") or [],
+                                           kstatus_conditions(FAILED, "InvalidSpec", message, stalled, False),
+                                           now, generation),
+            "stages": {}, "startTime": prev_raw.get("startTime"), "completionTime": None,
+            "reason": "InvalidSpec", "message": message,
+        }
+        if (prev_reason, prev_message) != ("InvalidSpec", message):
+            events.append(Event("Warning", "InvalidSpec", message))
+        return Decision(status=status, status_patch=_status_patch(prev_raw, status), events=tuple(events))
+
+    stages = plan(effective, name=name, paths=DataPaths.in_pod(name))
+    suspend_wanted = effective.suspend
+
+    # ---- observe each stage
+    states: list[_StageState] = []
+    for stage in stages:
+        jname = k8s.job_name(name, stage.name)
+        before = prev_stages.get(stage.name)
+        st = _StageState(stage.name, jname, NOT_STARTED)
+        if stage.name in own_jobs:
+            view = observe_job(own_jobs[stage.name])
+            st.view = view
+            st.state, st.reason, st.message = view.state, view.reason, view.message
+            st.start_time = view.start_time or (before.start_time if before else None)
+            st.completion_time = view.completion_time
+            if view.state not in TERMINAL:
+                issue = _issue_for(stage.name, pods.get(stage.name, ()), failed=False)
+                if issue is not None:
+                    st.reason, st.message = issue.reason, issue.message
+            elif view.state == FAILED:
+                issue = _issue_for(stage.name, pods.get(stage.name, ()), failed=True)
+                detail = f"Job {jname} failed ({view.reason}" + (f": {view.message}" if view.message else "") + ")"
+                st.message = f"{detail}; {issue.reason}: {issue.message}" if issue else detail
+                if issue is not None and view.reason in ("BackoffLimitExceeded", "PodFailurePolicy"):
+                    st.reason = issue.reason
+        elif before is not None and before.state in TERMINAL:
+            st.state, st.reason, st.message = before.state, before.reason, before.message
+            st.start_time, st.completion_time = before.start_time, before.completion_time
+        elif stage.name in foreign_jobs:
+            st.state, st.reason = PENDING, "WaitingForOldJob"
+            st.message = (f"Job {jname} belongs to an earlier DistillationJob of the same name; waiting for "
+                          "the garbage collector to delete it")
+        states.append(st)
+
+    # ---- what to do
+    create: list[dict[str, Any]] = []
+    suspend: list[str] = []
+    resume: list[str] = []
+    failed = next((s for s in states if s.state == FAILED), None)
+    current_state = next((s for s in states if s.state != SUCCEEDED), None)
+    owner = k8s.Owner(name, namespace, uid)
+    creating = False
+    if failed is None and current_state is not None:
+        stage = next(s for s in stages if s.name == current_state.name)
+        if current_state.view is None and current_state.state == NOT_STARTED and not suspend_wanted:
+            create.append(k8s.job_for(stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name),
+                                      defaults=defaults))
+            current_state.state, current_state.reason = PENDING, "JobCreated"
+            # The same words observe_job() uses for a Job without pods, so the next pass changes nothing.
+            current_state.message = f"Job {current_state.job_name} has no running pod yet"
+            creating = True
+            refusal = (rejected or {}).get(stage.name)
+            if refusal is not None:
+                quota = "quota" in refusal.lower()
+                current_state.reason = "QuotaExceeded" if quota else "JobRejected"
+                current_state.message = f"the API server refused Job {current_state.job_name}: {refusal}"
+        elif current_state.view is not None and current_state.state not in TERMINAL:
+            view = current_state.view
+            if suspend_wanted and current_state.state != SUSPENDED:
+                suspend.append(view.name)
+                current_state.state, current_state.reason = SUSPENDED, "Suspended"
+                current_state.message = f"Job {view.name} suspended (spec.suspend)"
+            elif not suspend_wanted and current_state.state == SUSPENDED and view.suspended_by_operator:
+                resume.append(view.name)
+                current_state.state, current_state.reason = PENDING, "Resumed"
+                current_state.message = f"Job {view.name} resumed"
+
+    # ---- phase
+    done_count = sum(s.state == SUCCEEDED for s in states)
+    if failed is not None:
+        phase, reason = FAILED, "StageFailed"
+        message = f"stage {failed.name} failed: {failed.message or failed.reason}"
+        shown = failed
+    elif current_state is None:
+        phase, reason = SUCCEEDED, "Succeeded"
+        message = f"all {len(states)} stages succeeded"
+        shown = states[-1] if states else None
+    elif suspend_wanted:
+        phase, reason = SUSPENDED, "Suspended"
+        message = f"suspended at stage {current_state.name} ({done_count}/{len(states)} stages done)"
+        shown = current_state
+    else:
+        running = current_state.state == RUNNING or done_count > 0
+        phase = RUNNING if running else PENDING
+        reason = current_state.reason or current_state.state
+        message = (f"stage {current_state.name} ({done_count + 1}/{len(states)}): "
+                   f"{current_state.message or current_state.state}")
+        shown = current_state
+
+    # ---- status
+    start_time = prev_raw.get("startTime")
+    if start_time is None and (creating or own_jobs):
+        start_time = rfc3339(now)
+    completion_time = prev_raw.get("completionTime") if prev.phase == phase else None
+    if phase in TERMINAL and completion_time is None:
+        completion_time = rfc3339(now)
+
+    conds = kstatus_conditions(phase, reason, message, stalled, phase == SUSPENDED)
+    for s in states:
+        conds.append(Cond(condition_type(s.name), s.state == SUCCEEDED,
+                          s.reason if s.state != NOT_STARTED else NOT_STARTED,
+                          s.message or ""))
+    summaries = []
+    for s in stages:
+        for pod in pods.get(s.name, ()):
+            if (pod.get("status") or {}).get("phase") == "Succeeded":
+                summaries.append(pod_summary(pod))
+    artifacts, metrics = results_from_summaries(summaries)
+    status: dict[str, Any] = {
+        "phase": phase,
+        "currentStage": shown.name if shown else None,
+        "observedGeneration": generation,
+        "conditions": merge_conditions(prev_raw.get("conditions") or [], conds, now, generation),
+        "stages": {s.name: s.as_status() for s in states if s.state != NOT_STARTED or s.name in prev_stages},
+        "startTime": start_time,
+        "completionTime": completion_time,
+        "reason": stalled[0] if stalled and phase != FAILED else (reason if phase == FAILED else None),
+        "message": stalled[1] if stalled and phase != FAILED else (message if phase == FAILED else None),
+    }
+    if artifacts:
+        status["artifacts"] = {**(prev_raw.get("artifacts") or {}), **artifacts}
+    if metrics:
+        status["metrics"] = {**(prev_raw.get("metrics") or {}), **metrics}
+
+    # ---- events (from transitions only, so a repeated decision emits nothing new)
+    finished: list[tuple[str, str, float]] = []
+    for s in states:
+        before = prev_stages.get(s.name)
+        before_state = before.state if before else None
+        before_reason = before.reason if before else None
+        if s.state in TERMINAL and before_state != s.state:
+            start, end = parse_time(s.start_time), parse_time(s.completion_time)
+            seconds = (end - start).total_seconds() if start and end else 0.0
+            finished.append((s.name, s.state, seconds))
+            if s.state == SUCCEEDED:
+                events.append(Event("Normal", "StageSucceeded", f"stage {s.name} succeeded"
+                                    + (f" in {format_duration(seconds)}" if seconds else "")))
+            else:
+                events.append(Event("Warning", "StageFailed", f"stage {s.name}: {s.message or s.reason}"))
+        elif s.state not in TERMINAL and s.reason != before_reason and s.reason in _WARNING_REASONS:
+            events.append(Event("Warning", s.reason, s.message or s.reason))
+    if prev.phase != phase:
+        if phase == SUCCEEDED:
+            where = artifacts.get("uri") or (status.get("artifacts") or {}).get("uri")
+            events.append(Event("Normal", "Succeeded", "DistillationJob succeeded"
+                                + (f"; model published to {where}" if where else "")))
+        elif phase == SUSPENDED:
+            events.append(Event("Normal", "Suspended", message))
+        elif prev.phase == SUSPENDED:
+            events.append(Event("Normal", "Resumed", f"resumed at stage {current_state.name if current_state else ''}"))
+    if stalled is not None and (prev_reason, prev_message) != stalled:
+        events.append(Event("Warning", stalled[0], stalled[1]))
+
+    # ---- accepted spec and TTL
+    new_accepted = None
+    if creating or started:
+        text = json.dumps(api.spec_to_dict(effective), sort_keys=True, separators=(",", ":"))
+        if text != accepted_raw:
+            new_accepted = text
+    delete, requeue = False, None
+    ttl = effective.ttl_seconds_after_finished
+    if phase in TERMINAL and ttl is not None:
+        finished_at = parse_time(completion_time) or now
+        remaining = (finished_at - now).total_seconds() + ttl
+        if remaining <= 0:
+            delete = True
+        else:
+            requeue = remaining
+
+    return Decision(
+        create=tuple(create), suspend=tuple(suspend), resume=tuple(resume), status=status,
+        status_patch=_status_patch(prev_raw, status), accepted_spec=new_accepted, events=tuple(events),
+        finished_stages=tuple(finished), delete=delete, requeue_after=requeue, stages=stages,
+    )
+
+
+_WARNING_REASONS = frozenset({"JobRejected", "QuotaExceeded", "Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+                              "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
+                              "OOMKilled", "Evicted", "Preempted", "Disrupted", "WaitingForOldJob"})
+
+
+def _status_patch(prev: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A merge patch turning the operator-owned part of `prev` into `new`; None when nothing changes.
+
+    Fields the pods own (status.progress) are never touched. Explicit nulls delete fields in a merge
+    patch, which is how a cleared reason or a stage's cleared message disappears.
+    """
+    patch: dict[str, Any] = {}
+    for key in OWNED_STATUS_FIELDS:
+        if key not in new:
+            continue
+        value = new[key]
+        old = prev.get(key)
+        unchanged = old is None if value is None else _compact(value) == _compact(old)
+        if not unchanged:
+            patch[key] = value
+    return {"status": patch} if patch else None
+
+
+def stage_names(stages: Sequence[Stage]) -> list[str]:
+    return [s.name for s in stages]

@@ -1,0 +1,285 @@
+"""Pure: what a stage's Job and pods say about the stage, and kstatus conditions from stage states.
+
+Kubernetes reports a stuck training job in many places — Job conditions, pod phases, scheduler
+conditions, container waiting reasons, termination states. Users should not have to look there: these
+functions fold all of it into one state, reason and message per stage, and into the kstatus conditions
+(Ready / Reconciling / Stalled) that kubectl, Argo CD and Flux understand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+PENDING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Pending", "Running", "Suspended", "Succeeded", "Failed"
+TERMINAL = (SUCCEEDED, FAILED)
+ANNOTATION_SUSPENDED_BY_OPERATOR = "distillation.nnunet.io/suspended-by-operator"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+# Waiting reasons that mean "this pod will not start by itself".
+_WAITING_PROBLEMS = {
+    "ImagePullBackOff": "the trainer image cannot be pulled; check spec.image and spec.imagePullSecrets",
+    "ErrImagePull": "the trainer image cannot be pulled; check spec.image and spec.imagePullSecrets",
+    "InvalidImageName": "spec.image is not a valid image reference",
+    "CreateContainerConfigError": "the container cannot be configured (a missing Secret or key in "
+                                  "spec.output.secretRef?)",
+    "CreateContainerError": "the container cannot be created",
+    "CrashLoopBackOff": "the container keeps crashing",
+}
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def condition_type(stage: str) -> str:
+    """preprocess -> PreprocessComplete: one condition per stage."""
+    return f"{stage[:1].upper()}{stage[1:]}Complete"
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One stage Job as the operator sees it."""
+
+    name: str
+    state: str
+    reason: str | None = None
+    message: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    suspended_by_operator: bool = False
+    queued: bool = False
+
+
+def observe_job(job: Mapping[str, Any]) -> JobView:
+    meta = job.get("metadata") or {}
+    spec = job.get("spec") or {}
+    status = job.get("status") or {}
+    name = meta.get("name", "")
+    true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    by_operator = (meta.get("annotations") or {}).get(ANNOTATION_SUSPENDED_BY_OPERATOR) == "true"
+    queued = KUEUE_QUEUE_LABEL in (meta.get("labels") or {})
+    start = status.get("startTime")
+    completions = spec.get("completions") or 1
+    if "Complete" in true:
+        c = true["Complete"]
+        return JobView(name, SUCCEEDED, "Succeeded", None, start,
+                       status.get("completionTime") or c.get("lastTransitionTime"), by_operator, queued)
+    for kind in ("Failed", "FailureTarget"):
+        if kind in true:
+            c = true[kind]
+            return JobView(name, FAILED, c.get("reason") or "Failed", c.get("message"), start,
+                           c.get("lastTransitionTime"), by_operator, queued)
+    if spec.get("suspend"):
+        if queued and not by_operator:
+            return JobView(name, PENDING, "Queued", f"waiting for Kueue to admit the Job "
+                           f"(queue {(meta.get('labels') or {}).get(KUEUE_QUEUE_LABEL)})", start, None,
+                           by_operator, queued)
+        return JobView(name, SUSPENDED, "Suspended", None, start, None, by_operator, queued)
+    active = status.get("active") or 0
+    ready = status.get("ready")
+    succeeded = status.get("succeeded") or 0
+    progress = f" ({succeeded}/{completions} pods done)" if completions > 1 else ""
+    if active and (ready is None or ready > 0):
+        return JobView(name, RUNNING, "Running", f"Job {name} is running{progress}", start, None,
+                       by_operator, queued)
+    if active:
+        return JobView(name, PENDING, "PodsStarting", f"pods of Job {name} are starting{progress}", start, None,
+                       by_operator, queued)
+    return JobView(name, PENDING, "JobCreated", f"Job {name} has no running pod yet{progress}", start, None,
+                   by_operator, queued)
+
+
+@dataclass(frozen=True)
+class PodIssue:
+    """Why a stage's pod is not running or failed, in the user's terms."""
+
+    reason: str
+    message: str
+    pod: str
+
+
+def _memory_limit(pod: Mapping[str, Any], container: str) -> str | None:
+    for c in (pod.get("spec") or {}).get("containers", []) + (pod.get("spec") or {}).get("initContainers", []):
+        if c.get("name") == container:
+            return ((c.get("resources") or {}).get("limits") or {}).get("memory")
+    return None
+
+
+def _container_statuses(status: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
+    yield from status.get("initContainerStatuses") or ()
+    yield from status.get("containerStatuses") or ()
+
+
+def pod_issue(pod: Mapping[str, Any], stage: str | None = None) -> PodIssue | None:
+    """The first thing a user must know about a pod that is stuck or failed; None when it is fine."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    name = meta.get("name", "")
+    where = f"spec.resources.{stage}" if stage else "spec.resources"
+    if status.get("reason") == "Evicted":
+        return PodIssue("Evicted", f"pod {name} was evicted: {status.get('message') or 'node pressure'}", name)
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            reason = cond.get("reason") or "Disrupted"
+            label = "Preempted" if "Preemption" in reason else "Disrupted"
+            return PodIssue(label, f"pod {name} was stopped by the cluster ({reason}): "
+                                   f"{cond.get('message') or ''}".rstrip(": "), name)
+    for cs in _container_statuses(status):
+        for state_key in ("state", "lastState"):
+            term = (cs.get(state_key) or {}).get("terminated") or {}
+            if term.get("reason") == "OOMKilled":
+                limit = _memory_limit(pod, cs.get("name", ""))
+                return PodIssue("OOMKilled", f"container {cs.get('name')} of pod {name} ran out of memory"
+                                + (f" (limit {limit})" if limit else "") + f"; raise {where}.memory", name)
+    phase = status.get("phase")
+    if phase == "Pending":
+        for cond in status.get("conditions") or ():
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                    and cond.get("reason") == "Unschedulable":
+                return PodIssue("Unschedulable", cond.get("message") or f"pod {name} cannot be scheduled", name)
+        for cs in _container_statuses(status):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in _WAITING_PROBLEMS:
+                detail = waiting.get("message") or ""
+                return PodIssue(reason, f"{_WAITING_PROBLEMS[reason]}: {detail}".rstrip(": "), name)
+    if phase == "Failed":
+        for cs in _container_statuses(status):
+            term = (cs.get("state") or {}).get("terminated") or {}
+            code = term.get("exitCode")
+            if code not in (None, 0):
+                summary = parse_summary(term.get("message"))
+                err = summary.get("error") if isinstance(summary.get("error"), dict) else {}
+                if err.get("message"):
+                    text = f"{err.get('reason') or 'Error'}: {err['message']}"
+                else:
+                    text = _last_lines(term.get("message"))
+                return PodIssue("Error", f"container {cs.get('name')} of pod {name} exited with code {code}"
+                                + (f": {text}" if text else ""), name)
+    return None
+
+
+def _last_lines(text: str | None, n: int = 3, limit: int = 400) -> str:
+    if not text:
+        return ""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    out = " | ".join(lines[-n:])
+    return out[-limit:]
+
+
+# ---------------------------------------------------------------------------------- termination summary
+
+
+def parse_summary(message: str | None) -> dict[str, Any]:
+    """The JSON summary a trainer stage writes as its termination message ({} for anything else)."""
+    if not message:
+        return {}
+    try:
+        doc = json.loads(message)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def pod_summary(pod: Mapping[str, Any], container: str = "main") -> dict[str, Any]:
+    """Hook for issue 6: the main container's termination-message summary of a finished pod."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or ():
+        if cs.get("name") == container:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            return parse_summary(term.get("message"))
+    return {}
+
+
+ARTIFACT_KEYS = ("uri", "sha256", "sizeBytes", "version", "modelPath", "studentParameters", "teacherParameters",
+                 "onnx", "package")
+METRIC_KEYS = ("finalDice", "teacherDice", "retention")
+
+
+def results_from_summaries(summaries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(status.artifacts, status.metrics) merged from the stages' summaries, later stages winning."""
+    artifacts: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    for summary in summaries:
+        a = summary.get("artifacts")
+        if isinstance(a, Mapping):
+            artifacts.update({k: a[k] for k in ARTIFACT_KEYS if a.get(k) is not None})
+        m = summary.get("metrics")
+        if isinstance(m, Mapping):
+            metrics.update({k: m[k] for k in METRIC_KEYS if isinstance(m.get(k), (int, float))})
+    return artifacts, metrics
+
+
+# ------------------------------------------------------------------------------------------ conditions
+
+
+@dataclass(frozen=True)
+class Cond:
+    type: str
+    status: bool
+    reason: str
+    message: str = ""
+
+
+def merge_conditions(previous: Sequence[Mapping[str, Any]], desired: Sequence[Cond], now: datetime,
+                     generation: int | None) -> list[dict[str, Any]]:
+    """metav1.Conditions: lastTransitionTime moves only when a condition's status changes."""
+    before = {c.get("type"): c for c in previous}
+    out = []
+    for cond in desired:
+        status = "True" if cond.status else "False"
+        old = before.get(cond.type)
+        changed = old is None or old.get("status") != status
+        item: dict[str, Any] = {
+            "type": cond.type,
+            "status": status,
+            "reason": cond.reason,
+            "message": cond.message,
+            "lastTransitionTime": rfc3339(now) if changed else old.get("lastTransitionTime") or rfc3339(now),
+        }
+        if generation is not None:
+            item["observedGeneration"] = generation
+        out.append(item)
+    return out
+
+
+def kstatus_conditions(phase: str, reason: str, message: str, stalled: tuple[str, str] | None,
+                       suspended: bool) -> list[Cond]:
+    """Ready / Reconciling / Stalled / Suspended for a phase (kstatus: abnormal-true Reconciling, Stalled)."""
+    done = phase == "Succeeded"
+    failed = phase == "Failed"
+    conds = [Cond("Ready", done, "Succeeded" if done else reason, "the model is ready" if done else message)]
+    progressing = phase in ("Pending", "Running") and stalled is None
+    conds.append(Cond("Reconciling", progressing, reason if progressing else phase,
+                      message if progressing else ""))
+    if failed or stalled is not None:
+        s_reason, s_message = stalled if stalled is not None else (reason, message)
+        conds.append(Cond("Stalled", True, s_reason, s_message))
+    else:
+        conds.append(Cond("Stalled", False, phase, ""))
+    conds.append(Cond("Suspended", suspended, "Suspended" if suspended else "NotSuspended",
+                      "spec.suspend is true" if suspended else ""))
+    return conds
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"

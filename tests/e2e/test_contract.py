@@ -1,0 +1,232 @@
+"""The operator <-> trainer contract (docs/contracts.md): every command line the plan renders is parsed
+by the trainer's own argument parser (and nnU-Net's), and the parsed values are the spec's.
+
+The trainer's parsers are imported lazily, inside the tests: a missing module or parser factory is a
+test failure (ImportError / AttributeError), never a skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from nnunet_distill_operator import api, k8s, plan
+
+ROOT = Path(__file__).resolve().parents[2]
+PATHS = plan.DataPaths.in_pod("job")
+
+SPECS: dict[str, dict[str, Any]] = {
+    "minimal": {},
+    "teachers-many-and-publish": {"teachers": {"train": True, "folds": [0, 1, 2],
+                                               "training": {"epochs": 5, "iterationsPerEpoch": 3,
+                                                            "valIterations": 2}},
+                                  "output": {"uri": "s3://models/liver", "secretRef": {"name": "s3"}}},
+    "teacher-one-fold": {"teachers": {"train": True, "folds": [2], "trainer": "nnUNetTrainerDA5",
+                                      "plans": "nnUNetResEncUNetMPlans"}},
+    "standard-options": {"configuration": "3d_lowres",
+                         "teachers": {"folds": [0, 1, 2, 3, 4], "folder": "/data/nnUNet_results/T"},
+                         "student": {"reductionFactor": 4},
+                         "distillation": {"alpha": 0.5, "temperature": 4.5, "epochs": 20, "iterationsPerEpoch": 7,
+                                          "valIterations": 3, "useDA5": True, "fold": 1, "rotateFolds": True,
+                                          "rotateFrequency": 9, "disableMirroring": True},
+                         "export": {"dynamicShape": True, "simplify": True, "modelName": "m"}},
+    "standard-static-trt": {"export": {"inputShape": [1, 1, 64, 64, 64], "tensorRTCompatible": True},
+                            "output": {"uri": "file:///models/out"}},
+    "standard-nnunet-format-2d": {"configuration": "2d", "export": {"nnUNetFormat": True}},
+    "resenc-defaults": {"student": {"architecture": "resenc"}},
+    "resenc-dynamic": {"student": {"architecture": "resenc", "blockStrategy": "reduce"},
+                       "export": {"dynamicShape": True}, "preprocess": {"mode": "Always", "processes": 3}},
+}
+for example in ("distillationjob-full.yaml", "distillationjob-minimal.yaml", "demo.yaml"):
+    SPECS[f"example:{example}"] = yaml.safe_load((ROOT / "examples" / example).read_text())["spec"]
+
+
+def _spec(overrides: dict[str, Any]) -> api.DistillationJobSpec:
+    if "dataset" in overrides:
+        return api.parse_spec(overrides)
+    return api.parse_spec({"dataset": {"id": 27}, "storage": {"claimName": "data"}, **overrides})
+
+
+class _Parsed(Exception):
+    def __init__(self, namespace: argparse.Namespace, unknown: list[str]):
+        self.namespace, self.unknown = namespace, unknown
+
+
+def _nnunet_entry(entry: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
+    """Run nnU-Net's own entry point just up to its argument parsing (it has no parser factory).
+
+    Some nnU-Net entry points use parse_known_args and silently ignore unknown flags, so the unknown ones
+    are collected and must be empty."""
+    module = importlib.import_module("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints")
+    original = argparse.ArgumentParser.parse_known_args
+
+    def parse_and_stop(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
+        raise _Parsed(*original(self, argv))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", parse_and_stop)
+    try:
+        with pytest.raises(_Parsed) as parsed:
+            getattr(module, entry)()
+    finally:
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", original)
+    assert parsed.value.unknown == [], f"{entry} ignores {parsed.value.unknown}"
+    return parsed.value.namespace
+
+
+def parse(argv: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
+    """Parse a rendered command line with the parser of the program it invokes."""
+    head, rest = argv[0], list(argv[1:])
+    if head == "nnunet-distill":
+        module = importlib.import_module(f"nnunet_distill.cli.{rest[0].replace('-', '_')}")
+        parser = module.build_parser()
+        rest = rest[1:]
+    elif head == "nnUNetv2_distillation_train":
+        parser = importlib.import_module("nnunet_distill.cli.train").build_parser_standard()
+    elif head == "nnUNetv2_resenc_distillation_train":
+        parser = importlib.import_module("nnunet_distill.cli.train").build_parser_resenc()
+    elif head == "nnUNetv2_distillation_export_onnx":
+        parser = importlib.import_module("nnunet_distill.cli.export").build_parser_standard()
+    elif head == "nnUNetv2_resenc_distillation_export_onnx":
+        parser = importlib.import_module("nnunet_distill.cli.export").build_parser_resenc()
+    elif head == "nnUNetv2_plan_and_preprocess":
+        return _nnunet_entry("plan_and_preprocess_entry", rest, monkeypatch)
+    elif head == "nnUNetv2_plan_experiment":
+        return _nnunet_entry("plan_experiment_entry", rest, monkeypatch)
+    else:
+        pytest.fail(f"the plan renders a command no contract covers: {head}")
+    try:
+        return parser.parse_args(rest)
+    except SystemExit as exc:  # argparse's way of rejecting a command line
+        pytest.fail(f"{head} rejected {rest}: exit {exc.code}")
+
+
+def _check_values(stage: plan.Stage, command: plan.Command, args: argparse.Namespace,
+                  spec: api.DistillationJobSpec) -> None:
+    d, e = spec.distillation, spec.export
+    head = command.argv[0]
+    if head == "nnUNetv2_plan_and_preprocess":
+        assert args.d == [spec.dataset.id] and args.c == [spec.configuration]
+        assert args.verify_dataset_integrity is spec.preprocess.verify_dataset_integrity
+        n = spec.preprocess.processes or plan._cpu_count(stage.resources.cpu) or 4
+        assert args.npfp == n and args.np == [n]
+    elif head == "nnUNetv2_plan_experiment":
+        assert args.d == [spec.dataset.id] and args.pl == spec.planner
+    elif command.name == "train-teacher":
+        folds = list(spec.teacher_folds or ())
+        picked = args.folds_by_index if len(folds) > 1 else [args.fold]
+        assert [int(f) for f in picked] == folds
+        assert (args.trainer, args.plans, args.configuration) == (spec.teachers.trainer, spec.teacher_plans,
+                                                                  spec.configuration)
+        assert args.epochs == spec.teachers.training.epochs
+        assert args.iterations_per_epoch == spec.teachers.training.iterations_per_epoch
+        assert args.continue_training is True and args.device == "cuda"
+        assert str(args.dataset) == str(spec.dataset.id)
+    elif command.name == "distill":
+        assert str(args.dataset_id) == str(spec.dataset.id) and args.configuration == spec.configuration
+        assert (args.fold, args.alpha, args.temperature) == (d.fold, d.alpha, d.temperature)
+        assert (args.reduction_factor, args.epochs) == (spec.student.reduction_factor, d.epochs)
+        assert args.iterations_per_epoch == d.iterations_per_epoch and args.val_iterations == d.val_iterations
+        assert args.teacher_folds == (list(spec.teacher_folds) if spec.teacher_folds is not None else None)
+        assert (args.teacher_trainer, args.teacher_plans) == (spec.teachers.trainer, spec.teacher_plans)
+        assert args.teacher_model_folder == spec.teachers.folder
+        assert (args.use_da5, args.rotate_folds, args.disable_mirroring) == (d.use_da5, d.rotate_folds,
+                                                                             d.disable_mirroring)
+        if d.rotate_frequency is not None:
+            assert args.rotate_freq == d.rotate_frequency
+        assert args.d_device == "cuda" and args.continue_training is False
+        if spec.student.architecture == "resenc":
+            assert (args.student_plans, args.block_strategy) == (spec.student_base_plans,
+                                                                 spec.student.block_strategy)
+    elif command.name == "export":
+        assert str(args.dataset_id) == str(spec.dataset.id) and str(args.fold) == str(d.fold)
+        assert args.reduction_factor == spec.student.reduction_factor and args.use_da5 == d.use_da5
+        assert args.simplify == e.simplify and args.trt == e.tensorrt_compatible
+        assert args.plans == spec.teacher_plans
+        if spec.student.architecture == "resenc":
+            assert (args.student_plans, args.block_strategy) == (spec.student_base_plans,
+                                                                 spec.student.block_strategy)
+        else:
+            assert (args.dynamic_axes, args.nnunet_format) == (e.dynamic_shape, e.nnunet_format)
+            assert args.input_shape == e.input_shape
+    elif command.name == "package":
+        _, onnx_file, package_dir = plan.export_paths(PATHS)
+        assert (str(args.onnx), str(args.output)) == (onnx_file, package_dir)
+        assert args.name == (e.model_name or "job")
+    elif command.name == "publish":
+        assert (args.package_dir, args.uri) == (plan.export_paths(PATHS)[2], spec.output.uri)  # type: ignore[union-attr]
+    else:
+        pytest.fail(f"unchecked command {command.name}")
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_every_rendered_command_parses_with_the_trainers_parser(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _spec(SPECS[case])
+    stages = plan.plan(spec, name="job", paths=PATHS)
+    commands = [(s, c) for s in stages for c in s.commands]
+    assert commands
+    for stage, command in commands:
+        args = parse(command.argv, monkeypatch)
+        _check_values(stage, command, args, spec)
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_exporter_writes_the_file_the_packager_reads(case: str) -> None:
+    spec = _spec(SPECS[case])
+    export = next(s for s in plan.plan(spec, name="job", paths=PATHS) if s.name == "export")
+    export_argv, package_argv = export.commands[0].argv, export.commands[1].argv
+    cli_export = importlib.import_module("nnunet_distill.cli.export")
+    resenc = spec.student.architecture == "resenc"
+    parser = cli_export.build_parser_resenc() if resenc else cli_export.build_parser_standard()
+    args = parser.parse_args(list(export_argv[1:]))
+    request = (cli_export.request_resenc if resenc else cli_export.request_standard)(args, parser)
+    assert str(request.output) == package_argv[package_argv.index("--onnx") + 1]
+
+
+def test_pod_commands_are_the_planned_commands() -> None:
+    """What Kubernetes runs is exactly the planned argv (after the optional skip guard)."""
+    spec = _spec(SPECS["teachers-many-and-publish"])
+    owner = k8s.Owner("job", "ns", "uid")
+    for stage in plan.plan(spec, name="job", paths=PATHS):
+        job = k8s.job_for(stage, owner=owner, spec=spec, paths=PATHS)
+        pod = job["spec"]["template"]["spec"]
+        containers = pod.get("initContainers", []) + pod["containers"]
+        assert len(containers) == len(stage.commands)
+        for container, command in zip(containers, stage.commands):
+            assert container["command"][-len(command.argv):] == list(command.argv)
+        env = {e["name"]: e.get("value") for c in containers for e in c["env"]}
+        assert (env["nnUNet_raw"], env["nnUNet_preprocessed"], env["nnUNet_results"]) == (
+            "/data/nnUNet_raw", "/data/nnUNet_preprocessed", "/data/nnUNet_results")
+
+
+def test_student_folder_naming_agrees_with_the_trainer() -> None:
+    naming = importlib.import_module("nnunet_distill.naming")
+    assert (plan.DISTILL_TRAINER, plan.DISTILL_TRAINER_DA5) == (naming.DISTILL_TRAINER, naming.DISTILL_TRAINER_DA5)
+    assert api.DEFAULT_RESENC_TEACHER_PLANS == naming.DEFAULT_RESENC_TEACHER_PLANS
+    for base in ("nnUNetPlans", "nnUNetResEncUNetMPlans"):
+        for r in (1, 2, 4):
+            for bs in (None, "keep", "reduce", "adaptive"):
+                assert plan.student_plans_identifier(base, r, bs) == naming.student_plans_identifier(base, r, bs)
+    for overrides in SPECS.values():
+        spec = _spec(overrides)
+        bs = spec.student.block_strategy if spec.student.architecture == "resenc" else None
+        expected = naming.model_folder_name(
+            naming.distill_trainer_name(spec.distillation.use_da5),
+            naming.student_plans_identifier(spec.student_base_plans, spec.student.reduction_factor, bs),
+            spec.configuration)
+        assert plan.student_model_folder(spec) == expected
+
+
+def test_pod_env_contract_matches_the_trainers_reporter() -> None:
+    report = importlib.import_module("nnunet_distill.report")
+    assert (report.GROUP, report.VERSION, report.PLURAL) == (api.GROUP, api.VERSION, api.PLURAL)
+    spec = _spec({})
+    stage = plan.plan(spec, name="job", paths=PATHS)[-1]
+    job = k8s.job_for(stage, owner=k8s.Owner("job", "ns", "uid"), spec=spec, paths=PATHS)
+    names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {report.ENV_NAME, report.ENV_NAMESPACE, report.ENV_UID, report.ENV_STAGE} <= names
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["terminationMessagePath"] == report.DEFAULT_TERMINATION_PATH

@@ -1,0 +1,255 @@
+"""A kmock KubernetesEmulator that behaves more like a real kube-apiserver (test infrastructure).
+
+kmock stores objects and streams watch events but leaves out what an API server adds on top; the
+operator depends on several of those behaviours, so they are emulated here (and only here):
+
+- `201 Created` for creations (clients decode only the documented status codes);
+- server-set metadata: uid, resourceVersion, creationTimestamp, generation, generateName;
+- `metadata.generation` increments when `spec` changes through the main endpoint;
+- the status subresource: `/status` writes change only `status`, main-endpoint writes never change it,
+  and `status` is dropped on create;
+- a `metadata.uid` in a patch body is a precondition (409 when it does not match);
+- discovery that kubectl accepts (`/api/v1` groupVersion, no short names on subresources) and lists with
+  `kind`/`apiVersion`;
+- server-side printing: `Accept: ...;as=Table` answers with a meta.k8s.io Table built from the CRD's
+  additionalPrinterColumns (what `kubectl get` shows);
+- background garbage collection: deleting an owner deletes the objects whose ownerReferences name it;
+- admission: an optional callable can reject requests (quota, PodSecurity, webhooks) before anything is
+  stored.
+
+It relies on kmock's private hooks (`_handle`, `_serve_*`), so kmock is pinned in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import datetime
+import itertools
+import secrets
+import uuid
+from typing import Any
+
+import attrs
+import kmock
+from kmock._internal import dicts as kmock_dicts
+from kmock._internal.k8s import KubernetesObjectConflictError
+from kmock._internal.rendering import Response
+
+_rv = itertools.count(1000)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _age(created: str | None) -> str:
+    """kubectl-style short age (as the API server renders date columns in Tables)."""
+    if not created:
+        return "<unknown>"
+    try:
+        then = datetime.datetime.fromisoformat(created)
+    except ValueError:
+        return "<invalid>"
+    s = max(0, int((_now() - then).total_seconds()))
+    if s < 120:
+        return f"{s}s"
+    m = s // 60
+    if m < 10:
+        return f"{m}m{s % 60}s"
+    if m < 180:
+        return f"{m}m"
+    h = m // 60
+    if h < 48:
+        return f"{h}h{m % 60}m" if h < 8 else f"{h}h"
+    return f"{h // 24}d"
+
+
+def _jsonpath(obj: Any, path: str) -> Any:
+    """Simple dotted JSONPath as used by printer columns (`.status.progress.epoch`)."""
+    cur = obj
+    for part in path.strip().lstrip(".").split("."):
+        if not part:
+            continue
+        if isinstance(cur, dict):
+            cur = cur.get(part)
+        else:
+            return None
+    return cur
+
+
+@attrs.define(kw_only=True)
+class ApiServerLikeEmulator(kmock.KubernetesEmulator):
+    # resource -> additionalPrinterColumns (from a CRD), used for Table responses.
+    printer_columns: dict[Any, list[dict[str, Any]]] = attrs.field(factory=dict)
+    # kmock matches every request against its whole request history (O(history) per request); long runs
+    # (benchmarks, many objects) keep only the newest requests. None keeps all (for assertions on the log).
+    request_log_limit: int | None = attrs.field(default=None)
+    # Every create request (also those answered 409), by (plural, namespace, name): duplicates show here.
+    creations: collections.Counter[tuple[str, str | None, str]] = attrs.field(factory=collections.Counter)
+    # Admission control (webhooks, ResourceQuota, PodSecurity): a callable that may reject a request by
+    # returning a KubernetesError; nothing is stored then, as in a real API server.
+    admission: Any = attrs.field(default=None)
+    _in_flight: set[int] = attrs.field(factory=set, init=False)
+
+    def _has_status_subresource(self, resource: Any) -> bool:
+        if resource not in self.resources:  # (indexing would auto-create an empty entry)
+            return False
+        return "status" in (self.resources[resource].subresources or set())
+
+    def _stored(self, request: Any) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key in self._objects and not self._objects[key].deleted:
+            return self._objects[key].raw
+        return None
+
+    def _trim_request_log(self) -> None:
+        """Forget old requests, but never one still being served (kmock matches it against the log)."""
+        limit = self.request_log_limit
+        if limit is not None and len(self._requests) > limit:
+            recent = self._requests[-limit:]
+            kept = [r for r in self._requests[:-limit] if id(r) in self._in_flight]
+            self._requests[:] = kept + recent
+
+    async def _handle(self, request: Any) -> Any:
+        self._in_flight.add(id(request))
+        try:
+            self._trim_request_log()
+            return await self._handle_tracked(request)
+        finally:
+            self._in_flight.discard(id(request))
+
+    async def _handle_tracked(self, request: Any) -> Any:
+        if self.admission is not None and request.resource is not None:
+            rejection = self.admission(request)
+            if rejection is not None:
+                return await self._render_error(rejection)
+        dependents_of: str | None = None
+        if request.resource is not None and isinstance(request.data, (dict, list)):
+            if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+                meta = request.data.setdefault("metadata", {})
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + secrets.token_hex(3)
+                self.creations[(request.resource.plural, request.namespace or meta.get("namespace"),
+                                meta["name"])] += 1
+                if request.namespace and not meta.get("namespace"):
+                    meta["namespace"] = request.namespace
+                meta["uid"] = str(uuid.uuid4())
+                meta["creationTimestamp"] = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+                meta["resourceVersion"] = str(next(_rv))
+                meta["generation"] = 1
+                if self._has_status_subresource(request.resource):
+                    request.data.pop("status", None)
+            elif request.action == kmock.action.UPDATE:
+                stored = self._stored(request)
+                rv = str(next(_rv))
+                if isinstance(request.data, dict):
+                    meta = request.data.get("metadata") or {}
+                    if stored is not None and meta.get("uid") and meta["uid"] != stored["metadata"].get("uid"):
+                        raise KubernetesObjectConflictError(
+                            message="Precondition failed: UID in precondition does not match the object")
+                    if self._has_status_subresource(request.resource):
+                        if request.subresource == "status":
+                            for k in [k for k in request.data if k != "status"]:
+                                if k != "metadata":
+                                    del request.data[k]
+                            request.data.pop("metadata", None)
+                        else:
+                            request.data.pop("status", None)
+                    if stored is not None and "spec" in request.data and request.subresource is None:
+                        merged = kmock_dicts.patch_dict(copy.deepcopy(stored), {"spec": request.data["spec"]})
+                        if merged.get("spec") != stored.get("spec"):
+                            gen = int(stored["metadata"].get("generation") or 1) + 1
+                            request.data.setdefault("metadata", {})["generation"] = gen
+                    request.data.setdefault("metadata", {})["resourceVersion"] = rv
+                else:  # JSON patch
+                    if self._has_status_subresource(request.resource):
+                        want_status = request.subresource == "status"
+                        request.data[:] = [op for op in request.data
+                                           if str(op.get("path", "")).startswith("/status") == want_status]
+                    request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
+        if request.resource is not None and request.action == kmock.action.DELETE and request.name:
+            stored = self._stored(request)
+            if stored is not None:
+                dependents_of = stored.get("metadata", {}).get("uid")
+        response = await super()._handle(request)
+        if dependents_of:
+            await self._collect_garbage(dependents_of)
+        return response
+
+    async def _collect_garbage(self, owner_uid: str) -> None:
+        """Delete (recursively) every object owned by `owner_uid`, emitting DELETED watch events."""
+        async with self._lock:
+            victims = []
+            for (resource, namespace, name), obj in list(self._objects.items()):
+                if obj.deleted:
+                    continue
+                refs = (obj.raw.get("metadata") or {}).get("ownerReferences") or []
+                if any(r.get("uid") == owner_uid for r in refs):
+                    victims.append((resource, namespace, name))
+            uids = []
+            for key in victims:
+                obj = self._objects[key]
+                raw = obj.raw
+                uids.append((raw.get("metadata") or {}).get("uid"))
+                obj.delete()
+                await self._buses[key[0]].put({"type": "DELETED", "object": raw})
+        for uid in uids:
+            if uid:
+                await self._collect_garbage(uid)
+
+    async def _serve_version(self, request: Any) -> Any:
+        data = await super()._serve_version(request)
+        data["groupVersion"] = data["groupVersion"].lstrip("/")  # "/v1" -> "v1" for kubectl
+        for res in data.get("resources", []):
+            if "/" in res["name"]:
+                res["shortNames"] = []  # real servers list short names on the main resource only
+                res["categories"] = []
+        return data
+
+    def _table_columns(self, resource: Any) -> list[dict[str, Any]]:
+        cols = self.printer_columns.get(resource)
+        if cols is None:
+            cols = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+        return cols
+
+    def _table(self, request: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
+        cols = self._table_columns(request.resource)
+        definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
+                        "description": "Name must be unique within a namespace."}]
+        definitions += [{"name": c["name"], "type": "string" if c.get("type") == "date" else c.get("type", "string"),
+                         "format": c.get("format", ""), "priority": c.get("priority", 0),
+                         "description": c.get("description", "")} for c in cols]
+        rows = []
+        for obj in items:
+            cells: list[Any] = [obj.get("metadata", {}).get("name")]
+            for c in cols:
+                value = _jsonpath(obj, c["jsonPath"])
+                cells.append(_age(value) if c.get("type") == "date" else value)
+            rows.append({"cells": cells, "object": {
+                "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                "metadata": obj.get("metadata", {})}})
+        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": str(next(_rv))},
+                "columnDefinitions": definitions, "rows": rows}
+
+    @staticmethod
+    def _wants_table(request: Any) -> bool:
+        accept = next((v for k, v in (request.headers or {}).items() if k.lower() == "accept"), "")
+        return "as=Table" in accept
+
+    async def _serve_list(self, request: Any) -> Any:
+        data = await super()._serve_list(request)
+        if self._wants_table(request):
+            return self._table(request, data["items"])
+        res = request.resource
+        kind = (self.resources[res].kind or "" if res in self.resources else "") + "List"
+        return {"apiVersion": f"{res.group}/{res.version}".lstrip("/"), "kind": kind, **data}
+
+    async def _serve_create(self, request: Any) -> Any:
+        return Response(status=201, payload=await super()._serve_create(request))  # 201 Created, as real
+
+    async def _serve_fetch(self, request: Any) -> Any:
+        data = await super()._serve_fetch(request)
+        if self._wants_table(request):
+            return self._table(request, [data])
+        return data

@@ -1,0 +1,354 @@
+"""The operator running for real (kopf, in-process) against the kmock API server.
+
+The tests play the Job controller and the kubelet: they patch Job status and create/patch pods the way
+the cluster would, and observe only what the operator writes to the API (Jobs, status, Events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from nnunet_distill_operator import api, k8s, rbac
+
+from tests.operator.conftest import dj
+from tests.operator.harness import (
+    Clients,
+    OperatorRunner,
+    dj_key,
+    exists,
+    get,
+    job_key,
+    pod_for,
+    wait_for,
+)
+
+COMPLETE = {"conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2026-03-01T11:30:00Z"}],
+            "succeeded": 1, "startTime": "2026-03-01T11:00:00Z", "completionTime": "2026-03-01T11:30:00Z"}
+
+
+def status(kmock: Any, name: str) -> dict[str, Any]:
+    return get(kmock, dj_key(kmock, name)).get("status") or {}
+
+
+def cond(kmock: Any, name: str, type_: str) -> dict[str, Any]:
+    return next((c for c in status(kmock, name).get("conditions", []) if c["type"] == type_), {})
+
+
+def events(kmock: Any, name: str) -> list[tuple[str, str, str]]:
+    out = []
+    for (res, _ns, _n), obj in list(kmock.objects.items()):
+        if res.plural == "events" and not obj.deleted:
+            raw = obj.raw
+            if raw.get("involvedObject", {}).get("name") == name:
+                out.append((raw["type"], raw["reason"], raw["message"]))
+    return out
+
+
+async def job_appears(kmock: Any, name: str, timeout: float = 10) -> dict[str, Any]:
+    await wait_for(lambda: exists(kmock, job_key(kmock, name)), timeout=timeout, what=f"Job {name}")
+    return get(kmock, job_key(kmock, name))
+
+
+async def complete(clients: Clients, kmock: Any, cr: str, stage: str) -> None:
+    await clients.patch_job_status(k8s.job_name(cr, stage), COMPLETE)
+    await wait_for(lambda: status(kmock, cr).get("stages", {}).get(stage, {}).get("state") == "Succeeded",
+                   what=f"stage {stage} succeeded")
+
+
+def job_creations(kmock: Any) -> list[str]:
+    """Every Job create request the API server received (409s included), by Job name."""
+    return sorted(name for (plural, _ns, name), count in kmock.creations.items() if plural == "jobs"
+                  for _ in range(count))
+
+
+async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, clients: Clients,
+                                                                    operator: OperatorRunner) -> None:
+    spec = {"dataset": {"id": 27}, "storage": {"claimName": "nnunet-data"},
+            "teachers": {"train": True, "folds": [0, 1, 2]},
+            "output": {"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}}}
+    created = await clients.create_dj(dj("liver", spec))
+    uid = created["metadata"]["uid"]
+
+    pre = await job_appears(kmock, "liver-preprocess")
+    assert pre["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert pre["metadata"]["ownerReferences"][0]["kind"] == "DistillationJob"
+    main = pre["spec"]["template"]["spec"]["containers"][0]
+    assert main["image"] == "registry.example/nnunet-distill-trainer:test"
+    assert {m["mountPath"] for m in main["volumeMounts"]} >= {"/data/nnUNet_raw", "/data/nnUNet_preprocessed",
+                                                              "/data/nnUNet_results", "/dev/shm"}
+    assert pre["spec"]["template"]["spec"]["serviceAccountName"] == "nnunet-distill-trainer"
+    await wait_for(lambda: status(kmock, "liver").get("phase") == "Pending", what="Pending")
+    assert not exists(kmock, job_key(kmock, "liver-teachers"))  # strictly one stage at a time
+
+    await complete(clients, kmock, "liver", "preprocess")
+    teachers = await job_appears(kmock, "liver-teachers")
+    assert teachers["spec"]["completionMode"] == "Indexed" and teachers["spec"]["completions"] == 3
+    limits = teachers["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    await clients.patch_job_status("liver-teachers", {"active": 3, "ready": 3, "startTime": "2026-03-01T11:00:00Z"})
+    await wait_for(lambda: cond(kmock, "liver", "TeachersComplete").get("reason") == "Running",
+                   what="teachers running")
+    assert status(kmock, "liver")["phase"] == "Running"
+
+    for stage in ("teachers", "distill", "export"):
+        if stage != "teachers":
+            await job_appears(kmock, f"liver-{stage}")
+        await complete(clients, kmock, "liver", stage)
+
+    publish = await job_appears(kmock, "liver-publish")
+    env = {e["name"]: e for e in publish["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds",
+                                                                         "key": "AWS_SECRET_ACCESS_KEY",
+                                                                         "optional": True}
+    # The kubelet: the publish pod ran and left its summary as the termination message.
+    pod = pod_for(publish)
+    await clients.create_pod(pod)
+    summary = {"stage": "publish", "ok": True, "artifacts": {"uri": "s3://models/liver/v1", "sha256": "a" * 64,
+                                                            "sizeBytes": 4096, "studentParameters": 1400000}}
+    await clients.patch_pod_status(pod["metadata"]["name"], {"phase": "Succeeded", "containerStatuses": [
+        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {
+            "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)}}}]})
+    await asyncio.sleep(0.1)
+    await complete(clients, kmock, "liver", "publish")
+
+    await wait_for(lambda: status(kmock, "liver").get("phase") == "Succeeded", what="Succeeded")
+    final = status(kmock, "liver")
+    assert final["artifacts"]["uri"] == "s3://models/liver/v1" and final["artifacts"]["sizeBytes"] == 4096
+    assert cond(kmock, "liver", "Ready")["status"] == "True"
+    assert cond(kmock, "liver", "Stalled")["status"] == "False"
+    assert [c["type"] for c in final["conditions"]][4:] == ["PreprocessComplete", "TeachersComplete",
+                                                             "DistillComplete", "ExportComplete", "PublishComplete"]
+    assert final["observedGeneration"] == 1 and final["completionTime"]
+    await wait_for(lambda: ("Normal", "Succeeded") in [(t, r) for t, r, _ in events(kmock, "liver")],
+                   what="Succeeded event")
+    reasons = [r for _, r, _ in events(kmock, "liver")]
+    assert reasons.count("StageStarted") == 5 and reasons.count("StageSucceeded") == 5
+    assert sorted(job_creations(kmock)) == sorted(f"liver-{s}" for s in
+                                                  ("preprocess", "teachers", "distill", "export", "publish"))
+
+    # Every API call the operator made is granted by the RBAC rules the Helm chart is built from.
+    granted = {(r.group, r.resource, v) for r in rbac.OPERATOR_RULES for v in r.verbs}
+    verbs = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch",
+             "delete": "delete"}
+    made = set()
+    for r in list(kmock):
+        agent = next((v for k, v in (r.headers or {}).items() if k.lower() == "user-agent"), "")
+        if r.resource is None or not agent.startswith(("nnunet-distill-operator", "kopf")):
+            continue
+        if r.resource.plural is None or r.action is None:
+            continue  # discovery (/apis/<group>/<version>) is open to every authenticated client
+        resource = r.resource.plural + (f"/{r.subresource}" if r.subresource else "")
+        made.add((r.resource.group, resource, verbs[str(r.action.value if hasattr(r.action, "value")
+                                                        else r.action).lower()]))
+    assert made, "no operator requests recorded"
+    assert made <= granted, made - granted
+
+
+async def test_pod_causes_and_failure_reach_conditions_and_events(kmock: Any, clients: Clients,
+                                                                  operator: OperatorRunner) -> None:
+    await clients.create_dj(dj("kidney", preprocess={"mode": "Never"}))
+    job = await job_appears(kmock, "kidney-distill")
+    pod = pod_for(job)
+    await clients.create_pod(pod)
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    await clients.patch_pod_status(pod["metadata"]["name"], {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]})
+    await wait_for(lambda: cond(kmock, "kidney", "DistillComplete").get("reason") == "Unschedulable",
+                   what="Unschedulable condition")
+    assert cond(kmock, "kidney", "DistillComplete")["message"] == message
+    assert cond(kmock, "kidney", "Reconciling")["status"] == "True"
+    await wait_for(lambda: ("Warning", "Unschedulable", message) in events(kmock, "kidney"), what="event")
+
+    await clients.patch_pod_status(pod["metadata"]["name"], {"phase": "Failed", "conditions": [], "containerStatuses": [
+        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
+         "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]})
+    await clients.patch_job_status("kidney-distill", {"failed": 4, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+         "message": "Job has reached the specified backoff limit"}]})
+    await wait_for(lambda: status(kmock, "kidney").get("phase") == "Failed", what="Failed")
+    st = status(kmock, "kidney")
+    assert st["reason"] == "StageFailed" and "OOMKilled" in st["message"]
+    assert "spec.resources.distill.memory" in st["message"]
+    assert cond(kmock, "kidney", "Stalled")["status"] == "True"
+    assert cond(kmock, "kidney", "Ready")["status"] == "False"
+    await wait_for(lambda: "StageFailed" in [r for _, r, _ in events(kmock, "kidney")], what="StageFailed event")
+    await asyncio.sleep(0.3)
+    assert not exists(kmock, job_key(kmock, "kidney-export"))  # nothing runs after a failure
+
+
+async def test_suspend_suspends_the_running_job_and_resume_resumes_it(kmock: Any, clients: Clients,
+                                                                       operator: OperatorRunner) -> None:
+    await clients.create_dj(dj("spleen", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "spleen-distill")
+    await clients.patch_job_status("spleen-distill", {"active": 1, "ready": 1})
+    await wait_for(lambda: status(kmock, "spleen").get("phase") == "Running", what="Running")
+
+    await clients.patch_dj("spleen", {"spec": {"suspend": True}})
+    await wait_for(lambda: get(kmock, job_key(kmock, "spleen-distill"))["spec"].get("suspend") is True,
+                   what="Job suspended")
+    await clients.patch_job_status("spleen-distill", {"active": 0, "ready": 0})
+    await wait_for(lambda: status(kmock, "spleen").get("phase") == "Suspended", what="Suspended phase")
+    assert cond(kmock, "spleen", "Suspended")["status"] == "True"
+    assert cond(kmock, "spleen", "Reconciling")["status"] == "False"
+    assert status(kmock, "spleen")["observedGeneration"] == 2
+
+    await clients.patch_dj("spleen", {"spec": {"suspend": False}})
+    await wait_for(lambda: get(kmock, job_key(kmock, "spleen-distill"))["spec"].get("suspend") is False,
+                   what="Job resumed")
+    annotations = get(kmock, job_key(kmock, "spleen-distill"))["metadata"].get("annotations", {})
+    assert "distillation.nnunet.io/suspended-by-operator" not in annotations
+    await clients.patch_job_status("spleen-distill", {"active": 1, "ready": 1})
+    await wait_for(lambda: status(kmock, "spleen").get("phase") == "Running", what="Running again")
+    reasons = [r for _, r, _ in events(kmock, "spleen")]
+    assert "Suspended" in reasons and "Resumed" in reasons
+
+
+async def test_killed_and_restarted_operator_continues_without_duplicate_jobs(
+        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    first = await OperatorRunner(operator_config).start()
+    await clients.create_dj(dj("colon"))
+    await job_appears(kmock, "colon-preprocess")
+    await wait_for(lambda: status(kmock, "colon").get("stages", {}).get("preprocess"), what="status")
+    await first.kill()  # no cleanup handlers, all memory lost
+
+    # While the operator is down the Job finishes.
+    await clients.patch_job_status("colon-preprocess", COMPLETE)
+    await asyncio.sleep(0.2)
+    assert not exists(kmock, job_key(kmock, "colon-distill"))
+
+    second = await OperatorRunner(operator_config).start()
+    try:
+        await job_appears(kmock, "colon-distill")
+        await wait_for(lambda: status(kmock, "colon").get("currentStage") == "distill", what="status continues")
+        st = status(kmock, "colon")
+        assert st["stages"]["preprocess"]["state"] == "Succeeded"
+        assert st["startTime"]  # kept from the first run
+        await asyncio.sleep(0.3)
+        creations = job_creations(kmock)
+        assert sorted(creations) == ["colon-distill", "colon-preprocess"], creations  # each POSTed once
+        reasons = [r for _, r, _ in events(kmock, "colon")]
+        assert reasons.count("StageStarted") == 2
+    finally:
+        await second.stop()
+
+
+async def test_invalid_spec_stalls_without_jobs_until_fixed(kmock: Any, clients: Clients,
+                                                             operator: OperatorRunner) -> None:
+    await clients.create_dj(dj("bad", distillation={"alpha": 4}, teachers={"folds": [0, 9]}))
+    await wait_for(lambda: status(kmock, "bad").get("reason") == "InvalidSpec", what="InvalidSpec")
+    st = status(kmock, "bad")
+    assert st["phase"] == "Failed" and "spec.distillation.alpha" in st["message"]
+    assert cond(kmock, "bad", "Stalled")["status"] == "True"
+    await asyncio.sleep(0.3)
+    assert not any(n.startswith("bad-") for n in job_creations(kmock))
+    assert [r for _, r, _ in events(kmock, "bad")].count("InvalidSpec") == 1  # reported, not retried
+
+    await clients.patch_dj("bad", {"spec": {"distillation": {"alpha": 0.4}}})
+    await wait_for(lambda: "spec.teachers.folds[1]" in status(kmock, "bad").get("message", ""),
+                   what="next problem named")
+    await clients.patch_dj("bad", {"spec": {"teachers": {"folds": [0, 1]}}})
+    await job_appears(kmock, "bad-preprocess")
+    await wait_for(lambda: cond(kmock, "bad", "Stalled").get("status") == "False", what="not stalled")
+    assert status(kmock, "bad")["observedGeneration"] == 3
+
+
+async def test_unsafe_spec_change_after_start_is_reported_and_ignored(kmock: Any, clients: Clients,
+                                                                      operator: OperatorRunner) -> None:
+    await clients.create_dj(dj("lung", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "lung-distill")
+    await clients.patch_dj("lung", {"spec": {"student": {"reductionFactor": 4}}})
+    await wait_for(lambda: status(kmock, "lung").get("reason") == "SpecChangeRejected", what="rejected")
+    assert "spec.student.reductionFactor" in status(kmock, "lung")["message"]
+    assert cond(kmock, "lung", "Stalled")["status"] == "True"
+    await clients.patch_job_status("lung-distill", COMPLETE)
+    export = await job_appears(kmock, "lung-export")
+    argv = export["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    assert argv[argv.index("-r") + 1] == "2"  # the accepted spec, not the edit
+    await clients.patch_dj("lung", {"spec": {"student": {"reductionFactor": 2}}})  # reverted
+    await wait_for(lambda: cond(kmock, "lung", "Stalled").get("status") == "False", what="stall cleared")
+
+
+async def test_deleting_the_job_collects_its_jobs_and_drops_its_metrics(kmock: Any, clients: Clients,
+                                                                       operator: OperatorRunner) -> None:
+    from nnunet_distill_operator import metrics
+
+    await clients.create_dj(dj("brain", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "brain-distill")
+    await wait_for(lambda: ("default", "brain") in metrics.JOBS._jobs, what="metrics entry")
+    await clients.delete_dj("brain")
+    await wait_for(lambda: not exists(kmock, job_key(kmock, "brain-distill")), what="Job garbage-collected")
+    await wait_for(lambda: ("default", "brain") not in metrics.JOBS._jobs, what="metrics dropped")
+    assert not get(kmock, dj_key(kmock, "brain")).get("metadata", {}).get("finalizers")
+
+
+async def test_ttl_after_finished_deletes_the_job(kmock: Any, clients: Clients, operator: OperatorRunner) -> None:
+    await clients.create_dj(dj("short", preprocess={"mode": "Never"}, ttlSecondsAfterFinished=0))
+    for stage in ("distill", "export"):
+        await job_appears(kmock, f"short-{stage}")
+        await clients.patch_job_status(f"short-{stage}", COMPLETE)
+    await wait_for(lambda: not exists(kmock, dj_key(kmock, "short")), what="DistillationJob deleted by TTL")
+
+
+async def test_many_jobs_are_all_reconciled(kmock: Any, clients: Clients, operator: OperatorRunner) -> None:
+    kmock.request_log_limit = 8  # kmock's request matching is O(history); count creations on the server
+    names = [f"bulk-{i}" for i in range(30)]
+    await asyncio.gather(*(clients.create_dj(dj(n, preprocess={"mode": "Never"})) for n in names))
+    await wait_for(lambda: all(exists(kmock, job_key(kmock, f"{n}-distill")) for n in names), timeout=30,
+                   what="a Job for every DistillationJob")
+    await wait_for(lambda: all(status(kmock, n).get("phase") == "Pending" for n in names), timeout=30,
+                   what="status for every DistillationJob")
+    assert job_creations(kmock) == sorted(f"{n}-distill" for n in names)  # one create request each
+
+
+async def test_resource_discovery_matches_the_crd(kmock: Any, clients: Clients) -> None:
+    """The emulator serves the resource as the generated CRD declares it (what kubectl and kopf use)."""
+    info = kmock.resources[f"{api.GROUP}/{api.VERSION}/{api.PLURAL}"]
+    assert info.kind == api.KIND and set(info.shortnames) == {"dj", "distill"}
+
+
+async def test_namespaced_mode_watches_only_its_namespaces(kmock: Any, clients: Clients,
+                                                           operator_config: Any) -> None:
+    """--namespace ml: exact names need no namespace scanning (kmock cannot even list namespaces)."""
+    runner = await OperatorRunner(operator_config, namespaces=["ml"]).start()
+    try:
+        await clients.create_dj(dj("inside", namespace="ml", preprocess={"mode": "Never"}), namespace="ml")
+        await clients.create_dj(dj("outside", preprocess={"mode": "Never"}))
+        await wait_for(lambda: exists(kmock, job_key(kmock, "inside-distill", "ml")),
+                       what="Job in the watched namespace")
+        await asyncio.sleep(0.3)
+        assert not exists(kmock, job_key(kmock, "outside-distill"))
+    finally:
+        await runner.stop()
+
+
+async def test_a_refused_job_is_reported_and_retried(kmock: Any, clients: Clients, operator_config: Any) -> None:
+    """ResourceQuota / admission webhooks refuse a Job: the reason shows in status, the operator retries."""
+    from kmock import KubernetesError
+
+    refusals = []
+
+    def quota(request: Any) -> Any:
+        if request.resource.plural == "jobs" and str(request.method).upper().endswith("POST") and not refusals:
+            refusals.append(request)
+            return KubernetesError(status=403, reason="Forbidden", message='jobs.batch "q-distill" is forbidden: '
+                                   "exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1")
+        return None
+
+    kmock.admission = quota
+    operator_config.resync_seconds = 0.5
+    runner = await OperatorRunner(operator_config).start()
+    try:
+        await clients.create_dj(dj("q", preprocess={"mode": "Never"}))
+        await wait_for(lambda: cond(kmock, "q", "DistillComplete").get("reason") == "QuotaExceeded",
+                       what="QuotaExceeded")
+        assert "exceeded quota: gpu-quota" in cond(kmock, "q", "DistillComplete")["message"]
+        assert cond(kmock, "q", "Stalled")["status"] == "False"  # it may clear by itself
+        await wait_for(lambda: ("Warning", "QuotaExceeded") in [(t, r) for t, r, _ in events(kmock, "q")],
+                       what="Warning event")
+        await job_appears(kmock, "q-distill")  # the next resync succeeds
+        await wait_for(lambda: cond(kmock, "q", "DistillComplete").get("reason") == "JobCreated", what="cleared")
+        assert len(refusals) == 1
+    finally:
+        await runner.stop()

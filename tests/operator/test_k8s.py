@@ -1,0 +1,179 @@
+"""Job manifests: names, GPUs, mounts, env, security, Kueue, credentials; valid for real Kubernetes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from nnunet_distill_operator import api, k8s, plan
+
+OWNER = k8s.Owner("liver", "ml", "0b5e5a0e-1111-2222-3333-444455556666")
+
+
+def _jobs(**spec: Any) -> dict[str, dict[str, Any]]:
+    body = {"dataset": {"id": 27}, "storage": {"claimName": "nnunet-data"}, **spec}
+    parsed = api.parse_spec(body)
+    paths = plan.DataPaths.in_pod(OWNER.name)
+    stages = plan.plan(parsed, name=OWNER.name, paths=paths)
+    defaults = k8s.Defaults(image="reg/trainer:1", service_account="trainer-sa")
+    return {s.name: k8s.job_for(s, owner=OWNER, spec=parsed, paths=paths, defaults=defaults) for s in stages}
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+FULL: dict[str, Any] = {
+    "teachers": {"train": True, "folds": [0, 1, 2]},
+    "output": {"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}},
+    "scheduling": {"queueName": "gpu", "nodeSelector": {"gpu": "a100"}, "priorityClassName": "high",
+                   "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    "imagePullSecrets": [{"name": "pull"}], "activeDeadlineSeconds": 3600,
+}
+
+
+def test_job_names_are_deterministic_bounded_and_distinct() -> None:
+    assert k8s.job_name("liver", "distill") == "liver-distill"
+    long_a, long_b = "a" * 80 + "x", "a" * 80 + "y"
+    for name in (long_a, long_b):
+        jn = k8s.job_name(name, "preprocess")
+        assert len(jn) <= k8s.MAX_JOB_NAME and jn.endswith("-preprocess")
+        assert jn == k8s.job_name(name, "preprocess")
+    assert k8s.job_name(long_a, "distill") != k8s.job_name(long_b, "distill")
+    assert len(k8s.label_value("b" * 200)) <= 63
+
+
+def test_distill_job_has_gpu_mounts_env_shm_owner_and_security() -> None:
+    job = _jobs(resources={"sharedMemory": "16Gi", "distill": {"gpus": 2, "memory": "40Gi", "cpu": 6}})["distill"]
+    assert job["metadata"]["name"] == "liver-distill" and job["metadata"]["namespace"] == "ml"
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner == {"apiVersion": "distillation.nnunet.io/v1alpha1", "kind": "DistillationJob", "name": "liver",
+                     "uid": OWNER.uid, "controller": True, "blockOwnerDeletion": True}
+    pod = job["spec"]["template"]["spec"]
+    main = pod["containers"][0]
+    assert main["image"] == "reg/trainer:1" and pod["serviceAccountName"] == "trainer-sa"
+    assert main["resources"]["limits"] == {"cpu": "6", "memory": "40Gi", "nvidia.com/gpu": "2"}
+    assert main["resources"]["requests"] == {"cpu": "6", "memory": "40Gi"}
+    mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+    assert mounts["/data/nnUNet_results"]["subPath"] == "nnUNet_results"
+    assert mounts["/data/nnUNet_raw"]["readOnly"] is True  # only preprocessing writes raw-side outputs
+    assert "/dev/shm" in mounts and "/tmp" in mounts
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v] == \
+        ["nnunet-data"]
+    env = _env(main)
+    assert env["nnUNet_results"] == "/data/nnUNet_results" and env["nnUNet_preprocessed"] == \
+        "/data/nnUNet_preprocessed"
+    assert env["nnUNet_n_proc_DA"] == "5" and env["DISTILLATIONJOB_STAGE"] == "distill"
+    assert env["DISTILLATIONJOB_NAME"] == {"fieldRef": {"fieldPath":
+                                                        "metadata.annotations['distillation.nnunet.io/job-name']"}}
+    assert env["DISTILLATIONJOB_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["DISTILLATIONJOB_UID"]["fieldRef"]["fieldPath"].endswith("job-uid']")
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    assert annotations[k8s.ANNOTATION_JOB_NAME] == "liver" and annotations[k8s.ANNOTATION_JOB_UID] == OWNER.uid
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+    assert main["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                       "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert main["command"][0] == "nnUNetv2_distillation_train"  # no guard: nothing to skip
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    assert job["spec"]["backoffLimit"] == 3 and "suspend" not in job["spec"]
+
+
+def test_teachers_are_an_indexed_job_one_gpu_per_pod() -> None:
+    job = _jobs(**FULL)["teachers"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    main = job["spec"]["template"]["spec"]["containers"][0]
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert main["command"][:2] == ["/bin/sh", "-c"] and main["command"][3] == "nnunet-distill-guard"
+    assert main["command"][4:6] == ["nnunet-distill", "train-teacher"]
+
+
+def test_kueue_scheduling_and_deadline() -> None:
+    for job in _jobs(**FULL).values():
+        assert job["metadata"]["labels"][k8s.KUEUE_QUEUE_LABEL] == "gpu"
+        assert job["spec"]["suspend"] is True  # Kueue admits by un-suspending
+        assert job["spec"]["activeDeadlineSeconds"] == 3600
+        pod = job["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"gpu": "a100"} and pod["priorityClassName"] == "high"
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert pod["imagePullSecrets"] == [{"name": "pull"}]
+
+
+def test_credentials_only_in_publish_and_only_as_secret_key_refs() -> None:
+    jobs = _jobs(**FULL)
+    for name, job in jobs.items():
+        envs = [e for c in job["spec"]["template"]["spec"]["containers"] for e in c["env"]]
+        secret_envs = [e for e in envs if "secretKeyRef" in e.get("valueFrom", {})]
+        if name == "publish":
+            names = {e["name"] for e in secret_envs}
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"} <= names
+            assert all(e["valueFrom"]["secretKeyRef"]["name"] == "s3-creds" for e in secret_envs)
+            assert not any(e["name"].startswith("AWS_") and "value" in e for e in envs)
+        else:
+            assert secret_envs == [], name
+
+
+def test_export_stage_runs_export_as_init_container_then_package() -> None:
+    job = _jobs()["export"]
+    pod = job["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["export"]
+    assert pod["initContainers"][0]["command"][0] == "nnUNetv2_distillation_export_onnx"
+    assert pod["containers"][0]["command"][:2] == ["nnunet-distill", "package"]
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
+
+
+@pytest.mark.parametrize("version", ["1.29", "1.33"])
+def test_every_job_validates_against_kubernetes_schemas(version: str) -> None:
+    for spec in ({}, FULL, {"student": {"architecture": "resenc"}, "storage": {
+            "raw": {"claimName": "raw"}, "preprocessed": {"claimName": "pre", "subPath": "p"},
+            "results": {"claimName": "res"}}, "scheduling": {"affinity": {"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}}}}):
+        for job in _jobs(**spec).values():
+            kubernetes_validate.validate(job, version, strict=True)
+
+
+def _run_guard(stage: plan.Stage, argv: tuple[str, ...], index: int | None, cwd: Path) -> str:
+    env = {"PATH": "/usr/bin:/bin"}
+    if index is not None:
+        env["JOB_COMPLETION_INDEX"] = str(index)
+    out = subprocess.run(k8s.container_command(stage, argv, guarded=True), env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=10, check=True)
+    return out.stdout
+
+
+def test_guard_skips_when_outputs_exist_and_runs_otherwise(tmp_path: Path) -> None:
+    """The in-pod /bin/sh guard, executed for real: globs, AND of patterns, per-index values."""
+    pre = tmp_path / "pre"
+    res = tmp_path / "res"
+    paths = plan.DataPaths(str(tmp_path / "raw"), str(pre), str(res), str(tmp_path / "work"))
+    spec = api.parse_spec({"dataset": {"id": 27}, "storage": {"claimName": "d"},
+                           "teachers": {"train": True, "folds": [0, 3]}})
+    stages = {s.name: s for s in plan.plan(spec, name="j", paths=paths)}
+    probe = ("echo", "RAN")
+    assert _run_guard(stages["preprocess"], probe, None, tmp_path).strip() == "RAN"
+    (pre / "Dataset027_Liver").mkdir(parents=True)
+    (pre / "Dataset027_Liver" / "nnUNetPlans.json").write_text("{}")
+    assert _run_guard(stages["preprocess"], probe, None, tmp_path).strip() == "RAN"  # data folder still missing
+    (pre / "Dataset027_Liver" / "nnUNetPlans_3d_fullres").mkdir()
+    assert "skipping" in _run_guard(stages["preprocess"], probe, None, tmp_path)
+    fold3 = res / "Dataset027_Liver" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_3"
+    fold3.mkdir(parents=True)
+    (fold3 / "checkpoint_final.pth").write_bytes(b"x")
+    assert _run_guard(stages["teachers"], probe, 0, tmp_path).strip() == "RAN"  # fold 0 not trained
+    assert "skipping" in _run_guard(stages["teachers"], probe, 1, tmp_path)  # index 1 is fold 3
+
+
+def test_manifests_carry_no_secret_values() -> None:
+    text = json.dumps(_jobs(**FULL))
+    assert "secretKeyRef" in text
+    assert "AWS_SECRET_ACCESS_KEY\", \"value\"" not in text

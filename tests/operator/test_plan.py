@@ -1,0 +1,151 @@
+"""The pure planner: which stages a spec produces and the command line of each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nnunet_distill_operator import api, plan
+
+PATHS = plan.DataPaths("/r", "/p", "/res", "/res/nnunet-distill/j")
+
+
+def _plan(**spec: Any) -> tuple[plan.Stage, ...]:
+    body = {"dataset": {"id": 27}, "storage": {"claimName": "data"}, **spec}
+    return plan.plan(api.parse_spec(body), name="j", paths=PATHS)
+
+
+def _stage(stages: tuple[plan.Stage, ...], name: str) -> plan.Stage:
+    return next(s for s in stages if s.name == name)
+
+
+def _flag(argv: tuple[str, ...], flag: str, n: int = 1) -> list[str]:
+    i = argv.index(flag)
+    return list(argv[i + 1:i + 1 + n])
+
+
+def test_minimal_job_preprocesses_if_missing_distills_and_exports() -> None:
+    stages = _plan()
+    assert [s.name for s in stages] == ["preprocess", "distill", "export"]
+    assert [s.needs for s in stages] == [(), ("preprocess",), ("distill",)]
+    pre = stages[0]
+    assert pre.argv[:5] == ("nnUNetv2_plan_and_preprocess", "-d", "27", "-c", "3d_fullres")
+    assert "--verify_dataset_integrity" in pre.argv
+    assert pre.done_when_exists == ("/p/Dataset027_*/nnUNetPlans.json", "/p/Dataset027_*/nnUNetPlans_3d_fullres")
+    distill = stages[1]
+    assert distill.argv[0] == "nnUNetv2_distillation_train"
+    assert _flag(distill.argv, "-a") == ["0.3"] and _flag(distill.argv, "-temp") == ["3.0"]
+    assert _flag(distill.argv, "-r") == ["2"] and _flag(distill.argv, "-e") == ["1000"]
+    assert "-tf" not in distill.argv  # folds detected by the trainer
+    assert _flag(distill.argv, "-d_device") == ["cuda"]  # the stage has a GPU by default
+    assert distill.resources.gpus == 1 and distill.reports_progress
+
+
+def test_preprocess_always_has_no_skip_guard_and_never_has_no_stage() -> None:
+    assert _stage(_plan(preprocess={"mode": "Always"}), "preprocess").done_when_exists == ()
+    assert "preprocess" not in [s.name for s in _plan(preprocess={"mode": "Never"})]
+
+
+def test_teachers_are_one_indexed_stage_with_one_gpu_per_fold_and_a_per_fold_guard() -> None:
+    stages = _plan(teachers={"train": True, "folds": [0, 2, 4], "training": {"epochs": 50}})
+    teachers = _stage(stages, "teachers")
+    assert [s.name for s in stages] == ["preprocess", "teachers", "distill", "export"]
+    assert teachers.index_values == ("0", "2", "4") and teachers.completions == 3
+    assert teachers.argv[:2] == ("nnunet-distill", "train-teacher")
+    assert _flag(teachers.argv, "--folds-by-index", 3) == ["0", "2", "4"]
+    assert _flag(teachers.argv, "-e") == ["50"] and "--c" in teachers.argv
+    assert teachers.resources.gpus == 1
+    assert teachers.done_when_exists == (
+        "/res/Dataset027_*/nnUNetTrainer__nnUNetPlans__3d_fullres/fold_{value}/checkpoint_final.pth",)
+    assert _flag(_stage(stages, "distill").argv, "-tf", 3) == ["0", "2", "4"]
+
+
+def test_single_teacher_fold_is_a_plain_job() -> None:
+    teachers = _stage(_plan(teachers={"train": True, "folds": [3]}), "teachers")
+    assert teachers.index_values == () and teachers.completions == 1
+    assert _flag(teachers.argv, "-f") == ["3"] and "--folds-by-index" not in teachers.argv
+    assert teachers.done_when_exists[0].endswith("/fold_3/checkpoint_final.pth")
+
+
+def test_resenc_uses_its_cli_plans_and_planner() -> None:
+    stages = _plan(student={"architecture": "resenc", "reductionFactor": 4, "blockStrategy": "adaptive",
+                            "plans": "nnUNetResEncUNetMPlans"})
+    pre = _stage(stages, "preprocess")
+    assert [c.name for c in pre.commands] == ["plan-and-preprocess", "plan-experiment"]
+    assert pre.commands[1].argv == ("nnUNetv2_plan_experiment", "-d", "27", "-pl", "nnUNetPlannerResEncL")
+    assert "/p/Dataset027_*/nnUNetResEncUNetLPlans.json" in pre.done_when_exists
+    distill = _stage(stages, "distill")
+    assert distill.argv[0] == "nnUNetv2_resenc_distillation_train"
+    assert _flag(distill.argv, "-tpl") == ["nnUNetResEncUNetLPlans"]
+    assert _flag(distill.argv, "-spl") == ["nnUNetResEncUNetMPlans"]
+    assert _flag(distill.argv, "-bs") == ["adaptive"] and "-p" not in distill.argv
+    export = _stage(stages, "export")
+    assert export.commands[0].argv[0] == "nnUNetv2_resenc_distillation_export_onnx"
+    assert _flag(export.commands[0].argv, "-o") == ["/res/nnunet-distill/j/export"]
+    assert plan.student_model_folder(api.parse_spec({
+        "dataset": {"id": 1}, "storage": {"claimName": "d"},
+        "student": {"architecture": "resenc", "reductionFactor": 4, "blockStrategy": "adaptive",
+                    "plans": "nnUNetResEncUNetMPlans"}})) == \
+        "nnUNetDistillationTrainer__nnUNetResEncUNetMPlans_r4_bsadaptive__3d_fullres"
+
+
+def test_distillation_options_map_to_flags() -> None:
+    distill = _stage(_plan(distillation={"alpha": 0.5, "temperature": 4.0, "epochs": 20, "iterationsPerEpoch": 7,
+                                         "valIterations": 3, "useDA5": True, "fold": 2, "rotateFolds": True,
+                                         "rotateFrequency": 9, "disableMirroring": True},
+                           teachers={"folder": "/data/nnUNet_results/T", "trainer": "nnUNetTrainerDA5"}),
+                     "distill")
+    argv = distill.argv
+    assert _flag(argv, "-f") == ["2"] and _flag(argv, "-a") == ["0.5"] and _flag(argv, "-temp") == ["4.0"]
+    assert _flag(argv, "--iterations_per_epoch") == ["7"] and _flag(argv, "--val_iterations") == ["3"]
+    assert _flag(argv, "-t") == ["/data/nnUNet_results/T"] and _flag(argv, "-tr") == ["nnUNetTrainerDA5"]
+    assert "--use_da5" in argv and "-disable_mirroring" in argv
+    assert _flag(argv, "-rotate_freq") == ["9"] and argv.index("-rotate_folds") < argv.index("-rotate_freq")
+
+
+def test_export_then_package_in_one_cpu_stage() -> None:
+    stages = _plan(export={"dynamicShape": True, "simplify": True, "modelName": "liver"},
+                   distillation={"useDA5": True})
+    export = _stage(stages, "export")
+    assert export.resources.gpus == 0
+    first, second = export.commands
+    assert first.argv[0] == "nnUNetv2_distillation_export_onnx"
+    assert {"-da", "-sim", "-da5"} <= set(first.argv)
+    assert _flag(first.argv, "-o") == ["/res/nnunet-distill/j/export/model.onnx"]
+    assert second.argv == ("nnunet-distill", "package", "--onnx", "/res/nnunet-distill/j/export/model.onnx",
+                           "-o", "/res/nnunet-distill/j/package", "--name", "liver")
+
+
+def test_publish_only_with_an_output_and_only_it_uses_credentials() -> None:
+    stages = _plan(output={"uri": "s3://models/liver", "secretRef": {"name": "s3"}})
+    assert stages[-1].name == "publish"
+    assert stages[-1].argv == ("nnunet-distill", "publish", "/res/nnunet-distill/j/package", "s3://models/liver")
+    assert [s.name for s in stages if s.uses_credentials] == ["publish"]
+
+
+def test_resources_defaults_overrides_and_worker_env() -> None:
+    stages = _plan(resources={"distill": {"gpus": 2, "cpu": "7500m", "memory": "64Gi"}})
+    distill = _stage(stages, "distill")
+    assert (distill.resources.gpus, distill.resources.cpu, distill.resources.memory) == (2, "7500m", "64Gi")
+    assert dict(distill.env) == {"nnUNet_n_proc_DA": "6", "nnUNet_def_n_proc": "7"}
+    export = _stage(stages, "export")
+    assert (export.resources.gpus, export.resources.cpu, export.resources.memory) == (0, "2", "8Gi")
+
+
+def test_device_override_for_local_runs() -> None:
+    spec = api.parse_spec({"dataset": {"id": 1}, "storage": {"claimName": "d"}, "teachers": {"train": True}})
+    stages = plan.plan(spec, name="j", paths=PATHS, device="cpu")
+    assert _flag(_stage(stages, "teachers").argv, "-device") == ["cpu"]
+    assert _flag(_stage(stages, "distill").argv, "-d_device") == ["cpu"]
+
+
+def test_planning_is_deterministic() -> None:
+    assert _plan(teachers={"train": True}) == _plan(teachers={"train": True})
+
+
+def test_describe_lists_every_command() -> None:
+    stages = _plan(teachers={"train": True, "folds": [0, 1]})
+    text = plan.describe(stages)
+    for stage in stages:
+        for command in stage.commands:
+            assert command.argv[0] in text
+    assert "2 pods (indexed)" in text

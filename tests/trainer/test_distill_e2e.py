@@ -1,0 +1,160 @@
+"""End to end on CPU with real nnU-Net: two trained teacher folds (session fixture) -> nnUNetv2_distillation_train
+for a tiny budget -> -c_continue (refused on a changed alpha, then resumed) -> validation summary -> stock
+nnUNetv2_predict runs the student on the held-out test images without our package importable.
+
+All command runs happen once in a module fixture; the tests only inspect what they produced."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tests.trainer.distill_helpers import console_script, load_checkpoint, require_ok, run_cli, stock_predict
+
+pytestmark = pytest.mark.slow
+
+BUDGET = ["-e", "2", "--iterations_per_epoch", "2", "--val_iterations", "1"]
+BASE = ["-d", "901", "-f", "0", "-a", "0.3", "-temp", "3.0", "-r", "2", "-d_device", "cpu", "-disable_mirroring"]
+STUDENT_FOLDER = "nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres"
+
+
+@dataclass
+class StandardRun:
+    teachers: object
+    folder: Path            # .../nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres
+    first: dict             # checkpoint_final.pth after the first run (2 epochs)
+    first_stdout: str
+    refused: object         # CompletedProcess of the -c_continue run with a changed alpha
+    refused_untouched: bool
+    resumed: dict           # checkpoint_final.pth after -c_continue -e 3
+    resumed_stdout: str
+    predictions: Path
+    predict_stdout: str
+    log: Path
+
+    @property
+    def fold(self) -> Path:
+        return self.folder / "fold_0"
+
+
+@pytest.fixture(scope="module")
+def standard_run(nnunet_teachers, tmp_path_factory) -> StandardRun:
+    ds = nnunet_teachers.dataset
+    tmp = tmp_path_factory.mktemp("standard_distill")
+    log = tmp / "commands.log"
+    exe = console_script("nnUNetv2_distillation_train")
+    first = require_ok(run_cli([exe, *BASE, *BUDGET], ds.env, log), log)
+    folder = ds.results_dataset / STUDENT_FOLDER
+    final = folder / "fold_0" / "checkpoint_final.pth"
+    first_ckpt = load_checkpoint(final)
+    stamp = final.stat().st_mtime_ns
+
+    changed = [a if a != "0.3" else "0.5" for a in BASE]
+    refused = run_cli([exe, *changed, "-e", "3", "-c_continue"], ds.env, log)
+    untouched = final.stat().st_mtime_ns == stamp
+
+    resumed = require_ok(run_cli([exe, *BASE, "-e", "3", "--iterations_per_epoch", "2", "--val_iterations", "1",
+                                  "-c_continue"], ds.env, log), log)
+    resumed_ckpt = load_checkpoint(final)
+
+    out = tmp / "predictions"
+    pred = stock_predict(tmp, ds.env, log, ds.raw_dataset / "imagesTs", out, ds.dataset_id,
+                         "nnUNetDistillationTrainer", "nnUNetPlans_r2", 0)
+    return StandardRun(nnunet_teachers, folder, first_ckpt, first.stdout, refused, untouched, resumed_ckpt,
+                       resumed.stdout, out, pred.stdout, log)
+
+
+def test_student_folder_is_a_normal_nnunet_model_with_its_own_plans(standard_run):
+    ds = standard_run.teachers.dataset
+    plans = json.loads((standard_run.folder / "plans.json").read_text())
+    teacher_plans = ds.plans("nnUNetPlans")
+    assert plans["plans_name"] == "nnUNetPlans_r2"
+    s_arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    t_arch = teacher_plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert s_arch["features_per_stage"] == [max(f // 2, 8) for f in t_arch["features_per_stage"]]
+    assert (standard_run.folder / "dataset.json").is_file()
+    assert (ds.preprocessed_dataset / "nnUNetPlans_r2.json").is_file()  # where nnU-Net's -p looks
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth", "progress.png", "progress.json",
+                 "validation/summary.json"):
+        assert (standard_run.fold / name).is_file(), name
+    assert not (standard_run.fold / "checkpoint_latest.pth").exists()  # nnU-Net removes it after final
+    assert not list(standard_run.fold.glob(".*.tmp")), "no half-written checkpoint may remain"
+
+
+def test_checkpoint_is_stock_loadable_and_records_the_distillation(standard_run):
+    ckpt = standard_run.first
+    assert ckpt["trainer_name"] == "nnUNetTrainer"  # resolvable by nnU-Net's predictor without our package
+    assert ckpt["init_args"]["configuration"] == "3d_fullres" and ckpt["init_args"]["fold"] == 0
+    assert ckpt["current_epoch"] == 2
+    d = ckpt["distillation"]
+    assert (d["alpha"], d["temperature"], d["reduction_factor"]) == (0.3, 3.0, 2)
+    assert d["teacher_folds"] == [0, 1] and d["trainer_class"] == "nnUNetDistillationTrainer"
+    assert Path(d["teacher_folder"]) == standard_run.teachers.folder
+    assert d["student_plans"] == "nnUNetPlans_r2" and d["teacher_plans"] == "nnUNetPlans"
+    assert d["da5"] is False and d["block_strategy"] is None and d["disable_mirroring"] is True
+    assert 0 < d["student_parameters"] < 0.26 * d["teacher_parameters"]
+
+
+def test_every_epoch_logs_kd_hard_and_total_loss(standard_run):
+    logging = standard_run.resumed["logging"]
+    for key in ("train_losses", "train_kd_losses", "train_hard_losses", "val_losses", "mean_fg_dice"):
+        assert len(logging[key]) == 3 and all(np.isfinite(v) for v in logging[key]), key
+    for total, kd, hard in zip(logging["train_losses"], logging["train_kd_losses"], logging["train_hard_losses"]):
+        assert total == pytest.approx(0.7 * hard + 0.3 * kd, rel=1e-4, abs=1e-5)
+    progress = json.loads((standard_run.fold / "progress.json").read_text())
+    assert progress["epoch"] == progress["totalEpochs"] == 3
+    assert progress["kdLoss"] == pytest.approx(logging["train_kd_losses"][-1])
+    assert progress["pseudoDice"] == pytest.approx(logging["mean_fg_dice"][-1])
+    log_text = "".join(p.read_text() for p in standard_run.fold.glob("training_log_*.txt"))
+    assert log_text.count("train_loss_kd") == 3 and "mirroring TTA off" in log_text
+
+
+def test_continue_refuses_changed_alpha_then_resumes(standard_run):
+    refused = standard_run.refused
+    assert refused.returncode == 1 and standard_run.refused_untouched
+    assert "-c_continue refused" in refused.stderr and "alpha 0.3 (this run: -a 0.5)" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0 and "Traceback" not in refused.stderr
+    assert "resuming from" in standard_run.resumed_stdout
+    assert standard_run.resumed["current_epoch"] == 3  # 2 epochs done + 1 more, not a fresh start
+    assert len(standard_run.resumed["logging"]["lrs"]) == 3
+
+
+def test_validation_summary_compares_student_and_teachers_on_the_same_cases(standard_run):
+    ds = standard_run.teachers.dataset
+    summary = json.loads((standard_run.fold / "validation" / "distillation_summary.json").read_text())
+    splits = json.loads((ds.preprocessed_dataset / "splits_final.json").read_text())
+    assert summary["cases"]["validation_cases"] == sorted(splits[0]["val"])
+    student = json.loads((standard_run.fold / "validation" / "summary.json").read_text())
+    assert sorted(c["prediction_file"].split("/")[-1] for c in student["metric_per_case"]) == \
+        sorted(f"{k}.nii.gz" for k in splits[0]["val"])
+    teacher = json.loads(Path(summary["teacher_ensemble"]["summary"]).read_text())
+    assert len(teacher["metric_per_case"]) == len(splits[0]["val"])
+    names = {row["name"] for row in summary["per_label"].values()}
+    assert names == {"bright", "dark", "small"}
+    for key, row in summary["per_label"].items():
+        assert row["student_dice"] == pytest.approx(student["mean"][key]["Dice"])
+        assert row["teacher_dice"] == pytest.approx(teacher["mean"][key]["Dice"])
+        if row["teacher_dice"]:
+            assert row["retention"] == pytest.approx(row["student_dice"] / row["teacher_dice"])
+    # Teacher fold 1 trained on fold 0's validation cases; fold 0 did not: both baselines are reported.
+    assert summary["leakage"]["teacher_folds_trained_on_these_cases"] == [1]
+    assert summary["teacher_unseen"]["folds"] == [0]
+    assert summary["foreground_mean"]["teacher_unseen_dice"] is not None
+
+
+def test_stock_predict_segments_the_held_out_test_images(standard_run):
+    ds = standard_run.teachers.dataset
+    assert "STOCK_PREDICT_OK" in standard_run.predict_stdout
+    images = sorted((ds.raw_dataset / "imagesTs").glob("*_0000.nii.gz"))
+    segs = sorted(standard_run.predictions.glob("*.nii.gz"))
+    assert len(images) == len(segs) == 4
+    for img, seg in zip(images, segs):
+        assert seg.name == img.name.replace("_0000.nii.gz", ".nii.gz")
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
+        assert arr.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(img))).shape
+        assert set(np.unique(arr)) <= {0, 1, 2, 3}

@@ -1,0 +1,271 @@
+"""``nnUNetv2_distillation_train`` and ``nnUNetv2_resenc_distillation_train``: one parser factory, one code path.
+
+The two commands differ only in configuration (:class:`Variant`): which flags name the teacher and student plans,
+their defaults and the default rotation frequency. Both map their flags onto one
+:class:`~nnunet_distill.config.DistillationConfig` and call :func:`nnunet_distill.distill.run`.
+
+Errors a user can fix (a bad value, a missing fold, an unknown dataset, incompatible plans) print one line to
+stderr and exit non-zero without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from nnunet_distill import naming
+from nnunet_distill.config import ConfigError, DistillationConfig, parse_device_string
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    prog: str
+    teacher_plans_flags: tuple[str, ...]
+    teacher_plans_default: str
+    rotate_freq_default: int
+    student_plans_flag: bool   # -spl: the student's base plans may differ from the teacher's
+    block_strategy_flag: bool  # -bs
+
+
+STANDARD = Variant("standard", "nnUNetv2_distillation_train", ("-p", "--teacher_plans"), naming.DEFAULT_PLANS,
+                   400, student_plans_flag=False, block_strategy_flag=False)
+RESENC = Variant("resenc", "nnUNetv2_resenc_distillation_train", ("-tpl", "--teacher_plans", "-p"),
+                 naming.DEFAULT_RESENC_TEACHER_PLANS, 5, student_plans_flag=True, block_strategy_flag=True)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: ...``), not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _unit_interval(text: str) -> float:
+    v = _float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _float(text)
+    if not v > 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if math.isnan(v):
+        raise argparse.ArgumentTypeError("must be a number, got nan")
+    return v
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return v
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+def _device(text: str) -> str:
+    try:
+        parse_device_string(text)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N or mps, got {text!r}") from None
+    return text
+
+
+def _block_strategy_help() -> str:
+    from nnunet_distill.student import BLOCK_STRATEGY_HELP
+
+    rules = "; ".join(f"{name}: {BLOCK_STRATEGY_HELP[name]}" for name in naming.BLOCK_STRATEGIES)
+    return (f"residual blocks per encoder stage of a ResEnc student (a plain student accepts only keep). "
+            f"{rules}. Default: %(default)s")
+
+
+def build_parser(variant: Variant) -> argparse.ArgumentParser:
+    p = _OneLineParser(
+        prog=variant.prog, allow_abbrev=False,
+        description=("Distil an ensemble of nnU-Net teacher folds into one smaller student (channels / r) by "
+                     "knowledge distillation: loss = (1-a)*nnU-Net Dice+CE + a*T^2*KL(teacher||student). The "
+                     "student is saved as a normal nnU-Net model (trainer folder "
+                     "nnUNetDistillationTrainer[DA5]__<plans>_r<r>__<cfg>) that stock nnUNetv2_predict can run."
+                     + (" ResEnc variant: teachers are Residual Encoder U-Nets (-tpl); the student is plain or "
+                        "ResEnc depending on -spl." if variant.name == "resenc" else "")))
+    p.add_argument("-d", "--dataset_id", required=True, metavar="ID",
+                   help="dataset ID (e.g. 901) or full name (Dataset901_Name), as for nnUNetv2_train")
+    p.add_argument("-f", "--fold", required=True, type=_int_at_least(0),
+                   help="the student's fold: it trains on this fold's training split of splits_final.json and is "
+                        "validated on its validation split")
+    p.add_argument("-c", "--configuration", default=naming.DEFAULT_CONFIGURATION,
+                   help="nnU-Net configuration of teachers and student (default: %(default)s)")
+    p.add_argument("-tf", "--teacher_folds", nargs="+", type=_int_at_least(0), metavar="FOLD",
+                   help="teacher folds to distil from (default: every fold_N in the teacher folder that holds the "
+                        "teacher checkpoint); a listed fold that is missing is an error")
+    p.add_argument("-a", "--alpha", type=_unit_interval, default=0.3,
+                   help="weight of the KD term in [0, 1]; 1-alpha weights nnU-Net's Dice+CE (default: %(default)s)")
+    p.add_argument("-temp", "--temperature", type=_positive_float, default=3.0,
+                   help="softmax/sigmoid temperature T > 0 of the KD term, which is scaled by T^2 "
+                        "(default: %(default)s)")
+    p.add_argument("-r", "--reduction_factor", type=_int_at_least(1), default=2,
+                   help="divide every stage's channels by r (floor, at least 8 channels); r=2/4/8 give about "
+                        "1/4, 1/16, 1/64 of the teacher's parameters (default: %(default)s)")
+    p.add_argument("-c_continue", "--continue_training", action="store_true",
+                   help="resume from the student's checkpoint_latest.pth (or checkpoint_final.pth, to train on with "
+                        "a larger -e); refused if alpha, T, r, the teacher folds or folder differ from the "
+                        "checkpoint's; starts fresh (and says so) when there is no checkpoint")
+    p.add_argument("-disable_mirroring", action="store_true",
+                   help="no mirroring test-time augmentation in the final validation (student and teachers); "
+                        "training augmentation is unchanged")
+    p.add_argument("-e", "--epochs", type=_int_at_least(1), default=None,
+                   help="number of epochs (default: nnU-Net's 1000)")
+    p.add_argument("--iterations_per_epoch", type=_int_at_least(1), default=None,
+                   help="training iterations per epoch (default: nnU-Net's 250)")
+    p.add_argument("--val_iterations", type=_int_at_least(1), default=None,
+                   help="validation iterations per epoch for the pseudo Dice (default: nnU-Net's 50)")
+    p.add_argument("-t", "--teacher_model_folder", default=None, metavar="PATH",
+                   help="teacher model folder holding plans.json, dataset.json and fold_N/ (default: "
+                        "$nnUNet_results/<Dataset>/<-tr>__<teacher plans>__<-c>)")
+    p.add_argument("-tr", "--teacher_trainer", default=naming.DEFAULT_TEACHER_TRAINER,
+                   help="trainer the teachers were trained with; only used to find the default teacher folder "
+                        "(default: %(default)s)")
+    p.add_argument(*variant.teacher_plans_flags, dest="teacher_plans", default=variant.teacher_plans_default,
+                   help="plans identifier of the teachers; names the default teacher folder"
+                        + ("" if variant.student_plans_flag else " and is the base of the student plans "
+                           "(<plans>_r<r>)") + " (default: %(default)s)")
+    if variant.student_plans_flag:
+        p.add_argument("-spl", "--student_plans", default=naming.DEFAULT_PLANS,
+                       help="plans the student is derived from (in $nnUNet_preprocessed/<Dataset>/): plain U-Net "
+                            "plans (nnUNetPlans) give a plain student, ResEnc plans (nnUNetResEncUNetMPlans...) a "
+                            "ResEnc student; they must share the teachers' preprocessed data (default: %(default)s)")
+    if variant.block_strategy_flag:
+        p.add_argument("-bs", "--block_strategy", choices=naming.BLOCK_STRATEGIES, default="keep",
+                       help=_block_strategy_help())
+    p.add_argument("-tcp", "--teacher_checkpoint", default="checkpoint_final.pth",
+                   help="checkpoint file of each teacher fold (default: %(default)s; checkpoint_best.pth also works)")
+    p.add_argument("-rotate_folds", action="store_true",
+                   help="every -rotate_freq epochs, train on the next fold's training split of splits_final.json, "
+                        "always without this fold's validation cases, so the validation Dice never covers cases "
+                        "the student trained on")
+    p.add_argument("-rotate_freq", type=_int_at_least(1), default=variant.rotate_freq_default,
+                   help="epochs between fold rotations (default: %(default)s)")
+    p.add_argument("-d_device", type=_device, default=None, metavar="DEVICE",
+                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu); teachers run on the same "
+                        "device; mixed precision only on CUDA")
+    p.add_argument("--use_da5", action="store_true",
+                   help="nnU-Net's DA5 augmentation (nnUNetTrainerDA5) for the student; teachers see the same "
+                        "augmented batch; the model folder is nnUNetDistillationTrainerDA5__...")
+    return p
+
+
+def build_parser_standard() -> argparse.ArgumentParser:
+    return build_parser(STANDARD)
+
+
+def build_parser_resenc() -> argparse.ArgumentParser:
+    return build_parser(RESENC)
+
+
+def config_from_args(args: argparse.Namespace, variant: Variant) -> DistillationConfig:
+    """Flags -> the one configuration object both commands share (pure)."""
+    return DistillationConfig(
+        dataset=str(args.dataset_id),
+        fold=args.fold,
+        configuration=args.configuration,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        reduction_factor=args.reduction_factor,
+        teacher_folds=tuple(args.teacher_folds) if args.teacher_folds else None,
+        teacher_trainer=args.teacher_trainer,
+        teacher_plans=args.teacher_plans,
+        teacher_folder=args.teacher_model_folder,
+        teacher_checkpoint=args.teacher_checkpoint,
+        student_base_plans=args.student_plans if variant.student_plans_flag else args.teacher_plans,
+        block_strategy=args.block_strategy if variant.block_strategy_flag else None,
+        epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch,
+        val_iterations=args.val_iterations,
+        use_da5=args.use_da5,
+        rotate_folds=args.rotate_folds,
+        rotate_freq=args.rotate_freq,
+        disable_mirroring=args.disable_mirroring,
+        device=args.d_device,
+        continue_training=args.continue_training,
+        variant=variant.name,
+    )
+
+
+def _user_errors() -> dict[type[BaseException], str]:
+    """Errors a user fixes by changing flags or files, with the reason the termination message reports."""
+    from nnunet_distill.distill import DistillationError
+    from nnunet_distill.rotation import RotationError
+    from nnunet_distill.student import CompatibilityError, StudentPlansError
+    from nnunet_distill.teachers import TeacherError
+
+    return {ConfigError: "InvalidArgument", DistillationError: "InvalidSetup", TeacherError: "TeacherUnavailable",
+            CompatibilityError: "IncompatiblePlans", StudentPlansError: "InvalidStudentPlans",
+            RotationError: "InvalidSplits"}
+
+
+def _terminate(summary: dict) -> None:
+    from nnunet_distill.report import write_termination_message
+
+    write_termination_message(summary)  # only inside a pod (or with $TERMINATION_MESSAGE_PATH); never raises
+
+
+def _main(variant: Variant, argv: Sequence[str] | None) -> int:
+    parser = build_parser(variant)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args, variant)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    from nnunet_distill import distill
+
+    user_errors = _user_errors()
+    try:
+        result = distill.run(config, log=lambda msg: print(f"{variant.prog}: {msg}", flush=True))
+    except tuple(user_errors) as exc:
+        sys.stderr.write(f"{variant.prog}: error: {exc}\n")
+        reason = next(r for cls, r in user_errors.items() if isinstance(exc, cls))
+        _terminate({"stage": "distill", "ok": False, "error": {"reason": reason, "message": str(exc)}})
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{variant.prog}: interrupted; resume with -c_continue\n")
+        return 130
+    except Exception as exc:
+        _terminate({"stage": "distill", "ok": False,
+                    "error": {"reason": "TrainingFailed", "message": f"{type(exc).__name__}: {exc}"}})
+        raise  # a bug or an environment failure: keep the traceback
+    _terminate({"stage": "distill", "ok": True, "artifacts": result.artifacts, "metrics": result.metrics})
+    print(f"{variant.prog}: student saved in {result.output_folder}"
+          + (f"; summary {result.summary}" if result.summary else ""), flush=True)
+    return 0
+
+
+def main_standard(argv: Sequence[str] | None = None) -> int:
+    return _main(STANDARD, argv)
+
+
+def main_resenc(argv: Sequence[str] | None = None) -> int:
+    return _main(RESENC, argv)
+
+
+if __name__ == "__main__":  # the spawn pools of nnU-Net's validation re-import __main__: keep this guard
+    sys.exit(main_standard())

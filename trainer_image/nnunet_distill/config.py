@@ -1,0 +1,101 @@
+"""One frozen description of a distillation run, shared by the standard and the ResEnc command lines.
+
+The original tool had two copies of its training script that drifted apart. Here both CLIs only map their
+flags onto a :class:`DistillationConfig`; everything downstream (student plans, teachers, trainer, checkpoint
+metadata, validation summary) reads this one object, so the two entry points cannot behave differently except
+through the values they put in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from nnunet_distill import naming
+from nnunet_distill.teachers import DEFAULT_CHECKPOINT
+
+
+class ConfigError(ValueError):
+    """A value of the run configuration is invalid; the message names the flag and the valid range."""
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    dataset: str                                   # -d: ID ("901") or full name ("Dataset901_Synth")
+    fold: int                                      # -f: the student's fold (its validation cases)
+    configuration: str = naming.DEFAULT_CONFIGURATION
+    alpha: float = 0.3                             # -a: weight of the KD term
+    temperature: float = 3.0                       # -temp
+    reduction_factor: int = 2                      # -r
+    teacher_folds: tuple[int, ...] | None = None   # -tf; None = every complete fold found
+    teacher_trainer: str = naming.DEFAULT_TEACHER_TRAINER   # -tr
+    teacher_plans: str = naming.DEFAULT_PLANS      # -p (standard) / -tpl (ResEnc)
+    teacher_folder: str | None = None              # -t; None = $nnUNet_results/<Dataset>/<tr>__<plans>__<cfg>
+    teacher_checkpoint: str = DEFAULT_CHECKPOINT   # -tcp
+    student_base_plans: str = naming.DEFAULT_PLANS  # the plans the student is derived from (-spl for ResEnc)
+    block_strategy: str | None = None              # -bs (ResEnc students); None for the standard CLI
+    epochs: int | None = None                      # -e; None = nnU-Net's default (1000)
+    iterations_per_epoch: int | None = None        # None = nnU-Net's default (250)
+    val_iterations: int | None = None              # None = nnU-Net's default (50)
+    use_da5: bool = False
+    rotate_folds: bool = False
+    rotate_freq: int = 400
+    disable_mirroring: bool = False
+    device: str | None = None                      # -d_device; None = cuda if available else cpu
+    continue_training: bool = False                # -c_continue
+    variant: str = "standard"                      # which CLI built it (for logs and metadata only)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def student_plans_identifier(self) -> str:
+        return naming.student_plans_identifier(self.student_base_plans, self.reduction_factor, self.block_strategy)
+
+    @property
+    def trainer_name(self) -> str:
+        return naming.distill_trainer_name(self.use_da5)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["teacher_folds"] = list(self.teacher_folds) if self.teacher_folds is not None else None
+        return d
+
+
+def validate(cfg: DistillationConfig) -> None:
+    """Range checks with messages that name the flag: the CLIs and the Python API share them."""
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ConfigError(f"-a/--alpha must be in [0, 1], got {cfg.alpha}")
+    if not cfg.temperature > 0.0:
+        raise ConfigError(f"-temp/--temperature must be > 0, got {cfg.temperature}")
+    if cfg.reduction_factor < 1:
+        raise ConfigError(f"-r/--reduction_factor must be an integer >= 1, got {cfg.reduction_factor}")
+    if cfg.fold < 0:
+        raise ConfigError(f"-f/--fold must be a fold index >= 0, got {cfg.fold}")
+    if cfg.teacher_folds is not None:
+        if len(cfg.teacher_folds) == 0:
+            raise ConfigError("-tf/--teacher_folds needs at least one fold (omit it to use every fold found)")
+        if any(f < 0 for f in cfg.teacher_folds):
+            raise ConfigError(f"-tf/--teacher_folds must be fold indices >= 0, got {list(cfg.teacher_folds)}")
+        if len(set(cfg.teacher_folds)) != len(cfg.teacher_folds):
+            raise ConfigError(f"-tf/--teacher_folds lists a fold twice: {list(cfg.teacher_folds)}")
+    for flag, value in (("-e/--epochs", cfg.epochs), ("--iterations_per_epoch", cfg.iterations_per_epoch),
+                        ("--val_iterations", cfg.val_iterations)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if cfg.rotate_freq < 1:
+        raise ConfigError(f"-rotate_freq must be >= 1 epoch, got {cfg.rotate_freq}")
+    if cfg.block_strategy is not None and cfg.block_strategy not in naming.BLOCK_STRATEGIES:
+        raise ConfigError(f"-bs/--block_strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
+                          f"got {cfg.block_strategy!r}")
+    if cfg.device is not None:
+        parse_device_string(cfg.device)
+
+
+def parse_device_string(text: str) -> tuple[str, int | None]:
+    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> (type, index). Pure, so the CLI can reject typos before torch loads."""
+    t = text.strip().lower()
+    if t in ("cpu", "cuda", "mps"):
+        return t, None
+    if t.startswith("cuda:") and t[5:].isdigit():
+        return "cuda", int(t[5:])
+    raise ConfigError(f"-d_device must be cpu, cuda, cuda:N or mps, got {text!r}")

@@ -1,0 +1,356 @@
+"""One distillation run, start to finish: the single code path behind both training CLIs.
+
+resolve dataset -> derive + check student plans -> select and load teachers -> (resume checks) -> nnU-Net
+training with KD -> nnU-Net's final validation -> student-vs-teacher summary. Every user-facing failure before
+training raises :class:`DistillationError` with a one-line message naming the flag or file and the fix; the
+CLIs print it and exit non-zero. Pure checks are separate functions so they are testable without training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nnunet_distill import naming
+from nnunet_distill.config import ConfigError, DistillationConfig, parse_device_string
+
+
+class DistillationError(RuntimeError):
+    """A run cannot start or continue; the message is one line for the user (flag/file + fix)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure checks
+# ---------------------------------------------------------------------------------------------
+
+#: Checkpoint fields that must match for -c_continue, with the flag that sets each.
+RESUME_FIELDS = (
+    ("alpha", "-a"),
+    ("temperature", "-temp"),
+    ("reduction_factor", "-r"),
+    ("teacher_folds", "-tf"),
+    ("teacher_folder", "-t"),
+    ("block_strategy", "-bs"),
+    ("student_plans", "-spl/-r/-bs"),
+)
+
+
+def resume_mismatches(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between a checkpoint's ``distillation`` record and this run's."""
+    out = []
+    for key, flag in RESUME_FIELDS:
+        if key not in saved:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if key == "teacher_folds":
+            a, b = sorted(a or []), sorted(b or [])
+        elif (isinstance(a, float) or isinstance(b, float)) and a is not None and b is not None \
+                and abs(float(a) - float(b)) <= 1e-12:
+            continue
+        if a != b:
+            out.append(f"{key} {a} (this run: {flag} {b})")
+    return out
+
+
+def pick_resume_checkpoint(fold_folder: Path) -> Path | None:
+    """checkpoint_latest (written every epoch, newest) before checkpoint_final; None when neither exists."""
+    for name in ("checkpoint_latest.pth", "checkpoint_final.pth"):
+        if (fold_folder / name).is_file():
+            return fold_folder / name
+    return None
+
+
+def total_stride(strides: Sequence, dim: int) -> list[int]:
+    total = [1] * dim
+    for s in strides:
+        s = [s] * dim if isinstance(s, int) else list(s)
+        total = [t * int(x) for t, x in zip(total, s)]
+    return total
+
+
+def check_teacher_accepts_patch(teacher_plans: dict, student_plans: dict, configuration: str) -> None:
+    """Teachers run on the student's patch: it must be divisible by the teacher's total stride too, or the
+    teacher's skip connections do not line up (student and teacher patch sizes may differ, e.g. ResEnc)."""
+    t_cfg = _resolved_configuration(teacher_plans, configuration)
+    s_cfg = _resolved_configuration(student_plans, configuration)
+    patch = [int(p) for p in s_cfg["patch_size"]]
+    stride = total_stride(t_cfg["architecture"]["arch_kwargs"].get("strides", []), len(patch))
+    if any(p % s for p, s in zip(patch, stride)):
+        raise DistillationError(
+            f"the student patch size {patch} ({student_plans.get('plans_name')}) is not divisible by the "
+            f"teacher's total stride {stride} ({teacher_plans.get('plans_name')}): the teachers cannot run on the "
+            f"student's batches; use student plans whose patch is a multiple of {stride}")
+
+
+def _resolved_configuration(plans: dict, configuration: str) -> dict:
+    configs = plans["configurations"]
+    cfg: dict = {}
+    chain = []
+    name = configuration
+    while name is not None and name not in chain:
+        chain.append(name)
+        entry = configs[name]
+        cfg = {**entry, **cfg}
+        name = entry.get("inherits_from")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment edges
+# ---------------------------------------------------------------------------------------------
+
+def _env_dir(name: str) -> Path:
+    value = os.environ.get(name)
+    if not value:
+        raise DistillationError(f"{name} is not set: export {name}=<folder> (nnU-Net's data/results folders)")
+    return Path(value)
+
+
+def resolve_dataset(dataset: str) -> str:
+    """'901' / 901 / 'Dataset901_Synth' -> 'Dataset901_Synth', with a one-line error naming what exists."""
+    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
+
+    text = str(dataset).strip()
+    if text.startswith("Dataset"):
+        name = text
+    else:
+        try:
+            ident = int(text)
+        except ValueError:
+            raise DistillationError(f"-d/--dataset_id must be a dataset ID (e.g. 901) or a name like "
+                                    f"Dataset901_Synth, got {dataset!r}") from None
+        candidates = list(find_candidate_datasets(ident))
+        if len(candidates) > 1:
+            raise DistillationError(f"dataset ID {ident} is ambiguous: {', '.join(candidates)}; pass the full name")
+        if not candidates:
+            pre = os.environ.get("nnUNet_preprocessed")
+            known = sorted(p.name for p in Path(pre).iterdir() if p.is_dir()) if pre and Path(pre).is_dir() else []
+            raise DistillationError(f"unknown dataset {ident} (-d): no Dataset{ident:03d}_* in nnUNet_preprocessed, "
+                                    f"nnUNet_raw or nnUNet_results (preprocessed datasets: "
+                                    f"{', '.join(known) or 'none'})")
+        name = candidates[0]
+    if not (_env_dir("nnUNet_preprocessed") / name).is_dir():
+        raise DistillationError(f"{_env_dir('nnUNet_preprocessed') / name} does not exist: run "
+                                f"nnUNetv2_plan_and_preprocess -d {name[7:10].lstrip('0') or '0'} first")
+    return name
+
+
+def resolve_device(text: str | None):
+    """cpu | cuda | cuda:N | mps; default cuda when available. Never assumes CUDA exists."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        kind, index = parse_device_string(text)
+    except ConfigError as exc:
+        raise DistillationError(str(exc)) from None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DistillationError(f"-d_device {text}: CUDA is not available on this machine; use -d_device cpu")
+        if index is not None and index >= torch.cuda.device_count():
+            raise DistillationError(f"-d_device {text}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                                    f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return torch.device("cuda", index) if index is not None else torch.device("cuda")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise DistillationError(f"-d_device {text}: MPS is not available on this machine; use -d_device cpu")
+    return torch.device(kind)
+
+
+def _configure_threads(device) -> None:
+    import torch
+
+    # nnU-Net's own convention (run_training): all cores on CPU, one thread when a GPU does the work.
+    if device.type == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    else:
+        torch.set_num_threads(1)
+        with_interop = getattr(torch, "set_num_interop_threads", None)
+        if with_interop is not None:
+            try:
+                with_interop(1)
+            except RuntimeError:
+                pass  # already set once in this process
+
+
+def _load_json(path: Path, what: str, fix: str) -> dict:
+    if not path.is_file():
+        raise DistillationError(f"{what} {path} does not exist: {fix}")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PreparedRun:
+    """Everything resolved before training; cheap to build (no teacher weights loaded yet)."""
+
+    config: DistillationConfig
+    dataset_name: str
+    preprocessed_dir: Path
+    teacher_folder: Path
+    teacher_plans: dict
+    teacher_dataset_json: dict
+    student_plans: dict
+    dataset_json: dict
+    teacher_folds: list  # list[TeacherFold]
+    output_folder: Path  # .../<trainer>__<studentPlans>__<cfg>/fold_<f>
+
+
+def prepare(config: DistillationConfig) -> PreparedRun:
+    from nnunet_distill import student
+    from nnunet_distill.teachers import TeacherError, default_teacher_folder, read_teacher_json, select_folds
+
+    dataset_name = resolve_dataset(config.dataset)
+    preprocessed_dir = _env_dir("nnUNet_preprocessed") / dataset_name
+    results_dir = _env_dir("nnUNet_results")
+    teacher_folder = Path(config.teacher_folder).resolve() if config.teacher_folder else default_teacher_folder(
+        results_dir, dataset_name, config.teacher_trainer, config.teacher_plans, config.configuration)
+    try:
+        teacher_plans, teacher_dataset_json = read_teacher_json(teacher_folder)
+        teacher_folds = select_folds(teacher_folder, config.teacher_folds, config.teacher_checkpoint)
+    except TeacherError as exc:
+        raise DistillationError(str(exc)) from None
+    if config.configuration not in teacher_plans.get("configurations", {}):
+        raise DistillationError(f"configuration {config.configuration!r} (-c) is not in the teacher plans "
+                                f"{teacher_folder / 'plans.json'} (available: "
+                                f"{', '.join(teacher_plans.get('configurations', {}))})")
+
+    base_plans = _load_json(preprocessed_dir / f"{config.student_base_plans}.json", "student base plans",
+                            f"plan them with nnUNetv2_plan_experiment -d {dataset_name[7:10].lstrip('0')} "
+                            f"(-pl nnUNetPlannerResEncM/L/XL for ResEnc plans), or pick existing plans with "
+                            f"{'-spl' if config.variant == 'resenc' else '-p'}")
+    dataset_json = _load_json(preprocessed_dir / "dataset.json", "dataset.json",
+                              "run nnUNetv2_plan_and_preprocess first")
+    try:
+        student_plans = student.derive_student_plans(base_plans, config.configuration, config.reduction_factor,
+                                                     config.block_strategy)
+        student.check_compatible(teacher_plans, teacher_dataset_json, student_plans, dataset_json,
+                                 config.configuration)
+    except (student.StudentPlansError, student.CompatibilityError) as exc:
+        raise DistillationError(str(exc)) from None
+    check_teacher_accepts_patch(teacher_plans, student_plans, config.configuration)
+    data_dir = preprocessed_dir / _resolved_configuration(student_plans, config.configuration)["data_identifier"]
+    if not data_dir.is_dir():
+        raise DistillationError(f"preprocessed data {data_dir} does not exist: run nnUNetv2_preprocess -d "
+                                f"{dataset_name[7:10].lstrip('0')} -c {config.configuration} -plans_name "
+                                f"{config.student_base_plans}")
+
+    output_folder = naming.student_model_folder(results_dir / dataset_name, student_plans["plans_name"],
+                                                config.configuration, config.use_da5) / f"fold_{config.fold}"
+    return PreparedRun(config, dataset_name, preprocessed_dir, teacher_folder, teacher_plans, teacher_dataset_json,
+                       student_plans, dataset_json, teacher_folds, output_folder)
+
+
+def distillation_metadata(run: PreparedRun) -> dict:
+    return {
+        "teacher_folder": str(run.teacher_folder),
+        "teacher_folds": [f.fold for f in run.teacher_folds],
+        "teacher_plans_name": run.teacher_plans.get("plans_name"),
+        "student_plans": run.student_plans["plans_name"],
+        "dataset": run.dataset_name,
+    }
+
+
+def check_resume(run: PreparedRun) -> Path | None:
+    """-c_continue: the checkpoint to resume from (None: start fresh), refusing on changed KD settings."""
+    from nnunet_distill.teachers import load_checkpoint_file
+
+    ckpt_path = pick_resume_checkpoint(run.output_folder)
+    if ckpt_path is None:
+        return None
+    saved = load_checkpoint_file(ckpt_path).get("distillation")
+    if saved is None:
+        raise DistillationError(f"-c_continue: {ckpt_path} has no distillation record (not written by this tool); "
+                                "remove it or drop -c_continue")
+    current = {**run.config.as_dict(), **distillation_metadata(run)}
+    diffs = resume_mismatches(saved, current)
+    if diffs:
+        raise DistillationError(f"-c_continue refused: {ckpt_path} was trained with {'; '.join(diffs)}; rerun with "
+                                "the checkpoint's settings to continue, or without -c_continue to start over")
+    return ckpt_path
+
+
+@dataclass
+class RunResult:
+    output_folder: Path
+    checkpoint: Path
+    summary: Path | None
+    resumed_from: Path | None
+    artifacts: dict = field(default_factory=dict)  # for the termination message (status.artifacts)
+    metrics: dict = field(default_factory=dict)    # finalDice, teacherDice, retention
+
+
+def _result(trainer, summary_path: Path | None, resumed_from: Path | None) -> RunResult:
+    folder = Path(trainer.output_folder)
+    meta = trainer.distillation_meta
+    artifacts = {"modelPath": str(folder.parent), "checkpoint": str(folder / "checkpoint_final.pth"),
+                 "studentPlans": meta.get("student_plans"), "studentParameters": meta.get("student_parameters"),
+                 "teacherParameters": meta.get("teacher_parameters")}
+    metrics = {}
+    if summary_path is not None and summary_path.is_file():
+        fg = json.loads(summary_path.read_text()).get("foreground_mean", {})
+        metrics = {"finalDice": fg.get("student_dice"), "teacherDice": fg.get("teacher_dice"),
+                   "retention": fg.get("retention")}
+    return RunResult(folder, folder / "checkpoint_final.pth", summary_path, resumed_from, artifacts, metrics)
+
+
+def run(config: DistillationConfig, log=print) -> RunResult:
+    """Train, validate and summarise one student fold. ``log`` receives the few lines meant for the user."""
+    device = resolve_device(config.device)
+    run_ = prepare(config)
+    resume_from = check_resume(run_) if config.continue_training else None
+    if config.continue_training and resume_from is None:
+        log(f"-c_continue: no checkpoint in {run_.output_folder}; starting a new training")
+    elif not config.continue_training and pick_resume_checkpoint(run_.output_folder) is not None:
+        log(f"note: {run_.output_folder} already holds a checkpoint; it will be overwritten "
+            "(pass -c_continue to resume it instead)")
+
+    from nnunet_distill import student
+    from nnunet_distill.evaluation import write_distillation_summary
+    from nnunet_distill.report import ProgressReporter
+    from nnunet_distill.teachers import TeacherEnsemble, load_teacher
+    from nnunet_distill.trainer import trainer_class
+
+    _configure_threads(device)
+    student.write_student_plans(run_.preprocessed_dir, run_.student_plans)
+
+    plans = copy.deepcopy(run_.student_plans)
+    plans["continue_training"] = resume_from is not None
+    trainer = trainer_class(config.use_da5)(plans, config.configuration, config.fold, run_.dataset_json, device)
+    teachers = TeacherEnsemble(
+        [load_teacher(f, run_.teacher_plans, config.configuration, run_.teacher_dataset_json, device)
+         for f in run_.teacher_folds],
+        [f.fold for f in run_.teacher_folds])
+    meta = distillation_metadata(run_)
+    meta["student_parameters"] = None
+    meta["teacher_parameters"] = student.count_parameters(teachers.teachers[0])
+    trainer.configure_distillation(config, teachers, meta)
+    if resume_from is not None:
+        log(f"-c_continue: resuming from {resume_from}")
+        trainer.load_checkpoint(str(resume_from))
+    else:
+        trainer.initialize()
+    trainer.distillation_meta["student_parameters"] = student.count_parameters(trainer.network)
+
+    reporter = ProgressReporter.from_env(total_epochs=trainer.num_epochs,
+                                         stage=os.environ.get("DISTILLATIONJOB_STAGE") or "distill")
+    trainer.reporter = reporter
+    try:
+        if resume_from is not None:
+            reporter.mark_restart()
+        reporter.start_heartbeat()
+        trainer.run_training()
+        trainer.perform_actual_validation(False)
+        summary = write_distillation_summary(trainer, run_.teacher_plans, run_.teacher_dataset_json,
+                                             [f.fold for f in run_.teacher_folds], str(run_.teacher_folder))
+    finally:
+        reporter.close()
+    return _result(trainer, summary, resume_from)

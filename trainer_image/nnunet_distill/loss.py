@@ -1,0 +1,140 @@
+"""Knowledge-distillation loss: nnU-Net's own hard loss mixed with a temperature-softened KL term.
+
+total = (1 - alpha) * hard + alpha * T^2 * KD
+
+* ``hard`` is whatever nnU-Net's trainer builds in ``_build_loss`` (Dice + CE, or Dice + BCE for regions, with
+  deep supervision and ignore-label handling). We never re-implement it, so upstream fixes reach us for free.
+* ``KD`` is KL(teacher || student) on the full-resolution head only, **summed over classes and averaged over
+  voxels**. The original tool used ``kl_div(reduction="mean")``, which also divides by the class count and so
+  silently weakened distillation for datasets with many labels (a 61-class model got a 61x smaller KD signal).
+* ``T^2`` keeps the gradient magnitude of the soft term roughly independent of T (Hinton et al., 2015): the
+  gradient of ``T^2 * KL`` w.r.t. the student logits is ``T * (q - p)``, which tends to a T-free limit.
+* Region-based datasets (sigmoid outputs, possibly overlapping regions) get a per-region Bernoulli KL; a channel
+  softmax over overlapping regions would be the wrong probability model.
+* Voxels carrying the ignore label carry no supervision in nnU-Net's hard loss; they are masked out of KD too.
+* The KD arithmetic always runs in float32: under fp16 autocast, ``log_softmax(z / T)`` of teacher-ensemble
+  logits loses most of its precision and the KL of two nearly equal distributions underflows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LossTerms(NamedTuple):
+    """The three numbers we log every iteration; ``total`` is the one to backpropagate."""
+
+    total: torch.Tensor
+    hard: torch.Tensor
+    kd: torch.Tensor
+
+
+def _fp32_region(device: torch.device) -> contextlib.AbstractContextManager:
+    # Autocast must be switched off explicitly on CUDA; on CPU/MPS we never enable it (and MPS rejects the call).
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", enabled=False)
+    return contextlib.nullcontext()
+
+
+def _masked_voxel_mean(per_voxel: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over batch and spatial positions of a (B, 1, *spatial) tensor, counting only unmasked voxels."""
+    if mask is None:
+        return per_voxel.mean()
+    mask = mask.to(per_voxel.dtype)
+    # If every voxel is ignored the term is exactly zero (and still part of the graph, so backward is fine).
+    return (per_voxel * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def softmax_kl_per_voxel(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) summed over the channel axis -> (B, 1, *spatial)."""
+    log_q = F.log_softmax(student_logits / temperature, dim=1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=1, keepdim=True)
+
+
+def bernoulli_kl_per_voxel(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           temperature: float) -> torch.Tensor:
+    """Per-region binary KL of sigmoid(t/T) against sigmoid(s/T), summed over regions -> (B, 1, *spatial)."""
+    s = student_logits / temperature
+    t = teacher_logits / temperature
+    log_p, log_not_p = F.logsigmoid(t), F.logsigmoid(-t)
+    log_q, log_not_q = F.logsigmoid(s), F.logsigmoid(-s)
+    p = log_p.exp()
+    kl = p * (log_p - log_q) + (1.0 - p) * (log_not_p - log_not_q)
+    return kl.sum(dim=1, keepdim=True)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
+            regions: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 * mean_voxels(sum_classes KL(teacher || student))`` in float32; gradients reach only the student.
+
+    ``mask`` is a (B, 1, *spatial) boolean tensor, True where a voxel counts (see :func:`kd_mask`).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape; teachers must see the student's patch "
+                         "and predict the same labels/regions")
+    with _fp32_region(student_logits.device):
+        s = student_logits.float()
+        t = teacher_logits.detach().float()
+        per_voxel = (bernoulli_kl_per_voxel if regions else softmax_kl_per_voxel)(s, t, temperature)
+        return (temperature ** 2) * _masked_voxel_mean(per_voxel, mask)
+
+
+def kd_mask(target_fullres: torch.Tensor, *, regions: bool, ignore_label: int | None) -> torch.Tensor | None:
+    """Voxels that carry supervision, in the layout nnU-Net's dataloader produces.
+
+    Label targets are (B, 1, *spatial) label maps holding ``ignore_label`` where unannotated. Region targets are
+    one-hot (B, R + 1, *spatial) with the ignore region appended as the last channel (nnU-Net's
+    ``ConvertSegmentationToRegionsTransform`` with ``regions + [ignore_label]``).
+    """
+    if ignore_label is None:
+        return None
+    if regions:
+        ignore = target_fullres[:, -1:]
+        return ~ignore if ignore.dtype == torch.bool else ignore == 0
+    return target_fullres != ignore_label
+
+
+def mean_teacher_logits(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Multi-teacher target: the arithmetic mean of the teachers' raw logits, as nnU-Net ensembles its folds."""
+    if len(teacher_logits) == 0:
+        raise ValueError("at least one teacher is needed")
+    return torch.stack([t.float() for t in teacher_logits]).mean(0)
+
+
+class DistillationLoss(nn.Module):
+    """Wraps nnU-Net's hard loss (deep supervision included) and adds the KD term on the full-res head."""
+
+    def __init__(self, hard_loss: nn.Module, alpha: float, temperature: float, *, regions: bool,
+                 ignore_label: int | None):
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.hard_loss = hard_loss
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.regions = regions
+        self.ignore_label = ignore_label
+
+    def forward(self, student_output: torch.Tensor | Sequence[torch.Tensor], teacher_logits: torch.Tensor,
+                target: torch.Tensor | Sequence[torch.Tensor]) -> LossTerms:
+        """``student_output``/``target`` as nnU-Net passes them (lists with deep supervision)."""
+        hard = self.hard_loss(student_output, target)
+        student_full = student_output[0] if isinstance(student_output, (list, tuple)) else student_output
+        target_full = target[0] if isinstance(target, (list, tuple)) else target
+        mask = kd_mask(target_full, regions=self.regions, ignore_label=self.ignore_label)
+        kd = kd_loss(student_full, teacher_logits, self.temperature, regions=self.regions, mask=mask)
+        total = (1.0 - self.alpha) * hard + self.alpha * kd
+        return LossTerms(total=total, hard=hard, kd=kd)

@@ -1,0 +1,381 @@
+"""nnU-Net trainers that distil a frozen teacher ensemble into the student described by the student plans.
+
+Only what distillation needs is overridden; everything else (data loading, augmentation, deep supervision,
+optimiser, poly LR, validation, export of the final validation) is nnU-Net's own code path.
+
+* The ``__init__`` signature is exactly nnU-Net's: nnU-Net records the init arguments from it into every
+  checkpoint. Distillation settings arrive through :meth:`nnUNetDistillationTrainer.configure_distillation`
+  before training, never through the constructor (the original monkey-patched ``nnUNetTrainer.__init__``
+  with a copy of it, which broke with every nnU-Net release).
+* The student network is whatever nnU-Net's *stock* ``build_network_architecture`` builds from the trainer's
+  plans, which are the student plans (e.g. ``nnUNetPlans_r2``). Checkpoints therefore store the stock trainer
+  name ``nnUNetTrainer``: ``nnUNetv2_predict -tr nnUNetDistillationTrainer -p nnUNetPlans_r2`` finds the
+  folder by name, resolves ``checkpoint['trainer_name']`` inside nnunetv2 (see
+  ``nnUNetPredictor.initialize_from_trained_model_folder``) and rebuilds the student from the folder's
+  plans.json without this package on the import path. The real class name and all KD settings are stored in
+  ``checkpoint['distillation']``.
+* Checkpoints are written atomically (temp file + ``os.replace``) and ``checkpoint_latest.pth`` every epoch,
+  so a crash or pre-emption loses at most one epoch and never leaves a truncated file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
+from torch._dynamo import OptimizedModule
+
+from nnunet_distill import rotation
+from nnunet_distill.config import DistillationConfig
+from nnunet_distill.loss import DistillationLoss
+from nnunet_distill.teachers import TeacherEnsemble
+
+#: What checkpoints name as their trainer, so stock nnU-Net rebuilds the student from plans alone.
+STOCK_TRAINER_NAME = "nnUNetTrainer"
+#: Extra per-epoch series in nnU-Net's logger (kept in checkpoints, so a resumed run continues the curves).
+KD_LOG_KEYS = ("train_kd_losses", "train_hard_losses")
+
+
+def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: readers see old or new."""
+    path = Path(filename)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(obj: Any, filename: str | os.PathLike) -> None:
+    path = Path(filename)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _finite_or_none(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if np.isfinite(v) else None
+
+
+class nnUNetDistillationTrainer(nnUNetTrainer):
+    """Student trainer: nnU-Net's hard loss mixed with KD from a frozen teacher ensemble on the same batch."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's exact signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # nnU-Net pins every CUDA run to cuda:0 and leaves the choice to CUDA_VISIBLE_DEVICES; honour cuda:N.
+        if not self.is_ddp and device.type == "cuda" and device.index is not None:
+            self.device = device
+            torch.cuda.set_device(device)
+            self.print_to_log_file(f"Using device: {self.device}")
+        self.distillation_config: DistillationConfig | None = None
+        self.distillation_meta: dict = {}
+        self.teachers: TeacherEnsemble | None = None
+        self.distillation_loss: DistillationLoss | None = None
+        self.save_every = 1  # checkpoint_latest every epoch (atomic), see save_checkpoint
+        self._rotation_source: int | None = None
+        self.reporter = None  # optional report.ProgressReporter: live DistillationJob status in a pod
+        self._ensure_kd_log_keys()
+
+    # ------------------------------------------------------------------ configuration
+    def configure_distillation(self, config: DistillationConfig, teachers: TeacherEnsemble,
+                               metadata: dict | None = None) -> None:
+        """Attach the teachers and KD settings; must run before ``initialize``/``run_training``.
+
+        ``metadata`` is merged into ``checkpoint['distillation']`` (resolved teacher folder, folds, plans...).
+        """
+        if self.was_initialized:
+            raise RuntimeError("configure_distillation() must be called before the trainer is initialized")
+        if config.fold != self.fold or config.configuration != self.configuration_name:
+            raise ValueError(f"config is for fold {config.fold}/{config.configuration}, trainer for "
+                             f"{self.fold}/{self.configuration_name}")
+        self.distillation_config = config
+        self.teachers = teachers.to(self.device)
+        if config.epochs is not None:
+            self.num_epochs = config.epochs
+        if config.iterations_per_epoch is not None:
+            self.num_iterations_per_epoch = config.iterations_per_epoch
+        if config.val_iterations is not None:
+            self.num_val_iterations_per_epoch = config.val_iterations
+        self.distillation_meta = {
+            "alpha": config.alpha,
+            "temperature": config.temperature,
+            "reduction_factor": config.reduction_factor,
+            "teacher_folds": list(teachers.folds),
+            "teacher_trainer": config.teacher_trainer,
+            "teacher_plans": config.teacher_plans,
+            "teacher_checkpoint": config.teacher_checkpoint,
+            "student_plans": self.plans_manager.plans_name,
+            "student_base_plans": config.student_base_plans,
+            "block_strategy": config.block_strategy,
+            "configuration": config.configuration,
+            "da5": config.use_da5,
+            "rotate_folds": config.rotate_folds,
+            "rotate_freq": config.rotate_freq,
+            "disable_mirroring": config.disable_mirroring,
+            "variant": config.variant,
+            "trainer_class": self.__class__.__name__,
+            **(metadata or {}),
+        }
+        self.print_to_log_file(
+            f"Distillation: alpha={config.alpha} T={config.temperature} r={config.reduction_factor} "
+            f"teacher folds {list(teachers.folds)} from {self.distillation_meta.get('teacher_folder')}, "
+            f"student plans {self.plans_manager.plans_name}, epochs {self.num_epochs} x "
+            f"{self.num_iterations_per_epoch} it (+{self.num_val_iterations_per_epoch} val it), "
+            f"device {self.device}, teachers in {teachers.precision() or torch.float32}"
+            f"{' channels-last' if teachers.uses_channels_last() else ''}")
+
+    def _require_configured(self) -> DistillationConfig:
+        if self.distillation_config is None or self.teachers is None:
+            raise RuntimeError(f"{self.__class__.__name__} needs teachers: call configure_distillation() first "
+                               "(run it through nnUNetv2_distillation_train, not nnUNetv2_train)")
+        return self.distillation_config
+
+    def initialize(self):
+        cfg = self._require_configured()
+        super().initialize()
+        self.distillation_loss = DistillationLoss(
+            self.loss, cfg.alpha, cfg.temperature, regions=self.label_manager.has_regions,
+            ignore_label=self.label_manager.ignore_label)
+
+    # ------------------------------------------------------------------ training step
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+
+        # The teachers see exactly the augmented batch the student sees (online KD); float32 mean logits.
+        teacher_logits = self.teachers(data)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        amp = (torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda"
+               else contextlib.nullcontext())
+        with amp:
+            output = self.network(data)
+            terms = self.distillation_loss(output, teacher_logits, target)
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(terms.total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": terms.total.detach().cpu().numpy(),
+                "kd_loss": terms.kd.detach().cpu().numpy(),
+                "hard_loss": terms.hard.detach().cpu().numpy()}
+
+    # ------------------------------------------------------------------ logging
+    def _ensure_kd_log_keys(self) -> None:
+        """Add our series to nnU-Net's logger, padded to the logged epochs (its plot needs equal lengths)."""
+        log = self.logger.local_logger.my_fantastic_logging
+        n = len(log.get("train_losses", []))
+        for key in KD_LOG_KEYS:
+            series = log.setdefault(key, [])
+            series.extend([float("nan")] * (n - len(series)))
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        kd = float(np.mean([o["kd_loss"] for o in train_outputs]))
+        hard = float(np.mean([o["hard_loss"] for o in train_outputs]))
+        self.logger.log("train_kd_losses", kd, self.current_epoch)
+        self.logger.log("train_hard_losses", hard, self.current_epoch)
+        self.print_to_log_file(f"train_loss_kd {np.round(kd, 4)} (T^2-scaled KL), train_loss_hard {np.round(hard, 4)} "
+                               f"(nnU-Net Dice+CE)")
+
+    def on_epoch_end(self):
+        super().on_epoch_end()  # logs, checkpoints, progress.png, then current_epoch += 1
+        progress = self._write_progress()
+        if self.reporter is not None:
+            self.reporter.on_epoch_end(self.current_epoch - 1, train_loss=progress["trainLoss"],
+                                       kd_loss=progress["kdLoss"], pseudo_dice=progress["pseudoDice"],
+                                       epoch_seconds=progress["lastEpochSeconds"], total_epochs=self.num_epochs)
+
+    def _write_progress(self) -> dict:
+        """``progress.json`` beside the checkpoints: what the pod reporter turns into DistillationJob status."""
+        log = self.logger.local_logger.my_fantastic_logging
+        epoch = self.current_epoch - 1
+        starts, ends = log["epoch_start_timestamps"], log["epoch_end_timestamps"]
+        durations = [e - s for s, e in zip(starts, ends)][-5:]
+        epoch_seconds = float(np.mean(durations)) if durations else None
+        remaining = max(self.num_epochs - self.current_epoch, 0)
+        progress = {
+            "epoch": self.current_epoch,  # epochs completed
+            "totalEpochs": self.num_epochs,
+            "trainLoss": _finite_or_none(log["train_losses"][epoch]),
+            "kdLoss": _finite_or_none(log["train_kd_losses"][epoch]),
+            "hardLoss": _finite_or_none(log["train_hard_losses"][epoch]),
+            "valLoss": _finite_or_none(log["val_losses"][epoch]),
+            "pseudoDice": _finite_or_none(log["mean_fg_dice"][epoch]),
+            "emaPseudoDice": _finite_or_none(log["ema_fg_dice"][epoch]),
+            "dicePerClass": [_finite_or_none(d) for d in log["dice_per_class_or_region"][epoch]],
+            "epochSeconds": epoch_seconds,
+            "lastEpochSeconds": durations[-1] if durations else None,
+            "etaSeconds": epoch_seconds * remaining if epoch_seconds is not None else None,
+            "updatedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        if self.local_rank == 0:
+            atomic_write_json(progress, join(self.output_folder, "progress.json"))
+        return progress
+
+    # ------------------------------------------------------------------ checkpoints
+    def _unwrapped_network(self) -> torch.nn.Module:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def checkpoint_dict(self) -> dict:
+        """nnU-Net's checkpoint layout, a stock-resolvable ``trainer_name``, plus our ``distillation`` record."""
+        return {
+            "network_weights": self._unwrapped_network().state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": STOCK_TRAINER_NAME,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "distillation": dict(self.distillation_meta),
+        }
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        atomic_torch_save(self.checkpoint_dict(), filename)
+        if self.reporter is not None and Path(filename).name in ("checkpoint_latest.pth", "checkpoint_final.pth"):
+            self.reporter.on_checkpoint(self.current_epoch)  # 0-based epoch this checkpoint completes
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        self._ensure_kd_log_keys()
+
+    # ------------------------------------------------------------------ fold rotation
+    def _splits(self) -> list[dict]:
+        splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
+        if not isfile(splits_file):
+            super().do_split()  # nnU-Net creates its seeded 5-fold split file on first use
+        return load_json(splits_file)
+
+    def _rotation_enabled(self) -> bool:
+        cfg = self.distillation_config
+        return cfg is not None and cfg.rotate_folds
+
+    def do_split(self):
+        tr_keys, val_keys = super().do_split()
+        if not self._rotation_enabled() or self._rotation_source is None:
+            return tr_keys, val_keys
+        splits = self._splits()
+        rot_train, rot_val = rotation.rotated_split(splits, self.fold, self._rotation_source)
+        if sorted(rot_val) != sorted(val_keys):  # pragma: no cover - guards a future nnU-Net change
+            raise RuntimeError("fold rotation and nnU-Net disagree about this fold's validation cases")
+        return rot_train, val_keys
+
+    def _set_rotation_for_epoch(self, epoch: int) -> bool:
+        """Pick the rotation source for ``epoch``; True if it changed (the dataloaders must be rebuilt)."""
+        cfg = self.distillation_config
+        splits = self._splits()
+        source = rotation.rotation_source_fold(epoch, cfg.rotate_freq, self.fold, len(splits))
+        changed = source != self._rotation_source
+        if changed:
+            self._rotation_source = source
+            self.print_to_log_file(f"epoch {epoch}: " + rotation.describe(splits, self.fold, source))
+        return changed
+
+    def on_train_start(self):
+        if self._rotation_enabled():
+            rotation.rotated_split(self._splits(), self.fold, self.fold)  # fails early if the fold is not in it
+            self._set_rotation_for_epoch(self.current_epoch)
+        super().on_train_start()
+
+    def on_train_epoch_start(self):
+        if self._rotation_enabled() and self._set_rotation_for_epoch(self.current_epoch):
+            self._shutdown_dataloaders()
+            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+        super().on_train_epoch_start()
+
+    def _shutdown_dataloaders(self) -> None:
+        for dl in (self.dataloader_train, self.dataloader_val):
+            if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+                dl._finish()
+
+    # ------------------------------------------------------------------ final validation
+    def validation_mirroring_axes(self) -> tuple[int, ...] | None:
+        cfg = self.distillation_config
+        if cfg is not None and cfg.disable_mirroring:
+            return None
+        return self.inference_allowed_mirroring_axes
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation on the fold's validation cases, with mirroring TTA off if requested.
+
+        nnU-Net's augmentation setup rewrites ``inference_allowed_mirroring_axes`` at every train start (which
+        is why the original's ``-disable_mirroring`` did nothing); we switch it off only around the validation,
+        so checkpoints still record the axes the student was trained to be invariant to.
+        """
+        saved = self.inference_allowed_mirroring_axes
+        self.inference_allowed_mirroring_axes = self.validation_mirroring_axes()
+        self.print_to_log_file(f"final validation: mirroring TTA "
+                               f"{'off' if self.inference_allowed_mirroring_axes is None else 'on, axes ' + str(self.inference_allowed_mirroring_axes)}"
+                               f"; cases: this fold's validation split only")
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.inference_allowed_mirroring_axes = saved
+
+
+class nnUNetDistillationTrainerDA5(nnUNetDistillationTrainer, nnUNetTrainerDA5):
+    """Distillation with nnU-Net's own DA5 augmentation.
+
+    MRO: this class -> nnUNetDistillationTrainer -> nnUNetTrainerDA5 -> nnUNetTrainer. The KD trainer overrides
+    neither ``get_training_transforms`` nor ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``, so
+    nnU-Net's DA5 versions of both are the ones ``get_dataloaders`` calls; teachers and student see the same
+    DA5-augmented batch.
+    """
+
+
+def trainer_class(use_da5: bool) -> type[nnUNetDistillationTrainer]:
+    return nnUNetDistillationTrainerDA5 if use_da5 else nnUNetDistillationTrainer
+
