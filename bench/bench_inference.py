@@ -120,13 +120,24 @@ class Bench:
             "student": [exe("nnUNetv2_distillation_predict"), *common, "-o", str(self.root / "pred_student_notta"),
                         "-m", str(self.package), "--disable_tta"],
         }
-        return {name: self.run(argv) for name, argv in runs.items()}
+        env = self.env
+        # nnU-Net caps torch at nnUNet_def_n_proc threads while predicting; give the teacher every core, as ONNX
+        # Runtime gets for the student (pools stay at one process through -npp/-nps)
+        self.env = {**env, "nnUNet_def_n_proc": str(os.cpu_count() or 1)}
+        try:
+            return {name: self.run(argv) for name, argv in runs.items()}
+        finally:
+            self.env = env
 
     def predictors(self):
+        import nnunetv2.inference.predict_from_raw_data as nnunet_predict
         import torch
         from nnunet_distill.predict import OnnxRuntimePredictor
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        # as in cli_end_to_end: nnU-Net read nnUNet_def_n_proc (1 here) at import and would run the teacher's
+        # sliding window on one thread while ONNX Runtime uses them all
+        nnunet_predict.default_num_processes = os.cpu_count() or 1
         device = torch.device(self.device_name)
         teacher = nnUNetPredictor(device=device, allow_tqdm=False)
         teacher.initialize_from_trained_model_folder(str(self.teacher_dir), tuple(self.folds))
@@ -246,7 +257,9 @@ def _report(bench: Bench, cli: dict, seq: dict, net: dict, dice_teacher: dict, d
         ("", "teacher torch x 1", med["net_teacher_1pass"], "student torch x 1", med["net_student_torch_1pass"]),
         ("", "student torch x 1", med["net_student_torch_1pass"], "student ONNX x 1", med["net_student_onnx_1pass"]),
     ]
-    print(f"\ndevice: {bench.device_name}; same held-out case(s) for every row; {os.cpu_count()} CPU threads")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\ndevice: {bench.device_name}; same held-out case(s) for every row; {os.cpu_count()} CPU threads for "
+          f"torch and ONNX Runtime alike; load average {load} (timings on a shared CPU vary 3-4x)")
     print(f"{'measure':36} {'baseline':26} {'seconds':>9}   {'ours':22} {'seconds':>9} {'speed-up':>9}")
     for label, base_name, base, ours_name, ours in rows:
         print(f"{label:36} {base_name:26} {base:9.3f}   {ours_name:22} {ours:9.3f} {base / ours:8.1f}x")

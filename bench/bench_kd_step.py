@@ -13,7 +13,8 @@ ensemble uses on this device and why:
   * bf16 autocast, channels-last 3D: ours on CUDA (tensor cores), measured here too;
   * ``torch.func.stack_module_state`` + ``vmap`` over the 5 folds (one grouped network).
 
-Goal: KD step / teacher step <= 2.0. Run with ``python -m bench.bench_kd_step [--size 64 64 64] [--repeats 7]``.
+Goal: KD step / teacher step <= 2.0. Run with ``python -m bench.bench_kd_step [--size 64 64 64] [--repeats 7]
+[--threads 1]``.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each step (median reported)")
     parser.add_argument("-r", "--reduction_factor", type=int, default=2)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a CPU shared with other work")
     args = parser.parse_args(argv)
     for key, value in (("nnUNet_n_proc_DA", "0"), ("nnUNet_def_n_proc", "1"), ("nnUNet_compile", "false")):
         os.environ.setdefault(key, value)
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_kd_") as tmp, contextlib.redirect_stdout(sys.stderr):
         root = Path(tmp)
         t0 = time.perf_counter()

@@ -264,7 +264,9 @@ def _distill(spec: api.DistillationJobSpec, device: str | None) -> Stage:
             argv += ["-rotate_freq", str(d.rotate_frequency)]
     if d.disable_mirroring:
         argv.append("-disable_mirroring")
-    argv += ["-d_device", _device(res, device)]
+    # Always resume: a restarted pod (retry, preemption, node loss) continues from the newest checkpoint on
+    # the volume; without one the trainer starts fresh (and says so).
+    argv += ["-d_device", _device(res, device), "-c_continue"]
     return Stage(
         name="distill",
         description=f"distill {spec.student.architecture} student r={spec.student.reduction_factor} "

@@ -149,6 +149,20 @@ def _issue_for(stage: str, pods: Sequence[Mapping[str, Any]], failed: bool) -> P
     return None
 
 
+def _await_verified_publish(states: Sequence[_StageState], artifacts: Mapping[str, Any],
+                            previous: Mapping[str, Any]) -> None:
+    """The job succeeds only with a verified model: a succeeded publish Job counts once its pod's termination
+    message (or an earlier pass) has delivered the published URI and SHA-256; until then (pod events can lag
+    behind the Job's) the stage stays Running."""
+    for st in states:
+        if st.name == "publish" and st.state == SUCCEEDED and not (
+                (artifacts.get("uri") and artifacts.get("sha256")) or (previous.get("uri") and previous.get("sha256"))):
+            st.state, st.reason = RUNNING, "AwaitingPublishResult"
+            st.message = (f"Job {st.job_name} succeeded; waiting for its pod's result (the verified URI and "
+                          "SHA-256 of the published model)")
+            st.completion_time = None
+
+
 def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
            pods: Mapping[str, Sequence[Mapping[str, Any]]], now: datetime,
            defaults: k8s.Defaults = DEFAULTS, rejected: Mapping[str, str] | None = None) -> Decision:
@@ -250,6 +264,15 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
                           "the garbage collector to delete it")
         states.append(st)
 
+    # ---- results from the termination messages of succeeded pods
+    summaries = []
+    for s in stages:
+        for pod in pods.get(s.name, ()):
+            if (pod.get("status") or {}).get("phase") == "Succeeded":
+                summaries.append(pod_summary(pod))
+    artifacts, metrics = results_from_summaries(summaries)
+    _await_verified_publish(states, artifacts, prev_raw.get("artifacts") or {})
+
     # ---- what to do
     create: list[dict[str, Any]] = []
     suspend: list[str] = []
@@ -318,12 +341,6 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         conds.append(Cond(condition_type(s.name), s.state == SUCCEEDED,
                           s.reason if s.state != NOT_STARTED else NOT_STARTED,
                           s.message or ""))
-    summaries = []
-    for s in stages:
-        for pod in pods.get(s.name, ()):
-            if (pod.get("status") or {}).get("phase") == "Succeeded":
-                summaries.append(pod_summary(pod))
-    artifacts, metrics = results_from_summaries(summaries)
     status: dict[str, Any] = {
         "phase": phase,
         "currentStage": shown.name if shown else None,

@@ -9,6 +9,7 @@ functions fold all of it into one state, reason and message per stage, and into 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -167,9 +168,16 @@ def pod_issue(pod: Mapping[str, Any], stage: str | None = None) -> PodIssue | No
                     text = f"{err.get('reason') or 'Error'}: {err['message']}"
                 else:
                     text = _last_lines(term.get("message"))
-                return PodIssue("Error", f"container {cs.get('name')} of pod {name} exited with code {code}"
+                # The stage's own reason (InvalidCredentials, BucketNotFound, TeacherUnavailable ...) is what a
+                # user acts on, so it becomes the condition's reason when it is a valid one.
+                reason = err.get("reason")
+                reason = reason if isinstance(reason, str) and _REASON.fullmatch(reason) else "Error"
+                return PodIssue(reason, f"container {cs.get('name')} of pod {name} exited with code {code}"
                                 + (f": {text}" if text else ""), name)
     return None
+
+
+_REASON = re.compile(r"[A-Z][A-Za-z0-9]{0,62}")  # metav1.Condition reasons are CamelCase
 
 
 def _last_lines(text: str | None, n: int = 3, limit: int = 400) -> str:

@@ -137,7 +137,7 @@ def _check_values(stage: plan.Stage, command: plan.Command, args: argparse.Names
                                                                              d.disable_mirroring)
         if d.rotate_frequency is not None:
             assert args.rotate_freq == d.rotate_frequency
-        assert args.d_device == "cuda" and args.continue_training is False
+        assert args.d_device == "cuda" and args.continue_training is True  # automatic resume
         if spec.student.architecture == "resenc":
             assert (args.student_plans, args.block_strategy) == (spec.student_base_plans,
                                                                  spec.student.block_strategy)

@@ -37,6 +37,7 @@ def test_minimal_job_preprocesses_if_missing_distills_and_exports() -> None:
     assert _flag(distill.argv, "-r") == ["2"] and _flag(distill.argv, "-e") == ["1000"]
     assert "-tf" not in distill.argv  # folds detected by the trainer
     assert _flag(distill.argv, "-d_device") == ["cuda"]  # the stage has a GPU by default
+    assert distill.argv[-1] == "-c_continue"  # a restarted pod resumes from its newest checkpoint
     assert distill.resources.gpus == 1 and distill.reports_progress
 
 

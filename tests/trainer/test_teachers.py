@@ -76,19 +76,31 @@ def test_teachers_are_frozen_and_stay_in_eval_mode(loaded):
     ensemble.train()  # nnU-Net calls network.train() every epoch; teachers must not follow
     assert not ensemble.training and all(not m.training for m in ensemble.modules())
     assert ensemble.device == torch.device("cpu")
-    assert ensemble.precision() is None and not ensemble.uses_channels_last()  # CPU: plain fp32
+    assert not ensemble.uses_channels_last()  # slower on CPU
+    # bf16 only where the CPU computes it natively; a user can always ask for exact fp32
+    assert ensemble.precision() == (torch.bfloat16 if T.cpu_has_native_bf16() else None)
+    assert T.TeacherEnsemble(nets, precision=T.resolve_precision("fp32", ensemble.device)).precision() is None
+    with pytest.raises(T.TeacherError, match="teacher precision"):
+        T.resolve_precision("int8", ensemble.device)
 
 
 def test_ensemble_returns_mean_full_resolution_logits_usable_by_the_student_loss(nnunet_teachers, loaded):
     _, _, folds, nets = loaded
-    ensemble = T.TeacherEnsemble(nets, [f.fold for f in folds])
     x = _input(nnunet_teachers, seed=1)
-    out = ensemble(x)
     with torch.no_grad():
         expected = torch.stack([n(x) for n in nets]).mean(0)
-    assert out.shape == expected.shape == (1, 4, *x.shape[2:])  # background + 3 labels, full resolution
-    assert out.dtype == torch.float32 and not out.requires_grad
-    assert torch.allclose(out, expected, atol=1e-5)
+    exact = T.TeacherEnsemble(nets, [f.fold for f in folds], precision=None)(x)
+    assert exact.shape == expected.shape == (1, 4, *x.shape[2:])  # background + 3 labels, full resolution
+    assert exact.dtype == torch.float32 and not exact.requires_grad
+    assert torch.allclose(exact, expected, atol=1e-5)
+    # bf16 teachers (the default where the hardware has it): the softened KD target barely moves
+    fast = T.TeacherEnsemble(nets, [f.fold for f in folds], precision=torch.bfloat16)(x)
+    assert fast.dtype == torch.float32
+    p_exact, p_fast = torch.softmax(exact / 3.0, 1), torch.softmax(fast / 3.0, 1)
+    assert (p_exact - p_fast).abs().max() < 0.05
+    # ... its KD distance to the fp32 target is tiny next to that of an uninformed (uniform) student
+    assert kd_loss(fast, exact, 3.0).item() < 0.02 * kd_loss(torch.zeros_like(exact), exact, 3.0).item()
+    out = T.TeacherEnsemble(nets, [f.fold for f in folds])(x)
     # The ensemble runs in inference mode; its output must still be usable as a constant in the student's graph.
     student = torch.zeros_like(out, requires_grad=True)
     loss = kd_loss(student, out, 3.0)

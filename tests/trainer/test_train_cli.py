@@ -88,6 +88,9 @@ def test_variant_defaults():
     assert res.block_strategy == "keep" and res.student_plans_identifier == "nnUNetPlans_r2"
     assert std.epochs is None and std.iterations_per_epoch is None and std.val_iterations is None  # nnU-Net's
     assert std.teacher_trainer == "nnUNetTrainer" and std.teacher_checkpoint == "checkpoint_final.pth"
+    assert std.teacher_precision == res.teacher_precision == "auto"
+    _, exact = _parse("nnUNetv2_distillation_train -d 901 -f 0 --teacher_precision fp32")
+    assert exact.teacher_precision == "fp32"
     # -p names the teacher plans in both commands (an alias of -tpl in the ResEnc one)
     _, res_p = _parse("nnUNetv2_resenc_distillation_train -d 901 -f 0 -p nnUNetResEncUNetMPlans")
     assert res_p.teacher_plans == "nnUNetResEncUNetMPlans"
@@ -168,6 +171,15 @@ def test_both_commands_share_one_code_path(monkeypatch, capsys):
     assert differing == {"variant", "block_strategy"}  # None (no -bs) vs 'keep': same student plans
     assert std.student_plans_identifier == res.student_plans_identifier == "nnUNetResEncUNetMPlans_r2"
     assert "student saved in /out" in capsys.readouterr().out
+
+
+def test_parsing_needs_no_torch():
+    """The operator's contract test parses rendered commands with these parsers; they must stay light."""
+    code = ("import sys; import nnunet_distill.cli.train as t; "
+            "a = t.build_parser_resenc().parse_args(['-d', '1', '-f', '0', '-bs', 'adaptive']); "
+            "t.config_from_args(a, t.RESENC); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False"
 
 
 def _workspace_env(root: Path) -> dict:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from nnunet_distill import naming
-from nnunet_distill.teachers import DEFAULT_CHECKPOINT
+
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_CHECKPOINT = "checkpoint_final.pth"  # = teachers.DEFAULT_CHECKPOINT; not imported, to keep torch out of parsing
 
 
 class ConfigError(ValueError):
@@ -31,6 +33,7 @@ class DistillationConfig:
     teacher_plans: str = naming.DEFAULT_PLANS      # -p (standard) / -tpl (ResEnc)
     teacher_folder: str | None = None              # -t; None = $nnUNet_results/<Dataset>/<tr>__<plans>__<cfg>
     teacher_checkpoint: str = DEFAULT_CHECKPOINT   # -tcp
+    teacher_precision: str = "auto"                # --teacher_precision: auto | fp32 | bf16 | fp16
     student_base_plans: str = naming.DEFAULT_PLANS  # the plans the student is derived from (-spl for ResEnc)
     block_strategy: str | None = None              # -bs (ResEnc students); None for the standard CLI
     epochs: int | None = None                      # -e; None = nnU-Net's default (1000)
@@ -89,6 +92,9 @@ def validate(cfg: DistillationConfig) -> None:
                           f"got {cfg.block_strategy!r}")
     if cfg.device is not None:
         parse_device_string(cfg.device)
+    if cfg.teacher_precision not in TEACHER_PRECISIONS:
+        raise ConfigError(f"--teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, "
+                          f"got {cfg.teacher_precision!r}")
 
 
 def parse_device_string(text: str) -> tuple[str, int | None]:

@@ -316,7 +316,7 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     from nnunet_distill import student
     from nnunet_distill.evaluation import write_distillation_summary
     from nnunet_distill.report import ProgressReporter
-    from nnunet_distill.teachers import TeacherEnsemble, load_teacher
+    from nnunet_distill.teachers import TeacherEnsemble, load_teacher, resolve_precision
     from nnunet_distill.trainer import trainer_class
 
     _configure_threads(device)
@@ -328,14 +328,14 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     teachers = TeacherEnsemble(
         [load_teacher(f, run_.teacher_plans, config.configuration, run_.teacher_dataset_json, device)
          for f in run_.teacher_folds],
-        [f.fold for f in run_.teacher_folds])
+        [f.fold for f in run_.teacher_folds], precision=resolve_precision(config.teacher_precision, device))
     meta = distillation_metadata(run_)
     meta["student_parameters"] = None
     meta["teacher_parameters"] = student.count_parameters(teachers.teachers[0])
     trainer.configure_distillation(config, teachers, meta)
     if resume_from is not None:
-        log(f"-c_continue: resuming from {resume_from}")
         trainer.load_checkpoint(str(resume_from))
+        log(f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of {trainer.num_epochs}")
     else:
         trainer.initialize()
     trainer.distillation_meta["student_parameters"] = student.count_parameters(trainer.network)
@@ -346,6 +346,7 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     try:
         if resume_from is not None:
             reporter.mark_restart()
+            reporter.on_checkpoint(trainer.current_epoch - 1)  # the loaded checkpoint completes this epoch
         reporter.start_heartbeat()
         trainer.run_training()
         trainer.perform_actual_validation(False)

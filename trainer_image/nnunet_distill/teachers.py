@@ -6,12 +6,14 @@ silently left the weights random. Here each fold's network is built from the tea
 ``plans.json``/``dataset.json`` with nnU-Net's builder and its checkpoint is loaded with ``strict=True``, so a
 teacher either really is the trained network or loading fails with a message that says why.
 
-Cost: every KD step runs K teacher forwards on the student's batch. What helps, measured by ``bench/`` on
-this project's machines: ``torch.inference_mode`` (no autograd bookkeeping), no deep-supervision heads, and on
-CUDA bf16/fp16 autocast plus channels-last 3D memory format (tensor cores). On CPU both reduced precision
-and channels-last are slower, and batching the folds with ``torch.func.stack_module_state`` + ``vmap`` was
-2.6x slower than a plain loop (grouped 3D convolutions), so the ensemble loops over folds and picks the
-precision and memory format from the device.
+Cost: every KD step runs K teacher forwards on the student's batch. What helps, measured by
+``bench/bench_kd_step.py``: ``torch.inference_mode`` (no autograd bookkeeping), no deep-supervision heads, and
+bf16 autocast where the hardware computes bf16 natively: CUDA (with channels-last 3D for tensor cores) and
+CPUs with AVX512-BF16 or AMX, where oneDNN's bf16 3D convolutions ran 2x faster than fp32 on this project's
+machine (teacher logits then differ from fp32 by ~0.1, far below what a T-softened KD target resolves). On
+CPUs without native bf16 it is emulated and slower, so fp32 stays. Channels-last was slower on CPU, and
+batching the folds with ``torch.func.stack_module_state`` + ``vmap`` was slower than a plain loop (it turns
+into grouped 3D convolutions), so the ensemble loops over folds.
 """
 
 from __future__ import annotations
@@ -195,11 +197,37 @@ def teacher_mirroring_axes(fold: TeacherFold) -> tuple[int, ...] | None:
 # The ensemble
 # ---------------------------------------------------------------------------------------------
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: oneDNN runs bf16 convolutions natively (elsewhere it emulates them, slowly)."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # noqa: BLE001, S112 - a private probe that may change: just assume no
+            continue
+    return False
+
+
 def default_precision(device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA devices that have it, else fp16 on CUDA; full fp32 elsewhere (CPU autocast is slower)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """Teacher autocast dtype: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16; else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """'auto' | 'fp32' | 'bf16' | 'fp16' -> autocast dtype (None = plain fp32)."""
+    if name == "auto":
+        return default_precision(device)
+    if name not in PRECISIONS:
+        raise TeacherError(f"teacher precision must be auto, {', '.join(PRECISIONS)}; got {name!r}")
+    return PRECISIONS[name]
 
 
 class TeacherEnsemble(nn.Module):

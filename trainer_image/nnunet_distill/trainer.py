@@ -141,6 +141,7 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             "teacher_trainer": config.teacher_trainer,
             "teacher_plans": config.teacher_plans,
             "teacher_checkpoint": config.teacher_checkpoint,
+            "teacher_precision": str(teachers.precision() or torch.float32).replace("torch.", ""),
             "student_plans": self.plans_manager.plans_name,
             "student_base_plans": config.student_base_plans,
             "block_strategy": config.block_strategy,

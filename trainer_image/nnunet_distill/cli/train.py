@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from nnunet_distill import naming
-from nnunet_distill.config import ConfigError, DistillationConfig, parse_device_string
+from nnunet_distill.config import TEACHER_PRECISIONS, ConfigError, DistillationConfig, parse_device_string
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,10 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
                        help=_block_strategy_help())
     p.add_argument("-tcp", "--teacher_checkpoint", default="checkpoint_final.pth",
                    help="checkpoint file of each teacher fold (default: %(default)s; checkpoint_best.pth also works)")
+    p.add_argument("--teacher_precision", choices=TEACHER_PRECISIONS, default="auto",
+                   help="autocast dtype of the teachers' forward passes: auto = bf16 on CUDA (fp16 without bf16) "
+                        "and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp32 for bit-exact teacher "
+                        "logits. The KD loss itself is always computed in fp32 (default: %(default)s)")
     p.add_argument("-rotate_folds", action="store_true",
                    help="every -rotate_freq epochs, train on the next fold's training split of splits_final.json, "
                         "always without this fold's validation cases, so the validation Dice never covers cases "
@@ -196,6 +200,7 @@ def config_from_args(args: argparse.Namespace, variant: Variant) -> Distillation
         teacher_plans=args.teacher_plans,
         teacher_folder=args.teacher_model_folder,
         teacher_checkpoint=args.teacher_checkpoint,
+        teacher_precision=args.teacher_precision,
         student_base_plans=args.student_plans if variant.student_plans_flag else args.teacher_plans,
         block_strategy=args.block_strategy if variant.block_strategy_flag else None,
         epochs=args.epochs,

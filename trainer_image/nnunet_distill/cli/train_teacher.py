@@ -164,9 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     trainer.print_to_log_file(f"{PROG}: fold {fold}, {trainer.num_epochs} epochs x "
                               f"{trainer.num_iterations_per_epoch} iterations "
                               f"({trainer.num_val_iterations_per_epoch} validation iterations), device {device}")
+    from nnunet_distill import progress_hooks
+    from nnunet_distill.report import write_termination_message
+
+    trainer.save_every = 1  # checkpoint_latest every epoch (nnU-Net: 50), so a restarted pod loses <= 1 epoch
+    progress_hooks.make_checkpoints_atomic(trainer)
     maybe_load_checkpoint(trainer, args.continue_training, False)
-    trainer.run_training()
-    trainer.perform_actual_validation(args.npz)
+    resumed = trainer.current_epoch > 0
+    if resumed:
+        print(f"{PROG}: resuming fold {fold} at epoch {trainer.current_epoch} (checkpoint in {trainer.output_folder})")
+    reporter = progress_hooks.start_reporting(trainer, stage="teachers", resumed=resumed)
+    try:
+        trainer.run_training()
+        trainer.perform_actual_validation(args.npz)
+    finally:
+        reporter.close()
+    from nnunet_distill.student import count_parameters
+
+    write_termination_message(progress_hooks.teacher_summary(trainer, fold, count_parameters(trainer.network)))
     print(f"teacher fold {fold} done: {trainer.output_folder}")
     return 0
 
