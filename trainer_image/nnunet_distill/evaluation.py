@@ -153,7 +153,7 @@ def write_distillation_summary(trainer, teacher_plans: dict, teacher_dataset_jso
 
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    from nnunet_distill.trainer import atomic_write_json
+    from nnunet_distill.atomic import atomic_write_json
 
     validation_dir = Path(trainer.output_folder) / "validation"
     student_summary = json.loads((validation_dir / "summary.json").read_text())

@@ -18,12 +18,12 @@ import json
 import math
 import os
 import pydoc
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from nnunet_distill import naming
+from nnunet_distill.atomic import atomic_write_json
 
 MIN_FEATURES = 8
 MAX_BLOCKS = 8
@@ -399,15 +399,7 @@ def write_student_plans(preprocessed_dataset_dir: str | os.PathLike, plans: dict
             return path
         raise StudentPlansError(f"{path} already exists with different plans: remove it or choose another "
                                 "reduction factor/block strategy/plans name")
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(content, fh, indent=4, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(content, path, indent=4)
 
 
 def build_network(plans: dict, configuration: str, dataset_json: dict, deep_supervision: bool = True):

@@ -21,7 +21,6 @@ optimiser, poly LR, validation, export of the final validation) is nnU-Net's own
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5
 from torch._dynamo import OptimizedModule
 
 from nnunet_distill import rotation
+from nnunet_distill.atomic import atomic_write_json
 from nnunet_distill.config import DistillationConfig
 from nnunet_distill.loss import DistillationLoss
 from nnunet_distill.teachers import TeacherEnsemble
@@ -61,28 +61,6 @@ def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def atomic_write_json(obj: Any, filename: str | os.PathLike) -> None:
-    path = Path(filename)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _finite_or_none(x: Any) -> float | None:
