@@ -1,7 +1,7 @@
 -- Argo CD health check for nnunet-distill DistillationJobs.
 --
 -- Install it as `resource.customizations.health.<group>_DistillationJob` in argocd-cm (see
--- gitops/argocd/argocd-cm-patch.yaml and docs/install.md). Argo CD evaluates it with gopher-lua (Lua 5.1) and
+-- gitops/argocd/argocd-cm-patch.yaml and README.md). Argo CD evaluates it with gopher-lua (Lua 5.1) and
 -- passes the live object as `obj`.
 --
 -- The operator reports both a phase and the kstatus conditions (Ready / Reconciling / Stalled) that Flux reads.

@@ -80,6 +80,7 @@ def _pod_env(workspace: Workspace, kubeconfig: Path, uid: str, stage: str, termi
         "DISTILLATIONJOB_NAME": NAME, "DISTILLATIONJOB_NAMESPACE": NS, "DISTILLATIONJOB_UID": uid,
         "DISTILLATIONJOB_STAGE": stage, "KUBECONFIG": str(kubeconfig), "TERMINATION_MESSAGE_PATH": str(termination),
         "NNUNET_DISTILL_PROGRESS_INTERVAL_S": "0",
+        "PYTHONUNBUFFERED": "1",  # as k8s.py sets it in every stage container: a SIGKILL must not eat the log
     })
 
 
