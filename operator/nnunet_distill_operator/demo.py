@@ -113,8 +113,11 @@ def format_table(rows: list[tuple[str, str, str]]) -> str:
     header = ("", "teachers", "student")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     line = "+".join("-" * (w + 2) for w in widths)
-    out = [line, " | ".join(h.ljust(w) for h, w in zip(header, widths)), line]
-    out += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    def row(cells: tuple[str, ...]) -> str:
+        # one space of padding each side, so every "|" sits under a "+" of the rule lines
+        return " " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " "
+
+    out = [line, row(header), line, *(row(r) for r in rows)]
     out.append(line)
     return "\n".join(out)
 
