@@ -172,24 +172,27 @@ def distillationjobs_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -
     return {(namespace, name): _plain(body)}
 
 
-@kopf.index("batch", "v1", "jobs", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
-            registry=REGISTRY)
-def stage_jobs_idx(namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body,
-                   **_: Any) -> dict[Any, Any] | None:
+def _by_owning_job(namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str],
+                   body: kopf.Body) -> dict[Any, Any] | None:
+    """Index entry keyed by the DistillationJob a stage Job/Pod belongs to (its annotation), with its stage."""
     owner = annotations.get(k8s.ANNOTATION_JOB_NAME)
     if not owner:
         return None
     return {(namespace, owner): (labels[k8s.LABEL_STAGE], _plain(body))}
+
+
+@kopf.index("batch", "v1", "jobs", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
+            registry=REGISTRY)
+def stage_jobs_idx(namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body,
+                   **_: Any) -> dict[Any, Any] | None:
+    return _by_owning_job(namespace, annotations, labels, body)
 
 
 @kopf.index("", "v1", "pods", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
             registry=REGISTRY)
 def stage_pods_idx(namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body,
                    **_: Any) -> dict[Any, Any] | None:
-    owner = annotations.get(k8s.ANNOTATION_JOB_NAME)
-    if not owner:
-        return None
-    return {(namespace, owner): (labels[k8s.LABEL_STAGE], _plain(body))}
+    return _by_owning_job(namespace, annotations, labels, body)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=REGISTRY)
