@@ -1,5 +1,5 @@
 """Pure pre-flight checks of a distillation run: resume compatibility, checkpoint choice, teacher stride,
-leakage bookkeeping and the retention table."""
+leakage bookkeeping and label names."""
 
 from __future__ import annotations
 
@@ -53,16 +53,8 @@ def test_leakage_bookkeeping():
     assert evaluation.folds_that_trained_on(splits, [0, 4], ["a"]) == [4]  # unknown fold: cannot prove it is clean
 
 
-def test_retention_table_and_names():
-    student = {"mean": {"1": {"Dice": 0.8}, "2": {"Dice": 0.3}, "3": {"Dice": float("nan")}},
-               "foreground_mean": {"Dice": 0.55}}
-    teacher = {"mean": {"1": {"Dice": 0.9}, "2": {"Dice": 0.0}, "3": {"Dice": 0.5}}, "foreground_mean": {"Dice": 0.6}}
+def test_label_names_for_labels_and_regions():
     names = evaluation.label_names({"labels": {"background": 0, "liver": 1, "tumor": 2, "vessel": 3}}, ["1", "2", "3"])
-    table = evaluation.retention_table(student, teacher, names)
-    assert table["1"] == {"name": "liver", "student_dice": 0.8, "teacher_dice": 0.9, "retention": pytest.approx(0.8 / 0.9)}
-    assert table["2"]["retention"] is None  # teacher Dice 0: no ratio rather than inf
-    assert table["3"]["student_dice"] is None and table["3"]["retention"] is None
-    fg = evaluation.foreground_row(student, teacher, unseen=teacher)
-    assert fg["retention"] == pytest.approx(0.55 / 0.6) and fg["retention_vs_unseen"] == pytest.approx(0.55 / 0.6)
+    assert names == {"1": "liver", "2": "tumor", "3": "vessel"}
     regions = evaluation.label_names({"labels": {"background": 0, "whole": [1, 2], "core": [2]}}, ["(1, 2)", "(2,)"])
     assert regions == {"(1, 2)": "whole", "(2,)": "core"}

@@ -36,6 +36,7 @@ class StandardRun:
     predictions: Path
     predict_stdout: str
     log: Path
+    no_test_set_summary: Path   # a run whose nnUNet_raw has no imagesTs
 
     @property
     def fold(self) -> Path:
@@ -65,8 +66,16 @@ def standard_run(nnunet_teachers, tmp_path_factory) -> StandardRun:
     out = tmp / "predictions"
     pred = stock_predict(tmp, ds.env, log, ds.raw_dataset / "imagesTs", out, ds.dataset_id,
                          "nnUNetDistillationTrainer", "nnUNetPlans_r2", 0)
+    # The same distillation where the raw dataset has no test set: only unseen teacher folds may be compared.
+    results = tmp / "results_no_test_set" / ds.dataset_name
+    results.mkdir(parents=True)
+    (results / "nnUNetTrainer__nnUNetPlans__3d_fullres").symlink_to(nnunet_teachers.folder)
+    (tmp / "empty_raw").mkdir()
+    env = {**ds.env, "nnUNet_raw": str(tmp / "empty_raw"), "nnUNet_results": str(results.parent)}
+    require_ok(run_cli([exe, *BASE, "-e", "1", "--iterations_per_epoch", "1", "--val_iterations", "1"], env, log), log)
+    no_test = results / STUDENT_FOLDER / "fold_0" / "validation" / "distillation_summary.json"
     return StandardRun(nnunet_teachers, folder, first_ckpt, first.stdout, refused, untouched, resumed_ckpt,
-                       resumed.stdout, out, pred.stdout, log)
+                       resumed.stdout, out, pred.stdout, log, no_test)
 
 
 def test_student_folder_is_a_normal_nnunet_model_with_its_own_plans(standard_run):
@@ -124,27 +133,45 @@ def test_continue_refuses_changed_alpha_then_resumes(standard_run):
     assert len(standard_run.resumed["logging"]["lrs"]) == 3
 
 
-def test_validation_summary_compares_student_and_teachers_on_the_same_cases(standard_run):
+def test_summary_scores_student_and_ensemble_on_the_held_out_test_set(standard_run):
     ds = standard_run.teachers.dataset
     summary = json.loads((standard_run.fold / "validation" / "distillation_summary.json").read_text())
+    assert summary["schema_version"] == 2 and summary["evaluation"] == "test_set"
+    test_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds.raw_dataset / "labelsTs").glob("*.nii.gz"))
+    assert summary["cases"]["ids"] == test_ids and summary["cases"]["source"] == "imagesTs"
+    assert summary["teacher_ensemble"]["folds"] == [0, 1]          # the folds each figure came from
+    assert summary["teacher_ensemble"]["checkpoint"] == "checkpoint_final.pth"
+    assert summary["cases"]["mirroring_tta"] is False               # -disable_mirroring, for both models
+    for who in ("student", "teacher_ensemble"):
+        scored = json.loads((Path(summary[who]["predictions"]) / "summary.json").read_text())
+        assert sorted(Path(c["prediction_file"]).name for c in scored["metric_per_case"]) == \
+            [f"{i}.nii.gz" for i in test_ids]                      # nnU-Net's metric code on exactly these cases
+        assert summary[who]["dice"] == {"bright": pytest.approx(scored["mean"]["1"]["Dice"]),
+                                        "dark": pytest.approx(scored["mean"]["2"]["Dice"]),
+                                        "small": pytest.approx(scored["mean"]["3"]["Dice"])}
+    ret = summary["retention"]
+    if ret is not None:
+        assert ret["mean"] == pytest.approx(summary["student"]["mean_dice"] / summary["teacher_ensemble"]["mean_dice"])
+        assert ret["worst"] == min(ret["per_label"].values())
+    assert summary["inference"]["speedup"] > 0 and summary["inference"]["student_seconds"] > 0
+    # nnU-Net's own validation stays available, labelled as what it is (fold 1 trained on these cases)
     splits = json.loads((ds.preprocessed_dataset / "splits_final.json").read_text())
-    assert summary["cases"]["validation_cases"] == sorted(splits[0]["val"])
-    student = json.loads((standard_run.fold / "validation" / "summary.json").read_text())
-    assert sorted(c["prediction_file"].split("/")[-1] for c in student["metric_per_case"]) == \
-        sorted(f"{k}.nii.gz" for k in splits[0]["val"])
-    teacher = json.loads(Path(summary["teacher_ensemble"]["summary"]).read_text())
-    assert len(teacher["metric_per_case"]) == len(splits[0]["val"])
-    names = {row["name"] for row in summary["per_label"].values()}
-    assert names == {"bright", "dark", "small"}
-    for key, row in summary["per_label"].items():
-        assert row["student_dice"] == pytest.approx(student["mean"][key]["Dice"])
-        assert row["teacher_dice"] == pytest.approx(teacher["mean"][key]["Dice"])
-        if row["teacher_dice"]:
-            assert row["retention"] == pytest.approx(row["student_dice"] / row["teacher_dice"])
-    # Teacher fold 1 trained on fold 0's validation cases; fold 0 did not: both baselines are reported.
-    assert summary["leakage"]["teacher_folds_trained_on_these_cases"] == [1]
-    assert summary["teacher_unseen"]["folds"] == [0]
-    assert summary["foreground_mean"]["teacher_unseen_dice"] is not None
+    assert summary["validation"]["cases"] == sorted(splits[0]["val"])
+    assert summary["validation"]["teacher_folds_trained_on_these_cases"] == [1]
+    assert "not a retention figure" in summary["validation"]["note"]
+
+
+def test_without_a_test_set_only_unseen_teacher_folds_are_compared(standard_run):
+    """No imagesTs: retention against teacher fold 0 alone (fold 1 trained on the student's validation cases)."""
+    from nnunet_distill.evaluation import VALIDATION_UNSEEN
+
+    text = (standard_run.fold / "validation" / "distillation_summary.json").read_text()
+    assert VALIDATION_UNSEEN not in text  # this run had a test set; the unseen path is covered below
+    summary = json.loads(standard_run.no_test_set_summary.read_text())
+    assert summary["evaluation"] == VALIDATION_UNSEEN and summary["teacher_ensemble"]["folds"] == [0]
+    assert "never trained on them" in summary["note"] and "folds [1] did" in summary["note"]
+    splits = json.loads((standard_run.teachers.dataset.preprocessed_dataset / "splits_final.json").read_text())
+    assert summary["cases"]["ids"] == sorted(splits[0]["val"])
 
 
 def test_stock_predict_segments_the_held_out_test_images(standard_run):

@@ -165,17 +165,23 @@ def test_foreign_metadata_is_rejected():
 
 
 def test_metrics_prefer_the_distillation_summary():
-    summary = {"foreground_mean": {"student_dice": 0.81, "teacher_dice": 0.85, "retention": 0.953},
-               "per_label": {"1": {"name": "liver", "student_dice": 0.9, "teacher_dice": 0.92}},
-               "cases": {"count": 3}, "leakage": {"note": "no teacher fold trained on these validation cases"}}
+    summary = {"schema_version": 2, "evaluation": "test_set", "note": "held-out test cases",
+               "cases": {"count": 3, "source": "imagesTs", "ids": ["t0", "t1", "t2"]},
+               "student": {"mean_dice": 0.81}, "teacher_ensemble": {"mean_dice": 0.85, "folds": [0, 1, 2]},
+               "retention": {"mean": 0.953, "worst_label": "liver", "worst": 0.978},
+               "per_label": [{"name": "liver", "student_dice": 0.9, "teacher_dice": 0.92, "retention": 0.978}]}
     nnunet = {"foreground_mean": {"Dice": 0.5}, "mean": {"1": {"Dice": 0.5}}}
     m = md.metrics_from_summaries(summary, nnunet)
     assert m["source"] == "distillation_summary.json" and m["student_dice"] == 0.81
-    assert m["teacher_ensemble_dice"] == 0.85 and m["num_cases"] == 3
-    assert m["per_label"]["1"] == {"name": "liver", "student_dice": 0.9, "teacher_ensemble_dice": 0.92}
+    assert m["teacher_ensemble_dice"] == 0.85 and m["num_cases"] == 3 and m["teacher_folds"] == [0, 1, 2]
+    assert (m["retention"], m["worst_label"], m["evaluation"]) == (0.953, "liver", "test_set")
+    assert m["per_label"]["liver"] == {"student_dice": 0.9, "teacher_ensemble_dice": 0.92, "retention": 0.978}
+    dishonest = dict(summary, evaluation="none", retention=None, teacher_ensemble=None, per_label=[])
+    m = md.metrics_from_summaries(dishonest, nnunet)
+    assert m["retention"] is None and m["teacher_ensemble_dice"] is None   # never a leaky ratio
     fallback = md.metrics_from_summaries(None, nnunet)
     assert fallback["student_dice"] == 0.5 and fallback["teacher_ensemble_dice"] is None
-    assert "student only" in fallback["source"]
+    assert "student only" in fallback["source"] and fallback["retention"] is None
     assert md.metrics_from_summaries(None, None) is None
 
 

@@ -220,3 +220,65 @@ def test_invalid_hyperparameters_are_rejected(kwargs, match):
 def test_shape_mismatch_names_the_problem():
     with pytest.raises(ValueError, match="differ in shape"):
         kd_loss(_logits(1, 3, 4, 4, 4), _logits(1, 2, 4, 4, 4), 3.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel-wise KD (kd_mode="channel")
+# ---------------------------------------------------------------------------------------------
+
+def _reference_channel_kd(s: np.ndarray, t: np.ndarray, temp: float) -> float:
+    """Shu et al. 2021, written out: per (sample, channel) KL of spatial softmaxes, mean over both, times T^2."""
+    b, c = s.shape[:2]
+    vals = []
+    for i in range(b):
+        for k in range(c):
+            a, z = t[i, k].ravel() / temp, s[i, k].ravel() / temp
+            p = np.exp(a - a.max()); p /= p.sum()
+            q = np.exp(z - z.max()); q /= q.sum()
+            vals.append(float(np.sum(p * (np.log(p) - np.log(q)))))
+    return temp ** 2 * float(np.mean(vals))
+
+
+@pytest.mark.parametrize("temp", [1.0, 4.0])
+def test_channel_kd_matches_the_written_out_formula(temp):
+    s, t = _logits(2, 3, 4, 3, 2, seed=5), _logits(2, 3, 4, 3, 2, seed=6)
+    got = kd_loss(s, t, temp, mode="channel").item()
+    assert got == pytest.approx(_reference_channel_kd(s.numpy(), t.numpy(), temp), rel=1e-5)
+    assert kd_loss(t.clone(), t, temp, mode="channel").item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_channel_kd_weighs_a_small_structure_like_a_large_one():
+    """A student that misses a 4-voxel lesion: pixel KD barely notices, channel KD sees a whole channel wrong."""
+    shape = (1, 3, 16, 16, 16)
+    teacher = torch.full(shape, -4.0)
+    teacher[:, 0] = 4.0                                    # background everywhere ...
+    teacher[:, 1, :8] = 4.0                                # ... an organ in half the patch ...
+    teacher[:, 0, :8] = -4.0
+    teacher[:, 2, 10, 10, 10:14] = 4.0                     # ... and a 4-voxel lesion
+    teacher[:, 0, 10, 10, 10:14] = -4.0
+    student = teacher.clone()
+    student[:, 2, 10, 10, 10:14] = -4.0                    # the student misses only the lesion
+    student[:, 0, 10, 10, 10:14] = 4.0
+    pixel = kd_loss(student, teacher, 1.0, mode="pixel").item()
+    channel = kd_loss(student, teacher, 1.0, mode="channel").item()
+    assert pixel < 0.01 and channel > 1.0
+
+
+def test_channel_kd_excludes_ignored_voxels_and_all_ignored_is_zero():
+    s, t = _logits(2, 3, 4, 4, 4, seed=7), _logits(2, 3, 4, 4, 4, seed=8)
+    mask = torch.ones(2, 1, 4, 4, 4, dtype=torch.bool)
+    mask[:, :, :2] = False
+    s_changed = s.clone()
+    s_changed[:, :, :2] += 5.0                             # only ignored voxels differ
+    assert kd_loss(s, t, 2.0, mode="channel", mask=mask).item() == pytest.approx(
+        kd_loss(s_changed, t, 2.0, mode="channel", mask=mask).item(), rel=1e-6)
+    none = torch.zeros_like(mask)
+    loss = kd_loss(s.requires_grad_(), t, 2.0, mode="channel", mask=none)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_distillation_loss_rejects_an_unknown_kd_mode():
+    with pytest.raises(ValueError, match="kd_mode must be one of pixel, channel"):
+        DistillationLoss(torch.nn.Identity(), 0.3, 3.0, regions=False, ignore_label=None, kd_mode="feature")

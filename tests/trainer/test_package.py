@@ -94,10 +94,16 @@ def test_model_card_reports_student_and_teacher_dice(student, exported, tmp_path
     assert {"nnunet", "knowledge-distillation", "onnx", "medical-imaging"} <= set(header["tags"])
     summary = json.loads((student.fold_dir / "validation" / "distillation_summary.json").read_text())
     metrics = {m["name"].split(" mean")[0]: m for m in header["model-index"][0]["results"][0]["metrics"]}
-    assert metrics["Student"]["value"] == round(summary["foreground_mean"]["student_dice"], 4)
-    assert metrics["Teacher ensemble"]["value"] == round(summary["foreground_mean"]["teacher_dice"], 4)
-    assert all(m["type"] == "dice" and m["verified"] is False and "distillation_summary.json" in m["name"]
+    assert metrics["Student"]["value"] == round(summary["student"]["mean_dice"], 4)
+    assert metrics["Teacher ensemble"]["value"] == round(summary["teacher_ensemble"]["mean_dice"], 4)
+    cases = summary["cases"]["count"]
+    assert all(m["type"] == "dice" and m["verified"] is False and f"(test_set, {cases} cases)" in m["name"]
                for m in metrics.values())
+    # the card says which cases and which teacher folds produced the figures, label by label
+    assert f"Cases: {cases} (imagesTs; evaluation `test_set`)" in text
+    assert "teacher ensemble: folds " + ", ".join(map(str, summary["teacher_ensemble"]["folds"])) in text
+    for row in summary["per_label"]:
+        assert f"| {row['name']} | {row['student_dice']:.4f} |" in text
     assert "| reduction factor r | 2 |" in text and "| KD weight α / temperature T | 0.3 / 3.0 |" in text
 
 
@@ -158,8 +164,8 @@ def test_package_reports_to_the_distillation_job(student, exported, tmp_path, mo
     summary = json.loads((student.fold_dir / "validation" / "distillation_summary.json").read_text())
     assert report["stage"] == "export" and report["ok"] is True
     assert report["artifacts"]["modelPath"] == str(tmp_path / "pkg" / "m" / "1" / "model.onnx")
-    assert report["metrics"]["finalDice"] == summary["foreground_mean"]["student_dice"]
-    assert report["metrics"]["teacherDice"] == summary["foreground_mean"]["teacher_dice"]
+    assert report["metrics"]["finalDice"] == summary["student"]["mean_dice"]
+    assert report["metrics"]["teacherDice"] == summary["teacher_ensemble"]["mean_dice"]
     assert report["artifacts"]["studentParameters"] > 0
 
     assert cli.main(["--onnx", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "p2")]) == 1

@@ -178,3 +178,27 @@ def test_nnunet_verifies_and_preprocesses_the_dataset(nnunet_dataset):
     data = nnunet_dataset.preprocessed_dataset / "nnUNetPlans_3d_fullres"
     cases = {p.name[:-len(".pkl")] for p in data.iterdir() if p.name.endswith(".pkl")}
     assert cases == {f"case_{i:04d}" for i in range(16)}                    # test cases never preprocessed
+
+
+def test_organ_layout_has_a_large_organ_a_small_lesion_inside_it_and_a_thin_vessel(tmp_path):
+    folder = write_dataset(tmp_path, SyntheticSpec(dataset_id=15, name="Organ", cases=3, test_cases=2,
+                                                   size=(32, 32, 32), layout="organ", seed=2))
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["labels"] == synthetic.ORGAN_LABELS and meta["synthetic"]["layout"] == "organ"
+    for label_file in [*(folder / "labelsTr").iterdir(), *(folder / "labelsTs").iterdir()]:
+        label, _ = read(label_file)
+        counts = np.bincount(label.ravel(), minlength=4)
+        organ, lesion, vessel = (counts[synthetic.ORGAN_LABELS[k]] for k in ("organ", "lesion", "vessel"))
+        assert organ > 10 * lesion > 0 and vessel > 0, label_file.name
+        assert lesion < 0.02 * label.size                       # a small structure, under 2 % of the volume
+        # the vessel is thin: no voxel of it has all 6 face neighbours in the vessel further than 1 voxel in
+        v = label == synthetic.ORGAN_LABELS["vessel"]
+        core = v[1:-1, 1:-1, 1:-1] & v[2:, 1:-1, 1:-1] & v[:-2, 1:-1, 1:-1] & v[1:-1, 2:, 1:-1] & \
+            v[1:-1, :-2, 1:-1] & v[1:-1, 1:-1, 2:] & v[1:-1, 1:-1, :-2]
+        assert core.sum() < 0.5 * v.sum()
+        # the lesion lies inside the organ: every lesion voxel has organ (or lesion/vessel) around it
+        zs, ys, xs = np.nonzero(label == synthetic.ORGAN_LABELS["lesion"])
+        centre = label[int(zs.mean()), int(ys.mean()), int(xs.mean())]
+        assert centre == synthetic.ORGAN_LABELS["lesion"]
+    with pytest.raises(ValueError, match="--layout must be one of spheres, organ"):
+        SyntheticSpec(dataset_id=16, name="X", layout="liver")

@@ -80,8 +80,9 @@ def test_keeps_nnunets_init_signature_and_da5_mro():
     assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
     mro = nnUNetDistillationTrainerDA5.__mro__
     assert mro.index(nnUNetDistillationTrainer) < mro.index(nnUNetTrainerDA5) < mro.index(nnUNetTrainer)
-    assert nnUNetDistillationTrainerDA5.get_training_transforms is nnUNetTrainerDA5.get_training_transforms
-    assert nnUNetDistillationTrainer.get_training_transforms is nnUNetTrainer.get_training_transforms
+    # Rotation, mirroring and initial patch size are DA5's own; the transforms are DA5's, modified (see below).
+    assert nnUNetDistillationTrainerDA5.configure_rotation_dummyDA_mirroring_and_inital_patch_size is \
+        nnUNetTrainerDA5.configure_rotation_dummyDA_mirroring_and_inital_patch_size
 
 
 def test_da5_augmentation_is_what_the_dataloader_runs(da5_trainer, nnunet_teachers, env):
@@ -89,9 +90,18 @@ def test_da5_augmentation_is_what_the_dataloader_runs(da5_trainer, nnunet_teache
     names = _transform_names(dl_train.data_loader.transforms)
     assert {"BlankRectangleTransform", "BrightnessGradientAdditiveTransform", "LocalGammaTransform",
             "SharpeningTransform"} <= names  # DA5-only transforms
+    # DA5 as the seed describes it: elastic deformation and order-0 (nearest) segmentation resampling.
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    spatial = [t for t in dl_train.data_loader.transforms.transforms if isinstance(t, SpatialTransform)]
+    assert len(spatial) == 1
+    assert spatial[0].p_elastic_deform == pytest.approx(0.2) and spatial[0].mode_seg == "nearest"
+    assert spatial[0].mode_image == "bilinear" and spatial[0].p_rotation == pytest.approx(0.4)  # DA5's rotation
     plain = _make_trainer(nnunet_teachers, env)
-    plain_names = _transform_names(plain.get_dataloaders()[0].data_loader.transforms)
+    plain_pipeline = plain.get_dataloaders()[0].data_loader.transforms
+    plain_names = _transform_names(plain_pipeline)
     assert "BlankRectangleTransform" not in plain_names and "SpatialTransform" in plain_names
+    plain_spatial = [t for t in plain_pipeline.transforms if isinstance(t, SpatialTransform)]
+    assert plain_spatial[0].p_elastic_deform == 0  # nnU-Net's default pipeline is untouched
     assert da5_trainer.output_folder.endswith("nnUNetDistillationTrainerDA5__nnUNetPlans_r4__3d_fullres/fold_0")
 
 
@@ -116,6 +126,25 @@ def test_train_step_teachers_see_the_students_batch_and_only_the_student_learns(
     assert any(not torch.equal(a, b) for a, b in zip(student_before, da5_trainer.network.parameters()))
     assert {id(p) for g in da5_trainer.optimizer.param_groups for p in g["params"]} == \
         {id(p) for p in da5_trainer.network.parameters()}
+
+
+def test_clean_teacher_view_gives_teachers_the_patch_before_intensity_augmentation(nnunet_teachers, env):
+    trainer = _make_trainer(nnunet_teachers, env, use_da5=True, teacher_view="clean")
+    dl_train, dl_val = trainer.get_dataloaders()
+    batch = next(dl_train)
+    assert batch["data"].shape[1] == 2 * trainer.num_input_channels      # student view + teacher view
+    assert next(dl_val)["data"].shape[1] == trainer.num_input_channels   # validation is unchanged
+    seen = {}
+    h1 = trainer.teachers.register_forward_pre_hook(lambda m, a: seen.setdefault("teachers", a[0].clone()))
+    h2 = trainer.network.register_forward_pre_hook(lambda m, a: seen.setdefault("student", a[0].clone()))
+    try:
+        trainer.network.train()
+        trainer.train_step(batch)
+    finally:
+        h1.remove()
+        h2.remove()
+    c = trainer.num_input_channels
+    assert torch.equal(seen["student"], batch["data"][:, :c]) and torch.equal(seen["teachers"], batch["data"][:, c:])
 
 
 def test_checkpoint_is_atomic_stock_loadable_and_round_trips(da5_trainer, tmp_path):

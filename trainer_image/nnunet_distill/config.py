@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 from nnunet_distill import naming
 
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+KD_MODES = ("pixel", "channel")          # = loss.KD_MODES (kept torch-free here)
+STUDENT_INITS = ("teacher", "random")    # = inherit.INIT_CHOICES
+TEACHER_VIEWS = ("augmented", "clean")   # = augmentation.TEACHER_VIEWS
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"  # = teachers.DEFAULT_CHECKPOINT; not imported, to keep torch out of parsing
 
 
@@ -46,6 +49,10 @@ class DistillationConfig:
     device: str | None = None                      # -d_device; None = cuda if available else cpu
     continue_training: bool = False                # -c_continue
     variant: str = "standard"                      # which CLI built it (for logs and metadata only)
+    kd_mode: str = "pixel"                         # --kd_mode: pixel | channel (channel-wise KD)
+    student_init: str = "random"                   # --student_init: teacher (inherit sliced weights) | random
+    teacher_view: str = "augmented"                # --teacher_view: augmented | clean (before intensity augs)
+    test_cases: tuple[str, ...] | None = None      # --test_cases: held-out case ids (default: all of imagesTs)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -61,6 +68,7 @@ class DistillationConfig:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["teacher_folds"] = list(self.teacher_folds) if self.teacher_folds is not None else None
+        d["test_cases"] = list(self.test_cases) if self.test_cases is not None else None
         return d
 
 
@@ -92,6 +100,14 @@ def validate(cfg: DistillationConfig) -> None:
                           f"got {cfg.block_strategy!r}")
     if cfg.device is not None:
         parse_device_string(cfg.device)
+    if cfg.kd_mode not in KD_MODES:
+        raise ConfigError(f"--kd_mode must be one of {', '.join(KD_MODES)}, got {cfg.kd_mode!r}")
+    if cfg.student_init not in STUDENT_INITS:
+        raise ConfigError(f"--student_init must be one of {', '.join(STUDENT_INITS)}, got {cfg.student_init!r}")
+    if cfg.teacher_view not in TEACHER_VIEWS:
+        raise ConfigError(f"--teacher_view must be one of {', '.join(TEACHER_VIEWS)}, got {cfg.teacher_view!r}")
+    if cfg.test_cases is not None and (not cfg.test_cases or len(set(cfg.test_cases)) != len(cfg.test_cases)):
+        raise ConfigError(f"--test_cases needs distinct case identifiers, got {list(cfg.test_cases)}")
     if cfg.teacher_precision not in TEACHER_PRECISIONS:
         raise ConfigError(f"--teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, "
                           f"got {cfg.teacher_precision!r}")

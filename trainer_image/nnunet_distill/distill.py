@@ -37,6 +37,7 @@ RESUME_FIELDS = (
     ("teacher_folder", "-t"),
     ("block_strategy", "-bs"),
     ("student_plans", "-spl/-r/-bs"),
+    ("kd_mode", "--kd_mode"),
 )
 
 
@@ -249,6 +250,26 @@ def prepare(config: DistillationConfig) -> PreparedRun:
                        student_plans, dataset_json, teacher_folds, output_folder)
 
 
+def check_test_cases(run: PreparedRun) -> None:
+    """Fail before training, not after it, when --test_cases names a missing case or one a model trained on."""
+    from nnunet_distill.evaluation import check_unseen, find_test_cases
+
+    if run.config.test_cases is None:
+        return
+    raw = os.environ.get("nnUNet_raw")
+    if not raw or not (Path(raw) / run.dataset_name).is_dir():
+        raise DistillationError(f"--test_cases needs the raw dataset: {raw or '$nnUNet_raw'}/{run.dataset_name} "
+                                "does not exist (set nnUNet_raw)")
+    cases = find_test_cases(Path(raw) / run.dataset_name, run.dataset_json, run.config.test_cases)
+    splits_file = run.preprocessed_dir / "splits_final.json"
+    splits = json.loads(splits_file.read_text()) if splits_file.is_file() else []
+    student_train = splits[run.config.fold]["train"] if run.config.fold < len(splits) else []
+    if any(c.source == "imagesTr" for c in cases) and run.config.fold >= len(splits):
+        raise DistillationError(f"--test_cases names training cases, but {splits_file} does not define fold "
+                                f"{run.config.fold}: cannot prove the student never trains on them")
+    check_unseen(cases, splits, [f.fold for f in run.teacher_folds], run.config.fold, student_train)
+
+
 def distillation_metadata(run: PreparedRun) -> dict:
     return {
         "teacher_folder": str(run.teacher_folder),
@@ -285,7 +306,7 @@ class RunResult:
     summary: Path | None
     resumed_from: Path | None
     artifacts: dict = field(default_factory=dict)  # for the termination message (status.artifacts)
-    metrics: dict = field(default_factory=dict)    # finalDice, teacherDice, retention
+    metrics: dict = field(default_factory=dict)    # evaluation.result_metrics: finalDice, retention, ...
 
 
 def _result(trainer, summary_path: Path | None, resumed_from: Path | None) -> RunResult:
@@ -296,9 +317,9 @@ def _result(trainer, summary_path: Path | None, resumed_from: Path | None) -> Ru
                  "teacherParameters": meta.get("teacher_parameters")}
     metrics = {}
     if summary_path is not None and summary_path.is_file():
-        fg = json.loads(summary_path.read_text()).get("foreground_mean", {})
-        metrics = {"finalDice": fg.get("student_dice"), "teacherDice": fg.get("teacher_dice"),
-                   "retention": fg.get("retention")}
+        from nnunet_distill.evaluation import result_metrics
+
+        metrics = result_metrics(json.loads(summary_path.read_text()))
     return RunResult(folder, folder / "checkpoint_final.pth", summary_path, resumed_from, artifacts, metrics)
 
 
@@ -306,6 +327,7 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     """Train, validate and summarise one student fold. ``log`` receives the few lines meant for the user."""
     device = resolve_device(config.device)
     run_ = prepare(config)
+    check_test_cases(run_)
     resume_from = check_resume(run_) if config.continue_training else None
     if config.continue_training and resume_from is None:
         log(f"-c_continue: no checkpoint in {run_.output_folder}; starting a new training")
@@ -338,6 +360,8 @@ def run(config: DistillationConfig, log=print) -> RunResult:
         log(f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of {trainer.num_epochs}")
     else:
         trainer.initialize()
+        if config.student_init == "teacher":
+            log(trainer.inherit_teacher_weights())
     trainer.distillation_meta["student_parameters"] = student.count_parameters(trainer.network)
 
     reporter = ProgressReporter.from_env(total_epochs=trainer.num_epochs,
@@ -350,8 +374,12 @@ def run(config: DistillationConfig, log=print) -> RunResult:
         reporter.start_heartbeat()
         trainer.run_training()
         trainer.perform_actual_validation(False)
+        raw = os.environ.get("nnUNet_raw")
         summary = write_distillation_summary(trainer, run_.teacher_plans, run_.teacher_dataset_json,
-                                             [f.fold for f in run_.teacher_folds], str(run_.teacher_folder))
+                                             [f.fold for f in run_.teacher_folds], str(run_.teacher_folder),
+                                             raw_dataset=Path(raw) / run_.dataset_name if raw else None,
+                                             test_cases=config.test_cases,
+                                             teacher_checkpoint=config.teacher_checkpoint)
     finally:
         reporter.close()
     return _result(trainer, summary, resume_from)

@@ -246,42 +246,54 @@ def dumps(meta: Mapping[str, Any]) -> str:
 
 def metrics_from_summaries(distillation_summary: Mapping[str, Any] | None,
                            nnunet_summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Student and teacher-ensemble Dice for the model card, saying where each number came from.
+    """Student and teacher-ensemble Dice for the model card, saying which cases and models produced each number.
 
-    The distillation trainer's `validation/distillation_summary.json` scores student and teacher ensemble on the
-    same validation cases (`foreground_mean.student_dice` / `teacher_dice`, `per_label`, `cases.count`, and a
-    leakage note); without it only nnU-Net's own `summary.json` (student only) is available, and the card must
-    not pretend otherwise, hence the `source` field and a None teacher value.
+    The distill stage's `validation/distillation_summary.json` (schema 2, see `evaluation.py`) scores student and
+    ensemble on held-out cases (`evaluation` says how) and carries `retention` only when that comparison is honest.
+    Without it, only nnU-Net's own `summary.json` of the student's validation cases exists: the card then shows the
+    student's figure alone, with its source, and no teacher figure or retention.
     """
     def finite(value: Any) -> float | None:
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
-    if distillation_summary and isinstance(distillation_summary.get("foreground_mean"), Mapping):
-        fg = distillation_summary["foreground_mean"]
-        if finite(fg.get("student_dice")) is not None:
-            per_label = distillation_summary.get("per_label") or {}
-            return {
-                "source": "distillation_summary.json",
-                "student_dice": finite(fg.get("student_dice")),
-                "teacher_ensemble_dice": finite(fg.get("teacher_dice")),
-                "teacher_unseen_dice": finite(fg.get("teacher_unseen_dice")),
-                "retention": finite(fg.get("retention")),
-                "per_label": {str(k): {"name": v.get("name"), "student_dice": finite(v.get("student_dice")),
-                                       "teacher_ensemble_dice": finite(v.get("teacher_dice"))}
-                              for k, v in sorted(per_label.items()) if isinstance(v, Mapping)} or None,
-                "num_cases": (distillation_summary.get("cases") or {}).get("count"),
-                "note": (distillation_summary.get("leakage") or {}).get("note"),
-            }
+    if distillation_summary and distillation_summary.get("schema_version", 1) >= 2:
+        student = distillation_summary.get("student") or {}
+        teacher = distillation_summary.get("teacher_ensemble") or {}
+        ret = distillation_summary.get("retention") or {}
+        cases = distillation_summary.get("cases") or {}
+        return {
+            "source": "distillation_summary.json",
+            "evaluation": distillation_summary.get("evaluation"),
+            "student_dice": finite(student.get("mean_dice")),
+            "teacher_ensemble_dice": finite(teacher.get("mean_dice")),
+            "teacher_folds": teacher.get("folds"),
+            "retention": finite(ret.get("mean")),
+            "worst_label": ret.get("worst_label"),
+            "worst_label_retention": finite(ret.get("worst")),
+            "per_label": {row["name"]: {"student_dice": finite(row.get("student_dice")),
+                                        "teacher_ensemble_dice": finite(row.get("teacher_dice")),
+                                        "retention": finite(row.get("retention"))}
+                          for row in distillation_summary.get("per_label") or [] if isinstance(row, Mapping)}
+            or None,
+            "num_cases": cases.get("count"),
+            "case_source": cases.get("source"),
+            "case_ids": cases.get("ids"),
+            "note": distillation_summary.get("note"),
+        }
     if nnunet_summary and isinstance(nnunet_summary.get("foreground_mean"), Mapping):
         student = finite(nnunet_summary["foreground_mean"].get("Dice"))
         if student is not None:
-            per_label = {str(k): {"name": None, "student_dice": finite(v.get("Dice")), "teacher_ensemble_dice": None}
+            per_label = {str(k): {"student_dice": finite(v.get("Dice")), "teacher_ensemble_dice": None,
+                                  "retention": None}
                          for k, v in sorted((nnunet_summary.get("mean") or {}).items()) if isinstance(v, Mapping)}
             return {
                 "source": "nnU-Net validation summary.json, student only",
-                "student_dice": student, "teacher_ensemble_dice": None, "teacher_unseen_dice": None,
-                "retention": None, "per_label": per_label or None,
+                "evaluation": "validation (student only)",
+                "student_dice": student, "teacher_ensemble_dice": None, "teacher_folds": None,
+                "retention": None, "worst_label": None, "worst_label_retention": None,
+                "per_label": per_label or None,
                 "num_cases": len(nnunet_summary.get("metric_per_case", [])) or None,
-                "note": None,
+                "case_source": "the student's validation split", "case_ids": None,
+                "note": "no distillation summary: no teacher figure and no retention",
             }
     return None

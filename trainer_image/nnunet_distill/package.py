@@ -130,13 +130,13 @@ def model_card(meta: Mapping[str, Any], name: str, license_text: str | None = No
                  "triton", f"nnunet-{meta['configuration']}"],
     })
     results = []
-    source = metrics.get("source", "")
     if metrics.get("student_dice") is not None:
         results.append({"type": "dice", "value": round(metrics["student_dice"], 4), "verified": False,
-                        "name": f"Student mean foreground Dice ({source})"})
+                        "name": f"Student mean Dice ({metrics.get('evaluation')}, {metrics.get('num_cases')} cases)"})
     if metrics.get("teacher_ensemble_dice") is not None:
         results.append({"type": "dice", "value": round(metrics["teacher_ensemble_dice"], 4), "verified": False,
-                        "name": f"Teacher ensemble mean foreground Dice ({source})"})
+                        "name": f"Teacher ensemble mean Dice ({metrics.get('evaluation')}, "
+                                f"{metrics.get('num_cases')} cases)"})
     if results:
         header["model-index"] = [{"name": name, "results": [{
             "task": {"type": "image-segmentation", "name": f"{ndim}D medical image segmentation"},
@@ -153,17 +153,18 @@ def model_card(meta: Mapping[str, Any], name: str, license_text: str | None = No
         for i, (c, n) in enumerate(meta["channel_names"].items()))
     v = meta.get("verification") or {}
     if metrics:
-        rows = [f"| student | {_fmt(metrics.get('student_dice'))} |",
-                f"| teacher ensemble | {_fmt(metrics.get('teacher_ensemble_dice'))} |"]
-        if metrics.get("teacher_unseen_dice") is not None:
-            rows.append(f"| teacher folds that never saw these cases | {_fmt(metrics['teacher_unseen_dice'])} |")
+        per_label = metrics.get("per_label") or {}
+        rows = [f"| {name} | {_fmt(v.get('student_dice'))} | {_fmt(v.get('teacher_ensemble_dice'))} | "
+                f"{_fmt(v.get('retention'), 3)} |" for name, v in per_label.items()]
+        rows.append(f"| **mean** | {_fmt(metrics.get('student_dice'))} | {_fmt(metrics.get('teacher_ensemble_dice'))} "
+                    f"| {_fmt(metrics.get('retention'), 3)} |")
+        folds = metrics.get("teacher_folds")
         metric_text = "\n".join(rows) + (
-            f"\n\nSource: {metrics.get('source')}"
-            + (f", {metrics['num_cases']} validation cases of fold {meta['student']['fold']}"
-               if metrics.get("num_cases") else "") + "."
-            + (f" Note: {metrics['note']}." if metrics.get("note") else ""))
+            f"\n\nCases: {metrics.get('num_cases')} ({metrics.get('case_source')}; evaluation "
+            f"`{metrics.get('evaluation')}`); teacher ensemble: folds {', '.join(map(str, folds)) if folds else 'none'}"
+            f"; source: {metrics.get('source')}." + (f" {metrics['note']}." if metrics.get("note") else ""))
     else:
-        metric_text = "| student | n/a |\n\nNo validation summary was found beside the student checkpoint."
+        metric_text = "| student | n/a | n/a | n/a |\n\nNo validation summary was found beside the student checkpoint."
     teacher_folds = d.get("teacher_folds")
     return f"""---
 {yaml_text}---
@@ -185,10 +186,13 @@ against the PyTorch model. Dataset `{dataset}`, configuration `{meta['configurat
 | teacher plans / folds | `{d.get('teacher_plans')}` / {', '.join(map(str, teacher_folds)) if teacher_folds else 'n/a'} |
 | DA5 augmentation | {d.get('da5')} |
 
-## Validation Dice
+## Held-out Dice
 
-| model | mean foreground Dice |
-|---|---|
+Retention is the student's Dice over the teacher ensemble's on cases that none of them trained on; it is left
+out (n/a) when no such comparison exists.
+
+| label | student | teacher ensemble | retention |
+|---|---|---|---|
 {metric_text}
 
 ## Input and output

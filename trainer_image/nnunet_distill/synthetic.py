@@ -22,6 +22,10 @@ from pathlib import Path
 import numpy as np
 
 LABELS = {"background": 0, "bright": 1, "dark": 2, "small": 3}
+#: The "organ" layout: a large organ, a small lesion inside it and a thin tubular vessel, the three kinds of
+#: structure whose Dice a narrower student loses at very different speeds (a CT-like abdominal scene).
+ORGAN_LABELS = {"background": 0, "organ": 1, "lesion": 2, "vessel": 3}
+LAYOUTS = ("spheres", "organ")
 # Mean intensity of each label (background, bright, dark, small) per channel: channel 0 is "CT"-like
 # (nnU-Net's CT normalization), channel 1 inverts the bright/dark contrast like a second MR sequence,
 # further channels rotate the table so every channel carries some information.
@@ -49,6 +53,7 @@ class SyntheticSpec:
     channels: int = 1
     anisotropic: bool = False
     seed: int = 0
+    layout: str = "spheres"
     spacing: tuple[float, float, float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +69,8 @@ class SyntheticSpec:
             raise ValueError(f"--size needs three values >= 16 (x y z), got {list(self.size)}")
         if self.channels < 1:
             raise ValueError(f"--channels must be >= 1, got {self.channels}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
         object.__setattr__(self, "spacing", ANISOTROPIC_SPACING if self.anisotropic else (1.0, 1.0, 1.0))
 
@@ -163,6 +170,67 @@ def generate_case(rng: np.random.Generator, size_xyz: tuple[int, int, int],
     return images, label
 
 
+def _tube(grid: tuple[np.ndarray, ...], points: np.ndarray, radius: float) -> np.ndarray:
+    """Voxels within `radius` of a polyline (a densely sampled curve): a vessel of constant calibre."""
+    z, y, x = grid
+    inside = np.zeros(np.broadcast_shapes(z.shape, y.shape, x.shape), dtype=bool)
+    for p in points:
+        inside |= (z - p[0]) ** 2 + (y - p[1]) ** 2 + (x - p[2]) ** 2 <= radius ** 2
+    return inside
+
+
+def _vessel_path(rng: np.random.Generator, extent: np.ndarray, spacing: float) -> np.ndarray:
+    """A smooth curve crossing the field of view: a straight chord bent by two low-frequency sine waves."""
+    start = rng.uniform(0.15, 0.85, size=3) * extent
+    end = rng.uniform(0.15, 0.85, size=3) * extent
+    axis = int(rng.integers(0, 3))           # the vessel runs mostly along one axis, end to end
+    start[axis], end[axis] = 0.0, extent[axis]
+    n = int(np.ceil(np.linalg.norm(end - start) / (0.5 * spacing))) + 1
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    bend = np.stack([rng.uniform(-0.12, 0.12) * extent[i] * np.sin(np.pi * t[:, 0] * rng.uniform(1, 2))
+                     for i in range(3)], axis=1)
+    bend[:, axis] = 0.0
+    return start + t * (end - start) + bend
+
+
+def generate_organ_case(rng: np.random.Generator, size_xyz: tuple[int, int, int],
+                        spacing_xyz: tuple[float, float, float], channels: int
+                        ) -> tuple[list[np.ndarray], np.ndarray]:
+    """One case of the "organ" layout, in numpy (z, y, x) order.
+
+    A large organ (an ellipsoid with radii 25-35 % of the field of view), one hypodense lesion of about 4 mm
+    radius inside it, and a vessel of about 1.5 mm radius that crosses the whole field of view, over the organ
+    where they meet; noise and a bias field on top.
+    """
+    shape = (size_xyz[2], size_xyz[1], size_xyz[0])
+    grid = _grid(shape, spacing_xyz)
+    extent = np.array([shape[0] * spacing_xyz[2], shape[1] * spacing_xyz[1], shape[2] * spacing_xyz[0]])
+    fov = float(np.min(extent))
+    label = np.zeros(shape, dtype=np.uint8)
+    radii = rng.uniform(0.25, 0.35, size=3) * fov
+    center = extent / 2 + rng.uniform(-0.08, 0.08, size=3) * extent
+    organ = _ellipsoid(grid, center, radii)
+    label[organ] = ORGAN_LABELS["organ"]
+    lesion_r = max(4.0, float(max(spacing_xyz)))
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    offset = direction * rng.uniform(0.0, 0.5) * (radii - lesion_r).clip(min=0)
+    label[_ellipsoid(grid, center + offset, np.full(3, lesion_r))] = ORGAN_LABELS["lesion"]
+    vessel_r = max(1.5, 0.75 * float(max(spacing_xyz)))
+    vessel = _tube(grid, _vessel_path(rng, extent, float(min(spacing_xyz))), vessel_r)
+    label[vessel] = ORGAN_LABELS["vessel"]
+
+    bias = _bias_field(rng, grid, extent)
+    images = []
+    for c in range(channels):
+        # background, organ, lesion, vessel: the lesion is darker than the organ, the vessel brightest
+        table = np.asarray((1.0, 2.0, 0.5, 3.0) if c % 2 == 0 else (1.0, 0.5, 2.0, 2.4), dtype=np.float32)
+        tissue = table[label]
+        noise = rng.normal(0.0, NOISE_SIGMA, size=shape).astype(np.float32)
+        images.append(((tissue + noise) * bias).astype(np.float32))
+    return images, label
+
+
 def _write_nifti(array: np.ndarray, spacing_xyz: tuple[float, float, float], path: Path) -> None:
     import SimpleITK as sitk
 
@@ -174,13 +242,16 @@ def _write_nifti(array: np.ndarray, spacing_xyz: tuple[float, float, float], pat
 def dataset_json(spec: SyntheticSpec) -> dict:
     return {
         "name": spec.name,
-        "description": f"{SYNTHETIC_MARKER}: bright/dark ellipsoids and a small sphere, noise and bias field",
+        "description": f"{SYNTHETIC_MARKER}: " + (
+            "an organ, a small lesion inside it and a thin vessel" if spec.layout == "organ" else
+            "bright/dark ellipsoids and a small sphere") + ", noise and bias field",
         "channel_names": channel_names(spec.channels),
-        "labels": dict(LABELS),
+        "labels": dict(ORGAN_LABELS if spec.layout == "organ" else LABELS),
         "numTraining": spec.cases,
         "file_ending": ".nii.gz",
         "synthetic": {"generator": SYNTHETIC_MARKER, "seed": spec.seed, "size": list(spec.size),
-                      "spacing": list(spec.spacing), "test_cases": spec.test_cases},
+                      "spacing": list(spec.spacing), "test_cases": spec.test_cases,
+                      "layout": spec.layout},
     }
 
 
@@ -218,7 +289,8 @@ def write_dataset(raw_dir: str | Path, spec: SyntheticSpec) -> Path:
             (1, spec.test_cases, "test", "imagesTs", "labelsTs")):
         for i in range(count):
             rng = np.random.default_rng([spec.seed, split, i])
-            images, label = generate_case(rng, spec.size, spec.spacing, spec.channels)
+            generate = generate_organ_case if spec.layout == "organ" else generate_case
+            images, label = generate(rng, spec.size, spec.spacing, spec.channels)
             case = f"{prefix}_{i:04d}"
             for c, image in enumerate(images):
                 _write_nifti(image, spec.spacing, tmp / images_dir / f"{case}_{c:04d}.nii.gz")

@@ -38,6 +38,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_distill import rotation
 from nnunet_distill.atomic import atomic_write_json
+from nnunet_distill.augmentation import split_views, with_clean_teacher_view, with_da5_spatial
 from nnunet_distill.config import DistillationConfig
 from nnunet_distill.loss import DistillationLoss
 from nnunet_distill.teachers import TeacherEnsemble
@@ -129,6 +130,9 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             "rotate_freq": config.rotate_freq,
             "disable_mirroring": config.disable_mirroring,
             "variant": config.variant,
+            "kd_mode": config.kd_mode,
+            "student_init": config.student_init,
+            "teacher_view": config.teacher_view,
             "trainer_class": self.__class__.__name__,
             **(metadata or {}),
         }
@@ -151,7 +155,26 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         super().initialize()
         self.distillation_loss = DistillationLoss(
             self.loss, cfg.alpha, cfg.temperature, regions=self.label_manager.has_regions,
-            ignore_label=self.label_manager.ignore_label)
+            ignore_label=self.label_manager.ignore_label, kd_mode=cfg.kd_mode)
+
+    def inherit_teacher_weights(self) -> str:
+        """Initialise the student from one teacher's sliced weights (see :mod:`nnunet_distill.inherit`).
+
+        The teacher of the student's own fold when it is in the ensemble (it trained on the same cases), else the
+        first one. Only for a fresh run: a resumed run loads its own checkpoint.
+        """
+        from nnunet_distill.inherit import inherit_from_teacher
+
+        self._require_configured()
+        teachers = self.teachers
+        folds = list(teachers.folds)
+        index = folds.index(self.fold) if self.fold in folds else 0
+        report = inherit_from_teacher(self._unwrapped_network(), teachers.teachers[index])
+        self.distillation_meta["init_teacher_fold"] = folds[index] if folds else None
+        self.distillation_meta["inherited_fraction"] = round(report.fraction, 4)
+        message = f"student initialised from teacher fold {folds[index] if folds else '?'}: {report.describe()}"
+        self.print_to_log_file(message)
+        return message
 
     # ------------------------------------------------------------------ training step
     def train_step(self, batch: dict) -> dict:
@@ -160,8 +183,13 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                   else target.to(self.device, non_blocking=True))
 
-        # The teachers see exactly the augmented batch the student sees (online KD); float32 mean logits.
-        teacher_logits = self.teachers(data)
+        # Online KD: the teachers label this very batch, either as augmented for the student or, with the clean
+        # teacher view, before the intensity-only augmentations (see augmentation.py); float32 mean logits.
+        if self._clean_teacher_view():
+            data, teacher_data = split_views(data, self.num_input_channels)
+        else:
+            teacher_data = data
+        teacher_logits = self.teachers(teacher_data)
 
         self.optimizer.zero_grad(set_to_none=True)
         amp = (torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda"
@@ -183,6 +211,21 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         return {"loss": terms.total.detach().cpu().numpy(),
                 "kd_loss": terms.kd.detach().cpu().numpy(),
                 "hard_loss": terms.hard.detach().cpu().numpy()}
+
+    # ------------------------------------------------------------------ augmentation
+    def _clean_teacher_view(self) -> bool:
+        cfg = self.distillation_config
+        return cfg is not None and cfg.teacher_view == "clean"
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training pipeline (DA5's for the DA5 trainer), optionally with the clean teacher view."""
+        transforms = self._base_training_transforms(*args, **kwargs)
+        if self._clean_teacher_view():
+            transforms = with_clean_teacher_view(transforms, self.num_input_channels)
+        return transforms
+
+    def _base_training_transforms(self, *args, **kwargs):
+        return super().get_training_transforms(*args, **kwargs)
 
     # ------------------------------------------------------------------ logging
     def _ensure_kd_log_keys(self) -> None:
@@ -346,13 +389,15 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
 
 
 class nnUNetDistillationTrainerDA5(nnUNetDistillationTrainer, nnUNetTrainerDA5):
-    """Distillation with nnU-Net's own DA5 augmentation.
+    """Distillation with DA5 as the seed describes it: nnU-Net's DA5 plus elastic deformation and order-0
+    segmentation resampling (see :mod:`nnunet_distill.augmentation`).
 
-    MRO: this class -> nnUNetDistillationTrainer -> nnUNetTrainerDA5 -> nnUNetTrainer. The KD trainer overrides
-    neither ``get_training_transforms`` nor ``configure_rotation_dummyDA_mirroring_and_inital_patch_size``, so
-    nnU-Net's DA5 versions of both are the ones ``get_dataloaders`` calls; teachers and student see the same
-    DA5-augmented batch.
+    MRO: this class -> nnUNetDistillationTrainer -> nnUNetTrainerDA5 -> nnUNetTrainer, so nnU-Net's DA5 rotation,
+    mirroring and initial patch size apply, and ``super()`` in the KD trainer's transform builder reaches DA5's.
     """
+
+    def _base_training_transforms(self, *args, **kwargs):
+        return with_da5_spatial(super()._base_training_transforms(*args, **kwargs))
 
 
 def trainer_class(use_da5: bool) -> type[nnUNetDistillationTrainer]:

@@ -63,7 +63,9 @@ def termination_summary(package_dir: Path) -> dict:
                       "studentParameters": meta["student"]["parameters"]},
         "metrics": {k: v for k, v in (("finalDice", metrics.get("student_dice")),
                                       ("teacherDice", metrics.get("teacher_ensemble_dice")),
-                                      ("retention", metrics.get("retention"))) if v is not None},
+                                      ("retention", metrics.get("retention")),
+                                      ("worstLabelRetention", metrics.get("worst_label_retention")),
+                                      ("worstLabel", metrics.get("worst_label"))) if v is not None},
     }
 
 

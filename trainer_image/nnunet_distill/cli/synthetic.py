@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="nnunet-distill synthetic",
         description="Write $nnUNet_raw/DatasetXXX_NAME: imagesTr/labelsTr (training cases), imagesTs/labelsTs "
-                    "(a labelled held-out test set no teacher sees) and dataset.json. Labels: bright and dark "
-                    "ellipsoids and a small sphere, with Gaussian noise and a smooth bias field. Deterministic "
+                    "(a labelled held-out test set no teacher sees) and dataset.json. Labels (--layout spheres): bright "
+                    "and dark ellipsoids and a small sphere; (--layout organ): an organ, a small lesion in it and "
+                    "a thin vessel. Gaussian noise and a smooth bias field on top. Deterministic "
                     "for a given --seed. An earlier synthetic dataset of the same name is replaced; any other "
                     "folder is never touched.")
     parser.add_argument("-d", "--dataset_id", type=int, required=True, help="dataset id, 1..999")
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input channels (default 1; channel 0 'CT', the others MR-like with other contrasts)")
     parser.add_argument("--anisotropic", action="store_true",
                         help="3 mm slices (spacing 1 x 1 x 3 mm) instead of 1 mm isotropic")
+    parser.add_argument("--layout", choices=synthetic.LAYOUTS, default="spheres",
+                        help="what the labels are: 'spheres' (bright, dark, small; default) or 'organ' (organ, "
+                             "lesion, vessel: a large, a small and a thin structure)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--raw-dir", type=Path, default=None, help="nnU-Net raw folder (default $nnUNet_raw)")
     return parser
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = synthetic.SyntheticSpec(dataset_id=args.dataset_id, name=args.name, cases=args.cases,
                                        test_cases=args.test_cases, size=size, channels=args.channels,
-                                       anisotropic=args.anisotropic, seed=args.seed)
+                                       anisotropic=args.anisotropic, seed=args.seed, layout=args.layout)
         raw_dir = args.raw_dir if args.raw_dir is not None else env_dir("nnUNet_raw")
         start = time.perf_counter()
         folder = synthetic.write_dataset(raw_dir, spec)

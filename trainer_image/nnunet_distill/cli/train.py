@@ -172,9 +172,27 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
     p.add_argument("-d_device", type=_device, default=None, metavar="DEVICE",
                    help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu); teachers run on the same "
                         "device; mixed precision only on CUDA")
+    p.add_argument("--kd_mode", choices=("pixel", "channel"), default="pixel",
+                   help="KD term: pixel = KL of the class distributions at every voxel, averaged over voxels "
+                        "(Hinton-style); channel = channel-wise KD (Shu et al. 2021): per class, KL of where "
+                        "the class is (a softmax over the patch), so small structures weigh as much as large "
+                        "ones (default: %(default)s)")
+    p.add_argument("--student_init", choices=("teacher", "random"), default="random",
+                   help="teacher = start the student from a teacher's weights cut to the student's width (the "
+                        "leading channels of every layer; the teacher of the student's fold, else the first); "
+                        "random = nnU-Net's initialisation (default: %(default)s)")
+    p.add_argument("--teacher_view", choices=("augmented", "clean"), default="augmented",
+                   help="what the teachers label: augmented = the student's augmented patch; clean = the same "
+                        "patch after the spatial transforms but before the intensity-only ones (noise, blur, "
+                        "gamma, blank rectangles...) the teachers never trained on (default: %(default)s)")
+    p.add_argument("--test_cases", nargs="+", metavar="CASE", default=None,
+                   help="held-out cases to score student and teacher ensemble on (default: every case of "
+                        "imagesTs that has a label in labelsTs). A case from imagesTr is accepted only if neither "
+                        "the student nor any teacher fold trained on it")
     p.add_argument("--use_da5", action="store_true",
-                   help="nnU-Net's DA5 augmentation (nnUNetTrainerDA5) for the student; teachers see the same "
-                        "augmented batch; the model folder is nnUNetDistillationTrainerDA5__...")
+                   help="DA5 strong augmentation for small datasets: nnU-Net's nnUNetTrainerDA5 pipeline plus elastic "
+                        "deformation (p 0.2) and order-0 (nearest) segmentation resampling that keeps thin "
+                        "structures; the model folder is nnUNetDistillationTrainerDA5__...")
     return p
 
 
@@ -213,19 +231,24 @@ def config_from_args(args: argparse.Namespace, variant: Variant) -> Distillation
         device=args.d_device,
         continue_training=args.continue_training,
         variant=variant.name,
+        kd_mode=args.kd_mode,
+        student_init=args.student_init,
+        teacher_view=args.teacher_view,
+        test_cases=tuple(args.test_cases) if args.test_cases else None,
     )
 
 
 def _user_errors() -> dict[type[BaseException], str]:
     """Errors a user fixes by changing flags or files, with the reason the termination message reports."""
     from nnunet_distill.distill import DistillationError
+    from nnunet_distill.evaluation import EvaluationError
     from nnunet_distill.rotation import RotationError
     from nnunet_distill.student import CompatibilityError, StudentPlansError
     from nnunet_distill.teachers import TeacherError
 
     return {ConfigError: "InvalidArgument", DistillationError: "InvalidSetup", TeacherError: "TeacherUnavailable",
             CompatibilityError: "IncompatiblePlans", StudentPlansError: "InvalidStudentPlans",
-            RotationError: "InvalidSplits"}
+            RotationError: "InvalidSplits", EvaluationError: "InvalidTestSet"}
 
 
 def _terminate(summary: dict) -> None:

@@ -1,0 +1,227 @@
+"""Does the student keep the ensemble's accuracy? Held-out Dice of teacher ensemble and students, side by side.
+
+Everything is built here, for real, in one run: a synthetic "organ" dataset (a large organ, a small lesion of about
+4 mm radius inside it and a vessel of about 1.5 mm radius; 32^3 voxels, 16 training and 8 labelled test cases that
+no model trains on), planned and preprocessed by nnU-Net, three stock nnU-Net teacher folds
+(`nnunet-distill train-teacher`), and students distilled from the ensemble of those folds with
+`nnUNetv2_distillation_train`, all with the same number of iterations:
+
+* r=2 with the default method (KD), r=2 with alpha=0 (no KD term, otherwise identical), r=4 with KD;
+* with ``--ablation``, also the earlier method (pixel-wise KD from a random initialisation) and each change alone.
+
+Every figure comes from the distill stage's own held-out evaluation (`distillation_summary.json`): nnU-Net's
+predictor and metric code on the test cases, the teacher ensemble being the same three folds with the same
+mirroring. Goals, printed beside the figures: r=2 retention >= 0.99, r=4 >= 0.98, KD - no-KD > 0 and no label's
+retention below 0.95. The JSON goes to ``--json`` (default ``bench/results/quality.json``).
+
+Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation]``. CUDA is used when
+present (mixed precision), else the CPU (about 25-35 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+DATASET_ID = 984
+DATASET_NAME = "BenchOrgan"
+CONFIGURATION = "3d_fullres"
+TEACHER_FOLDS = (0, 1, 2)
+SIZE = ("32", "32", "32")
+CASES, TEST_CASES = 16, 8
+# Teachers: enough for a converged ensemble (every label's held-out Dice >= 0.85); nnU-Net's poly LR decays
+# over the epochs given, so the budget is whole epochs of a short length.
+TEACHER_BUDGET = ("-e", "8", "--iterations_per_epoch", "40", "--val_iterations", "5")
+STUDENT_BUDGET = ("-e", "8", "--iterations_per_epoch", "40", "--val_iterations", "5")
+# The method under test: what `nnUNetv2_distillation_train` does by default.
+METHOD: tuple[str, ...] = ()
+GOALS = {"r2_retention": 0.99, "r4_retention": 0.98, "kd_minus_no_kd": 0.0, "min_label_retention": 0.95}
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "quality.json"
+
+
+@dataclass
+class Row:
+    key: str
+    title: str
+    r: int | None
+    flags: tuple[str, ...]
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def dice(self) -> dict[str, float]:
+        return (self.summary.get("student") or {}).get("dice") or {}
+
+    @property
+    def retention(self) -> dict:
+        return self.summary.get("retention") or {}
+
+
+ROWS = [
+    Row("r2_kd", "student r=2, KD", 2, ()),
+    Row("r2_no_kd", "student r=2, alpha=0 (no KD)", 2, ("-a", "0")),
+    Row("r4_kd", "student r=4, KD", 4, ()),
+]
+ABLATION = [
+    Row("r2_pixel_random", "r=2 pixel KD, random init (earlier method)", 2,
+        ("--kd_mode", "pixel", "--student_init", "random")),
+    Row("r2_channel_random", "r=2 channel KD, random init", 2, ("--kd_mode", "channel", "--student_init", "random")),
+    Row("r2_pixel_teacher", "r=2 pixel KD, teacher init", 2, ("--kd_mode", "pixel", "--student_init", "teacher")),
+]
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class QualityBench:
+    def __init__(self, root: Path, device: str):
+        from nnunet_distill.nnunet_env import Workspace
+
+        self.root = root
+        self.ws = Workspace(root / "ws").create()
+        self.env = self.ws.env()
+        self.log = root / "bench.log"
+        self.device = device
+        self.dataset = f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
+
+    def run(self, argv: list[str], planning: bool = False) -> float:
+        from nnunet_distill.nnunet_env import run_logged
+
+        env = {**self.env, "nnUNet_n_proc_DA": "1"} if planning else self.env
+        t0 = time.perf_counter()
+        run_logged(argv, env, self.log)
+        return time.perf_counter() - t0
+
+    def build_teachers(self) -> float:
+        from nnunet_distill.nnunet_env import nnunet_executable as exe
+
+        self.run([sys.executable, "-m", "nnunet_distill.cli.synthetic", "-d", str(DATASET_ID), "--name",
+                  DATASET_NAME, "--layout", "organ", "--cases", str(CASES), "--test-cases", str(TEST_CASES),
+                  "--size", *SIZE, "--seed", "1"])
+        self.run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", CONFIGURATION, "-npfp", "2",
+                  "-np", "2"], planning=True)
+        seconds = 0.0
+        for fold in TEACHER_FOLDS:
+            seconds += self.run([sys.executable, "-m", "nnunet_distill.cli.train_teacher", "-d", str(DATASET_ID),
+                                 "-c", CONFIGURATION, "-f", str(fold), *TEACHER_BUDGET, "-device", self.device])
+        return seconds
+
+    def student(self, row: Row) -> Row:
+        from nnunet_distill.nnunet_env import nnunet_executable as exe
+
+        row.seconds = self.run([exe("nnUNetv2_distillation_train"), "-d", str(DATASET_ID), "-c", CONFIGURATION,
+                                "-f", "0", "-tf", *map(str, TEACHER_FOLDS), "-r", str(row.r), *STUDENT_BUDGET,
+                                *METHOD, *row.flags, "-d_device", self.device])
+        summary = (self.ws.results / self.dataset / f"nnUNetDistillationTrainer__nnUNetPlans_r{row.r}__{CONFIGURATION}"
+                   / "fold_0" / "validation" / "distillation_summary.json")
+        row.summary = json.loads(summary.read_text())
+        return row
+
+
+def _f(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def table(rows: list[Row]) -> tuple[str, dict]:
+    """The printed table and the goal checks (pure, from the rows' summaries)."""
+    first = rows[0].summary
+    ensemble = first.get("teacher_ensemble") or {}
+    labels = list(ensemble.get("dice") or {})
+    header = ["model", *labels, "mean", "retention", "worst label", "params", "train s"]
+    lines = [[f"teacher ensemble (folds {', '.join(map(str, ensemble.get('folds', [])))})",
+              *(_f(ensemble["dice"].get(k)) for k in labels), _f(ensemble.get("mean_dice")), "1.000", "",
+              f"{(ensemble.get('parameters_per_fold') or 0) * len(ensemble.get('folds', [])):,}", ""]]
+    for row in rows:
+        ret = row.retention
+        lines.append([row.title, *(_f(row.dice.get(k)) for k in labels),
+                      _f((row.summary.get("student") or {}).get("mean_dice")), _f(ret.get("mean")),
+                      f"{ret.get('worst_label')} {_f(ret.get('worst'))}" if ret else "n/a",
+                      f"{(row.summary.get('student') or {}).get('parameters') or 0:,}", f"{row.seconds:.0f}"])
+    widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    text = [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in lines)]
+
+    by_key = {r.key: r for r in rows}
+
+    def ret(key: str, what: str = "mean") -> float | None:
+        return by_key[key].retention.get(what) if key in by_key else None
+
+    r2, r4, no_kd = ret("r2_kd"), ret("r4_kd"), ret("r2_no_kd")
+    kd_gain = r2 - no_kd if r2 is not None and no_kd is not None else None
+    worst = [w for w in (ret("r2_kd", "worst"), ret("r4_kd", "worst")) if w is not None]
+    checks = {
+        "r2_retention": (r2, r2 is not None and r2 >= GOALS["r2_retention"], f">= {GOALS['r2_retention']}"),
+        "r4_retention": (r4, r4 is not None and r4 >= GOALS["r4_retention"], f">= {GOALS['r4_retention']}"),
+        "kd_minus_no_kd": (kd_gain, kd_gain is not None and kd_gain > GOALS["kd_minus_no_kd"], "> 0"),
+        "min_label_retention": (min(worst) if worst else None,
+                                bool(worst) and min(worst) >= GOALS["min_label_retention"],
+                                f">= {GOALS['min_label_retention']} (r=2 and r=4 KD students)"),
+    }
+    text.append("")
+    text.append("goal                     measured   goal")
+    for name, (value, ok, goal) in checks.items():
+        text.append(f"{name:<24} {_f(value, '+.4f') if name == 'kd_minus_no_kd' else _f(value, '.4f'):>9}   "
+                    f"{goal}  {'MET' if ok else 'NOT MET'}")
+    cases = first.get("cases") or {}
+    text.append("")
+    text.append(f"cases: {cases.get('count')} held-out {cases.get('source')} cases ({', '.join(cases.get('ids', []))}),"
+                f" mirroring TTA {'on' if cases.get('mirroring_tta') else 'off'}; every student: fold 0, "
+                f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(TEACHER_BUDGET[:4])}")
+    return "\n".join(text), {k: {"measured": v, "met": ok, "goal": g} for k, (v, ok, g) in checks.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)")
+    parser.add_argument("--ablation", action="store_true", help="also train the ablation students (more time)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the JSON ({DEFAULT_JSON})")
+    args = parser.parse_args(argv if argv is not None else [])
+    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    root.mkdir(parents=True, exist_ok=True)
+    device = _device()
+    started = time.perf_counter()
+    try:
+        bench = QualityBench(root, device)
+        print(f"bench quality: {DATASET_NAME} ({CASES} training + {TEST_CASES} held-out cases of "
+              f"{'x'.join(SIZE)}), teachers folds {list(TEACHER_FOLDS)}, device {device}", flush=True)
+        teacher_seconds = bench.build_teachers()
+        print(f"  teachers trained in {teacher_seconds:.0f} s", flush=True)
+        rows = []
+        for row in [*ROWS, *(ABLATION if args.ablation else [])]:
+            rows.append(bench.student(row))
+            print(f"  {row.title}: retention {_f(row.retention.get('mean'))} in {row.seconds:.0f} s", flush=True)
+        text, checks = table(rows)
+        print()
+        print(text)
+        machine = f"{platform.node() or 'unknown'}: {platform.processor() or platform.machine()}, " \
+                  f"{__import__('os').cpu_count()} CPUs" + (f", {device}" if device != "cpu" else "")
+        result = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine, "device": device,
+            "seconds": round(time.perf_counter() - started), "teacher_seconds": round(teacher_seconds),
+            "teacher_budget": list(TEACHER_BUDGET), "student_budget": list(STUDENT_BUDGET),
+            "goals": checks, "table": text,
+            "rows": {r.key: {"title": r.title, "flags": list(r.flags), "seconds": round(r.seconds),
+                             "summary": r.summary} for r in rows},
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nJSON: {args.json} (total {time.perf_counter() - started:.0f} s)")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
