@@ -39,8 +39,10 @@ SIZE = ("32", "32", "32")
 CASES, TEST_CASES = 16, 8
 # Teachers: enough for a converged ensemble (every label's held-out Dice >= 0.85); nnU-Net's poly LR decays
 # over the epochs given, so the budget is whole epochs of a short length.
-TEACHER_BUDGET = ("-e", "8", "--iterations_per_epoch", "40", "--val_iterations", "5")
-STUDENT_BUDGET = ("-e", "8", "--iterations_per_epoch", "40", "--val_iterations", "5")
+TEACHER_BUDGET = ("-e", "10", "--iterations_per_epoch", "40", "--val_iterations", "5")
+# Students get twice a teacher's iterations: a thinner network needs more steps (r=4 retention rose from 0.971 at
+# 400 to 0.979 at 800 iterations in the experiments behind the defaults), and still costs far less per step.
+STUDENT_BUDGET = ("-e", "20", "--iterations_per_epoch", "40", "--val_iterations", "5")
 # The method under test: what `nnUNetv2_distillation_train` does by default.
 METHOD: tuple[str, ...] = ()
 GOALS = {"r2_retention": 0.99, "r4_retention": 0.98, "kd_minus_no_kd": 0.0, "min_label_retention": 0.95}
@@ -73,8 +75,10 @@ ROWS = [
 ABLATION = [
     Row("r2_pixel_random", "r=2 pixel KD, random init (earlier method)", 2,
         ("--kd_mode", "pixel", "--student_init", "random")),
-    Row("r2_channel_random", "r=2 channel KD, random init", 2, ("--kd_mode", "channel", "--student_init", "random")),
+    Row("r2_no_kd_random", "r=2 alpha=0, random init", 2, ("-a", "0", "--student_init", "random")),
     Row("r2_pixel_teacher", "r=2 pixel KD, teacher init", 2, ("--kd_mode", "pixel", "--student_init", "teacher")),
+    Row("r4_pixel_teacher", "r=4 pixel KD, teacher init", 4, ("--kd_mode", "pixel", "--student_init", "teacher")),
+    Row("r4_no_kd", "r=4 alpha=0 (no KD)", 4, ("-a", "0")),
 ]
 
 

@@ -35,7 +35,7 @@ SHORT_NAMES = ("dj", "distill")
 CATEGORIES = ("nnunet",)
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
-STAGE_NAMES = ("preprocess", "teachers", "distill", "export", "publish")
+STAGE_NAMES = ("preprocess", "teachers", "distill", "export", "gate", "publish")
 RESENC_PLANNERS = {
     "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
     "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
@@ -256,6 +256,27 @@ class ExportSpec(_Model):
                                                                     "resenc only).")
 
 
+class QualityGateSpec(_Model):
+    """The quality gate between export and publish: a student that keeps too little of its teacher ensemble's
+    held-out Dice is not published.
+
+    Retention is the student's mean Dice / the teacher ensemble's, on cases none of them trained on (the dataset's
+    labelled test set imagesTs + labelsTs, else the student's validation cases against only the teacher folds that
+    never saw them). Without such a baseline there is no retention, and the gate fails.
+    """
+
+    min_retention: float = Field(0.97, gt=0.0, le=1.5,
+                                 description="Least mean Dice retention (student / teacher ensemble, mean over "
+                                             "labels) the student must keep; in (0, 1.5].")
+    min_label_retention: float = Field(0.90, gt=0.0, le=1.5,
+                                       description="Least Dice retention of every single label (the worst label "
+                                                   "is named when it falls short); in (0, 1.5].")
+    enforce: bool = Field(True, description="true: a failing student is not published and the job ends Failed "
+                                            "(reason QualityGateFailed), keeping the student and its export on "
+                                            "the results volume; false: the verdict is reported (QualityGate "
+                                            "condition, status.metrics) but the job goes on and publishes.")
+
+
 class SecretRef(_Model):
     """A Secret in the job's namespace."""
 
@@ -295,7 +316,7 @@ class StageResourcesSpec(_Model):
 
 class ResourcesSpec(_Model):
     """Per-stage resources. Defaults: teachers and distill 1 GPU, 8 CPU, 32Gi; preprocess 4 CPU, 16Gi;
-    export 2 CPU, 8Gi; publish 1 CPU, 2Gi."""
+    export 2 CPU, 8Gi; gate 500m CPU, 512Mi; publish 1 CPU, 2Gi."""
 
     gpu_resource_name: str = Field("nvidia.com/gpu", max_length=253, pattern=r"^[a-z0-9.-]+/[A-Za-z0-9._-]+$",
                                    description="Extended resource name of a GPU (e.g. nvidia.com/mig-1g.10gb).")
@@ -307,9 +328,11 @@ class ResourcesSpec(_Model):
     distill: StageResourcesSpec = Field(default_factory=StageResourcesSpec, description="Distillation stage.")
     export: StageResourcesSpec = Field(default_factory=StageResourcesSpec,
                                        description="Export and package stage (CPU only).")
+    gate: StageResourcesSpec = Field(default_factory=StageResourcesSpec,
+                                     description="Quality-gate stage (CPU only; reads one JSON file).")
     publish: StageResourcesSpec = Field(default_factory=StageResourcesSpec, description="Publish stage.")
 
-    @field_validator("export", "publish")
+    @field_validator("export", "gate", "publish")
     @classmethod
     def _cpu_only(cls, v: StageResourcesSpec) -> StageResourcesSpec:
         if v.gpus:
@@ -371,6 +394,10 @@ class DistillationJobSpec(_Model):
     distillation: DistillationSpec = Field(default_factory=DistillationSpec,
                                            description="Distillation hyper-parameters.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export and packaging.")
+    quality_gate: QualityGateSpec = Field(default_factory=QualityGateSpec,
+                                          description="Held-out Dice retention the student must keep to be "
+                                                      "published (on by default: minRetention 0.97, "
+                                                      "minLabelRetention 0.90, enforce true).")
     output: OutputSpec | None = Field(None, description="Publish destination; without it the package stays on "
                                                         "the results volume.")
     image: str | None = Field(None, max_length=1024, pattern=r"^[^\s]+$",
@@ -504,7 +531,7 @@ class Condition(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    type: str = Field(description="Ready, Reconciling, Stalled, Suspended, or <Stage>Complete.")
+    type: str = Field(description="Ready, Reconciling, Stalled, Suspended, QualityGate, or <Stage>Complete.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str | None = Field(None, description="CamelCase reason of the last transition.")
     message: str | None = Field(None, description="Human-readable details.")
@@ -560,13 +587,22 @@ class Artifacts(BaseModel):
 
 
 class Metrics(BaseModel):
-    """Final accuracy of the student against its teachers."""
+    """Final accuracy of the student against its teacher ensemble, on held-out cases (see evaluatedOn)."""
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
-    final_dice: float | None = Field(None, description="Student's mean foreground Dice on its validation fold.")
-    teacher_dice: float | None = Field(None, description="Teachers' mean foreground Dice.")
-    retention: float | None = Field(None, description="finalDice / teacherDice.")
+    final_dice: float | None = Field(None, description="Student's mean foreground Dice on the cases of evaluatedOn.")
+    teacher_dice: float | None = Field(None, description="Teacher ensemble's (teacherFolds) mean foreground Dice "
+                                                         "on the same cases.")
+    retention: float | None = Field(None, description="finalDice / teacherDice on cases neither trained on; "
+                                                      "absent when there is no honest baseline.")
+    worst_label_retention: float | None = Field(None, description="The lowest per-label Dice retention.")
+    worst_label: str | None = Field(None, description="The label with the lowest Dice retention.")
+    evaluated_on: str | None = Field(None, description="Which cases the figures come from, e.g. "
+                                                       "'test_set: 6 cases (imagesTs)'.")
+    teacher_folds: list[int] | None = Field(None, json_schema_extra={"x-kubernetes-list-type": "atomic"},
+                                            description="Teacher folds of the ensemble the student is compared "
+                                                        "with.")
 
 
 class DistillationJobStatus(BaseModel):
@@ -581,7 +617,8 @@ class DistillationJobStatus(BaseModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-        description="kstatus conditions Ready, Reconciling, Stalled (and Suspended), plus <Stage>Complete per stage.")
+        description="kstatus conditions Ready, Reconciling, Stalled (and Suspended), plus <Stage>Complete per stage "
+                    "and QualityGate (the gate's verdict, figures and cases).")
     stages: dict[str, StageStatus] = Field(default_factory=dict, description="Stage name -> Job and state.")
     progress: Progress | None = Field(None, description="Live training progress.")
     artifacts: Artifacts | None = Field(None, description="The exported and published model.")

@@ -22,8 +22,10 @@ TRAINER_COMMANDS = {
     "synthetic": "write a synthetic nnU-Net dataset (demo, tests)",
     "train-teacher": "train one nnU-Net teacher fold",
     "package": "package an exported ONNX student for serving",
+    "gate": "pass or block a distilled student on its held-out Dice retention (quality gate)",
     "publish": "upload and verify a package in object storage",
     "predict": "predict with an exported ONNX student",
+    "figure": "draw held-out segmentations of teachers and student and the training curves (PNG)",
 }
 OPERATOR_COMMANDS = ("run", "plan", "crds", "demo")
 PROG = "nnunet-distill"

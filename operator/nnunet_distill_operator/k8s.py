@@ -278,10 +278,14 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
         "parallelism": stage.completions,
         # Evictions, preemptions and node drains are not the trainer's fault: they do not count towards
         # backoffLimit (the pod is recreated and resumes from its checkpoint). Usage errors (exit 2) fail at
-        # once, since a retry runs the same wrong command.
+        # once, since a retry runs the same wrong command; so do a stage's deterministic verdicts (the quality
+        # gate's "failed", exit 3: a retry would judge the same student the same way).
         "podFailurePolicy": {"rules": [
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_CODE_USAGE]}},
+            *([{"action": "FailJob", "onExitCodes": {"containerName": CONTAINER_MAIN, "operator": "In",
+                                                     "values": sorted(stage.fail_fast_exit_codes)}}]
+              if stage.fail_fast_exit_codes else []),
         ]},
         "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
     }

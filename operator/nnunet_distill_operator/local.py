@@ -8,7 +8,9 @@ read from nnU-Net's own epoch lines; the final status — the same shape as the 
 watched (`watch cat status.yaml`) and inspected afterwards.
 
 The first failing command stops the run with one clear message: which stage, which command, its exit
-code, and the tail of its log.
+code, and the tail of its log. A quality gate that fails (enforced) ends the run the way it ends a
+DistillationJob: Failed with reason QualityGateFailed, nothing published, the student and its export kept;
+status.yaml carries the QualityGate condition and the gate's figures in `metrics`.
 """
 
 from __future__ import annotations
@@ -34,11 +36,17 @@ from typing import Any, TextIO
 
 import yaml
 
-from nnunet_distill_operator.plan import DataPaths, Stage
+from nnunet_distill_operator.plan import DataPaths, Stage, export_paths
 from nnunet_distill_operator.status import (
+    GATE_FAILED,
+    GATE_STAGE,
     Cond,
+    GateVerdict,
     condition_type,
     format_duration,
+    gate_condition,
+    gate_failure_message,
+    gate_verdict,
     kstatus_conditions,
     merge_conditions,
     parse_summary,
@@ -148,6 +156,7 @@ class LocalStatus:
     path_json: Path
     data: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    gate: GateVerdict | None = None
 
     def __post_init__(self) -> None:
         self.data = {"phase": "Pending", "stages": {}, "conditions": [], "startTime": rfc3339(_now())}
@@ -164,6 +173,10 @@ class LocalStatus:
         with self.lock:
             self.data["progress"] = dict(progress)
         self.write()
+
+    def set_gate(self, verdict: GateVerdict | None) -> None:
+        with self.lock:
+            self.gate = verdict
 
     def results(self, summaries: list[dict[str, Any]]) -> None:
         artifacts, metrics = results_from_summaries(summaries)
@@ -195,6 +208,11 @@ class LocalStatus:
                 st = states.get(s.name, {})
                 conds.append(Cond(condition_type(s.name), st.get("state") == "Succeeded",
                                   st.get("reason") or "NotStarted", st.get("message") or ""))
+            gate = next((s for s in self.stages if s.name == GATE_STAGE), None)
+            if gate is not None:
+                st = states.get(gate.name, {})
+                conds.append(gate_condition(self.gate, self.data.get("conditions", []), description=gate.description,
+                                            stage_state=st.get("state"), stage_message=st.get("message")))
             self.data["conditions"] = merge_conditions(self.data.get("conditions", []), conds, _now(), None)
             snapshot = json.loads(json.dumps(self.data))
         _atomic_write(self.path_json, json.dumps(snapshot, indent=2) + "\n")
@@ -347,6 +365,16 @@ class LocalRunner:
         if tracker is not None and tracker.completed is not None:
             status.progress(tracker.as_status())
         summary = parse_summary(term_path.read_text()) if term_path.exists() else {}
+        verdict = gate_verdict(summary) if stage.name == GATE_STAGE else None
+        if verdict is not None:
+            status.set_gate(verdict)
+            status.results([{"metrics": summary.get("metrics")}])  # a blocked student's figures too
+        if code != 0 and verdict is not None and verdict.reason == GATE_FAILED:
+            package_dir = export_paths(self.paths)[2]
+            first = gate_failure_message(verdict.message, verdict.student, package_dir)
+            where = (summary.get("gate") or {}).get("summary")
+            message = f"{first}\n  log: {log_path}" + (f"\n  summary: {where}" if where else "")
+            raise self._fail(stage, status, message, code, reason=GATE_FAILED, job_reason=GATE_FAILED)
         if code != 0:
             err = summary.get("error") if isinstance(summary.get("error"), dict) else {}
             why = f": {err.get('reason')}: {err.get('message')}" if err.get("message") else ""
@@ -356,10 +384,11 @@ class LocalRunner:
             raise self._fail(stage, status, message, code)
         return summary
 
-    def _fail(self, stage: Stage, status: LocalStatus, message: str, code: int | None = None) -> LocalRunError:
-        status.stage(stage.name, "Failed", "Error" if code is not None else "StartFailed", message.splitlines()[0],
-                     completionTime=rfc3339(_now()))
-        status.finish("Failed", "StageFailed", message.splitlines()[0])
+    def _fail(self, stage: Stage, status: LocalStatus, message: str, code: int | None = None, *,
+              reason: str | None = None, job_reason: str = "StageFailed") -> LocalRunError:
+        stage_reason = reason or ("Error" if code is not None else "StartFailed")
+        status.stage(stage.name, "Failed", stage_reason, message.splitlines()[0], completionTime=rfc3339(_now()))
+        status.finish("Failed", job_reason, message.splitlines()[0])
         return LocalRunError(message, status.data)
 
     def interrupt(self) -> None:

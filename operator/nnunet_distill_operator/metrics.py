@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from nnunet_distill_operator import __version__
-from nnunet_distill_operator.status import parse_time
+from nnunet_distill_operator.status import GATE_CONDITION, GATE_NOT_ENFORCED, GATE_VERDICTS, parse_time
 
 PREFIX = "nnunet_distill"
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -71,12 +71,17 @@ PROGRESS_GAUGES: dict[str, tuple[str, str]] = {
     f"{PREFIX}_last_checkpoint_epoch": ("lastCheckpointEpoch", "Epoch of the newest checkpoint."),
 }
 # Final accuracy (status.metrics), kept while the DistillationJob exists, finished or not: the accuracy
-# gate alerts on it after the job succeeded. family -> (status.metrics key, help)
+# alert reads it whether the quality gate blocked the student or not. family -> (status.metrics key, help)
 RESULT_GAUGES: dict[str, tuple[str, str]] = {
-    f"{PREFIX}_dice_retention": ("retention", "Student's final Dice / the teacher ensemble's (status.metrics)."),
+    f"{PREFIX}_dice_retention": ("retention", ("Student's held-out Dice / the teacher ensemble's on the same cases "
+                                               "(status.metrics; absent without an honest baseline).")),
     f"{PREFIX}_final_dice": ("finalDice", "Student's final mean foreground Dice (status.metrics)."),
     f"{PREFIX}_teacher_dice": ("teacherDice", "Teacher ensemble's mean foreground Dice (status.metrics)."),
 }
+# The worst label's retention, labelled with the label's name (one series per job: its current worst label).
+WORST_LABEL_FAMILY = f"{PREFIX}_worst_label_retention"
+# The quality gate's verdict (QualityGate condition): 1 passed, 0 failed (enforced or not); absent until evaluated.
+GATE_FAMILY = f"{PREFIX}_quality_gate_passed"
 JOBS_FAMILY = f"{PREFIX}_jobs"
 PROGRESS_UPDATED_FAMILY = f"{PREFIX}_progress_updated_timestamp_seconds"
 PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
@@ -89,25 +94,36 @@ class JobsCollector(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[tuple[str, str], tuple[str, dict[str, Any], dict[str, Any]]] = {}
+        self._gates: dict[tuple[str, str], tuple[bool, bool]] = {}  # (passed, enforced)
 
     def update(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         phase = status.get("phase") or "Pending"
         progress = dict(status.get("progress") or {})
         results = dict(status.get("metrics") or {})
+        gate = next((c for c in status.get("conditions") or () if isinstance(c, Mapping)
+                     and c.get("type") == GATE_CONDITION and c.get("reason") in GATE_VERDICTS), None)
         with self._lock:
             self._jobs[(namespace, name)] = (phase, progress, results)
+            if gate is not None:
+                self._gates[(namespace, name)] = (gate.get("status") == "True",
+                                                  gate.get("reason") != GATE_NOT_ENFORCED)
+            else:
+                self._gates.pop((namespace, name), None)
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
             self._jobs.pop((namespace, name), None)
+            self._gates.pop((namespace, name), None)
 
     def clear(self) -> None:
         with self._lock:
             self._jobs.clear()
+            self._gates.clear()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         with self._lock:
             jobs = dict(self._jobs)
+            gates = dict(self._gates)
         by_phase = GaugeMetricFamily(JOBS_FAMILY, "DistillationJobs by namespace and phase.",
                                      labels=["namespace", "phase"])
         counts: dict[tuple[str, str], int] = {}
@@ -123,11 +139,23 @@ class JobsCollector(Collector):
                                     "(Unix time).", labels=["namespace", "name", "stage"])
         results = {family: GaugeMetricFamily(family, help_, labels=["namespace", "name"])
                    for family, (_, help_) in RESULT_GAUGES.items()}
+        worst = GaugeMetricFamily(WORST_LABEL_FAMILY, "Dice retention of the student's worst label on held-out "
+                                  "cases (status.metrics.worstLabelRetention; label: status.metrics.worstLabel).",
+                                  labels=["namespace", "name", "label"])
+        gate = GaugeMetricFamily(GATE_FAMILY, "Quality gate verdict (QualityGate condition): 1 passed, 0 failed; "
+                                 "enforced=false when spec.qualityGate.enforce is false.",
+                                 labels=["namespace", "name", "enforced"])
         for (namespace, name), (phase, progress, final) in sorted(jobs.items()):
             for family, (key, _) in RESULT_GAUGES.items():
                 value = final.get(key)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     results[family].add_metric([namespace, name], float(value))
+            value = final.get("worstLabelRetention")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                worst.add_metric([namespace, name, str(final.get("worstLabel") or "")], float(value))
+            if (namespace, name) in gates:
+                passed, enforced = gates[(namespace, name)]
+                gate.add_metric([namespace, name, "true" if enforced else "false"], 1.0 if passed else 0.0)
             if phase in FINISHED or not progress:
                 continue  # finished jobs drop out: bounded cardinality
             labels = [namespace, name, str(progress.get("stage") or "")]
@@ -141,6 +169,8 @@ class JobsCollector(Collector):
         yield from families.values()
         yield updated
         yield from results.values()
+        yield worst
+        yield gate
 
 
 JOBS = JobsCollector()
@@ -160,6 +190,8 @@ METRIC_NAMES: tuple[str, ...] = (
     *PROGRESS_GAUGES,
     PROGRESS_UPDATED_FAMILY,
     *RESULT_GAUGES,
+    WORST_LABEL_FAMILY,
+    GATE_FAMILY,
 )
 HISTOGRAMS = (f"{PREFIX}_reconcile_duration_seconds", f"{PREFIX}_stage_duration_seconds",
               f"{PREFIX}_job_start_latency_seconds")

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from nnunet_distill_operator import api
+from nnunet_distill_operator.status import EXIT_CODE_GATE_FAILED
 
 # nnU-Net model folder naming, as in trainer_image/nnunet_distill/naming.py (duplicated on purpose: the
 # operator package must not import the trainer package; tests check that both agree).
@@ -24,6 +25,10 @@ DISTILL_TRAINER = "nnUNetDistillationTrainer"
 DISTILL_TRAINER_DA5 = "nnUNetDistillationTrainerDA5"
 
 ONNX_FILENAME = "model.onnx"
+# Where the distill stage leaves its held-out evaluation (nnunet_distill.evaluation.SUMMARY_NAME), which the
+# quality gate judges; the contract test checks the name against the trainer's.
+DISTILLATION_SUMMARY = "distillation_summary.json"
+GATE_STAGE = "gate"
 
 DEFAULT_RESOURCES: dict[str, tuple[int, str, str]] = {
     # stage: (gpus, cpu, memory)
@@ -31,6 +36,7 @@ DEFAULT_RESOURCES: dict[str, tuple[int, str, str]] = {
     "teachers": (1, "8", "32Gi"),
     "distill": (1, "8", "32Gi"),
     "export": (0, "2", "8Gi"),
+    "gate": (0, "500m", "512Mi"),
     "publish": (0, "1", "2Gi"),
 }
 
@@ -89,6 +95,9 @@ class Stage:
     env: tuple[tuple[str, str], ...] = field(default=())
     # Values the command needs to work at all: they override the environment everywhere.
     required_env: tuple[tuple[str, str], ...] = field(default=())
+    # Exit codes that mean a deterministic outcome (e.g. the quality gate's "failed"): the Job fails at once
+    # instead of retrying the same verdict (podFailurePolicy FailJob, besides the usage-error code 2).
+    fail_fast_exit_codes: tuple[int, ...] = field(default=())
 
     @property
     def completions(self) -> int:
@@ -321,6 +330,28 @@ def _export(spec: api.DistillationJobSpec, name: str, paths: DataPaths) -> Stage
     )
 
 
+def student_summary_glob(spec: api.DistillationJobSpec, paths: DataPaths) -> str:
+    """The student's distillation_summary.json; a glob because only the dataset ID (not its name) is known."""
+    return (f"{_dataset_glob(paths.results, spec.dataset.id)}/{student_model_folder(spec)}/"
+            f"fold_{spec.distillation.fold}/validation/{DISTILLATION_SUMMARY}")
+
+
+def _gate(spec: api.DistillationJobSpec, paths: DataPaths) -> Stage:
+    g = spec.quality_gate
+    argv = ["nnunet-distill", "gate", "--summary", student_summary_glob(spec, paths),
+            "--min-retention", _num(g.min_retention), "--min-label-retention", _num(g.min_label_retention)]
+    if not g.enforce:
+        argv.append("--no-enforce")
+    return Stage(
+        name=GATE_STAGE,
+        description=f"quality gate: held-out Dice retention >= {g.min_retention:g} and every label >= "
+                    f"{g.min_label_retention:g} "
+                    + ("(a failing student is not published)" if g.enforce else "(enforce: false, reported only)"),
+        commands=(Command("gate", tuple(argv)),), resources=stage_resources(spec, GATE_STAGE),
+        fail_fast_exit_codes=(EXIT_CODE_GATE_FAILED,),
+    )
+
+
 def _publish(spec: api.DistillationJobSpec, paths: DataPaths) -> Stage | None:
     if spec.output is None:
         return None
@@ -341,6 +372,7 @@ def plan(spec: api.DistillationJobSpec, *, name: str, paths: DataPaths, device: 
         _teachers(spec, paths, device),
         _distill(spec, device),
         _export(spec, name, paths),
+        _gate(spec, paths),
         _publish(spec, paths),
     ) if s is not None]
     chained = []

@@ -20,9 +20,14 @@ from datetime import datetime
 from typing import Any
 
 from nnunet_distill_operator import api, k8s
-from nnunet_distill_operator.plan import DataPaths, Stage, plan
+from nnunet_distill_operator.plan import DataPaths, Stage, export_paths, plan
 from nnunet_distill_operator.status import (
     FAILED,
+    GATE_CONDITION,
+    GATE_FAILED,
+    GATE_NOT_ENFORCED,
+    GATE_PASSED,
+    GATE_STAGE,
     PENDING,
     RUNNING,
     SUCCEEDED,
@@ -33,8 +38,11 @@ from nnunet_distill_operator.status import (
     PodIssue,
     condition_type,
     format_duration,
+    gate_condition,
+    gate_failure_message,
     kstatus_conditions,
     merge_conditions,
+    newest_gate_summary,
     observe_job,
     parse_time,
     pod_issue,
@@ -48,7 +56,7 @@ ANNOTATION_ACCEPTED_SPEC = "distillation.nnunet.io/accepted-spec"
 # (or, for suspend, the running Job). Everything else defines the model being produced.
 SAFE_FIELDS = frozenset({
     "suspend", "resources", "scheduling", "image", "imagePullPolicy", "imagePullSecrets", "serviceAccountName",
-    "security", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "output",
+    "security", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "output", "qualityGate",
 })
 OWNED_STATUS_FIELDS = ("phase", "currentStage", "observedGeneration", "conditions", "stages", "startTime",
                        "completionTime", "reason", "message", "artifacts", "metrics")
@@ -255,6 +263,9 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
                 st.message = f"{detail}; {issue.reason}: {issue.message}" if issue else detail
                 if issue is not None and view.reason in ("BackoffLimitExceeded", "PodFailurePolicy"):
                     st.reason = issue.reason
+                elif issue is None and before is not None and before.state == FAILED and before.message:
+                    # The failed pod is gone (deleted, garbage-collected): what it said still explains the failure.
+                    st.reason, st.message = before.reason, before.message
         elif before is not None and before.state in TERMINAL:
             st.state, st.reason, st.message = before.state, before.reason, before.message
             st.start_time, st.completion_time = before.start_time, before.completion_time
@@ -270,6 +281,12 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         for pod in pods.get(s.name, ()):
             if (pod.get("status") or {}).get("phase") == "Succeeded":
                 summaries.append(pod_summary(pod))
+    # The quality gate's figures count whatever its verdict: a blocked student's figures say why.
+    gate_stage = next((s for s in stages if s.name == GATE_STAGE), None)
+    gate_seen = newest_gate_summary(pods.get(GATE_STAGE, ())) if gate_stage is not None else None
+    verdict = gate_seen[1] if gate_seen else None
+    if gate_seen:
+        summaries.append({"metrics": gate_seen[0].get("metrics")})
     artifacts, metrics = results_from_summaries(summaries)
     _await_verified_publish(states, artifacts, prev_raw.get("artifacts") or {})
 
@@ -306,9 +323,29 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
                 current_state.state, current_state.reason = PENDING, "Resumed"
                 current_state.message = f"Job {view.name} resumed"
 
+    # ---- quality gate
+    gate_cond = None
+    gate_blocked = False
+    if gate_stage is not None:
+        gate_st = next(s for s in states if s.name == GATE_STAGE)
+        gate_cond = gate_condition(verdict, prev_raw.get("conditions") or [], description=gate_stage.description,
+                                   stage_state=gate_st.state, stage_message=gate_st.message)
+        gate_blocked = gate_st.state == FAILED and (gate_cond.reason == GATE_FAILED or gate_st.reason == GATE_FAILED)
+
     # ---- phase
     done_count = sum(s.state == SUCCEEDED for s in states)
-    if failed is not None:
+    if failed is not None and gate_blocked and failed.name == GATE_STAGE:
+        phase, reason = FAILED, GATE_FAILED
+        package_dir = export_paths(DataPaths.in_pod(name))[2]
+        if verdict is not None:
+            message = gate_failure_message(verdict.message, verdict.student, package_dir)
+        elif prev_reason == GATE_FAILED and prev_message:
+            message = prev_message  # the gate pod is gone; what it said stays
+        else:
+            message = gate_failure_message(gate_cond.message if gate_cond else "quality gate failed", None,
+                                           package_dir)
+        shown = failed
+    elif failed is not None:
         phase, reason = FAILED, "StageFailed"
         message = f"stage {failed.name} failed: {failed.message or failed.reason}"
         shown = failed
@@ -341,6 +378,8 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         conds.append(Cond(condition_type(s.name), s.state == SUCCEEDED,
                           s.reason if s.state != NOT_STARTED else NOT_STARTED,
                           s.message or ""))
+    if gate_cond is not None:
+        conds.append(gate_cond)
     status: dict[str, Any] = {
         "phase": phase,
         "currentStage": shown.name if shown else None,
@@ -370,10 +409,20 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
             if s.state == SUCCEEDED:
                 events.append(Event("Normal", "StageSucceeded", f"stage {s.name} succeeded"
                                     + (f" in {format_duration(seconds)}" if seconds else "")))
-            else:
+            elif not (s.name == GATE_STAGE and gate_blocked):  # a blocking gate has its own event below
                 events.append(Event("Warning", "StageFailed", f"stage {s.name}: {s.message or s.reason}"))
         elif s.state not in TERMINAL and s.reason != before_reason and s.reason in _WARNING_REASONS:
             events.append(Event("Warning", s.reason, s.message or s.reason))
+    if gate_cond is not None:
+        before_gate = next((c for c in prev_raw.get("conditions") or [] if c.get("type") == GATE_CONDITION), {})
+        if gate_cond.reason != before_gate.get("reason"):
+            if gate_cond.reason == GATE_PASSED:
+                events.append(Event("Normal", GATE_PASSED, gate_cond.message))
+            elif gate_cond.reason == GATE_NOT_ENFORCED:
+                events.append(Event("Warning", GATE_NOT_ENFORCED, gate_cond.message + "; publishing anyway "
+                                    "(spec.qualityGate.enforce is false)"))
+            elif gate_cond.reason == GATE_FAILED:
+                events.append(Event("Warning", GATE_FAILED, message if gate_blocked else gate_cond.message))
     if prev.phase != phase:
         if phase == SUCCEEDED:
             where = artifacts.get("uri") or (status.get("artifacts") or {}).get("uri")

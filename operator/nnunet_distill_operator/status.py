@@ -213,7 +213,20 @@ def pod_summary(pod: Mapping[str, Any], container: str = "main") -> dict[str, An
 
 ARTIFACT_KEYS = ("uri", "sha256", "sizeBytes", "version", "modelPath", "studentParameters", "teacherParameters",
                  "onnx", "package")
-METRIC_KEYS = ("finalDice", "teacherDice", "retention")
+# status.metrics keys (nnunet_distill.evaluation.result_metrics) and the JSON type each must have.
+NUMBER_METRICS = ("finalDice", "teacherDice", "retention", "worstLabelRetention")
+TEXT_METRICS = ("worstLabel", "evaluatedOn")
+LIST_METRICS = ("teacherFolds",)
+METRIC_KEYS = NUMBER_METRICS + TEXT_METRICS + LIST_METRICS
+
+
+def _metric(key: str, value: Any) -> bool:
+    """Whether a termination message's metric value has the type status.metrics declares for it."""
+    if key in NUMBER_METRICS:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in TEXT_METRICS:
+        return isinstance(value, str)
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def results_from_summaries(summaries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -226,8 +239,92 @@ def results_from_summaries(summaries: Sequence[Mapping[str, Any]]) -> tuple[dict
             artifacts.update({k: a[k] for k in ARTIFACT_KEYS if a.get(k) is not None})
         m = summary.get("metrics")
         if isinstance(m, Mapping):
-            metrics.update({k: m[k] for k in METRIC_KEYS if isinstance(m.get(k), (int, float))})
+            metrics.update({k: m[k] for k in METRIC_KEYS if _metric(k, m.get(k))})
     return artifacts, metrics
+
+
+# ------------------------------------------------------------------------------------------ quality gate
+
+GATE_STAGE = "gate"
+GATE_CONDITION = "QualityGate"
+GATE_PASSED = "QualityGatePassed"
+GATE_FAILED = "QualityGateFailed"
+GATE_NOT_ENFORCED = "QualityGateNotEnforced"
+GATE_NOT_EVALUATED = "NotEvaluated"
+GATE_VERDICT_UNAVAILABLE = "VerdictUnavailable"
+GATE_VERDICTS = (GATE_PASSED, GATE_FAILED, GATE_NOT_ENFORCED)
+# Exit code of `nnunet-distill gate` when the student fails an enforced gate (nnunet_distill.gate.EXIT_GATE_FAILED).
+EXIT_CODE_GATE_FAILED = 3
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """The gate stage's verdict, from its termination message (`gate` object)."""
+
+    passed: bool
+    enforced: bool
+    message: str
+    student: str | None = None
+
+    @property
+    def reason(self) -> str:
+        if self.passed:
+            return GATE_PASSED
+        return GATE_FAILED if self.enforced else GATE_NOT_ENFORCED
+
+
+def gate_verdict(summary: Mapping[str, Any]) -> GateVerdict | None:
+    """The verdict in a gate pod's termination message; None when it carries none (e.g. the gate crashed)."""
+    gate = summary.get("gate")
+    if summary.get("stage") != GATE_STAGE or not isinstance(gate, Mapping) or not isinstance(gate.get("passed"), bool):
+        return None
+    passed = gate["passed"]
+    enforced = gate.get("enforced") is not False
+    message = gate.get("message") if isinstance(gate.get("message"), str) else ""
+    if not message:
+        message = "quality gate passed" if passed else "quality gate failed"
+    student = gate.get("student") if isinstance(gate.get("student"), str) else None
+    return GateVerdict(passed, enforced, message, student)
+
+
+def newest_gate_summary(pods: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], GateVerdict] | None:
+    """(termination message, verdict) of the newest finished gate pod that reached a verdict."""
+    ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+    for pod in ordered:
+        if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            continue
+        summary = pod_summary(pod)
+        verdict = gate_verdict(summary)
+        if verdict is not None:
+            return summary, verdict
+    return None
+
+
+def gate_failure_message(verdict_message: str, student: str | None, export: str) -> str:
+    """The job's message when an enforced gate blocks publishing: the verdict, and what was kept where."""
+    where = f"the student ({student}) and its export ({export})" if student else f"the student and its export ({export})"
+    return f"{verdict_message}; not published: {where} stay on the results volume for inspection"
+
+
+def gate_condition(verdict: GateVerdict | None, previous: Sequence[Mapping[str, Any]], *, description: str,
+                   stage_state: str | None = None, stage_message: str | None = None) -> Cond:
+    """The QualityGate condition: True/QualityGatePassed, False/QualityGateFailed or QualityGateNotEnforced with
+    the verdict's figures and cases, or Unknown/NotEvaluated before the gate reached a verdict.
+
+    Without a verdict in view (the gate pod is gone), an earlier verdict in `previous` stands.
+    """
+    if verdict is not None:
+        return Cond(GATE_CONDITION, verdict.passed, verdict.reason, verdict.message)
+    before = next((c for c in previous if c.get("type") == GATE_CONDITION), None)
+    if before is not None and before.get("reason") in GATE_VERDICTS:
+        return Cond(GATE_CONDITION, before.get("status") == "True", before["reason"], before.get("message") or "")
+    if stage_state == FAILED:
+        return Cond(GATE_CONDITION, None, GATE_NOT_EVALUATED, "the gate stage failed before reaching a verdict: "
+                    f"{stage_message or 'see the GateComplete condition'}")
+    if stage_state == SUCCEEDED:
+        return Cond(GATE_CONDITION, None, GATE_VERDICT_UNAVAILABLE, "the gate stage succeeded (passed, or "
+                    "qualityGate.enforce is false) but its pod's verdict could not be read")
+    return Cond(GATE_CONDITION, None, GATE_NOT_EVALUATED, f"not evaluated yet; {description}")
 
 
 # ------------------------------------------------------------------------------------------ conditions
@@ -236,7 +333,7 @@ def results_from_summaries(summaries: Sequence[Mapping[str, Any]]) -> tuple[dict
 @dataclass(frozen=True)
 class Cond:
     type: str
-    status: bool
+    status: bool | None  # None: Unknown
     reason: str
     message: str = ""
 
@@ -247,7 +344,7 @@ def merge_conditions(previous: Sequence[Mapping[str, Any]], desired: Sequence[Co
     before = {c.get("type"): c for c in previous}
     out = []
     for cond in desired:
-        status = "True" if cond.status else "False"
+        status = "Unknown" if cond.status is None else "True" if cond.status else "False"
         old = before.get(cond.type)
         changed = old is None or old.get("status") != status
         item: dict[str, Any] = {

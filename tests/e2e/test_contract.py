@@ -33,7 +33,8 @@ SPECS: dict[str, dict[str, Any]] = {
                          "distillation": {"alpha": 0.5, "temperature": 4.5, "epochs": 20, "iterationsPerEpoch": 7,
                                           "valIterations": 3, "useDA5": True, "fold": 1, "rotateFolds": True,
                                           "rotateFrequency": 9, "disableMirroring": True},
-                         "export": {"dynamicShape": True, "simplify": True, "modelName": "m"}},
+                         "export": {"dynamicShape": True, "simplify": True, "modelName": "m"},
+                         "qualityGate": {"minRetention": 0.955, "minLabelRetention": 0.8, "enforce": False}},
     "standard-static-trt": {"export": {"inputShape": [1, 1, 64, 64, 64], "tensorRTCompatible": True},
                             "output": {"uri": "file:///models/out"}},
     "standard-nnunet-format-2d": {"configuration": "2d", "export": {"nnUNetFormat": True}},
@@ -156,6 +157,11 @@ def _check_values(stage: plan.Stage, command: plan.Command, args: argparse.Names
         _, onnx_file, package_dir = plan.export_paths(PATHS)
         assert (str(args.onnx), str(args.output)) == (onnx_file, package_dir)
         assert args.name == (e.model_name or "job")
+    elif command.name == "gate":
+        g = spec.quality_gate
+        assert args.summary == plan.student_summary_glob(spec, PATHS)
+        assert (args.min_retention, args.min_label_retention, args.enforce) == (g.min_retention,
+                                                                               g.min_label_retention, g.enforce)
     elif command.name == "publish":
         assert (args.package_dir, args.uri) == (plan.export_paths(PATHS)[2], spec.output.uri)  # type: ignore[union-attr]
     else:
@@ -230,3 +236,65 @@ def test_pod_env_contract_matches_the_trainers_reporter() -> None:
     assert {report.ENV_NAME, report.ENV_NAMESPACE, report.ENV_UID, report.ENV_STAGE} <= names
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["terminationMessagePath"] == report.DEFAULT_TERMINATION_PATH
+
+
+def test_quality_gate_constants_agree_with_the_trainer() -> None:
+    """The operator renders the gate's command, reads its exit code and termination message, and names the file
+    the distill stage writes: every one of those names is the trainer's."""
+    from nnunet_distill_operator import status
+
+    gate = importlib.import_module("nnunet_distill.gate")
+    evaluation = importlib.import_module("nnunet_distill.evaluation")
+    assert plan.DISTILLATION_SUMMARY == evaluation.SUMMARY_NAME
+    assert gate.SCHEMA_VERSION == evaluation.SCHEMA_VERSION
+    assert (gate.TEST_SET, gate.VALIDATION_UNSEEN, gate.NO_HONEST_BASELINE) == (
+        evaluation.TEST_SET, evaluation.VALIDATION_UNSEEN, evaluation.NO_HONEST_BASELINE)
+    assert status.EXIT_CODE_GATE_FAILED == gate.EXIT_GATE_FAILED != k8s.EXIT_CODE_USAGE
+    assert (status.GATE_PASSED, status.GATE_FAILED, status.GATE_NOT_ENFORCED) == (gate.PASSED, gate.FAILED,
+                                                                                  gate.NOT_ENFORCED)
+    defaults = api.QualityGateSpec()
+    assert (defaults.min_retention, defaults.min_label_retention, defaults.enforce) == (
+        gate.DEFAULT_MIN_RETENTION, gate.DEFAULT_MIN_LABEL_RETENTION, True)
+    bounds = api.QualityGateSpec.model_json_schema()["properties"]["minRetention"]
+    assert bounds["maximum"] == gate.MAX_THRESHOLD and bounds["exclusiveMinimum"] == 0
+
+
+def test_gate_termination_message_becomes_status_metrics_and_the_condition(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real gate CLI on a summary laid out where the plan's glob looks; its termination message read by the
+    operator's own functions: every figure the trainer reports lands in status.metrics (the API model)."""
+    import json
+
+    from nnunet_distill_operator import status
+
+    gate_cli = importlib.import_module("nnunet_distill.cli.gate")
+    evaluation = importlib.import_module("nnunet_distill.evaluation")
+    spec = _spec({})
+    paths = plan.DataPaths(str(tmp_path / "raw"), str(tmp_path / "pre"), str(tmp_path / "results"),
+                           str(tmp_path / "work"))
+    fold = tmp_path / "results" / "Dataset027_Liver" / plan.student_model_folder(spec) / "fold_0"
+    (fold / "validation").mkdir(parents=True)
+    summary = {
+        "schema_version": 2, "evaluation": "test_set", "note": "held-out test cases",
+        "cases": {"ids": ["c0", "c1", "c2"], "count": 3, "source": "imagesTs", "mirroring_tta": True},
+        "student": {"model_folder": str(fold.parent), "fold": 0, "mean_dice": 0.6,
+                    "dice": {"organ": 0.9, "lesion": 0.3}},
+        "teacher_ensemble": {"folds": [0, 1, 2], "mean_dice": 0.9, "dice": {"organ": 0.95, "lesion": 0.85}},
+        "retention": {"mean": 0.6 / 0.9, "per_label": {"organ": 0.9 / 0.95, "lesion": 0.3 / 0.85},
+                      "worst_label": "lesion", "worst": 0.3 / 0.85},
+        "per_label": [],
+    }
+    (fold / "validation" / evaluation.SUMMARY_NAME).write_text(json.dumps(summary))
+    gate_stage = next(s for s in plan.plan(spec, name="job", paths=paths) if s.name == "gate")
+    term = tmp_path / "termination.json"
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(term))
+    assert gate_cli.main(list(gate_stage.argv[2:])) == status.EXIT_CODE_GATE_FAILED
+    message = status.parse_summary(term.read_text())
+    verdict = status.gate_verdict(message)
+    assert verdict is not None and verdict.reason == "QualityGateFailed" and verdict.student == str(fold)
+    _, metrics = status.results_from_summaries([message])
+    assert metrics == evaluation.result_metrics(summary)  # the trainer's own status.metrics, key for key
+    assert set(metrics) == set(status.METRIC_KEYS)
+    model = api.Metrics.model_validate(metrics)
+    assert (model.worst_label, model.teacher_folds, model.evaluated_on) == ("lesion", [0, 1, 2],
+                                                                           "test_set: 3 cases (imagesTs)")

@@ -185,8 +185,10 @@ class Kubelet:
             await asyncio.sleep(0.2)
 
 
-def _spec(endpoint_bucket_uri: str) -> dict[str, Any]:
+def _spec(endpoint_bucket_uri: str, quality_gate: dict[str, Any] | None = None) -> dict[str, Any]:
     cpu = {"gpus": 0, "cpu": "1", "memory": "4Gi"}
+    # The session's teachers and this student train for a handful of iterations: the gate reports, not blocks,
+    # unless a test asks for it (see test_an_undertrained_student_is_stopped_by_the_quality_gate).
     return {
         "dataset": {"id": 901},
         "storage": {"claimName": "nnunet-data"},
@@ -195,13 +197,15 @@ def _spec(endpoint_bucket_uri: str) -> dict[str, Any]:
         "student": {"reductionFactor": 2},
         "distillation": {"epochs": 2, "iterationsPerEpoch": 2, "valIterations": 1, "disableMirroring": True},
         "export": {"modelName": "spleen"},
-        "resources": {"distill": cpu, "export": cpu, "publish": cpu},
+        "qualityGate": quality_gate if quality_gate is not None else {"enforce": False},
+        "resources": {"distill": cpu, "export": cpu, "gate": cpu, "publish": cpu},
         "output": {"uri": endpoint_bucket_uri, "secretRef": {"name": SECRET}},
     }
 
 
-async def test_apply_to_succeeded_with_a_verified_model_in_the_bucket(kmock, tmp_path, workspace, moto_endpoint,
-                                                                      monkeypatch):
+async def _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch, spec: dict[str, Any]
+                          ) -> tuple[Kubelet, str]:
+    """Apply one DistillationJob and play the cluster until it Succeeds or Fails; (kubelet, phase)."""
     declare_resources(kmock)
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url).rstrip("/"))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))  # the pods' reporter finds the API server through it
@@ -224,25 +228,57 @@ async def test_apply_to_succeeded_with_a_verified_model_in_the_bucket(kmock, tmp
                 "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
                 "AWS_ENDPOINT_URL": moto_endpoint}.items()}})
         body = {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND,
-                "metadata": {"name": NAME, "namespace": NS}, "spec": _spec(f"s3://{BUCKET}/spleen")}
+                "metadata": {"name": NAME, "namespace": NS}, "spec": spec}
         await clients.create_dj(body, NS)
+        expect_failure = spec.get("qualityGate", {}).get("enforce", True)
 
         def phase() -> str | None:
-            if kubelet.errors:
+            if kubelet.errors and not expect_failure:
                 raise AssertionError("\n".join(kubelet.errors))
             p = (get(kmock, dj_key(kmock, NAME, NS)).get("status") or {}).get("phase")
             return p if p in ("Succeeded", "Failed") else None
 
-        assert await wait_for(phase, timeout=540, interval=0.5, what="a finished DistillationJob") == "Succeeded", \
-            json.dumps(get(kmock, dj_key(kmock, NAME, NS)).get("status"), indent=1)
+        finished = await wait_for(phase, timeout=540, interval=0.5, what="a finished DistillationJob")
     finally:
         node.cancel()
         await asyncio.gather(node, return_exceptions=True)
         await operator.stop()
         clients.close()
         shutil.rmtree(kubelet.tmpdir, ignore_errors=True)
+    return kubelet, finished
 
-    assert kubelet.ran == [k8s.job_name(NAME, s) for s in ("distill", "export", "publish")]
+
+async def test_an_undertrained_student_is_stopped_by_the_quality_gate(kmock, tmp_path, workspace, moto_endpoint,
+                                                                      monkeypatch):
+    """One iteration of training: the gate fails it, nothing is published, and the job says why with figures."""
+    spec = _spec(f"s3://{BUCKET}/spleen", {"minRetention": 0.97, "minLabelRetention": 0.9, "enforce": True})
+    spec["distillation"].update(epochs=1, iterationsPerEpoch=1)
+    kubelet, finished = await _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch, spec)
+    status = get(kmock, dj_key(kmock, NAME, NS))["status"]
+    assert finished == "Failed", json.dumps(status, indent=1)
+    assert status["reason"] == "QualityGateFailed"
+    assert kubelet.ran == [k8s.job_name(NAME, s) for s in ("distill", "export", "gate")]   # never publish
+    assert _s3(moto_endpoint).list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0
+    gate = {c["type"]: c for c in status["conditions"]}["QualityGate"]
+    assert gate["status"] == "False" and gate["reason"] == "QualityGateFailed"
+    assert "test_set" in gate["message"] and "0.97" in gate["message"]    # the figures, the threshold, the cases
+    # the student and its export stay on the volume for inspection
+    results = workspace.results / "Dataset901_Synth"
+    fold = results / "nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres" / "fold_0"
+    summary = json.loads((fold / "validation" / "distillation_summary.json").read_text())
+    assert (fold / "checkpoint_final.pth").is_file() and summary["evaluation"] == "test_set"
+    assert list(workspace.root.glob("**/export/model.onnx")), "the export stays for inspection"
+    metrics = status["metrics"]
+    assert metrics["evaluatedOn"].startswith("test_set") and metrics["teacherFolds"] == [0, 1]
+
+
+async def test_apply_to_succeeded_with_a_verified_model_in_the_bucket(kmock, tmp_path, workspace, moto_endpoint,
+                                                                      monkeypatch):
+    kubelet, finished = await _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch,
+                                              _spec(f"s3://{BUCKET}/spleen"))
+    assert finished == "Succeeded", json.dumps(get(kmock, dj_key(kmock, NAME, NS)).get("status"), indent=1)
+
+    assert kubelet.ran == [k8s.job_name(NAME, s) for s in ("distill", "export", "gate", "publish")]
     status = get(kmock, dj_key(kmock, NAME, NS))["status"]
     artifacts, progress, metrics = status["artifacts"], status["progress"], status["metrics"]
 

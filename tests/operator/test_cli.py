@@ -42,11 +42,12 @@ def test_crds_write_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_plan_prints_stages_and_manifests(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["plan", str(ROOT / "examples" / "distillationjob-full.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "5 stages" in out and "$ nnUNetv2_resenc_distillation_train" in out
+    assert "6 stages" in out and "$ nnUNetv2_resenc_distillation_train" in out
+    assert "$ nnunet-distill gate --summary '/data/nnUNet_results/Dataset220_*/" in out
     assert cli.main(["plan", str(ROOT / "examples" / "demo.yaml"), "--manifests"]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [d["metadata"]["name"] for d in docs] == ["demo-preprocess", "demo-teachers", "demo-distill",
-                                                     "demo-export"]
+                                                     "demo-export", "demo-gate"]
 
 
 def test_invalid_job_file_is_one_line_naming_the_field(tmp_path: Path) -> None:
@@ -85,7 +86,8 @@ def test_run_needs_local(capsys: pytest.CaptureFixture[str]) -> None:
 def test_help_lists_operator_and_trainer_commands() -> None:
     result = run("nnunet-distill", "--help")
     assert result.returncode == 0
-    for command in ("run", "plan", "crds", "demo", "synthetic", "train-teacher", "package", "publish", "predict"):
+    for command in ("run", "plan", "crds", "demo", "synthetic", "train-teacher", "package", "gate", "publish",
+                    "predict"):
         assert command in result.stdout
 
 

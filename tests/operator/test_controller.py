@@ -97,6 +97,22 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
             await job_appears(kmock, f"liver-{stage}")
         await complete(clients, kmock, "liver", stage)
 
+    # The quality gate: its pod passes the student and says so in its termination message.
+    gate = await job_appears(kmock, "liver-gate")
+    gate_pod = pod_for(gate)
+    await clients.create_pod(gate_pod)
+    verdict = {"stage": "gate", "ok": True, "gate": {
+        "passed": True, "enforced": True, "reason": "QualityGatePassed",
+        "message": "quality gate passed: retention 0.991 >= 0.970, worst label lesion 0.962 >= 0.900; evaluated on "
+                   "test_set: 6 cases (imagesTs), teacher folds 0 1 2"},
+        "metrics": {"finalDice": 0.91, "teacherDice": 0.918, "retention": 0.991, "worstLabelRetention": 0.962,
+                    "worstLabel": "lesion", "evaluatedOn": "test_set: 6 cases (imagesTs)", "teacherFolds": [0, 1, 2]}}
+    await clients.patch_pod_status(gate_pod["metadata"]["name"], {"phase": "Succeeded", "containerStatuses": [
+        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {
+            "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(verdict)}}}]})
+    await asyncio.sleep(0.1)
+    await complete(clients, kmock, "liver", "gate")
+
     publish = await job_appears(kmock, "liver-publish")
     env = {e["name"]: e for e in publish["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds",
@@ -119,14 +135,19 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
     assert cond(kmock, "liver", "Ready")["status"] == "True"
     assert cond(kmock, "liver", "Stalled")["status"] == "False"
     assert [c["type"] for c in final["conditions"]][4:] == ["PreprocessComplete", "TeachersComplete",
-                                                             "DistillComplete", "ExportComplete", "PublishComplete"]
+                                                             "DistillComplete", "ExportComplete", "GateComplete",
+                                                             "PublishComplete", "QualityGate"]
+    assert cond(kmock, "liver", "QualityGate")["status"] == "True"
+    assert cond(kmock, "liver", "QualityGate")["message"] == verdict["gate"]["message"]
+    assert final["metrics"] == verdict["metrics"]
     assert final["observedGeneration"] == 1 and final["completionTime"]
     await wait_for(lambda: ("Normal", "Succeeded") in [(t, r) for t, r, _ in events(kmock, "liver")],
                    what="Succeeded event")
     reasons = [r for _, r, _ in events(kmock, "liver")]
-    assert reasons.count("StageStarted") == 5 and reasons.count("StageSucceeded") == 5
+    assert reasons.count("StageStarted") == 6 and reasons.count("StageSucceeded") == 6
+    assert reasons.count("QualityGatePassed") == 1
     assert sorted(job_creations(kmock)) == sorted(f"liver-{s}" for s in
-                                                  ("preprocess", "teachers", "distill", "export", "publish"))
+                                                  ("preprocess", "teachers", "distill", "export", "gate", "publish"))
 
     # Every API call the operator made is granted by the RBAC rules the Helm chart is built from.
     granted = {(r.group, r.resource, v) for r in rbac.OPERATOR_RULES for v in r.verbs}
@@ -285,7 +306,7 @@ async def test_deleting_the_job_collects_its_jobs_and_drops_its_metrics(kmock: A
 
 async def test_ttl_after_finished_deletes_the_job(kmock: Any, clients: Clients, operator: OperatorRunner) -> None:
     await clients.create_dj(dj("short", preprocess={"mode": "Never"}, ttlSecondsAfterFinished=0))
-    for stage in ("distill", "export"):
+    for stage in ("distill", "export", "gate"):
         await job_appears(kmock, f"short-{stage}")
         await clients.patch_job_status(f"short-{stage}", COMPLETE)
     await wait_for(lambda: not exists(kmock, dj_key(kmock, "short")), what="DistillationJob deleted by TTL")

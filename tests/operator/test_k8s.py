@@ -84,7 +84,26 @@ def test_distill_job_has_gpu_mounts_env_shm_owner_and_security() -> None:
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
+    assert len(rules) == 2  # a training failure (exit 1) is retried up to backoffLimit
     assert job["spec"]["backoffLimit"] == 3 and "suspend" not in job["spec"]
+
+
+def test_a_failed_quality_gate_fails_its_job_at_once() -> None:
+    """The gate's "failed" (exit 3) is deterministic: retrying would judge the same student the same way."""
+    gate = _jobs(output={"uri": "s3://models/liver"})["gate"]
+    pod = gate["spec"]["template"]["spec"]
+    (main,) = pod["containers"]
+    assert "initContainers" not in pod
+    assert main["command"][:4] == ["nnunet-distill", "gate", "--summary",
+                                   ("/data/nnUNet_results/Dataset027_*/nnUNetDistillationTrainer__nnUNetPlans_r2__"
+                                    "3d_fullres/fold_0/validation/distillation_summary.json")]
+    rules = gate["spec"]["podFailurePolicy"]["rules"]
+    assert rules[2] == {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In",
+                                                             "values": [3]}}
+    assert main["resources"] == {"requests": {"cpu": "500m", "memory": "512Mi"},
+                                 "limits": {"cpu": "500m", "memory": "512Mi"}}
+    assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in main["env"])  # no credentials
+    kubernetes_validate.validate(gate, "1.33", strict=True)
 
 
 def test_teachers_are_an_indexed_job_one_gpu_per_pod() -> None:

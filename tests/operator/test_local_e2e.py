@@ -2,7 +2,9 @@
 
 Reuses the session's planned dataset and trained teacher folds (tests/conftest.py), so preprocessing and
 teacher training are skipped by the stages' own "outputs present" checks — the path a rerun takes — and
-the student is distilled (tiny budget), exported to ONNX, packaged and published to a file:// bucket.
+the student is distilled (tiny budget), exported to ONNX, packaged, judged by the quality gate (reporting only:
+a student of two iterations is not expected to pass it; tests/operator/test_quality_gate.py covers blocking) and
+published to a file:// bucket.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def test_run_local_distills_exports_packages_and_publishes(nnunet_teachers, tmp_
             "distillation": {"epochs": 1, "iterationsPerEpoch": 2, "valIterations": 1, "fold": 0,
                              "disableMirroring": True},  # no test-time mirroring: a faster final validation
             "export": {"modelName": "local-e2e"},
+            "qualityGate": {"enforce": False},
             "output": {"uri": f"file://{bucket}"},
         },
     }
@@ -56,7 +59,12 @@ def test_run_local_distills_exports_packages_and_publishes(nnunet_teachers, tmp_
 
     status = yaml.safe_load((workdir / "status.yaml").read_text())
     assert status["phase"] == "Succeeded"
-    assert [s["state"] for s in status["stages"].values()] == ["Succeeded"] * 5
+    assert list(status["stages"]) == ["preprocess", "teachers", "distill", "export", "gate", "publish"]
+    assert [s["state"] for s in status["stages"].values()] == ["Succeeded"] * 6
+    assert "[gate] $ nnunet-distill gate --summary" in out and "--no-enforce" in out
+    gate = next(c for c in status["conditions"] if c["type"] == "QualityGate")
+    assert gate["reason"] in ("QualityGatePassed", "QualityGateNotEnforced")
+    assert "evaluated on test_set: 4 cases (imagesTs)" in gate["message"]
     assert status["stages"]["teachers"]["reason"] == "AlreadyDone"
     assert status["progress"]["stage"] == "distill" and status["progress"]["epoch"] == 1
     assert status["artifacts"]["studentParameters"] < status["artifacts"]["teacherParameters"]

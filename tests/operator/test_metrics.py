@@ -91,6 +91,16 @@ async def test_metrics_are_served_parsed_and_follow_the_jobs(kmock: Any, clients
     await clients.patch_job_status("heart-distill", complete)
     await wait_for(lambda: exists(kmock, job_key(kmock, "heart-export")), what="export Job")
     await clients.patch_job_status("heart-export", complete)
+    await wait_for(lambda: exists(kmock, job_key(kmock, "heart-gate")), what="gate Job")
+    gate_pod = pod_for(get(kmock, job_key(kmock, "heart-gate")))
+    await clients.create_pod(gate_pod)
+    verdict = {"stage": "gate", "ok": True, "gate": {"passed": True, "enforced": True, "message": "passed"},
+               "metrics": {"worstLabelRetention": 0.95, "worstLabel": "vessel"}}
+    await clients.patch_pod_status(gate_pod["metadata"]["name"], {"phase": "Succeeded", "containerStatuses": [
+        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {
+            "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(verdict)}}}]})
+    await asyncio.sleep(0.1)
+    await clients.patch_job_status("heart-gate", complete)
     await wait_for(lambda: get(kmock, dj_key(kmock, "heart"))["status"].get("phase") == "Succeeded", what="done")
     await wait_for(lambda: metrics.JOBS._jobs.get(("default", "heart"), ("",))[0] == "Succeeded", what="view")
     done = await scrape(operator.metrics_port)
@@ -98,9 +108,12 @@ async def test_metrics_are_served_parsed_and_follow_the_jobs(kmock: Any, clients
     assert value(done, "nnunet_distill_jobs", namespace="default", phase="Succeeded") == 1
     assert (value(done, "nnunet_distill_stage_duration_seconds_count", stage="distill", result="Succeeded")
             or 0) >= 1
-    assert get(kmock, dj_key(kmock, "heart"))["status"]["metrics"] == summary["metrics"]
+    assert get(kmock, dj_key(kmock, "heart"))["status"]["metrics"] == {**summary["metrics"], **verdict["metrics"]}
     assert value(done, "nnunet_distill_dice_retention", namespace="default", name="heart") == 0.976
     assert value(done, "nnunet_distill_final_dice", namespace="default", name="heart") == 0.82
+    assert value(done, "nnunet_distill_worst_label_retention", namespace="default", name="heart",
+                 label="vessel") == 0.95
+    assert value(done, "nnunet_distill_quality_gate_passed", namespace="default", name="heart", enforced="true") == 1
 
 
 def _free_port() -> int:

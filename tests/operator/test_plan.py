@@ -25,8 +25,8 @@ def _flag(argv: tuple[str, ...], flag: str, n: int = 1) -> list[str]:
 
 def test_minimal_job_preprocesses_if_missing_distills_and_exports() -> None:
     stages = _plan()
-    assert [s.name for s in stages] == ["preprocess", "distill", "export"]
-    assert [s.needs for s in stages] == [(), ("preprocess",), ("distill",)]
+    assert [s.name for s in stages] == ["preprocess", "distill", "export", "gate"]
+    assert [s.needs for s in stages] == [(), ("preprocess",), ("distill",), ("export",)]
     pre = stages[0]
     assert pre.argv[:5] == ("nnUNetv2_plan_and_preprocess", "-d", "27", "-c", "3d_fullres")
     assert "--verify_dataset_integrity" in pre.argv
@@ -49,7 +49,7 @@ def test_preprocess_always_has_no_skip_guard_and_never_has_no_stage() -> None:
 def test_teachers_are_one_indexed_stage_with_one_gpu_per_fold_and_a_per_fold_guard() -> None:
     stages = _plan(teachers={"train": True, "folds": [0, 2, 4], "training": {"epochs": 50}})
     teachers = _stage(stages, "teachers")
-    assert [s.name for s in stages] == ["preprocess", "teachers", "distill", "export"]
+    assert [s.name for s in stages] == ["preprocess", "teachers", "distill", "export", "gate"]
     assert teachers.index_values == ("0", "2", "4") and teachers.completions == 3
     assert teachers.argv[:2] == ("nnunet-distill", "train-teacher")
     assert _flag(teachers.argv, "--folds-by-index", 3) == ["0", "2", "4"]
@@ -114,6 +114,33 @@ def test_export_then_package_in_one_cpu_stage() -> None:
     assert _flag(first.argv, "-o") == ["/res/nnunet-distill/j/export/model.onnx"]
     assert second.argv == ("nnunet-distill", "package", "--onnx", "/res/nnunet-distill/j/export/model.onnx",
                            "-o", "/res/nnunet-distill/j/package", "--name", "liver")
+
+
+def test_quality_gate_judges_the_students_summary_after_export_and_before_publish() -> None:
+    stages = _plan(output={"uri": "s3://models/liver"}, distillation={"fold": 3})
+    assert [s.name for s in stages][-3:] == ["export", "gate", "publish"]
+    gate = _stage(stages, "gate")
+    assert gate.needs == ("export",) and _stage(stages, "publish").needs == ("gate",)
+    # Defaults: on, 0.97 mean, 0.90 per label; the summary is a glob the CLI expands (no shell in a pod).
+    assert gate.argv == ("nnunet-distill", "gate", "--summary",
+                         ("/res/Dataset027_*/nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres/fold_3/validation/"
+                          "distillation_summary.json"), "--min-retention", "0.97", "--min-label-retention", "0.9")
+    assert gate.fail_fast_exit_codes == (3,)  # a failed verdict is deterministic: no retries
+    assert (gate.resources.gpus, gate.resources.cpu, gate.resources.memory) == (0, "500m", "512Mi")
+    assert not gate.uses_credentials and not gate.reports_progress and gate.done_when_exists == ()
+    assert "0.97" in gate.description and "not published" in gate.description
+
+
+def test_quality_gate_thresholds_enforce_and_student_folder_follow_the_spec() -> None:
+    stages = _plan(qualityGate={"minRetention": 0.99, "minLabelRetention": 0.95, "enforce": False},
+                   student={"architecture": "resenc", "reductionFactor": 4, "blockStrategy": "reduce"},
+                   distillation={"useDA5": True}, resources={"gate": {"cpu": 1, "memory": "1Gi"}})
+    gate = _stage(stages, "gate")
+    assert _flag(gate.argv, "--min-retention") == ["0.99"] and _flag(gate.argv, "--min-label-retention") == ["0.95"]
+    assert gate.argv[-1] == "--no-enforce" and "reported only" in gate.description
+    assert _flag(gate.argv, "--summary")[0].startswith(
+        "/res/Dataset027_*/nnUNetDistillationTrainerDA5__nnUNetPlans_r4_bsreduce__3d_fullres/fold_0/")
+    assert (gate.resources.cpu, gate.resources.memory) == ("1", "1Gi")
 
 
 def test_publish_only_with_an_output_and_only_it_uses_credentials() -> None:

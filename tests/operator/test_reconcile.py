@@ -95,6 +95,11 @@ def test_stages_advance_one_at_a_time_and_finish_with_events() -> None:
         order.append(stage)
         jobs[stage] = done(manifest)
         pods = {}
+        if stage == "gate":
+            pods = {"gate": [{"metadata": {"name": "g"}, "status": {"phase": "Succeeded", "containerStatuses": [
+                {"name": "main", "state": {"terminated": {"exitCode": 0, "message": json.dumps(
+                    {"stage": "gate", "ok": True, "gate": {"passed": True, "enforced": True,
+                                                            "message": "quality gate passed: retention 0.990"}})}}}]}}]}
         if stage == "publish":
             pods = {"publish": [{"metadata": {"name": "p"}, "status": {"phase": "Succeeded", "containerStatuses": [
                 {"name": "main", "state": {"terminated": {"exitCode": 0, "message": json.dumps(
@@ -104,12 +109,13 @@ def test_stages_advance_one_at_a_time_and_finish_with_events() -> None:
         assert ("StageSucceeded" in [e.reason for e in d.events])
         assert d.finished_stages and d.finished_stages[0][:2] == (stage, "Succeeded")
         assert d.finished_stages[0][2] == 1800.0
-    assert order == ["preprocess", "distill", "export", "publish"]
+    assert order == ["preprocess", "distill", "export", "gate", "publish"]
     assert body["status"]["phase"] == "Succeeded"
     assert cond(body["status"], "Ready")["status"] == "True"
     assert cond(body["status"], "Reconciling")["status"] == "False"
     assert body["status"]["artifacts"] == {"uri": "s3://models/liver/v1", "sha256": "ab" * 32, "sizeBytes": 123}
     assert all(cond(body["status"], f"{s.capitalize()}Complete")["status"] == "True" for s in order)
+    assert cond(body["status"], "QualityGate")["status"] == "True"
     assert body["status"]["completionTime"] == "2026-03-01T12:00:00Z"
 
 

@@ -280,5 +280,13 @@ def test_channel_kd_excludes_ignored_voxels_and_all_ignored_is_zero():
 
 
 def test_distillation_loss_rejects_an_unknown_kd_mode():
-    with pytest.raises(ValueError, match="kd_mode must be one of pixel, channel"):
+    with pytest.raises(ValueError, match="kd_mode must be one of pixel, channel, both"):
         DistillationLoss(torch.nn.Identity(), 0.3, 3.0, regions=False, ignore_label=None, kd_mode="feature")
+
+
+def test_both_kd_is_the_sum_of_pixel_and_channel_kd():
+    s, t = _logits(2, 3, 4, 3, 2, seed=9), _logits(2, 3, 4, 3, 2, seed=10)
+    mask = torch.rand(2, 1, 4, 3, 2, generator=torch.Generator().manual_seed(1)) > 0.3
+    both = kd_loss(s, t, 2.0, mode="both", mask=mask).item()
+    assert both == pytest.approx(kd_loss(s, t, 2.0, mode="pixel", mask=mask).item()
+                                 + kd_loss(s, t, 2.0, mode="channel", mask=mask).item(), rel=1e-6)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from nnunet_distill import naming
 
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-KD_MODES = ("pixel", "channel")          # = loss.KD_MODES (kept torch-free here)
+KD_MODES = ("pixel", "channel", "both")  # = loss.KD_MODES (kept torch-free here)
 STUDENT_INITS = ("teacher", "random")    # = inherit.INIT_CHOICES
 TEACHER_VIEWS = ("augmented", "clean")   # = augmentation.TEACHER_VIEWS
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"  # = teachers.DEFAULT_CHECKPOINT; not imported, to keep torch out of parsing
@@ -49,8 +49,8 @@ class DistillationConfig:
     device: str | None = None                      # -d_device; None = cuda if available else cpu
     continue_training: bool = False                # -c_continue
     variant: str = "standard"                      # which CLI built it (for logs and metadata only)
-    kd_mode: str = "pixel"                         # --kd_mode: pixel | channel (channel-wise KD)
-    student_init: str = "random"                   # --student_init: teacher (inherit sliced weights) | random
+    kd_mode: str = "both"                          # --kd_mode: pixel | channel (channel-wise KD) | both
+    student_init: str = "teacher"                  # --student_init: teacher (inherit sliced weights) | random
     teacher_view: str = "augmented"                # --teacher_view: augmented | clean (before intensity augs)
     test_cases: tuple[str, ...] | None = None      # --test_cases: held-out case ids (default: all of imagesTs)
 

@@ -97,7 +97,8 @@ def render(summary_path: str | Path, out_png: str | Path, teacher_checkpoints: S
     student_ckpt = Path(student.get("model_folder", "")) / f"fold_{student.get('fold')}" / "checkpoint_final.pth"
     if student_ckpt.is_file():
         curves[f"student ({student.get('plans')})"] = training_curves(student_ckpt)
-    for col, (key, label) in enumerate((("train_losses", "training loss"), ("val_losses", "validation loss"),
+    for col, (key, label) in enumerate((("train_losses", "training loss (student: mixed with KD)"),
+                                        ("val_losses", "validation loss (nnU-Net Dice+CE)"),
                                         ("mean_fg_dice", "pseudo Dice (validation patches)"))):
         ax = fig.add_subplot(grid[1, col])
         for name, series in curves.items():

@@ -169,7 +169,16 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         teachers = self.teachers
         folds = list(teachers.folds)
         index = folds.index(self.fold) if self.fold in folds else 0
-        report = inherit_from_teacher(self._unwrapped_network(), teachers.teachers[index])
+        student_net, teacher_net = self._unwrapped_network(), teachers.teachers[index]
+        if type(student_net) is not type(teacher_net):
+            # e.g. a plain student of ResEnc teachers: the encoders share no layers, and a half-inherited network
+            # (decoder from the teacher, encoder random) is worse than nnU-Net's own initialisation.
+            self.distillation_meta["init_teacher_fold"] = None
+            message = (f"student initialised randomly: --student_init teacher needs the teacher's architecture "
+                       f"({type(teacher_net).__name__}), the student is a {type(student_net).__name__}")
+            self.print_to_log_file(message)
+            return message
+        report = inherit_from_teacher(student_net, teacher_net)
         self.distillation_meta["init_teacher_fold"] = folds[index] if folds else None
         self.distillation_meta["inherited_fraction"] = round(report.fraction, 4)
         message = f"student initialised from teacher fold {folds[index] if folds else '?'}: {report.describe()}"
