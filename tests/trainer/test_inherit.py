@@ -9,10 +9,11 @@ from nnunet_distill.inherit import inherit_from_teacher, sliced
 
 
 def _kwargs(features, n_stages=4):
-    return dict(input_channels=2, n_stages=n_stages, features_per_stage=features, conv_op=torch.nn.Conv3d,
-                kernel_sizes=3, strides=[1, 2, 2, 2][:n_stages], num_classes=4, conv_bias=True,
-                norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-                nonlin=torch.nn.LeakyReLU, n_conv_per_stage_decoder=[2] * (n_stages - 1), deep_supervision=False)
+    return {"input_channels": 2, "n_stages": n_stages, "features_per_stage": features, "conv_op": torch.nn.Conv3d,
+            "kernel_sizes": 3, "strides": [1, 2, 2, 2][:n_stages], "num_classes": 4, "conv_bias": True,
+            "norm_op": torch.nn.InstanceNorm3d, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "nonlin": torch.nn.LeakyReLU, "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+            "deep_supervision": False}
 
 
 def plain(features, seed=0):

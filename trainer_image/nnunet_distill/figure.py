@@ -30,7 +30,7 @@ def pick_slice(labels: dict[str, np.ndarray]) -> tuple[str, int]:
             if value > 0:
                 counts[int(value)] = counts.get(int(value), 0) + int(n)
     if not counts:
-        case = sorted(labels)[0]
+        case = min(labels)
         return case, labels[case].shape[0] // 2
     rarest = min(counts, key=counts.get)
     best = max(((case, z, int((arr[z] == rarest).sum()), len(np.unique(arr[z])))
@@ -119,8 +119,7 @@ def render(summary_path: str | Path, out_png: str | Path, teacher_checkpoints: S
             f"teacher folds: {', '.join(map(str, teacher.get('folds') or []))}",
             f"retention (mean): {ret.get('mean', float('nan')):.3f}" if ret else "retention: n/a",
             f"worst label: {ret.get('worst_label')} {ret.get('worst', float('nan')):.3f}" if ret else "",
-            f"parameters: {student.get('parameters') or 0:,} vs {teacher.get('parameters_per_fold') or 0:,}"
-            f" per fold",
+            f"parameters: {student.get('parameters') or 0:,} vs {teacher.get('parameters_per_fold') or 0:,} per fold",
             f"inference speed-up: {inference.get('speedup')}x" if inference.get("speedup") else "",
             f"slice: {case}, z={z}"]
     ax.text(0, 1, "\n".join(t for t in text if t), va="top", fontsize=10, family="monospace")
