@@ -10,7 +10,7 @@ export nnUNet_n_proc_DA ?= 0
 export nnUNet_def_n_proc ?= 1
 export nnUNet_compile ?= false
 
-.PHONY: setup demo test test-fast bench crds lint clean
+.PHONY: setup tools demo test test-fast bench crds lint clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -e '.[operator,trainer,dev]'
 	touch $(STAMP)
+
+# Test servers that are not Python packages: Azurite (the Azure Storage emulator, pinned in tools/azurite/
+# package-lock.json) for the az:// publish tests. Needs Node.js >= 20 and npm; about 190 MB in node_modules.
+tools:
+	npm ci --prefix tools/azurite --no-audit --no-fund
 
 demo: $(STAMP)
 	$(BIN)/nnunet-distill demo

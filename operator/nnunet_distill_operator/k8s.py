@@ -29,13 +29,17 @@ EXIT_CODE_USAGE = 2  # argparse / configuration errors: retrying cannot help
 CONTAINER_MAIN = "main"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
-# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme.
+# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme. Each scheme
+# has one endpoint key for self-hosted or emulated stores (AWS_ENDPOINT_URL, GOOGLE_BASE_URL,
+# AZURE_STORAGE_ENDPOINT); STORAGE_ALLOW_HTTP=true is the explicit opt-in to a plain-http endpoint.
+ALLOW_HTTP_ENV = ("STORAGE_ALLOW_HTTP", False)
 CREDENTIAL_ENV: dict[str, tuple[tuple[str, bool], ...]] = {
     "s3": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_REGION", False),
-           ("AWS_ENDPOINT_URL", False), ("AWS_SESSION_TOKEN", False)),
-    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", False), ("GOOGLE_SERVICE_ACCOUNT", False)),
+           ("AWS_ENDPOINT_URL", False), ("AWS_SESSION_TOKEN", False), ALLOW_HTTP_ENV),
+    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", False), ("GOOGLE_SERVICE_ACCOUNT", False),
+           ("GOOGLE_BASE_URL", False), ALLOW_HTTP_ENV),
     "az": (("AZURE_STORAGE_ACCOUNT_NAME", False), ("AZURE_STORAGE_ACCOUNT_KEY", False),
-           ("AZURE_STORAGE_SAS_TOKEN", False)),
+           ("AZURE_STORAGE_SAS_TOKEN", False), ("AZURE_STORAGE_ENDPOINT", False), ALLOW_HTTP_ENV),
     "file": (),
 }
 
