@@ -231,7 +231,9 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
         c: dict[str, Any] = {
             "name": name,
             "image": image,
-            "command": container_command(stage, argv, guarded),
+            # `args`, not `command`: the image's ENTRYPOINT (tini in the trainer image) stays PID 1, reaps the data
+            # loader workers and forwards the kubelet's SIGTERM, on which the trainer saves a checkpoint.
+            "args": container_command(stage, argv, guarded),
             "env": env,
             "resources": _resources(spec, stage),
             "volumeMounts": mounts,
@@ -249,8 +251,8 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
     main = container(CONTAINER_MAIN, stage.argv, guarded=True)
     if init and stage.done_when_exists:
         # The guard must also protect the preparation steps: guard the first one instead.
-        init[0]["command"] = container_command(stage, stage.commands[0].argv, guarded=True)
-        main["command"] = list(stage.argv)
+        init[0]["args"] = container_command(stage, stage.commands[0].argv, guarded=True)
+        main["args"] = list(stage.argv)
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
