@@ -10,6 +10,7 @@ this file is skipped; with it set, a missing image or buildah fails.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -51,10 +52,10 @@ def _run(ctr: str, *argv: str, volumes: tuple[str, ...] = ()) -> list[str]:
 
 
 def test_entrypoint_help_and_non_root_user(container: str) -> None:
-    config = subprocess.run(["buildah", "inspect", "--type", "image", "--format",
-                             "{{.OCIv1.Config.User}} {{json .OCIv1.Config.Entrypoint}}", IMAGE],
-                            env=ENV, capture_output=True, text=True, check=True, timeout=60).stdout.split(" ", 1)
-    assert config[0] == "10001:10001" and config[1].strip() == '["nnunet-distill-operator"]'
+    inspect = subprocess.run(["buildah", "inspect", "--type", "image", IMAGE], env=ENV, capture_output=True,
+                             text=True, check=True, timeout=60).stdout
+    config = json.loads(inspect)["OCIv1"]["config"]
+    assert config["User"] == "10001:10001" and config["Entrypoint"] == ["nnunet-distill-operator"]
     helped = subprocess.run(_run(container, "nnunet-distill-operator", "--help"), env=ENV, capture_output=True,
                             text=True, timeout=120, check=False)
     assert helped.returncode == 0 and "--all-namespaces" in helped.stdout, helped.stdout + helped.stderr
