@@ -58,7 +58,7 @@ image-trainer: image-base
 
 # Smoke tests of the built operator image (entrypoint, non-root, a reconcile against kmock from inside it).
 test-images: $(STAMP) image-operator
-	OPERATOR_IMAGE=$(OPERATOR_IMAGE) $(BIN)/python -m pytest -q -ra tests/images
+	OPERATOR_IMAGE=$(OPERATOR_IMAGE) $(BIN)/python -m pytest -q -ra tests/operator/test_operator_image.py
 
 demo: $(STAMP)
 	$(BIN)/nnunet-distill demo
