@@ -280,11 +280,11 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             self.reporter.on_checkpoint(self.current_epoch)  # 0-based epoch this checkpoint completes
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)  # nnU-Net 2.8.1 only reads a file name correctly
+        self._ensure_kd_log_keys()
         checkpoint = filename_or_checkpoint
         if not isinstance(checkpoint, dict):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=False)
-        super().load_checkpoint(checkpoint)
-        self._ensure_kd_log_keys()
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
         self._load_preemption_state(checkpoint)
 
     # ------------------------------------------------------------------ pre-emption (SIGTERM)
