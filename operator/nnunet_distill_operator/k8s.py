@@ -29,13 +29,17 @@ EXIT_CODE_USAGE = 2  # argparse / configuration errors: retrying cannot help
 CONTAINER_MAIN = "main"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
-# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme.
+# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme. Each scheme
+# has one endpoint key for self-hosted or emulated stores (AWS_ENDPOINT_URL, GOOGLE_BASE_URL,
+# AZURE_STORAGE_ENDPOINT); STORAGE_ALLOW_HTTP=true is the explicit opt-in to a plain-http endpoint.
+ALLOW_HTTP_ENV = ("STORAGE_ALLOW_HTTP", False)
 CREDENTIAL_ENV: dict[str, tuple[tuple[str, bool], ...]] = {
     "s3": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_REGION", False),
-           ("AWS_ENDPOINT_URL", False), ("AWS_SESSION_TOKEN", False)),
-    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", False), ("GOOGLE_SERVICE_ACCOUNT", False)),
+           ("AWS_ENDPOINT_URL", False), ("AWS_SESSION_TOKEN", False), ALLOW_HTTP_ENV),
+    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", False), ("GOOGLE_SERVICE_ACCOUNT", False),
+           ("GOOGLE_BASE_URL", False), ALLOW_HTTP_ENV),
     "az": (("AZURE_STORAGE_ACCOUNT_NAME", False), ("AZURE_STORAGE_ACCOUNT_KEY", False),
-           ("AZURE_STORAGE_SAS_TOKEN", False)),
+           ("AZURE_STORAGE_SAS_TOKEN", False), ("AZURE_STORAGE_ENDPOINT", False), ALLOW_HTTP_ENV),
     "file": (),
 }
 
@@ -227,7 +231,9 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
         c: dict[str, Any] = {
             "name": name,
             "image": image,
-            "command": container_command(stage, argv, guarded),
+            # `args`, not `command`: the image's ENTRYPOINT (tini in the trainer image) stays PID 1, reaps the data
+            # loader workers and forwards the kubelet's SIGTERM, on which the trainer saves a checkpoint.
+            "args": container_command(stage, argv, guarded),
             "env": env,
             "resources": _resources(spec, stage),
             "volumeMounts": mounts,
@@ -245,8 +251,8 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
     main = container(CONTAINER_MAIN, stage.argv, guarded=True)
     if init and stage.done_when_exists:
         # The guard must also protect the preparation steps: guard the first one instead.
-        init[0]["command"] = container_command(stage, stage.commands[0].argv, guarded=True)
-        main["command"] = list(stage.argv)
+        init[0]["args"] = container_command(stage, stage.commands[0].argv, guarded=True)
+        main["args"] = list(stage.argv)
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

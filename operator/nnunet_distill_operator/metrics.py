@@ -59,6 +59,16 @@ START_LATENCY = Histogram(f"{PREFIX}_job_start_latency_seconds",
                           registry=REGISTRY,
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
 
+# Stages are rare events (hours apart). A labelled counter or histogram child appears only at its first event, and
+# PromQL's increase() cannot see the step from "no series" to 1, so the first finished stage after an operator
+# (re)start would vanish from the dashboard's "in range" panels. Exporting every known stage at 0 from the start
+# makes each event a visible 0 -> 1 step. (A stage not listed here still works; only its first event is lost.)
+KNOWN_STAGES = ("preprocess", "teachers", "distill", "export", "publish")
+for _stage in KNOWN_STAGES:
+    JOBS_CREATED.labels(_stage)
+    for _result in ("Succeeded", "Failed"):
+        STAGE_DURATION.labels(_stage, _result)
+
 # Per-job gauges (yielded by JobsCollector): family name -> (status.progress key, help)
 PROGRESS_GAUGES: dict[str, tuple[str, str]] = {
     f"{PREFIX}_epoch": ("epoch", "Epochs completed in the training stage."),

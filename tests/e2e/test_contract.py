@@ -202,7 +202,7 @@ def test_pod_commands_are_the_planned_commands() -> None:
         containers = pod.get("initContainers", []) + pod["containers"]
         assert len(containers) == len(stage.commands)
         for container, command in zip(containers, stage.commands):
-            assert container["command"][-len(command.argv):] == list(command.argv)
+            assert container["args"][-len(command.argv):] == list(command.argv)
         env = {e["name"]: e.get("value") for c in containers for e in c["env"]}
         assert (env["nnUNet_raw"], env["nnUNet_preprocessed"], env["nnUNet_results"]) == (
             "/data/nnUNet_raw", "/data/nnUNet_preprocessed", "/data/nnUNet_results")

@@ -226,7 +226,7 @@ async def _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET},
             "stringData": {}, "data": {k: base64.b64encode(v.encode()).decode() for k, v in {
                 "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": moto_endpoint}.items()}})
+                "AWS_ENDPOINT_URL": moto_endpoint, "STORAGE_ALLOW_HTTP": "true"}.items()}})
         body = {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND,
                 "metadata": {"name": NAME, "namespace": NS}, "spec": spec}
         await clients.create_dj(body, NS)

@@ -285,7 +285,7 @@ async def test_unsafe_spec_change_after_start_is_reported_and_ignored(kmock: Any
     assert cond(kmock, "lung", "Stalled")["status"] == "True"
     await clients.patch_job_status("lung-distill", COMPLETE)
     export = await job_appears(kmock, "lung-export")
-    argv = export["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    argv = export["spec"]["template"]["spec"]["initContainers"][0]["args"]
     assert argv[argv.index("-r") + 1] == "2"  # the accepted spec, not the edit
     await clients.patch_dj("lung", {"spec": {"student": {"reductionFactor": 2}}})  # reverted
     await wait_for(lambda: cond(kmock, "lung", "Stalled").get("status") == "False", what="stall cleared")

@@ -80,7 +80,7 @@ def test_distill_job_has_gpu_mounts_env_shm_owner_and_security() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
     assert main["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
-    assert main["command"][0] == "nnUNetv2_distillation_train"  # no guard: nothing to skip
+    assert main["args"][0] == "nnUNetv2_distillation_train"  # no guard: nothing to skip
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
@@ -112,8 +112,8 @@ def test_teachers_are_an_indexed_job_one_gpu_per_pod() -> None:
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
     main = job["spec"]["template"]["spec"]["containers"][0]
     assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert main["command"][:2] == ["/bin/sh", "-c"] and main["command"][3] == "nnunet-distill-guard"
-    assert main["command"][4:6] == ["nnunet-distill", "train-teacher"]
+    assert main["args"][:2] == ["/bin/sh", "-c"] and main["args"][3] == "nnunet-distill-guard"
+    assert main["args"][4:6] == ["nnunet-distill", "train-teacher"]
 
 
 def test_kueue_scheduling_and_deadline() -> None:
@@ -145,8 +145,8 @@ def test_export_stage_runs_export_as_init_container_then_package() -> None:
     job = _jobs()["export"]
     pod = job["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["initContainers"]] == ["export"]
-    assert pod["initContainers"][0]["command"][0] == "nnUNetv2_distillation_export_onnx"
-    assert pod["containers"][0]["command"][:2] == ["nnunet-distill", "package"]
+    assert pod["initContainers"][0]["args"][0] == "nnUNetv2_distillation_export_onnx"
+    assert pod["containers"][0]["args"][:2] == ["nnunet-distill", "package"]
     assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
 
 
@@ -196,3 +196,12 @@ def test_manifests_carry_no_secret_values() -> None:
     text = json.dumps(_jobs(**FULL))
     assert "secretKeyRef" in text
     assert "AWS_SECRET_ACCESS_KEY\", \"value\"" not in text
+
+
+def test_containers_keep_the_images_entrypoint() -> None:
+    """Stage argv goes to `args`: the trainer image's ENTRYPOINT (tini) stays PID 1, so the kubelet's SIGTERM reaches
+    the trainer (which checkpoints on it) and data-loader workers are reaped."""
+    for job in _jobs(**FULL).values():
+        pod = job["spec"]["template"]["spec"]
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert "command" not in c and c["args"], c["name"]

@@ -5,19 +5,32 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 import urllib.request
 from typing import Any
 
 from nnunet_distill_operator import metrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.external import promtool
 from tests.operator.conftest import dj
 from tests.operator.harness import OperatorRunner, dj_key, exists, get, job_key, pod_for, wait_for
 
 
-async def scrape(port: int) -> dict[str, list[Any]]:
-    text = await asyncio.to_thread(
+async def scrape_text(port: int) -> str:
+    return await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+
+
+def promtool_check_metrics(text: str) -> None:
+    """Prometheus' own linter over a real scrape (format, naming, HELP/TYPE, counters' _total)."""
+    proc = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
+
+
+async def scrape(port: int) -> dict[str, list[Any]]:
+    text = await scrape_text(port)
     families: dict[str, list[Any]] = {}
     for family in text_string_to_metric_families(text):
         families.setdefault(family.name, []).extend(family.samples)
@@ -68,6 +81,7 @@ async def test_metrics_are_served_parsed_and_follow_the_jobs(kmock: Any, clients
         assert asyncio.get_running_loop().time() < deadline, "epoch gauge never appeared"
         await asyncio.sleep(0.05)
     now = await scrape(operator.metrics_port)
+    promtool_check_metrics(await scrape_text(operator.metrics_port))  # with per-job series present
     assert value(now, "nnunet_distill_pseudo_dice", **labels) == 0.83
     assert value(now, "nnunet_distill_kd_loss", **labels) == 0.08
     assert value(now, "nnunet_distill_train_loss", **labels) == -0.61
@@ -104,6 +118,7 @@ async def test_metrics_are_served_parsed_and_follow_the_jobs(kmock: Any, clients
     await wait_for(lambda: get(kmock, dj_key(kmock, "heart"))["status"].get("phase") == "Succeeded", what="done")
     await wait_for(lambda: metrics.JOBS._jobs.get(("default", "heart"), ("",))[0] == "Succeeded", what="view")
     done = await scrape(operator.metrics_port)
+    promtool_check_metrics(await scrape_text(operator.metrics_port))  # with finished-stage histograms
     assert value(done, "nnunet_distill_epoch", **labels) is None
     assert value(done, "nnunet_distill_jobs", namespace="default", phase="Succeeded") == 1
     assert (value(done, "nnunet_distill_stage_duration_seconds_count", stage="distill", result="Succeeded")

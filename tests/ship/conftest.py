@@ -17,6 +17,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "nnunet-distill-operator"
 ALL_ON_VALUES_FILE = CHART / "ci" / "all-on-values.yaml"
+PODMONITOR_VALUES_FILE = CHART / "ci" / "podmonitor-values.yaml"
 # The chart declares kubeVersion >=1.27; validate against its floor, a mid version and a recent one.
 KUBE_VERSIONS = ("1.27", "1.30", "1.34")
 RELEASE = "distill"
@@ -85,6 +86,11 @@ def chart(helm):
 @pytest.fixture(scope="session")
 def all_on_values() -> dict:
     return load_strict(ALL_ON_VALUES_FILE)
+
+
+@pytest.fixture(scope="session")
+def podmonitor_values() -> dict:
+    return load_strict(PODMONITOR_VALUES_FILE)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ EXTERNAL_SERIES = {
     "DCGM_FI_DEV_FB_USED": "dcgm-exporter",
     "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": "dcgm-exporter",
     "kube_pod_owner": "kube-state-metrics",
+    "kube_job_owner": "kube-state-metrics",
     "up": "Prometheus (scrape health)",
 }
 # Grafana's built-in variables must become valid PromQL before parsing.
@@ -151,15 +152,15 @@ def _endpoints(monitor: dict) -> list[dict]:
     return monitor["spec"].get("endpoints") or monitor["spec"].get("podMetricsEndpoints")
 
 
-def test_service_and_pod_monitor_shape(render, all_on_values) -> None:
-    docs = render(all_on_values)
-    service = one(docs, "Service")
-    deploy = one(docs, "Deployment")
-    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
-    container = deploy["spec"]["template"]["spec"]["containers"][0]
-    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    for kind in ("ServiceMonitor", "PodMonitor"):
+def test_service_and_pod_monitor_shape(render, all_on_values, podmonitor_values) -> None:
+    for kind, values in (("ServiceMonitor", all_on_values), ("PodMonitor", podmonitor_values)):
+        docs = render(values)
+        deploy = one(docs, "Deployment")
+        pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+        container = deploy["spec"]["template"]["spec"]["containers"][0]
+        container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         monitor = one(docs, kind)
+        assert not by_kind(docs, "PodMonitor" if kind == "ServiceMonitor" else "ServiceMonitor")
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # additionalLabels
         spec = monitor["spec"]
@@ -170,6 +171,7 @@ def test_service_and_pod_monitor_shape(render, all_on_values) -> None:
         assert endpoint["honorLabels"] is True and endpoint["relabelings"] and endpoint["metricRelabelings"]
         selector = spec["selector"]["matchLabels"]
         if kind == "ServiceMonitor":
+            service = one(docs, "Service")
             assert selector.items() <= service["metadata"]["labels"].items()
             assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
             assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -177,6 +179,42 @@ def test_service_and_pod_monitor_shape(render, all_on_values) -> None:
             assert selector.items() <= pod_labels.items()
         assert container_ports["metrics"] == 9100
         assert f"--metrics-port={container_ports['metrics']}" in container["args"]
+
+
+@pytest.mark.parametrize("kind", ["serviceMonitor", "podMonitor"])
+def test_default_monitors_keep_each_jobs_namespace_label(render, kind) -> None:
+    """The operator exports per-job series labelled with the DistillationJob's namespace; the monitor must not let
+    Prometheus overwrite it with the operator's own (honor_labels: false would)."""
+    (monitor,) = [d for d in render({"metrics": {kind: {"enabled": True}}})
+                  if d["kind"] == kind[0].upper() + kind[1:]]
+    (endpoint,) = _endpoints(monitor)
+    overwrites_namespace = any(r.get("targetLabel") == "namespace" for r in endpoint.get("metricRelabelings", []))
+    assert endpoint["honorLabels"] is True and not overwrites_namespace
+
+
+def test_service_and_pod_monitor_exclude_each_other(chart, helm) -> None:
+    with pytest.raises(helm.HelmError, match="scraped twice"):
+        chart.render({"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+                     name="r", namespace="n")
+
+
+def test_rare_event_panels_count_over_the_whole_range() -> None:
+    """Stages finish hours apart: a rate over a few minutes shows nothing most of the time, so the stage panels
+    count with increase() over the dashboard's range, as instant queries."""
+    dashboard = json.loads(DASHBOARD_FILES[0].read_text())
+    stage_targets = [t for p in dashboard["panels"] for t in p.get("targets", [])
+                     if "nnunet_distill_stage_" in t["expr"] or "job_start_latency" in t["expr"]]
+    assert len(stage_targets) >= 4
+    for t in stage_targets:
+        assert "increase(" in t["expr"] and "[$__range]" in t["expr"] and "rate(" not in t["expr"], t["expr"]
+        assert t.get("instant") is True, t["expr"]
+
+
+def test_gpu_joins_match_names_exactly() -> None:
+    """Long DistillationJob names give hashed Job names; no `$job-.*` pattern may stand in for the ownership join."""
+    dashboard = json.loads(DASHBOARD_FILES[0].read_text())
+    for _, expr in dashboard_queries(dashboard):
+        assert "$job-" not in expr and "$job." not in expr, expr
 
 
 def test_monitors_are_off_by_default_and_service_monitor_needs_the_service(render, chart, helm) -> None:
@@ -209,12 +247,13 @@ def test_prometheus_rule_shape_and_queries(render, all_on_values) -> None:
     assert "0.97" in alerts["NnunetDistillAccuracyGateFailed"]["expr"]
 
 
-def test_operator_down_alert_matches_the_scrape_job_label(render, all_on_values) -> None:
+def test_operator_down_alert_matches_the_scrape_job_label(render, all_on_values, podmonitor_values) -> None:
     """ServiceMonitor/PodMonitor use jobLabel app.kubernetes.io/name, so `up{job=...}` must use its value."""
-    docs = render(all_on_values)
-    rule = one(docs, "PrometheusRule")
-    expr = next(r["expr"] for r in rule["spec"]["groups"][0]["rules"] if r.get("alert") == "NnunetDistillOperatorDown")
-    for kind in ("ServiceMonitor", "PodMonitor"):
+    for kind, values in (("ServiceMonitor", all_on_values), ("PodMonitor", podmonitor_values)):
+        docs = render(values)
+        rule = one(docs, "PrometheusRule")
+        expr = next(r["expr"] for r in rule["spec"]["groups"][0]["rules"]
+                    if r.get("alert") == "NnunetDistillOperatorDown")
         monitor = one(docs, kind)
         label = monitor["spec"]["jobLabel"]
         source = one(docs, "Service") if kind == "ServiceMonitor" else one(docs, "Deployment")["spec"]["template"]

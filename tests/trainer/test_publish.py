@@ -82,6 +82,7 @@ def _env(endpoint: str, key: str = "test", secret: str = "test") -> dict[str, st
         "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": endpoint,
+        "STORAGE_ALLOW_HTTP": "true",  # moto serves plain http: the explicit opt-in
     }
 
 
@@ -496,6 +497,26 @@ def test_uri_parsing_and_store_options():
     assert "aws_profile" not in cfg
     cfg, client = pub.store_options(t, {"AWS_REGION": "eu-west-1"}, FAST)
     assert "allow_http" not in client and "aws_virtual_hosted_style_request" not in cfg
+    cfg, client = pub.store_options(t, {"AWS_ENDPOINT_URL": "https://minio:9000"}, FAST)
+    assert "allow_http" not in client and cfg["aws_endpoint_url"] == "https://minio:9000"
+
+
+@pytest.mark.parametrize(
+    "uri,env",
+    [
+        ("s3://bkt/m", {"AWS_ENDPOINT_URL": "http://minio:9000"}),
+        ("gs://bkt/m", {"GOOGLE_BASE_URL": "http://gcs:4443"}),
+        ("az://models/m", {"AZURE_STORAGE_ENDPOINT": "http://azurite:10000/devstoreaccount1"}),
+        ("az://models/m", {"AZURE_STORAGE_USE_EMULATOR": "true"}),
+    ],
+)
+def test_plain_http_endpoints_need_the_explicit_opt_in(uri, env, package):
+    """An http:// endpoint alone is refused before any request; STORAGE_ALLOW_HTTP=true lets it through."""
+    with pytest.raises(PublishError) as info:
+        pub.publish(package, uri, env=env, policy=FAST)
+    assert info.value.reason == Reason.INSECURE_ENDPOINT and "STORAGE_ALLOW_HTTP=true" in str(info.value)
+    _, client = pub.store_options(pub.parse_uri(uri), {**env, "STORAGE_ALLOW_HTTP": "true"}, FAST)
+    assert client["allow_http"] is True
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -15,7 +15,10 @@ retry re-sends whole files when a transfer or a read-back still fails after that
 
 Credentials come only from the standard environment variables (for S3: `AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`; `GOOGLE_*` for `gs://`,
-`AZURE_*` for `az://`), as a Kubernetes `secretKeyRef` sets them. The least privilege that suffices is
+`AZURE_*` for `az://`), as a Kubernetes `secretKeyRef` sets them. Each scheme has one endpoint variable for
+self-hosted or emulated stores (`AWS_ENDPOINT_URL`, `GOOGLE_BASE_URL`, `AZURE_STORAGE_ENDPOINT`); a plain
+`http://` endpoint is refused unless `STORAGE_ALLOW_HTTP=true` is set as well, so credentials never travel
+unencrypted because of a typo in a URL. The least privilege that suffices is
 put + get on the prefix (delete is used, best effort, only to clean up after a failed publish); listing
 the bucket is never needed.
 """
@@ -59,6 +62,7 @@ class Reason:
     VERIFICATION_FAILED = "VerificationFailed"
     UPLOAD_FAILED = "UploadFailed"
     NOT_PUBLISHED = "NotPublished"
+    INSECURE_ENDPOINT = "InsecureEndpoint"
 
 
 class PublishError(Exception):
@@ -371,10 +375,35 @@ _CREDENTIAL_HINT = {
 }
 
 
-def endpoint_of(env: Mapping[str, str]) -> str | None:
-    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"):
+# The variable naming each family's endpoint (first one set wins), as obstore reads them.
+ENDPOINT_ENV: dict[str, tuple[str, ...]] = {
+    "s3": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"),
+    "gs": ("GOOGLE_BASE_URL",),
+    "az": ("AZURE_STORAGE_ENDPOINT", "AZURE_ENDPOINT"),
+}
+# The one the operator passes from the storage secret (the others work too when set by hand).
+ENDPOINT_NAME = {"s3": "AWS_ENDPOINT_URL", "gs": "GOOGLE_BASE_URL", "az": "AZURE_STORAGE_ENDPOINT"}
+# Plain http (no TLS) needs this set to true, whatever the endpoint says: an explicit opt-in.
+ALLOW_HTTP_ENV = "STORAGE_ALLOW_HTTP"
+AZURITE_DEFAULT_URL = "http://127.0.0.1:10000"  # what obstore uses with AZURE_STORAGE_USE_EMULATOR
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def endpoint_of(env: Mapping[str, str], family: str = "s3") -> str | None:
+    """The custom endpoint configured for a family, or None for the provider's public endpoint."""
+    for key in ENDPOINT_ENV.get(family, ()):
         if env.get(key):
             return env[key]
+    if family == "az" and _truthy(env.get("AZURE_STORAGE_USE_EMULATOR")):
+        # obstore reads AZURITE_BLOB_STORAGE_URL from the process environment in emulator mode
+        return (
+            env.get("AZURITE_BLOB_STORAGE_URL")
+            or os.environ.get("AZURITE_BLOB_STORAGE_URL")
+            or AZURITE_DEFAULT_URL
+        )
     return None
 
 
@@ -384,8 +413,8 @@ def store_options(
     """(store config, client options) for obstore from the standard env vars.
 
     A custom S3 endpoint (MinIO, Ceph, moto, …) gets path-style requests unless
-    AWS_VIRTUAL_HOSTED_STYLE_REQUEST says otherwise, and plain http is allowed only when the
-    endpoint itself is http://.
+    AWS_VIRTUAL_HOSTED_STYLE_REQUEST says otherwise. Plain http is allowed only when STORAGE_ALLOW_HTTP is
+    true; an http:// endpoint without it is refused (InsecureEndpoint) before any request is sent.
     """
     family = _FAMILY.get(target.scheme, target.scheme)
     config = {k.lower(): env[k] for k in _ENV_KEYS.get(family, ()) if env.get(k)}
@@ -393,17 +422,22 @@ def store_options(
         "connect_timeout": _dt.timedelta(seconds=policy.connect_timeout_s),
         "timeout": _dt.timedelta(seconds=policy.request_timeout_s),
     }
-    if family == "s3":
-        endpoint = endpoint_of(env)
-        if endpoint:
-            if "aws_virtual_hosted_style_request" not in config:
-                config["aws_virtual_hosted_style_request"] = "false"
-            if not (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")):
-                config["aws_region"] = "us-east-1"  # MinIO & co. accept any region; SigV4 needs one
-            if endpoint.lower().startswith("http://"):
-                client["allow_http"] = True
-    if family == "az" and str(env.get("AZURE_STORAGE_USE_EMULATOR", "")).lower() in ("1", "true"):
+    endpoint = endpoint_of(env, family)
+    allow_http = _truthy(env.get(ALLOW_HTTP_ENV))
+    if endpoint and endpoint.lower().startswith("http://") and not allow_http:
+        raise PublishError(
+            Reason.INSECURE_ENDPOINT,
+            f"the {family} endpoint {_redact(endpoint)} is plain http; use https, or set "
+            f"{ALLOW_HTTP_ENV}=true in the storage secret to allow unencrypted transfers (test and "
+            "in-cluster stores only)",
+        )
+    if allow_http:
         client["allow_http"] = True
+    if family == "s3" and endpoint:
+        if "aws_virtual_hosted_style_request" not in config:
+            config["aws_virtual_hosted_style_request"] = "false"
+        if not (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")):
+            config["aws_region"] = "us-east-1"  # MinIO & co. accept any region; SigV4 needs one
     return config, client
 
 
@@ -468,7 +502,7 @@ def classify(
     family = _FAMILY.get(target.scheme, target.scheme)
     where = f"{action} {target.uri_of(key)}"
     hint = _CREDENTIAL_HINT.get(family, "")
-    endpoint = endpoint_of(env) if family == "s3" else None
+    endpoint = endpoint_of(env, family)
     detail = f"{status} {code}" if status and code else (code or (str(status) if status else ""))
     type_name = type(exc).__name__
 
@@ -509,8 +543,8 @@ def classify(
         target_host = endpoint or f"the {family} service"
         return PublishError(
             Reason.ENDPOINT_UNREACHABLE,
-            f"cannot reach {target_host} ({where}); check AWS_ENDPOINT_URL and the network path"
-            if family == "s3"
+            f"cannot reach {target_host} ({where}); check {ENDPOINT_NAME[family]} and the network path"
+            if family in ENDPOINT_NAME
             else f"cannot reach {target_host} ({where}); check the network path",
         )
     transient = status is None or status >= 500 or status in (408, 429)
@@ -785,6 +819,9 @@ def resolve_latest(
 
 
 __all__ = [
+    "ALLOW_HTTP_ENV",
+    "ENDPOINT_ENV",
+    "ENDPOINT_NAME",
     "LATEST_FILE",
     "MARKER_FILE",
     "SUMS_FILE",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +63,12 @@ def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class TrainingPreempted(KeyboardInterrupt):
+    """SIGTERM (pod pre-emption, eviction, node drain) arrived and a checkpoint of every completed iteration was
+    saved; the same command line with -c_continue resumes inside the interrupted epoch. A KeyboardInterrupt so that
+    no ``except Exception`` on the way up swallows it and the CLI exits as for Ctrl-C."""
 
 
 def _finite_or_none(x: Any) -> float | None:
@@ -261,6 +268,11 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             self.reporter.on_epoch_end(self.current_epoch - 1, train_loss=progress["trainLoss"],
                                        kd_loss=progress["kdLoss"], pseudo_dice=progress["pseudoDice"],
                                        epoch_seconds=progress["lastEpochSeconds"], total_epochs=self.num_epochs)
+        # SIGTERM outside an iteration (validation, epoch end): nnU-Net has just saved checkpoint_latest.pth. After
+        # the last epoch it saves none; checkpoint_final.pth follows at once, so training simply ends then.
+        if getattr(self, "_preemption", {}).get("signal") is not None and self.current_epoch < self.num_epochs:
+            self.print_to_log_file(f"pre-empted after epoch {self.current_epoch - 1}: checkpoint_latest.pth is current")
+            raise TrainingPreempted(f"SIGTERM: epoch {self.current_epoch - 1} checkpointed")
 
     def _write_progress(self) -> dict:
         """``progress.json`` beside the checkpoints: what the pod reporter turns into DistillationJob status."""
@@ -320,8 +332,69 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             self.reporter.on_checkpoint(self.current_epoch)  # 0-based epoch this checkpoint completes
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)  # nnU-Net 2.8.1 only reads a file name correctly
         self._ensure_kd_log_keys()
+        checkpoint = filename_or_checkpoint
+        if not isinstance(checkpoint, dict):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        self._load_preemption_state(checkpoint)
+
+    # ------------------------------------------------------------------ pre-emption (SIGTERM)
+    # nnU-Net checkpoints once per epoch. On SIGTERM the iteration in flight finishes, then checkpoint_latest.pth is
+    # written with the epoch still open plus the outputs of its completed iterations; the resumed run replays those
+    # outputs instead of training them again (their batches are drawn and dropped) and trains the rest. Nothing is
+    # repeated and no completed iteration is lost. ``optimizer_steps`` counts every trained iteration across resumes.
+    def _install_preemption_handler(self) -> None:
+        state = self.__dict__.setdefault("_preemption", {"signal": None, "epoch": None, "outputs": [], "replay": []})
+        self.distillation_meta.setdefault("optimizer_steps", 0)
+
+        def on_sigterm(signum, _frame):
+            state["signal"] = signum  # acted on between iterations, never inside one
+
+        with contextlib.suppress(ValueError):  # not the main thread (embedded use): no handler, as before
+            signal.signal(signal.SIGTERM, on_sigterm)
+        inner = self.train_step
+
+        def train_step(batch: dict) -> dict:
+            if state["epoch"] != self.current_epoch:
+                state["epoch"], state["outputs"] = self.current_epoch, []
+            if state["replay"]:  # completed before the pre-emption: keep its result, do not train it twice
+                out = state["replay"].pop(0)
+            else:
+                out = inner(batch)
+                self.distillation_meta["optimizer_steps"] += 1
+            state["outputs"].append(out)
+            if state["signal"] is not None:
+                self._save_preempted_checkpoint()
+            return out
+
+        self.train_step = train_step  # instance attribute: nnU-Net's run_training calls self.train_step
+
+    def _save_preempted_checkpoint(self) -> None:
+        state = self._preemption
+        done = len(state["outputs"]) if state["epoch"] == self.current_epoch else 0
+        checkpoint = self.checkpoint_dict()
+        checkpoint["current_epoch"] = self.current_epoch  # the epoch is still open: the resumed run re-enters it
+        checkpoint["preempted"] = {
+            "epoch": self.current_epoch, "iterations_done": done,
+            "train_outputs": [{k: np.asarray(v).tolist() for k, v in o.items()} for o in state["outputs"][:done]]}
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            atomic_torch_save(checkpoint, join(self.output_folder, "checkpoint_latest.pth"))
+        self.print_to_log_file(f"pre-empted: checkpoint_latest.pth saved after {done} of "
+                               f"{self.num_iterations_per_epoch} iterations of epoch {self.current_epoch} "
+                               f"({self.distillation_meta['optimizer_steps']} optimizer steps in all)")
+        raise TrainingPreempted(f"SIGTERM: checkpointed epoch {self.current_epoch} after {done} iterations")
+
+    def _load_preemption_state(self, checkpoint: dict) -> None:
+        steps = (checkpoint.get("distillation") or {}).get("optimizer_steps")
+        if steps is not None:
+            self.distillation_meta["optimizer_steps"] = steps
+        preempted = checkpoint.get("preempted")
+        if preempted and preempted["epoch"] == self.current_epoch:
+            replay = [{k: np.asarray(v) for k, v in o.items()} for o in preempted["train_outputs"]]
+            self.__dict__["_preemption"] = {"signal": None, "epoch": None, "outputs": [], "replay": replay}
+            self.print_to_log_file(f"resuming epoch {self.current_epoch} after iteration "
+                                   f"{preempted['iterations_done']} (pre-empted run)")
 
     # ------------------------------------------------------------------ fold rotation
     def _splits(self) -> list[dict]:
@@ -356,6 +429,7 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         return changed
 
     def on_train_start(self):
+        self._install_preemption_handler()
         if self._rotation_enabled():
             rotation.rotated_split(self._splits(), self.fold, self.fold)  # fails early if the fold is not in it
             self._set_rotation_for_epoch(self.current_epoch)
