@@ -235,6 +235,27 @@ class DistillationSpec(_Model):
                                          description="Epochs between fold rotations (default 400 standard, "
                                                      "5 resenc); requires rotateFolds.")
     disable_mirroring: bool = Field(False, description="Disable mirroring test-time augmentation in validation.")
+    kd_mode: Literal["pixel", "channel", "both"] = Field(
+        "both", description="KD term: pixel (KL of the class distributions per voxel), channel (channel-wise KD: "
+                            "per class, KL of where the class is, so small structures weigh as much as large "
+                            "ones) or both (their sum).")
+    student_init: Literal["teacher", "random"] = Field(
+        "teacher", description="teacher: start the student from a teacher's weights cut to its width (the "
+                               "leading channels of every layer); random: nnU-Net's initialisation.")
+    teacher_view: Literal["augmented", "clean"] = Field(
+        "augmented", description="What the teachers label: the student's augmented patch, or the patch before the "
+                                 "intensity-only augmentations (clean).")
+    test_cases: list[Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]] \
+        | None = Field(None, min_length=1, max_length=10000,
+                       description="Held-out case identifiers for the final evaluation (default: every labelled "
+                                   "case of imagesTs); a case of imagesTr is refused if any model trained on it.")
+
+    @field_validator("test_cases")
+    @classmethod
+    def _distinct_cases(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("lists a case twice")
+        return v
 
 
 class ExportSpec(_Model):

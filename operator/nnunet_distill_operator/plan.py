@@ -273,6 +273,9 @@ def _distill(spec: api.DistillationJobSpec, device: str | None) -> Stage:
             argv += ["-rotate_freq", str(d.rotate_frequency)]
     if d.disable_mirroring:
         argv.append("-disable_mirroring")
+    argv += ["--kd_mode", d.kd_mode, "--student_init", d.student_init, "--teacher_view", d.teacher_view]
+    if d.test_cases:
+        argv += ["--test_cases", *d.test_cases]
     # Always resume: a restarted pod (retry, preemption, node loss) continues from the newest checkpoint on
     # the volume; without one the trainer starts fresh (and says so).
     argv += ["-d_device", _device(res, device), "-c_continue"]

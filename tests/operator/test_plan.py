@@ -103,6 +103,28 @@ def test_distillation_options_map_to_flags() -> None:
     assert _flag(argv, "-rotate_freq") == ["9"] and argv.index("-rotate_folds") < argv.index("-rotate_freq")
 
 
+def test_kd_method_and_held_out_cases_map_to_flags() -> None:
+    default = _stage(_plan(), "distill").argv
+    assert _flag(default, "--kd_mode") == ["both"] and _flag(default, "--student_init") == ["teacher"]
+    assert _flag(default, "--teacher_view") == ["augmented"] and "--test_cases" not in default
+    argv = _stage(_plan(distillation={"kdMode": "channel", "studentInit": "random", "teacherView": "clean",
+                                      "testCases": ["case_7", "liver.12"]}), "distill").argv
+    assert _flag(argv, "--kd_mode") == ["channel"] and _flag(argv, "--student_init") == ["random"]
+    assert _flag(argv, "--teacher_view") == ["clean"] and _flag(argv, "--test_cases", 2) == ["case_7", "liver.12"]
+
+
+def test_held_out_case_lists_are_checked_at_admission() -> None:
+    import pytest
+
+    for bad, words in ((["a", "a"], "lists a case twice"), ([], "at least 1 item"), (["../x"], "pattern")):
+        with pytest.raises(api.InvalidSpec) as err:
+            api.parse_spec({"dataset": {"id": 27}, "storage": {"claimName": "data"},
+                            "distillation": {"testCases": bad}})
+        assert "spec.distillation.testCases" in str(err.value.problems) and words in str(err.value.problems)
+    with pytest.raises(api.InvalidSpec, match="kdMode"):
+        api.parse_spec({"dataset": {"id": 27}, "storage": {"claimName": "data"}, "distillation": {"kdMode": "x"}})
+
+
 def test_export_then_package_in_one_cpu_stage() -> None:
     stages = _plan(export={"dynamicShape": True, "simplify": True, "modelName": "liver"},
                    distillation={"useDA5": True})
