@@ -33,7 +33,7 @@ from typing import Any
 import kopf
 
 from nnunet_distill_operator import __version__, api, k8s, metrics
-from nnunet_distill_operator.reconcile import ANNOTATION_ACCEPTED_SPEC, OWNED_STATUS_FIELDS, Decision, decide
+from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, decide
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, parse_time
 
 log = logging.getLogger("nnunet_distill_operator")
@@ -105,7 +105,6 @@ class State:
     locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     locks_guard: threading.Lock = field(default_factory=threading.Lock)
     owned_status: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
-    accepted: dict[tuple[str, str, str], str] = field(default_factory=dict)
     created: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
     rejected: dict[tuple[str, str, str], dict[str, str]] = field(default_factory=dict)
     deleted: set[tuple[str, str, str]] = field(default_factory=set)
@@ -226,7 +225,6 @@ def _forget(state: State, namespace: str, name: str, uid: str) -> None:
     metrics.JOBS.forget(namespace, name)
     key = (namespace, name, uid)
     state.owned_status.pop(key, None)
-    state.accepted.pop(key, None)
     state.created.pop(key, None)
     state.rejected.pop(key, None)
     state.deleted.discard(key)
@@ -307,9 +305,6 @@ def _with_own_writes(state: State, body: dict[str, Any], key: tuple[str, str, st
             else:
                 status.pop(f, None)
         cr["status"] = status
-    accepted = state.accepted.get(key)
-    if accepted is not None:
-        cr.setdefault("metadata", {}).setdefault("annotations", {})[ANNOTATION_ACCEPTED_SPEC] = accepted
     return cr
 
 
@@ -334,14 +329,15 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
     """Perform a Decision's side effects, in an order that is safe to interrupt at any point."""
     c = state.clients
     namespace, name, _uid = key
-    # 1. The accepted spec first: if we crash after creating a Job, the restarted operator knows which
-    #    spec that Job was created from.
+    # 1. The accepted spec first, into status (which users cannot write): if we crash after creating a Job,
+    #    the restarted operator knows which spec that Job was created from.
+    status_patch = decision.status_patch
     if decision.accepted_spec is not None:
-        c.custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name,
-            {"metadata": {"annotations": {ANNOTATION_ACCEPTED_SPEC: decision.accepted_spec}}},
-            _content_type="application/merge-patch+json")
-        state.accepted[key] = decision.accepted_spec
+        if not _patch_status(state, key, {"status": {"acceptedSpec": decision.accepted_spec}}):
+            return
+        if status_patch is not None:
+            rest = {k: v for k, v in status_patch["status"].items() if k != "acceptedSpec"}
+            status_patch = {"status": rest} if rest else None
     for manifest in decision.create:
         stage = manifest["metadata"]["labels"][k8s.LABEL_STAGE]
         try:
@@ -374,21 +370,12 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
             "spec": {"suspend": False},
             "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
             _content_type="application/merge-patch+json")
-    if decision.status_patch is not None:
-        try:
-            result = c.custom.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name, decision.status_patch,
-                _content_type="application/merge-patch+json")
-        except c.ApiException as exc:
-            if exc.status == 404:
-                state.deleted.add(key)
-                return
-            raise
-        written = (result or {}).get("status") or {}
-        state.owned_status[key] = {f: copy.deepcopy(written[f]) for f in OWNED_STATUS_FIELDS if f in written}
-    else:
-        state.owned_status.setdefault(key, {f: copy.deepcopy(v) for f, v in (cr.get("status") or {}).items()
-                                            if f in OWNED_STATUS_FIELDS})
+    if status_patch is not None:
+        if not _patch_status(state, key, status_patch):
+            return
+    elif key not in state.owned_status:
+        state.owned_status[key] = {f: copy.deepcopy(v) for f, v in (cr.get("status") or {}).items()
+                                   if f in OWNED_STATUS_FIELDS}
     for stage, result_, seconds in decision.finished_stages:
         metrics.STAGE_DURATION.labels(stage, result_).observe(seconds)
     for event in decision.events:
@@ -405,6 +392,24 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
                 raise
         state.deleted.add(key)
         metrics.JOBS.forget(namespace, name)
+
+
+def _patch_status(state: State, key: tuple[str, str, str], patch: dict[str, Any]) -> bool:
+    """Merge-patch the status subresource and remember what we wrote; False when the object is gone."""
+    c = state.clients
+    namespace, name, _uid = key
+    try:
+        result = c.custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch,
+            _content_type="application/merge-patch+json")
+    except c.ApiException as exc:
+        if exc.status == 404:
+            state.deleted.add(key)
+            return False
+        raise
+    written = (result or {}).get("status") or {}
+    state.owned_status[key] = {f: copy.deepcopy(written[f]) for f in OWNED_STATUS_FIELDS if f in written}
+    return True
 
 
 def _post_event(state: State, cr: Mapping[str, Any], type_: str, reason: str, message: str) -> None:

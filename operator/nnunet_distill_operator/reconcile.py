@@ -8,12 +8,13 @@ gives the same answer — which is what makes "no duplicate Job" and "status con
 Spec changes after the first Job exists: fields that only shape Jobs not created yet (resources,
 scheduling, image, output, suspend, deadlines) are accepted; fields that define the model (dataset,
 teachers, student, distillation, ...) would mix two models into one and are rejected with a Stalled
-condition naming them, while the job continues with the spec it started with (kept in an annotation).
+condition naming them, while the job continues with the spec it started with: `status.acceptedSpec`,
+written by the operator through the status subresource before the first Job exists. Users with edit rights
+cannot write status, so neither an edit nor an operator restart changes what a running job produces.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,15 +44,15 @@ from nnunet_distill_operator.status import (
     rfc3339,
 )
 
-ANNOTATION_ACCEPTED_SPEC = "distillation.nnunet.io/accepted-spec"
 # Top-level spec fields that may change while the job runs: they affect only Jobs created afterwards
 # (or, for suspend, the running Job). Everything else defines the model being produced.
 SAFE_FIELDS = frozenset({
     "suspend", "resources", "scheduling", "image", "imagePullPolicy", "imagePullSecrets", "serviceAccountName",
-    "security", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "output",
+    "security", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "jobTTLSecondsAfterFinished",
+    "output",
 })
 OWNED_STATUS_FIELDS = ("phase", "currentStage", "observedGeneration", "conditions", "stages", "startTime",
-                       "completionTime", "reason", "message", "artifacts", "metrics")
+                       "completionTime", "reason", "message", "artifacts", "metrics", "acceptedSpec")
 NOT_STARTED = "NotStarted"
 DEFAULTS = k8s.Defaults()
 
@@ -70,7 +71,7 @@ class Decision:
     resume: tuple[str, ...] = ()                     # Job names to resume (only those the operator suspended)
     status: dict[str, Any] = field(default_factory=dict)   # operator-owned status fields after this decision
     status_patch: dict[str, Any] | None = None      # merge patch for the status subresource; None = unchanged
-    accepted_spec: str | None = None                 # new value of the accepted-spec annotation, if it changes
+    accepted_spec: dict[str, Any] | None = None      # new status.acceptedSpec, if it changes (written first)
     events: tuple[Event, ...] = ()
     finished_stages: tuple[tuple[str, str, float], ...] = ()  # (stage, Succeeded|Failed, seconds), newly
     delete: bool = False                             # ttlSecondsAfterFinished has passed
@@ -174,7 +175,6 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
     meta = cr.get("metadata") or {}
     name, namespace, uid = meta.get("name", ""), meta.get("namespace", "default"), meta.get("uid", "")
     generation = meta.get("generation")
-    annotations = meta.get("annotations") or {}
     prev_raw = cr.get("status") or {}
     prev = api.parse_status(prev_raw)
     prev_stages = {k: v for k, v in prev.stages.items()}
@@ -190,12 +190,12 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         current = api.parse_spec(cr.get("spec"))
     except api.InvalidSpec as exc:
         current, problems = None, exc.problems
-    accepted_raw = annotations.get(ANNOTATION_ACCEPTED_SPEC)
+    accepted_raw = prev_raw.get("acceptedSpec")
     accepted: api.DistillationJobSpec | None = None
-    if started and accepted_raw:
+    if started and isinstance(accepted_raw, dict):
         try:
-            accepted = api.parse_spec(json.loads(accepted_raw))
-        except (ValueError, api.InvalidSpec):
+            accepted = api.parse_spec(accepted_raw)
+        except api.InvalidSpec:
             accepted = None
     stalled: tuple[str, str] | None = None
     effective: api.DistillationJobSpec | None = current
@@ -389,9 +389,10 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
     # ---- accepted spec and TTL
     new_accepted = None
     if creating or started:
-        text = json.dumps(api.spec_to_dict(effective), sort_keys=True, separators=(",", ":"))
-        if text != accepted_raw:
-            new_accepted = text
+        new_accepted = api.spec_to_dict(effective)
+        status["acceptedSpec"] = new_accepted
+        if new_accepted == accepted_raw:
+            new_accepted = None
     delete, requeue = False, None
     ttl = effective.ttl_seconds_after_finished
     if phase in TERMINAL and ttl is not None:

@@ -352,3 +352,36 @@ async def test_a_refused_job_is_reported_and_retried(kmock: Any, clients: Client
         assert len(refusals) == 1
     finally:
         await runner.stop()
+
+
+async def test_accepted_spec_lives_in_status_and_survives_tampering_and_a_restart(
+        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    """Issue 12 (2): apply r=2, edit to r=4 (refused), try to erase what was accepted, restart the operator:
+    the running job keeps r=2 and the refusal stays."""
+    first = await OperatorRunner(operator_config).start()
+    await clients.create_dj(dj("tamper", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "tamper-distill")
+    accepted = status(kmock, "tamper").get("acceptedSpec") or {}
+    assert accepted["student"]["reductionFactor"] == 2 and accepted["distillation"]["alpha"] == 0.3
+    await clients.patch_dj("tamper", {"spec": {"student": {"reductionFactor": 4}}})
+    await wait_for(lambda: status(kmock, "tamper").get("reason") == "SpecChangeRejected", what="rejected")
+
+    # What a user with edit rights can do: drop the old annotation, write status through the main endpoint
+    # (the API server ignores status there), and restart nothing but the operator.
+    await clients.patch_dj("tamper", {"metadata": {"annotations": {"distillation.nnunet.io/accepted-spec": None}},
+                                      "status": {"acceptedSpec": None}})
+    await first.kill()
+    assert status(kmock, "tamper")["acceptedSpec"]["student"]["reductionFactor"] == 2
+
+    second = await OperatorRunner(operator_config).start()
+    try:
+        await clients.patch_job_status("tamper-distill", COMPLETE)
+        export = await job_appears(kmock, "tamper-export")
+        argv = export["spec"]["template"]["spec"]["initContainers"][0]["command"]
+        assert argv[argv.index("-r") + 1] == "2"
+        st = status(kmock, "tamper")
+        assert st["reason"] == "SpecChangeRejected" and "spec.student.reductionFactor" in st["message"]
+        assert st["acceptedSpec"]["student"]["reductionFactor"] == 2
+        assert cond(kmock, "tamper", "Stalled")["status"] == "True"
+    finally:
+        await second.stop()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nnunet_distill_operator import k8s
-from nnunet_distill_operator.reconcile import ANNOTATION_ACCEPTED_SPEC, Decision, _compact, decide
+from nnunet_distill_operator.reconcile import Decision, _compact, decide
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, observe_job, pod_issue
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -25,13 +25,13 @@ def cr(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None,
 
 
 def applied(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
-    """The CR after the operator applied a decision (status merge-patched, annotation written)."""
+    """The CR after the operator applied a decision (accepted spec, then the rest, merge-patched into status)."""
     out = copy.deepcopy(body)
+    if decision.accepted_spec:
+        out.setdefault("status", {})["acceptedSpec"] = decision.accepted_spec
     if decision.status_patch:
         merged = {**out.get("status", {}), **decision.status_patch["status"]}
         out["status"] = _compact(merged)
-    if decision.accepted_spec:
-        out["metadata"]["annotations"][ANNOTATION_ACCEPTED_SPEC] = decision.accepted_spec
     return out
 
 
@@ -68,7 +68,7 @@ def test_new_job_creates_the_first_stage_and_reports_pending() -> None:
     assert cond(d.status, "Stalled")["status"] == "False"
     assert cond(d.status, "PreprocessComplete")["reason"] == "JobCreated"
     assert cond(d.status, "DistillComplete")["reason"] == "NotStarted"
-    assert json.loads(d.accepted_spec)["distillation"]["alpha"] == 0.3  # type: ignore[arg-type]
+    assert d.accepted_spec["distillation"]["alpha"] == 0.3  # type: ignore[index]
 
 
 def test_same_state_twice_changes_nothing() -> None:
@@ -238,7 +238,7 @@ def test_safe_change_after_start_is_accepted_for_later_stages() -> None:
     assert d.status.get("reason") is None and cond(d.status, "Stalled")["status"] == "False"
     export = d.create[0]
     assert export["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "12Gi"
-    assert json.loads(d.accepted_spec)["resources"]["export"]["memory"] == "12Gi"  # type: ignore[arg-type]
+    assert d.accepted_spec["resources"]["export"]["memory"] == "12Gi"  # type: ignore[index]
 
 
 def test_suspend_and_resume_only_touch_jobs_the_operator_suspended() -> None:
