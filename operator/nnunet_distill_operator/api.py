@@ -521,12 +521,12 @@ class DistillationJobSpec(_Model):
                     "(splits_final.json) into nnUNet_preprocessed; mount it writable")
 
     def _resource_rules(self, problem: Any) -> None:
-        """/dev/shm is a memory-backed volume: it counts against the pod's memory limit. The stages that load
-        data through it (preprocess, teachers, distill) need a limit above its size."""
+        """/dev/shm is a memory-backed volume: it counts against the pod's memory limit. The training stages,
+        whose data loaders pass batches through it (teachers, distill), need a limit above its size."""
         from nnunet_distill_operator.plan import DEFAULT_RESOURCES  # (plan imports this module)
 
         shm = quantity_value(self.resources.shared_memory)
-        for stage in ("preprocess", "teachers", "distill"):
+        for stage in ("teachers", "distill"):
             own = getattr(self.resources, stage).memory
             memory = own if own is not None else DEFAULT_RESOURCES[stage][2]
             if quantity_value(memory) <= shm:

@@ -166,11 +166,15 @@ def _await_verified_publish(states: Sequence[_StageState], artifacts: Mapping[st
 
 def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
            pods: Mapping[str, Sequence[Mapping[str, Any]]], now: datetime,
-           defaults: k8s.Defaults = DEFAULTS, rejected: Mapping[str, str] | None = None) -> Decision:
+           defaults: k8s.Defaults = DEFAULTS, rejected: Mapping[str, str] | None = None,
+           invalid: Mapping[str, str] | None = None) -> Decision:
     """Everything the operator should do for one DistillationJob, given what exists now.
 
     `rejected`: stage -> why the API server refused its Job last time (quota, admission webhook,
     PodSecurity); the Job is tried again, and the reason is shown until it is accepted.
+    `invalid`: stage -> why its Job cannot be built at all from this generation of the spec (the kubernetes
+    client's schema or the API server's validation refused it), naming the spec field; nothing is created and
+    the job is Stalled until the spec changes.
     """
     meta = cr.get("metadata") or {}
     name, namespace, uid = meta.get("name", ""), meta.get("namespace", "default"), meta.get("uid", "")
@@ -283,9 +287,22 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
     creating = False
     if failed is None and current_state is not None:
         stage = next(s for s in stages if s.name == current_state.name)
-        if current_state.view is None and current_state.state == NOT_STARTED and not suspend_wanted:
-            create.append(k8s.job_for(stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name),
-                                      defaults=defaults))
+        broken = (invalid or {}).get(stage.name)
+        manifest: dict[str, Any] | None = None
+        if current_state.view is None and current_state.state == NOT_STARTED and not suspend_wanted \
+                and broken is None:
+            try:
+                manifest = k8s.job_for(stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name),
+                                       defaults=defaults)
+            except Exception as exc:  # noqa: BLE001 - a spec the Job cannot be built from: Stalled, not a crash
+                broken = "; ".join(f"{f}: {m}" for f, m in k8s.build_error_fields(exc, stage.name))
+        if broken is not None and current_state.view is None and current_state.state == NOT_STARTED:
+            current_state.state, current_state.reason = PENDING, "JobInvalid"
+            current_state.message = f"cannot create Job {current_state.job_name}: {broken}"
+            if stalled is None:
+                stalled = ("JobInvalid", current_state.message)
+        elif manifest is not None:
+            create.append(manifest)
             current_state.state, current_state.reason = PENDING, "JobCreated"
             # The same words observe_job() uses for a Job without pods, so the next pass changes nothing.
             current_state.message = f"Job {current_state.job_name} has no running pod yet"

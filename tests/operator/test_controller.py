@@ -337,7 +337,7 @@ async def test_a_refused_job_is_reported_and_retried(kmock: Any, clients: Client
         return None
 
     kmock.admission = quota
-    operator_config.resync_seconds = 0.5
+    operator_config.retry_seconds = 0.2  # retried with backoff, not on the (hourly, here) resync
     runner = await OperatorRunner(operator_config).start()
     try:
         await clients.create_dj(dj("q", preprocess={"mode": "Never"}))
@@ -385,3 +385,89 @@ async def test_accepted_spec_lives_in_status_and_survives_tampering_and_a_restar
         assert cond(kmock, "tamper", "Stalled")["status"] == "True"
     finally:
         await second.stop()
+
+
+async def test_a_job_the_api_server_refuses_as_invalid_stalls_naming_the_spec_field(
+        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    """Issue 12 (3): a 422 for a stage Job (an admission policy, a field this cluster does not know) is a
+    Stalled condition and an Event naming the spec field; no retry loop; fixing the spec creates the Job."""
+    from kmock import KubernetesError
+
+    attempts = []
+
+    def validating_policy(request: Any) -> Any:
+        if request.resource.plural == "jobs" and str(request.method).upper().endswith("POST"):
+            attempts.append(request)
+            tolerations = request.data["spec"]["template"]["spec"].get("tolerations") or []
+            if any(t.get("key") == "forbidden.example/gpu" for t in tolerations):
+                return KubernetesError(status=422, reason="Invalid", message="Job is invalid", details={
+                    "causes": [{"reason": "FieldValueForbidden", "field": "spec.template.spec.tolerations[0].key",
+                                "message": "Forbidden: this taint may not be tolerated in this namespace"}]})
+        return None
+
+    kmock.admission = validating_policy
+    operator_config.retry_seconds = 0.05
+    runner = await OperatorRunner(operator_config).start()
+    try:
+        await clients.create_dj(dj("pol", preprocess={"mode": "Never"}, scheduling={"tolerations": [
+            {"key": "forbidden.example/gpu", "operator": "Exists", "effect": "NoSchedule"}]}))
+        await wait_for(lambda: status(kmock, "pol").get("reason") == "JobInvalid", what="JobInvalid")
+        st = status(kmock, "pol")
+        assert "spec.scheduling.tolerations" in st["message"] and "may not be tolerated" in st["message"]
+        assert cond(kmock, "pol", "Stalled")["status"] == "True"
+        assert cond(kmock, "pol", "Reconciling")["status"] == "False"
+        assert cond(kmock, "pol", "DistillComplete")["reason"] == "JobInvalid"
+        await wait_for(lambda: any(r == "JobInvalid" and "spec.scheduling.tolerations" in m
+                                   for _, r, m in events(kmock, "pol")), what="JobInvalid event")
+        assert len(attempts) == 1  # refused as invalid: not retried until the spec changes
+
+        await clients.patch_dj("pol", {"spec": {"scheduling": {"tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}})
+        await job_appears(kmock, "pol-distill")
+        await wait_for(lambda: cond(kmock, "pol", "Stalled").get("status") == "False", what="stall cleared")
+        assert len(attempts) == 2
+    finally:
+        await runner.stop()
+
+
+async def test_a_failing_api_server_is_retried_with_backoff_until_the_job_exists(
+        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    """Issue 12 (3): 5xx answers to the Job creation are retried with growing delays, not dropped."""
+    from kmock import KubernetesError
+
+    attempts: list[float] = []
+
+    def flaky(request: Any) -> Any:
+        if request.resource.plural == "jobs" and str(request.method).upper().endswith("POST"):
+            attempts.append(asyncio.get_running_loop().time())
+            if len(attempts) <= 3:
+                return KubernetesError(status=503, reason="ServiceUnavailable", message="etcd is slow")
+        return None
+
+    kmock.admission = flaky
+    operator_config.retry_seconds = 0.1
+    runner = await OperatorRunner(operator_config).start()
+    try:
+        await clients.create_dj(dj("flaky", preprocess={"mode": "Never"}))
+        await job_appears(kmock, "flaky-distill")
+        assert len(attempts) == 4
+        gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+        assert gaps[0] >= 0.09 and gaps[1] >= 0.19 and gaps[2] >= 0.39, gaps  # 0.1, 0.2, 0.4: exponential
+        await wait_for(lambda: status(kmock, "flaky").get("phase") == "Pending", what="status")
+        assert job_creations(kmock) == ["flaky-distill"]  # refused ones never reached the store
+    finally:
+        await runner.stop()
+
+
+async def test_malformed_affinity_is_refused_naming_the_field_and_creates_nothing(
+        kmock: Any, clients: Clients, operator: OperatorRunner) -> None:
+    """Issue 12 (3): `affinity: {nodeAffinity: garbage}` used to crash every reconciliation."""
+    from nnunet_distill_operator import crd
+
+    body = dj("aff", preprocess={"mode": "Never"}, scheduling={"affinity": {"nodeAffinity": "garbage"}})
+    assert any(e.startswith("spec.scheduling.affinity.nodeAffinity") for e in crd.validate_object(body))
+    await clients.create_dj(body)  # kmock does not apply the CRD schema; a real API server refuses it here
+    await wait_for(lambda: status(kmock, "aff").get("reason") == "InvalidSpec", what="InvalidSpec")
+    assert "spec.scheduling.affinity.nodeAffinity" in status(kmock, "aff")["message"]
+    assert cond(kmock, "aff", "Stalled")["status"] == "True"
+    assert not [n for n in job_creations(kmock) if n.startswith("aff-")]

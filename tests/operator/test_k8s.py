@@ -177,3 +177,37 @@ def test_manifests_carry_no_secret_values() -> None:
     text = json.dumps(_jobs(**FULL))
     assert "secretKeyRef" in text
     assert "AWS_SECRET_ACCESS_KEY\", \"value\"" not in text
+
+
+def test_job_fields_map_back_to_the_spec_fields_they_come_from() -> None:
+    from nnunet_distill_operator import k8s as k
+
+    cases = {
+        "spec.template.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution": (
+            "spec.scheduling.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"),
+        "spec.template.spec.tolerations[0].key": "spec.scheduling.tolerations",
+        "spec.template.spec.nodeSelector": "spec.scheduling.nodeSelector",
+        "spec.template.spec.containers[0].resources.limits.memory": "spec.resources.distill",
+        "spec.template.spec.initContainers.0.image": "spec.image",
+        "spec.template.spec.volumes[1].emptyDir.sizeLimit": "spec.resources.sharedMemory",
+        "spec.template.spec.volumes[0].persistentVolumeClaim.claimName": "spec.storage",
+        "spec.ttlSecondsAfterFinished": "spec.jobTTLSecondsAfterFinished",
+        "spec.template.spec.priorityClassName": "spec.scheduling.priorityClassName",
+        "spec.completions": "spec",
+    }
+    for job_path, spec_path in cases.items():
+        assert k.spec_field_for(job_path, "distill") == spec_path, job_path
+
+
+def test_a_client_side_refusal_of_a_job_names_the_spec_field() -> None:
+    """The kubernetes client validates bodies with its pydantic models; its error names Job fields."""
+    from kubernetes.client import V1Job
+    from nnunet_distill_operator import k8s as k
+    from pydantic import ValidationError
+
+    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}, "spec": {"template": {"spec": {
+        "containers": [{"name": "main", "image": "i"}], "affinity": {"nodeAffinity": "garbage"}}}}}
+    with pytest.raises(ValidationError) as info:
+        V1Job.model_validate(body)
+    fields = k.build_error_fields(info.value, "distill")
+    assert fields[0][0] == "spec.scheduling.affinity.nodeAffinity", fields
