@@ -93,6 +93,7 @@ class Clients:
         self.custom = client.CustomObjectsApi(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
+        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
         self.ApiException = client.exceptions.ApiException
 
     def close(self) -> None:
@@ -407,6 +408,16 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
         if status_patch is not None:
             rest = {k: v for k, v in status_patch["status"].items() if k != "acceptedSpec"}
             status_patch = {"status": rest} if rest else None
+    # 2. The pods' identity before the Job that uses it (409: it exists already, e.g. from an earlier stage).
+    for obj in decision.identity:
+        create = {"ServiceAccount": c.core.create_namespaced_service_account,
+                  "Role": c.rbac.create_namespaced_role,
+                  "RoleBinding": c.rbac.create_namespaced_role_binding}[obj["kind"]]
+        try:
+            create(namespace, obj)
+        except c.ApiException as exc:
+            if exc.status != 409:
+                raise
     for manifest in decision.create:
         stage = manifest["metadata"]["labels"][k8s.LABEL_STAGE]
         try:

@@ -8,6 +8,7 @@ retries, a non-root pod without privilege escalation, Kueue admission, credentia
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import shlex
 from dataclasses import dataclass
@@ -257,9 +258,10 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
     }
     if init:
         pod_spec["initContainers"] = init
-    sa = spec.service_account_name or defaults.service_account
-    if sa:
-        pod_spec["serviceAccountName"] = sa
+    # Only the stages that report progress get a token; the identity can do nothing but get/patch the status
+    # of this one DistillationJob (trainer_identity).
+    pod_spec["serviceAccountName"] = trainer_service_account(owner, spec, defaults)
+    pod_spec["automountServiceAccountToken"] = stage.reports_progress
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
     sched = spec.scheduling
@@ -305,6 +307,39 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
         },
         "spec": job_spec,
     }
+
+
+def trainer_service_account(owner: Owner, spec: api.DistillationJobSpec, defaults: Defaults = Defaults()) -> str:
+    """The stage pods' ServiceAccount: the spec's, else the operator's default, else the job's own."""
+    return spec.service_account_name or defaults.service_account or identity_name(owner.name)
+
+
+def identity_name(cr_name: str) -> str:
+    """Name of the per-job trainer ServiceAccount, Role and RoleBinding."""
+    return job_name(cr_name, "trainer")
+
+
+def trainer_identity(owner: Owner, spec: api.DistillationJobSpec,
+                     defaults: Defaults = Defaults()) -> tuple[dict[str, Any], ...]:
+    """The per-job least-privilege identity of the stage pods, owned by the DistillationJob: a ServiceAccount,
+    a Role that allows only get/patch of this DistillationJob's status (resourceNames), and a RoleBinding.
+    Empty when the spec (or the operator's configuration) names a ServiceAccount of its own."""
+    if spec.service_account_name or defaults.service_account:
+        return ()
+    name = identity_name(owner.name)
+    meta = {"name": name, "namespace": owner.namespace, "labels": labels(owner, "trainer"),
+            "annotations": {ANNOTATION_JOB_NAME: owner.name, ANNOTATION_JOB_UID: owner.uid},
+            "ownerReferences": [owner_reference(owner)]}
+    return (
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": copy.deepcopy(meta),
+         "automountServiceAccountToken": False},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": copy.deepcopy(meta),
+         "rules": [{"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "resourceNames": [owner.name],
+                    "verbs": ["get", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": copy.deepcopy(meta),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}]},
+    )
 
 
 def owner_reference(owner: Owner) -> dict[str, Any]:

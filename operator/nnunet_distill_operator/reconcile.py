@@ -66,6 +66,7 @@ class Event:
 
 @dataclass(frozen=True)
 class Decision:
+    identity: tuple[dict[str, Any], ...] = ()        # the pods' ServiceAccount/Role/RoleBinding, before a Job
     create: tuple[dict[str, Any], ...] = ()          # Job manifests (at most one stage at a time)
     suspend: tuple[str, ...] = ()                    # Job names to suspend
     resume: tuple[str, ...] = ()                     # Job names to resume (only those the operator suspended)
@@ -420,8 +421,9 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         else:
             requeue = remaining
 
+    identity = k8s.trainer_identity(owner, effective, defaults) if create else ()
     return Decision(
-        create=tuple(create), suspend=tuple(suspend), resume=tuple(resume), status=status,
+        identity=identity, create=tuple(create), suspend=tuple(suspend), resume=tuple(resume), status=status,
         status_patch=_status_patch(prev_raw, status), accepted_spec=new_accepted, events=tuple(events),
         finished_stages=tuple(finished), delete=delete, requeue_after=requeue, stages=stages,
     )

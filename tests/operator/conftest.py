@@ -44,8 +44,7 @@ def clients(kubeconfig: Path) -> Iterator[Clients]:
 @pytest.fixture()
 def operator_config(kubeconfig: Path) -> controller.OperatorConfig:
     return controller.OperatorConfig(
-        defaults=k8s.Defaults(image="registry.example/nnunet-distill-trainer:test",
-                              service_account="nnunet-distill-trainer"),
+        defaults=k8s.Defaults(image="registry.example/nnunet-distill-trainer:test"),
         metrics_port=0, metrics_addr="127.0.0.1", resync_seconds=3600, kubeconfig=str(kubeconfig))
 
 

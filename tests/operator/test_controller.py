@@ -78,7 +78,7 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
     assert main["image"] == "registry.example/nnunet-distill-trainer:test"
     assert {m["mountPath"] for m in main["volumeMounts"]} >= {"/data/nnUNet_raw", "/data/nnUNet_preprocessed",
                                                               "/data/nnUNet_results", "/dev/shm"}
-    assert pre["spec"]["template"]["spec"]["serviceAccountName"] == "nnunet-distill-trainer"
+    assert pre["spec"]["template"]["spec"]["serviceAccountName"] == "liver-trainer"  # the job's own identity
     await wait_for(lambda: status(kmock, "liver").get("phase") == "Pending", what="Pending")
     assert not exists(kmock, job_key(kmock, "liver-teachers"))  # strictly one stage at a time
 
@@ -471,3 +471,38 @@ async def test_malformed_affinity_is_refused_naming_the_field_and_creates_nothin
     assert "spec.scheduling.affinity.nodeAffinity" in status(kmock, "aff")["message"]
     assert cond(kmock, "aff", "Stalled")["status"] == "True"
     assert not [n for n in job_creations(kmock) if n.startswith("aff-")]
+
+
+async def test_each_job_gets_its_own_least_privilege_trainer_identity(kmock: Any, clients: Clients,
+                                                                      operator: OperatorRunner) -> None:
+    """Issue 12 (1): ServiceAccount + Role (get/patch of this job's status only) + RoleBinding in the job's
+    namespace, owned by the DistillationJob; only progress-reporting stages mount a token."""
+    created = await clients.create_dj(dj("ident", namespace="ml-train", preprocess={"mode": "Never"}),
+                                      namespace="ml-train")
+    uid = created["metadata"]["uid"]
+    await wait_for(lambda: exists(kmock, job_key(kmock, "ident-distill", "ml-train")), what="Job")
+    job = get(kmock, job_key(kmock, "ident-distill", "ml-train"))
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "ident-trainer" and pod["automountServiceAccountToken"] is True
+
+    def obj(resource: str) -> dict[str, Any]:
+        return get(kmock, (kmock.resource(resource), "ml-train", "ident-trainer"))
+
+    sa, role, binding = (obj("v1/serviceaccounts"), obj("rbac.authorization.k8s.io/v1/roles"),
+                         obj("rbac.authorization.k8s.io/v1/rolebindings"))
+    for o in (sa, role, binding):
+        assert o["metadata"]["ownerReferences"][0]["uid"] == uid, o
+    assert sa["automountServiceAccountToken"] is False
+    assert role["rules"] == [{"apiGroups": [api.GROUP], "resources": ["distillationjobs/status"],
+                              "resourceNames": ["ident"], "verbs": ["get", "patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ident-trainer"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ident-trainer", "namespace": "ml-train"}]
+
+    await clients.patch_job_status("ident-distill", COMPLETE, namespace="ml-train")
+    await wait_for(lambda: exists(kmock, job_key(kmock, "ident-export", "ml-train")), what="export Job")
+    export = get(kmock, job_key(kmock, "ident-export", "ml-train"))["spec"]["template"]["spec"]
+    assert export["serviceAccountName"] == "ident-trainer" and export["automountServiceAccountToken"] is False
+
+    await clients.delete_dj("ident", namespace="ml-train")
+    await wait_for(lambda: not obj("rbac.authorization.k8s.io/v1/roles"), what="identity garbage-collected")
+    assert not obj("v1/serviceaccounts") and not obj("rbac.authorization.k8s.io/v1/rolebindings")
