@@ -319,6 +319,12 @@ async def test_namespaced_mode_watches_only_its_namespaces(kmock: Any, clients: 
                        what="Job in the watched namespace")
         await asyncio.sleep(0.3)
         assert not exists(kmock, job_key(kmock, "outside-distill"))
+        # Issue 12 (8): with listed namespaces the operator makes no cluster-scoped call, and the chart's
+        # watchNamespaces mode (Roles only) grants every call it makes.
+        from tests.operator.conftest import chart_operator_grants
+
+        missing = kmock.operator_calls - chart_operator_grants({"watchNamespaces": ["ml"]})
+        assert not missing, sorted(missing)
     finally:
         await runner.stop()
 
@@ -506,3 +512,29 @@ async def test_each_job_gets_its_own_least_privilege_trainer_identity(kmock: Any
     await clients.delete_dj("ident", namespace="ml-train")
     await wait_for(lambda: not obj("rbac.authorization.k8s.io/v1/roles"), what="identity garbage-collected")
     assert not obj("v1/serviceaccounts") and not obj("rbac.authorization.k8s.io/v1/rolebindings")
+
+
+async def test_the_chart_grants_exactly_the_calls_the_operator_makes(kmock: Any, clients: Clients,
+                                                                      operator: OperatorRunner) -> None:
+    """Issue 12 (8), both directions: a run that takes every path that calls the API (trainer identity, Job
+    creation, suspend/resume patches, Events, status, TTL deletion, the watches) makes exactly the calls the
+    rendered chart grants, plus nothing more; get on distillationjobs/status is held only to be granted to
+    the trainer Roles. (Every other test checks the first direction: see conftest.)"""
+    from tests.operator.conftest import chart_operator_grants
+
+    await clients.create_dj(dj("rbac", preprocess={"mode": "Never"}, ttlSecondsAfterFinished=0))
+    await job_appears(kmock, "rbac-distill")
+    await clients.patch_job_status("rbac-distill", {"active": 1, "ready": 1})
+    await wait_for(lambda: status(kmock, "rbac").get("phase") == "Running", what="Running")
+    await clients.patch_dj("rbac", {"spec": {"suspend": True}})
+    await wait_for(lambda: get(kmock, job_key(kmock, "rbac-distill"))["spec"].get("suspend") is True, what="suspend")
+    await clients.patch_dj("rbac", {"spec": {"suspend": False}})
+    await wait_for(lambda: get(kmock, job_key(kmock, "rbac-distill"))["spec"].get("suspend") is False, what="resume")
+    await clients.patch_job_status("rbac-distill", {"active": 0, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "limit"}]})
+    await wait_for(lambda: not exists(kmock, dj_key(kmock, "rbac")), what="deleted by ttlSecondsAfterFinished")
+
+    made = kmock.operator_calls | rbac.GRANTED_ONLY
+    granted = chart_operator_grants()
+    assert made == granted, f"not granted: {sorted(made - granted)}; granted but unused: {sorted(granted - made)}"
+    assert granted == {(r.group, r.resource, v) for r in rbac.OPERATOR_RULES for v in r.verbs}
