@@ -33,7 +33,7 @@ from typing import Any
 import kopf
 
 from nnunet_distill_operator import __version__, api, k8s, metrics
-from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, decide
+from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, Event, decide, event_name
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, parse_time
 
 log = logging.getLogger("nnunet_distill_operator")
@@ -322,7 +322,7 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
                 state.invalid.setdefault(key, {})[exc.stage] = (generation, exc.message)
                 invalid[exc.stage] = exc.message
                 decision = decide_now()
-                _apply(state, cr, dataclasses.replace(decision, create=()), key)
+                _apply(state, cr, _without_creations(decision), key)
                 state.succeeded(key)
                 result = "invalid"
                 return decision
@@ -331,7 +331,7 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
                 # name is deterministic, so a retry can never make a second Job).
                 state.rejected.setdefault(key, {})[exc.stage] = exc.message
                 decision = decide_now()
-                _apply(state, cr, dataclasses.replace(decision, create=()), key)
+                _apply(state, cr, _without_creations(decision), key)
                 delay = state.failed(key, exc.message, generation)
                 log.info("Job for stage %s of %s/%s refused; retrying in %.1fs", exc.stage, namespace, name, delay)
                 result = "rejected"
@@ -349,6 +349,12 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
     finally:
         metrics.RECONCILE_TOTAL.labels(trigger, result).inc()
         metrics.RECONCILE_DURATION.labels(trigger).observe(time.perf_counter() - started)
+
+
+def _without_creations(decision: Decision) -> Decision:
+    """The decision minus the Job it could not create (and the StageStarted Event that would report it)."""
+    return dataclasses.replace(decision, create=(), identity=(),
+                               events=tuple(e for e in decision.events if e.reason != "StageStarted"))
 
 
 def _with_own_writes(state: State, body: dict[str, Any], key: tuple[str, str, str]) -> dict[str, Any]:
@@ -440,8 +446,6 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
                 created_at = parse_time((cr.get("metadata") or {}).get("creationTimestamp"))
                 if created_at is not None:
                     metrics.START_LATENCY.observe(max(0.0, (datetime.now(UTC) - created_at).total_seconds()))
-            _post_event(state, cr, "Normal", "StageStarted",
-                        f"created Job {manifest['metadata']['name']} for stage {stage}")
         state.created.setdefault(key, {})[stage] = created_body
         state.rejected.get(key, {}).pop(stage, None)
     for job in decision.suspend:
@@ -454,6 +458,10 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
             "spec": {"suspend": False},
             "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
             _content_type="application/merge-patch+json")
+    # 3. Events before the status that records the transition: if we die in between, the next pass derives
+    #    the same transition again and re-posts under the same (deterministic) name: never lost, never twice.
+    for event in decision.events:
+        _post_event(state, cr, event)
     if status_patch is not None:
         if not _patch_status(state, key, status_patch):
             return
@@ -462,8 +470,6 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
                                    if f in OWNED_STATUS_FIELDS}
     for stage, result_, seconds in decision.finished_stages:
         metrics.STAGE_DURATION.labels(stage, result_).observe(seconds)
-    for event in decision.events:
-        _post_event(state, cr, event.type, event.reason, event.message)
     merged_status = {**(cr.get("status") or {}), **decision.status}
     metrics.JOBS.update(namespace, name, merged_status)
     if decision.delete:
@@ -496,14 +502,18 @@ def _patch_status(state: State, key: tuple[str, str, str], patch: dict[str, Any]
     return True
 
 
-def _post_event(state: State, cr: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    """A core/v1 Event on the DistillationJob. Events are best effort: failures are logged, never raised."""
+def _post_event(state: State, cr: Mapping[str, Any], event: Event) -> None:
+    """A core/v1 Event on the DistillationJob, named after the job's uid and the transition (reconcile.event_name).
+    A 409 means it was posted before (by us before a restart); any other failure is raised, so the status
+    that records the transition is not written either and the whole pass is retried with backoff."""
     meta = cr.get("metadata") or {}
+    type_, reason, message = event.type, event.reason, event.message
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+        "metadata": {"name": event_name(meta.get("name", ""), meta.get("uid", ""), event),
+                     "namespace": meta.get("namespace")},
         "involvedObject": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta.get("name"),
                            "namespace": meta.get("namespace"), "uid": meta.get("uid")},
         "reason": reason,
@@ -520,8 +530,9 @@ def _post_event(state: State, cr: Mapping[str, Any], type_: str, reason: str, me
                                                       reason, message)
     try:
         state.clients.core.create_namespaced_event(meta.get("namespace"), body)
-    except Exception as exc:  # noqa: BLE001 - an Event must never break reconciliation
-        log.debug("could not post Event %s: %s", reason, exc)
+    except state.clients.ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 async def _resync_forever(state: State) -> None:

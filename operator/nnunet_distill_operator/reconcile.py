@@ -15,6 +15,7 @@ cannot write status, so neither an edit nor an operator restart changes what a r
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -62,6 +63,18 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+    key: str = ""  # the transition this Event reports; with the job's uid it names the Event (event_name)
+
+
+def _digest(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def event_name(cr_name: str, uid: str, event: Event) -> str:
+    """A deterministic Event name from the job's uid and the transition: an operator that dies after a status
+    change but before its Event, or after the Event but before the status, posts it again under the same name
+    (a 409 for the second copy): at least once, never twice."""
+    return f"{cr_name[:200]}.{_digest(f'{uid}/{event.key or event.reason}/{event.message}', 16)}"
 
 
 @dataclass(frozen=True)
@@ -232,7 +245,7 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
             "reason": "InvalidSpec", "message": message,
         }
         if (prev_reason, prev_message) != ("InvalidSpec", message):
-            events.append(Event("Warning", "InvalidSpec", message))
+            events.append(Event("Warning", "InvalidSpec", message, f"job:InvalidSpec:{generation}"))
         return Decision(status=status, status_patch=_status_patch(prev_raw, status), events=tuple(events))
 
     stages = plan(effective, name=name, paths=DataPaths.in_pod(name))
@@ -377,8 +390,14 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
 
     # ---- events (from transitions only, so a repeated decision emits nothing new)
     finished: list[tuple[str, str, float]] = []
+    created_now = {m["metadata"]["labels"][k8s.LABEL_STAGE] for m in create}
     for s in states:
         before = prev_stages.get(s.name)
+        # A stage's Job exists (created now, or seen although the last status did not know it yet).
+        had_job = before is not None and before.reason not in _NO_JOB_REASONS
+        if s.name in created_now or (s.view is not None and not had_job):
+            events.append(Event("Normal", "StageStarted", f"created Job {s.job_name} for stage {s.name}",
+                                f"{s.name}:Started"))
         before_state = before.state if before else None
         before_reason = before.reason if before else None
         if s.state in TERMINAL and before_state != s.state:
@@ -387,22 +406,24 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
             finished.append((s.name, s.state, seconds))
             if s.state == SUCCEEDED:
                 events.append(Event("Normal", "StageSucceeded", f"stage {s.name} succeeded"
-                                    + (f" in {format_duration(seconds)}" if seconds else "")))
+                                    + (f" in {format_duration(seconds)}" if seconds else ""), f"{s.name}:Succeeded"))
             else:
-                events.append(Event("Warning", "StageFailed", f"stage {s.name}: {s.message or s.reason}"))
+                events.append(Event("Warning", "StageFailed", f"stage {s.name}: {s.message or s.reason}",
+                                    f"{s.name}:Failed"))
         elif s.state not in TERMINAL and s.reason != before_reason and s.reason in _WARNING_REASONS:
-            events.append(Event("Warning", s.reason, s.message or s.reason))
+            events.append(Event("Warning", s.reason, s.message or s.reason, f"{s.name}:{s.reason}:{generation}"))
     if prev.phase != phase:
         if phase == SUCCEEDED:
             where = artifacts.get("uri") or (status.get("artifacts") or {}).get("uri")
             events.append(Event("Normal", "Succeeded", "DistillationJob succeeded"
-                                + (f"; model published to {where}" if where else "")))
+                                + (f"; model published to {redact_uri(where)}" if where else ""), "job:Succeeded"))
         elif phase == SUSPENDED:
-            events.append(Event("Normal", "Suspended", message))
+            events.append(Event("Normal", "Suspended", message, f"job:Suspended:{generation}"))
         elif prev.phase == SUSPENDED:
-            events.append(Event("Normal", "Resumed", f"resumed at stage {current_state.name if current_state else ''}"))
+            events.append(Event("Normal", "Resumed", f"resumed at stage {current_state.name if current_state else ''}",
+                                f"job:Resumed:{generation}"))
     if stalled is not None and (prev_reason, prev_message) != stalled:
-        events.append(Event("Warning", stalled[0], stalled[1]))
+        events.append(Event("Warning", stalled[0], stalled[1], f"job:{stalled[0]}:{generation}"))
 
     # ---- accepted spec and TTL
     new_accepted = None
@@ -429,9 +450,23 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
     )
 
 
+_NO_JOB_REASONS = frozenset({None, "JobInvalid", "JobRejected", "QuotaExceeded", "WaitingForOldJob", NOT_STARTED})
+
 _WARNING_REASONS = frozenset({"JobRejected", "QuotaExceeded", "Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                               "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
                               "OOMKilled", "Evicted", "Preempted", "Disrupted", "WaitingForOldJob"})
+
+
+def redact_uri(uri: str) -> str:
+    """A URI fit for status, Events and logs: no query string or fragment (signed URLs, SAS tokens) and no
+    user:password@ part."""
+    import re
+
+    uri = re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", uri)
+    for sep in ("?", "#"):
+        if sep in uri:
+            uri = uri.split(sep, 1)[0] + f"{sep}<redacted>"
+    return uri
 
 
 def _status_patch(prev: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:

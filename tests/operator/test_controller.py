@@ -538,3 +538,57 @@ async def test_the_chart_grants_exactly_the_calls_the_operator_makes(kmock: Any,
     granted = chart_operator_grants()
     assert made == granted, f"not granted: {sorted(made - granted)}; granted but unused: {sorted(granted - made)}"
     assert granted == {(r.group, r.resource, v) for r in rbac.OPERATOR_RULES for v in r.verbs}
+
+
+async def test_events_are_posted_at_least_once_across_failures_and_restarts(
+        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    """Issue 12 (6): an Event that could not be posted before the operator died is posted after the restart;
+    one posted just before a failed status write is not duplicated (deterministic names: uid + transition)."""
+    from kmock import KubernetesError
+
+    blocked = {"events": True, "status": 0}
+
+    def admission(request: Any) -> Any:
+        post = str(request.method).upper().endswith("POST")
+        if request.resource.plural == "events" and post and blocked["events"]:
+            return KubernetesError(status=503, reason="ServiceUnavailable", message="events are down")
+        if request.resource.plural == "distillationjobs" and request.subresource == "status" \
+                and blocked["status"] > 0 and "stages" in json.dumps(request.data):
+            blocked["status"] -= 1
+            return KubernetesError(status=500, reason="InternalError", message="etcd timeout")
+        return None
+
+    kmock.admission = admission
+    operator_config.retry_seconds = 0.05
+    first = await OperatorRunner(operator_config).start()
+    await clients.create_dj(dj("ev", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "ev-distill")
+    await asyncio.sleep(0.2)
+    assert "stages" not in status(kmock, "ev")  # the transition is not recorded before its Event
+    await first.kill()
+
+    blocked["events"] = False
+    second = await OperatorRunner(operator_config).start()
+    try:
+        await wait_for(lambda: ("Normal", "StageStarted") in [(t, r) for t, r, _ in events(kmock, "ev")],
+                       what="StageStarted after the restart")
+        await wait_for(lambda: status(kmock, "ev").get("stages", {}).get("distill"), what="status after the Event")
+
+        blocked["status"] = 1  # the Event of the next transition gets posted, then its status write fails once
+        await clients.patch_job_status("ev-distill", COMPLETE)
+        await wait_for(lambda: status(kmock, "ev").get("stages", {}).get("distill", {}).get("state") == "Succeeded",
+                       what="distill Succeeded")
+        await job_appears(kmock, "ev-export")
+        await wait_for(lambda: [r for _, r, _ in events(kmock, "ev")].count("StageStarted") == 2, what="2nd start")
+        reasons = [r for _, r, _ in events(kmock, "ev")]
+        assert reasons.count("StageStarted") == 2 and reasons.count("StageSucceeded") == 1, reasons
+        posts = {name: n for (plural, _ns, name), n in kmock.creations.items() if plural == "events"}
+        assert max(posts.values()) >= 2, posts  # a repeated post of the same Event, answered 409
+        assert creations_of_jobs_are_unique(kmock)
+    finally:
+        await second.stop()
+
+
+def creations_of_jobs_are_unique(kmock: Any) -> bool:
+    names = job_creations(kmock)
+    return len(names) == len(set(names))
