@@ -337,7 +337,7 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
                 result = "rejected"
                 return decision
             state.succeeded(key)
-            if decision.create or decision.status_patch or decision.suspend or decision.resume:
+            if decision.create or decision.status_patch or decision.suspend or decision.resume or decision.release:
                 result = "changed"
             return decision
     except Exception as exc:  # noqa: BLE001 - API errors, timeouts: retried with backoff, never dropped
@@ -452,6 +452,10 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
         c.batch.patch_namespaced_job(job, namespace, {
             "spec": {"suspend": True},
             "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}}},
+            _content_type="application/merge-patch+json")
+    for job in decision.release:  # back to Kueue: only our mark goes, spec.suspend stays as it is
+        c.batch.patch_namespaced_job(job, namespace, {
+            "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
             _content_type="application/merge-patch+json")
     for job in decision.resume:
         c.batch.patch_namespaced_job(job, namespace, {

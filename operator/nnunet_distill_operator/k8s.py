@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from nnunet_distill_operator.plan import DataPaths, Stage
 LABEL_PREFIX = "distillation.nnunet.io"
 LABEL_JOB = f"{LABEL_PREFIX}/job"          # the DistillationJob's name (hashed when longer than a label value)
 LABEL_STAGE = f"{LABEL_PREFIX}/stage"
+LABEL_JOB_UID = f"{LABEL_PREFIX}/job-uid"  # the DistillationJob's uid: a selector for any name length
 ANNOTATION_JOB_NAME = f"{LABEL_PREFIX}/job-name"  # full DistillationJob name, read by the downward API
 ANNOTATION_JOB_UID = f"{LABEL_PREFIX}/job-uid"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -80,13 +82,22 @@ def label_value(cr_name: str) -> str:
 
 
 def labels(owner: Owner, stage: str) -> dict[str, str]:
-    return {
+    """The recommended app.kubernetes.io/* labels plus the job's name (hashed when long), uid and stage."""
+    from nnunet_distill_operator import __version__
+
+    out = {
         "app.kubernetes.io/name": "nnunet-distill-trainer",
+        "app.kubernetes.io/instance": label_value(owner.name),
+        "app.kubernetes.io/part-of": "nnunet-distill",
+        "app.kubernetes.io/version": label_value(re.sub(r"[^A-Za-z0-9_.-]", "-", __version__)),
         "app.kubernetes.io/managed-by": MANAGED_BY,
         "app.kubernetes.io/component": stage,
         LABEL_JOB: label_value(owner.name),
         LABEL_STAGE: stage,
     }
+    if owner.uid:
+        out[LABEL_JOB_UID] = owner.uid
+    return out
 
 
 def guard_script(stage: Stage) -> str | None:
@@ -287,8 +298,14 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
         ]},
         "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
     }
+    job_spec["ttlSecondsAfterFinished"] = spec.job_ttl_seconds_after_finished
     if stage.index_values:
         job_spec["completionMode"] = "Indexed"
+        if stage.completions > 1:
+            # Each teacher fold gets its own retries (Kubernetes >= 1.29; beta, on by default). Older API servers
+            # drop the field; backoffLimit, scaled by the folds, then bounds all folds' failures together.
+            job_spec["backoffLimitPerIndex"] = spec.backoff_limit
+            job_spec["backoffLimit"] = spec.backoff_limit * stage.completions
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if suspend or queued:

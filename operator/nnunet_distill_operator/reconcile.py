@@ -83,6 +83,8 @@ class Decision:
     create: tuple[dict[str, Any], ...] = ()          # Job manifests (at most one stage at a time)
     suspend: tuple[str, ...] = ()                    # Job names to suspend
     resume: tuple[str, ...] = ()                     # Job names to resume (only those the operator suspended)
+    release: tuple[str, ...] = ()                    # Kueue Jobs the operator suspended: back to Kueue, still
+                                                     # suspended (only Kueue's admission un-suspends them)
     status: dict[str, Any] = field(default_factory=dict)   # operator-owned status fields after this decision
     status_patch: dict[str, Any] | None = None      # merge patch for the status subresource; None = unchanged
     accepted_spec: dict[str, Any] | None = None      # new status.acceptedSpec, if it changes (written first)
@@ -199,7 +201,7 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
 
     own_jobs = {s: j for s, j in jobs.items() if _owned_by(j, uid)}
     foreign_jobs = {s: j for s, j in jobs.items() if s not in own_jobs}
-    started = bool(own_jobs) or any(st.job_name for st in prev_stages.values())
+    started = bool(own_jobs) or any(st.job_name and st.reason not in _NO_JOB_REASONS for st in prev_stages.values())
 
     # ---- which spec to run
     problems: list[str] = []
@@ -295,6 +297,7 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
     create: list[dict[str, Any]] = []
     suspend: list[str] = []
     resume: list[str] = []
+    release: list[str] = []
     failed = next((s for s in states if s.state == FAILED), None)
     current_state = next((s for s in states if s.state != SUCCEEDED), None)
     owner = k8s.Owner(name, namespace, uid)
@@ -332,6 +335,13 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
                 suspend.append(view.name)
                 current_state.state, current_state.reason = SUSPENDED, "Suspended"
                 current_state.message = f"Job {view.name} suspended (spec.suspend)"
+            elif not suspend_wanted and current_state.state == SUSPENDED and view.suspended_by_operator \
+                    and view.queued:
+                # Never un-suspend a Kueue Job: whether it may run is Kueue's admission, not ours.
+                release.append(view.name)
+                current_state.state, current_state.reason = PENDING, "Queued"
+                current_state.message = (f"waiting for Kueue to admit the Job (queue "
+                                         f"{effective.scheduling.queue_name})")
             elif not suspend_wanted and current_state.state == SUSPENDED and view.suspended_by_operator:
                 resume.append(view.name)
                 current_state.state, current_state.reason = PENDING, "Resumed"
@@ -444,7 +454,8 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
 
     identity = k8s.trainer_identity(owner, effective, defaults) if create else ()
     return Decision(
-        identity=identity, create=tuple(create), suspend=tuple(suspend), resume=tuple(resume), status=status,
+        identity=identity, create=tuple(create), suspend=tuple(suspend), resume=tuple(resume),
+        release=tuple(release), status=status,
         status_patch=_status_patch(prev_raw, status), accepted_spec=new_accepted, events=tuple(events),
         finished_stages=tuple(finished), delete=delete, requeue_after=requeue, stages=stages,
     )

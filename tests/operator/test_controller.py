@@ -592,3 +592,36 @@ async def test_events_are_posted_at_least_once_across_failures_and_restarts(
 def creations_of_jobs_are_unique(kmock: Any) -> bool:
     names = job_creations(kmock)
     return len(names) == len(set(names))
+
+
+async def test_resume_never_unsuspends_a_job_kueue_has_not_admitted(kmock: Any, clients: Clients,
+                                                                    operator: OperatorRunner) -> None:
+    """Issue 12 (4): suspend then resume hands a Kueue Job back to Kueue, still suspended."""
+    await clients.create_dj(dj("kq", preprocess={"mode": "Never"}, scheduling={"queueName": "gpu"}))
+    job = await job_appears(kmock, "kq-distill")
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    await wait_for(lambda: cond(kmock, "kq", "DistillComplete").get("reason") == "Queued", what="Queued")
+
+    def annotations() -> dict[str, str]:
+        return get(kmock, job_key(kmock, "kq-distill"))["metadata"].get("annotations") or {}
+
+    mark = "distillation.nnunet.io/suspended-by-operator"
+    for admitted in (False, True):
+        if admitted:  # Kueue admits the workload: it un-suspends the Job
+            await kmock_patch_job(clients, "kq-distill", {"spec": {"suspend": False}})
+            await clients.patch_job_status("kq-distill", {"active": 1, "ready": 1})
+            await wait_for(lambda: status(kmock, "kq").get("phase") == "Running", what="Running")
+        await clients.patch_dj("kq", {"spec": {"suspend": True}})
+        await wait_for(lambda: annotations().get(mark) == "true", what="suspended by the operator")
+        assert get(kmock, job_key(kmock, "kq-distill"))["spec"]["suspend"] is True
+        await clients.patch_job_status("kq-distill", {"active": 0, "ready": 0})
+        await wait_for(lambda: status(kmock, "kq").get("phase") == "Suspended", what="Suspended")
+        await clients.patch_dj("kq", {"spec": {"suspend": False}})
+        await wait_for(lambda: mark not in annotations(), what="handed back to Kueue")
+        assert get(kmock, job_key(kmock, "kq-distill"))["spec"]["suspend"] is True  # only Kueue un-suspends
+        await wait_for(lambda: cond(kmock, "kq", "DistillComplete").get("reason") == "Queued", what="Queued again")
+
+
+async def kmock_patch_job(clients: Clients, name: str, patch: dict[str, Any], namespace: str = "default") -> None:
+    await asyncio.to_thread(clients.batch.patch_namespaced_job, name, namespace, patch,
+                            _content_type="application/merge-patch+json")

@@ -321,3 +321,44 @@ def test_refused_job_is_retried_and_the_reason_shown() -> None:
     assert [e.reason for e in d.events] == ["StageStarted", "JobRejected"]
     q = decide(cr(), {}, {}, NOW, rejected={"preprocess": "exceeded quota: team-a"})
     assert cond(q.status, "PreprocessComplete")["reason"] == "QuotaExceeded"
+
+
+def test_resume_of_a_kueue_job_only_hands_it_back_to_kueue() -> None:
+    """Issue 12 (4): the operator never un-suspends a queued Job; it drops its own mark and Kueue decides."""
+    spec = {"dataset": {"id": 27}, "storage": {"claimName": "data"}, "preprocess": {"mode": "Never"},
+            "scheduling": {"queueName": "gpu"}}
+    body, jobs, manifest = _progress_to("distill", spec)
+    assert manifest["spec"]["suspend"] is True
+    suspended = job(manifest)
+    suspended["metadata"].setdefault("annotations", {})[ANNOTATION_SUSPENDED_BY_OPERATOR] = "true"
+    body["spec"]["suspend"] = False
+    d = decide(body, {"distill": suspended}, {}, NOW)
+    assert d.resume == () and d.release == ("liver-distill",)
+    assert cond(d.status, "DistillComplete")["reason"] == "Queued"
+    plain = copy.deepcopy(suspended)
+    plain["metadata"]["labels"].pop("kueue.x-k8s.io/queue-name")
+    d2 = decide(body, {"distill": plain}, {}, NOW)
+    assert d2.resume == ("liver-distill",) and d2.release == ()
+
+
+def test_a_job_that_cannot_be_built_stalls_naming_the_field_and_creates_nothing() -> None:
+    d = decide(cr(), {}, {}, NOW, invalid={"preprocess": "spec.scheduling.affinity.nodeAffinity: not an object"})
+    assert d.create == () and d.identity == ()
+    assert d.status["reason"] == "JobInvalid" and "spec.scheduling.affinity.nodeAffinity" in d.status["message"]
+    assert cond(d.status, "Stalled")["status"] == "True" and cond(d.status, "Reconciling")["status"] == "False"
+    assert [e.reason for e in d.events] == ["JobInvalid"]
+    again = decide(applied(cr(), d), {}, {}, NOW, invalid={"preprocess": "spec.scheduling.affinity.nodeAffinity: "
+                                                                           "not an object"})
+    assert again.events == () and again.status_patch is None
+
+
+def test_event_names_are_deterministic_per_job_and_transition() -> None:
+    from nnunet_distill_operator.reconcile import event_name
+
+    first = decide(cr(), {}, {}, NOW)
+    again = decide(cr(), {}, {}, NOW + timedelta(seconds=30))  # e.g. after a restart before the status write
+    names = [event_name("liver", UID, e) for e in first.events]
+    assert names == [event_name("liver", UID, e) for e in again.events] and names
+    other_uid = [event_name("liver", "uid-2", e) for e in first.events]
+    assert not set(names) & set(other_uid)  # a re-created job of the same name gets its own Events
+    assert all(len(n) <= 253 for n in names)
