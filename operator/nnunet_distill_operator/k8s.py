@@ -33,11 +33,13 @@ CONTAINER_MAIN = "main"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
 # Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme.
+# Required keys make a missing Secret or key stop the pod before it starts (CreateContainerConfigError), which
+# the operator reports as SecretMissing / SecretKeyMissing naming spec.output.secretRef.
 CREDENTIAL_ENV: dict[str, tuple[tuple[str, bool], ...]] = {
-    "s3": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_REGION", False),
+    "s3": (("AWS_ACCESS_KEY_ID", True), ("AWS_SECRET_ACCESS_KEY", True), ("AWS_REGION", False),
            ("AWS_ENDPOINT_URL", False), ("AWS_SESSION_TOKEN", False)),
-    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", False), ("GOOGLE_SERVICE_ACCOUNT", False)),
-    "az": (("AZURE_STORAGE_ACCOUNT_NAME", False), ("AZURE_STORAGE_ACCOUNT_KEY", False),
+    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", True), ("GOOGLE_SERVICE_ACCOUNT", False)),
+    "az": (("AZURE_STORAGE_ACCOUNT_NAME", True), ("AZURE_STORAGE_ACCOUNT_KEY", False),
            ("AZURE_STORAGE_SAS_TOKEN", False)),
     "file": (),
 }

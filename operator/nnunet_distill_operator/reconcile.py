@@ -463,7 +463,7 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
 
 _NO_JOB_REASONS = frozenset({None, "JobInvalid", "JobRejected", "QuotaExceeded", "WaitingForOldJob", NOT_STARTED})
 
-_WARNING_REASONS = frozenset({"JobRejected", "QuotaExceeded", "Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+_WARNING_REASONS = frozenset({"SecretMissing", "SecretKeyMissing", "JobRejected", "QuotaExceeded", "Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                               "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
                               "OOMKilled", "Evicted", "Preempted", "Disrupted", "WaitingForOldJob"})
 

@@ -100,8 +100,8 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
     publish = await job_appears(kmock, "liver-publish")
     env = {e["name"]: e for e in publish["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds",
-                                                                         "key": "AWS_SECRET_ACCESS_KEY",
-                                                                         "optional": True}
+                                                                         "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_REGION"]["valueFrom"]["secretKeyRef"]["optional"] is True
     # The kubelet: the publish pod ran and left its summary as the termination message.
     pod = pod_for(publish)
     await clients.create_pod(pod)
@@ -625,3 +625,34 @@ async def test_resume_never_unsuspends_a_job_kueue_has_not_admitted(kmock: Any, 
 async def kmock_patch_job(clients: Clients, name: str, patch: dict[str, Any], namespace: str = "default") -> None:
     await asyncio.to_thread(clients.batch.patch_namespaced_job, name, namespace, patch,
                             _content_type="application/merge-patch+json")
+
+
+async def test_a_missing_credentials_secret_is_a_clear_condition(kmock: Any, clients: Clients,
+                                                                 operator: OperatorRunner) -> None:
+    """Issue 12 (5): required secretKeyRefs stop the publish pod; the kubelet's CreateContainerConfigError
+    becomes SecretMissing naming spec.output.secretRef.name (no value is ever echoed)."""
+    await clients.create_dj(dj("cred", preprocess={"mode": "Never"},
+                               output={"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}}))
+    for stage in ("distill", "export"):
+        await job_appears(kmock, f"cred-{stage}")
+        await complete(clients, kmock, "cred", stage)
+    publish = await job_appears(kmock, "cred-publish")
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in publish["spec"]["template"]["spec"]["containers"][0]
+            ["env"] if "secretKeyRef" in (e.get("valueFrom") or {})}
+    assert "optional" not in refs["AWS_ACCESS_KEY_ID"] and "optional" not in refs["AWS_SECRET_ACCESS_KEY"]
+    pod = pod_for(publish)
+    await clients.create_pod(pod)
+    await clients.patch_pod_status(pod["metadata"]["name"], {"phase": "Pending", "containerStatuses": [
+        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {
+            "reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}}}]})
+    await wait_for(lambda: cond(kmock, "cred", "PublishComplete").get("reason") == "SecretMissing",
+                   what="SecretMissing")
+    assert "spec.output.secretRef.name" in cond(kmock, "cred", "PublishComplete")["message"]
+    await wait_for(lambda: "SecretMissing" in [r for _, r, _ in events(kmock, "cred")], what="Warning event")
+    await clients.patch_pod_status(pod["metadata"]["name"], {"containerStatuses": [
+        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {
+            "reason": "CreateContainerConfigError",
+            "message": "couldn't find key AWS_SECRET_ACCESS_KEY in Secret default/s3-creds"}}}]})
+    await wait_for(lambda: cond(kmock, "cred", "PublishComplete").get("reason") == "SecretKeyMissing",
+                   what="SecretKeyMissing")
+    assert "AWS_SECRET_ACCESS_KEY" in cond(kmock, "cred", "PublishComplete")["message"]
