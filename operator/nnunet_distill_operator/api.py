@@ -72,16 +72,16 @@ OUTPUT_URI = r"^((s3|gs|az)://[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9](/[^\s?#]*)?|
 # into the wrong field) when a name breaks them.
 BUCKET_RULES: dict[str, tuple[str, str]] = {
     "s3": (r"^(?!xn--)(?!.*-s3alias$)(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
-           "an S3 bucket name has 3-63 characters: lower-case letters, digits, '.' and '-', starting and ending "
-           "with a letter or digit, and is not an IP address"),
-    "gs": (r"^(?!goog)(?!.*google)(?!\d+\.\d+\.\d+\.\d+$)(?=.{3,222}$)[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?"
-           r"(\.[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?)*$",
-           "a GCS bucket name has 3-63 characters (222 with dots, at most 63 between dots): lower-case letters, "
-           "digits, '-', '_' and '.', starting and ending with a letter or digit, not starting with 'goog', not "
-           "containing 'google', and not an IP address"),
+           ("an S3 bucket name has 3-63 characters: lower-case letters, digits, '.' and '-', starting and ending "
+            "with a letter or digit, and is not an IP address")),
+    "gs": ((r"^(?!goog)(?!.*google)(?!\d+\.\d+\.\d+\.\d+$)(?=.{3,222}$)[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?"
+            r"(\.[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?)*$"),
+           ("a GCS bucket name has 3-63 characters (222 with dots, at most 63 between dots): lower-case letters, "
+            "digits, '-', '_' and '.', starting and ending with a letter or digit, not starting with 'goog', not "
+            "containing 'google', and not an IP address")),
     "az": (r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$",
-           "an Azure container name has 3-63 characters: lower-case letters, digits and single '-', starting and "
-           "ending with a letter or digit"),
+           ("an Azure container name has 3-63 characters: lower-case letters, digits and single '-', starting "
+            "and ending with a letter or digit")),
 }
 SUB_PATH = r"^[^/\s](.*[^/\s])?$"
 

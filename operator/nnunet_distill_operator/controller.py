@@ -340,7 +340,7 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
             if decision.create or decision.status_patch or decision.suspend or decision.resume or decision.release:
                 result = "changed"
             return decision
-    except Exception as exc:  # noqa: BLE001 - API errors, timeouts: retried with backoff, never dropped
+    except Exception as exc:  # API errors, timeouts: retried with backoff, never dropped
         result = "error"
         metrics.RECONCILE_ERRORS.labels(trigger).inc()
         delay = state.failed(key, f"{type(exc).__name__}: {exc}", meta.get("generation"))

@@ -185,13 +185,14 @@ def _missing_secret(kubelet_message: str) -> tuple[str, str] | None:
     names the Secret and the key, never a value."""
     m = re.search(r'secret "([^"]+)" not found', kubelet_message)
     if m:
-        return ("SecretMissing", f"spec.output.secretRef.name: Secret {m.group(1)!r} does not exist in the job's "
-                                 "namespace; create it with the storage credentials (see the README's credentials "
-                                 "section)")
+        why = (f"spec.output.secretRef.name: Secret {m.group(1)!r} does not exist in the job's namespace; create "
+               "it with the storage credentials (see the README's credentials section)")
+        return ("SecretMissing", why)
     m = re.search(r"couldn't find key (\S+) in Secret (\S+)", kubelet_message)
     if m:
-        return ("SecretKeyMissing", f"spec.output.secretRef: Secret {m.group(2).split('/')[-1]!r} has no key "
-                                    f"{m.group(1)}, which publishing to this URI scheme requires")
+        why = (f"spec.output.secretRef: Secret {m.group(2).split('/')[-1]!r} has no key {m.group(1)}, which "
+               "publishing to this URI scheme requires")
+        return ("SecretKeyMissing", why)
     return None
 
 

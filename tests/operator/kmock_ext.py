@@ -28,7 +28,7 @@ import datetime
 import itertools
 import secrets
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import kmock
@@ -122,7 +122,7 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
         finally:
             self._in_flight.discard(id(request))
 
-    _VERBS = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch",
+    _VERBS: ClassVar[dict[str, str]] = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch",
               "delete": "delete"}
 
     def _record_operator_call(self, request: Any) -> None:

@@ -191,16 +191,16 @@ INVALID: list[tuple[str, str, dict[str, Any], bool]] = [
      _set(BASE, "scheduling.affinity", {"nodeAffinity": "garbage"}), True),
     ("affinity-unknown-kind", "spec.scheduling.affinity.nodeAfinity",
      _set(BASE, "scheduling.affinity", {"nodeAfinity": {}}), True),
-    ("affinity-missing-operator", "spec.scheduling.affinity.nodeAffinity"
-     ".requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator",
+    ("affinity-missing-operator", ("spec.scheduling.affinity.nodeAffinity"
+     ".requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator"),
      _set(BASE, "scheduling.affinity", {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
          "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu"}]}]}}}), True),
-    ("affinity-weight-string", "spec.scheduling.affinity.podAntiAffinity"
-     ".preferredDuringSchedulingIgnoredDuringExecution[0].weight",
+    ("affinity-weight-string", ("spec.scheduling.affinity.podAntiAffinity"
+     ".preferredDuringSchedulingIgnoredDuringExecution[0].weight"),
      _set(BASE, "scheduling.affinity", {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
          {"weight": "heavy", "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}}), True),
-    ("affinity-missing-topology-key", "spec.scheduling.affinity.podAffinity"
-     ".requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey",
+    ("affinity-missing-topology-key", ("spec.scheduling.affinity.podAffinity"
+     ".requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey"),
      _set(BASE, "scheduling.affinity", {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
          {"labelSelector": {"matchLabels": {"app": "x"}}}]}}), True),
     ("affinity-not-object", "spec.scheduling.affinity", _set(BASE, "scheduling.affinity", ["nodeAffinity"]), True),

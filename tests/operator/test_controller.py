@@ -7,6 +7,7 @@ the cluster would, and observe only what the operator writes to the API (Jobs, s
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from typing import Any
 
@@ -457,7 +458,7 @@ async def test_a_failing_api_server_is_retried_with_backoff_until_the_job_exists
         await clients.create_dj(dj("flaky", preprocess={"mode": "Never"}))
         await job_appears(kmock, "flaky-distill")
         assert len(attempts) == 4
-        gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
         assert gaps[0] >= 0.09 and gaps[1] >= 0.19 and gaps[2] >= 0.39, gaps  # 0.1, 0.2, 0.4: exponential
         await wait_for(lambda: status(kmock, "flaky").get("phase") == "Pending", what="status")
         assert job_creations(kmock) == ["flaky-distill"]  # refused ones never reached the store

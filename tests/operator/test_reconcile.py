@@ -327,7 +327,7 @@ def test_resume_of_a_kueue_job_only_hands_it_back_to_kueue() -> None:
     """Issue 12 (4): the operator never un-suspends a queued Job; it drops its own mark and Kueue decides."""
     spec = {"dataset": {"id": 27}, "storage": {"claimName": "data"}, "preprocess": {"mode": "Never"},
             "scheduling": {"queueName": "gpu"}}
-    body, jobs, manifest = _progress_to("distill", spec)
+    body, _jobs, manifest = _progress_to("distill", spec)
     assert manifest["spec"]["suspend"] is True
     suspended = job(manifest)
     suspended["metadata"].setdefault("annotations", {})[ANNOTATION_SUSPENDED_BY_OPERATOR] = "true"
