@@ -53,11 +53,36 @@ MOUNT_RESULTS = "/data/nnUNet_results"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_.-]*$"  # nnU-Net plans / trainer / planner class names
+# A *positive* Kubernetes quantity: no sign, and not zero (a zero or negative CPU, memory or /dev/shm size
+# is never what a training pod needs; the API server would accept some of them and the pod would fail).
 QUANTITY = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    r"^(([0-9]*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1-9][0-9]*))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?[0-9]+))?$"
 )
+QUANTITY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+                     "n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                     "E": 1e18}
+# Label keys (qualified names: optional DNS-subdomain prefix and '/', then a name) and label values.
+LABEL_NAME = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
+LABEL_KEY = rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{LABEL_NAME}$"
+LABEL_VALUE = rf"^({LABEL_NAME})?$"
 # Object-storage destinations the publish stage understands; buckets need a name, file:// an absolute path.
-OUTPUT_URI = r"^((s3|gs|az)://[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9](/[^\s]*)?|file:///[^\s]*)$"
+# No query string or fragment: signed URLs and SAS tokens are credentials and belong in the Secret.
+OUTPUT_URI = r"^((s3|gs|az)://[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9](/[^\s?#]*)?|file:///[^\s?#]*)$"
+# Bucket / container naming rules per scheme, stated (never the offending value, which may be a secret typed
+# into the wrong field) when a name breaks them.
+BUCKET_RULES: dict[str, tuple[str, str]] = {
+    "s3": (r"^(?!xn--)(?!.*-s3alias$)(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+           ("an S3 bucket name has 3-63 characters: lower-case letters, digits, '.' and '-', starting and ending "
+            "with a letter or digit, and is not an IP address")),
+    "gs": ((r"^(?!goog)(?!.*google)(?!\d+\.\d+\.\d+\.\d+$)(?=.{3,222}$)[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?"
+            r"(\.[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?)*$"),
+           ("a GCS bucket name has 3-63 characters (222 with dots, at most 63 between dots): lower-case letters, "
+            "digits, '-', '_' and '.', starting and ending with a letter or digit, not starting with 'goog', not "
+            "containing 'google', and not an IP address")),
+    "az": (r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$",
+           ("an Azure container name has 3-63 characters: lower-case letters, digits and single '-', starting "
+            "and ending with a letter or digit")),
+}
 SUB_PATH = r"^[^/\s](.*[^/\s])?$"
 
 
@@ -68,8 +93,18 @@ def _quantity(value: Any) -> Any:
     if isinstance(value, (int, float)):
         value = str(value)
     if isinstance(value, str) and not re.match(QUANTITY, value):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (examples: 4, 500m, 16Gi)")
+        raise ValueError(f"{value!r} is not a positive Kubernetes quantity (examples: 4, 500m, 16Gi; no sign, "
+                         "not zero)")
     return value
+
+
+def quantity_value(quantity: str) -> float:
+    """A (valid) quantity as a number: '16Gi' -> 17179869184.0, '500m' -> 0.5."""
+    m = re.match(r"^([0-9.]+)([eE][+-]?[0-9]+)?([A-Za-z]*)$", quantity)
+    if m is None:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    number = float(m.group(1) + (m.group(2) or ""))
+    return number * QUANTITY_SUFFIXES.get(m.group(3), 1)
 
 
 Quantity = Annotated[
@@ -314,13 +349,22 @@ class OutputSpec(_Model):
                                                            "AWS_SECRET_ACCESS_KEY, optional AWS_REGION, "
                                                            "AWS_ENDPOINT_URL).")
 
-    @field_validator("uri")
+    @field_validator("uri", mode="before")
     @classmethod
-    def _bucket_rules(cls, v: str) -> str:
-        if v.startswith("s3://"):
-            bucket = v[5:].split("/", 1)[0]
-            if not (3 <= len(bucket) <= 63) or not re.match(r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$", bucket):
-                raise ValueError(f"S3 bucket {bucket!r} is invalid: 3-63 lower-case letters, digits, '.' or '-'")
+    def _bucket_rules(cls, v: Any) -> Any:
+        # The messages state the rule and never the value: a credential pasted into the wrong field must not
+        # be echoed into status, Events and logs.
+        if not isinstance(v, str):
+            return v
+        if "?" in v or "#" in v:
+            raise ValueError("must not contain a query string or fragment: signed URLs and SAS tokens are "
+                             "credentials; put them in the Secret named by spec.output.secretRef")
+        scheme, sep, rest = v.partition("://")
+        rule = BUCKET_RULES.get(scheme)
+        if sep and rule is not None:
+            bucket = rest.split("/", 1)[0]
+            if not re.match(rule[0], bucket):
+                raise ValueError(f"the bucket name breaks the naming rules: {rule[1]}")
         return v
 
 
@@ -364,7 +408,8 @@ class ResourcesSpec(_Model):
 class Toleration(_Model):
     """A pod toleration (core/v1 Toleration)."""
 
-    key: str | None = Field(None, max_length=317, description="Taint key; empty with Exists matches all taints.")
+    key: str | None = Field(None, max_length=317, pattern=LABEL_KEY,
+                            description="Taint key (a label key); empty with Exists matches all taints.")
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
     value: str | None = Field(None, max_length=63, description="Taint value (operator Equal).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
@@ -375,11 +420,11 @@ class Toleration(_Model):
 class SchedulingSpec(_Model):
     """Where the stage pods may run and how they are queued."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require (label keys and values).")
     tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations (e.g. GPU taints).")
     affinity: dict[str, Any] | None = Field(
-        None, json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        description="Pod affinity (core/v1 Affinity), passed through unchanged.")
+        None, json_schema_extra={"type": "object", "x-k8s-schema": "V1Affinity"},
+        description="Pod affinity (core/v1 Affinity), validated with the Kubernetes schema.")
     priority_class_name: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN,
                                             description="PriorityClass of the pods.")
     queue_name: str | None = Field(None, max_length=63, pattern=DNS1123_SUBDOMAIN,
@@ -441,6 +486,11 @@ class DistillationJobSpec(_Model):
     active_deadline_seconds: int | None = Field(None, ge=1, description="Deadline of each stage Job.")
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the DistillationJob (and "
                                                                            "its Jobs) this long after it finished.")
+    job_ttl_seconds_after_finished: int = Field(
+        604800, ge=600, le=31536000, alias="jobTTLSecondsAfterFinished",
+        description="ttlSecondsAfterFinished of each stage Job: Kubernetes deletes a finished stage Job and its "
+                    "pods this long after it finished (default 7 days; at least 10 minutes, so the operator can "
+                    "read the results first).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> DistillationJobSpec:
@@ -499,9 +549,64 @@ class DistillationJobSpec(_Model):
                         f"({'b c x y' if want == 4 else 'b c x y z'}), got {len(self.export.input_shape)}")
             if self.export.dynamic_shape:
                 problem("export.inputShape", "contradicts export.dynamicShape: true; set one of them")
+        self._storage_rules(problem)
+        self._resource_rules(problem)
+        self._scheduling_rules(problem)
         if problems:
             raise SpecError(problems)
         return self
+
+    def _storage_rules(self, problem: Any) -> None:
+        if self.storage.results is not None and self.storage.results.read_only:
+            problem("storage.results.readOnly", "nnUNet_results must be writable: every stage writes its "
+                    "models, exports and checkpoints there")
+        if self.storage.preprocessed is not None and self.storage.preprocessed.read_only \
+                and self.preprocess.mode == "Always":
+            problem("storage.preprocessed.readOnly", "preprocess.mode Always writes nnUNet_preprocessed; mount "
+                    "it writable or use preprocess.mode Never")
+        if self.storage.preprocessed is not None and self.storage.preprocessed.read_only and self.teachers.train:
+            problem("storage.preprocessed.readOnly", "teachers.train writes the cross-validation split "
+                    "(splits_final.json) into nnUNet_preprocessed; mount it writable")
+
+    def _resource_rules(self, problem: Any) -> None:
+        """/dev/shm is a memory-backed volume: it counts against the pod's memory limit. The training stages,
+        whose data loaders pass batches through it (teachers, distill), need a limit above its size."""
+        from nnunet_distill_operator.plan import DEFAULT_RESOURCES  # (plan imports this module)
+
+        shm = quantity_value(self.resources.shared_memory)
+        for stage in ("teachers", "distill"):
+            own = getattr(self.resources, stage).memory
+            memory = own if own is not None else DEFAULT_RESOURCES[stage][2]
+            if quantity_value(memory) <= shm:
+                field = f"resources.{stage}.memory" if own is not None else "resources.sharedMemory"
+                problem(field, f"the {stage} stage's memory limit ({memory}) must be larger than "
+                        f"resources.sharedMemory ({self.resources.shared_memory}): /dev/shm is memory-backed "
+                        "and counts against the limit")
+
+    def _scheduling_rules(self, problem: Any) -> None:
+        sched = self.scheduling
+        for key, value in sched.node_selector.items():
+            if not re.match(LABEL_KEY, key) or len(key) > 317:
+                problem("scheduling.nodeSelector", f"key {key!r} is not a valid label key: an optional DNS "
+                        "subdomain prefix and '/', then 1-63 letters, digits, '-', '_' or '.', starting and ending "
+                        "with a letter or digit")
+            elif not re.match(LABEL_VALUE, value):
+                problem(f"scheduling.nodeSelector[{key}]", "is not a valid label value: at most 63 letters, "
+                        "digits, '-', '_' or '.', starting and ending with a letter or digit")
+        for i, tol in enumerate(sched.tolerations):
+            where = f"scheduling.tolerations[{i}]"
+            if tol.operator == "Exists" and tol.value:
+                problem(f"{where}.value", "must be empty when operator is Exists (Exists matches every value)")
+            if not tol.key and tol.operator != "Exists":
+                problem(f"{where}.operator", "must be Exists when key is empty (that tolerates every taint)")
+            if tol.toleration_seconds is not None and tol.effect != "NoExecute":
+                problem(f"{where}.tolerationSeconds", "applies only to effect NoExecute")
+            if tol.value and not re.match(LABEL_VALUE, tol.value):
+                problem(f"{where}.value", "is not a valid label value: at most 63 letters, digits, '-', '_' or "
+                        "'.', starting and ending with a letter or digit")
+        if sched.affinity is not None:
+            for field, message in kubernetes_errors("V1Affinity", sched.affinity):
+                problem(f"scheduling.affinity{field}", message)
 
     # ---- derived values used by the planner (pure, so kept next to the fields they derive from)
 
@@ -542,6 +647,26 @@ class SpecError(ValueError):
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
         super().__init__("; ".join(f"spec.{f}: {m}" for f, m in problems))
+
+
+def kubernetes_errors(model: str, value: Any) -> list[tuple[str, str]]:
+    """(".path.in.value", message) for each way `value` breaks the Kubernetes type `model` (V1Affinity, ...),
+    checked with the kubernetes client's own models (generated from the Kubernetes OpenAPI schema, the same
+    schema the CRD embeds for the API server). Without the client installed nothing is checked here."""
+    try:
+        from kubernetes import client
+    except ImportError:  # pragma: no cover - the operator always has it; `run --local` may not
+        return []
+    try:
+        getattr(client, model).model_validate(value)
+    except ValidationError as exc:
+        out = []
+        for err in exc.errors():
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            out.append((path, msg))
+        return out
+    return []
 
 
 # ------------------------------------------------------------------------------------------- status
@@ -648,6 +773,11 @@ class DistillationJobStatus(BaseModel):
     completion_time: str | None = Field(None, description="When the job succeeded or failed (RFC 3339).")
     reason: str | None = Field(None, description="Why the job failed or stalled.")
     message: str | None = Field(None, description="Details of reason, naming the field or stage to fix.")
+    accepted_spec: dict[str, Any] | None = Field(
+        None, json_schema_extra={"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        description="The spec the running job was started with (defaults filled in), written by the operator "
+                    "before the first stage Job is created. Fields that define the model are taken from here, "
+                    "never from a later edit of spec; users cannot write status.")
 
 
 # ----------------------------------------------------------------------------------------- parsing

@@ -33,7 +33,7 @@ from typing import Any
 import kopf
 
 from nnunet_distill_operator import __version__, api, k8s, metrics
-from nnunet_distill_operator.reconcile import ANNOTATION_ACCEPTED_SPEC, OWNED_STATUS_FIELDS, Decision, decide
+from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, Event, decide, event_name
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, parse_time
 
 log = logging.getLogger("nnunet_distill_operator")
@@ -50,6 +50,8 @@ class OperatorConfig:
     metrics_port: int | None = None
     metrics_addr: str = "0.0.0.0"
     resync_seconds: float = 60.0
+    retry_seconds: float = 1.0          # first retry after a transient failure; doubles up to retry_max_seconds
+    retry_max_seconds: float = 300.0
     kubeconfig: str | None = None
     context: str | None = None
 
@@ -91,6 +93,7 @@ class Clients:
         self.custom = client.CustomObjectsApi(self.api_client)
         self.batch = client.BatchV1Api(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
+        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
         self.ApiException = client.exceptions.ApiException
 
     def close(self) -> None:
@@ -105,9 +108,15 @@ class State:
     locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
     locks_guard: threading.Lock = field(default_factory=threading.Lock)
     owned_status: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
-    accepted: dict[tuple[str, str, str], str] = field(default_factory=dict)
     created: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
     rejected: dict[tuple[str, str, str], dict[str, str]] = field(default_factory=dict)
+    # stage -> (generation, why its Job cannot be built): not retried until the spec changes.
+    invalid: dict[tuple[str, str, str], dict[str, tuple[int | None, str]]] = field(default_factory=dict)
+    # Transient failures (API errors, refusals that may clear): (consecutive count, when to retry, why).
+    failures: dict[tuple[str, str, str], tuple[int, float, str]] = field(default_factory=dict)
+    failed_generation: dict[tuple[str, str, str], int | None] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop | None = None
+    wakeup: asyncio.Event | None = None
     deleted: set[tuple[str, str, str]] = field(default_factory=set)
     jobs_index: Any = None
     pods_index: Any = None
@@ -116,6 +125,27 @@ class State:
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self.locks_guard:
             return self.locks.setdefault((namespace, name), threading.Lock())
+
+    def failed(self, key: tuple[str, str, str], why: str, generation: int | None) -> float:
+        """Record a transient failure; returns the backoff (exponential, capped) before the next attempt."""
+        count = self.failures[key][0] + 1 if key in self.failures else 1
+        delay = min(CONFIG.retry_seconds * 2 ** (count - 1), CONFIG.retry_max_seconds)
+        self.failures[key] = (count, time.monotonic() + delay, why)
+        self.failed_generation[key] = generation
+        if self.loop is not None and self.wakeup is not None:  # let the resync loop plan the retry
+            self.loop.call_soon_threadsafe(self.wakeup.set)
+        return delay
+
+    def succeeded(self, key: tuple[str, str, str]) -> None:
+        self.failures.pop(key, None)
+        self.failed_generation.pop(key, None)
+
+    def backing_off(self, key: tuple[str, str, str], generation: int | None) -> bool:
+        """A transient failure's retry is not due yet, and the spec has not changed since (a changed spec may
+        be the fix, so it is tried at once); the resync loop retries when the backoff has passed."""
+        failure = self.failures.get(key)
+        return failure is not None and failure[1] > time.monotonic() \
+            and self.failed_generation.get(key) == generation
 
 
 # --------------------------------------------------------------------------------------------- kopf
@@ -135,6 +165,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     settings.posting.enabled = False  # Events are posted by us, with the client, from any thread
     settings.execution.max_workers = max(settings.execution.max_workers or 0, 8)
     state = State(clients=Clients(CONFIG.kubeconfig, CONFIG.context))
+    state.loop, state.wakeup = asyncio.get_running_loop(), asyncio.Event()
     state.djs_index, state.jobs_index, state.pods_index = distillationjobs_idx, stage_jobs_idx, stage_pods_idx
     memo.state = state
     metrics.JOBS.clear()
@@ -226,9 +257,10 @@ def _forget(state: State, namespace: str, name: str, uid: str) -> None:
     metrics.JOBS.forget(namespace, name)
     key = (namespace, name, uid)
     state.owned_status.pop(key, None)
-    state.accepted.pop(key, None)
     state.created.pop(key, None)
     state.rejected.pop(key, None)
+    state.invalid.pop(key, None)
+    state.succeeded(key)
     state.deleted.discard(key)
 
 
@@ -261,6 +293,9 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
         with state.lock(namespace, name):
             if key in state.deleted:
                 return None
+            if trigger != "retry" and state.backing_off(key, meta.get("generation")):
+                result = "backoff"
+                return None
             cr = _with_own_writes(state, body, key)
             jobs = {stage: bodies[-1] for stage, bodies in _indexed(state.jobs_index, namespace, name).items()}
             pending = state.created.get(key, {})
@@ -271,29 +306,55 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
                     jobs[stage] = pending[stage]  # created by us, ADDED event not seen yet
             pods = _indexed(state.pods_index, namespace, name)
             now = datetime.now(UTC)
-            decision = decide(cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected.get(key))
+            generation = meta.get("generation")
+            invalid = {stage: why for stage, (gen, why) in state.invalid.get(key, {}).items() if gen == generation}
+
+            def decide_now() -> Decision:
+                return decide(cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected.get(key),
+                              invalid=invalid)
+
+            decision = decide_now()
             try:
                 _apply(state, cr, decision, key)
+            except JobInvalid as exc:
+                # The Job cannot be built from this spec (the kubernetes client's schema or the API server's
+                # validation refused it): Stalled with the spec field named, no retry until the spec changes.
+                state.invalid.setdefault(key, {})[exc.stage] = (generation, exc.message)
+                invalid[exc.stage] = exc.message
+                decision = decide_now()
+                _apply(state, cr, _without_creations(decision), key)
+                state.succeeded(key)
+                result = "invalid"
+                return decision
             except JobRejected as exc:
-                # Quota, admission webhooks, PodSecurity: say so in status; tried again on the next event
-                # or resync (the Job name is deterministic, so a retry can never make a second Job).
+                # Quota, admission webhooks, PodSecurity: say so in status and retry with backoff (the Job
+                # name is deterministic, so a retry can never make a second Job).
                 state.rejected.setdefault(key, {})[exc.stage] = exc.message
-                decision = decide(cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected[key])
-                _apply(state, cr, dataclasses.replace(decision, create=()), key)
+                decision = decide_now()
+                _apply(state, cr, _without_creations(decision), key)
+                delay = state.failed(key, exc.message, generation)
+                log.info("Job for stage %s of %s/%s refused; retrying in %.1fs", exc.stage, namespace, name, delay)
                 result = "rejected"
                 return decision
-            if decision.create or decision.status_patch or decision.suspend or decision.resume:
+            state.succeeded(key)
+            if decision.create or decision.status_patch or decision.suspend or decision.resume or decision.release:
                 result = "changed"
             return decision
-    except Exception:
+    except Exception as exc:  # API errors, timeouts: retried with backoff, never dropped
         result = "error"
         metrics.RECONCILE_ERRORS.labels(trigger).inc()
-        log.exception("reconciling DistillationJob %s/%s failed; it will be retried on the next event or "
-                      "resync", namespace, name)
+        delay = state.failed(key, f"{type(exc).__name__}: {exc}", meta.get("generation"))
+        log.exception("reconciling DistillationJob %s/%s failed; retrying in %.1fs", namespace, name, delay)
         return None
     finally:
         metrics.RECONCILE_TOTAL.labels(trigger, result).inc()
         metrics.RECONCILE_DURATION.labels(trigger).observe(time.perf_counter() - started)
+
+
+def _without_creations(decision: Decision) -> Decision:
+    """The decision minus the Job it could not create (and the StageStarted Event that would report it)."""
+    return dataclasses.replace(decision, create=(), identity=(),
+                               events=tuple(e for e in decision.events if e.reason != "StageStarted"))
 
 
 def _with_own_writes(state: State, body: dict[str, Any], key: tuple[str, str, str]) -> dict[str, Any]:
@@ -307,10 +368,16 @@ def _with_own_writes(state: State, body: dict[str, Any], key: tuple[str, str, st
             else:
                 status.pop(f, None)
         cr["status"] = status
-    accepted = state.accepted.get(key)
-    if accepted is not None:
-        cr.setdefault("metadata", {}).setdefault("annotations", {})[ANNOTATION_ACCEPTED_SPEC] = accepted
     return cr
+
+
+class JobInvalid(Exception):
+    """A stage's Job cannot be built or is refused as invalid (422): the message names the spec field."""
+
+    def __init__(self, stage: str, problems: list[tuple[str, str]]):
+        self.stage = stage
+        self.message = "; ".join(f"{field}: {why}" for field, why in problems)
+        super().__init__(self.message)
 
 
 class JobRejected(Exception):
@@ -321,47 +388,64 @@ class JobRejected(Exception):
         self.stage, self.message = stage, message
 
 
-def _api_message(exc: Any) -> str:
-    """The human part of a Kubernetes Status error body."""
+def _api_body(exc: Any) -> dict[str, Any]:
     try:
         body = json.loads(exc.body or "{}")
     except (TypeError, ValueError):
         body = {}
-    return str(body.get("message") or exc.reason or f"HTTP {exc.status}")
+    return body if isinstance(body, dict) else {}
+
+
+def _api_message(exc: Any) -> str:
+    """The human part of a Kubernetes Status error body."""
+    return str(_api_body(exc).get("message") or exc.reason or f"HTTP {exc.status}")
 
 
 def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str, str, str]) -> None:
     """Perform a Decision's side effects, in an order that is safe to interrupt at any point."""
     c = state.clients
     namespace, name, _uid = key
-    # 1. The accepted spec first: if we crash after creating a Job, the restarted operator knows which
-    #    spec that Job was created from.
+    # 1. The accepted spec first, into status (which users cannot write): if we crash after creating a Job,
+    #    the restarted operator knows which spec that Job was created from.
+    status_patch = decision.status_patch
     if decision.accepted_spec is not None:
-        c.custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name,
-            {"metadata": {"annotations": {ANNOTATION_ACCEPTED_SPEC: decision.accepted_spec}}},
-            _content_type="application/merge-patch+json")
-        state.accepted[key] = decision.accepted_spec
+        if not _patch_status(state, key, {"status": {"acceptedSpec": decision.accepted_spec}}):
+            return
+        if status_patch is not None:
+            rest = {k: v for k, v in status_patch["status"].items() if k != "acceptedSpec"}
+            status_patch = {"status": rest} if rest else None
+    # 2. The pods' identity before the Job that uses it (409: it exists already, e.g. from an earlier stage).
+    for obj in decision.identity:
+        create = {"ServiceAccount": c.core.create_namespaced_service_account,
+                  "Role": c.rbac.create_namespaced_role,
+                  "RoleBinding": c.rbac.create_namespaced_role_binding}[obj["kind"]]
+        try:
+            create(namespace, obj)
+        except c.ApiException as exc:
+            if exc.status != 409:
+                raise
     for manifest in decision.create:
         stage = manifest["metadata"]["labels"][k8s.LABEL_STAGE]
         try:
             created = c.batch.create_namespaced_job(namespace, manifest)
-            created_body = c.api_client.sanitize_for_serialization(created)
         except c.ApiException as exc:
-            if exc.status is not None and 400 <= exc.status < 500 and exc.status != 409:
+            if exc.status == 422:
+                raise JobInvalid(stage, k8s.status_causes(_api_body(exc), stage)) from None
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (409, 429):
                 raise JobRejected(stage, _api_message(exc)) from None
             if exc.status != 409:
                 raise
             log.info("Job %s already exists (created concurrently); adopting it", manifest["metadata"]["name"])
             created_body = manifest
+        except (ValueError, TypeError) as exc:  # the client's models refused the body (pydantic)
+            raise JobInvalid(stage, k8s.build_error_fields(exc, stage)) from None
         else:
+            created_body = c.api_client.sanitize_for_serialization(created)
             metrics.JOBS_CREATED.labels(stage).inc()
             if stage == decision.stages[0].name if decision.stages else False:
                 created_at = parse_time((cr.get("metadata") or {}).get("creationTimestamp"))
                 if created_at is not None:
                     metrics.START_LATENCY.observe(max(0.0, (datetime.now(UTC) - created_at).total_seconds()))
-            _post_event(state, cr, "Normal", "StageStarted",
-                        f"created Job {manifest['metadata']['name']} for stage {stage}")
         state.created.setdefault(key, {})[stage] = created_body
         state.rejected.get(key, {}).pop(stage, None)
     for job in decision.suspend:
@@ -369,30 +453,27 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
             "spec": {"suspend": True},
             "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}}},
             _content_type="application/merge-patch+json")
+    for job in decision.release:  # back to Kueue: only our mark goes, spec.suspend stays as it is
+        c.batch.patch_namespaced_job(job, namespace, {
+            "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
+            _content_type="application/merge-patch+json")
     for job in decision.resume:
         c.batch.patch_namespaced_job(job, namespace, {
             "spec": {"suspend": False},
             "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
             _content_type="application/merge-patch+json")
-    if decision.status_patch is not None:
-        try:
-            result = c.custom.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name, decision.status_patch,
-                _content_type="application/merge-patch+json")
-        except c.ApiException as exc:
-            if exc.status == 404:
-                state.deleted.add(key)
-                return
-            raise
-        written = (result or {}).get("status") or {}
-        state.owned_status[key] = {f: copy.deepcopy(written[f]) for f in OWNED_STATUS_FIELDS if f in written}
-    else:
-        state.owned_status.setdefault(key, {f: copy.deepcopy(v) for f, v in (cr.get("status") or {}).items()
-                                            if f in OWNED_STATUS_FIELDS})
+    # 3. Events before the status that records the transition: if we die in between, the next pass derives
+    #    the same transition again and re-posts under the same (deterministic) name: never lost, never twice.
+    for event in decision.events:
+        _post_event(state, cr, event)
+    if status_patch is not None:
+        if not _patch_status(state, key, status_patch):
+            return
+    elif key not in state.owned_status:
+        state.owned_status[key] = {f: copy.deepcopy(v) for f, v in (cr.get("status") or {}).items()
+                                   if f in OWNED_STATUS_FIELDS}
     for stage, result_, seconds in decision.finished_stages:
         metrics.STAGE_DURATION.labels(stage, result_).observe(seconds)
-    for event in decision.events:
-        _post_event(state, cr, event.type, event.reason, event.message)
     merged_status = {**(cr.get("status") or {}), **decision.status}
     metrics.JOBS.update(namespace, name, merged_status)
     if decision.delete:
@@ -407,14 +488,36 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
         metrics.JOBS.forget(namespace, name)
 
 
-def _post_event(state: State, cr: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    """A core/v1 Event on the DistillationJob. Events are best effort: failures are logged, never raised."""
+def _patch_status(state: State, key: tuple[str, str, str], patch: dict[str, Any]) -> bool:
+    """Merge-patch the status subresource and remember what we wrote; False when the object is gone."""
+    c = state.clients
+    namespace, name, _uid = key
+    try:
+        result = c.custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch,
+            _content_type="application/merge-patch+json")
+    except c.ApiException as exc:
+        if exc.status == 404:
+            state.deleted.add(key)
+            return False
+        raise
+    written = (result or {}).get("status") or {}
+    state.owned_status[key] = {f: copy.deepcopy(written[f]) for f in OWNED_STATUS_FIELDS if f in written}
+    return True
+
+
+def _post_event(state: State, cr: Mapping[str, Any], event: Event) -> None:
+    """A core/v1 Event on the DistillationJob, named after the job's uid and the transition (reconcile.event_name).
+    A 409 means it was posted before (by us before a restart); any other failure is raised, so the status
+    that records the transition is not written either and the whole pass is retried with backoff."""
     meta = cr.get("metadata") or {}
+    type_, reason, message = event.type, event.reason, event.message
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     body = {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+        "metadata": {"name": event_name(meta.get("name", ""), meta.get("uid", ""), event),
+                     "namespace": meta.get("namespace")},
         "involvedObject": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta.get("name"),
                            "namespace": meta.get("namespace"), "uid": meta.get("uid")},
         "reason": reason,
@@ -431,22 +534,40 @@ def _post_event(state: State, cr: Mapping[str, Any], type_: str, reason: str, me
                                                       reason, message)
     try:
         state.clients.core.create_namespaced_event(meta.get("namespace"), body)
-    except Exception as exc:  # noqa: BLE001 - an Event must never break reconciliation
-        log.debug("could not post Event %s: %s", reason, exc)
+    except state.clients.ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 async def _resync_forever(state: State) -> None:
-    """Periodic level-triggered pass over every DistillationJob (TTL expiry, missed watch events)."""
+    """A periodic level-triggered pass over every DistillationJob (TTL expiry, missed watch events), and the
+    retries, with exponential backoff, of reconciliations that failed (API errors, refused Jobs).
+
+    This is deliberately not a kopf timer or daemon: kopf puts a finalizer on every object that has one, and
+    a finalizer would keep a DistillationJob from being deleted while the operator is down (a stuck object).
+    """
     loop = asyncio.get_running_loop()
+    assert state.wakeup is not None
+    next_full = time.monotonic() + CONFIG.resync_seconds
     while True:
-        await asyncio.sleep(CONFIG.resync_seconds)
-        bodies = []
+        state.wakeup.clear()
+        now = time.monotonic()
+        full = now >= next_full
+        if full:
+            next_full = now + CONFIG.resync_seconds
+        due = {(ns, n) for (ns, n, _uid), (_c, at, _w) in list(state.failures.items()) if at <= now}
+        for key in list(state.failures):
+            if (key[0], key[1]) in due and not list((state.djs_index or {}).get((key[0], key[1]), ())):
+                state.failures.pop(key, None)  # gone meanwhile
         for key in list(state.djs_index or ()):
+            if not (full or key in due):
+                continue
             items = list(state.djs_index.get(key, ()))
             if items:
-                bodies.append(items[-1])
-        for body in bodies:
-            await loop.run_in_executor(None, reconcile_one, state, body, "resync")
+                await loop.run_in_executor(None, reconcile_one, state, items[-1], "resync" if full else "retry")
+        wake_at = min([next_full] + [at for (_c, at, _w) in list(state.failures.values())])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.wakeup.wait(), max(0.0, wake_at - time.monotonic()))
 
 
 def operator_settings(namespaces: list[str]) -> kopf.OperatorSettings:

@@ -36,6 +36,28 @@ PRINTER_COLUMNS = (
 _DROP = {"title", "examples"}
 
 
+def kubernetes_type_schema(model: str) -> dict[str, Any]:
+    """The OpenAPI schema of a Kubernetes type (`V1Affinity`), from the kubernetes client's models, which are
+    generated from the Kubernetes OpenAPI document: embedded in the CRD, as controller-gen embeds the Go
+    types, so the API server itself refuses malformed affinity terms."""
+    from kubernetes import client
+
+    raw = getattr(client, model).model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+
+    def clean(node: Any) -> Any:
+        if isinstance(node, list):
+            return [clean(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: clean(v) for k, v in node.items()}
+        if isinstance(out.get("description"), str):  # the generator appends its own attribute docs
+            out["description"] = out["description"].split("\n\nAttributes:")[0].strip()
+        return out
+
+    return _structural(clean(raw), {k: clean(v) for k, v in defs.items()})
+
+
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
     """Rewrite one pydantic JSON-schema node into a Kubernetes structural-schema node."""
     if isinstance(node, list):
@@ -43,6 +65,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if not isinstance(node, dict):
         return node
     node = dict(node)
+    if "x-k8s-schema" in node:
+        embedded = kubernetes_type_schema(node.pop("x-k8s-schema"))
+        node.pop("anyOf", None)
+        node.pop("default", None)
+        return {**embedded, **{k: v for k, v in node.items() if k in ("description",)}}
     if "$ref" in node:
         target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
         # Field-level keys (description, default) win over the referenced model's.

@@ -8,7 +8,9 @@ retries, a non-root pod without privilege escalation, Kueue admission, credentia
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ from nnunet_distill_operator.plan import DataPaths, Stage
 LABEL_PREFIX = "distillation.nnunet.io"
 LABEL_JOB = f"{LABEL_PREFIX}/job"          # the DistillationJob's name (hashed when longer than a label value)
 LABEL_STAGE = f"{LABEL_PREFIX}/stage"
+LABEL_JOB_UID = f"{LABEL_PREFIX}/job-uid"  # the DistillationJob's uid: a selector for any name length
 ANNOTATION_JOB_NAME = f"{LABEL_PREFIX}/job-name"  # full DistillationJob name, read by the downward API
 ANNOTATION_JOB_UID = f"{LABEL_PREFIX}/job-uid"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -29,16 +32,18 @@ EXIT_CODE_USAGE = 2  # argparse / configuration errors: retrying cannot help
 CONTAINER_MAIN = "main"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
-# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme. Each scheme
-# has one endpoint key for self-hosted or emulated stores (AWS_ENDPOINT_URL, GOOGLE_BASE_URL,
-# AZURE_STORAGE_ENDPOINT); STORAGE_ALLOW_HTTP=true is the explicit opt-in to a plain-http endpoint.
+# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme. Required keys
+# make a missing Secret or key stop the pod before it starts (CreateContainerConfigError), which the operator
+# reports as SecretMissing / SecretKeyMissing naming spec.output.secretRef. Each scheme has one endpoint key for
+# self-hosted or emulated stores (AWS_ENDPOINT_URL, GOOGLE_BASE_URL, AZURE_STORAGE_ENDPOINT);
+# STORAGE_ALLOW_HTTP=true is the explicit opt-in to a plain-http endpoint.
 ALLOW_HTTP_ENV = ("STORAGE_ALLOW_HTTP", False)
 CREDENTIAL_ENV: dict[str, tuple[tuple[str, bool], ...]] = {
-    "s3": (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_REGION", False),
+    "s3": (("AWS_ACCESS_KEY_ID", True), ("AWS_SECRET_ACCESS_KEY", True), ("AWS_REGION", False),
            ("AWS_ENDPOINT_URL", False), ("AWS_SESSION_TOKEN", False), ALLOW_HTTP_ENV),
-    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", False), ("GOOGLE_SERVICE_ACCOUNT", False),
+    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", True), ("GOOGLE_SERVICE_ACCOUNT", False),
            ("GOOGLE_BASE_URL", False), ALLOW_HTTP_ENV),
-    "az": (("AZURE_STORAGE_ACCOUNT_NAME", False), ("AZURE_STORAGE_ACCOUNT_KEY", False),
+    "az": (("AZURE_STORAGE_ACCOUNT_NAME", True), ("AZURE_STORAGE_ACCOUNT_KEY", False),
            ("AZURE_STORAGE_SAS_TOKEN", False), ("AZURE_STORAGE_ENDPOINT", False), ALLOW_HTTP_ENV),
     "file": (),
 }
@@ -83,13 +88,22 @@ def label_value(cr_name: str) -> str:
 
 
 def labels(owner: Owner, stage: str) -> dict[str, str]:
-    return {
+    """The recommended app.kubernetes.io/* labels plus the job's name (hashed when long), uid and stage."""
+    from nnunet_distill_operator import __version__
+
+    out = {
         "app.kubernetes.io/name": "nnunet-distill-trainer",
+        "app.kubernetes.io/instance": label_value(owner.name),
+        "app.kubernetes.io/part-of": "nnunet-distill",
+        "app.kubernetes.io/version": label_value(re.sub(r"[^A-Za-z0-9_.-]", "-", __version__)),
         "app.kubernetes.io/managed-by": MANAGED_BY,
         "app.kubernetes.io/component": stage,
         LABEL_JOB: label_value(owner.name),
         LABEL_STAGE: stage,
     }
+    if owner.uid:
+        out[LABEL_JOB_UID] = owner.uid
+    return out
 
 
 def guard_script(stage: Stage) -> str | None:
@@ -263,9 +277,10 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
     }
     if init:
         pod_spec["initContainers"] = init
-    sa = spec.service_account_name or defaults.service_account
-    if sa:
-        pod_spec["serviceAccountName"] = sa
+    # Only the stages that report progress get a token; the identity can do nothing but get/patch the status
+    # of this one DistillationJob (trainer_identity).
+    pod_spec["serviceAccountName"] = trainer_service_account(owner, spec, defaults)
+    pod_spec["automountServiceAccountToken"] = stage.reports_progress
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s.name} for s in spec.image_pull_secrets]
     sched = spec.scheduling
@@ -295,8 +310,14 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
         ]},
         "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
     }
+    job_spec["ttlSecondsAfterFinished"] = spec.job_ttl_seconds_after_finished
     if stage.index_values:
         job_spec["completionMode"] = "Indexed"
+        if stage.completions > 1:
+            # Each teacher fold gets its own retries (Kubernetes >= 1.29; beta, on by default). Older API servers
+            # drop the field; backoffLimit, scaled by the folds, then bounds all folds' failures together.
+            job_spec["backoffLimitPerIndex"] = spec.backoff_limit
+            job_spec["backoffLimit"] = spec.backoff_limit * stage.completions
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if suspend or queued:
@@ -317,6 +338,39 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
     }
 
 
+def trainer_service_account(owner: Owner, spec: api.DistillationJobSpec, defaults: Defaults = Defaults()) -> str:
+    """The stage pods' ServiceAccount: the spec's, else the operator's default, else the job's own."""
+    return spec.service_account_name or defaults.service_account or identity_name(owner.name)
+
+
+def identity_name(cr_name: str) -> str:
+    """Name of the per-job trainer ServiceAccount, Role and RoleBinding."""
+    return job_name(cr_name, "trainer")
+
+
+def trainer_identity(owner: Owner, spec: api.DistillationJobSpec,
+                     defaults: Defaults = Defaults()) -> tuple[dict[str, Any], ...]:
+    """The per-job least-privilege identity of the stage pods, owned by the DistillationJob: a ServiceAccount,
+    a Role that allows only get/patch of this DistillationJob's status (resourceNames), and a RoleBinding.
+    Empty when the spec (or the operator's configuration) names a ServiceAccount of its own."""
+    if spec.service_account_name or defaults.service_account:
+        return ()
+    name = identity_name(owner.name)
+    meta = {"name": name, "namespace": owner.namespace, "labels": labels(owner, "trainer"),
+            "annotations": {ANNOTATION_JOB_NAME: owner.name, ANNOTATION_JOB_UID: owner.uid},
+            "ownerReferences": [owner_reference(owner)]}
+    return (
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": copy.deepcopy(meta),
+         "automountServiceAccountToken": False},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": copy.deepcopy(meta),
+         "rules": [{"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "resourceNames": [owner.name],
+                    "verbs": ["get", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": copy.deepcopy(meta),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}]},
+    )
+
+
 def owner_reference(owner: Owner) -> dict[str, Any]:
     return {
         "apiVersion": api.API_VERSION,
@@ -326,3 +380,79 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+# Where a field of a stage Job comes from in the DistillationJob's spec: when the kubernetes client or the API
+# server refuses a Job, the message names the field the user has to change, not a Job field they never wrote.
+_JOB_FIELD_SOURCES: tuple[tuple[str, str], ...] = (
+    ("spec.template.spec.affinity", "spec.scheduling.affinity"),
+    ("spec.template.spec.tolerations", "spec.scheduling.tolerations"),
+    ("spec.template.spec.nodeSelector", "spec.scheduling.nodeSelector"),
+    ("spec.template.spec.priorityClassName", "spec.scheduling.priorityClassName"),
+    ("spec.template.spec.imagePullSecrets", "spec.imagePullSecrets"),
+    ("spec.template.spec.serviceAccountName", "spec.serviceAccountName"),
+    ("spec.template.spec.securityContext", "spec.security"),
+    ("spec.template.spec.volumes", "spec.storage"),
+    ("spec.activeDeadlineSeconds", "spec.activeDeadlineSeconds"),
+    ("spec.backoffLimit", "spec.backoffLimit"),
+    ("spec.ttlSecondsAfterFinished", "spec.jobTTLSecondsAfterFinished"),
+    ("metadata.labels", "spec.scheduling.queueName"),
+)
+_CONTAINER_FIELD_SOURCES: tuple[tuple[str, str], ...] = (
+    ("image", "spec.image"),
+    ("imagePullPolicy", "spec.imagePullPolicy"),
+    ("resources", "spec.resources.{stage}"),
+    ("volumeMounts", "spec.storage"),
+    ("securityContext", "spec.security"),
+)
+
+
+def spec_field_for(job_path: str, stage: str) -> str:
+    """The DistillationJob spec field a stage Job's field (`spec.template.spec.affinity.nodeAffinity`) is built
+    from (`spec.scheduling.affinity.nodeAffinity`); `spec` when no single field is responsible."""
+    import re
+
+    path = re.sub(r"\[(\d+)\]", r".\1", job_path).strip(".")
+    if "sizeLimit" in path and path.startswith("spec.template.spec.volumes"):
+        return "spec.resources.sharedMemory"
+    for prefix, source in _JOB_FIELD_SOURCES:
+        if path == prefix or path.startswith(prefix + "."):
+            rest = path[len(prefix):]
+            if source.startswith("spec.scheduling.affinity"):
+                return source + re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", rest)
+            return source
+    m = re.match(r"^spec\.template\.spec\.(?:initContainers|containers)\.\d+\.([A-Za-z]+)", path)
+    if m:
+        for prefix, source in _CONTAINER_FIELD_SOURCES:
+            if m.group(1) == prefix:
+                return source.format(stage=stage)
+    return "spec"
+
+
+def build_error_fields(exc: BaseException, stage: str) -> list[tuple[str, str]]:
+    """(spec field, message) for why a stage's Job could not be built or sent (a pydantic ValidationError
+    from the kubernetes client's models, or any other error while building the request)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        out = []
+        try:
+            items = errors()
+        except Exception:  # noqa: BLE001 - not a pydantic error after all
+            items = []
+        for err in items:
+            loc = list(err.get("loc") or ())
+            while loc and not isinstance(loc[0], str):
+                loc.pop(0)  # the argument position of the request body
+            path = ".".join(str(p) for p in loc)
+            out.append((spec_field_for(path, stage), f"{path}: {err.get('msg')}"))
+        if out:
+            return out
+    return [("spec", f"{type(exc).__name__}: {exc}")]
+
+
+def status_causes(body: dict[str, Any], stage: str) -> list[tuple[str, str]]:
+    """(spec field, message) from a Kubernetes Status (422 Invalid) body's details.causes."""
+    causes = ((body or {}).get("details") or {}).get("causes") or []
+    out = [(spec_field_for(str(c.get("field") or ""), stage), f"{c.get('field')}: {c.get('message')}")
+           for c in causes if isinstance(c, dict)]
+    return out or [("spec", str((body or {}).get("message") or "the API server refused the Job"))]

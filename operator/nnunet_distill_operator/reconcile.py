@@ -8,12 +8,14 @@ gives the same answer — which is what makes "no duplicate Job" and "status con
 Spec changes after the first Job exists: fields that only shape Jobs not created yet (resources,
 scheduling, image, output, suspend, deadlines) are accepted; fields that define the model (dataset,
 teachers, student, distillation, ...) would mix two models into one and are rejected with a Stalled
-condition naming them, while the job continues with the spec it started with (kept in an annotation).
+condition naming them, while the job continues with the spec it started with: `status.acceptedSpec`,
+written by the operator through the status subresource before the first Job exists. Users with edit rights
+cannot write status, so neither an edit nor an operator restart changes what a running job produces.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,15 +53,15 @@ from nnunet_distill_operator.status import (
     rfc3339,
 )
 
-ANNOTATION_ACCEPTED_SPEC = "distillation.nnunet.io/accepted-spec"
 # Top-level spec fields that may change while the job runs: they affect only Jobs created afterwards
 # (or, for suspend, the running Job). Everything else defines the model being produced.
 SAFE_FIELDS = frozenset({
     "suspend", "resources", "scheduling", "image", "imagePullPolicy", "imagePullSecrets", "serviceAccountName",
-    "security", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "output", "qualityGate",
+    "security", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "jobTTLSecondsAfterFinished",
+    "output", "qualityGate",
 })
 OWNED_STATUS_FIELDS = ("phase", "currentStage", "observedGeneration", "conditions", "stages", "startTime",
-                       "completionTime", "reason", "message", "artifacts", "metrics")
+                       "completionTime", "reason", "message", "artifacts", "metrics", "acceptedSpec")
 NOT_STARTED = "NotStarted"
 DEFAULTS = k8s.Defaults()
 
@@ -69,16 +71,31 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+    key: str = ""  # the transition this Event reports; with the job's uid it names the Event (event_name)
+
+
+def _digest(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def event_name(cr_name: str, uid: str, event: Event) -> str:
+    """A deterministic Event name from the job's uid and the transition: an operator that dies after a status
+    change but before its Event, or after the Event but before the status, posts it again under the same name
+    (a 409 for the second copy): at least once, never twice."""
+    return f"{cr_name[:200]}.{_digest(f'{uid}/{event.key or event.reason}/{event.message}', 16)}"
 
 
 @dataclass(frozen=True)
 class Decision:
+    identity: tuple[dict[str, Any], ...] = ()        # the pods' ServiceAccount/Role/RoleBinding, before a Job
     create: tuple[dict[str, Any], ...] = ()          # Job manifests (at most one stage at a time)
     suspend: tuple[str, ...] = ()                    # Job names to suspend
     resume: tuple[str, ...] = ()                     # Job names to resume (only those the operator suspended)
+    release: tuple[str, ...] = ()                    # Kueue Jobs the operator suspended: back to Kueue, still
+                                                     # suspended (only Kueue's admission un-suspends them)
     status: dict[str, Any] = field(default_factory=dict)   # operator-owned status fields after this decision
     status_patch: dict[str, Any] | None = None      # merge patch for the status subresource; None = unchanged
-    accepted_spec: str | None = None                 # new value of the accepted-spec annotation, if it changes
+    accepted_spec: dict[str, Any] | None = None      # new status.acceptedSpec, if it changes (written first)
     events: tuple[Event, ...] = ()
     finished_stages: tuple[tuple[str, str, float], ...] = ()  # (stage, Succeeded|Failed, seconds), newly
     delete: bool = False                             # ttlSecondsAfterFinished has passed
@@ -173,23 +190,26 @@ def _await_verified_publish(states: Sequence[_StageState], artifacts: Mapping[st
 
 def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
            pods: Mapping[str, Sequence[Mapping[str, Any]]], now: datetime,
-           defaults: k8s.Defaults = DEFAULTS, rejected: Mapping[str, str] | None = None) -> Decision:
+           defaults: k8s.Defaults = DEFAULTS, rejected: Mapping[str, str] | None = None,
+           invalid: Mapping[str, str] | None = None) -> Decision:
     """Everything the operator should do for one DistillationJob, given what exists now.
 
     `rejected`: stage -> why the API server refused its Job last time (quota, admission webhook,
     PodSecurity); the Job is tried again, and the reason is shown until it is accepted.
+    `invalid`: stage -> why its Job cannot be built at all from this generation of the spec (the kubernetes
+    client's schema or the API server's validation refused it), naming the spec field; nothing is created and
+    the job is Stalled until the spec changes.
     """
     meta = cr.get("metadata") or {}
     name, namespace, uid = meta.get("name", ""), meta.get("namespace", "default"), meta.get("uid", "")
     generation = meta.get("generation")
-    annotations = meta.get("annotations") or {}
     prev_raw = cr.get("status") or {}
     prev = api.parse_status(prev_raw)
     prev_stages = {k: v for k, v in prev.stages.items()}
 
     own_jobs = {s: j for s, j in jobs.items() if _owned_by(j, uid)}
     foreign_jobs = {s: j for s, j in jobs.items() if s not in own_jobs}
-    started = bool(own_jobs) or any(st.job_name for st in prev_stages.values())
+    started = bool(own_jobs) or any(st.job_name and st.reason not in _NO_JOB_REASONS for st in prev_stages.values())
 
     # ---- which spec to run
     problems: list[str] = []
@@ -198,12 +218,12 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         current = api.parse_spec(cr.get("spec"))
     except api.InvalidSpec as exc:
         current, problems = None, exc.problems
-    accepted_raw = annotations.get(ANNOTATION_ACCEPTED_SPEC)
+    accepted_raw = prev_raw.get("acceptedSpec")
     accepted: api.DistillationJobSpec | None = None
-    if started and accepted_raw:
+    if started and isinstance(accepted_raw, dict):
         try:
-            accepted = api.parse_spec(json.loads(accepted_raw))
-        except (ValueError, api.InvalidSpec):
+            accepted = api.parse_spec(accepted_raw)
+        except api.InvalidSpec:
             accepted = None
     stalled: tuple[str, str] | None = None
     effective: api.DistillationJobSpec | None = current
@@ -235,7 +255,7 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
             "reason": "InvalidSpec", "message": message,
         }
         if (prev_reason, prev_message) != ("InvalidSpec", message):
-            events.append(Event("Warning", "InvalidSpec", message))
+            events.append(Event("Warning", "InvalidSpec", message, f"job:InvalidSpec:{generation}"))
         return Decision(status=status, status_patch=_status_patch(prev_raw, status), events=tuple(events))
 
     stages = plan(effective, name=name, paths=DataPaths.in_pod(name))
@@ -294,15 +314,29 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
     create: list[dict[str, Any]] = []
     suspend: list[str] = []
     resume: list[str] = []
+    release: list[str] = []
     failed = next((s for s in states if s.state == FAILED), None)
     current_state = next((s for s in states if s.state != SUCCEEDED), None)
     owner = k8s.Owner(name, namespace, uid)
     creating = False
     if failed is None and current_state is not None:
         stage = next(s for s in stages if s.name == current_state.name)
-        if current_state.view is None and current_state.state == NOT_STARTED and not suspend_wanted:
-            create.append(k8s.job_for(stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name),
-                                      defaults=defaults))
+        broken = (invalid or {}).get(stage.name)
+        manifest: dict[str, Any] | None = None
+        if current_state.view is None and current_state.state == NOT_STARTED and not suspend_wanted \
+                and broken is None:
+            try:
+                manifest = k8s.job_for(stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name),
+                                       defaults=defaults)
+            except Exception as exc:  # noqa: BLE001 - a spec the Job cannot be built from: Stalled, not a crash
+                broken = "; ".join(f"{f}: {m}" for f, m in k8s.build_error_fields(exc, stage.name))
+        if broken is not None and current_state.view is None and current_state.state == NOT_STARTED:
+            current_state.state, current_state.reason = PENDING, "JobInvalid"
+            current_state.message = f"cannot create Job {current_state.job_name}: {broken}"
+            if stalled is None:
+                stalled = ("JobInvalid", current_state.message)
+        elif manifest is not None:
+            create.append(manifest)
             current_state.state, current_state.reason = PENDING, "JobCreated"
             # The same words observe_job() uses for a Job without pods, so the next pass changes nothing.
             current_state.message = f"Job {current_state.job_name} has no running pod yet"
@@ -318,6 +352,13 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
                 suspend.append(view.name)
                 current_state.state, current_state.reason = SUSPENDED, "Suspended"
                 current_state.message = f"Job {view.name} suspended (spec.suspend)"
+            elif not suspend_wanted and current_state.state == SUSPENDED and view.suspended_by_operator \
+                    and view.queued:
+                # Never un-suspend a Kueue Job: whether it may run is Kueue's admission, not ours.
+                release.append(view.name)
+                current_state.state, current_state.reason = PENDING, "Queued"
+                current_state.message = (f"waiting for Kueue to admit the Job (queue "
+                                         f"{effective.scheduling.queue_name})")
             elif not suspend_wanted and current_state.state == SUSPENDED and view.suspended_by_operator:
                 resume.append(view.name)
                 current_state.state, current_state.reason = PENDING, "Resumed"
@@ -398,8 +439,14 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
 
     # ---- events (from transitions only, so a repeated decision emits nothing new)
     finished: list[tuple[str, str, float]] = []
+    created_now = {m["metadata"]["labels"][k8s.LABEL_STAGE] for m in create}
     for s in states:
         before = prev_stages.get(s.name)
+        # A stage's Job exists (created now, or seen although the last status did not know it yet).
+        had_job = before is not None and before.reason not in _NO_JOB_REASONS
+        if s.name in created_now or (s.view is not None and not had_job):
+            events.append(Event("Normal", "StageStarted", f"created Job {s.job_name} for stage {s.name}",
+                                f"{s.name}:Started"))
         before_state = before.state if before else None
         before_reason = before.reason if before else None
         if s.state in TERMINAL and before_state != s.state:
@@ -408,39 +455,43 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
             finished.append((s.name, s.state, seconds))
             if s.state == SUCCEEDED:
                 events.append(Event("Normal", "StageSucceeded", f"stage {s.name} succeeded"
-                                    + (f" in {format_duration(seconds)}" if seconds else "")))
+                                    + (f" in {format_duration(seconds)}" if seconds else ""), f"{s.name}:Succeeded"))
             elif not (s.name == GATE_STAGE and gate_blocked):  # a blocking gate has its own event below
-                events.append(Event("Warning", "StageFailed", f"stage {s.name}: {s.message or s.reason}"))
+                events.append(Event("Warning", "StageFailed", f"stage {s.name}: {s.message or s.reason}",
+                                    f"{s.name}:Failed"))
         elif s.state not in TERMINAL and s.reason != before_reason and s.reason in _WARNING_REASONS:
-            events.append(Event("Warning", s.reason, s.message or s.reason))
+            events.append(Event("Warning", s.reason, s.message or s.reason, f"{s.name}:{s.reason}:{generation}"))
     if gate_cond is not None:
         before_gate = next((c for c in prev_raw.get("conditions") or [] if c.get("type") == GATE_CONDITION), {})
         if gate_cond.reason != before_gate.get("reason"):
             if gate_cond.reason == GATE_PASSED:
-                events.append(Event("Normal", GATE_PASSED, gate_cond.message))
+                events.append(Event("Normal", GATE_PASSED, gate_cond.message, f"gate:{GATE_PASSED}"))
             elif gate_cond.reason == GATE_NOT_ENFORCED:
                 events.append(Event("Warning", GATE_NOT_ENFORCED, gate_cond.message + "; publishing anyway "
-                                    "(spec.qualityGate.enforce is false)"))
+                                    "(spec.qualityGate.enforce is false)", f"gate:{GATE_NOT_ENFORCED}"))
             elif gate_cond.reason == GATE_FAILED:
-                events.append(Event("Warning", GATE_FAILED, message if gate_blocked else gate_cond.message))
+                events.append(Event("Warning", GATE_FAILED, message if gate_blocked else gate_cond.message,
+                                    f"gate:{GATE_FAILED}"))
     if prev.phase != phase:
         if phase == SUCCEEDED:
             where = artifacts.get("uri") or (status.get("artifacts") or {}).get("uri")
             events.append(Event("Normal", "Succeeded", "DistillationJob succeeded"
-                                + (f"; model published to {where}" if where else "")))
+                                + (f"; model published to {redact_uri(where)}" if where else ""), "job:Succeeded"))
         elif phase == SUSPENDED:
-            events.append(Event("Normal", "Suspended", message))
+            events.append(Event("Normal", "Suspended", message, f"job:Suspended:{generation}"))
         elif prev.phase == SUSPENDED:
-            events.append(Event("Normal", "Resumed", f"resumed at stage {current_state.name if current_state else ''}"))
+            events.append(Event("Normal", "Resumed", f"resumed at stage {current_state.name if current_state else ''}",
+                                f"job:Resumed:{generation}"))
     if stalled is not None and (prev_reason, prev_message) != stalled:
-        events.append(Event("Warning", stalled[0], stalled[1]))
+        events.append(Event("Warning", stalled[0], stalled[1], f"job:{stalled[0]}:{generation}"))
 
     # ---- accepted spec and TTL
     new_accepted = None
     if creating or started:
-        text = json.dumps(api.spec_to_dict(effective), sort_keys=True, separators=(",", ":"))
-        if text != accepted_raw:
-            new_accepted = text
+        new_accepted = api.spec_to_dict(effective)
+        status["acceptedSpec"] = new_accepted
+        if new_accepted == accepted_raw:
+            new_accepted = None
     delete, requeue = False, None
     ttl = effective.ttl_seconds_after_finished
     if phase in TERMINAL and ttl is not None:
@@ -451,16 +502,32 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         else:
             requeue = remaining
 
+    identity = k8s.trainer_identity(owner, effective, defaults) if create else ()
     return Decision(
-        create=tuple(create), suspend=tuple(suspend), resume=tuple(resume), status=status,
+        identity=identity, create=tuple(create), suspend=tuple(suspend), resume=tuple(resume),
+        release=tuple(release), status=status,
         status_patch=_status_patch(prev_raw, status), accepted_spec=new_accepted, events=tuple(events),
         finished_stages=tuple(finished), delete=delete, requeue_after=requeue, stages=stages,
     )
 
 
-_WARNING_REASONS = frozenset({"JobRejected", "QuotaExceeded", "Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+_NO_JOB_REASONS = frozenset({None, "JobInvalid", "JobRejected", "QuotaExceeded", "WaitingForOldJob", NOT_STARTED})
+
+_WARNING_REASONS = frozenset({"SecretMissing", "SecretKeyMissing", "JobRejected", "QuotaExceeded", "Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
                               "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
                               "OOMKilled", "Evicted", "Preempted", "Disrupted", "WaitingForOldJob"})
+
+
+def redact_uri(uri: str) -> str:
+    """A URI fit for status, Events and logs: no query string or fragment (signed URLs, SAS tokens) and no
+    user:password@ part."""
+    import re
+
+    uri = re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", uri)
+    for sep in ("?", "#"):
+        if sep in uri:
+            uri = uri.split(sep, 1)[0] + f"{sep}<redacted>"
+    return uri
 
 
 def _status_patch(prev: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -154,6 +154,9 @@ def pod_issue(pod: Mapping[str, Any], stage: str | None = None) -> PodIssue | No
         for cs in _container_statuses(status):
             waiting = (cs.get("state") or {}).get("waiting") or {}
             reason = waiting.get("reason")
+            secret = _missing_secret(waiting.get("message") or "") if reason == "CreateContainerConfigError" else None
+            if secret is not None:
+                return PodIssue(secret[0], secret[1], name)
             if reason in _WAITING_PROBLEMS:
                 detail = waiting.get("message") or ""
                 return PodIssue(reason, f"{_WAITING_PROBLEMS[reason]}: {detail}".rstrip(": "), name)
@@ -174,6 +177,22 @@ def pod_issue(pod: Mapping[str, Any], stage: str | None = None) -> PodIssue | No
                 reason = reason if isinstance(reason, str) and _REASON.fullmatch(reason) else "Error"
                 return PodIssue(reason, f"container {cs.get('name')} of pod {name} exited with code {code}"
                                 + (f": {text}" if text else ""), name)
+    return None
+
+
+def _missing_secret(kubelet_message: str) -> tuple[str, str] | None:
+    """(reason, message) when the kubelet could not find the credentials Secret or one of its keys. The kubelet
+    names the Secret and the key, never a value."""
+    m = re.search(r'secret "([^"]+)" not found', kubelet_message)
+    if m:
+        why = (f"spec.output.secretRef.name: Secret {m.group(1)!r} does not exist in the job's namespace; create "
+               "it with the storage credentials (see the README's credentials section)")
+        return ("SecretMissing", why)
+    m = re.search(r"couldn't find key (\S+) in Secret (\S+)", kubelet_message)
+    if m:
+        why = (f"spec.output.secretRef: Secret {m.group(2).split('/')[-1]!r} has no key {m.group(1)}, which "
+               "publishing to this URI scheme requires")
+        return ("SecretKeyMissing", why)
     return None
 
 

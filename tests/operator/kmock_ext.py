@@ -28,7 +28,7 @@ import datetime
 import itertools
 import secrets
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import kmock
@@ -90,6 +90,9 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
     # Admission control (webhooks, ResourceQuota, PodSecurity): a callable that may reject a request by
     # returning a KubernetesError; nothing is stored then, as in a real API server.
     admission: Any = attrs.field(default=None)
+    # Every API call the operator made (its client's and kopf's user agents), as RBAC grants
+    # (group, resource[/subresource], verb): tests/operator compares them with the Helm chart's rules.
+    operator_calls: set[tuple[str, str, str]] = attrs.field(factory=set)
     _in_flight: set[int] = attrs.field(factory=set, init=False)
 
     def _has_status_subresource(self, resource: Any) -> bool:
@@ -119,7 +122,21 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
         finally:
             self._in_flight.discard(id(request))
 
+    _VERBS: ClassVar[dict[str, str]] = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch",
+              "delete": "delete"}
+
+    def _record_operator_call(self, request: Any) -> None:
+        agent = next((v for k, v in (request.headers or {}).items() if k.lower() == "user-agent"), "")
+        if not agent.startswith(("nnunet-distill-operator", "kopf")):
+            return
+        if request.resource is None or request.resource.plural is None or request.action is None:
+            return  # discovery (/apis/<group>/<version>) is open to every authenticated client
+        action = str(getattr(request.action, "value", request.action)).lower()
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        self.operator_calls.add((request.resource.group or "", resource, self._VERBS[action]))
+
     async def _handle_tracked(self, request: Any) -> Any:
+        self._record_operator_call(request)
         if self.admission is not None and request.resource is not None:
             rejection = self.admission(request)
             if rejection is not None:

@@ -111,11 +111,119 @@ INVALID: list[tuple[str, str, dict[str, Any], bool]] = [
     ("teacher-trainer-invalid", "spec.teachers.trainer", _set(BASE, "teachers.trainer", "bad name!"), True),
     ("suspend-string", "spec.suspend", _set(BASE, "suspend", "yes"), True),
     ("image-with-space", "spec.image", _set(BASE, "image", "my image:1"), True),
+    # ---- issue 12: quantities are positive
+    ("memory-negative", "spec.resources.distill.memory", _set(BASE, "resources.distill", {"memory": "-32Gi"}), True),
+    ("shm-negative", "spec.resources.sharedMemory", _set(BASE, "resources.sharedMemory", "-1Gi"), True),
+    ("cpu-zero-string", "spec.resources.distill.cpu", _set(BASE, "resources.distill", {"cpu": "0"}), True),
+    ("cpu-zero-number", "spec.resources.teachers.cpu", _set(BASE, "resources.teachers", {"cpu": 0}), False),
+    ("cpu-zero-millis", "spec.resources.preprocess.cpu", _set(BASE, "resources.preprocess", {"cpu": "0m"}), True),
+    ("cpu-plus-sign", "spec.resources.export.cpu", _set(BASE, "resources.export", {"cpu": "+2"}), True),
+    ("memory-zero-decimal", "spec.resources.publish.memory",
+     _set(BASE, "resources.publish", {"memory": "0.0Gi"}), True),
+    ("memory-boolean", "spec.resources.distill.memory", _set(BASE, "resources.distill", {"memory": True}), True),
+    ("memory-bad-suffix", "spec.resources.distill.memory", _set(BASE, "resources.distill", {"memory": "4GB"}),
+     True),
+    ("shm-zero", "spec.resources.sharedMemory", _set(BASE, "resources.sharedMemory", "0"), True),
+    # ---- /dev/shm counts against the memory limit of the data-loading stages
+    ("memory-below-shm-distill", "spec.resources.distill.memory",
+     _set(_set(BASE, "resources.distill", {"memory": "4Gi"}), "resources.sharedMemory", "8Gi"), False),
+    ("memory-equal-shm-teachers", "spec.resources.teachers.memory",
+     _set(BASE, "resources.teachers", {"memory": "8Gi"}), False),
+    ("memory-below-shm-decimal", "spec.resources.distill.memory",
+     _set(_set(BASE, "resources.distill", {"memory": "1.5Gi"}), "resources.sharedMemory", "1600Mi"), False),
+    ("shm-above-default-memory", "spec.resources.sharedMemory", _set(BASE, "resources.sharedMemory", "64Gi"),
+     False),
+    # ---- volumes that stages write
+    ("results-read-only", "spec.storage.results.readOnly",
+     _set(BASE, "storage.results", {"claimName": "r", "readOnly": True}), False),
+    ("preprocessed-read-only-always", "spec.storage.preprocessed.readOnly",
+     _set(_set(BASE, "storage.preprocessed", {"claimName": "p", "readOnly": True}), "preprocess.mode", "Always"),
+     False),
+    ("preprocessed-read-only-train", "spec.storage.preprocessed.readOnly",
+     _set(_set(BASE, "storage.preprocessed", {"claimName": "p", "readOnly": True}), "teachers.train", True), False),
+    ("read-only-not-boolean", "spec.storage.raw.readOnly",
+     _set(BASE, "storage.raw", {"claimName": "r", "readOnly": "yes"}), True),
+    # ---- bucket naming rules (stated, never echoed)
+    ("gs-bucket-upper-case", "spec.output.uri", _set(BASE, "output", {"uri": "gs://MyBucket/m"}), False),
+    ("gs-bucket-goog-prefix", "spec.output.uri", _set(BASE, "output", {"uri": "gs://google-models/m"}), False),
+    ("gs-bucket-too-short", "spec.output.uri", _set(BASE, "output", {"uri": "gs://ab/m"}), False),
+    ("gs-bucket-ip", "spec.output.uri", _set(BASE, "output", {"uri": "gs://192.168.5.4/m"}), False),
+    ("s3-bucket-underscore", "spec.output.uri", _set(BASE, "output", {"uri": "s3://my_bucket/m"}), False),
+    ("s3-bucket-too-long", "spec.output.uri", _set(BASE, "output", {"uri": "s3://" + "b" * 64 + "/m"}), False),
+    ("az-container-double-dash", "spec.output.uri", _set(BASE, "output", {"uri": "az://models--x/m"}), False),
+    ("az-container-upper", "spec.output.uri", _set(BASE, "output", {"uri": "az://Models/m"}), False),
+    ("uri-query-string", "spec.output.uri",
+     _set(BASE, "output", {"uri": "s3://models/m?X-Amz-Signature=abc"}), True),
+    ("uri-sas-token", "spec.output.uri", _set(BASE, "output", {"uri": "az://models/m?sv=2024&sig=abc"}), True),
+    ("uri-fragment", "spec.output.uri", _set(BASE, "output", {"uri": "file:///models/m#x"}), True),
+    ("uri-not-string", "spec.output.uri", _set(BASE, "output", {"uri": 42}), True),
+    # ---- tolerations
+    ("toleration-exists-with-value", "spec.scheduling.tolerations[0].value",
+     _set(BASE, "scheduling.tolerations", [{"key": "gpu", "operator": "Exists", "value": "a100"}]), False),
+    ("toleration-empty-key-equal", "spec.scheduling.tolerations[0].operator",
+     _set(BASE, "scheduling.tolerations", [{"operator": "Equal", "value": "x"}]), False),
+    ("toleration-seconds-no-execute", "spec.scheduling.tolerations[0].tolerationSeconds",
+     _set(BASE, "scheduling.tolerations", [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule",
+                                            "tolerationSeconds": 60}]), False),
+    ("toleration-bad-key", "spec.scheduling.tolerations[0].key",
+     _set(BASE, "scheduling.tolerations", [{"key": "bad key!", "operator": "Exists"}]), True),
+    ("toleration-bad-effect", "spec.scheduling.tolerations[0].effect",
+     _set(BASE, "scheduling.tolerations", [{"key": "gpu", "operator": "Exists", "effect": "Sometimes"}]), True),
+    ("toleration-bad-value", "spec.scheduling.tolerations[1].value",
+     _set(BASE, "scheduling.tolerations", [{"key": "a", "operator": "Exists"},
+                                           {"key": "b", "operator": "Equal", "value": "not valid!"}]), False),
+    ("toleration-unknown-field", "spec.scheduling.tolerations[0].operater",
+     _set(BASE, "scheduling.tolerations", [{"key": "gpu", "operater": "Exists"}]), True),
+    ("toleration-seconds-negative", "spec.scheduling.tolerations[0].tolerationSeconds",
+     _set(BASE, "scheduling.tolerations", [{"key": "g", "operator": "Exists", "effect": "NoExecute",
+                                            "tolerationSeconds": -1}]), True),
+    # ---- nodeSelector
+    ("node-selector-bad-key", "spec.scheduling.nodeSelector", _set(BASE, "scheduling.nodeSelector", {"bad key!": "x"}),
+     False),
+    ("node-selector-bad-prefix", "spec.scheduling.nodeSelector",
+     _set(BASE, "scheduling.nodeSelector", {"Example.COM/gpu": "a100"}), False),
+    ("node-selector-bad-value", "spec.scheduling.nodeSelector",
+     _set(BASE, "scheduling.nodeSelector", {"gpu": "a100 80gb"}), False),
+    ("node-selector-value-not-string", "spec.scheduling.nodeSelector.gpu",
+     _set(BASE, "scheduling.nodeSelector", {"gpu": 3}), True),
+    # ---- affinity, checked with the Kubernetes schema
+    ("affinity-node-garbage", "spec.scheduling.affinity.nodeAffinity",
+     _set(BASE, "scheduling.affinity", {"nodeAffinity": "garbage"}), True),
+    ("affinity-unknown-kind", "spec.scheduling.affinity.nodeAfinity",
+     _set(BASE, "scheduling.affinity", {"nodeAfinity": {}}), True),
+    ("affinity-missing-operator", ("spec.scheduling.affinity.nodeAffinity"
+     ".requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator"),
+     _set(BASE, "scheduling.affinity", {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+         "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu"}]}]}}}), True),
+    ("affinity-weight-string", ("spec.scheduling.affinity.podAntiAffinity"
+     ".preferredDuringSchedulingIgnoredDuringExecution[0].weight"),
+     _set(BASE, "scheduling.affinity", {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+         {"weight": "heavy", "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}}), True),
+    ("affinity-missing-topology-key", ("spec.scheduling.affinity.podAffinity"
+     ".requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey"),
+     _set(BASE, "scheduling.affinity", {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+         {"labelSelector": {"matchLabels": {"app": "x"}}}]}}), True),
+    ("affinity-not-object", "spec.scheduling.affinity", _set(BASE, "scheduling.affinity", ["nodeAffinity"]), True),
+    # ---- stage Job settings
+    ("job-ttl-too-short", "spec.jobTTLSecondsAfterFinished", _set(BASE, "jobTTLSecondsAfterFinished", 5), True),
+    ("job-ttl-string", "spec.jobTTLSecondsAfterFinished", _set(BASE, "jobTTLSecondsAfterFinished", "1d"), True),
+    ("backoff-too-big", "spec.backoffLimit", _set(BASE, "backoffLimit", 1000), True),
+    ("priority-class-invalid", "spec.scheduling.priorityClassName",
+     _set(BASE, "scheduling.priorityClassName", "High_Priority"), True),
+    ("pull-secret-invalid", "spec.imagePullSecrets[0].name", _set(BASE, "imagePullSecrets", [{"name": "A B"}]),
+     True),
+    ("service-account-invalid", "spec.serviceAccountName", _set(BASE, "serviceAccountName", "Trainer SA"), True),
+    ("gpu-resource-name-invalid", "spec.resources.gpuResourceName",
+     _set(BASE, "resources.gpuResourceName", "gpu"), True),
+    ("data-loader-workers-negative", "spec.resources.distill.dataLoaderWorkers",
+     _set(BASE, "resources.distill", {"dataLoaderWorkers": -1}), True),
+    ("run-as-group-negative", "spec.security.runAsGroup", _set(BASE, "security.runAsGroup", -1), True),
+    ("temperature-too-high", "spec.distillation.temperature", _set(BASE, "distillation.temperature", 1000.0), True),
 ]
 
 
 def test_enough_invalid_cases() -> None:
-    assert len(INVALID) >= 40
+    assert len(INVALID) >= 100
     assert len({case for case, *_ in INVALID}) == len(INVALID)
 
 
@@ -186,3 +294,41 @@ def test_status_parsing_tolerates_unknown_and_malformed_fields() -> None:
     assert status.phase == "Running"
     assert status.progress is not None and status.progress.epoch == 3
     assert status.stages == {}
+
+
+@pytest.mark.parametrize("uri", ["s3://AKIAIOSFODNN7EXAMPLE/models", "gs://wJalrXUtnFEMI_K7MDENG_bPxRfiCYEXAMPLEKEY/m",
+                                 "az://Secret--Key/m", "s3://models/m?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE",
+                                 "az://models/m?sig=c2VjcmV0c2lnbmF0dXJl"])
+def test_output_errors_state_the_rule_and_never_echo_the_value(uri: str) -> None:
+    """Issue 12 (5): a key pasted into the bucket name, or a signed URL, must not reach status, Events, logs."""
+    with pytest.raises(api.InvalidSpec) as info:
+        api.parse_spec(_set(BASE, "output", {"uri": uri}))
+    text = str(info.value)
+    assert "spec.output.uri" in text
+    secretish = uri.split("://", 1)[1].split("/", 1)[0] if "?" not in uri else uri.split("?", 1)[1]
+    assert secretish not in text, text
+    assert ("naming rules" in text) or ("query string" in text)
+
+
+def test_valid_buckets_of_every_scheme_are_accepted() -> None:
+    for uri in ("s3://my-models.v2/liver", "gs://my_models-eu/liver/r2", "az://models-2026/liver", "file:///m/x"):
+        assert api.parse_spec(_set(BASE, "output", {"uri": uri})).output.uri == uri  # type: ignore[union-attr]
+
+
+def test_toleration_fields_are_the_kubernetes_toleration_fields() -> None:
+    """The spec's Toleration is the core/v1 Toleration (stricter enums), so it renders into pods unchanged."""
+    from kubernetes.client import V1Toleration
+
+    ours = set(api.Toleration.model_json_schema(by_alias=True)["properties"])
+    theirs = set(V1Toleration.model_json_schema(by_alias=True)["properties"])
+    assert ours == theirs
+
+
+def test_the_crd_embeds_the_kubernetes_affinity_schema() -> None:
+    """Issue 12 (3): as controller-gen does, so the API server refuses malformed affinity at admission."""
+    schema = crd.spec_schema()["properties"]["scheduling"]["properties"]["affinity"]
+    assert "x-kubernetes-preserve-unknown-fields" not in schema
+    node = schema["properties"]["nodeAffinity"]["properties"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    term = node["properties"]["nodeSelectorTerms"]["items"]["properties"]["matchExpressions"]["items"]
+    assert term["required"] == ["key", "operator"] and term["properties"]["values"]["type"] == "array"
+    assert set(schema["properties"]) == {"nodeAffinity", "podAffinity", "podAntiAffinity"}

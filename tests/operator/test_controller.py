@@ -7,6 +7,7 @@ the cluster would, and observe only what the operator writes to the API (Jobs, s
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from typing import Any
 
@@ -78,7 +79,7 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
     assert main["image"] == "registry.example/nnunet-distill-trainer:test"
     assert {m["mountPath"] for m in main["volumeMounts"]} >= {"/data/nnUNet_raw", "/data/nnUNet_preprocessed",
                                                               "/data/nnUNet_results", "/dev/shm"}
-    assert pre["spec"]["template"]["spec"]["serviceAccountName"] == "nnunet-distill-trainer"
+    assert pre["spec"]["template"]["spec"]["serviceAccountName"] == "liver-trainer"  # the job's own identity
     await wait_for(lambda: status(kmock, "liver").get("phase") == "Pending", what="Pending")
     assert not exists(kmock, job_key(kmock, "liver-teachers"))  # strictly one stage at a time
 
@@ -116,8 +117,8 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
     publish = await job_appears(kmock, "liver-publish")
     env = {e["name"]: e for e in publish["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds",
-                                                                         "key": "AWS_SECRET_ACCESS_KEY",
-                                                                         "optional": True}
+                                                                         "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_REGION"]["valueFrom"]["secretKeyRef"]["optional"] is True
     # The kubelet: the publish pod ran and left its summary as the termination message.
     pod = pod_for(publish)
     await clients.create_pod(pod)
@@ -340,6 +341,12 @@ async def test_namespaced_mode_watches_only_its_namespaces(kmock: Any, clients: 
                        what="Job in the watched namespace")
         await asyncio.sleep(0.3)
         assert not exists(kmock, job_key(kmock, "outside-distill"))
+        # Issue 12 (8): with listed namespaces the operator makes no cluster-scoped call, and the chart's
+        # watchNamespaces mode (Roles only) grants every call it makes.
+        from tests.operator.conftest import chart_operator_grants
+
+        missing = kmock.operator_calls - chart_operator_grants({"watchNamespaces": ["ml"]})
+        assert not missing, sorted(missing)
     finally:
         await runner.stop()
 
@@ -358,7 +365,7 @@ async def test_a_refused_job_is_reported_and_retried(kmock: Any, clients: Client
         return None
 
     kmock.admission = quota
-    operator_config.resync_seconds = 0.5
+    operator_config.retry_seconds = 0.2  # retried with backoff, not on the (hourly, here) resync
     runner = await OperatorRunner(operator_config).start()
     try:
         await clients.create_dj(dj("q", preprocess={"mode": "Never"}))
@@ -373,3 +380,301 @@ async def test_a_refused_job_is_reported_and_retried(kmock: Any, clients: Client
         assert len(refusals) == 1
     finally:
         await runner.stop()
+
+
+async def test_accepted_spec_lives_in_status_and_survives_tampering_and_a_restart(
+        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    """Issue 12 (2): apply r=2, edit to r=4 (refused), try to erase what was accepted, restart the operator:
+    the running job keeps r=2 and the refusal stays."""
+    first = await OperatorRunner(operator_config).start()
+    await clients.create_dj(dj("tamper", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "tamper-distill")
+    accepted = status(kmock, "tamper").get("acceptedSpec") or {}
+    assert accepted["student"]["reductionFactor"] == 2 and accepted["distillation"]["alpha"] == 0.3
+    await clients.patch_dj("tamper", {"spec": {"student": {"reductionFactor": 4}}})
+    await wait_for(lambda: status(kmock, "tamper").get("reason") == "SpecChangeRejected", what="rejected")
+
+    # What a user with edit rights can do: drop the old annotation, write status through the main endpoint
+    # (the API server ignores status there), and restart nothing but the operator.
+    await clients.patch_dj("tamper", {"metadata": {"annotations": {"distillation.nnunet.io/accepted-spec": None}},
+                                      "status": {"acceptedSpec": None}})
+    await first.kill()
+    assert status(kmock, "tamper")["acceptedSpec"]["student"]["reductionFactor"] == 2
+
+    second = await OperatorRunner(operator_config).start()
+    try:
+        await clients.patch_job_status("tamper-distill", COMPLETE)
+        export = await job_appears(kmock, "tamper-export")
+        argv = export["spec"]["template"]["spec"]["initContainers"][0]["command"]
+        assert argv[argv.index("-r") + 1] == "2"
+        st = status(kmock, "tamper")
+        assert st["reason"] == "SpecChangeRejected" and "spec.student.reductionFactor" in st["message"]
+        assert st["acceptedSpec"]["student"]["reductionFactor"] == 2
+        assert cond(kmock, "tamper", "Stalled")["status"] == "True"
+    finally:
+        await second.stop()
+
+
+async def test_a_job_the_api_server_refuses_as_invalid_stalls_naming_the_spec_field(
+        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    """Issue 12 (3): a 422 for a stage Job (an admission policy, a field this cluster does not know) is a
+    Stalled condition and an Event naming the spec field; no retry loop; fixing the spec creates the Job."""
+    from kmock import KubernetesError
+
+    attempts = []
+
+    def validating_policy(request: Any) -> Any:
+        if request.resource.plural == "jobs" and str(request.method).upper().endswith("POST"):
+            attempts.append(request)
+            tolerations = request.data["spec"]["template"]["spec"].get("tolerations") or []
+            if any(t.get("key") == "forbidden.example/gpu" for t in tolerations):
+                return KubernetesError(status=422, reason="Invalid", message="Job is invalid", details={
+                    "causes": [{"reason": "FieldValueForbidden", "field": "spec.template.spec.tolerations[0].key",
+                                "message": "Forbidden: this taint may not be tolerated in this namespace"}]})
+        return None
+
+    kmock.admission = validating_policy
+    operator_config.retry_seconds = 0.05
+    runner = await OperatorRunner(operator_config).start()
+    try:
+        await clients.create_dj(dj("pol", preprocess={"mode": "Never"}, scheduling={"tolerations": [
+            {"key": "forbidden.example/gpu", "operator": "Exists", "effect": "NoSchedule"}]}))
+        await wait_for(lambda: status(kmock, "pol").get("reason") == "JobInvalid", what="JobInvalid")
+        st = status(kmock, "pol")
+        assert "spec.scheduling.tolerations" in st["message"] and "may not be tolerated" in st["message"]
+        assert cond(kmock, "pol", "Stalled")["status"] == "True"
+        assert cond(kmock, "pol", "Reconciling")["status"] == "False"
+        assert cond(kmock, "pol", "DistillComplete")["reason"] == "JobInvalid"
+        await wait_for(lambda: any(r == "JobInvalid" and "spec.scheduling.tolerations" in m
+                                   for _, r, m in events(kmock, "pol")), what="JobInvalid event")
+        assert len(attempts) == 1  # refused as invalid: not retried until the spec changes
+
+        await clients.patch_dj("pol", {"spec": {"scheduling": {"tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}})
+        await job_appears(kmock, "pol-distill")
+        await wait_for(lambda: cond(kmock, "pol", "Stalled").get("status") == "False", what="stall cleared")
+        assert len(attempts) == 2
+    finally:
+        await runner.stop()
+
+
+async def test_a_failing_api_server_is_retried_with_backoff_until_the_job_exists(
+        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    """Issue 12 (3): 5xx answers to the Job creation are retried with growing delays, not dropped."""
+    from kmock import KubernetesError
+
+    attempts: list[float] = []
+
+    def flaky(request: Any) -> Any:
+        if request.resource.plural == "jobs" and str(request.method).upper().endswith("POST"):
+            attempts.append(asyncio.get_running_loop().time())
+            if len(attempts) <= 3:
+                return KubernetesError(status=503, reason="ServiceUnavailable", message="etcd is slow")
+        return None
+
+    kmock.admission = flaky
+    operator_config.retry_seconds = 0.1
+    runner = await OperatorRunner(operator_config).start()
+    try:
+        await clients.create_dj(dj("flaky", preprocess={"mode": "Never"}))
+        await job_appears(kmock, "flaky-distill")
+        assert len(attempts) == 4
+        gaps = [b - a for a, b in itertools.pairwise(attempts)]
+        assert gaps[0] >= 0.09 and gaps[1] >= 0.19 and gaps[2] >= 0.39, gaps  # 0.1, 0.2, 0.4: exponential
+        await wait_for(lambda: status(kmock, "flaky").get("phase") == "Pending", what="status")
+        assert job_creations(kmock) == ["flaky-distill"]  # refused ones never reached the store
+    finally:
+        await runner.stop()
+
+
+async def test_malformed_affinity_is_refused_naming_the_field_and_creates_nothing(
+        kmock: Any, clients: Clients, operator: OperatorRunner) -> None:
+    """Issue 12 (3): `affinity: {nodeAffinity: garbage}` used to crash every reconciliation."""
+    from nnunet_distill_operator import crd
+
+    body = dj("aff", preprocess={"mode": "Never"}, scheduling={"affinity": {"nodeAffinity": "garbage"}})
+    assert any(e.startswith("spec.scheduling.affinity.nodeAffinity") for e in crd.validate_object(body))
+    await clients.create_dj(body)  # kmock does not apply the CRD schema; a real API server refuses it here
+    await wait_for(lambda: status(kmock, "aff").get("reason") == "InvalidSpec", what="InvalidSpec")
+    assert "spec.scheduling.affinity.nodeAffinity" in status(kmock, "aff")["message"]
+    assert cond(kmock, "aff", "Stalled")["status"] == "True"
+    assert not [n for n in job_creations(kmock) if n.startswith("aff-")]
+
+
+async def test_each_job_gets_its_own_least_privilege_trainer_identity(kmock: Any, clients: Clients,
+                                                                      operator: OperatorRunner) -> None:
+    """Issue 12 (1): ServiceAccount + Role (get/patch of this job's status only) + RoleBinding in the job's
+    namespace, owned by the DistillationJob; only progress-reporting stages mount a token."""
+    created = await clients.create_dj(dj("ident", namespace="ml-train", preprocess={"mode": "Never"}),
+                                      namespace="ml-train")
+    uid = created["metadata"]["uid"]
+    await wait_for(lambda: exists(kmock, job_key(kmock, "ident-distill", "ml-train")), what="Job")
+    job = get(kmock, job_key(kmock, "ident-distill", "ml-train"))
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "ident-trainer" and pod["automountServiceAccountToken"] is True
+
+    def obj(resource: str) -> dict[str, Any]:
+        return get(kmock, (kmock.resource(resource), "ml-train", "ident-trainer"))
+
+    sa, role, binding = (obj("v1/serviceaccounts"), obj("rbac.authorization.k8s.io/v1/roles"),
+                         obj("rbac.authorization.k8s.io/v1/rolebindings"))
+    for o in (sa, role, binding):
+        assert o["metadata"]["ownerReferences"][0]["uid"] == uid, o
+    assert sa["automountServiceAccountToken"] is False
+    assert role["rules"] == [{"apiGroups": [api.GROUP], "resources": ["distillationjobs/status"],
+                              "resourceNames": ["ident"], "verbs": ["get", "patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ident-trainer"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ident-trainer", "namespace": "ml-train"}]
+
+    await clients.patch_job_status("ident-distill", COMPLETE, namespace="ml-train")
+    await wait_for(lambda: exists(kmock, job_key(kmock, "ident-export", "ml-train")), what="export Job")
+    export = get(kmock, job_key(kmock, "ident-export", "ml-train"))["spec"]["template"]["spec"]
+    assert export["serviceAccountName"] == "ident-trainer" and export["automountServiceAccountToken"] is False
+
+    await clients.delete_dj("ident", namespace="ml-train")
+    await wait_for(lambda: not obj("rbac.authorization.k8s.io/v1/roles"), what="identity garbage-collected")
+    assert not obj("v1/serviceaccounts") and not obj("rbac.authorization.k8s.io/v1/rolebindings")
+
+
+async def test_the_chart_grants_exactly_the_calls_the_operator_makes(kmock: Any, clients: Clients,
+                                                                      operator: OperatorRunner) -> None:
+    """Issue 12 (8), both directions: a run that takes every path that calls the API (trainer identity, Job
+    creation, suspend/resume patches, Events, status, TTL deletion, the watches) makes exactly the calls the
+    rendered chart grants, plus nothing more; get on distillationjobs/status is held only to be granted to
+    the trainer Roles. (Every other test checks the first direction: see conftest.)"""
+    from tests.operator.conftest import chart_operator_grants
+
+    await clients.create_dj(dj("rbac", preprocess={"mode": "Never"}, ttlSecondsAfterFinished=0))
+    await job_appears(kmock, "rbac-distill")
+    await clients.patch_job_status("rbac-distill", {"active": 1, "ready": 1})
+    await wait_for(lambda: status(kmock, "rbac").get("phase") == "Running", what="Running")
+    await clients.patch_dj("rbac", {"spec": {"suspend": True}})
+    await wait_for(lambda: get(kmock, job_key(kmock, "rbac-distill"))["spec"].get("suspend") is True, what="suspend")
+    await clients.patch_dj("rbac", {"spec": {"suspend": False}})
+    await wait_for(lambda: get(kmock, job_key(kmock, "rbac-distill"))["spec"].get("suspend") is False, what="resume")
+    await clients.patch_job_status("rbac-distill", {"active": 0, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "limit"}]})
+    await wait_for(lambda: not exists(kmock, dj_key(kmock, "rbac")), what="deleted by ttlSecondsAfterFinished")
+
+    made = kmock.operator_calls | rbac.GRANTED_ONLY
+    granted = chart_operator_grants()
+    assert made == granted, f"not granted: {sorted(made - granted)}; granted but unused: {sorted(granted - made)}"
+    assert granted == {(r.group, r.resource, v) for r in rbac.OPERATOR_RULES for v in r.verbs}
+
+
+async def test_events_are_posted_at_least_once_across_failures_and_restarts(
+        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    """Issue 12 (6): an Event that could not be posted before the operator died is posted after the restart;
+    one posted just before a failed status write is not duplicated (deterministic names: uid + transition)."""
+    from kmock import KubernetesError
+
+    blocked = {"events": True, "status": 0}
+
+    def admission(request: Any) -> Any:
+        post = str(request.method).upper().endswith("POST")
+        if request.resource.plural == "events" and post and blocked["events"]:
+            return KubernetesError(status=503, reason="ServiceUnavailable", message="events are down")
+        if request.resource.plural == "distillationjobs" and request.subresource == "status" \
+                and blocked["status"] > 0 and "stages" in json.dumps(request.data):
+            blocked["status"] -= 1
+            return KubernetesError(status=500, reason="InternalError", message="etcd timeout")
+        return None
+
+    kmock.admission = admission
+    operator_config.retry_seconds = 0.05
+    first = await OperatorRunner(operator_config).start()
+    await clients.create_dj(dj("ev", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "ev-distill")
+    await asyncio.sleep(0.2)
+    assert "stages" not in status(kmock, "ev")  # the transition is not recorded before its Event
+    await first.kill()
+
+    blocked["events"] = False
+    second = await OperatorRunner(operator_config).start()
+    try:
+        await wait_for(lambda: ("Normal", "StageStarted") in [(t, r) for t, r, _ in events(kmock, "ev")],
+                       what="StageStarted after the restart")
+        await wait_for(lambda: status(kmock, "ev").get("stages", {}).get("distill"), what="status after the Event")
+
+        blocked["status"] = 1  # the Event of the next transition gets posted, then its status write fails once
+        await clients.patch_job_status("ev-distill", COMPLETE)
+        await wait_for(lambda: status(kmock, "ev").get("stages", {}).get("distill", {}).get("state") == "Succeeded",
+                       what="distill Succeeded")
+        await job_appears(kmock, "ev-export")
+        await wait_for(lambda: [r for _, r, _ in events(kmock, "ev")].count("StageStarted") == 2, what="2nd start")
+        reasons = [r for _, r, _ in events(kmock, "ev")]
+        assert reasons.count("StageStarted") == 2 and reasons.count("StageSucceeded") == 1, reasons
+        posts = {name: n for (plural, _ns, name), n in kmock.creations.items() if plural == "events"}
+        assert max(posts.values()) >= 2, posts  # a repeated post of the same Event, answered 409
+        assert creations_of_jobs_are_unique(kmock)
+    finally:
+        await second.stop()
+
+
+def creations_of_jobs_are_unique(kmock: Any) -> bool:
+    names = job_creations(kmock)
+    return len(names) == len(set(names))
+
+
+async def test_resume_never_unsuspends_a_job_kueue_has_not_admitted(kmock: Any, clients: Clients,
+                                                                    operator: OperatorRunner) -> None:
+    """Issue 12 (4): suspend then resume hands a Kueue Job back to Kueue, still suspended."""
+    await clients.create_dj(dj("kq", preprocess={"mode": "Never"}, scheduling={"queueName": "gpu"}))
+    job = await job_appears(kmock, "kq-distill")
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    await wait_for(lambda: cond(kmock, "kq", "DistillComplete").get("reason") == "Queued", what="Queued")
+
+    def annotations() -> dict[str, str]:
+        return get(kmock, job_key(kmock, "kq-distill"))["metadata"].get("annotations") or {}
+
+    mark = "distillation.nnunet.io/suspended-by-operator"
+    for admitted in (False, True):
+        if admitted:  # Kueue admits the workload: it un-suspends the Job
+            await kmock_patch_job(clients, "kq-distill", {"spec": {"suspend": False}})
+            await clients.patch_job_status("kq-distill", {"active": 1, "ready": 1})
+            await wait_for(lambda: status(kmock, "kq").get("phase") == "Running", what="Running")
+        await clients.patch_dj("kq", {"spec": {"suspend": True}})
+        await wait_for(lambda: annotations().get(mark) == "true", what="suspended by the operator")
+        assert get(kmock, job_key(kmock, "kq-distill"))["spec"]["suspend"] is True
+        await clients.patch_job_status("kq-distill", {"active": 0, "ready": 0})
+        await wait_for(lambda: status(kmock, "kq").get("phase") == "Suspended", what="Suspended")
+        await clients.patch_dj("kq", {"spec": {"suspend": False}})
+        await wait_for(lambda: mark not in annotations(), what="handed back to Kueue")
+        assert get(kmock, job_key(kmock, "kq-distill"))["spec"]["suspend"] is True  # only Kueue un-suspends
+        await wait_for(lambda: cond(kmock, "kq", "DistillComplete").get("reason") == "Queued", what="Queued again")
+
+
+async def kmock_patch_job(clients: Clients, name: str, patch: dict[str, Any], namespace: str = "default") -> None:
+    await asyncio.to_thread(clients.batch.patch_namespaced_job, name, namespace, patch,
+                            _content_type="application/merge-patch+json")
+
+
+async def test_a_missing_credentials_secret_is_a_clear_condition(kmock: Any, clients: Clients,
+                                                                 operator: OperatorRunner) -> None:
+    """Issue 12 (5): required secretKeyRefs stop the publish pod; the kubelet's CreateContainerConfigError
+    becomes SecretMissing naming spec.output.secretRef.name (no value is ever echoed)."""
+    await clients.create_dj(dj("cred", preprocess={"mode": "Never"},
+                               output={"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}}))
+    for stage in ("distill", "export"):
+        await job_appears(kmock, f"cred-{stage}")
+        await complete(clients, kmock, "cred", stage)
+    publish = await job_appears(kmock, "cred-publish")
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in publish["spec"]["template"]["spec"]["containers"][0]
+            ["env"] if "secretKeyRef" in (e.get("valueFrom") or {})}
+    assert "optional" not in refs["AWS_ACCESS_KEY_ID"] and "optional" not in refs["AWS_SECRET_ACCESS_KEY"]
+    pod = pod_for(publish)
+    await clients.create_pod(pod)
+    await clients.patch_pod_status(pod["metadata"]["name"], {"phase": "Pending", "containerStatuses": [
+        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {
+            "reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}}}]})
+    await wait_for(lambda: cond(kmock, "cred", "PublishComplete").get("reason") == "SecretMissing",
+                   what="SecretMissing")
+    assert "spec.output.secretRef.name" in cond(kmock, "cred", "PublishComplete")["message"]
+    await wait_for(lambda: "SecretMissing" in [r for _, r, _ in events(kmock, "cred")], what="Warning event")
+    await clients.patch_pod_status(pod["metadata"]["name"], {"containerStatuses": [
+        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {
+            "reason": "CreateContainerConfigError",
+            "message": "couldn't find key AWS_SECRET_ACCESS_KEY in Secret default/s3-creds"}}}]})
+    await wait_for(lambda: cond(kmock, "cred", "PublishComplete").get("reason") == "SecretKeyMissing",
+                   what="SecretKeyMissing")
+    assert "AWS_SECRET_ACCESS_KEY" in cond(kmock, "cred", "PublishComplete")["message"]

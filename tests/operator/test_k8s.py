@@ -205,3 +205,73 @@ def test_containers_keep_the_images_entrypoint() -> None:
         pod = job["spec"]["template"]["spec"]
         for c in pod["containers"] + pod.get("initContainers", []):
             assert "command" not in c and c["args"], c["name"]
+
+
+def test_job_fields_map_back_to_the_spec_fields_they_come_from() -> None:
+    from nnunet_distill_operator import k8s as k
+
+    cases = {
+        "spec.template.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution": (
+            "spec.scheduling.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"),
+        "spec.template.spec.tolerations[0].key": "spec.scheduling.tolerations",
+        "spec.template.spec.nodeSelector": "spec.scheduling.nodeSelector",
+        "spec.template.spec.containers[0].resources.limits.memory": "spec.resources.distill",
+        "spec.template.spec.initContainers.0.image": "spec.image",
+        "spec.template.spec.volumes[1].emptyDir.sizeLimit": "spec.resources.sharedMemory",
+        "spec.template.spec.volumes[0].persistentVolumeClaim.claimName": "spec.storage",
+        "spec.ttlSecondsAfterFinished": "spec.jobTTLSecondsAfterFinished",
+        "spec.template.spec.priorityClassName": "spec.scheduling.priorityClassName",
+        "spec.completions": "spec",
+    }
+    for job_path, spec_path in cases.items():
+        assert k.spec_field_for(job_path, "distill") == spec_path, job_path
+
+
+def test_a_client_side_refusal_of_a_job_names_the_spec_field() -> None:
+    """The kubernetes client validates bodies with its pydantic models; its error names Job fields."""
+    from kubernetes.client import V1Job
+    from nnunet_distill_operator import k8s as k
+    from pydantic import ValidationError
+
+    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}, "spec": {"template": {"spec": {
+        "containers": [{"name": "main", "image": "i"}], "affinity": {"nodeAffinity": "garbage"}}}}}
+    with pytest.raises(ValidationError) as info:
+        V1Job.model_validate(body)
+    fields = k.build_error_fields(info.value, "distill")
+    assert fields[0][0] == "spec.scheduling.affinity.nodeAffinity", fields
+
+
+def test_stage_jobs_carry_ttl_recommended_labels_and_a_uid_selector() -> None:
+    """Issue 12 (7): ttlSecondsAfterFinished from the spec; app.kubernetes.io/*; a uid label for any name."""
+    jobs = _jobs(jobTTLSecondsAfterFinished=3600)
+    for stage, job in jobs.items():
+        assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+        for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+            assert labels["app.kubernetes.io/instance"] == OWNER.name
+            assert labels["app.kubernetes.io/part-of"] == "nnunet-distill"
+            assert labels["app.kubernetes.io/component"] == stage
+            assert labels["app.kubernetes.io/managed-by"] == "nnunet-distill-operator"
+            assert labels["app.kubernetes.io/version"]
+            assert labels[k8s.LABEL_JOB_UID] == OWNER.uid
+    assert _jobs()["distill"]["spec"]["ttlSecondsAfterFinished"] == 604800  # a week by default
+
+    long_owner = k8s.Owner("x" * 200, "ml", "0b5e2d7c-3f1a-4b8e-9c6d-1a2b3c4d5e6f")
+    spec = api.parse_spec({"dataset": {"id": 27}, "storage": {"claimName": "nnunet-data"}})
+    stage = plan.plan(spec, name=long_owner.name, paths=plan.DataPaths.in_pod(long_owner.name))[0]
+    job = k8s.job_for(stage, owner=long_owner, spec=spec, paths=plan.DataPaths.in_pod(long_owner.name))
+    labels = job["metadata"]["labels"]
+    assert labels[k8s.LABEL_JOB_UID] == long_owner.uid  # -l distillation.nnunet.io/job-uid=<uid> always works
+    assert all(len(v) <= 63 for v in labels.values())
+    kubernetes_validate.validate(job, "1.30", strict=True)
+
+
+def test_teacher_folds_retry_per_index_with_a_scaled_total_for_older_clusters() -> None:
+    """Issue 12 (7): one bad fold no longer burns the others' retries (backoffLimitPerIndex, Kubernetes >= 1.29);
+    an older API server drops that field and keeps backoffLimit, scaled by the number of folds."""
+    teachers = _jobs(teachers={"train": True, "folds": [0, 1, 2]}, backoffLimit=2)["teachers"]
+    spec = teachers["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == 3
+    assert spec["backoffLimitPerIndex"] == 2 and spec["backoffLimit"] == 6
+    kubernetes_validate.validate(teachers, "1.29", strict=True)
+    single = _jobs(backoffLimit=2)["distill"]["spec"]
+    assert "backoffLimitPerIndex" not in single and single["backoffLimit"] == 2

@@ -59,7 +59,7 @@ async def test_kubectl_apply_get_patch_delete(kmock: Any, kubectl: Any, operator
 
     assert (await kubectl("get", "dj", "liver-r2", "-o", "jsonpath={.status.conditions[0].type}")) == "Ready"
     yaml_out = await kubectl("get", "dj", "liver-r2", "-o", "yaml")
-    assert "observedGeneration: 1" in yaml_out and "distillation.nnunet.io/accepted-spec" in yaml_out
+    assert "observedGeneration: 1" in yaml_out and "acceptedSpec:" in yaml_out
 
     await kubectl("delete", "dj", "liver-r2")
     await wait_for(lambda: not exists(kmock, job_key(kmock, "liver-r2-preprocess")), what="Jobs collected")

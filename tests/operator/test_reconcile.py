@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nnunet_distill_operator import k8s
-from nnunet_distill_operator.reconcile import ANNOTATION_ACCEPTED_SPEC, Decision, _compact, decide
+from nnunet_distill_operator.reconcile import Decision, _compact, decide
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, observe_job, pod_issue
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -25,13 +25,13 @@ def cr(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None,
 
 
 def applied(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
-    """The CR after the operator applied a decision (status merge-patched, annotation written)."""
+    """The CR after the operator applied a decision (accepted spec, then the rest, merge-patched into status)."""
     out = copy.deepcopy(body)
+    if decision.accepted_spec:
+        out.setdefault("status", {})["acceptedSpec"] = decision.accepted_spec
     if decision.status_patch:
         merged = {**out.get("status", {}), **decision.status_patch["status"]}
         out["status"] = _compact(merged)
-    if decision.accepted_spec:
-        out["metadata"]["annotations"][ANNOTATION_ACCEPTED_SPEC] = decision.accepted_spec
     return out
 
 
@@ -68,7 +68,7 @@ def test_new_job_creates_the_first_stage_and_reports_pending() -> None:
     assert cond(d.status, "Stalled")["status"] == "False"
     assert cond(d.status, "PreprocessComplete")["reason"] == "JobCreated"
     assert cond(d.status, "DistillComplete")["reason"] == "NotStarted"
-    assert json.loads(d.accepted_spec)["distillation"]["alpha"] == 0.3  # type: ignore[arg-type]
+    assert d.accepted_spec["distillation"]["alpha"] == 0.3  # type: ignore[index]
 
 
 def test_same_state_twice_changes_nothing() -> None:
@@ -244,7 +244,7 @@ def test_safe_change_after_start_is_accepted_for_later_stages() -> None:
     assert d.status.get("reason") is None and cond(d.status, "Stalled")["status"] == "False"
     export = d.create[0]
     assert export["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "12Gi"
-    assert json.loads(d.accepted_spec)["resources"]["export"]["memory"] == "12Gi"  # type: ignore[arg-type]
+    assert d.accepted_spec["resources"]["export"]["memory"] == "12Gi"  # type: ignore[index]
 
 
 def test_suspend_and_resume_only_touch_jobs_the_operator_suspended() -> None:
@@ -323,6 +323,48 @@ def test_refused_job_is_retried_and_the_reason_shown() -> None:
     assert [m["metadata"]["name"] for m in d.create] == ["liver-preprocess"]  # tried again
     assert cond(d.status, "PreprocessComplete")["reason"] == "JobRejected"
     assert "admission webhook denied" in cond(d.status, "PreprocessComplete")["message"]
-    assert [e.reason for e in d.events] == ["JobRejected"]
+    # StageStarted is posted only when the retried create succeeds (the controller drops it otherwise).
+    assert [e.reason for e in d.events] == ["StageStarted", "JobRejected"]
     q = decide(cr(), {}, {}, NOW, rejected={"preprocess": "exceeded quota: team-a"})
     assert cond(q.status, "PreprocessComplete")["reason"] == "QuotaExceeded"
+
+
+def test_resume_of_a_kueue_job_only_hands_it_back_to_kueue() -> None:
+    """Issue 12 (4): the operator never un-suspends a queued Job; it drops its own mark and Kueue decides."""
+    spec = {"dataset": {"id": 27}, "storage": {"claimName": "data"}, "preprocess": {"mode": "Never"},
+            "scheduling": {"queueName": "gpu"}}
+    body, _jobs, manifest = _progress_to("distill", spec)
+    assert manifest["spec"]["suspend"] is True
+    suspended = job(manifest)
+    suspended["metadata"].setdefault("annotations", {})[ANNOTATION_SUSPENDED_BY_OPERATOR] = "true"
+    body["spec"]["suspend"] = False
+    d = decide(body, {"distill": suspended}, {}, NOW)
+    assert d.resume == () and d.release == ("liver-distill",)
+    assert cond(d.status, "DistillComplete")["reason"] == "Queued"
+    plain = copy.deepcopy(suspended)
+    plain["metadata"]["labels"].pop("kueue.x-k8s.io/queue-name")
+    d2 = decide(body, {"distill": plain}, {}, NOW)
+    assert d2.resume == ("liver-distill",) and d2.release == ()
+
+
+def test_a_job_that_cannot_be_built_stalls_naming_the_field_and_creates_nothing() -> None:
+    d = decide(cr(), {}, {}, NOW, invalid={"preprocess": "spec.scheduling.affinity.nodeAffinity: not an object"})
+    assert d.create == () and d.identity == ()
+    assert d.status["reason"] == "JobInvalid" and "spec.scheduling.affinity.nodeAffinity" in d.status["message"]
+    assert cond(d.status, "Stalled")["status"] == "True" and cond(d.status, "Reconciling")["status"] == "False"
+    assert [e.reason for e in d.events] == ["JobInvalid"]
+    again = decide(applied(cr(), d), {}, {}, NOW, invalid={"preprocess": "spec.scheduling.affinity.nodeAffinity: "
+                                                                           "not an object"})
+    assert again.events == () and again.status_patch is None
+
+
+def test_event_names_are_deterministic_per_job_and_transition() -> None:
+    from nnunet_distill_operator.reconcile import event_name
+
+    first = decide(cr(), {}, {}, NOW)
+    again = decide(cr(), {}, {}, NOW + timedelta(seconds=30))  # e.g. after a restart before the status write
+    names = [event_name("liver", UID, e) for e in first.events]
+    assert names == [event_name("liver", UID, e) for e in again.events] and names
+    other_uid = [event_name("liver", "uid-2", e) for e in first.events]
+    assert not set(names) & set(other_uid)  # a re-created job of the same name gets its own Events
+    assert all(len(n) <= 253 for n in names)

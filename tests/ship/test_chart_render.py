@@ -29,8 +29,7 @@ def values_variants(all_on: dict) -> dict[str, dict]:
         "watch-namespaces": {"watchNamespaces": WATCHED},
         "everything-off": {"rbac": {"create": False}, "crds": {"install": False}, "dashboards": {"enabled": False},
                            "metrics": {"service": {"enabled": False}},
-                           "serviceAccount": {"create": False, "name": "existing-operator-sa"},
-                           "trainer": {"serviceAccount": {"create": False}}},
+                           "serviceAccount": {"create": False, "name": "existing-operator-sa"}},
     }
 
 

@@ -57,10 +57,6 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
-{{- define "nnunet-distill-operator.trainerServiceAccountName" -}}
-{{- default (printf "%s-trainer" (include "nnunet-distill-operator.fullname" .) | trunc 63 | trimSuffix "-") .Values.trainer.serviceAccount.name }}
-{{- end }}
-
 {{/*
 Image reference: a digest wins over a tag; the tag defaults to the chart's appVersion so that chart and
 operator versions move together.
@@ -79,15 +75,6 @@ operator versions move together.
 
 {{- define "nnunet-distill-operator.trainerImage" -}}
 {{- include "nnunet-distill-operator.imageRef" (dict "image" .Values.trainer.image "appVersion" .Chart.AppVersion) }}
-{{- end }}
-
-{{/*
-Namespaces that get the trainer ServiceAccount, Role and RoleBinding: trainer.namespaces if set, else the
-watched namespaces, else (cluster-wide operator) the release namespace. Rendered as a JSON list.
-*/}}
-{{- define "nnunet-distill-operator.trainerNamespaces" -}}
-{{- $ns := .Values.trainer.namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) }}
-{{- toJson (uniq $ns) }}
 {{- end }}
 
 {{- define "nnunet-distill-operator.monitorNamespace" -}}
