@@ -405,7 +405,7 @@ async def test_accepted_spec_lives_in_status_and_survives_tampering_and_a_restar
     try:
         await clients.patch_job_status("tamper-distill", COMPLETE)
         export = await job_appears(kmock, "tamper-export")
-        argv = export["spec"]["template"]["spec"]["initContainers"][0]["command"]
+        argv = export["spec"]["template"]["spec"]["initContainers"][0]["args"]
         assert argv[argv.index("-r") + 1] == "2"
         st = status(kmock, "tamper")
         assert st["reason"] == "SpecChangeRejected" and "spec.student.reductionFactor" in st["message"]
@@ -655,7 +655,7 @@ async def test_a_missing_credentials_secret_is_a_clear_condition(kmock: Any, cli
     becomes SecretMissing naming spec.output.secretRef.name (no value is ever echoed)."""
     await clients.create_dj(dj("cred", preprocess={"mode": "Never"},
                                output={"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}}))
-    for stage in ("distill", "export"):
+    for stage in ("distill", "export", "gate"):
         await job_appears(kmock, f"cred-{stage}")
         await complete(clients, kmock, "cred", stage)
     publish = await job_appears(kmock, "cred-publish")

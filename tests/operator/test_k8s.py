@@ -94,7 +94,7 @@ def test_a_failed_quality_gate_fails_its_job_at_once() -> None:
     pod = gate["spec"]["template"]["spec"]
     (main,) = pod["containers"]
     assert "initContainers" not in pod
-    assert main["command"][:4] == ["nnunet-distill", "gate", "--summary",
+    assert main["args"][:4] == ["nnunet-distill", "gate", "--summary",
                                    ("/data/nnUNet_results/Dataset027_*/nnUNetDistillationTrainer__nnUNetPlans_r2__"
                                     "3d_fullres/fold_0/validation/distillation_summary.json")]
     rules = gate["spec"]["podFailurePolicy"]["rules"]

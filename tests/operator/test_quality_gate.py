@@ -146,7 +146,7 @@ def test_an_enforced_failure_fails_the_job_never_publishes_and_keeps_the_student
 def test_a_failure_not_enforced_is_reported_and_the_job_publishes() -> None:
     spec = {**SPEC, "qualityGate": {"enforce": False}}
     body, jobs, manifest = _at_gate(spec)
-    assert "--no-enforce" in manifest["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--no-enforce" in manifest["spec"]["template"]["spec"]["containers"][0]["args"]
     jobs["gate"] = done(manifest)
     message = gate_message(BAD, enforce=False)
     assert message["ok"] is False and "error" not in message
@@ -203,7 +203,7 @@ def test_the_gate_thresholds_may_change_until_the_gate_runs() -> None:
     body = applied(body, d)
     jobs["export"] = done(d.create[0])
     d = decide(body, jobs, {}, NOW)
-    argv = d.create[0]["spec"]["template"]["spec"]["containers"][0]["command"]
+    argv = d.create[0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert argv[argv.index("--min-retention") + 1] == "0.9" and argv[-1] == "--no-enforce"
 
 
@@ -220,7 +220,7 @@ async def test_operator_fails_the_job_on_the_gates_verdict_and_never_creates_pub
     gate_job = await job_appears(kmock, "kidney-gate")
     await wait_for(lambda: cond(kmock, "kidney", "QualityGate").get("reason") == "NotEvaluated", what="NotEvaluated")
     main = gate_job["spec"]["template"]["spec"]["containers"][0]
-    assert main["command"][:2] == ["nnunet-distill", "gate"]
+    assert main["args"][:2] == ["nnunet-distill", "gate"]
     assert {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [3]}} in \
         gate_job["spec"]["podFailurePolicy"]["rules"]
 
