@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -80,6 +81,16 @@ ABLATION = [
     Row("r4_pixel_teacher", "r=4 pixel KD, teacher init", 4, ("--kd_mode", "pixel", "--student_init", "teacher")),
     Row("r4_no_kd", "r=4 alpha=0 (no KD)", 4, ("-a", "0")),
 ]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _device() -> str:
@@ -208,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         text, checks = table(rows)
         print()
         print(text)
-        machine = f"{platform.node() or 'unknown'}: {platform.processor() or platform.machine()}, " \
-                  f"{__import__('os').cpu_count()} CPUs" + (f", {device}" if device != "cpu" else "")
+        machine = f"{_cpu_model()}, {os.cpu_count()} CPUs" + (f", {device}" if device != "cpu" else "")
         result = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine, "device": device,
             "seconds": round(time.perf_counter() - started), "teacher_seconds": round(teacher_seconds),

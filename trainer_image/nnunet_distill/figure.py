@@ -23,7 +23,7 @@ def _read(path: str | Path) -> np.ndarray:
 
 
 def pick_slice(labels: dict[str, np.ndarray]) -> tuple[str, int]:
-    """(case, axial index) where the rarest foreground label covers the most voxels (pure)."""
+    """(case, axial index) showing the most labels, and among those the most voxels of the rarest one (pure)."""
     counts: dict[int, int] = {}
     for arr in labels.values():
         for value, n in zip(*np.unique(arr, return_counts=True)):
@@ -34,7 +34,7 @@ def pick_slice(labels: dict[str, np.ndarray]) -> tuple[str, int]:
         return case, labels[case].shape[0] // 2
     rarest = min(counts, key=counts.get)
     best = max(((case, z, int((arr[z] == rarest).sum()), len(np.unique(arr[z])))
-                for case, arr in labels.items() for z in range(arr.shape[0])), key=lambda t: (t[2], t[3]))
+                for case, arr in labels.items() for z in range(arr.shape[0])), key=lambda t: (t[3], t[2]))
     return best[0], best[1]
 
 
