@@ -198,7 +198,7 @@ def _spec(endpoint_bucket_uri: str, quality_gate: dict[str, Any] | None = None) 
         "distillation": {"epochs": 2, "iterationsPerEpoch": 2, "valIterations": 1, "disableMirroring": True},
         "export": {"modelName": "spleen"},
         "qualityGate": quality_gate if quality_gate is not None else {"enforce": False},
-        "resources": {"distill": cpu, "export": cpu, "gate": cpu, "publish": cpu},
+        "resources": {"distill": cpu, "export": cpu, "gate": cpu, "publish": cpu, "sharedMemory": "1Gi"},
         "output": {"uri": endpoint_bucket_uri, "secretRef": {"name": SECRET}},
     }
 

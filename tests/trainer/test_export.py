@@ -99,8 +99,9 @@ def test_default_export_is_static_verified_and_self_describing(student, env, tmp
     assert meta["io"]["input_name"] == "input" and meta["io"]["output_name"] == "output"
     # the metrics come from the trainer's distillation_summary.json
     summary = json.loads((student.fold_dir / "validation" / "distillation_summary.json").read_text())
-    assert meta["metrics"]["student_dice"] == summary["foreground_mean"]["student_dice"]
-    assert meta["metrics"]["teacher_ensemble_dice"] == summary["foreground_mean"]["teacher_dice"]
+    assert meta["metrics"]["student_dice"] == summary["student"]["mean_dice"]
+    assert meta["metrics"]["teacher_ensemble_dice"] == summary["teacher_ensemble"]["mean_dice"]
+    assert meta["metrics"]["evaluation"] == "test_set" and meta["metrics"]["case_ids"] == summary["cases"]["ids"]
     assert meta["verification"]["real_patch_case"].startswith("case_")
     assert meta["verification"]["max_abs_diff"] < 1e-3
 
