@@ -75,7 +75,7 @@ async def test_the_image_reconciles_a_distillationjob_against_kmock(
     log = tmp_path / "operator-image.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            *_run(container, "nnunet-distill-operator", "--all-namespaces", f"--kubeconfig={kubeconfig}",
+            *_run(container, "nnunet-distill-operator", "--all-namespaces", "--standalone", f"--kubeconfig={kubeconfig}",
                   f"--metrics-port={_free_port()}", "--metrics-addr=127.0.0.1", f"--liveness-port={_free_port()}",
                   "--log-level=info",
                   volumes=(f"{kube_dir}:{kube_dir}:ro",)),
