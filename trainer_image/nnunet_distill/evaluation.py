@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nnunet_distill.gate import result_metrics  # noqa: F401 - status.metrics: one definition, in gate
+
 #: Where the summary goes, beside nnU-Net's summary.json.
 SUMMARY_NAME = "distillation_summary.json"
 SCHEMA_VERSION = 2
@@ -169,25 +171,6 @@ def label_rows(student: Mapping[str, float | None], teacher: Mapping[str, float 
     per = (ret or {}).get("per_label") or {}
     return [{"name": name, "student_dice": student.get(name), "teacher_dice": teacher.get(name),
              "retention": per.get(name)} for name in teacher]
-
-
-def result_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The figures a DistillationJob's status.metrics carries, from a distillation summary (pure)."""
-    ret = summary.get("retention") or {}
-    student = summary.get("student") or {}
-    teacher = summary.get("teacher_ensemble") or {}
-    cases = summary.get("cases") or {}
-    metrics = {
-        "finalDice": student.get("mean_dice"),
-        "teacherDice": teacher.get("mean_dice"),
-        "retention": ret.get("mean"),
-        "worstLabelRetention": ret.get("worst"),
-        "worstLabel": ret.get("worst_label"),
-        "evaluatedOn": (f"{summary.get('evaluation')}: {cases.get('count')} cases ({cases.get('source')})"
-                        if summary.get("evaluation") != NO_HONEST_BASELINE else None),
-        "teacherFolds": teacher.get("folds"),
-    }
-    return {k: v for k, v in metrics.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------------

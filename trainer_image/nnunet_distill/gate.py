@@ -188,8 +188,8 @@ def evaluated_on(evaluation: str, cases: Mapping[str, Any]) -> str:
 
 
 def result_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """status.metrics from a distillation summary; the same keys and values as evaluation.result_metrics
-    (a test checks both agree), kept here so the gate imports neither torch nor the evaluation code."""
+    """status.metrics from a distillation summary: the one definition, shared by the distill stage
+    (evaluation.result_metrics re-exports it) and the torch-free gate."""
     ret = summary.get("retention") or {}
     student = summary.get("student") or {}
     teacher = summary.get("teacher_ensemble") or {}
