@@ -21,8 +21,10 @@ def discover(selected: list[str]) -> list[str]:
     wanted = {s if s.startswith("bench_") else f"bench_{s}" for s in selected}
     unknown = wanted - set(names)
     if unknown:
-        raise SystemExit(f"python -m bench: error: unknown benchmark(s) {', '.join(sorted(unknown))}; "
-                         f"available: {', '.join(n.removeprefix('bench_') for n in names)}")
+        raise SystemExit(
+            f"python -m bench: error: unknown benchmark(s) {', '.join(sorted(unknown))}; "
+            f"available: {', '.join(n.removeprefix('bench_') for n in names)}"
+        )
     return [n for n in names if n in wanted]
 
 

@@ -79,46 +79,170 @@ class Bench:
         self.images = heldout_raw / f"Dataset{HELDOUT_ID:03d}_Heldout" / "imagesTs"
         self.labels = heldout_raw / f"Dataset{HELDOUT_ID:03d}_Heldout" / "labelsTs"
         self.teacher_dir = self.ws.results / self.dataset / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-        self.student_dir = self.ws.results / self.dataset / "nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres"
+        self.student_dir = (
+            self.ws.results / self.dataset / "nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres"
+        )
         if (self.package / "SHA256SUMS").is_file():
             self.say(f"reusing the models built in {self.root}")
             return
-        self.say(f"building: {cases} training cases of {'x'.join(map(str, size))}, {len(self.folds)} teacher "
-                 f"folds, r=2 student, a held-out case of {'x'.join(map(str, heldout_size))} (log: {self.log})")
-        self.run([*py, "nnunet_distill.cli.synthetic", "-d", str(DATASET_ID), "--name", DATASET_NAME, "--cases",
-                  str(cases), "--test-cases", "0", "--size", *map(str, size)])
+        self.say(
+            f"building: {cases} training cases of {'x'.join(map(str, size))}, {len(self.folds)} teacher "
+            f"folds, r=2 student, a held-out case of {'x'.join(map(str, heldout_size))} (log: {self.log})"
+        )
+        self.run(
+            [
+                *py,
+                "nnunet_distill.cli.synthetic",
+                "-d",
+                str(DATASET_ID),
+                "--name",
+                DATASET_NAME,
+                "--cases",
+                str(cases),
+                "--test-cases",
+                "0",
+                "--size",
+                *map(str, size),
+            ]
+        )
         # the held-out case is larger than the training cases (and so than the patch): the sliding window then
         # visits several positions, as on real scans; same generator, contrasts and spacing, its own seed
-        self.run([*py, "nnunet_distill.cli.synthetic", "-d", str(HELDOUT_ID), "--name", "Heldout", "--cases", "2",
-                  "--test-cases", "1", "--size", *map(str, heldout_size), "--seed", "7", "--raw-dir",
-                  str(heldout_raw)])
-        self.run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", CONFIGURATION,
-                  "--verify_dataset_integrity", "-npfp", "2", "-np", "2"], planning=True)
+        self.run(
+            [
+                *py,
+                "nnunet_distill.cli.synthetic",
+                "-d",
+                str(HELDOUT_ID),
+                "--name",
+                "Heldout",
+                "--cases",
+                "2",
+                "--test-cases",
+                "1",
+                "--size",
+                *map(str, heldout_size),
+                "--seed",
+                "7",
+                "--raw-dir",
+                str(heldout_raw),
+            ]
+        )
+        self.run(
+            [
+                exe("nnUNetv2_plan_and_preprocess"),
+                "-d",
+                str(DATASET_ID),
+                "-c",
+                CONFIGURATION,
+                "--verify_dataset_integrity",
+                "-npfp",
+                "2",
+                "-np",
+                "2",
+            ],
+            planning=True,
+        )
         for fold in self.folds:
-            seconds = self.run([*py, "nnunet_distill.cli.train_teacher", "-d", str(DATASET_ID), "-c", CONFIGURATION,
-                                "-f", str(fold), "-p", "nnUNetPlans", *TEACHER_BUDGET, "-device", self.device_name])
+            seconds = self.run(
+                [
+                    *py,
+                    "nnunet_distill.cli.train_teacher",
+                    "-d",
+                    str(DATASET_ID),
+                    "-c",
+                    CONFIGURATION,
+                    "-f",
+                    str(fold),
+                    "-p",
+                    "nnUNetPlans",
+                    *TEACHER_BUDGET,
+                    "-device",
+                    self.device_name,
+                ]
+            )
             self.say(f"  teacher fold {fold} trained in {seconds:.0f} s")
-        seconds = self.run([exe("nnUNetv2_distillation_train"), "-d", str(DATASET_ID), "-f", "0", "-r", "2",
-                            "-tf", *map(str, self.folds), *STUDENT_BUDGET, "-d_device", self.device_name])
+        seconds = self.run(
+            [
+                exe("nnUNetv2_distillation_train"),
+                "-d",
+                str(DATASET_ID),
+                "-f",
+                "0",
+                "-r",
+                "2",
+                "-tf",
+                *map(str, self.folds),
+                *STUDENT_BUDGET,
+                "-d_device",
+                self.device_name,
+            ]
+        )
         self.say(f"  student distilled in {seconds:.0f} s")
-        self.run([exe("nnUNetv2_distillation_export_onnx"), "-d", str(DATASET_ID), "-f", "0", "-r", "2", "-nn",
-                  "-o", str(self.onnx)])
+        self.run(
+            [
+                exe("nnUNetv2_distillation_export_onnx"),
+                "-d",
+                str(DATASET_ID),
+                "-f",
+                "0",
+                "-r",
+                "2",
+                "-nn",
+                "-o",
+                str(self.onnx),
+            ]
+        )
         self.run([*py, "nnunet_distill.cli.package", "--onnx", str(self.onnx), "-o", str(self.package)])
 
     # ---------------------------------------------------------------- measurements
     def cli_end_to_end(self) -> dict[str, float]:
         from nnunet_distill.nnunet_env import nnunet_executable as exe
 
-        common = ["-i", str(self.images), "-device", self.device_name, "-npp", "1", "-nps", "1",
-                  "--disable_progress_bar"]
+        common = [
+            "-i",
+            str(self.images),
+            "-device",
+            self.device_name,
+            "-npp",
+            "1",
+            "-nps",
+            "1",
+            "--disable_progress_bar",
+        ]
         runs = {
-            "teacher": [exe("nnUNetv2_predict"), *common, "-o", str(self.root / "pred_teacher"), "-d",
-                        str(DATASET_ID), "-c", CONFIGURATION, "-tr", "nnUNetTrainer", "-p", "nnUNetPlans",
-                        "-f", *map(str, self.folds)],
-            "student_tta": [exe("nnUNetv2_distillation_predict"), *common, "-o", str(self.root / "pred_student"),
-                            "-m", str(self.package)],
-            "student": [exe("nnUNetv2_distillation_predict"), *common, "-o", str(self.root / "pred_student_notta"),
-                        "-m", str(self.package), "--disable_tta"],
+            "teacher": [
+                exe("nnUNetv2_predict"),
+                *common,
+                "-o",
+                str(self.root / "pred_teacher"),
+                "-d",
+                str(DATASET_ID),
+                "-c",
+                CONFIGURATION,
+                "-tr",
+                "nnUNetTrainer",
+                "-p",
+                "nnUNetPlans",
+                "-f",
+                *map(str, self.folds),
+            ],
+            "student_tta": [
+                exe("nnUNetv2_distillation_predict"),
+                *common,
+                "-o",
+                str(self.root / "pred_student"),
+                "-m",
+                str(self.package),
+            ],
+            "student": [
+                exe("nnUNetv2_distillation_predict"),
+                *common,
+                "-o",
+                str(self.root / "pred_student_notta"),
+                "-m",
+                str(self.package),
+                "--disable_tta",
+            ],
         }
         env = self.env
         # nnU-Net caps torch at nnUNet_def_n_proc threads while predicting; give the teacher every core, as ONNX
@@ -153,9 +277,11 @@ class Bench:
         cases = [[str(p)] for p in sorted(self.images.glob("*_0000.nii.gz"))]
         teacher = predictors[0]
         preprocessor = teacher.configuration_manager.preprocessor_class(verbose=False)
-        data, _, _ = preprocessor.run_case(cases[0], None, teacher.plans_manager, teacher.configuration_manager,
-                                           teacher.dataset_json)
+        data, _, _ = preprocessor.run_case(
+            cases[0], None, teacher.plans_manager, teacher.configuration_manager, teacher.dataset_json
+        )
         import torch
+
         times["teacher_window_per_fold"] = []
         for r in range(repeats):
             t0 = time.perf_counter()  # the teacher's sliding window over all folds, per fold
@@ -177,13 +303,18 @@ class Bench:
         teacher, student, _ = predictors
         device = torch.device(self.device_name)
         patch = teacher.configuration_manager.patch_size
-        x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 1, *patch), dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 1, *patch), dtype=np.float32)).to(
+            device
+        )
         axes = [a + 2 for a in teacher.allowed_mirroring_axes]
         flips = [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
         teacher_net = teacher.network.to(device).eval()
         teacher_weights = teacher.list_of_parameters
         from nnunet_distill.export import load_student
-        student_torch = load_student(self.student_dir / "fold_0", "checkpoint_final.pth", CONFIGURATION).network
+
+        student_torch = load_student(
+            self.student_dir / "fold_0", "checkpoint_final.pth", CONFIGURATION
+        ).network
         student_torch = student_torch.to(device).eval()
         onnx_net = student.network
         x_np = x.cpu().numpy()
@@ -246,20 +377,49 @@ def _report(bench: Bench, cli: dict, seq: dict, net: dict, dice_teacher: dict, d
     med = {n: statistics.median(v) for n, v in {**seq, **{f"net_{n}": v for n, v in net.items()}}.items()}
     extrapolated = "" if k == TARGET_FOLDS else f" (extrapolated from {k} trained folds x{scale:.1f})"
     rows = [
-        ("end to end, command line (s)", f"teacher {k} folds + TTA", cli["teacher"],
-         "student ONNX, no TTA", cli["student"]),
+        (
+            "end to end, command line (s)",
+            f"teacher {k} folds + TTA",
+            cli["teacher"],
+            "student ONNX, no TTA",
+            cli["student"],
+        ),
         ("", f"teacher {k} folds + TTA", cli["teacher"], "student ONNX + TTA", cli["student_tta"]),
-        ("end to end, in process (s, median)", f"teacher {k} folds + TTA", med["teacher"],
-         "student ONNX, no TTA", med["student"]),
+        (
+            "end to end, in process (s, median)",
+            f"teacher {k} folds + TTA",
+            med["teacher"],
+            "student ONNX, no TTA",
+            med["student"],
+        ),
         ("", f"teacher {k} folds + TTA", med["teacher"], "student ONNX + TTA", med["student_tta"]),
-        ("network per patch (s, median)", f"ensemble {k} folds x 8", med["net_teacher_ensemble"],
-         "student ONNX x 1", med["net_student_onnx_1pass"]),
-        ("", "teacher torch x 1", med["net_teacher_1pass"], "student torch x 1", med["net_student_torch_1pass"]),
-        ("", "student torch x 1", med["net_student_torch_1pass"], "student ONNX x 1", med["net_student_onnx_1pass"]),
+        (
+            "network per patch (s, median)",
+            f"ensemble {k} folds x 8",
+            med["net_teacher_ensemble"],
+            "student ONNX x 1",
+            med["net_student_onnx_1pass"],
+        ),
+        (
+            "",
+            "teacher torch x 1",
+            med["net_teacher_1pass"],
+            "student torch x 1",
+            med["net_student_torch_1pass"],
+        ),
+        (
+            "",
+            "student torch x 1",
+            med["net_student_torch_1pass"],
+            "student ONNX x 1",
+            med["net_student_onnx_1pass"],
+        ),
     ]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\ndevice: {bench.device_name}; same held-out case(s) for every row; {os.cpu_count()} CPU threads for "
-          f"torch and ONNX Runtime alike; load average {load} (timings on a shared CPU vary 3-4x)")
+    print(
+        f"\ndevice: {bench.device_name}; same held-out case(s) for every row; {os.cpu_count()} CPU threads for "
+        f"torch and ONNX Runtime alike; load average {load} (timings on a shared CPU vary 3-4x)"
+    )
     print(f"{'measure':36} {'baseline':26} {'seconds':>9}   {'ours':22} {'seconds':>9} {'speed-up':>9}")
     for label, base_name, base, ours_name, ours in rows:
         print(f"{label:36} {base_name:26} {base:9.3f}   {ours_name:22} {ours:9.3f} {base / ours:8.1f}x")
@@ -269,32 +429,58 @@ def _report(bench: Bench, cli: dict, seq: dict, net: dict, dice_teacher: dict, d
     net5 = med["net_teacher_ensemble"] * scale
     e2e5 = med["teacher"] + (TARGET_FOLDS - k) * med["teacher_window_per_fold"]
     print(f"\n5-fold teacher ensemble{extrapolated}:")
-    print(f"  network per patch: {net5:.3f} s vs student ONNX {med['net_student_onnx_1pass']:.4f} s -> "
-          f"{net5 / med['net_student_onnx_1pass']:.0f}x (goal >= 100x)")
-    print(f"  end to end in process: {e2e5:.2f} s (measured {k}-fold pipeline + {TARGET_FOLDS - k} x "
-          f"{med['teacher_window_per_fold']:.2f} s sliding window per extra fold) vs student ONNX no TTA "
-          f"{med['student']:.2f} s -> {e2e5 / med['student']:.1f}x (goal >= 30x)")
-    print(f"  architecture alone (one torch pass each): {med['net_teacher_1pass'] / med['net_student_torch_1pass']:.1f}x; "
-          f"ONNX Runtime vs torch for the student: "
-          f"{med['net_student_torch_1pass'] / med['net_student_onnx_1pass']:.1f}x")
-    print("\nDice against the held-out labels (tiny CPU training budgets: a smoke check, not a quality claim):")
+    print(
+        f"  network per patch: {net5:.3f} s vs student ONNX {med['net_student_onnx_1pass']:.4f} s -> "
+        f"{net5 / med['net_student_onnx_1pass']:.0f}x (goal >= 100x)"
+    )
+    print(
+        f"  end to end in process: {e2e5:.2f} s (measured {k}-fold pipeline + {TARGET_FOLDS - k} x "
+        f"{med['teacher_window_per_fold']:.2f} s sliding window per extra fold) vs student ONNX no TTA "
+        f"{med['student']:.2f} s -> {e2e5 / med['student']:.1f}x (goal >= 30x)"
+    )
+    print(
+        f"  architecture alone (one torch pass each): {med['net_teacher_1pass'] / med['net_student_torch_1pass']:.1f}x; "
+        f"ONNX Runtime vs torch for the student: "
+        f"{med['net_student_torch_1pass'] / med['net_student_onnx_1pass']:.1f}x"
+    )
+    print(
+        "\nDice against the held-out labels (tiny CPU training budgets: a smoke check, not a quality claim):"
+    )
     print(f"  {'label':10} {'teacher ensemble':>17} {'student (ONNX+TTA)':>19}")
     for key, teacher_value in dice_teacher.items():
         print(f"  {key:10} {teacher_value:17.3f} {dice_student[key]:19.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_inference", description=__doc__.split("\n")[0])
-    parser.add_argument("--folds", type=int, default=2, help="teacher folds to train (default 2; 5 is the goal's)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_inference", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--folds", type=int, default=2, help="teacher folds to train (default 2; 5 is the goal's)"
+    )
     parser.add_argument("--cases", type=int, default=10, help="synthetic training cases (default 10)")
-    parser.add_argument("--size", type=int, nargs=3, default=[48, 48, 48],
-                        help="training case size x y z (default 48 48 48, which becomes the patch size)")
-    parser.add_argument("--heldout-size", type=int, nargs=3, default=[64, 64, 64],
-                        help="held-out case size x y z (default 64 64 64: 8 sliding-window positions)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=3,
+        default=[48, 48, 48],
+        help="training case size x y z (default 48 48 48, which becomes the patch size)",
+    )
+    parser.add_argument(
+        "--heldout-size",
+        type=int,
+        nargs=3,
+        default=[64, 64, 64],
+        help="held-out case size x y z (default 64 64 64: 8 sliding-window positions)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (default 3)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="keep the workspace in this folder; a folder kept earlier is reused (no retraining)")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the workspace in this folder; a folder kept earlier is reused (no retraining)",
+    )
     args = parser.parse_args(argv if argv is not None else (sys.argv[1:] if __name__ == "__main__" else []))
     if not 2 <= args.folds <= TARGET_FOLDS:
         parser.error(f"--folds must be in 2..{TARGET_FOLDS} (the student is validated on fold 0 of them)")

@@ -56,10 +56,40 @@ def _prepare_dataset(root: Path, size: list[int]) -> None:
     ws = Workspace(root).create()
     env = ws.env()
     log = root / "bench.log"
-    run_logged([sys.executable, "-m", "nnunet_distill.cli.synthetic", "-d", str(DATASET_ID), "--name", DATASET_NAME,
-                "--cases", "5", "--test-cases", "0", "--size", *map(str, size)], env, log)
-    run_logged([nnunet_executable("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
-                "-npfp", "2", "-np", "2"], {**env, "nnUNet_n_proc_DA": "1"}, log)
+    run_logged(
+        [
+            sys.executable,
+            "-m",
+            "nnunet_distill.cli.synthetic",
+            "-d",
+            str(DATASET_ID),
+            "--name",
+            DATASET_NAME,
+            "--cases",
+            "5",
+            "--test-cases",
+            "0",
+            "--size",
+            *map(str, size),
+        ],
+        env,
+        log,
+    )
+    run_logged(
+        [
+            nnunet_executable("nnUNetv2_plan_and_preprocess"),
+            "-d",
+            str(DATASET_ID),
+            "-c",
+            "3d_fullres",
+            "-npfp",
+            "2",
+            "-np",
+            "2",
+        ],
+        {**env, "nnUNet_n_proc_DA": "1"},
+        log,
+    )
     os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
 
 
@@ -70,7 +100,9 @@ def _teacher_networks(plans: dict, dataset_json: dict, device, n: int):
     nets = []
     for seed in range(n):
         torch.manual_seed(seed)
-        nets.append(build_teacher_network(plans, "3d_fullres", dataset_json).to(device).eval().requires_grad_(False))
+        nets.append(
+            build_teacher_network(plans, "3d_fullres", dataset_json).to(device).eval().requires_grad_(False)
+        )
     return nets
 
 
@@ -88,6 +120,7 @@ def _forward_variants(nets, x, device):
                     o = m(inp).float()
                     total = o if total is None else total + o
                 return total / len(models)
+
         return run
 
     variants = {
@@ -96,7 +129,8 @@ def _forward_variants(nets, x, device):
     }
     low = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     variants[f"inference_mode {str(low).split('.')[-1]} autocast"] = loop(
-        lambda: _stack(torch.inference_mode(), torch.autocast(device.type, dtype=low)), nets, x)
+        lambda: _stack(torch.inference_mode(), torch.autocast(device.type, dtype=low)), nets, x
+    )
     cl_nets = [copy.deepcopy(m).to(memory_format=torch.channels_last_3d) for m in nets]
     x_cl = x.contiguous(memory_format=torch.channels_last_3d)
     variants["inference_mode channels-last 3D"] = loop(torch.inference_mode, cl_nets, x_cl)
@@ -109,6 +143,7 @@ def _forward_variants(nets, x, device):
     def vmapped():
         with torch.inference_mode():
             return torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x).float().mean(0)
+
     variants["vmap over stacked folds"] = vmapped
     ensemble = TeacherEnsemble(nets, list(range(len(nets))))
     variants[f"TeacherEnsemble default on {device.type}"] = lambda: ensemble(x)
@@ -125,12 +160,18 @@ def _stack(*managers):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_kd_step", description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, nargs=3, default=[48, 48, 48], help="synthetic image size (voxels)")
+    parser.add_argument(
+        "--size", type=int, nargs=3, default=[48, 48, 48], help="synthetic image size (voxels)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each step (median reported)")
     parser.add_argument("-r", "--reduction_factor", type=int, default=2)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 is steadier on a CPU shared with other work")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 is steadier on a CPU shared with other work",
+    )
     args = parser.parse_args(argv)
     for key, value in (("nnUNet_n_proc_DA", "0"), ("nnUNet_def_n_proc", "1"), ("nnUNet_compile", "false")):
         os.environ.setdefault(key, value)
@@ -155,19 +196,22 @@ def main(argv: list[str] | None = None) -> int:
         dataset_json = json.loads((pre / "dataset.json").read_text())
         setup_s = time.perf_counter() - t0
 
-        teacher_trainer = nnUNetTrainer({**copy.deepcopy(plans), "continue_training": False}, "3d_fullres", 0,
-                                        dataset_json, device)
+        teacher_trainer = nnUNetTrainer(
+            {**copy.deepcopy(plans), "continue_training": False}, "3d_fullres", 0, dataset_json, device
+        )
         teacher_trainer.initialize()
         dl_train, _ = teacher_trainer.get_dataloaders()
         batch = next(dl_train)
 
         student_plans = student.derive_student_plans(plans, "3d_fullres", args.reduction_factor)
-        cfg = DistillationConfig(dataset=str(DATASET_ID), fold=0, reduction_factor=args.reduction_factor,
-                                 device=str(device))
+        cfg = DistillationConfig(
+            dataset=str(DATASET_ID), fold=0, reduction_factor=args.reduction_factor, device=str(device)
+        )
         nets = _teacher_networks(plans, dataset_json, device, N_TEACHERS)
         ensemble = TeacherEnsemble(nets, list(range(N_TEACHERS)))
-        kd_trainer = nnUNetDistillationTrainer({**student_plans, "continue_training": False}, "3d_fullres", 0,
-                                               dataset_json, device)
+        kd_trainer = nnUNetDistillationTrainer(
+            {**student_plans, "continue_training": False}, "3d_fullres", 0, dataset_json, device
+        )
         kd_trainer.configure_distillation(cfg, ensemble)
         kd_trainer.initialize()
         teacher_trainer.network.train()
@@ -176,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         x = batch["data"].to(device)
         variants = _forward_variants(nets, x, device)
         reference = variants["no_grad fp32 loop (original)"]()
-        errors = {name: float((fn().float() - reference).abs().max())  # also warms each variant up
-                  for name, fn in variants.items()}
+        errors = {
+            name: float((fn().float() - reference).abs().max())  # also warms each variant up
+            for name, fn in variants.items()
+        }
         teacher_trainer.train_step(batch)  # warm-up (allocator, oneDNN/cuDNN kernel choice)
         kd_trainer.train_step(batch)
         # Everything is interleaved within each repeat, so a change of machine load hits all numbers alike;
@@ -200,23 +246,35 @@ def main(argv: list[str] | None = None) -> int:
     cm = kd_trainer.configuration_manager
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-    print(f"KD step benchmark on {device} ({torch.get_num_threads()} threads, load avg {load:.1f}); "
-          f"setup {setup_s:.0f} s")
-    print(f"  planned 3d_fullres: patch {list(cm.patch_size)}, batch {kd_trainer.batch_size}, "
-          f"{len(plans['configurations']['3d_fullres']['architecture']['arch_kwargs']['features_per_stage'])} stages; "
-          f"teacher {n_params_teacher:,} params, student r={args.reduction_factor} {n_params_student:,} params "
-          f"({n_params_student / n_params_teacher:.3f})")
+    print(
+        f"KD step benchmark on {device} ({torch.get_num_threads()} threads, load avg {load:.1f}); "
+        f"setup {setup_s:.0f} s"
+    )
+    print(
+        f"  planned 3d_fullres: patch {list(cm.patch_size)}, batch {kd_trainer.batch_size}, "
+        f"{len(plans['configurations']['3d_fullres']['architecture']['arch_kwargs']['features_per_stage'])} stages; "
+        f"teacher {n_params_teacher:,} params, student r={args.reduction_factor} {n_params_student:,} params "
+        f"({n_params_student / n_params_teacher:.3f})"
+    )
     print(f"  teacher training step (nnUNetTrainer.train_step):           {med_teacher * 1000:8.0f} ms")
-    print(f"  KD step, {N_TEACHERS} teachers (nnUNetDistillationTrainer.train_step): {med_kd * 1000:8.0f} ms "
-          f"(student part {statistics.median(student_part) * 1000:.0f} ms)")
-    print(f"  {N_TEACHERS}-teacher forward, by option (median of {args.repeats}; max |diff| vs the original's logits):")
+    print(
+        f"  KD step, {N_TEACHERS} teachers (nnUNetDistillationTrainer.train_step): {med_kd * 1000:8.0f} ms "
+        f"(student part {statistics.median(student_part) * 1000:.0f} ms)"
+    )
+    print(
+        f"  {N_TEACHERS}-teacher forward, by option (median of {args.repeats}; max |diff| vs the original's logits):"
+    )
     for name in variants:
         implied = statistics.median([(sp + v) / t for sp, v, t in zip(student_part, t_var[name], t_teacher)])
-        print(f"    {name:<38} {statistics.median(t_var[name]) * 1000:8.0f} ms   KD/teacher step with it "
-              f"{implied:5.2f}   (diff {errors[name]:.1e})")
+        print(
+            f"    {name:<38} {statistics.median(t_var[name]) * 1000:8.0f} ms   KD/teacher step with it "
+            f"{implied:5.2f}   (diff {errors[name]:.1e})"
+        )
     ratio = statistics.median(ratios)
-    print(f"KD step with {N_TEACHERS} teachers / teacher training step: {ratio:.2f} "
-          f"(per repeat {min(ratios):.2f}-{max(ratios):.2f}; goal <= 2.0: {'met' if ratio <= 2.0 else 'NOT met'})")
+    print(
+        f"KD step with {N_TEACHERS} teachers / teacher training step: {ratio:.2f} "
+        f"(per repeat {min(ratios):.2f}-{max(ratios):.2f}; goal <= 2.0: {'met' if ratio <= 2.0 else 'NOT met'})"
+    )
     return 0
 
 

@@ -90,8 +90,11 @@ def _serve(conn: Any) -> None:
 
     def with_status() -> int:
         res = emulator.resource(DJ_RESOURCE)
-        return sum(1 for (r, _, _), obj in list(emulator.objects.items())
-                   if r == res and not obj.deleted and (obj.raw.get("status") or {}).get("phase"))
+        return sum(
+            1
+            for (r, _, _), obj in list(emulator.objects.items())
+            if r == res and not obj.deleted and (obj.raw.get("status") or {}).get("phase")
+        )
 
     async def main() -> None:
         async with emulator, kmock.Server(emulator, host="127.0.0.1"):
@@ -119,8 +122,12 @@ def _make_emulator() -> Any:
 
         async def _handle(self, request: Any) -> Any:
             response = await super()._handle(request)
-            if (request.resource is not None and request.resource.plural == "jobs"
-                    and str(request.method).upper().endswith("POST") and isinstance(request.data, dict)):
+            if (
+                request.resource is not None
+                and request.resource.plural == "jobs"
+                and str(request.method).upper().endswith("POST")
+                and isinstance(request.data, dict)
+            ):
                 self.job_created_at.setdefault(request.data.get("metadata", {}).get("name", ""), time.time())
             return response
 
@@ -130,10 +137,16 @@ def _make_emulator() -> Any:
 
 
 def _body(name: str) -> dict[str, Any]:
-    return {"apiVersion": "distillation.nnunet.io/v1alpha1", "kind": "DistillationJob",
-            "metadata": {"name": name, "namespace": "bench"},
-            "spec": {"dataset": {"id": 27}, "storage": {"claimName": "nnunet-data"},
-                     "preprocess": {"mode": "Never"}}}
+    return {
+        "apiVersion": "distillation.nnunet.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": {
+            "dataset": {"id": 27},
+            "storage": {"claimName": "nnunet-data"},
+            "preprocess": {"mode": "Never"},
+        },
+    }
 
 
 async def _run(workdir: Path) -> dict[str, Any]:
@@ -143,8 +156,12 @@ async def _run(workdir: Path) -> dict[str, Any]:
 
     with _ApiServerProcess() as server:
         kubeconfig = write_kubeconfig(workdir / "kubeconfig", server.url)
-        config = controller.OperatorConfig(defaults=k8s.Defaults(image="bench/trainer:1"), metrics_port=None,
-                                           resync_seconds=3600, kubeconfig=str(kubeconfig))
+        config = controller.OperatorConfig(
+            defaults=k8s.Defaults(image="bench/trainer:1"),
+            metrics_port=None,
+            resync_seconds=3600,
+            kubeconfig=str(kubeconfig),
+        )
         runner = await OperatorRunner(config).start(timeout=60)
         clients = Clients(kubeconfig)
         pool = ThreadPoolExecutor(CLIENT_THREADS)
@@ -152,7 +169,9 @@ async def _run(workdir: Path) -> dict[str, Any]:
 
         def create(name: str) -> float:
             t0 = time.time()
-            clients.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, "bench", api.PLURAL, _body(name))
+            clients.custom.create_namespaced_custom_object(
+                api.GROUP, api.VERSION, "bench", api.PLURAL, _body(name)
+            )
             return t0
 
         async def wait_jobs(names: list[str], timeout: float) -> dict[str, float]:
@@ -202,8 +221,9 @@ async def _run(workdir: Path) -> dict[str, Any]:
 
 def _row(label: str, values: list[float]) -> str:
     ms = [v * 1000 for v in values]
-    return (f"{label:<22}{len(ms):>5}{statistics.median(ms):>10.1f}{_percentile(ms, 95):>10.1f}"
-            f"{max(ms):>10.1f}")
+    return (
+        f"{label:<22}{len(ms):>5}{statistics.median(ms):>10.1f}{_percentile(ms, 95):>10.1f}{max(ms):>10.1f}"
+    )
 
 
 def main() -> dict[str, Any]:
@@ -223,12 +243,16 @@ def main() -> dict[str, Any]:
     print(_row(f"burst ({BURST} at once)", burst))
     ratio = _percentile(burst, 95) / _percentile(seq, 95)
     print(f"p95 burst / p95 sequential: {ratio:.1f}x")
-    print(f"burst: all {BURST} Jobs created after {result['burst_jobs_s']:.2f} s "
-          f"({BURST / result['burst_jobs_s']:.0f} DistillationJobs/s); {result['reconciled']}/{BURST} with status "
-          f"after {result['burst_status_s']:.2f} s; duplicate Job creations: {result['duplicate_posts']}")
+    print(
+        f"burst: all {BURST} Jobs created after {result['burst_jobs_s']:.2f} s "
+        f"({BURST / result['burst_jobs_s']:.0f} DistillationJobs/s); {result['reconciled']}/{BURST} with status "
+        f"after {result['burst_status_s']:.2f} s; duplicate Job creations: {result['duplicate_posts']}"
+    )
     if result["reconciled"] != BURST or result["duplicate_posts"]:
-        raise RuntimeError(f"not every DistillationJob was reconciled exactly once: {result['reconciled']}/{BURST} "
-                           f"with status, {result['duplicate_posts']} duplicate Job creations")
+        raise RuntimeError(
+            f"not every DistillationJob was reconciled exactly once: {result['reconciled']}/{BURST} "
+            f"with status, {result['duplicate_posts']} duplicate Job creations"
+        )
     result["p95_burst_ms"] = _percentile(burst, 95) * 1000
     result["p95_ratio"] = ratio
     return result

@@ -74,11 +74,25 @@ ROWS = [
     Row("r4_kd", "student r=4, KD", 4, ()),
 ]
 ABLATION = [
-    Row("r2_pixel_random", "r=2 pixel KD, random init (earlier method)", 2,
-        ("--kd_mode", "pixel", "--student_init", "random")),
+    Row(
+        "r2_pixel_random",
+        "r=2 pixel KD, random init (earlier method)",
+        2,
+        ("--kd_mode", "pixel", "--student_init", "random"),
+    ),
     Row("r2_no_kd_random", "r=2 alpha=0, random init", 2, ("-a", "0", "--student_init", "random")),
-    Row("r2_pixel_teacher", "r=2 pixel KD, teacher init", 2, ("--kd_mode", "pixel", "--student_init", "teacher")),
-    Row("r4_pixel_teacher", "r=4 pixel KD, teacher init", 4, ("--kd_mode", "pixel", "--student_init", "teacher")),
+    Row(
+        "r2_pixel_teacher",
+        "r=2 pixel KD, teacher init",
+        2,
+        ("--kd_mode", "pixel", "--student_init", "teacher"),
+    ),
+    Row(
+        "r4_pixel_teacher",
+        "r=4 pixel KD, teacher init",
+        4,
+        ("--kd_mode", "pixel", "--student_init", "teacher"),
+    ),
     Row("r4_no_kd", "r=4 alpha=0 (no KD)", 4, ("-a", "0")),
 ]
 
@@ -121,25 +135,92 @@ class QualityBench:
     def build_teachers(self) -> float:
         from nnunet_distill.nnunet_env import nnunet_executable as exe
 
-        self.run([sys.executable, "-m", "nnunet_distill.cli.synthetic", "-d", str(DATASET_ID), "--name",
-                  DATASET_NAME, "--layout", "organ", "--cases", str(CASES), "--test-cases", str(TEST_CASES),
-                  "--size", *SIZE, "--seed", "1"])
-        self.run([exe("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", CONFIGURATION, "-npfp", "2",
-                  "-np", "2"], planning=True)
+        self.run(
+            [
+                sys.executable,
+                "-m",
+                "nnunet_distill.cli.synthetic",
+                "-d",
+                str(DATASET_ID),
+                "--name",
+                DATASET_NAME,
+                "--layout",
+                "organ",
+                "--cases",
+                str(CASES),
+                "--test-cases",
+                str(TEST_CASES),
+                "--size",
+                *SIZE,
+                "--seed",
+                "1",
+            ]
+        )
+        self.run(
+            [
+                exe("nnUNetv2_plan_and_preprocess"),
+                "-d",
+                str(DATASET_ID),
+                "-c",
+                CONFIGURATION,
+                "-npfp",
+                "2",
+                "-np",
+                "2",
+            ],
+            planning=True,
+        )
         seconds = 0.0
         for fold in TEACHER_FOLDS:
-            seconds += self.run([sys.executable, "-m", "nnunet_distill.cli.train_teacher", "-d", str(DATASET_ID),
-                                 "-c", CONFIGURATION, "-f", str(fold), *TEACHER_BUDGET, "-device", self.device])
+            seconds += self.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "nnunet_distill.cli.train_teacher",
+                    "-d",
+                    str(DATASET_ID),
+                    "-c",
+                    CONFIGURATION,
+                    "-f",
+                    str(fold),
+                    *TEACHER_BUDGET,
+                    "-device",
+                    self.device,
+                ]
+            )
         return seconds
 
     def student(self, row: Row) -> Row:
         from nnunet_distill.nnunet_env import nnunet_executable as exe
 
-        row.seconds = self.run([exe("nnUNetv2_distillation_train"), "-d", str(DATASET_ID), "-c", CONFIGURATION,
-                                "-f", "0", "-tf", *map(str, TEACHER_FOLDS), "-r", str(row.r), *STUDENT_BUDGET,
-                                *METHOD, *row.flags, "-d_device", self.device])
-        summary = (self.ws.results / self.dataset / f"nnUNetDistillationTrainer__nnUNetPlans_r{row.r}__{CONFIGURATION}"
-                   / "fold_0" / "validation" / "distillation_summary.json")
+        row.seconds = self.run(
+            [
+                exe("nnUNetv2_distillation_train"),
+                "-d",
+                str(DATASET_ID),
+                "-c",
+                CONFIGURATION,
+                "-f",
+                "0",
+                "-tf",
+                *map(str, TEACHER_FOLDS),
+                "-r",
+                str(row.r),
+                *STUDENT_BUDGET,
+                *METHOD,
+                *row.flags,
+                "-d_device",
+                self.device,
+            ]
+        )
+        summary = (
+            self.ws.results
+            / self.dataset
+            / f"nnUNetDistillationTrainer__nnUNetPlans_r{row.r}__{CONFIGURATION}"
+            / "fold_0"
+            / "validation"
+            / "distillation_summary.json"
+        )
         row.summary = json.loads(summary.read_text())
         return row
 
@@ -154,15 +235,30 @@ def table(rows: list[Row]) -> tuple[str, dict]:
     ensemble = first.get("teacher_ensemble") or {}
     labels = list(ensemble.get("dice") or {})
     header = ["model", *labels, "mean", "retention", "worst label", "params", "train s"]
-    lines = [[f"teacher ensemble (folds {', '.join(map(str, ensemble.get('folds', [])))})",
-              *(_f(ensemble["dice"].get(k)) for k in labels), _f(ensemble.get("mean_dice")), "1.000", "",
-              f"{(ensemble.get('parameters_per_fold') or 0) * len(ensemble.get('folds', [])):,}", ""]]
+    lines = [
+        [
+            f"teacher ensemble (folds {', '.join(map(str, ensemble.get('folds', [])))})",
+            *(_f(ensemble["dice"].get(k)) for k in labels),
+            _f(ensemble.get("mean_dice")),
+            "1.000",
+            "",
+            f"{(ensemble.get('parameters_per_fold') or 0) * len(ensemble.get('folds', [])):,}",
+            "",
+        ]
+    ]
     for row in rows:
         ret = row.retention
-        lines.append([row.title, *(_f(row.dice.get(k)) for k in labels),
-                      _f((row.summary.get("student") or {}).get("mean_dice")), _f(ret.get("mean")),
-                      f"{ret.get('worst_label')} {_f(ret.get('worst'))}" if ret else "n/a",
-                      f"{(row.summary.get('student') or {}).get('parameters') or 0:,}", f"{row.seconds:.0f}"])
+        lines.append(
+            [
+                row.title,
+                *(_f(row.dice.get(k)) for k in labels),
+                _f((row.summary.get("student") or {}).get("mean_dice")),
+                _f(ret.get("mean")),
+                f"{ret.get('worst_label')} {_f(ret.get('worst'))}" if ret else "n/a",
+                f"{(row.summary.get('student') or {}).get('parameters') or 0:,}",
+                f"{row.seconds:.0f}",
+            ]
+        )
     widths = [max(len(str(r[i])) for r in [header, *lines]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     text = [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in lines)]
@@ -179,28 +275,42 @@ def table(rows: list[Row]) -> tuple[str, dict]:
         "r2_retention": (r2, r2 is not None and r2 >= GOALS["r2_retention"], f">= {GOALS['r2_retention']}"),
         "r4_retention": (r4, r4 is not None and r4 >= GOALS["r4_retention"], f">= {GOALS['r4_retention']}"),
         "kd_minus_no_kd": (kd_gain, kd_gain is not None and kd_gain > GOALS["kd_minus_no_kd"], "> 0"),
-        "min_label_retention": (min(worst) if worst else None,
-                                bool(worst) and min(worst) >= GOALS["min_label_retention"],
-                                f">= {GOALS['min_label_retention']} (r=2 and r=4 KD students)"),
+        "min_label_retention": (
+            min(worst) if worst else None,
+            bool(worst) and min(worst) >= GOALS["min_label_retention"],
+            f">= {GOALS['min_label_retention']} (r=2 and r=4 KD students)",
+        ),
     }
     text.append("")
     text.append("goal                     measured   goal")
     for name, (value, ok, goal) in checks.items():
-        text.append(f"{name:<24} {_f(value, '+.4f') if name == 'kd_minus_no_kd' else _f(value, '.4f'):>9}   "
-                    f"{goal}  {'MET' if ok else 'NOT MET'}")
+        text.append(
+            f"{name:<24} {_f(value, '+.4f') if name == 'kd_minus_no_kd' else _f(value, '.4f'):>9}   "
+            f"{goal}  {'MET' if ok else 'NOT MET'}"
+        )
     cases = first.get("cases") or {}
     text.append("")
-    text.append(f"cases: {cases.get('count')} held-out {cases.get('source')} cases ({', '.join(cases.get('ids', []))}),"
-                f" mirroring TTA {'on' if cases.get('mirroring_tta') else 'off'}; every student: fold 0, "
-                f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(TEACHER_BUDGET[:4])}")
+    text.append(
+        f"cases: {cases.get('count')} held-out {cases.get('source')} cases ({', '.join(cases.get('ids', []))}),"
+        f" mirroring TTA {'on' if cases.get('mirroring_tta') else 'off'}; every student: fold 0, "
+        f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(TEACHER_BUDGET[:4])}"
+    )
     return "\n".join(text), {k: {"measured": v, "met": ok, "goal": g} for k, (v, ok, g) in checks.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)")
-    parser.add_argument("--ablation", action="store_true", help="also train the ablation students (more time)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the JSON ({DEFAULT_JSON})")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_quality", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--ablation", action="store_true", help="also train the ablation students (more time)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, help=f"where to write the JSON ({DEFAULT_JSON})"
+    )
     args = parser.parse_args(argv if argv is not None else [])
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-quality-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -208,25 +318,42 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         bench = QualityBench(root, device)
-        print(f"bench quality: {DATASET_NAME} ({CASES} training + {TEST_CASES} held-out cases of "
-              f"{'x'.join(SIZE)}), teachers folds {list(TEACHER_FOLDS)}, device {device}", flush=True)
+        print(
+            f"bench quality: {DATASET_NAME} ({CASES} training + {TEST_CASES} held-out cases of "
+            f"{'x'.join(SIZE)}), teachers folds {list(TEACHER_FOLDS)}, device {device}",
+            flush=True,
+        )
         teacher_seconds = bench.build_teachers()
         print(f"  teachers trained in {teacher_seconds:.0f} s", flush=True)
         rows = []
         for row in [*ROWS, *(ABLATION if args.ablation else [])]:
             rows.append(bench.student(row))
-            print(f"  {row.title}: retention {_f(row.retention.get('mean'))} in {row.seconds:.0f} s", flush=True)
+            print(
+                f"  {row.title}: retention {_f(row.retention.get('mean'))} in {row.seconds:.0f} s", flush=True
+            )
         text, checks = table(rows)
         print()
         print(text)
         machine = f"{_cpu_model()}, {os.cpu_count()} CPUs" + (f", {device}" if device != "cpu" else "")
         result = {
-            "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine, "device": device,
-            "seconds": round(time.perf_counter() - started), "teacher_seconds": round(teacher_seconds),
-            "teacher_budget": list(TEACHER_BUDGET), "student_budget": list(STUDENT_BUDGET),
-            "goals": checks, "table": text,
-            "rows": {r.key: {"title": r.title, "flags": list(r.flags), "seconds": round(r.seconds),
-                             "summary": r.summary} for r in rows},
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "machine": machine,
+            "device": device,
+            "seconds": round(time.perf_counter() - started),
+            "teacher_seconds": round(teacher_seconds),
+            "teacher_budget": list(TEACHER_BUDGET),
+            "student_budget": list(STUDENT_BUDGET),
+            "goals": checks,
+            "table": text,
+            "rows": {
+                r.key: {
+                    "title": r.title,
+                    "flags": list(r.flags),
+                    "seconds": round(r.seconds),
+                    "summary": r.summary,
+                }
+                for r in rows
+            },
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

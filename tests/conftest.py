@@ -38,9 +38,11 @@ TEACHER_PLANS = "nnUNetPlans"
 TEACHER_FOLDS = (0, 1)
 TEACHER_BUDGET = ("-e", "2", "--iterations_per_epoch", "4", "--val_iterations", "2")
 RESENC_PLANS = ("nnUNetResEncUNetMPlans", "nnUNetResEncUNetLPlans", "nnUNetResEncUNetXLPlans")
-RESENC_PLANNERS = {"nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
-                   "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
-                   "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL"}
+RESENC_PLANNERS = {
+    "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
+    "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
+    "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
+}
 RESENC_CPU_BATCH = 2
 LARGE_ID = 902
 LARGE_NAME = "Large"
@@ -154,11 +156,25 @@ def nnunet(command: str, *args: str) -> list[str]:
     return [nnunet_executable(command), *args]
 
 
-def train_teacher_argv(dataset: NnUNetDataset, fold: int, plans: str = TEACHER_PLANS,
-                       trainer: str = TEACHER_TRAINER) -> list[str]:
-    return python_module("nnunet_distill.cli.train_teacher", "-d", str(dataset.dataset_id), "-c",
-                         dataset.configuration, "-f", str(fold), "-tr", trainer, "-p", plans, *TEACHER_BUDGET,
-                         "-device", "cpu")
+def train_teacher_argv(
+    dataset: NnUNetDataset, fold: int, plans: str = TEACHER_PLANS, trainer: str = TEACHER_TRAINER
+) -> list[str]:
+    return python_module(
+        "nnunet_distill.cli.train_teacher",
+        "-d",
+        str(dataset.dataset_id),
+        "-c",
+        dataset.configuration,
+        "-f",
+        str(fold),
+        "-tr",
+        trainer,
+        "-p",
+        plans,
+        *TEACHER_BUDGET,
+        "-device",
+        "cpu",
+    )
 
 
 def _new_dataset(tmp_path_factory, dataset_id: int, name: str, *synthetic_args: str) -> NnUNetDataset:
@@ -166,10 +182,16 @@ def _new_dataset(tmp_path_factory, dataset_id: int, name: str, *synthetic_args: 
 
     root = tmp_path_factory.mktemp(f"nnunet{dataset_id}")
     Workspace(root).create()
-    dataset = NnUNetDataset(root=root, dataset_id=dataset_id, dataset_name=f"Dataset{dataset_id:03d}_{name}",
-                            configuration=CONFIGURATION, log=root / "fixtures.log")
-    dataset.run(python_module("nnunet_distill.cli.synthetic", "-d", str(dataset_id), "--name", name,
-                              *synthetic_args))
+    dataset = NnUNetDataset(
+        root=root,
+        dataset_id=dataset_id,
+        dataset_name=f"Dataset{dataset_id:03d}_{name}",
+        configuration=CONFIGURATION,
+        log=root / "fixtures.log",
+    )
+    dataset.run(
+        python_module("nnunet_distill.cli.synthetic", "-d", str(dataset_id), "--name", name, *synthetic_args)
+    )
     return dataset
 
 
@@ -177,8 +199,21 @@ def _new_dataset(tmp_path_factory, dataset_id: int, name: str, *synthetic_args: 
 def nnunet_dataset(tmp_path_factory) -> NnUNetDataset:
     """Dataset901_Synth: 16 training + 4 test cases of 48^3, planned and preprocessed for 3d_fullres."""
     dataset = _new_dataset(tmp_path_factory, DATASET_ID, DATASET_NAME)
-    dataset.run(nnunet("nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIGURATION,
-                       "--verify_dataset_integrity", "-npfp", "2", "-np", "2"), planning=True)
+    dataset.run(
+        nnunet(
+            "nnUNetv2_plan_and_preprocess",
+            "-d",
+            str(DATASET_ID),
+            "-c",
+            CONFIGURATION,
+            "--verify_dataset_integrity",
+            "-npfp",
+            "2",
+            "-np",
+            "2",
+        ),
+        planning=True,
+    )
     return dataset
 
 
@@ -201,8 +236,10 @@ def resenc_plans(nnunet_dataset) -> dict[str, dict]:
     for identifier in RESENC_PLANS:
         path = nnunet_dataset.preprocessed_dataset / f"{identifier}.json"
         if not path.exists():
-            nnunet_dataset.run(nnunet("nnUNetv2_plan_experiment", "-d", str(DATASET_ID), "-pl",
-                                      RESENC_PLANNERS[identifier]), planning=True)
+            nnunet_dataset.run(
+                nnunet("nnUNetv2_plan_experiment", "-d", str(DATASET_ID), "-pl", RESENC_PLANNERS[identifier]),
+                planning=True,
+            )
             plans = json.loads(path.read_text())
             plans["configurations"][CONFIGURATION]["batch_size"] = RESENC_CPU_BATCH
             path.write_text(json.dumps(plans, indent=4))
@@ -220,11 +257,15 @@ def resenc_teachers(nnunet_dataset, resenc_plans) -> Teachers:
 @pytest.fixture(scope="session")
 def realistic_plans(tmp_path_factory) -> RealisticPlans:
     """Dataset902_Large (2 cases of 192^3): fingerprint, then nnUNetPlans and ResEnc M plans (no training)."""
-    dataset = _new_dataset(tmp_path_factory, LARGE_ID, LARGE_NAME, "--cases", "2", "--test-cases", "0",
-                           "--size", *LARGE_SIZE)
+    dataset = _new_dataset(
+        tmp_path_factory, LARGE_ID, LARGE_NAME, "--cases", "2", "--test-cases", "0", "--size", *LARGE_SIZE
+    )
     dataset.run(nnunet("nnUNetv2_extract_fingerprint", "-d", str(LARGE_ID), "-np", "2"), planning=True)
     dataset.run(nnunet("nnUNetv2_plan_experiment", "-d", str(LARGE_ID)), planning=True)
-    dataset.run(nnunet("nnUNetv2_plan_experiment", "-d", str(LARGE_ID), "-pl", "nnUNetPlannerResEncM"),
-                planning=True)
-    return RealisticPlans(dataset, {identifier: dataset.plans(identifier)
-                                    for identifier in (TEACHER_PLANS, "nnUNetResEncUNetMPlans")})
+    dataset.run(
+        nnunet("nnUNetv2_plan_experiment", "-d", str(LARGE_ID), "-pl", "nnUNetPlannerResEncM"), planning=True
+    )
+    return RealisticPlans(
+        dataset,
+        {identifier: dataset.plans(identifier) for identifier in (TEACHER_PLANS, "nnUNetResEncUNetMPlans")},
+    )

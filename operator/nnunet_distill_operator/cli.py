@@ -103,19 +103,29 @@ def detect_device(choice: str) -> str:
 
 
 def _add_local_dirs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="folder holding nnUNet_raw, nnUNet_preprocessed, nnUNet_results "
-                                      "(default: the $nnUNet_* env vars)")
+    p.add_argument(
+        "--data-dir",
+        help="folder holding nnUNet_raw, nnUNet_preprocessed, nnUNet_results "
+        "(default: the $nnUNet_* env vars)",
+    )
     p.add_argument("--raw", help="nnUNet_raw folder (overrides --data-dir / $nnUNet_raw)")
     p.add_argument("--preprocessed", help="nnUNet_preprocessed folder")
     p.add_argument("--results", help="nnUNet_results folder")
     p.add_argument("--workdir", help="logs, status and export scratch (default ./nnunet-distill-runs/NAME)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="device for training stages (default: cuda if nvidia-smi finds a GPU, else cpu)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="device for training stages (default: cuda if nvidia-smi finds a GPU, else cpu)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Distill nnU-Net teacher ensembles into small ONNX "
-                                     "students: run DistillationJobs locally, plan them, generate the CRD.")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Distill nnU-Net teacher ensembles into small ONNX "
+        "students: run DistillationJobs locally, plan them, generate the CRD.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a DistillationJob YAML (locally with --local)")
@@ -130,8 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_local_dirs(plan)
 
     crds = sub.add_parser("crds", help="print the CustomResourceDefinition, or --write it to the repository")
-    crds.add_argument("--write", action="store_true",
-                      help="write crds/ and charts/nnunet-distill-operator/files/crds/ under --root")
+    crds.add_argument(
+        "--write",
+        action="store_true",
+        help="write crds/ and charts/nnunet-distill-operator/files/crds/ under --root",
+    )
     crds.add_argument("--root", default=".", help="repository root (default .)")
 
     demo = sub.add_parser("demo", help="synthetic data -> teachers -> student -> ONNX -> package, in minutes")
@@ -172,14 +185,21 @@ def _local_paths(args: argparse.Namespace, name: str) -> Any:
 
     workdir = args.workdir or str(Path("nnunet-distill-runs") / name)
     try:
-        return local.local_paths(data_dir=args.data_dir, raw=args.raw, preprocessed=args.preprocessed,
-                                 results=args.results, workdir=workdir, env=os.environ)
+        return local.local_paths(
+            data_dir=args.data_dir,
+            raw=args.raw,
+            preprocessed=args.preprocessed,
+            results=args.results,
+            workdir=workdir,
+            env=os.environ,
+        )
     except ValueError as exc:
         raise CliError(str(exc)) from None
 
 
-def _run_local(name: str, spec: Any, paths: Any, device: str, extra_first: list[Any] | None = None
-               ) -> dict[str, Any]:
+def _run_local(
+    name: str, spec: Any, paths: Any, device: str, extra_first: list[Any] | None = None
+) -> dict[str, Any]:
     import signal
 
     from nnunet_distill_operator import local, plan
@@ -201,16 +221,21 @@ def _run_local(name: str, spec: Any, paths: Any, device: str, extra_first: list[
         raise CliError(first, code=1) from None
     except KeyboardInterrupt:
         runner.interrupt()
-        raise CliError("interrupted; rerun the same command to continue (finished stages are skipped "
-                       "where their outputs exist)", code=130) from None
+        raise CliError(
+            "interrupted; rerun the same command to continue (finished stages are skipped "
+            "where their outputs exist)",
+            code=130,
+        ) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
-        raise CliError("only local runs are started from the command line: add --local, or submit the job to "
-                       "Kubernetes with `kubectl apply -f " + args.job + "`")
+        raise CliError(
+            "only local runs are started from the command line: add --local, or submit the job to "
+            "Kubernetes with `kubectl apply -f " + args.job + "`"
+        )
     name, spec = parse_job(args.job)
     paths = _local_paths(args, name)
     device = detect_device(args.device)
@@ -235,8 +260,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     job = args.job or str(demo.DEMO_JOB)
     name, spec = parse_job(job)
-    return demo.run_demo(name, spec, workdir=Path(args.workdir), clean=args.clean,
-                         device=detect_device(args.device), run_local=_run_local)
+    return demo.run_demo(
+        name,
+        spec,
+        workdir=Path(args.workdir),
+        clean=args.clean,
+        device=detect_device(args.device),
+        run_local=_run_local,
+    )
 
 
 def dispatch_trainer(command: str, argv: list[str]) -> int:
@@ -245,10 +276,15 @@ def dispatch_trainer(command: str, argv: list[str]) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")
-                         or exc.name in ("torch", "nnunetv2")):
-            raise CliError(f"`{PROG} {command}` needs the trainer: pip install 'nnunet-distill[trainer]' "
-                           f"({exc.name} is not installed)") from None
+        if exc.name and (
+            exc.name == module_name
+            or module_name.startswith(exc.name + ".")
+            or exc.name in ("torch", "nnunetv2")
+        ):
+            raise CliError(
+                f"`{PROG} {command}` needs the trainer: pip install 'nnunet-distill[trainer]' "
+                f"({exc.name} is not installed)"
+            ) from None
         raise
     result = module.main(argv)
     return int(result or 0)
@@ -272,43 +308,78 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         _fail(f"{PROG} {args.command}", str(exc), exc.code)
     except ImportError as exc:
-        _fail(f"{PROG} {args.command}", f"needs the operator extra: pip install 'nnunet-distill[operator]' "
-                                         f"({exc.name or exc} is not installed)")
+        _fail(
+            f"{PROG} {args.command}",
+            f"needs the operator extra: pip install 'nnunet-distill[operator]' "
+            f"({exc.name or exc} is not installed)",
+        )
 
 
 # ------------------------------------------------------------------------------------------- operator
 
 
 def build_operator_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nnunet-distill-operator",
-                                description="The DistillationJob operator (kopf): one replica per cluster.")
+    p = argparse.ArgumentParser(
+        prog="nnunet-distill-operator",
+        description="The DistillationJob operator (kopf): one replica per cluster.",
+    )
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
-    scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
-                       help="watch this namespace (repeatable; globs like ml-* allowed)")
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable; globs like ml-* allowed)",
+    )
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG)")
     p.add_argument("--context", help="kubeconfig context")
-    p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus /metrics port; -1 disables "
-                                                                  "(default 9100)")
-    p.add_argument("--metrics-addr", default="0.0.0.0", help="address of the metrics server (default 0.0.0.0)")
-    p.add_argument("--liveness-port", type=int, default=8080,
-                   help="kopf liveness endpoint http://0.0.0.0:PORT/healthz; -1 disables (default 8080)")
+    p.add_argument(
+        "--metrics-port", type=int, default=9100, help="Prometheus /metrics port; -1 disables (default 9100)"
+    )
+    p.add_argument(
+        "--metrics-addr", default="0.0.0.0", help="address of the metrics server (default 0.0.0.0)"
+    )
+    p.add_argument(
+        "--liveness-port",
+        type=int,
+        default=8080,
+        help="kopf liveness endpoint http://0.0.0.0:PORT/healthz; -1 disables (default 8080)",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     peering = p.add_mutually_exclusive_group()
-    peering.add_argument("--standalone", action="store_true",
-                         help="no peering (only when you are sure a single operator runs)")
-    peering.add_argument("--peering", metavar="NAME",
-                         help="kopf peering object name (requires kopf's peering CRDs); by default peering is "
-                              "used when the CRDs exist")
-    p.add_argument("--trainer-image", default=os.environ.get("NNUNET_DISTILL_TRAINER_IMAGE"),
-                   help="default trainer image (env NNUNET_DISTILL_TRAINER_IMAGE)")
-    p.add_argument("--trainer-image-pull-policy", choices=("Always", "IfNotPresent", "Never"),
-                   default=os.environ.get("NNUNET_DISTILL_TRAINER_IMAGE_PULL_POLICY") or None,
-                   help="default pull policy of stage pods (env NNUNET_DISTILL_TRAINER_IMAGE_PULL_POLICY)")
-    p.add_argument("--trainer-service-account", default=os.environ.get("NNUNET_DISTILL_TRAINER_SERVICE_ACCOUNT"),
-                   help="default service account of stage pods (env NNUNET_DISTILL_TRAINER_SERVICE_ACCOUNT)")
-    p.add_argument("--resync-seconds", type=float, default=60.0,
-                   help="seconds between level-triggered passes over all jobs (default 60)")
+    peering.add_argument(
+        "--standalone", action="store_true", help="no peering (only when you are sure a single operator runs)"
+    )
+    peering.add_argument(
+        "--peering",
+        metavar="NAME",
+        help="kopf peering object name (requires kopf's peering CRDs); by default peering is "
+        "used when the CRDs exist",
+    )
+    p.add_argument(
+        "--trainer-image",
+        default=os.environ.get("NNUNET_DISTILL_TRAINER_IMAGE"),
+        help="default trainer image (env NNUNET_DISTILL_TRAINER_IMAGE)",
+    )
+    p.add_argument(
+        "--trainer-image-pull-policy",
+        choices=("Always", "IfNotPresent", "Never"),
+        default=os.environ.get("NNUNET_DISTILL_TRAINER_IMAGE_PULL_POLICY") or None,
+        help="default pull policy of stage pods (env NNUNET_DISTILL_TRAINER_IMAGE_PULL_POLICY)",
+    )
+    p.add_argument(
+        "--trainer-service-account",
+        default=os.environ.get("NNUNET_DISTILL_TRAINER_SERVICE_ACCOUNT"),
+        help="default service account of stage pods (env NNUNET_DISTILL_TRAINER_SERVICE_ACCOUNT)",
+    )
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=60.0,
+        help="seconds between level-triggered passes over all jobs (default 60)",
+    )
     return p
 
 
@@ -323,23 +394,36 @@ def operator_main(argv: list[str] | None = None) -> int:
         _fail(prog, "--resync-seconds must be > 0")
     import logging
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s [%(name)s] %(message)s",
+    )
     try:
         from nnunet_distill_operator import controller, k8s
     except ImportError as exc:
         _fail(prog, f"needs the operator extra: pip install 'nnunet-distill[operator]' ({exc.name} missing)")
-    defaults = k8s.Defaults(image=args.trainer_image or k8s.Defaults.image,
-                            image_pull_policy=args.trainer_image_pull_policy,
-                            service_account=args.trainer_service_account)
+    defaults = k8s.Defaults(
+        image=args.trainer_image or k8s.Defaults.image,
+        image_pull_policy=args.trainer_image_pull_policy,
+        service_account=args.trainer_service_account,
+    )
     config = controller.OperatorConfig(
-        defaults=defaults, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        metrics_addr=args.metrics_addr, resync_seconds=args.resync_seconds, kubeconfig=args.kubeconfig,
-        context=args.context)
+        defaults=defaults,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_addr=args.metrics_addr,
+        resync_seconds=args.resync_seconds,
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+    )
     liveness = None if args.liveness_port < 0 else f"http://0.0.0.0:{args.liveness_port}/healthz"
-    controller.run(namespaces=list(args.namespace), all_namespaces=args.all_namespaces,
-                   standalone=True if args.standalone else None, peering_name=args.peering,
-                   liveness_endpoint=liveness, config=config)
+    controller.run(
+        namespaces=list(args.namespace),
+        all_namespaces=args.all_namespaces,
+        standalone=True if args.standalone else None,
+        peering_name=args.peering,
+        liveness_endpoint=liveness,
+        config=config,
+    )
     return 0
 
 

@@ -50,7 +50,7 @@ class OperatorConfig:
     metrics_port: int | None = None
     metrics_addr: str = "0.0.0.0"
     resync_seconds: float = 60.0
-    retry_seconds: float = 1.0          # first retry after a transient failure; doubles up to retry_max_seconds
+    retry_seconds: float = 1.0  # first retry after a transient failure; doubles up to retry_max_seconds
     retry_max_seconds: float = 300.0
     kubeconfig: str | None = None
     context: str | None = None
@@ -86,7 +86,9 @@ class Clients:
         try:
             config.load_incluster_config(client_configuration=cfg)
         except config.ConfigException:
-            path = kubeconfig or next((p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p), None)
+            path = kubeconfig or next(
+                (p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p), None
+            )
             config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
         self.api_client = client.ApiClient(cfg)
         self.api_client.user_agent = USER_AGENT  # audit logs (and the RBAC test) tell our calls apart
@@ -144,8 +146,11 @@ class State:
         """A transient failure's retry is not due yet, and the spec has not changed since (a changed spec may
         be the fix, so it is tried at once); the resync loop retries when the backoff has passed."""
         failure = self.failures.get(key)
-        return failure is not None and failure[1] > time.monotonic() \
+        return (
+            failure is not None
+            and failure[1] > time.monotonic()
             and self.failed_generation.get(key) == generation
+        )
 
 
 # --------------------------------------------------------------------------------------------- kopf
@@ -160,8 +165,15 @@ def login(**kwargs: Any) -> Any:
 
 
 @kopf.on.startup(registry=REGISTRY)
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
-                  distillationjobs_idx: Any, stage_jobs_idx: Any, stage_pods_idx: Any, **_: Any) -> None:
+async def startup(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    distillationjobs_idx: Any,
+    stage_jobs_idx: Any,
+    stage_pods_idx: Any,
+    **_: Any,
+) -> None:
     settings.posting.enabled = False  # Events are posted by us, with the client, from any thread
     settings.execution.max_workers = max(settings.execution.max_workers or 0, 8)
     state = State(clients=Clients(CONFIG.kubeconfig, CONFIG.context))
@@ -203,8 +215,9 @@ def distillationjobs_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -
     return {(namespace, name): _plain(body)}
 
 
-def _by_owning_job(namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str],
-                   body: kopf.Body) -> dict[Any, Any] | None:
+def _by_owning_job(
+    namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body
+) -> dict[Any, Any] | None:
     """Index entry keyed by the DistillationJob a stage Job/Pod belongs to (its annotation), with its stage."""
     owner = annotations.get(k8s.ANNOTATION_JOB_NAME)
     if not owner:
@@ -212,23 +225,32 @@ def _by_owning_job(namespace: str, annotations: Mapping[str, str], labels: Mappi
     return {(namespace, owner): (labels[k8s.LABEL_STAGE], _plain(body))}
 
 
-@kopf.index("batch", "v1", "jobs", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
-            registry=REGISTRY)
-def stage_jobs_idx(namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body,
-                   **_: Any) -> dict[Any, Any] | None:
+@kopf.index(
+    "batch",
+    "v1",
+    "jobs",
+    labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
+    registry=REGISTRY,
+)
+def stage_jobs_idx(
+    namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[Any, Any] | None:
     return _by_owning_job(namespace, annotations, labels, body)
 
 
-@kopf.index("", "v1", "pods", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
-            registry=REGISTRY)
-def stage_pods_idx(namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body,
-                   **_: Any) -> dict[Any, Any] | None:
+@kopf.index(
+    "", "v1", "pods", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT}, registry=REGISTRY
+)
+def stage_pods_idx(
+    namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[Any, Any] | None:
     return _by_owning_job(namespace, annotations, labels, body)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=REGISTRY)
-def on_distillationjob(type: str | None, body: kopf.Body, namespace: str, name: str, uid: str, memo: kopf.Memo,
-                       **_: Any) -> None:
+def on_distillationjob(
+    type: str | None, body: kopf.Body, namespace: str, name: str, uid: str, memo: kopf.Memo, **_: Any
+) -> None:
     state: State = memo.state
     if type == "DELETED" or (body.get("metadata") or {}).get("deletionTimestamp"):
         _forget(state, namespace, name, uid)
@@ -297,7 +319,9 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
                 result = "backoff"
                 return None
             cr = _with_own_writes(state, body, key)
-            jobs = {stage: bodies[-1] for stage, bodies in _indexed(state.jobs_index, namespace, name).items()}
+            jobs = {
+                stage: bodies[-1] for stage, bodies in _indexed(state.jobs_index, namespace, name).items()
+            }
             pending = state.created.get(key, {})
             for stage in list(pending):
                 if stage in jobs:
@@ -307,11 +331,14 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
             pods = _indexed(state.pods_index, namespace, name)
             now = datetime.now(UTC)
             generation = meta.get("generation")
-            invalid = {stage: why for stage, (gen, why) in state.invalid.get(key, {}).items() if gen == generation}
+            invalid = {
+                stage: why for stage, (gen, why) in state.invalid.get(key, {}).items() if gen == generation
+            }
 
             def decide_now() -> Decision:
-                return decide(cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected.get(key),
-                              invalid=invalid)
+                return decide(
+                    cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected.get(key), invalid=invalid
+                )
 
             decision = decide_now()
             try:
@@ -333,11 +360,19 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
                 decision = decide_now()
                 _apply(state, cr, _without_creations(decision), key)
                 delay = state.failed(key, exc.message, generation)
-                log.info("Job for stage %s of %s/%s refused; retrying in %.1fs", exc.stage, namespace, name, delay)
+                log.info(
+                    "Job for stage %s of %s/%s refused; retrying in %.1fs", exc.stage, namespace, name, delay
+                )
                 result = "rejected"
                 return decision
             state.succeeded(key)
-            if decision.create or decision.status_patch or decision.suspend or decision.resume or decision.release:
+            if (
+                decision.create
+                or decision.status_patch
+                or decision.suspend
+                or decision.resume
+                or decision.release
+            ):
                 result = "changed"
             return decision
     except Exception as exc:  # API errors, timeouts: retried with backoff, never dropped
@@ -353,8 +388,12 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
 
 def _without_creations(decision: Decision) -> Decision:
     """The decision minus the Job it could not create (and the StageStarted Event that would report it)."""
-    return dataclasses.replace(decision, create=(), identity=(),
-                               events=tuple(e for e in decision.events if e.reason != "StageStarted"))
+    return dataclasses.replace(
+        decision,
+        create=(),
+        identity=(),
+        events=tuple(e for e in decision.events if e.reason != "StageStarted"),
+    )
 
 
 def _with_own_writes(state: State, body: dict[str, Any], key: tuple[str, str, str]) -> dict[str, Any]:
@@ -416,9 +455,11 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
             status_patch = {"status": rest} if rest else None
     # 2. The pods' identity before the Job that uses it (409: it exists already, e.g. from an earlier stage).
     for obj in decision.identity:
-        create = {"ServiceAccount": c.core.create_namespaced_service_account,
-                  "Role": c.rbac.create_namespaced_role,
-                  "RoleBinding": c.rbac.create_namespaced_role_binding}[obj["kind"]]
+        create = {
+            "ServiceAccount": c.core.create_namespaced_service_account,
+            "Role": c.rbac.create_namespaced_role,
+            "RoleBinding": c.rbac.create_namespaced_role_binding,
+        }[obj["kind"]]
         try:
             create(namespace, obj)
         except c.ApiException as exc:
@@ -435,7 +476,9 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
                 raise JobRejected(stage, _api_message(exc)) from None
             if exc.status != 409:
                 raise
-            log.info("Job %s already exists (created concurrently); adopting it", manifest["metadata"]["name"])
+            log.info(
+                "Job %s already exists (created concurrently); adopting it", manifest["metadata"]["name"]
+            )
             created_body = manifest
         except (ValueError, TypeError) as exc:  # the client's models refused the body (pydantic)
             raise JobInvalid(stage, k8s.build_error_fields(exc, stage)) from None
@@ -449,19 +492,32 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
         state.created.setdefault(key, {})[stage] = created_body
         state.rejected.get(key, {}).pop(stage, None)
     for job in decision.suspend:
-        c.batch.patch_namespaced_job(job, namespace, {
-            "spec": {"suspend": True},
-            "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}}},
-            _content_type="application/merge-patch+json")
+        c.batch.patch_namespaced_job(
+            job,
+            namespace,
+            {
+                "spec": {"suspend": True},
+                "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}},
+            },
+            _content_type="application/merge-patch+json",
+        )
     for job in decision.release:  # back to Kueue: only our mark goes, spec.suspend stays as it is
-        c.batch.patch_namespaced_job(job, namespace, {
-            "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
-            _content_type="application/merge-patch+json")
+        c.batch.patch_namespaced_job(
+            job,
+            namespace,
+            {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
+            _content_type="application/merge-patch+json",
+        )
     for job in decision.resume:
-        c.batch.patch_namespaced_job(job, namespace, {
-            "spec": {"suspend": False},
-            "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
-            _content_type="application/merge-patch+json")
+        c.batch.patch_namespaced_job(
+            job,
+            namespace,
+            {
+                "spec": {"suspend": False},
+                "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}},
+            },
+            _content_type="application/merge-patch+json",
+        )
     # 3. Events before the status that records the transition: if we die in between, the next pass derives
     #    the same transition again and re-posts under the same (deterministic) name: never lost, never twice.
     for event in decision.events:
@@ -470,8 +526,9 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
         if not _patch_status(state, key, status_patch):
             return
     elif key not in state.owned_status:
-        state.owned_status[key] = {f: copy.deepcopy(v) for f, v in (cr.get("status") or {}).items()
-                                   if f in OWNED_STATUS_FIELDS}
+        state.owned_status[key] = {
+            f: copy.deepcopy(v) for f, v in (cr.get("status") or {}).items() if f in OWNED_STATUS_FIELDS
+        }
     for stage, result_, seconds in decision.finished_stages:
         metrics.STAGE_DURATION.labels(stage, result_).observe(seconds)
     merged_status = {**(cr.get("status") or {}), **decision.status}
@@ -479,8 +536,9 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
     if decision.delete:
         log.info("deleting DistillationJob %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
         try:
-            c.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name,
-                                                     propagation_policy="Background")
+            c.custom.delete_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, propagation_policy="Background"
+            )
         except c.ApiException as exc:
             if exc.status != 404:
                 raise
@@ -494,8 +552,14 @@ def _patch_status(state: State, key: tuple[str, str, str], patch: dict[str, Any]
     namespace, name, _uid = key
     try:
         result = c.custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, patch,
-            _content_type="application/merge-patch+json")
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            name,
+            patch,
+            _content_type="application/merge-patch+json",
+        )
     except c.ApiException as exc:
         if exc.status == 404:
             state.deleted.add(key)
@@ -516,10 +580,17 @@ def _post_event(state: State, cr: Mapping[str, Any], event: Event) -> None:
     body = {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": event_name(meta.get("name", ""), meta.get("uid", ""), event),
-                     "namespace": meta.get("namespace")},
-        "involvedObject": {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta.get("name"),
-                           "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+        "metadata": {
+            "name": event_name(meta.get("name", ""), meta.get("uid", ""), event),
+            "namespace": meta.get("namespace"),
+        },
+        "involvedObject": {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+        },
         "reason": reason,
         "message": message[:1024],
         "type": type_,
@@ -530,8 +601,9 @@ def _post_event(state: State, cr: Mapping[str, Any], event: Event) -> None:
         "lastTimestamp": now,
         "count": 1,
     }
-    (log.warning if type_ == "Warning" else log.info)("%s/%s: %s: %s", meta.get("namespace"), meta.get("name"),
-                                                      reason, message)
+    (log.warning if type_ == "Warning" else log.info)(
+        "%s/%s: %s: %s", meta.get("namespace"), meta.get("name"), reason, message
+    )
     try:
         state.clients.core.create_namespaced_event(meta.get("namespace"), body)
     except state.clients.ApiException as exc:
@@ -564,7 +636,9 @@ async def _resync_forever(state: State) -> None:
                 continue
             items = list(state.djs_index.get(key, ()))
             if items:
-                await loop.run_in_executor(None, reconcile_one, state, items[-1], "resync" if full else "retry")
+                await loop.run_in_executor(
+                    None, reconcile_one, state, items[-1], "resync" if full else "retry"
+                )
         wake_at = min([next_full] + [at for (_c, at, _w) in list(state.failures.values())])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.wakeup.wait(), max(0.0, wake_at - time.monotonic()))
@@ -579,8 +653,15 @@ def operator_settings(namespaces: list[str]) -> kopf.OperatorSettings:
     return settings
 
 
-def run(*, namespaces: list[str], all_namespaces: bool, standalone: bool | None, peering_name: str | None,
-        liveness_endpoint: str | None, config: OperatorConfig) -> None:
+def run(
+    *,
+    namespaces: list[str],
+    all_namespaces: bool,
+    standalone: bool | None,
+    peering_name: str | None,
+    liveness_endpoint: str | None,
+    config: OperatorConfig,
+) -> None:
     """Run the operator until SIGTERM (nnunet-distill-operator)."""
     configure(config)
     kopf.run(

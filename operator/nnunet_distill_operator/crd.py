@@ -24,12 +24,25 @@ CRD_TARGETS = ("crds", "charts/nnunet-distill-operator/files/crds")
 PRINTER_COLUMNS = (
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Job phase."},
     {"name": "Stage", "type": "string", "jsonPath": ".status.currentStage", "description": "Current stage."},
-    {"name": "Epoch", "type": "integer", "jsonPath": ".status.progress.epoch",
-     "description": "Epochs completed in the current training stage."},
-    {"name": "Dice", "type": "number", "jsonPath": ".status.progress.pseudoDice",
-     "description": "Latest pseudo Dice of the current training stage."},
-    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1,
-     "description": "Why the job failed or stalled."},
+    {
+        "name": "Epoch",
+        "type": "integer",
+        "jsonPath": ".status.progress.epoch",
+        "description": "Epochs completed in the current training stage.",
+    },
+    {
+        "name": "Dice",
+        "type": "number",
+        "jsonPath": ".status.progress.pseudoDice",
+        "description": "Latest pseudo Dice of the current training stage.",
+    },
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "priority": 1,
+        "description": "Why the job failed or stalled.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 )
 
@@ -141,7 +154,7 @@ def openapi_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "description": "A DistillationJob distills an nnU-Net teacher ensemble into one small student, "
-                       "exports it to ONNX and publishes it.",
+        "exports it to ONNX and publishes it.",
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string", "description": "distillation.nnunet.io/v1alpha1"},
@@ -159,8 +172,10 @@ def build_crd() -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": CRD_NAME,
-            "labels": {"app.kubernetes.io/name": "nnunet-distill-operator",
-                       "app.kubernetes.io/part-of": "nnunet-distill"},
+            "labels": {
+                "app.kubernetes.io/name": "nnunet-distill-operator",
+                "app.kubernetes.io/part-of": "nnunet-distill",
+            },
         },
         "spec": {
             "group": api.GROUP,
@@ -173,14 +188,16 @@ def build_crd() -> dict[str, Any]:
                 "shortNames": list(api.SHORT_NAMES),
                 "categories": list(api.CATEGORIES),
             },
-            "versions": [{
-                "name": api.VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": [dict(c) for c in PRINTER_COLUMNS],
-                "schema": {"openAPIV3Schema": openapi_schema()},
-            }],
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [dict(c) for c in PRINTER_COLUMNS],
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
         },
     }
 
@@ -211,8 +228,12 @@ def strict_schema(schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
     def visit(node: Any) -> None:
         if isinstance(node, dict):
-            if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields") \
-                    and "additionalProperties" not in node and node is not schema["properties"].get("metadata"):
+            if (
+                "properties" in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+                and "additionalProperties" not in node
+                and node is not schema["properties"].get("metadata")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 visit(value)

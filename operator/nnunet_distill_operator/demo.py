@@ -33,29 +33,51 @@ DEMO_DATASET_NAME = "DemoOrgan"
 CPU_FRIENDLY_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
 #: An organ, a small lesion in it and a thin vessel (32^3 voxels): small enough to train well on 2 CPU cores in
 #: minutes, with the two kinds of structure a thinner student loses first. 6 labelled held-out test cases.
-SYNTHETIC_ARGS = ("--layout", "organ", "--cases", "16", "--test-cases", "6", "--size", "32", "32", "32",
-                  "--seed", "0")
+SYNTHETIC_ARGS = (
+    "--layout",
+    "organ",
+    "--cases",
+    "16",
+    "--test-cases",
+    "6",
+    "--size",
+    "32",
+    "32",
+    "32",
+    "--seed",
+    "0",
+)
 FIGURE_NAME = "demo.png"
 
 
 def synthetic_stage(spec: api.DistillationJobSpec, paths: DataPaths) -> Stage:
     d = spec.dataset.id
     argv = ("nnunet-distill", "synthetic", "-d", str(d), "--name", DEMO_DATASET_NAME, *SYNTHETIC_ARGS)
-    return Stage(name="synthetic", description=f"write the synthetic Dataset{d:03d}_{DEMO_DATASET_NAME}",
-                 commands=(Command("synthetic", argv),), resources=StageResources(0, "1", "1Gi", 0),
-                 done_when_exists=(f"{paths.raw}/Dataset{d:03d}_*/dataset.json",))
+    return Stage(
+        name="synthetic",
+        description=f"write the synthetic Dataset{d:03d}_{DEMO_DATASET_NAME}",
+        commands=(Command("synthetic", argv),),
+        resources=StageResources(0, "1", "1Gi", 0),
+        done_when_exists=(f"{paths.raw}/Dataset{d:03d}_*/dataset.json",),
+    )
 
 
 def demo_paths(workdir: Path) -> DataPaths:
     data = workdir.resolve() / "data"
-    return DataPaths(str(data / "nnUNet_raw"), str(data / "nnUNet_preprocessed"), str(data / "nnUNet_results"),
-                     str(workdir.resolve() / "run"))
+    return DataPaths(
+        str(data / "nnUNet_raw"),
+        str(data / "nnUNet_preprocessed"),
+        str(data / "nnUNet_results"),
+        str(workdir.resolve() / "run"),
+    )
 
 
 def summary_path(spec: api.DistillationJobSpec, paths: DataPaths) -> Path | None:
     """The student's distillation_summary.json (the distill stage's held-out evaluation), if it exists."""
-    pattern = (f"{paths.results}/Dataset{spec.dataset.id:03d}_*/{student_model_folder(spec)}/"
-               f"fold_{spec.distillation.fold}/validation/distillation_summary.json")
+    pattern = (
+        f"{paths.results}/Dataset{spec.dataset.id:03d}_*/{student_model_folder(spec)}/"
+        f"fold_{spec.distillation.fold}/validation/distillation_summary.json"
+    )
     found = sorted(glob.glob(pattern))
     return Path(found[0]) if found else None
 
@@ -64,7 +86,9 @@ def teacher_checkpoints(spec: api.DistillationJobSpec, paths: DataPaths) -> list
     folds = spec.teacher_folds or ()
     base = f"{paths.results}/Dataset{spec.dataset.id:03d}_*/{teacher_model_folder(spec)}"
     found = sorted(glob.glob(f"{base}/fold_*/checkpoint_final.pth"))
-    return [f for f in found if not folds or any(f.endswith(f"/fold_{k}/checkpoint_final.pth") for k in folds)]
+    return [
+        f for f in found if not folds or any(f.endswith(f"/fold_{k}/checkpoint_final.pth") for k in folds)
+    ]
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -77,8 +101,9 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def summary_rows(spec: api.DistillationJobSpec, paths: DataPaths, status: dict[str, Any]
-                 ) -> list[tuple[str, str, str]]:
+def summary_rows(
+    spec: api.DistillationJobSpec, paths: DataPaths, status: dict[str, Any]
+) -> list[tuple[str, str, str]]:
     """(what, teachers, student) rows for the final table, from the held-out evaluation and the run's status."""
     path = summary_path(spec, paths)
     summary = json.loads(path.read_text()) if path is not None else {}
@@ -88,8 +113,13 @@ def summary_rows(spec: api.DistillationJobSpec, paths: DataPaths, status: dict[s
     cases = summary.get("cases") or {}
     rows: list[tuple[str, str, str]] = []
     if summary.get("evaluation") == "test_set":
-        rows.append(("held-out cases", f"{cases.get('count')} of {cases.get('source')} (no model trained on them)",
-                     f"mirroring TTA {'on' if cases.get('mirroring_tta') else 'off'}"))
+        rows.append(
+            (
+                "held-out cases",
+                f"{cases.get('count')} of {cases.get('source')} (no model trained on them)",
+                f"mirroring TTA {'on' if cases.get('mirroring_tta') else 'off'}",
+            )
+        )
     elif summary:
         rows.append(("evaluated on", str(summary.get("note")), ""))
     per_ret = ret.get("per_label") or {}
@@ -98,9 +128,15 @@ def summary_rows(spec: api.DistillationJobSpec, paths: DataPaths, status: dict[s
         r = per_ret.get(name)
         rows.append((f"Dice {name}", _fmt(t_dice), _fmt(s_dice) + (f"  (retention {r:.1%})" if r else "")))
     rows.append(("Dice mean", _fmt(teacher.get("mean_dice")), _fmt(student.get("mean_dice"))))
-    rows.append(("retention (mean / worst label)", "",
-                 f"{ret['mean']:.1%} / {ret.get('worst_label')} {ret['worst']:.1%}" if ret else
-                 "n/a (no honest baseline)"))
+    rows.append(
+        (
+            "retention (mean / worst label)",
+            "",
+            f"{ret['mean']:.1%} / {ret.get('worst_label')} {ret['worst']:.1%}"
+            if ret
+            else "n/a (no honest baseline)",
+        )
+    )
     gate = next((c for c in status.get("conditions") or () if c.get("type") == "QualityGate"), None)
     if gate is not None:
         rows.append(("quality gate", "", f"{gate.get('reason')}"))
@@ -108,14 +144,25 @@ def summary_rows(spec: api.DistillationJobSpec, paths: DataPaths, status: dict[s
     folds = teacher.get("folds") or list(spec.teacher_folds or ())
     t_params = teacher.get("parameters_per_fold") or artifacts.get("teacherParameters")
     s_params = student.get("parameters") or artifacts.get("studentParameters")
-    rows.append(("parameters", f"{_fmt(t_params)} x {len(folds)} folds" if t_params else "n/a", _fmt(s_params)))
+    rows.append(
+        ("parameters", f"{_fmt(t_params)} x {len(folds)} folds" if t_params else "n/a", _fmt(s_params))
+    )
     inference = summary.get("inference") or {}
     if inference.get("speedup"):
-        rows.append((f"inference, {cases.get('count')} cases ({inference.get('device')})",
-                     f"{inference['teacher_ensemble_seconds']:.1f} s",
-                     f"{inference['student_seconds']:.1f} s  ({inference['speedup']:.1f}x faster)"))
-    rows.append(("model folder", teacher_model_folder(spec) + f" (folds {' '.join(map(str, folds)) or 'auto'})",
-                 student_model_folder(spec) + f" (fold {spec.distillation.fold})"))
+        rows.append(
+            (
+                f"inference, {cases.get('count')} cases ({inference.get('device')})",
+                f"{inference['teacher_ensemble_seconds']:.1f} s",
+                f"{inference['student_seconds']:.1f} s  ({inference['speedup']:.1f}x faster)",
+            )
+        )
+    rows.append(
+        (
+            "model folder",
+            teacher_model_folder(spec) + f" (folds {' '.join(map(str, folds)) or 'auto'})",
+            student_model_folder(spec) + f" (fold {spec.distillation.fold})",
+        )
+    )
     _, onnx_file, package_dir = export_paths(paths)
     onnx = artifacts.get("onnx") or onnx_file
     size = Path(onnx).stat().st_size if Path(onnx).is_file() else artifacts.get("sizeBytes")
@@ -131,6 +178,7 @@ def format_table(rows: list[tuple[str, str, str]]) -> str:
     header = ("", "teacher ensemble", "student")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     line = "+".join("-" * (w + 2) for w in widths)
+
     def row(cells: tuple[str, ...]) -> str:
         # one space of padding each side, so every "|" sits under a "+" of the rule lines
         return " " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " "
@@ -150,8 +198,16 @@ def draw_figure(spec: api.DistillationJobSpec, paths: DataPaths) -> Path | None:
     if path is None:
         return None
     out = Path(paths.work) / FIGURE_NAME
-    argv = [resolve_executable("nnunet-distill"), "figure", "--summary", str(path), "-o", str(out),
-            "--teacher-checkpoints", *teacher_checkpoints(spec, paths)]
+    argv = [
+        resolve_executable("nnunet-distill"),
+        "figure",
+        "--summary",
+        str(path),
+        "-o",
+        str(out),
+        "--teacher-checkpoints",
+        *teacher_checkpoints(spec, paths),
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"figure not drawn: {(done.stderr or done.stdout).strip()}")
@@ -159,8 +215,15 @@ def draw_figure(spec: api.DistillationJobSpec, paths: DataPaths) -> Path | None:
     return out
 
 
-def run_demo(name: str, spec: api.DistillationJobSpec, *, workdir: Path, clean: bool, device: str,
-             run_local: Callable[..., dict[str, Any]]) -> int:
+def run_demo(
+    name: str,
+    spec: api.DistillationJobSpec,
+    *,
+    workdir: Path,
+    clean: bool,
+    device: str,
+    run_local: Callable[..., dict[str, Any]],
+) -> int:
     if clean and workdir.exists():
         shutil.rmtree(workdir)
     for key, value in CPU_FRIENDLY_ENV.items():
@@ -171,8 +234,14 @@ def run_demo(name: str, spec: api.DistillationJobSpec, *, workdir: Path, clean: 
     status = run_local(name, spec, paths, device, extra_first=[synthetic_stage(spec, paths)])
     figure = draw_figure(spec, paths)
     print()
-    print(f"DistillationJob {name}: {status.get('phase')} in {time.perf_counter() - started:.0f} s"
-          + (f" ({status.get('reason')}: {status.get('message')})" if status.get("phase") != "Succeeded" else ""))
+    print(
+        f"DistillationJob {name}: {status.get('phase')} in {time.perf_counter() - started:.0f} s"
+        + (
+            f" ({status.get('reason')}: {status.get('message')})"
+            if status.get("phase") != "Succeeded"
+            else ""
+        )
+    )
     print(format_table(summary_rows(spec, paths, status)))
     if figure is not None:
         print(f"picture: {figure}")

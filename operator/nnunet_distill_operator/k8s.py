@@ -19,7 +19,7 @@ from nnunet_distill_operator import api
 from nnunet_distill_operator.plan import DataPaths, Stage
 
 LABEL_PREFIX = "distillation.nnunet.io"
-LABEL_JOB = f"{LABEL_PREFIX}/job"          # the DistillationJob's name (hashed when longer than a label value)
+LABEL_JOB = f"{LABEL_PREFIX}/job"  # the DistillationJob's name (hashed when longer than a label value)
 LABEL_STAGE = f"{LABEL_PREFIX}/stage"
 LABEL_JOB_UID = f"{LABEL_PREFIX}/job-uid"  # the DistillationJob's uid: a selector for any name length
 ANNOTATION_JOB_NAME = f"{LABEL_PREFIX}/job-name"  # full DistillationJob name, read by the downward API
@@ -39,12 +39,27 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 # STORAGE_ALLOW_HTTP=true is the explicit opt-in to a plain-http endpoint.
 ALLOW_HTTP_ENV = ("STORAGE_ALLOW_HTTP", False)
 CREDENTIAL_ENV: dict[str, tuple[tuple[str, bool], ...]] = {
-    "s3": (("AWS_ACCESS_KEY_ID", True), ("AWS_SECRET_ACCESS_KEY", True), ("AWS_REGION", False),
-           ("AWS_ENDPOINT_URL", False), ("AWS_SESSION_TOKEN", False), ALLOW_HTTP_ENV),
-    "gs": (("GOOGLE_SERVICE_ACCOUNT_KEY", True), ("GOOGLE_SERVICE_ACCOUNT", False),
-           ("GOOGLE_BASE_URL", False), ALLOW_HTTP_ENV),
-    "az": (("AZURE_STORAGE_ACCOUNT_NAME", True), ("AZURE_STORAGE_ACCOUNT_KEY", False),
-           ("AZURE_STORAGE_SAS_TOKEN", False), ("AZURE_STORAGE_ENDPOINT", False), ALLOW_HTTP_ENV),
+    "s3": (
+        ("AWS_ACCESS_KEY_ID", True),
+        ("AWS_SECRET_ACCESS_KEY", True),
+        ("AWS_REGION", False),
+        ("AWS_ENDPOINT_URL", False),
+        ("AWS_SESSION_TOKEN", False),
+        ALLOW_HTTP_ENV,
+    ),
+    "gs": (
+        ("GOOGLE_SERVICE_ACCOUNT_KEY", True),
+        ("GOOGLE_SERVICE_ACCOUNT", False),
+        ("GOOGLE_BASE_URL", False),
+        ALLOW_HTTP_ENV,
+    ),
+    "az": (
+        ("AZURE_STORAGE_ACCOUNT_NAME", True),
+        ("AZURE_STORAGE_ACCOUNT_KEY", False),
+        ("AZURE_STORAGE_SAS_TOKEN", False),
+        ("AZURE_STORAGE_ENDPOINT", False),
+        ALLOW_HTTP_ENV,
+    ),
     "file": (),
 }
 
@@ -120,7 +135,9 @@ def guard_script(stage: Stage) -> str | None:
         lines.append(f'case "${{JOB_COMPLETION_INDEX:-0}}" in {cases} *) exec "$@" ;; esac')
     checks = " && ".join(f"present {p.replace('{value}', '$v')}" for p in stage.done_when_exists)
     what = f"{stage.name}" + (" (index value $v)" if stage.index_values else "")
-    lines.append(f'if {checks}; then echo "nnunet-distill: {what} outputs already present; skipping"; exit 0; fi')
+    lines.append(
+        f'if {checks}; then echo "nnunet-distill: {what} outputs already present; skipping"; exit 0; fi'
+    )
     lines.append('exec "$@"')
     return "\n".join(lines)
 
@@ -138,11 +155,15 @@ def _env(owner: Owner, stage: Stage, paths: DataPaths, spec: api.DistillationJob
     env += [{"name": k, "value": v} for k, v in stage.env if k not in required]
     env += [{"name": k, "value": v} for k, v in stage.required_env]
     env += [
-        {"name": "DISTILLATIONJOB_NAME",
-         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_NAME}']"}}},
+        {
+            "name": "DISTILLATIONJOB_NAME",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_NAME}']"}},
+        },
         {"name": "DISTILLATIONJOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "DISTILLATIONJOB_UID",
-         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_UID}']"}}},
+        {
+            "name": "DISTILLATIONJOB_UID",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_UID}']"}},
+        },
         {"name": "DISTILLATIONJOB_STAGE", "value": stage.name},
         {"name": "HOME", "value": "/tmp"},
         {"name": "TMPDIR", "value": "/tmp"},
@@ -160,7 +181,9 @@ def _env(owner: Owner, stage: Stage, paths: DataPaths, spec: api.DistillationJob
     return env
 
 
-def _volumes(spec: api.DistillationJobSpec, stage: Stage) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(
+    spec: api.DistillationJobSpec, stage: Stage
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(pod volumes, container mounts): one volume per distinct claim, sub-paths per folder."""
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
@@ -172,15 +195,18 @@ def _volumes(spec: api.DistillationJobSpec, stage: Stage) -> tuple[list[dict[str
             continue
         if vol.claim_name not in claims:
             claims[vol.claim_name] = f"data-{len(claims)}"
-            volumes.append({"name": claims[vol.claim_name],
-                            "persistentVolumeClaim": {"claimName": vol.claim_name}})
+            volumes.append(
+                {"name": claims[vol.claim_name], "persistentVolumeClaim": {"claimName": vol.claim_name}}
+            )
         mount: dict[str, Any] = {"name": claims[vol.claim_name], "mountPath": mount_path}
         if vol.sub_path:
             mount["subPath"] = vol.sub_path
         if vol.read_only or (folder == "raw" and stage.name != "preprocess"):
             mount["readOnly"] = True
         mounts.append(mount)
-    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}})
+    volumes.append(
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}}
+    )
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
@@ -225,8 +251,15 @@ def _security(spec: api.DistillationJobSpec) -> tuple[dict[str, Any], dict[str, 
     return pod, container
 
 
-def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths: DataPaths,
-            defaults: Defaults = Defaults(), suspend: bool = False) -> dict[str, Any]:
+def job_for(
+    stage: Stage,
+    *,
+    owner: Owner,
+    spec: api.DistillationJobSpec,
+    paths: DataPaths,
+    defaults: Defaults = Defaults(),
+    suspend: bool = False,
+) -> dict[str, Any]:
     """The batch/v1 Job running `stage` for `owner`. `suspend` creates it suspended (spec.suspend)."""
     name = job_name(owner.name, stage.name)
     job_labels = labels(owner, stage.name)
@@ -301,13 +334,26 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
         # backoffLimit (the pod is recreated and resumes from its checkpoint). Usage errors (exit 2) fail at
         # once, since a retry runs the same wrong command; so do a stage's deterministic verdicts (the quality
         # gate's "failed", exit 3: a retry would judge the same student the same way).
-        "podFailurePolicy": {"rules": [
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_CODE_USAGE]}},
-            *([{"action": "FailJob", "onExitCodes": {"containerName": CONTAINER_MAIN, "operator": "In",
-                                                     "values": sorted(stage.fail_fast_exit_codes)}}]
-              if stage.fail_fast_exit_codes else []),
-        ]},
+        "podFailurePolicy": {
+            "rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_CODE_USAGE]}},
+                *(
+                    [
+                        {
+                            "action": "FailJob",
+                            "onExitCodes": {
+                                "containerName": CONTAINER_MAIN,
+                                "operator": "In",
+                                "values": sorted(stage.fail_fast_exit_codes),
+                            },
+                        }
+                    ]
+                    if stage.fail_fast_exit_codes
+                    else []
+                ),
+            ]
+        },
         "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
     }
     job_spec["ttlSecondsAfterFinished"] = spec.job_ttl_seconds_after_finished
@@ -338,7 +384,9 @@ def job_for(stage: Stage, *, owner: Owner, spec: api.DistillationJobSpec, paths:
     }
 
 
-def trainer_service_account(owner: Owner, spec: api.DistillationJobSpec, defaults: Defaults = Defaults()) -> str:
+def trainer_service_account(
+    owner: Owner, spec: api.DistillationJobSpec, defaults: Defaults = Defaults()
+) -> str:
     """The stage pods' ServiceAccount: the spec's, else the operator's default, else the job's own."""
     return spec.service_account_name or defaults.service_account or identity_name(owner.name)
 
@@ -348,26 +396,49 @@ def identity_name(cr_name: str) -> str:
     return job_name(cr_name, "trainer")
 
 
-def trainer_identity(owner: Owner, spec: api.DistillationJobSpec,
-                     defaults: Defaults = Defaults()) -> tuple[dict[str, Any], ...]:
+def trainer_identity(
+    owner: Owner, spec: api.DistillationJobSpec, defaults: Defaults = Defaults()
+) -> tuple[dict[str, Any], ...]:
     """The per-job least-privilege identity of the stage pods, owned by the DistillationJob: a ServiceAccount,
     a Role that allows only get/patch of this DistillationJob's status (resourceNames), and a RoleBinding.
     Empty when the spec (or the operator's configuration) names a ServiceAccount of its own."""
     if spec.service_account_name or defaults.service_account:
         return ()
     name = identity_name(owner.name)
-    meta = {"name": name, "namespace": owner.namespace, "labels": labels(owner, "trainer"),
-            "annotations": {ANNOTATION_JOB_NAME: owner.name, ANNOTATION_JOB_UID: owner.uid},
-            "ownerReferences": [owner_reference(owner)]}
+    meta = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": labels(owner, "trainer"),
+        "annotations": {ANNOTATION_JOB_NAME: owner.name, ANNOTATION_JOB_UID: owner.uid},
+        "ownerReferences": [owner_reference(owner)],
+    }
     return (
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": copy.deepcopy(meta),
-         "automountServiceAccountToken": False},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": copy.deepcopy(meta),
-         "rules": [{"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "resourceNames": [owner.name],
-                    "verbs": ["get", "patch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": copy.deepcopy(meta),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}]},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": copy.deepcopy(meta),
+            "automountServiceAccountToken": False,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": copy.deepcopy(meta),
+            "rules": [
+                {
+                    "apiGroups": [api.GROUP],
+                    "resources": [f"{api.PLURAL}/status"],
+                    "resourceNames": [owner.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": copy.deepcopy(meta),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
     )
 
 
@@ -417,7 +488,7 @@ def spec_field_for(job_path: str, stage: str) -> str:
         return "spec.resources.sharedMemory"
     for prefix, source in _JOB_FIELD_SOURCES:
         if path == prefix or path.startswith(prefix + "."):
-            rest = path[len(prefix):]
+            rest = path[len(prefix) :]
             if source.startswith("spec.scheduling.affinity"):
                 return source + re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", rest)
             return source
@@ -453,6 +524,9 @@ def build_error_fields(exc: BaseException, stage: str) -> list[tuple[str, str]]:
 def status_causes(body: dict[str, Any], stage: str) -> list[tuple[str, str]]:
     """(spec field, message) from a Kubernetes Status (422 Invalid) body's details.causes."""
     causes = ((body or {}).get("details") or {}).get("causes") or []
-    out = [(spec_field_for(str(c.get("field") or ""), stage), f"{c.get('field')}: {c.get('message')}")
-           for c in causes if isinstance(c, dict)]
+    out = [
+        (spec_field_for(str(c.get("field") or ""), stage), f"{c.get('field')}: {c.get('message')}")
+        for c in causes
+        if isinstance(c, dict)
+    ]
     return out or [("spec", str((body or {}).get("message") or "the API server refused the Job"))]

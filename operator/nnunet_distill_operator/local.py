@@ -108,7 +108,9 @@ class ProgressTracker:
             seconds = _float(m.group(1))
             if seconds is not None:
                 self.durations.append(seconds)
-            self.completed = (self.current_epoch + 1) if self.current_epoch is not None else len(self.durations)
+            self.completed = (
+                (self.current_epoch + 1) if self.current_epoch is not None else len(self.durations)
+            )
             self.updated_at = rfc3339(now)
             return True
         return False
@@ -118,9 +120,16 @@ class ProgressTracker:
         if self.total_epochs is not None and self.completed is not None and self.durations:
             recent = self.durations[-5:]
             eta = max(0, round(sum(recent) / len(recent) * (self.total_epochs - self.completed)))
-        out = {"stage": self.stage, "epoch": self.completed, "totalEpochs": self.total_epochs,
-               "trainLoss": self.train_loss, "kdLoss": self.kd_loss, "pseudoDice": self.pseudo_dice,
-               "etaSeconds": eta, "updatedAt": self.updated_at}
+        out = {
+            "stage": self.stage,
+            "epoch": self.completed,
+            "totalEpochs": self.total_epochs,
+            "trainLoss": self.train_loss,
+            "kdLoss": self.kd_loss,
+            "pseudoDice": self.pseudo_dice,
+            "etaSeconds": eta,
+            "updatedAt": self.updated_at,
+        }
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -202,17 +211,35 @@ class LocalStatus:
                 phase = "Running" if states else "Pending"
                 self.data["phase"] = phase
             current = self.data.get("currentStage")
-            conds = kstatus_conditions(phase, reason or (states.get(current, {}).get("reason") or phase),
-                                       message or f"stage {current}" if current else "", None, False)
+            conds = kstatus_conditions(
+                phase,
+                reason or (states.get(current, {}).get("reason") or phase),
+                message or f"stage {current}" if current else "",
+                None,
+                False,
+            )
             for s in self.stages:
                 st = states.get(s.name, {})
-                conds.append(Cond(condition_type(s.name), st.get("state") == "Succeeded",
-                                  st.get("reason") or "NotStarted", st.get("message") or ""))
+                conds.append(
+                    Cond(
+                        condition_type(s.name),
+                        st.get("state") == "Succeeded",
+                        st.get("reason") or "NotStarted",
+                        st.get("message") or "",
+                    )
+                )
             gate = next((s for s in self.stages if s.name == GATE_STAGE), None)
             if gate is not None:
                 st = states.get(gate.name, {})
-                conds.append(gate_condition(self.gate, self.data.get("conditions", []), description=gate.description,
-                                            stage_state=st.get("state"), stage_message=st.get("message")))
+                conds.append(
+                    gate_condition(
+                        self.gate,
+                        self.data.get("conditions", []),
+                        description=gate.description,
+                        stage_state=st.get("state"),
+                        stage_message=st.get("message"),
+                    )
+                )
             self.data["conditions"] = merge_conditions(self.data.get("conditions", []), conds, _now(), None)
             snapshot = json.loads(json.dumps(self.data))
         _atomic_write(self.path_json, json.dumps(snapshot, indent=2) + "\n")
@@ -242,8 +269,11 @@ def resolve_executable(name: str) -> str:
     beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
-    raise LocalRunError(f"command {name!r} not found on PATH or next to {sys.executable}; install the trainer "
-                        "(pip install 'nnunet-distill[trainer]')", {})
+    raise LocalRunError(
+        f"command {name!r} not found on PATH or next to {sys.executable}; install the trainer "
+        "(pip install 'nnunet-distill[trainer]')",
+        {},
+    )
 
 
 def done(patterns: Iterable[str], value: str | None = None) -> bool:
@@ -273,8 +303,9 @@ class LocalRunner:
             Path(d).mkdir(parents=True, exist_ok=True)
         status = LocalStatus(self.name, stages, self.workdir / "status.yaml", self.workdir / "status.json")
         status.write()
-        self._say("run", f"{len(stages)} stages: {' -> '.join(s.name for s in stages)}; "
-                         f"status: {status.path_yaml}")
+        self._say(
+            "run", f"{len(stages)} stages: {' -> '.join(s.name for s in stages)}; status: {status.path_yaml}"
+        )
         started = time.monotonic()
         for number, stage in enumerate(stages, 1):
             self._run_stage(stage, number, len(stages), status)
@@ -302,7 +333,8 @@ class LocalRunner:
         start_iso = rfc3339(_now())
         self._say(stage.name, f"({number}/{count}) {stage.description}")
         indices: list[tuple[int | None, str | None]] = (
-            [(i, v) for i, v in enumerate(stage.index_values)] if stage.index_values else [(None, None)])
+            [(i, v) for i, v in enumerate(stage.index_values)] if stage.index_values else [(None, None)]
+        )
         summaries: list[dict[str, Any]] = []
         ran = False
         for index, value in indices:
@@ -312,20 +344,35 @@ class LocalRunner:
                 continue
             ran = True
             status.stage(stage.name, "Running", "Running", f"running {label}", startTime=start_iso)
-            tracker = ProgressTracker(stage.name, total_epochs(stage.argv)) if stage.reports_progress else None
+            tracker = (
+                ProgressTracker(stage.name, total_epochs(stage.argv)) if stage.reports_progress else None
+            )
             for command in stage.commands:
                 summary = self._run_command(stage, command.name, command.argv, index, label, status, tracker)
                 if summary:
                     summaries.append(summary)
         status.results(summaries)
         elapsed = time.monotonic() - t0
-        status.stage(stage.name, "Succeeded", "Succeeded" if ran else "AlreadyDone",
-                     f"finished in {format_duration(elapsed)}" if ran else "outputs already present",
-                     startTime=start_iso, completionTime=rfc3339(_now()))
+        status.stage(
+            stage.name,
+            "Succeeded",
+            "Succeeded" if ran else "AlreadyDone",
+            f"finished in {format_duration(elapsed)}" if ran else "outputs already present",
+            startTime=start_iso,
+            completionTime=rfc3339(_now()),
+        )
         self._say(stage.name, f"done in {format_duration(elapsed)}")
 
-    def _run_command(self, stage: Stage, command_name: str, argv: tuple[str, ...], index: int | None, label: str,
-                     status: LocalStatus, tracker: ProgressTracker | None) -> dict[str, Any]:
+    def _run_command(
+        self,
+        stage: Stage,
+        command_name: str,
+        argv: tuple[str, ...],
+        index: int | None,
+        label: str,
+        status: LocalStatus,
+        tracker: ProgressTracker | None,
+    ) -> dict[str, Any]:
         env = self._stage_env(stage)
         suffix = f"-{index}" if index is not None else ""
         log_path = self.workdir / "logs" / f"{stage.name}{suffix}.log"
@@ -341,11 +388,19 @@ class LocalRunner:
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"$ {shlex.join(argv)}\n")
             try:
-                self._proc = subprocess.Popen([executable, *argv[1:]], env=env, stdout=subprocess.PIPE,
-                                              stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                              start_new_session=True)
+                self._proc = subprocess.Popen(
+                    [executable, *argv[1:]],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    bufsize=1,
+                    start_new_session=True,
+                )
             except OSError as exc:
-                raise self._fail(stage, status, f"stage {stage.name}: cannot start {argv[0]}: {exc}") from None
+                raise self._fail(
+                    stage, status, f"stage {stage.name}: cannot start {argv[0]}: {exc}"
+                ) from None
             assert self._proc.stdout is not None
             for line in self._proc.stdout:
                 line = line.rstrip("\n")
@@ -379,15 +434,27 @@ class LocalRunner:
             err = summary.get("error") if isinstance(summary.get("error"), dict) else {}
             why = f": {err.get('reason')}: {err.get('message')}" if err.get("message") else ""
             tail_text = "\n".join(f"    {ln}" for ln in tail)
-            message = (f"stage {stage.name} failed: `{argv[0]}` ({command_name}) exited with code {code}{why}\n"
-                       f"  log: {log_path}\n  last lines:\n{tail_text}")
+            message = (
+                f"stage {stage.name} failed: `{argv[0]}` ({command_name}) exited with code {code}{why}\n"
+                f"  log: {log_path}\n  last lines:\n{tail_text}"
+            )
             raise self._fail(stage, status, message, code)
         return summary
 
-    def _fail(self, stage: Stage, status: LocalStatus, message: str, code: int | None = None, *,
-              reason: str | None = None, job_reason: str = "StageFailed") -> LocalRunError:
+    def _fail(
+        self,
+        stage: Stage,
+        status: LocalStatus,
+        message: str,
+        code: int | None = None,
+        *,
+        reason: str | None = None,
+        job_reason: str = "StageFailed",
+    ) -> LocalRunError:
         stage_reason = reason or ("Error" if code is not None else "StartFailed")
-        status.stage(stage.name, "Failed", stage_reason, message.splitlines()[0], completionTime=rfc3339(_now()))
+        status.stage(
+            stage.name, "Failed", stage_reason, message.splitlines()[0], completionTime=rfc3339(_now())
+        )
         status.finish("Failed", job_reason, message.splitlines()[0])
         return LocalRunError(message, status.data)
 
@@ -401,9 +468,17 @@ class LocalRunner:
                 pass
 
 
-def local_paths(*, data_dir: str | None, raw: str | None, preprocessed: str | None, results: str | None,
-                workdir: str, env: Mapping[str, str]) -> DataPaths:
+def local_paths(
+    *,
+    data_dir: str | None,
+    raw: str | None,
+    preprocessed: str | None,
+    results: str | None,
+    workdir: str,
+    env: Mapping[str, str],
+) -> DataPaths:
     """Folders from flags, else $nnUNet_* env, else <data-dir>/nnUNet_*; a clear error names what is missing."""
+
     def pick(flag: str | None, var: str) -> str:
         if flag:
             return str(Path(flag).resolve())
@@ -411,7 +486,14 @@ def local_paths(*, data_dir: str | None, raw: str | None, preprocessed: str | No
             return str(Path(env[var]).resolve())
         if data_dir:
             return str((Path(data_dir) / var).resolve())
-        raise ValueError(f"no folder for {var}: pass --data-dir DIR (uses DIR/{var}), "
-                         f"--{var.split('_', 1)[1]} DIR, or set ${var}")
-    return DataPaths(pick(raw, "nnUNet_raw"), pick(preprocessed, "nnUNet_preprocessed"),
-                     pick(results, "nnUNet_results"), str(Path(workdir).resolve()))
+        raise ValueError(
+            f"no folder for {var}: pass --data-dir DIR (uses DIR/{var}), "
+            f"--{var.split('_', 1)[1]} DIR, or set ${var}"
+        )
+
+    return DataPaths(
+        pick(raw, "nnUNet_raw"),
+        pick(preprocessed, "nnUNet_preprocessed"),
+        pick(results, "nnUNet_results"),
+        str(Path(workdir).resolve()),
+    )

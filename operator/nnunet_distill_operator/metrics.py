@@ -42,22 +42,38 @@ PlatformCollector(registry=REGISTRY)
 OPERATOR_INFO = Info(f"{PREFIX}_operator", "nnunet-distill operator build information.", registry=REGISTRY)
 OPERATOR_INFO.info({"version": __version__})
 
-RECONCILE_TOTAL = Counter(f"{PREFIX}_reconcile", "Reconciliations of DistillationJobs by trigger and result.",
-                          ["trigger", "result"], registry=REGISTRY)
-RECONCILE_ERRORS = Counter(f"{PREFIX}_reconcile_errors", "Reconciliations that raised, by trigger.",
-                           ["trigger"], registry=REGISTRY)
-RECONCILE_DURATION = Histogram(f"{PREFIX}_reconcile_duration_seconds", "Time spent in one reconciliation.",
-                               ["trigger"], registry=REGISTRY,
-                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-JOBS_CREATED = Counter(f"{PREFIX}_stage_jobs_created", "batch/v1 Jobs created, by stage.", ["stage"],
-                       registry=REGISTRY)
-STAGE_DURATION = Histogram(f"{PREFIX}_stage_duration_seconds", "Wall time of finished stages.",
-                           ["stage", "result"], registry=REGISTRY,
-                           buckets=(10, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200, 604800))
-START_LATENCY = Histogram(f"{PREFIX}_job_start_latency_seconds",
-                          "From a DistillationJob's creation to the creation of its first stage Job.",
-                          registry=REGISTRY,
-                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+RECONCILE_TOTAL = Counter(
+    f"{PREFIX}_reconcile",
+    "Reconciliations of DistillationJobs by trigger and result.",
+    ["trigger", "result"],
+    registry=REGISTRY,
+)
+RECONCILE_ERRORS = Counter(
+    f"{PREFIX}_reconcile_errors", "Reconciliations that raised, by trigger.", ["trigger"], registry=REGISTRY
+)
+RECONCILE_DURATION = Histogram(
+    f"{PREFIX}_reconcile_duration_seconds",
+    "Time spent in one reconciliation.",
+    ["trigger"],
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+JOBS_CREATED = Counter(
+    f"{PREFIX}_stage_jobs_created", "batch/v1 Jobs created, by stage.", ["stage"], registry=REGISTRY
+)
+STAGE_DURATION = Histogram(
+    f"{PREFIX}_stage_duration_seconds",
+    "Wall time of finished stages.",
+    ["stage", "result"],
+    registry=REGISTRY,
+    buckets=(10, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200, 604800),
+)
+START_LATENCY = Histogram(
+    f"{PREFIX}_job_start_latency_seconds",
+    "From a DistillationJob's creation to the creation of its first stage Job.",
+    registry=REGISTRY,
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 
 # Stages are rare events (hours apart). A labelled counter or histogram child appears only at its first event, and
 # PromQL's increase() cannot see the step from "no series" to 1, so the first finished stage after an operator
@@ -83,8 +99,13 @@ PROGRESS_GAUGES: dict[str, tuple[str, str]] = {
 # Final accuracy (status.metrics), kept while the DistillationJob exists, finished or not: the accuracy
 # alert reads it whether the quality gate blocked the student or not. family -> (status.metrics key, help)
 RESULT_GAUGES: dict[str, tuple[str, str]] = {
-    f"{PREFIX}_dice_retention": ("retention", ("Student's held-out Dice / the teacher ensemble's on the same cases "
-                                               "(status.metrics; absent without an honest baseline).")),
+    f"{PREFIX}_dice_retention": (
+        "retention",
+        (
+            "Student's held-out Dice / the teacher ensemble's on the same cases "
+            "(status.metrics; absent without an honest baseline)."
+        ),
+    ),
     f"{PREFIX}_final_dice": ("finalDice", "Student's final mean foreground Dice (status.metrics)."),
     f"{PREFIX}_teacher_dice": ("teacherDice", "Teacher ensemble's mean foreground Dice (status.metrics)."),
 }
@@ -110,13 +131,23 @@ class JobsCollector(Collector):
         phase = status.get("phase") or "Pending"
         progress = dict(status.get("progress") or {})
         results = dict(status.get("metrics") or {})
-        gate = next((c for c in status.get("conditions") or () if isinstance(c, Mapping)
-                     and c.get("type") == GATE_CONDITION and c.get("reason") in GATE_VERDICTS), None)
+        gate = next(
+            (
+                c
+                for c in status.get("conditions") or ()
+                if isinstance(c, Mapping)
+                and c.get("type") == GATE_CONDITION
+                and c.get("reason") in GATE_VERDICTS
+            ),
+            None,
+        )
         with self._lock:
             self._jobs[(namespace, name)] = (phase, progress, results)
             if gate is not None:
-                self._gates[(namespace, name)] = (gate.get("status") == "True",
-                                                  gate.get("reason") != GATE_NOT_ENFORCED)
+                self._gates[(namespace, name)] = (
+                    gate.get("status") == "True",
+                    gate.get("reason") != GATE_NOT_ENFORCED,
+                )
             else:
                 self._gates.pop((namespace, name), None)
 
@@ -134,8 +165,9 @@ class JobsCollector(Collector):
         with self._lock:
             jobs = dict(self._jobs)
             gates = dict(self._gates)
-        by_phase = GaugeMetricFamily(JOBS_FAMILY, "DistillationJobs by namespace and phase.",
-                                     labels=["namespace", "phase"])
+        by_phase = GaugeMetricFamily(
+            JOBS_FAMILY, "DistillationJobs by namespace and phase.", labels=["namespace", "phase"]
+        )
         counts: dict[tuple[str, str], int] = {}
         for (namespace, _), (phase, _, _) in jobs.items():
             counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1
@@ -143,18 +175,31 @@ class JobsCollector(Collector):
             for phase in PHASES:
                 by_phase.add_metric([namespace, phase], counts.get((namespace, phase), 0))
         yield by_phase
-        families = {family: GaugeMetricFamily(family, help_, labels=["namespace", "name", "stage"])
-                    for family, (_, help_) in PROGRESS_GAUGES.items()}
-        updated = GaugeMetricFamily(PROGRESS_UPDATED_FAMILY, "When the training pod last reported progress "
-                                    "(Unix time).", labels=["namespace", "name", "stage"])
-        results = {family: GaugeMetricFamily(family, help_, labels=["namespace", "name"])
-                   for family, (_, help_) in RESULT_GAUGES.items()}
-        worst = GaugeMetricFamily(WORST_LABEL_FAMILY, "Dice retention of the student's worst label on held-out "
-                                  "cases (status.metrics.worstLabelRetention; label: status.metrics.worstLabel).",
-                                  labels=["namespace", "name", "label"])
-        gate = GaugeMetricFamily(GATE_FAMILY, "Quality gate verdict (QualityGate condition): 1 passed, 0 failed; "
-                                 "enforced=false when spec.qualityGate.enforce is false.",
-                                 labels=["namespace", "name", "enforced"])
+        families = {
+            family: GaugeMetricFamily(family, help_, labels=["namespace", "name", "stage"])
+            for family, (_, help_) in PROGRESS_GAUGES.items()
+        }
+        updated = GaugeMetricFamily(
+            PROGRESS_UPDATED_FAMILY,
+            "When the training pod last reported progress (Unix time).",
+            labels=["namespace", "name", "stage"],
+        )
+        results = {
+            family: GaugeMetricFamily(family, help_, labels=["namespace", "name"])
+            for family, (_, help_) in RESULT_GAUGES.items()
+        }
+        worst = GaugeMetricFamily(
+            WORST_LABEL_FAMILY,
+            "Dice retention of the student's worst label on held-out "
+            "cases (status.metrics.worstLabelRetention; label: status.metrics.worstLabel).",
+            labels=["namespace", "name", "label"],
+        )
+        gate = GaugeMetricFamily(
+            GATE_FAMILY,
+            "Quality gate verdict (QualityGate condition): 1 passed, 0 failed; "
+            "enforced=false when spec.qualityGate.enforce is false.",
+            labels=["namespace", "name", "enforced"],
+        )
         for (namespace, name), (phase, progress, final) in sorted(jobs.items()):
             for family, (key, _) in RESULT_GAUGES.items():
                 value = final.get(key)
@@ -203,8 +248,11 @@ METRIC_NAMES: tuple[str, ...] = (
     WORST_LABEL_FAMILY,
     GATE_FAMILY,
 )
-HISTOGRAMS = (f"{PREFIX}_reconcile_duration_seconds", f"{PREFIX}_stage_duration_seconds",
-              f"{PREFIX}_job_start_latency_seconds")
+HISTOGRAMS = (
+    f"{PREFIX}_reconcile_duration_seconds",
+    f"{PREFIX}_stage_duration_seconds",
+    f"{PREFIX}_job_start_latency_seconds",
+)
 
 
 def sample_names() -> frozenset[str]:

@@ -53,11 +53,19 @@ class DataPaths:
     @classmethod
     def in_pod(cls, job_name: str) -> DataPaths:
         """The pod layout: the volumes at /data/nnUNet_*, scratch on the results volume per job."""
-        return cls(api.MOUNT_RAW, api.MOUNT_PREPROCESSED, api.MOUNT_RESULTS,
-                   f"{api.MOUNT_RESULTS}/nnunet-distill/{job_name}")
+        return cls(
+            api.MOUNT_RAW,
+            api.MOUNT_PREPROCESSED,
+            api.MOUNT_RESULTS,
+            f"{api.MOUNT_RESULTS}/nnunet-distill/{job_name}",
+        )
 
     def env(self) -> dict[str, str]:
-        return {"nnUNet_raw": self.raw, "nnUNet_preprocessed": self.preprocessed, "nnUNet_results": self.results}
+        return {
+            "nnUNet_raw": self.raw,
+            "nnUNet_preprocessed": self.preprocessed,
+            "nnUNet_results": self.results,
+        }
 
 
 @dataclass(frozen=True)
@@ -194,8 +202,10 @@ def _preprocess(spec: api.DistillationJobSpec, paths: DataPaths) -> Stage | None
     return Stage(
         name="preprocess",
         description=f"plan and preprocess Dataset{spec.dataset.id:03d} ({spec.configuration})"
-                    + (f" + {planner}" if planner else ""),
-        commands=tuple(commands), resources=res, done_when_exists=done,
+        + (f" + {planner}" if planner else ""),
+        commands=tuple(commands),
+        resources=res,
+        done_when_exists=done,
         env=(("nnUNet_def_n_proc", str(n)),),
         # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0 (a common
         # setting for training on small machines).
@@ -226,41 +236,70 @@ def _teachers(spec: api.DistillationJobSpec, paths: DataPaths, device: str | Non
     if budget.val_iterations is not None:
         argv += ["--val_iterations", str(budget.val_iterations)]
     argv += ["-device", _device(res, device), "--c"]
-    fold_dir = f"{_dataset_glob(paths.results, spec.dataset.id)}/{teacher_model_folder(spec)}/fold_{fold_part}"
+    fold_dir = (
+        f"{_dataset_glob(paths.results, spec.dataset.id)}/{teacher_model_folder(spec)}/fold_{fold_part}"
+    )
     done = (f"{fold_dir}/checkpoint_final.pth",)
     return Stage(
         name="teachers",
         description=f"train teacher folds {' '.join(map(str, folds))} ({spec.teachers.trainer}, "
-                    f"{spec.teacher_plans})",
-        commands=(Command("train-teacher", tuple(argv)),), resources=res, index_values=index_values,
-        done_when_exists=done, reports_progress=True,
+        f"{spec.teacher_plans})",
+        commands=(Command("train-teacher", tuple(argv)),),
+        resources=res,
+        index_values=index_values,
+        done_when_exists=done,
+        reports_progress=True,
         env=_worker_env(res),
     )
 
 
 def _worker_env(res: StageResources) -> tuple[tuple[str, str], ...]:
-    return (("nnUNet_n_proc_DA", str(res.data_loader_workers)),
-            ("nnUNet_def_n_proc", str(max(1, _cpu_count(res.cpu) or 1))))
+    return (
+        ("nnUNet_n_proc_DA", str(res.data_loader_workers)),
+        ("nnUNet_def_n_proc", str(max(1, _cpu_count(res.cpu) or 1))),
+    )
 
 
 def _distill(spec: api.DistillationJobSpec, device: str | None) -> Stage:
     res = stage_resources(spec, "distill")
     d = spec.distillation
     resenc = spec.student.architecture == "resenc"
-    argv = ["nnUNetv2_resenc_distillation_train" if resenc else "nnUNetv2_distillation_train",
-            "-d", str(spec.dataset.id), "-c", spec.configuration, "-f", str(d.fold)]
+    argv = [
+        "nnUNetv2_resenc_distillation_train" if resenc else "nnUNetv2_distillation_train",
+        "-d",
+        str(spec.dataset.id),
+        "-c",
+        spec.configuration,
+        "-f",
+        str(d.fold),
+    ]
     folds = spec.teacher_folds
     if folds is not None:
         argv += ["-tf", *map(str, folds)]
-    argv += ["-a", _num(d.alpha), "-temp", _num(d.temperature), "-r", str(spec.student.reduction_factor),
-             "-e", str(d.epochs)]
+    argv += [
+        "-a",
+        _num(d.alpha),
+        "-temp",
+        _num(d.temperature),
+        "-r",
+        str(spec.student.reduction_factor),
+        "-e",
+        str(d.epochs),
+    ]
     if d.iterations_per_epoch is not None:
         argv += ["--iterations_per_epoch", str(d.iterations_per_epoch)]
     if d.val_iterations is not None:
         argv += ["--val_iterations", str(d.val_iterations)]
     argv += ["-tr", spec.teachers.trainer]
     if resenc:
-        argv += ["-tpl", spec.teacher_plans, "-spl", spec.student_base_plans, "-bs", spec.student.block_strategy]
+        argv += [
+            "-tpl",
+            spec.teacher_plans,
+            "-spl",
+            spec.student_base_plans,
+            "-bs",
+            spec.student.block_strategy,
+        ]
     else:
         argv += ["-p", spec.teacher_plans]
     if spec.teachers.folder:
@@ -282,8 +321,10 @@ def _distill(spec: api.DistillationJobSpec, device: str | None) -> Stage:
     return Stage(
         name="distill",
         description=f"distill {spec.student.architecture} student r={spec.student.reduction_factor} "
-                    f"(alpha {d.alpha}, T {d.temperature}, {d.epochs} epochs) on fold {d.fold}",
-        commands=(Command("distill", tuple(argv)),), resources=res, reports_progress=True,
+        f"(alpha {d.alpha}, T {d.temperature}, {d.epochs} epochs) on fold {d.fold}",
+        commands=(Command("distill", tuple(argv)),),
+        resources=res,
+        reports_progress=True,
         env=_worker_env(res),
     )
 
@@ -293,11 +334,27 @@ def _export(spec: api.DistillationJobSpec, name: str, paths: DataPaths) -> Stage
     e = spec.export
     resenc = spec.student.architecture == "resenc"
     export_dir, onnx_file, package_dir = export_paths(paths)
-    common = ["-d", str(spec.dataset.id), "-c", spec.configuration, "-f", str(spec.distillation.fold),
-              "-r", str(spec.student.reduction_factor)]
+    common = [
+        "-d",
+        str(spec.dataset.id),
+        "-c",
+        spec.configuration,
+        "-f",
+        str(spec.distillation.fold),
+        "-r",
+        str(spec.student.reduction_factor),
+    ]
     if resenc:
-        argv = ["nnUNetv2_resenc_distillation_export_onnx", *common, "-tpl", spec.teacher_plans,
-                "-spl", spec.student_base_plans, "-bs", spec.student.block_strategy]
+        argv = [
+            "nnUNetv2_resenc_distillation_export_onnx",
+            *common,
+            "-tpl",
+            spec.teacher_plans,
+            "-spl",
+            spec.student_base_plans,
+            "-bs",
+            spec.student.block_strategy,
+        ]
         batch = 0 if e.dynamic_shape and e.batch_size is None else e.batch_size
         if batch is not None:
             argv += ["-b", str(batch)]
@@ -323,34 +380,54 @@ def _export(spec: api.DistillationJobSpec, name: str, paths: DataPaths) -> Stage
         if e.simplify:
             argv.append("-sim")
         argv += ["-v", "-o", onnx_file]
-    package = ("nnunet-distill", "package", "--onnx", onnx_file, "-o", package_dir,
-               "--name", e.model_name or name)
+    package = (
+        "nnunet-distill",
+        "package",
+        "--onnx",
+        onnx_file,
+        "-o",
+        package_dir,
+        "--name",
+        e.model_name or name,
+    )
     return Stage(
         name="export",
         description=f"export the student to ONNX and package it ({package_dir})",
-        commands=(Command("export", tuple(argv)), Command("package", package)), resources=res,
+        commands=(Command("export", tuple(argv)), Command("package", package)),
+        resources=res,
         env=(("nnUNet_def_n_proc", str(max(1, _cpu_count(res.cpu) or 1))),),
     )
 
 
 def student_summary_glob(spec: api.DistillationJobSpec, paths: DataPaths) -> str:
     """The student's distillation_summary.json; a glob because only the dataset ID (not its name) is known."""
-    return (f"{_dataset_glob(paths.results, spec.dataset.id)}/{student_model_folder(spec)}/"
-            f"fold_{spec.distillation.fold}/validation/{DISTILLATION_SUMMARY}")
+    return (
+        f"{_dataset_glob(paths.results, spec.dataset.id)}/{student_model_folder(spec)}/"
+        f"fold_{spec.distillation.fold}/validation/{DISTILLATION_SUMMARY}"
+    )
 
 
 def _gate(spec: api.DistillationJobSpec, paths: DataPaths) -> Stage:
     g = spec.quality_gate
-    argv = ["nnunet-distill", "gate", "--summary", student_summary_glob(spec, paths),
-            "--min-retention", _num(g.min_retention), "--min-label-retention", _num(g.min_label_retention)]
+    argv = [
+        "nnunet-distill",
+        "gate",
+        "--summary",
+        student_summary_glob(spec, paths),
+        "--min-retention",
+        _num(g.min_retention),
+        "--min-label-retention",
+        _num(g.min_label_retention),
+    ]
     if not g.enforce:
         argv.append("--no-enforce")
     return Stage(
         name=GATE_STAGE,
         description=f"quality gate: held-out Dice retention >= {g.min_retention:g} and every label >= "
-                    f"{g.min_label_retention:g} "
-                    + ("(a failing student is not published)" if g.enforce else "(enforce: false, reported only)"),
-        commands=(Command("gate", tuple(argv)),), resources=stage_resources(spec, GATE_STAGE),
+        f"{g.min_label_retention:g} "
+        + ("(a failing student is not published)" if g.enforce else "(enforce: false, reported only)"),
+        commands=(Command("gate", tuple(argv)),),
+        resources=stage_resources(spec, GATE_STAGE),
         fail_fast_exit_codes=(EXIT_CODE_GATE_FAILED,),
     )
 
@@ -363,21 +440,27 @@ def _publish(spec: api.DistillationJobSpec, paths: DataPaths) -> Stage | None:
         name="publish",
         description=f"publish and verify the package at {spec.output.uri}",
         commands=(Command("publish", ("nnunet-distill", "publish", package_dir, spec.output.uri)),),
-        resources=stage_resources(spec, "publish"), uses_credentials=True,
+        resources=stage_resources(spec, "publish"),
+        uses_credentials=True,
     )
 
 
-def plan(spec: api.DistillationJobSpec, *, name: str, paths: DataPaths, device: str | None = None
-         ) -> tuple[Stage, ...]:
+def plan(
+    spec: api.DistillationJobSpec, *, name: str, paths: DataPaths, device: str | None = None
+) -> tuple[Stage, ...]:
     """The ordered stages of a job. `device` overrides the per-stage choice (cuda when the stage has GPUs)."""
-    stages = [s for s in (
-        _preprocess(spec, paths),
-        _teachers(spec, paths, device),
-        _distill(spec, device),
-        _export(spec, name, paths),
-        _gate(spec, paths),
-        _publish(spec, paths),
-    ) if s is not None]
+    stages = [
+        s
+        for s in (
+            _preprocess(spec, paths),
+            _teachers(spec, paths, device),
+            _distill(spec, device),
+            _export(spec, name, paths),
+            _gate(spec, paths),
+            _publish(spec, paths),
+        )
+        if s is not None
+    ]
     chained = []
     for i, stage in enumerate(stages):
         needs = (stages[i - 1].name,) if i else ()

@@ -55,13 +55,38 @@ from nnunet_distill_operator.status import (
 
 # Top-level spec fields that may change while the job runs: they affect only Jobs created afterwards
 # (or, for suspend, the running Job). Everything else defines the model being produced.
-SAFE_FIELDS = frozenset({
-    "suspend", "resources", "scheduling", "image", "imagePullPolicy", "imagePullSecrets", "serviceAccountName",
-    "security", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "jobTTLSecondsAfterFinished",
-    "output", "qualityGate",
-})
-OWNED_STATUS_FIELDS = ("phase", "currentStage", "observedGeneration", "conditions", "stages", "startTime",
-                       "completionTime", "reason", "message", "artifacts", "metrics", "acceptedSpec")
+SAFE_FIELDS = frozenset(
+    {
+        "suspend",
+        "resources",
+        "scheduling",
+        "image",
+        "imagePullPolicy",
+        "imagePullSecrets",
+        "serviceAccountName",
+        "security",
+        "backoffLimit",
+        "activeDeadlineSeconds",
+        "ttlSecondsAfterFinished",
+        "jobTTLSecondsAfterFinished",
+        "output",
+        "qualityGate",
+    }
+)
+OWNED_STATUS_FIELDS = (
+    "phase",
+    "currentStage",
+    "observedGeneration",
+    "conditions",
+    "stages",
+    "startTime",
+    "completionTime",
+    "reason",
+    "message",
+    "artifacts",
+    "metrics",
+    "acceptedSpec",
+)
 NOT_STARTED = "NotStarted"
 DEFAULTS = k8s.Defaults()
 
@@ -87,19 +112,19 @@ def event_name(cr_name: str, uid: str, event: Event) -> str:
 
 @dataclass(frozen=True)
 class Decision:
-    identity: tuple[dict[str, Any], ...] = ()        # the pods' ServiceAccount/Role/RoleBinding, before a Job
-    create: tuple[dict[str, Any], ...] = ()          # Job manifests (at most one stage at a time)
-    suspend: tuple[str, ...] = ()                    # Job names to suspend
-    resume: tuple[str, ...] = ()                     # Job names to resume (only those the operator suspended)
-    release: tuple[str, ...] = ()                    # Kueue Jobs the operator suspended: back to Kueue, still
-                                                     # suspended (only Kueue's admission un-suspends them)
-    status: dict[str, Any] = field(default_factory=dict)   # operator-owned status fields after this decision
-    status_patch: dict[str, Any] | None = None      # merge patch for the status subresource; None = unchanged
-    accepted_spec: dict[str, Any] | None = None      # new status.acceptedSpec, if it changes (written first)
+    identity: tuple[dict[str, Any], ...] = ()  # the pods' ServiceAccount/Role/RoleBinding, before a Job
+    create: tuple[dict[str, Any], ...] = ()  # Job manifests (at most one stage at a time)
+    suspend: tuple[str, ...] = ()  # Job names to suspend
+    resume: tuple[str, ...] = ()  # Job names to resume (only those the operator suspended)
+    release: tuple[str, ...] = ()  # Kueue Jobs the operator suspended: back to Kueue, still
+    # suspended (only Kueue's admission un-suspends them)
+    status: dict[str, Any] = field(default_factory=dict)  # operator-owned status fields after this decision
+    status_patch: dict[str, Any] | None = None  # merge patch for the status subresource; None = unchanged
+    accepted_spec: dict[str, Any] | None = None  # new status.acceptedSpec, if it changes (written first)
     events: tuple[Event, ...] = ()
     finished_stages: tuple[tuple[str, str, float], ...] = ()  # (stage, Succeeded|Failed, seconds), newly
-    delete: bool = False                             # ttlSecondsAfterFinished has passed
-    requeue_after: float | None = None               # look again after this many seconds (TTL)
+    delete: bool = False  # ttlSecondsAfterFinished has passed
+    requeue_after: float | None = None  # look again after this many seconds (TTL)
     stages: tuple[Stage, ...] = ()
 
 
@@ -155,14 +180,21 @@ class _StageState:
     view: JobView | None = None
 
     def as_status(self) -> dict[str, Any]:
-        return {"jobName": self.job_name, "state": PENDING if self.state == NOT_STARTED else self.state,
-                "reason": self.reason, "message": self.message, "startTime": self.start_time,
-                "completionTime": self.completion_time}
+        return {
+            "jobName": self.job_name,
+            "state": PENDING if self.state == NOT_STARTED else self.state,
+            "reason": self.reason,
+            "message": self.message,
+            "startTime": self.start_time,
+            "completionTime": self.completion_time,
+        }
 
 
 def _issue_for(stage: str, pods: Sequence[Mapping[str, Any]], failed: bool) -> PodIssue | None:
     """A pending pod's problem; for a failed stage, the newest failed pod's problem."""
-    ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+    ordered = sorted(
+        pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True
+    )
     if any((p.get("status") or {}).get("phase") == "Running" for p in ordered) and not failed:
         return None
     for pod in ordered:
@@ -174,24 +206,38 @@ def _issue_for(stage: str, pods: Sequence[Mapping[str, Any]], failed: bool) -> P
     return None
 
 
-def _await_verified_publish(states: Sequence[_StageState], artifacts: Mapping[str, Any],
-                            previous: Mapping[str, Any]) -> None:
+def _await_verified_publish(
+    states: Sequence[_StageState], artifacts: Mapping[str, Any], previous: Mapping[str, Any]
+) -> None:
     """The job succeeds only with a verified model: a succeeded publish Job counts once its pod's termination
     message (or an earlier pass) has delivered the published URI and SHA-256; until then (pod events can lag
     behind the Job's) the stage stays Running."""
     for st in states:
-        if st.name == "publish" and st.state == SUCCEEDED and not (
-                (artifacts.get("uri") and artifacts.get("sha256")) or (previous.get("uri") and previous.get("sha256"))):
+        if (
+            st.name == "publish"
+            and st.state == SUCCEEDED
+            and not (
+                (artifacts.get("uri") and artifacts.get("sha256"))
+                or (previous.get("uri") and previous.get("sha256"))
+            )
+        ):
             st.state, st.reason = RUNNING, "AwaitingPublishResult"
-            st.message = (f"Job {st.job_name} succeeded; waiting for its pod's result (the verified URI and "
-                          "SHA-256 of the published model)")
+            st.message = (
+                f"Job {st.job_name} succeeded; waiting for its pod's result (the verified URI and "
+                "SHA-256 of the published model)"
+            )
             st.completion_time = None
 
 
-def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
-           pods: Mapping[str, Sequence[Mapping[str, Any]]], now: datetime,
-           defaults: k8s.Defaults = DEFAULTS, rejected: Mapping[str, str] | None = None,
-           invalid: Mapping[str, str] | None = None) -> Decision:
+def decide(
+    cr: Mapping[str, Any],
+    jobs: Mapping[str, Mapping[str, Any]],
+    pods: Mapping[str, Sequence[Mapping[str, Any]]],
+    now: datetime,
+    defaults: k8s.Defaults = DEFAULTS,
+    rejected: Mapping[str, str] | None = None,
+    invalid: Mapping[str, str] | None = None,
+) -> Decision:
     """Everything the operator should do for one DistillationJob, given what exists now.
 
     `rejected`: stage -> why the API server refused its Job last time (quota, admission webhook,
@@ -209,7 +255,9 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
 
     own_jobs = {s: j for s, j in jobs.items() if _owned_by(j, uid)}
     foreign_jobs = {s: j for s, j in jobs.items() if s not in own_jobs}
-    started = bool(own_jobs) or any(st.job_name and st.reason not in _NO_JOB_REASONS for st in prev_stages.values())
+    started = bool(own_jobs) or any(
+        st.job_name and st.reason not in _NO_JOB_REASONS for st in prev_stages.values()
+    )
 
     # ---- which spec to run
     problems: list[str] = []
@@ -234,8 +282,10 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         acc, cur = api.spec_to_dict(accepted), api.spec_to_dict(current)
         changed = unsafe_changes(acc, cur)
         if changed:
-            why = (f"{', '.join(changed)} changed after the job started; a running job cannot change what "
-                   "model it produces: revert the change, or create a new DistillationJob")
+            why = (
+                f"{', '.join(changed)} changed after the job started; a running job cannot change what "
+                "model it produces: revert the change, or create a new DistillationJob"
+            )
             stalled = ("SpecChangeRejected", why)
             effective = api.DistillationJobSpec.model_validate(_effective_spec(cur, acc))
 
@@ -247,12 +297,20 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         # Never started and invalid: nothing to run, nothing to retry until the spec is fixed.
         message = stalled[1] if stalled else "invalid spec"
         status = {
-            "phase": FAILED, "currentStage": None, "observedGeneration": generation,
-            "conditions": merge_conditions(prev_raw.get("conditions") or [],
-                                           kstatus_conditions(FAILED, "InvalidSpec", message, stalled, False),
-                                           now, generation),
-            "stages": {}, "startTime": prev_raw.get("startTime"), "completionTime": None,
-            "reason": "InvalidSpec", "message": message,
+            "phase": FAILED,
+            "currentStage": None,
+            "observedGeneration": generation,
+            "conditions": merge_conditions(
+                prev_raw.get("conditions") or [],
+                kstatus_conditions(FAILED, "InvalidSpec", message, stalled, False),
+                now,
+                generation,
+            ),
+            "stages": {},
+            "startTime": prev_raw.get("startTime"),
+            "completionTime": None,
+            "reason": "InvalidSpec",
+            "message": message,
         }
         if (prev_reason, prev_message) != ("InvalidSpec", message):
             events.append(Event("Warning", "InvalidSpec", message, f"job:InvalidSpec:{generation}"))
@@ -279,7 +337,9 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
                     st.reason, st.message = issue.reason, issue.message
             elif view.state == FAILED:
                 issue = _issue_for(stage.name, pods.get(stage.name, ()), failed=True)
-                detail = f"Job {jname} failed ({view.reason}" + (f": {view.message}" if view.message else "") + ")"
+                detail = (
+                    f"Job {jname} failed ({view.reason}" + (f": {view.message}" if view.message else "") + ")"
+                )
                 st.message = f"{detail}; {issue.reason}: {issue.message}" if issue else detail
                 if issue is not None and view.reason in ("BackoffLimitExceeded", "PodFailurePolicy"):
                     st.reason = issue.reason
@@ -291,8 +351,10 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
             st.start_time, st.completion_time = before.start_time, before.completion_time
         elif stage.name in foreign_jobs:
             st.state, st.reason = PENDING, "WaitingForOldJob"
-            st.message = (f"Job {jname} belongs to an earlier DistillationJob of the same name; waiting for "
-                          "the garbage collector to delete it")
+            st.message = (
+                f"Job {jname} belongs to an earlier DistillationJob of the same name; waiting for "
+                "the garbage collector to delete it"
+            )
         states.append(st)
 
     # ---- results from the termination messages of succeeded pods
@@ -323,11 +385,16 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         stage = next(s for s in stages if s.name == current_state.name)
         broken = (invalid or {}).get(stage.name)
         manifest: dict[str, Any] | None = None
-        if current_state.view is None and current_state.state == NOT_STARTED and not suspend_wanted \
-                and broken is None:
+        if (
+            current_state.view is None
+            and current_state.state == NOT_STARTED
+            and not suspend_wanted
+            and broken is None
+        ):
             try:
-                manifest = k8s.job_for(stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name),
-                                       defaults=defaults)
+                manifest = k8s.job_for(
+                    stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name), defaults=defaults
+                )
             except Exception as exc:  # noqa: BLE001 - a spec the Job cannot be built from: Stalled, not a crash
                 broken = "; ".join(f"{f}: {m}" for f, m in k8s.build_error_fields(exc, stage.name))
         if broken is not None and current_state.view is None and current_state.state == NOT_STARTED:
@@ -352,13 +419,18 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
                 suspend.append(view.name)
                 current_state.state, current_state.reason = SUSPENDED, "Suspended"
                 current_state.message = f"Job {view.name} suspended (spec.suspend)"
-            elif not suspend_wanted and current_state.state == SUSPENDED and view.suspended_by_operator \
-                    and view.queued:
+            elif (
+                not suspend_wanted
+                and current_state.state == SUSPENDED
+                and view.suspended_by_operator
+                and view.queued
+            ):
                 # Never un-suspend a Kueue Job: whether it may run is Kueue's admission, not ours.
                 release.append(view.name)
                 current_state.state, current_state.reason = PENDING, "Queued"
-                current_state.message = (f"waiting for Kueue to admit the Job (queue "
-                                         f"{effective.scheduling.queue_name})")
+                current_state.message = (
+                    f"waiting for Kueue to admit the Job (queue {effective.scheduling.queue_name})"
+                )
             elif not suspend_wanted and current_state.state == SUSPENDED and view.suspended_by_operator:
                 resume.append(view.name)
                 current_state.state, current_state.reason = PENDING, "Resumed"
@@ -369,9 +441,16 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
     gate_blocked = False
     if gate_stage is not None:
         gate_st = next(s for s in states if s.name == GATE_STAGE)
-        gate_cond = gate_condition(verdict, prev_raw.get("conditions") or [], description=gate_stage.description,
-                                   stage_state=gate_st.state, stage_message=gate_st.message)
-        gate_blocked = gate_st.state == FAILED and (gate_cond.reason == GATE_FAILED or gate_st.reason == GATE_FAILED)
+        gate_cond = gate_condition(
+            verdict,
+            prev_raw.get("conditions") or [],
+            description=gate_stage.description,
+            stage_state=gate_st.state,
+            stage_message=gate_st.message,
+        )
+        gate_blocked = gate_st.state == FAILED and (
+            gate_cond.reason == GATE_FAILED or gate_st.reason == GATE_FAILED
+        )
 
     # ---- phase
     done_count = sum(s.state == SUCCEEDED for s in states)
@@ -383,8 +462,9 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         elif prev_reason == GATE_FAILED and prev_message:
             message = prev_message  # the gate pod is gone; what it said stays
         else:
-            message = gate_failure_message(gate_cond.message if gate_cond else "quality gate failed", None,
-                                           package_dir)
+            message = gate_failure_message(
+                gate_cond.message if gate_cond else "quality gate failed", None, package_dir
+            )
         shown = failed
     elif failed is not None:
         phase, reason = FAILED, "StageFailed"
@@ -402,8 +482,10 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         running = current_state.state == RUNNING or done_count > 0
         phase = RUNNING if running else PENDING
         reason = current_state.reason or current_state.state
-        message = (f"stage {current_state.name} ({done_count + 1}/{len(states)}): "
-                   f"{current_state.message or current_state.state}")
+        message = (
+            f"stage {current_state.name} ({done_count + 1}/{len(states)}): "
+            f"{current_state.message or current_state.state}"
+        )
         shown = current_state
 
     # ---- status
@@ -416,9 +498,14 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
 
     conds = kstatus_conditions(phase, reason, message, stalled, phase == SUSPENDED)
     for s in states:
-        conds.append(Cond(condition_type(s.name), s.state == SUCCEEDED,
-                          s.reason if s.state != NOT_STARTED else NOT_STARTED,
-                          s.message or ""))
+        conds.append(
+            Cond(
+                condition_type(s.name),
+                s.state == SUCCEEDED,
+                s.reason if s.state != NOT_STARTED else NOT_STARTED,
+                s.message or "",
+            )
+        )
     if gate_cond is not None:
         conds.append(gate_cond)
     status: dict[str, Any] = {
@@ -445,8 +532,14 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
         # A stage's Job exists (created now, or seen although the last status did not know it yet).
         had_job = before is not None and before.reason not in _NO_JOB_REASONS
         if s.name in created_now or (s.view is not None and not had_job):
-            events.append(Event("Normal", "StageStarted", f"created Job {s.job_name} for stage {s.name}",
-                                f"{s.name}:Started"))
+            events.append(
+                Event(
+                    "Normal",
+                    "StageStarted",
+                    f"created Job {s.job_name} for stage {s.name}",
+                    f"{s.name}:Started",
+                )
+            )
         before_state = before.state if before else None
         before_reason = before.reason if before else None
         if s.state in TERMINAL and before_state != s.state:
@@ -454,34 +547,75 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
             seconds = (end - start).total_seconds() if start and end else 0.0
             finished.append((s.name, s.state, seconds))
             if s.state == SUCCEEDED:
-                events.append(Event("Normal", "StageSucceeded", f"stage {s.name} succeeded"
-                                    + (f" in {format_duration(seconds)}" if seconds else ""), f"{s.name}:Succeeded"))
+                events.append(
+                    Event(
+                        "Normal",
+                        "StageSucceeded",
+                        f"stage {s.name} succeeded" + (f" in {format_duration(seconds)}" if seconds else ""),
+                        f"{s.name}:Succeeded",
+                    )
+                )
             elif not (s.name == GATE_STAGE and gate_blocked):  # a blocking gate has its own event below
-                events.append(Event("Warning", "StageFailed", f"stage {s.name}: {s.message or s.reason}",
-                                    f"{s.name}:Failed"))
+                events.append(
+                    Event(
+                        "Warning",
+                        "StageFailed",
+                        f"stage {s.name}: {s.message or s.reason}",
+                        f"{s.name}:Failed",
+                    )
+                )
         elif s.state not in TERMINAL and s.reason != before_reason and s.reason in _WARNING_REASONS:
-            events.append(Event("Warning", s.reason, s.message or s.reason, f"{s.name}:{s.reason}:{generation}"))
+            events.append(
+                Event("Warning", s.reason, s.message or s.reason, f"{s.name}:{s.reason}:{generation}")
+            )
     if gate_cond is not None:
-        before_gate = next((c for c in prev_raw.get("conditions") or [] if c.get("type") == GATE_CONDITION), {})
+        before_gate = next(
+            (c for c in prev_raw.get("conditions") or [] if c.get("type") == GATE_CONDITION), {}
+        )
         if gate_cond.reason != before_gate.get("reason"):
             if gate_cond.reason == GATE_PASSED:
                 events.append(Event("Normal", GATE_PASSED, gate_cond.message, f"gate:{GATE_PASSED}"))
             elif gate_cond.reason == GATE_NOT_ENFORCED:
-                events.append(Event("Warning", GATE_NOT_ENFORCED, gate_cond.message + "; publishing anyway "
-                                    "(spec.qualityGate.enforce is false)", f"gate:{GATE_NOT_ENFORCED}"))
+                events.append(
+                    Event(
+                        "Warning",
+                        GATE_NOT_ENFORCED,
+                        gate_cond.message + "; publishing anyway (spec.qualityGate.enforce is false)",
+                        f"gate:{GATE_NOT_ENFORCED}",
+                    )
+                )
             elif gate_cond.reason == GATE_FAILED:
-                events.append(Event("Warning", GATE_FAILED, message if gate_blocked else gate_cond.message,
-                                    f"gate:{GATE_FAILED}"))
+                events.append(
+                    Event(
+                        "Warning",
+                        GATE_FAILED,
+                        message if gate_blocked else gate_cond.message,
+                        f"gate:{GATE_FAILED}",
+                    )
+                )
     if prev.phase != phase:
         if phase == SUCCEEDED:
             where = artifacts.get("uri") or (status.get("artifacts") or {}).get("uri")
-            events.append(Event("Normal", "Succeeded", "DistillationJob succeeded"
-                                + (f"; model published to {redact_uri(where)}" if where else ""), "job:Succeeded"))
+            events.append(
+                Event(
+                    "Normal",
+                    "Succeeded",
+                    "DistillationJob succeeded"
+                    + (f"; model published to {redact_uri(where)}" if where else ""),
+                    "job:Succeeded",
+                )
+            )
         elif phase == SUSPENDED:
             events.append(Event("Normal", "Suspended", message, f"job:Suspended:{generation}"))
         elif prev.phase == SUSPENDED:
-            events.append(Event("Normal", "Resumed", f"resumed at stage {current_state.name if current_state else ''}",
-                                f"job:Resumed:{generation}"))
+            events.append(
+                Event(
+                    "Normal",
+                    "Resumed",
+                    f"resumed at stage {current_state.name if current_state else ''}",
+                    f"job:Resumed:{generation}",
+                )
+            )
     if stalled is not None and (prev_reason, prev_message) != stalled:
         events.append(Event("Warning", stalled[0], stalled[1], f"job:{stalled[0]}:{generation}"))
 
@@ -504,18 +638,46 @@ def decide(cr: Mapping[str, Any], jobs: Mapping[str, Mapping[str, Any]],
 
     identity = k8s.trainer_identity(owner, effective, defaults) if create else ()
     return Decision(
-        identity=identity, create=tuple(create), suspend=tuple(suspend), resume=tuple(resume),
-        release=tuple(release), status=status,
-        status_patch=_status_patch(prev_raw, status), accepted_spec=new_accepted, events=tuple(events),
-        finished_stages=tuple(finished), delete=delete, requeue_after=requeue, stages=stages,
+        identity=identity,
+        create=tuple(create),
+        suspend=tuple(suspend),
+        resume=tuple(resume),
+        release=tuple(release),
+        status=status,
+        status_patch=_status_patch(prev_raw, status),
+        accepted_spec=new_accepted,
+        events=tuple(events),
+        finished_stages=tuple(finished),
+        delete=delete,
+        requeue_after=requeue,
+        stages=stages,
     )
 
 
-_NO_JOB_REASONS = frozenset({None, "JobInvalid", "JobRejected", "QuotaExceeded", "WaitingForOldJob", NOT_STARTED})
+_NO_JOB_REASONS = frozenset(
+    {None, "JobInvalid", "JobRejected", "QuotaExceeded", "WaitingForOldJob", NOT_STARTED}
+)
 
-_WARNING_REASONS = frozenset({"SecretMissing", "SecretKeyMissing", "JobRejected", "QuotaExceeded", "Unschedulable", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
-                              "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff",
-                              "OOMKilled", "Evicted", "Preempted", "Disrupted", "WaitingForOldJob"})
+_WARNING_REASONS = frozenset(
+    {
+        "SecretMissing",
+        "SecretKeyMissing",
+        "JobRejected",
+        "QuotaExceeded",
+        "Unschedulable",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "CrashLoopBackOff",
+        "OOMKilled",
+        "Evicted",
+        "Preempted",
+        "Disrupted",
+        "WaitingForOldJob",
+    }
+)
 
 
 def redact_uri(uri: str) -> str:

@@ -26,7 +26,7 @@ _WAITING_PROBLEMS = {
     "ErrImagePull": "the trainer image cannot be pulled; check spec.image and spec.imagePullSecrets",
     "InvalidImageName": "spec.image is not a valid image reference",
     "CreateContainerConfigError": "the container cannot be configured (a missing Secret or key in "
-                                  "spec.output.secretRef?)",
+    "spec.output.secretRef?)",
     "CreateContainerError": "the container cannot be created",
     "CrashLoopBackOff": "the container keeps crashing",
 }
@@ -76,31 +76,72 @@ def observe_job(job: Mapping[str, Any]) -> JobView:
     completions = spec.get("completions") or 1
     if "Complete" in true:
         c = true["Complete"]
-        return JobView(name, SUCCEEDED, "Succeeded", None, start,
-                       status.get("completionTime") or c.get("lastTransitionTime"), by_operator, queued)
+        return JobView(
+            name,
+            SUCCEEDED,
+            "Succeeded",
+            None,
+            start,
+            status.get("completionTime") or c.get("lastTransitionTime"),
+            by_operator,
+            queued,
+        )
     for kind in ("Failed", "FailureTarget"):
         if kind in true:
             c = true[kind]
-            return JobView(name, FAILED, c.get("reason") or "Failed", c.get("message"), start,
-                           c.get("lastTransitionTime"), by_operator, queued)
+            return JobView(
+                name,
+                FAILED,
+                c.get("reason") or "Failed",
+                c.get("message"),
+                start,
+                c.get("lastTransitionTime"),
+                by_operator,
+                queued,
+            )
     if spec.get("suspend"):
         if queued and not by_operator:
-            return JobView(name, PENDING, "Queued", f"waiting for Kueue to admit the Job "
-                           f"(queue {(meta.get('labels') or {}).get(KUEUE_QUEUE_LABEL)})", start, None,
-                           by_operator, queued)
+            return JobView(
+                name,
+                PENDING,
+                "Queued",
+                f"waiting for Kueue to admit the Job "
+                f"(queue {(meta.get('labels') or {}).get(KUEUE_QUEUE_LABEL)})",
+                start,
+                None,
+                by_operator,
+                queued,
+            )
         return JobView(name, SUSPENDED, "Suspended", None, start, None, by_operator, queued)
     active = status.get("active") or 0
     ready = status.get("ready")
     succeeded = status.get("succeeded") or 0
     progress = f" ({succeeded}/{completions} pods done)" if completions > 1 else ""
     if active and (ready is None or ready > 0):
-        return JobView(name, RUNNING, "Running", f"Job {name} is running{progress}", start, None,
-                       by_operator, queued)
+        return JobView(
+            name, RUNNING, "Running", f"Job {name} is running{progress}", start, None, by_operator, queued
+        )
     if active:
-        return JobView(name, PENDING, "PodsStarting", f"pods of Job {name} are starting{progress}", start, None,
-                       by_operator, queued)
-    return JobView(name, PENDING, "JobCreated", f"Job {name} has no running pod yet{progress}", start, None,
-                   by_operator, queued)
+        return JobView(
+            name,
+            PENDING,
+            "PodsStarting",
+            f"pods of Job {name} are starting{progress}",
+            start,
+            None,
+            by_operator,
+            queued,
+        )
+    return JobView(
+        name,
+        PENDING,
+        "JobCreated",
+        f"Job {name} has no running pod yet{progress}",
+        start,
+        None,
+        by_operator,
+        queued,
+    )
 
 
 @dataclass(frozen=True)
@@ -113,7 +154,9 @@ class PodIssue:
 
 
 def _memory_limit(pod: Mapping[str, Any], container: str) -> str | None:
-    for c in (pod.get("spec") or {}).get("containers", []) + (pod.get("spec") or {}).get("initContainers", []):
+    for c in (pod.get("spec") or {}).get("containers", []) + (pod.get("spec") or {}).get(
+        "initContainers", []
+    ):
         if c.get("name") == container:
             return ((c.get("resources") or {}).get("limits") or {}).get("memory")
     return None
@@ -131,30 +174,49 @@ def pod_issue(pod: Mapping[str, Any], stage: str | None = None) -> PodIssue | No
     name = meta.get("name", "")
     where = f"spec.resources.{stage}" if stage else "spec.resources"
     if status.get("reason") == "Evicted":
-        return PodIssue("Evicted", f"pod {name} was evicted: {status.get('message') or 'node pressure'}", name)
+        return PodIssue(
+            "Evicted", f"pod {name} was evicted: {status.get('message') or 'node pressure'}", name
+        )
     for cond in status.get("conditions") or ():
         if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
             reason = cond.get("reason") or "Disrupted"
             label = "Preempted" if "Preemption" in reason else "Disrupted"
-            return PodIssue(label, f"pod {name} was stopped by the cluster ({reason}): "
-                                   f"{cond.get('message') or ''}".rstrip(": "), name)
+            return PodIssue(
+                label,
+                f"pod {name} was stopped by the cluster ({reason}): {cond.get('message') or ''}".rstrip(": "),
+                name,
+            )
     for cs in _container_statuses(status):
         for state_key in ("state", "lastState"):
             term = (cs.get(state_key) or {}).get("terminated") or {}
             if term.get("reason") == "OOMKilled":
                 limit = _memory_limit(pod, cs.get("name", ""))
-                return PodIssue("OOMKilled", f"container {cs.get('name')} of pod {name} ran out of memory"
-                                + (f" (limit {limit})" if limit else "") + f"; raise {where}.memory", name)
+                return PodIssue(
+                    "OOMKilled",
+                    f"container {cs.get('name')} of pod {name} ran out of memory"
+                    + (f" (limit {limit})" if limit else "")
+                    + f"; raise {where}.memory",
+                    name,
+                )
     phase = status.get("phase")
     if phase == "Pending":
         for cond in status.get("conditions") or ():
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
-                    and cond.get("reason") == "Unschedulable":
-                return PodIssue("Unschedulable", cond.get("message") or f"pod {name} cannot be scheduled", name)
+            if (
+                cond.get("type") == "PodScheduled"
+                and cond.get("status") == "False"
+                and cond.get("reason") == "Unschedulable"
+            ):
+                return PodIssue(
+                    "Unschedulable", cond.get("message") or f"pod {name} cannot be scheduled", name
+                )
         for cs in _container_statuses(status):
             waiting = (cs.get("state") or {}).get("waiting") or {}
             reason = waiting.get("reason")
-            secret = _missing_secret(waiting.get("message") or "") if reason == "CreateContainerConfigError" else None
+            secret = (
+                _missing_secret(waiting.get("message") or "")
+                if reason == "CreateContainerConfigError"
+                else None
+            )
             if secret is not None:
                 return PodIssue(secret[0], secret[1], name)
             if reason in _WAITING_PROBLEMS:
@@ -175,8 +237,12 @@ def pod_issue(pod: Mapping[str, Any], stage: str | None = None) -> PodIssue | No
                 # user acts on, so it becomes the condition's reason when it is a valid one.
                 reason = err.get("reason")
                 reason = reason if isinstance(reason, str) and _REASON.fullmatch(reason) else "Error"
-                return PodIssue(reason, f"container {cs.get('name')} of pod {name} exited with code {code}"
-                                + (f": {text}" if text else ""), name)
+                return PodIssue(
+                    reason,
+                    f"container {cs.get('name')} of pod {name} exited with code {code}"
+                    + (f": {text}" if text else ""),
+                    name,
+                )
     return None
 
 
@@ -185,13 +251,17 @@ def _missing_secret(kubelet_message: str) -> tuple[str, str] | None:
     names the Secret and the key, never a value."""
     m = re.search(r'secret "([^"]+)" not found', kubelet_message)
     if m:
-        why = (f"spec.output.secretRef.name: Secret {m.group(1)!r} does not exist in the job's namespace; create "
-               "it with the storage credentials (see the README's credentials section)")
+        why = (
+            f"spec.output.secretRef.name: Secret {m.group(1)!r} does not exist in the job's namespace; create "
+            "it with the storage credentials (see the README's credentials section)"
+        )
         return ("SecretMissing", why)
     m = re.search(r"couldn't find key (\S+) in Secret (\S+)", kubelet_message)
     if m:
-        why = (f"spec.output.secretRef: Secret {m.group(2).split('/')[-1]!r} has no key {m.group(1)}, which "
-               "publishing to this URI scheme requires")
+        why = (
+            f"spec.output.secretRef: Secret {m.group(2).split('/')[-1]!r} has no key {m.group(1)}, which "
+            "publishing to this URI scheme requires"
+        )
         return ("SecretKeyMissing", why)
     return None
 
@@ -230,8 +300,17 @@ def pod_summary(pod: Mapping[str, Any], container: str = "main") -> dict[str, An
     return {}
 
 
-ARTIFACT_KEYS = ("uri", "sha256", "sizeBytes", "version", "modelPath", "studentParameters", "teacherParameters",
-                 "onnx", "package")
+ARTIFACT_KEYS = (
+    "uri",
+    "sha256",
+    "sizeBytes",
+    "version",
+    "modelPath",
+    "studentParameters",
+    "teacherParameters",
+    "onnx",
+    "package",
+)
 # status.metrics keys (nnunet_distill.evaluation.result_metrics) and the JSON type each must have.
 NUMBER_METRICS = ("finalDice", "teacherDice", "retention", "worstLabelRetention")
 TEXT_METRICS = ("worstLabel", "evaluatedOn")
@@ -295,7 +374,11 @@ class GateVerdict:
 def gate_verdict(summary: Mapping[str, Any]) -> GateVerdict | None:
     """The verdict in a gate pod's termination message; None when it carries none (e.g. the gate crashed)."""
     gate = summary.get("gate")
-    if summary.get("stage") != GATE_STAGE or not isinstance(gate, Mapping) or not isinstance(gate.get("passed"), bool):
+    if (
+        summary.get("stage") != GATE_STAGE
+        or not isinstance(gate, Mapping)
+        or not isinstance(gate.get("passed"), bool)
+    ):
         return None
     passed = gate["passed"]
     enforced = gate.get("enforced") is not False
@@ -308,7 +391,9 @@ def gate_verdict(summary: Mapping[str, Any]) -> GateVerdict | None:
 
 def newest_gate_summary(pods: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], GateVerdict] | None:
     """(termination message, verdict) of the newest finished gate pod that reached a verdict."""
-    ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+    ordered = sorted(
+        pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True
+    )
     for pod in ordered:
         if (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
             continue
@@ -321,12 +406,22 @@ def newest_gate_summary(pods: Sequence[Mapping[str, Any]]) -> tuple[dict[str, An
 
 def gate_failure_message(verdict_message: str, student: str | None, export: str) -> str:
     """The job's message when an enforced gate blocks publishing: the verdict, and what was kept where."""
-    where = f"the student ({student}) and its export ({export})" if student else f"the student and its export ({export})"
+    where = (
+        f"the student ({student}) and its export ({export})"
+        if student
+        else f"the student and its export ({export})"
+    )
     return f"{verdict_message}; not published: {where} stay on the results volume for inspection"
 
 
-def gate_condition(verdict: GateVerdict | None, previous: Sequence[Mapping[str, Any]], *, description: str,
-                   stage_state: str | None = None, stage_message: str | None = None) -> Cond:
+def gate_condition(
+    verdict: GateVerdict | None,
+    previous: Sequence[Mapping[str, Any]],
+    *,
+    description: str,
+    stage_state: str | None = None,
+    stage_message: str | None = None,
+) -> Cond:
     """The QualityGate condition: True/QualityGatePassed, False/QualityGateFailed or QualityGateNotEnforced with
     the verdict's figures and cases, or Unknown/NotEvaluated before the gate reached a verdict.
 
@@ -336,13 +431,25 @@ def gate_condition(verdict: GateVerdict | None, previous: Sequence[Mapping[str, 
         return Cond(GATE_CONDITION, verdict.passed, verdict.reason, verdict.message)
     before = next((c for c in previous if c.get("type") == GATE_CONDITION), None)
     if before is not None and before.get("reason") in GATE_VERDICTS:
-        return Cond(GATE_CONDITION, before.get("status") == "True", before["reason"], before.get("message") or "")
+        return Cond(
+            GATE_CONDITION, before.get("status") == "True", before["reason"], before.get("message") or ""
+        )
     if stage_state == FAILED:
-        return Cond(GATE_CONDITION, None, GATE_NOT_EVALUATED, "the gate stage failed before reaching a verdict: "
-                    f"{stage_message or 'see the GateComplete condition'}")
+        return Cond(
+            GATE_CONDITION,
+            None,
+            GATE_NOT_EVALUATED,
+            "the gate stage failed before reaching a verdict: "
+            f"{stage_message or 'see the GateComplete condition'}",
+        )
     if stage_state == SUCCEEDED:
-        return Cond(GATE_CONDITION, None, GATE_VERDICT_UNAVAILABLE, "the gate stage succeeded (passed, or "
-                    "qualityGate.enforce is false) but its pod's verdict could not be read")
+        return Cond(
+            GATE_CONDITION,
+            None,
+            GATE_VERDICT_UNAVAILABLE,
+            "the gate stage succeeded (passed, or "
+            "qualityGate.enforce is false) but its pod's verdict could not be read",
+        )
     return Cond(GATE_CONDITION, None, GATE_NOT_EVALUATED, f"not evaluated yet; {description}")
 
 
@@ -357,8 +464,9 @@ class Cond:
     message: str = ""
 
 
-def merge_conditions(previous: Sequence[Mapping[str, Any]], desired: Sequence[Cond], now: datetime,
-                     generation: int | None) -> list[dict[str, Any]]:
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]], desired: Sequence[Cond], now: datetime, generation: int | None
+) -> list[dict[str, Any]]:
     """metav1.Conditions: lastTransitionTime moves only when a condition's status changes."""
     before = {c.get("type"): c for c in previous}
     out = []
@@ -379,22 +487,30 @@ def merge_conditions(previous: Sequence[Mapping[str, Any]], desired: Sequence[Co
     return out
 
 
-def kstatus_conditions(phase: str, reason: str, message: str, stalled: tuple[str, str] | None,
-                       suspended: bool) -> list[Cond]:
+def kstatus_conditions(
+    phase: str, reason: str, message: str, stalled: tuple[str, str] | None, suspended: bool
+) -> list[Cond]:
     """Ready / Reconciling / Stalled / Suspended for a phase (kstatus: abnormal-true Reconciling, Stalled)."""
     done = phase == "Succeeded"
     failed = phase == "Failed"
     conds = [Cond("Ready", done, "Succeeded" if done else reason, "the model is ready" if done else message)]
     progressing = phase in ("Pending", "Running") and stalled is None
-    conds.append(Cond("Reconciling", progressing, reason if progressing else phase,
-                      message if progressing else ""))
+    conds.append(
+        Cond("Reconciling", progressing, reason if progressing else phase, message if progressing else "")
+    )
     if failed or stalled is not None:
         s_reason, s_message = stalled if stalled is not None else (reason, message)
         conds.append(Cond("Stalled", True, s_reason, s_message))
     else:
         conds.append(Cond("Stalled", False, phase, ""))
-    conds.append(Cond("Suspended", suspended, "Suspended" if suspended else "NotSuspended",
-                      "spec.suspend is true" if suspended else ""))
+    conds.append(
+        Cond(
+            "Suspended",
+            suspended,
+            "Suspended" if suspended else "NotSuspended",
+            "spec.suspend is true" if suspended else "",
+        )
+    )
     return conds
 
 

@@ -21,26 +21,52 @@ PATHS = plan.DataPaths.in_pod("job")
 
 SPECS: dict[str, dict[str, Any]] = {
     "minimal": {},
-    "teachers-many-and-publish": {"teachers": {"train": True, "folds": [0, 1, 2],
-                                               "training": {"epochs": 5, "iterationsPerEpoch": 3,
-                                                            "valIterations": 2}},
-                                  "output": {"uri": "s3://models/liver", "secretRef": {"name": "s3"}}},
-    "teacher-one-fold": {"teachers": {"train": True, "folds": [2], "trainer": "nnUNetTrainerDA5",
-                                      "plans": "nnUNetResEncUNetMPlans"}},
-    "standard-options": {"configuration": "3d_lowres",
-                         "teachers": {"folds": [0, 1, 2, 3, 4], "folder": "/data/nnUNet_results/T"},
-                         "student": {"reductionFactor": 4},
-                         "distillation": {"alpha": 0.5, "temperature": 4.5, "epochs": 20, "iterationsPerEpoch": 7,
-                                          "valIterations": 3, "useDA5": True, "fold": 1, "rotateFolds": True,
-                                          "rotateFrequency": 9, "disableMirroring": True},
-                         "export": {"dynamicShape": True, "simplify": True, "modelName": "m"},
-                         "qualityGate": {"minRetention": 0.955, "minLabelRetention": 0.8, "enforce": False}},
-    "standard-static-trt": {"export": {"inputShape": [1, 1, 64, 64, 64], "tensorRTCompatible": True},
-                            "output": {"uri": "file:///models/out"}},
+    "teachers-many-and-publish": {
+        "teachers": {
+            "train": True,
+            "folds": [0, 1, 2],
+            "training": {"epochs": 5, "iterationsPerEpoch": 3, "valIterations": 2},
+        },
+        "output": {"uri": "s3://models/liver", "secretRef": {"name": "s3"}},
+    },
+    "teacher-one-fold": {
+        "teachers": {
+            "train": True,
+            "folds": [2],
+            "trainer": "nnUNetTrainerDA5",
+            "plans": "nnUNetResEncUNetMPlans",
+        }
+    },
+    "standard-options": {
+        "configuration": "3d_lowres",
+        "teachers": {"folds": [0, 1, 2, 3, 4], "folder": "/data/nnUNet_results/T"},
+        "student": {"reductionFactor": 4},
+        "distillation": {
+            "alpha": 0.5,
+            "temperature": 4.5,
+            "epochs": 20,
+            "iterationsPerEpoch": 7,
+            "valIterations": 3,
+            "useDA5": True,
+            "fold": 1,
+            "rotateFolds": True,
+            "rotateFrequency": 9,
+            "disableMirroring": True,
+        },
+        "export": {"dynamicShape": True, "simplify": True, "modelName": "m"},
+        "qualityGate": {"minRetention": 0.955, "minLabelRetention": 0.8, "enforce": False},
+    },
+    "standard-static-trt": {
+        "export": {"inputShape": [1, 1, 64, 64, 64], "tensorRTCompatible": True},
+        "output": {"uri": "file:///models/out"},
+    },
     "standard-nnunet-format-2d": {"configuration": "2d", "export": {"nnUNetFormat": True}},
     "resenc-defaults": {"student": {"architecture": "resenc"}},
-    "resenc-dynamic": {"student": {"architecture": "resenc", "blockStrategy": "reduce"},
-                       "export": {"dynamicShape": True}, "preprocess": {"mode": "Always", "processes": 3}},
+    "resenc-dynamic": {
+        "student": {"architecture": "resenc", "blockStrategy": "reduce"},
+        "export": {"dynamicShape": True},
+        "preprocess": {"mode": "Always", "processes": 3},
+    },
 }
 for example in ("distillationjob-full.yaml", "distillationjob-minimal.yaml", "demo.yaml"):
     SPECS[f"example:{example}"] = yaml.safe_load((ROOT / "examples" / example).read_text())["spec"]
@@ -105,8 +131,9 @@ def parse(argv: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> argparse.Na
         pytest.fail(f"{head} rejected {rest}: exit {exc.code}")
 
 
-def _check_values(stage: plan.Stage, command: plan.Command, args: argparse.Namespace,
-                  spec: api.DistillationJobSpec) -> None:
+def _check_values(
+    stage: plan.Stage, command: plan.Command, args: argparse.Namespace, spec: api.DistillationJobSpec
+) -> None:
     d, e = spec.distillation, spec.export
     head = command.argv[0]
     if head == "nnUNetv2_plan_and_preprocess":
@@ -120,8 +147,11 @@ def _check_values(stage: plan.Stage, command: plan.Command, args: argparse.Names
         folds = list(spec.teacher_folds or ())
         picked = args.folds_by_index if len(folds) > 1 else [args.fold]
         assert [int(f) for f in picked] == folds
-        assert (args.trainer, args.plans, args.configuration) == (spec.teachers.trainer, spec.teacher_plans,
-                                                                  spec.configuration)
+        assert (args.trainer, args.plans, args.configuration) == (
+            spec.teachers.trainer,
+            spec.teacher_plans,
+            spec.configuration,
+        )
         assert args.epochs == spec.teachers.training.epochs
         assert args.iterations_per_epoch == spec.teachers.training.iterations_per_epoch
         assert args.continue_training is True and args.device == "cuda"
@@ -134,22 +164,29 @@ def _check_values(stage: plan.Stage, command: plan.Command, args: argparse.Names
         assert args.teacher_folds == (list(spec.teacher_folds) if spec.teacher_folds is not None else None)
         assert (args.teacher_trainer, args.teacher_plans) == (spec.teachers.trainer, spec.teacher_plans)
         assert args.teacher_model_folder == spec.teachers.folder
-        assert (args.use_da5, args.rotate_folds, args.disable_mirroring) == (d.use_da5, d.rotate_folds,
-                                                                             d.disable_mirroring)
+        assert (args.use_da5, args.rotate_folds, args.disable_mirroring) == (
+            d.use_da5,
+            d.rotate_folds,
+            d.disable_mirroring,
+        )
         if d.rotate_frequency is not None:
             assert args.rotate_freq == d.rotate_frequency
         assert args.d_device == "cuda" and args.continue_training is True  # automatic resume
         if spec.student.architecture == "resenc":
-            assert (args.student_plans, args.block_strategy) == (spec.student_base_plans,
-                                                                 spec.student.block_strategy)
+            assert (args.student_plans, args.block_strategy) == (
+                spec.student_base_plans,
+                spec.student.block_strategy,
+            )
     elif command.name == "export":
         assert str(args.dataset_id) == str(spec.dataset.id) and str(args.fold) == str(d.fold)
         assert args.reduction_factor == spec.student.reduction_factor and args.use_da5 == d.use_da5
         assert args.simplify == e.simplify and args.trt == e.tensorrt_compatible
         assert args.plans == spec.teacher_plans
         if spec.student.architecture == "resenc":
-            assert (args.student_plans, args.block_strategy) == (spec.student_base_plans,
-                                                                 spec.student.block_strategy)
+            assert (args.student_plans, args.block_strategy) == (
+                spec.student_base_plans,
+                spec.student.block_strategy,
+            )
         else:
             assert (args.dynamic_axes, args.nnunet_format) == (e.dynamic_shape, e.nnunet_format)
             assert args.input_shape == e.input_shape
@@ -160,8 +197,11 @@ def _check_values(stage: plan.Stage, command: plan.Command, args: argparse.Names
     elif command.name == "gate":
         g = spec.quality_gate
         assert args.summary == plan.student_summary_glob(spec, PATHS)
-        assert (args.min_retention, args.min_label_retention, args.enforce) == (g.min_retention,
-                                                                               g.min_label_retention, g.enforce)
+        assert (args.min_retention, args.min_label_retention, args.enforce) == (
+            g.min_retention,
+            g.min_label_retention,
+            g.enforce,
+        )
     elif command.name == "publish":
         assert (args.package_dir, args.uri) == (plan.export_paths(PATHS)[2], spec.output.uri)  # type: ignore[union-attr]
     else:
@@ -169,7 +209,9 @@ def _check_values(stage: plan.Stage, command: plan.Command, args: argparse.Names
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))
-def test_every_rendered_command_parses_with_the_trainers_parser(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_rendered_command_parses_with_the_trainers_parser(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = _spec(SPECS[case])
     stages = plan.plan(spec, name="job", paths=PATHS)
     commands = [(s, c) for s in stages for c in s.commands]
@@ -202,27 +244,36 @@ def test_pod_commands_are_the_planned_commands() -> None:
         containers = pod.get("initContainers", []) + pod["containers"]
         assert len(containers) == len(stage.commands)
         for container, command in zip(containers, stage.commands):
-            assert container["args"][-len(command.argv):] == list(command.argv)
+            assert container["args"][-len(command.argv) :] == list(command.argv)
         env = {e["name"]: e.get("value") for c in containers for e in c["env"]}
         assert (env["nnUNet_raw"], env["nnUNet_preprocessed"], env["nnUNet_results"]) == (
-            "/data/nnUNet_raw", "/data/nnUNet_preprocessed", "/data/nnUNet_results")
+            "/data/nnUNet_raw",
+            "/data/nnUNet_preprocessed",
+            "/data/nnUNet_results",
+        )
 
 
 def test_student_folder_naming_agrees_with_the_trainer() -> None:
     naming = importlib.import_module("nnunet_distill.naming")
-    assert (plan.DISTILL_TRAINER, plan.DISTILL_TRAINER_DA5) == (naming.DISTILL_TRAINER, naming.DISTILL_TRAINER_DA5)
+    assert (plan.DISTILL_TRAINER, plan.DISTILL_TRAINER_DA5) == (
+        naming.DISTILL_TRAINER,
+        naming.DISTILL_TRAINER_DA5,
+    )
     assert api.DEFAULT_RESENC_TEACHER_PLANS == naming.DEFAULT_RESENC_TEACHER_PLANS
     for base in ("nnUNetPlans", "nnUNetResEncUNetMPlans"):
         for r in (1, 2, 4):
             for bs in (None, "keep", "reduce", "adaptive"):
-                assert plan.student_plans_identifier(base, r, bs) == naming.student_plans_identifier(base, r, bs)
+                assert plan.student_plans_identifier(base, r, bs) == naming.student_plans_identifier(
+                    base, r, bs
+                )
     for overrides in SPECS.values():
         spec = _spec(overrides)
         bs = spec.student.block_strategy if spec.student.architecture == "resenc" else None
         expected = naming.model_folder_name(
             naming.distill_trainer_name(spec.distillation.use_da5),
             naming.student_plans_identifier(spec.student_base_plans, spec.student.reduction_factor, bs),
-            spec.configuration)
+            spec.configuration,
+        )
         assert plan.student_model_folder(spec) == expected
 
 
@@ -248,19 +299,29 @@ def test_quality_gate_constants_agree_with_the_trainer() -> None:
     assert plan.DISTILLATION_SUMMARY == evaluation.SUMMARY_NAME
     assert gate.SCHEMA_VERSION == evaluation.SCHEMA_VERSION
     assert (gate.TEST_SET, gate.VALIDATION_UNSEEN, gate.NO_HONEST_BASELINE) == (
-        evaluation.TEST_SET, evaluation.VALIDATION_UNSEEN, evaluation.NO_HONEST_BASELINE)
+        evaluation.TEST_SET,
+        evaluation.VALIDATION_UNSEEN,
+        evaluation.NO_HONEST_BASELINE,
+    )
     assert status.EXIT_CODE_GATE_FAILED == gate.EXIT_GATE_FAILED != k8s.EXIT_CODE_USAGE
-    assert (status.GATE_PASSED, status.GATE_FAILED, status.GATE_NOT_ENFORCED) == (gate.PASSED, gate.FAILED,
-                                                                                  gate.NOT_ENFORCED)
+    assert (status.GATE_PASSED, status.GATE_FAILED, status.GATE_NOT_ENFORCED) == (
+        gate.PASSED,
+        gate.FAILED,
+        gate.NOT_ENFORCED,
+    )
     defaults = api.QualityGateSpec()
     assert (defaults.min_retention, defaults.min_label_retention, defaults.enforce) == (
-        gate.DEFAULT_MIN_RETENTION, gate.DEFAULT_MIN_LABEL_RETENTION, True)
+        gate.DEFAULT_MIN_RETENTION,
+        gate.DEFAULT_MIN_LABEL_RETENTION,
+        True,
+    )
     bounds = api.QualityGateSpec.model_json_schema()["properties"]["minRetention"]
     assert bounds["maximum"] == gate.MAX_THRESHOLD and bounds["exclusiveMinimum"] == 0
 
 
-def test_gate_termination_message_becomes_status_metrics_and_the_condition(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gate_termination_message_becomes_status_metrics_and_the_condition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The real gate CLI on a summary laid out where the plan's glob looks; its termination message read by the
     operator's own functions: every figure the trainer reports lands in status.metrics (the API model)."""
     import json
@@ -270,18 +331,29 @@ def test_gate_termination_message_becomes_status_metrics_and_the_condition(tmp_p
     gate_cli = importlib.import_module("nnunet_distill.cli.gate")
     evaluation = importlib.import_module("nnunet_distill.evaluation")
     spec = _spec({})
-    paths = plan.DataPaths(str(tmp_path / "raw"), str(tmp_path / "pre"), str(tmp_path / "results"),
-                           str(tmp_path / "work"))
+    paths = plan.DataPaths(
+        str(tmp_path / "raw"), str(tmp_path / "pre"), str(tmp_path / "results"), str(tmp_path / "work")
+    )
     fold = tmp_path / "results" / "Dataset027_Liver" / plan.student_model_folder(spec) / "fold_0"
     (fold / "validation").mkdir(parents=True)
     summary = {
-        "schema_version": 2, "evaluation": "test_set", "note": "held-out test cases",
+        "schema_version": 2,
+        "evaluation": "test_set",
+        "note": "held-out test cases",
         "cases": {"ids": ["c0", "c1", "c2"], "count": 3, "source": "imagesTs", "mirroring_tta": True},
-        "student": {"model_folder": str(fold.parent), "fold": 0, "mean_dice": 0.6,
-                    "dice": {"organ": 0.9, "lesion": 0.3}},
+        "student": {
+            "model_folder": str(fold.parent),
+            "fold": 0,
+            "mean_dice": 0.6,
+            "dice": {"organ": 0.9, "lesion": 0.3},
+        },
         "teacher_ensemble": {"folds": [0, 1, 2], "mean_dice": 0.9, "dice": {"organ": 0.95, "lesion": 0.85}},
-        "retention": {"mean": 0.6 / 0.9, "per_label": {"organ": 0.9 / 0.95, "lesion": 0.3 / 0.85},
-                      "worst_label": "lesion", "worst": 0.3 / 0.85},
+        "retention": {
+            "mean": 0.6 / 0.9,
+            "per_label": {"organ": 0.9 / 0.95, "lesion": 0.3 / 0.85},
+            "worst_label": "lesion",
+            "worst": 0.3 / 0.85,
+        },
         "per_label": [],
     }
     (fold / "validation" / evaluation.SUMMARY_NAME).write_text(json.dumps(summary))
@@ -296,5 +368,8 @@ def test_gate_termination_message_becomes_status_metrics_and_the_condition(tmp_p
     assert metrics == evaluation.result_metrics(summary)  # the trainer's own status.metrics, key for key
     assert set(metrics) == set(status.METRIC_KEYS)
     model = api.Metrics.model_validate(metrics)
-    assert (model.worst_label, model.teacher_folds, model.evaluated_on) == ("lesion", [0, 1, 2],
-                                                                           "test_set: 3 cases (imagesTs)")
+    assert (model.worst_label, model.teacher_folds, model.evaluated_on) == (
+        "lesion",
+        [0, 1, 2],
+        "test_set: 3 cases (imagesTs)",
+    )

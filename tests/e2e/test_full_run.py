@@ -59,8 +59,14 @@ def moto_endpoint():
 
 
 def _s3(endpoint: str):
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                        aws_secret_access_key="test", config=botocore.config.Config(s3={"addressing_style": "path"}))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        config=botocore.config.Config(s3={"addressing_style": "path"}),
+    )
 
 
 @pytest.fixture()
@@ -91,8 +97,12 @@ class Kubelet:
             return {}
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
-    async def _env(self, container: dict, pod_meta: dict, index: int | None, termination: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet_", "AWS_", "DISTILLATIONJOB_"))}
+    async def _env(
+        self, container: dict, pod_meta: dict, index: int | None, termination: Path
+    ) -> dict[str, str]:
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("nnUNet_", "AWS_", "DISTILLATIONJOB_"))
+        }
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         for item in container.get("env") or ():
             if "value" in item:
@@ -104,7 +114,7 @@ class Kubelet:
                 if path == "metadata.namespace":
                     env[item["name"]] = pod_meta["namespace"]
                 elif path.startswith("metadata.annotations['"):
-                    env[item["name"]] = pod_meta["annotations"][path[len("metadata.annotations['"):-2]]
+                    env[item["name"]] = pod_meta["annotations"][path[len("metadata.annotations['") : -2]]
                 else:
                     raise AssertionError(f"unsupported fieldRef {path}")
             elif "secretKeyRef" in ref:
@@ -125,15 +135,20 @@ class Kubelet:
             env["JOB_COMPLETION_INDEX"] = str(index)
         return env
 
-    async def _run_container(self, job_name: str, container: dict, pod_meta: dict,
-                             index: int | None) -> tuple[int, str]:
+    async def _run_container(
+        self, job_name: str, container: dict, pod_meta: dict, index: int | None
+    ) -> tuple[int, str]:
         termination = self.work / f"{job_name}-{index or 0}-{container['name']}.termination"
         termination.write_text("")
         env = await self._env(container, pod_meta, index, termination)
-        argv = [self._host_path(a) for a in [*(container.get("command") or ()), *(container.get("args") or ())]]
+        argv = [
+            self._host_path(a) for a in [*(container.get("command") or ()), *(container.get("args") or ())]
+        ]
         log = self.work / f"{job_name}-{index or 0}-{container['name']}.log"
         with open(log, "wb") as fh:  # noqa: ASYNC230 - opening a local file is instant
-            proc = await asyncio.create_subprocess_exec(*argv, env=env, stdout=fh, stderr=asyncio.subprocess.STDOUT)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdout=fh, stderr=asyncio.subprocess.STDOUT
+            )
             code = await proc.wait()
         if code != 0:
             self.errors.append(f"{job_name}/{container['name']} exited {code}:\n{log.read_text()[-3000:]}")
@@ -150,28 +165,57 @@ class Kubelet:
             pod = pod_for(job, index=i)
             code, message, failed_container = 0, "", None
             for container in [*(spec.get("initContainers") or ()), *spec["containers"]]:
-                code, message = await self._run_container(name, container, pod["metadata"], i if indexed else None)
+                code, message = await self._run_container(
+                    name, container, pod["metadata"], i if indexed else None
+                )
                 if code != 0:
                     failed_container = container["name"]
                     break
             await self.clients.create_pod(pod)
-            terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error", "message": message}
-            await self.clients.patch_pod_status(pod["metadata"]["name"], {
-                "phase": "Succeeded" if code == 0 else "Failed",
-                "containerStatuses": [{"name": "main", "ready": False, "restartCount": 0, "image": "x",
-                                       "imageID": "", "state": {"terminated": terminated}}]})
+            terminated = {
+                "exitCode": code,
+                "reason": "Completed" if code == 0 else "Error",
+                "message": message,
+            }
+            await self.clients.patch_pod_status(
+                pod["metadata"]["name"],
+                {
+                    "phase": "Succeeded" if code == 0 else "Failed",
+                    "containerStatuses": [
+                        {
+                            "name": "main",
+                            "ready": False,
+                            "restartCount": 0,
+                            "image": "x",
+                            "imageID": "",
+                            "state": {"terminated": terminated},
+                        }
+                    ],
+                },
+            )
             ok = ok and code == 0
             if failed_container:
                 break
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         status: dict[str, Any] = {"startTime": now, "completionTime": now} if ok else {"startTime": now}
         if ok:
-            status.update(succeeded=completions, conditions=[{"type": "Complete", "status": "True",
-                                                              "lastTransitionTime": now}])
+            status.update(
+                succeeded=completions,
+                conditions=[{"type": "Complete", "status": "True", "lastTransitionTime": now}],
+            )
         else:
-            status.update(failed=1, conditions=[{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                                                 "message": "Job has reached the specified backoff limit",
-                                                 "lastTransitionTime": now}])
+            status.update(
+                failed=1,
+                conditions=[
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "BackoffLimitExceeded",
+                        "message": "Job has reached the specified backoff limit",
+                        "lastTransitionTime": now,
+                    }
+                ],
+            )
         await self.clients.patch_job_status(name, status, NS)
 
     async def serve(self) -> None:
@@ -203,8 +247,9 @@ def _spec(endpoint_bucket_uri: str, quality_gate: dict[str, Any] | None = None) 
     }
 
 
-async def _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch, spec: dict[str, Any]
-                          ) -> tuple[Kubelet, str]:
+async def _run_to_the_end(
+    kmock, tmp_path, workspace, moto_endpoint, monkeypatch, spec: dict[str, Any]
+) -> tuple[Kubelet, str]:
     """Apply one DistillationJob and play the cluster until it Succeeds or Fails; (kubelet, phase)."""
     declare_resources(kmock)
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url).rstrip("/"))
@@ -212,9 +257,14 @@ async def _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch
     await asyncio.to_thread(_s3(moto_endpoint).create_bucket, Bucket=BUCKET)
     clients = Clients(kubeconfig)
     config = controller.OperatorConfig(
-        defaults=k8s.Defaults(image="registry.example/nnunet-distill-trainer:e2e",
-                              service_account="nnunet-distill-trainer"),
-        metrics_port=0, metrics_addr="127.0.0.1", resync_seconds=3600, kubeconfig=str(kubeconfig))
+        defaults=k8s.Defaults(
+            image="registry.example/nnunet-distill-trainer:e2e", service_account="nnunet-distill-trainer"
+        ),
+        metrics_port=0,
+        metrics_addr="127.0.0.1",
+        resync_seconds=3600,
+        kubeconfig=str(kubeconfig),
+    )
     operator = OperatorRunner(config)
     work = tmp_path / "kubelet"
     work.mkdir()
@@ -222,13 +272,32 @@ async def _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch
     await operator.start()
     node = asyncio.create_task(kubelet.serve())
     try:
-        await asyncio.to_thread(clients.core.create_namespaced_secret, NS, {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET},
-            "stringData": {}, "data": {k: base64.b64encode(v.encode()).decode() for k, v in {
-                "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": moto_endpoint, "STORAGE_ALLOW_HTTP": "true"}.items()}})
-        body = {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND,
-                "metadata": {"name": NAME, "namespace": NS}, "spec": spec}
+        await asyncio.to_thread(
+            clients.core.create_namespaced_secret,
+            NS,
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": SECRET},
+                "stringData": {},
+                "data": {
+                    k: base64.b64encode(v.encode()).decode()
+                    for k, v in {
+                        "AWS_ACCESS_KEY_ID": "test",
+                        "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_REGION": "us-east-1",
+                        "AWS_ENDPOINT_URL": moto_endpoint,
+                        "STORAGE_ALLOW_HTTP": "true",
+                    }.items()
+                },
+            },
+        )
+        body = {
+            "apiVersion": f"{api.GROUP}/{api.VERSION}",
+            "kind": api.KIND,
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": spec,
+        }
         await clients.create_dj(body, NS)
         expect_failure = spec.get("qualityGate", {}).get("enforce", True)
 
@@ -248,8 +317,9 @@ async def _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch
     return kubelet, finished
 
 
-async def test_an_undertrained_student_is_stopped_by_the_quality_gate(kmock, tmp_path, workspace, moto_endpoint,
-                                                                      monkeypatch):
+async def test_an_undertrained_student_is_stopped_by_the_quality_gate(
+    kmock, tmp_path, workspace, moto_endpoint, monkeypatch
+):
     """One iteration of training: the gate fails it, nothing is published, and the job says why with figures."""
     spec = _spec(f"s3://{BUCKET}/spleen", {"minRetention": 0.97, "minLabelRetention": 0.9, "enforce": True})
     spec["distillation"].update(epochs=1, iterationsPerEpoch=1)
@@ -257,11 +327,13 @@ async def test_an_undertrained_student_is_stopped_by_the_quality_gate(kmock, tmp
     status = get(kmock, dj_key(kmock, NAME, NS))["status"]
     assert finished == "Failed", json.dumps(status, indent=1)
     assert status["reason"] == "QualityGateFailed"
-    assert kubelet.ran == [k8s.job_name(NAME, s) for s in ("distill", "export", "gate")]   # never publish
+    assert kubelet.ran == [k8s.job_name(NAME, s) for s in ("distill", "export", "gate")]  # never publish
     assert _s3(moto_endpoint).list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0
     gate = {c["type"]: c for c in status["conditions"]}["QualityGate"]
     assert gate["status"] == "False" and gate["reason"] == "QualityGateFailed"
-    assert "test_set" in gate["message"] and "0.97" in gate["message"]    # the figures, the threshold, the cases
+    assert (
+        "test_set" in gate["message"] and "0.97" in gate["message"]
+    )  # the figures, the threshold, the cases
     # the student and its export stay on the volume for inspection
     results = workspace.results / "Dataset901_Synth"
     fold = results / "nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres" / "fold_0"
@@ -272,10 +344,12 @@ async def test_an_undertrained_student_is_stopped_by_the_quality_gate(kmock, tmp
     assert metrics["evaluatedOn"].startswith("test_set") and metrics["teacherFolds"] == [0, 1]
 
 
-async def test_apply_to_succeeded_with_a_verified_model_in_the_bucket(kmock, tmp_path, workspace, moto_endpoint,
-                                                                      monkeypatch):
-    kubelet, finished = await _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch,
-                                              _spec(f"s3://{BUCKET}/spleen"))
+async def test_apply_to_succeeded_with_a_verified_model_in_the_bucket(
+    kmock, tmp_path, workspace, moto_endpoint, monkeypatch
+):
+    kubelet, finished = await _run_to_the_end(
+        kmock, tmp_path, workspace, moto_endpoint, monkeypatch, _spec(f"s3://{BUCKET}/spleen")
+    )
     assert finished == "Succeeded", json.dumps(get(kmock, dj_key(kmock, NAME, NS)).get("status"), indent=1)
 
     assert kubelet.ran == [k8s.job_name(NAME, s) for s in ("distill", "export", "gate", "publish")]

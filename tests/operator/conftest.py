@@ -18,12 +18,17 @@ MINIMAL_SPEC: dict[str, Any] = {
 }
 
 
-def dj(name: str = "liver", spec: dict[str, Any] | None = None, namespace: str = "default",
-       **spec_changes: Any) -> dict[str, Any]:
+def dj(
+    name: str = "liver", spec: dict[str, Any] | None = None, namespace: str = "default", **spec_changes: Any
+) -> dict[str, Any]:
     body_spec = copy.deepcopy(spec if spec is not None else MINIMAL_SPEC)
     body_spec.update(spec_changes)
-    return {"apiVersion": "distillation.nnunet.io/v1alpha1", "kind": "DistillationJob",
-            "metadata": {"name": name, "namespace": namespace}, "spec": body_spec}
+    return {
+        "apiVersion": "distillation.nnunet.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body_spec,
+    }
 
 
 def chart_operator_grants(values: dict[str, Any] | None = None) -> set[tuple[str, str, str]]:
@@ -40,16 +45,24 @@ def chart_operator_grants(values: dict[str, Any] | None = None) -> set[tuple[str
             files = chart.render(values or {}, name=RELEASE, namespace=NAMESPACE)
         finally:
             chart.close()
-        docs = [d for path, text in files.items() if not path.endswith("NOTES.txt") for d in load_all_strict(text)]
+        docs = [
+            d for path, text in files.items() if not path.endswith("NOTES.txt") for d in load_all_strict(text)
+        ]
         operator_sa = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
-            "serviceAccountName"]
+            "serviceAccountName"
+        ]
         roles = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in ("Role", "ClusterRole")}
         grants: set[tuple[str, str, str]] = set()
         for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
             if any(s["name"] == operator_sa for s in binding.get("subjects") or ()):
                 role = roles[(binding["roleRef"]["kind"], binding["roleRef"]["name"])]
-                grants |= {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
-                           for r in rule["resources"] for v in rule["verbs"]}
+                grants |= {
+                    (g, r, v)
+                    for rule in role["rules"]
+                    for g in rule["apiGroups"]
+                    for r in rule["resources"]
+                    for v in rule["verbs"]
+                }
         _CHART_GRANTS[key] = grants
     return _CHART_GRANTS[key]
 
@@ -88,7 +101,11 @@ def clients(kubeconfig: Path) -> Iterator[Clients]:
 def operator_config(kubeconfig: Path) -> controller.OperatorConfig:
     return controller.OperatorConfig(
         defaults=k8s.Defaults(image="registry.example/nnunet-distill-trainer:test"),
-        metrics_port=0, metrics_addr="127.0.0.1", resync_seconds=3600, kubeconfig=str(kubeconfig))
+        metrics_port=0,
+        metrics_addr="127.0.0.1",
+        resync_seconds=3600,
+        kubeconfig=str(kubeconfig),
+    )
 
 
 @pytest.fixture()

@@ -26,21 +26,36 @@ def declare_resources(emulator: Any) -> None:
     """Builtin resources (incl. v1/namespaces, without which kopf waits forever) and the CRD's resource."""
     emulator.resources.load_bundled()
     emulator.resources[DJ_RESOURCE] = {
-        "kind": api.KIND, "singular": api.SINGULAR, "namespaced": True,
+        "kind": api.KIND,
+        "singular": api.SINGULAR,
+        "namespaced": True,
         "verbs": {"get", "list", "watch", "create", "patch", "delete"},
-        "subresources": {"status"}, "shortnames": set(api.SHORT_NAMES), "categories": set(api.CATEGORIES),
+        "subresources": {"status"},
+        "shortnames": set(api.SHORT_NAMES),
+        "categories": set(api.CATEGORIES),
     }
     version = crd.build_crd()["spec"]["versions"][0]
     emulator.printer_columns[emulator.resource(DJ_RESOURCE)] = version["additionalPrinterColumns"]
 
 
 def write_kubeconfig(path: Path, server: str) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": server}}],
-        "users": [{"name": "kmock", "user": {"token": "kmock-test-token"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock", "namespace": "default"}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kmock",
+                "clusters": [{"name": "kmock", "cluster": {"server": server}}],
+                "users": [{"name": "kmock", "user": {"token": "kmock-test-token"}}],
+                "contexts": [
+                    {
+                        "name": "kmock",
+                        "context": {"cluster": "kmock", "user": "kmock", "namespace": "default"},
+                    }
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -58,28 +73,47 @@ class Clients:
         self.core = client.CoreV1Api(self.api_client)
 
     async def create_dj(self, body: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
-        return await asyncio.to_thread(self.custom.create_namespaced_custom_object, api.GROUP, api.VERSION,
-                                       namespace, api.PLURAL, body)
+        return await asyncio.to_thread(
+            self.custom.create_namespaced_custom_object, api.GROUP, api.VERSION, namespace, api.PLURAL, body
+        )
 
     async def patch_dj(self, name: str, patch: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
-        return await asyncio.to_thread(self.custom.patch_namespaced_custom_object, api.GROUP, api.VERSION,
-                                       namespace, api.PLURAL, name, patch,
-                                       _content_type="application/merge-patch+json")
+        return await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object,
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            name,
+            patch,
+            _content_type="application/merge-patch+json",
+        )
 
     async def delete_dj(self, name: str, namespace: str = "default") -> None:
-        await asyncio.to_thread(self.custom.delete_namespaced_custom_object, api.GROUP, api.VERSION,
-                                namespace, api.PLURAL, name)
+        await asyncio.to_thread(
+            self.custom.delete_namespaced_custom_object, api.GROUP, api.VERSION, namespace, api.PLURAL, name
+        )
 
     async def patch_job_status(self, name: str, status: dict[str, Any], namespace: str = "default") -> None:
-        await asyncio.to_thread(self.batch.patch_namespaced_job_status, name, namespace, {"status": status},
-                                _content_type="application/merge-patch+json")
+        await asyncio.to_thread(
+            self.batch.patch_namespaced_job_status,
+            name,
+            namespace,
+            {"status": status},
+            _content_type="application/merge-patch+json",
+        )
 
     async def create_pod(self, body: dict[str, Any], namespace: str = "default") -> None:
         await asyncio.to_thread(self.core.create_namespaced_pod, namespace, body)
 
     async def patch_pod_status(self, name: str, status: dict[str, Any], namespace: str = "default") -> None:
-        await asyncio.to_thread(self.core.patch_namespaced_pod_status, name, namespace, {"status": status},
-                                _content_type="application/merge-patch+json")
+        await asyncio.to_thread(
+            self.core.patch_namespaced_pod_status,
+            name,
+            namespace,
+            {"status": status},
+            _content_type="application/merge-patch+json",
+        )
 
     def close(self) -> None:
         self.api_client.close()
@@ -112,8 +146,15 @@ class OperatorRunner:
         settings = fast_settings(controller.operator_settings(self.namespaces))
         scope: dict[str, Any] = {"namespaces": self.namespaces} if self.namespaces else {"clusterwide": True}
         tasks = await kopf.spawn_tasks(
-            registry=controller.REGISTRY, standalone=True, settings=settings, **scope,
-            stop_flag=self._stop, ready_flag=ready, memo=self.memo, liveness_endpoint=self.liveness_endpoint)
+            registry=controller.REGISTRY,
+            standalone=True,
+            settings=settings,
+            **scope,
+            stop_flag=self._stop,
+            ready_flag=ready,
+            memo=self.memo,
+            liveness_endpoint=self.liveness_endpoint,
+        )
         self._task = asyncio.create_task(kopf.run_tasks(tasks, ignored=self._ignored))
         self._ignored.add(self._task)
         await asyncio.wait_for(ready.wait(), timeout)
@@ -166,8 +207,9 @@ class OperatorRunner:
             state.clients.close()
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-                   what: str = "condition") -> Any:
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -203,14 +245,23 @@ def pod_for(job: dict[str, Any], index: int = 0, suffix: str = "abcde") -> dict[
     template = job["spec"]["template"]
     meta = template["metadata"]
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {
             "name": f"{job['metadata']['name']}-{index}-{suffix}",
             "namespace": job["metadata"]["namespace"],
             "labels": {**meta.get("labels", {}), "job-name": job["metadata"]["name"]},
             "annotations": dict(meta.get("annotations", {})),
-            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
-                                 "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}],
+            "ownerReferences": [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": job["metadata"]["name"],
+                    "uid": job["metadata"]["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
         },
         "spec": template["spec"],
     }

@@ -122,8 +122,14 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
         finally:
             self._in_flight.discard(id(request))
 
-    _VERBS: ClassVar[dict[str, str]] = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch",
-              "delete": "delete"}
+    _VERBS: ClassVar[dict[str, str]] = {
+        "list": "list",
+        "watch": "watch",
+        "fetch": "get",
+        "create": "create",
+        "update": "patch",
+        "delete": "delete",
+    }
 
     def _record_operator_call(self, request: Any) -> None:
         agent = next((v for k, v in (request.headers or {}).items() if k.lower() == "user-agent"), "")
@@ -147,8 +153,9 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
                 meta = request.data.setdefault("metadata", {})
                 if not meta.get("name") and meta.get("generateName"):
                     meta["name"] = meta["generateName"] + secrets.token_hex(3)
-                self.creations[(request.resource.plural, request.namespace or meta.get("namespace"),
-                                meta["name"])] += 1
+                self.creations[
+                    (request.resource.plural, request.namespace or meta.get("namespace"), meta["name"])
+                ] += 1
                 if request.namespace and not meta.get("namespace"):
                     meta["namespace"] = request.namespace
                 meta["uid"] = str(uuid.uuid4())
@@ -162,9 +169,14 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
                 rv = str(next(_rv))
                 if isinstance(request.data, dict):
                     meta = request.data.get("metadata") or {}
-                    if stored is not None and meta.get("uid") and meta["uid"] != stored["metadata"].get("uid"):
+                    if (
+                        stored is not None
+                        and meta.get("uid")
+                        and meta["uid"] != stored["metadata"].get("uid")
+                    ):
                         raise KubernetesObjectConflictError(
-                            message="Precondition failed: UID in precondition does not match the object")
+                            message="Precondition failed: UID in precondition does not match the object"
+                        )
                     if self._has_status_subresource(request.resource):
                         if request.subresource == "status":
                             for k in [k for k in request.data if k != "status"]:
@@ -182,8 +194,11 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
                 else:  # JSON patch
                     if self._has_status_subresource(request.resource):
                         want_status = request.subresource == "status"
-                        request.data[:] = [op for op in request.data
-                                           if str(op.get("path", "")).startswith("/status") == want_status]
+                        request.data[:] = [
+                            op
+                            for op in request.data
+                            if str(op.get("path", "")).startswith("/status") == want_status
+                        ]
                     request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
         if request.resource is not None and request.action == kmock.action.DELETE and request.name:
             stored = self._stored(request)
@@ -232,22 +247,48 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
 
     def _table(self, request: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
         cols = self._table_columns(request.resource)
-        definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
-                        "description": "Name must be unique within a namespace."}]
-        definitions += [{"name": c["name"], "type": "string" if c.get("type") == "date" else c.get("type", "string"),
-                         "format": c.get("format", ""), "priority": c.get("priority", 0),
-                         "description": c.get("description", "")} for c in cols]
+        definitions = [
+            {
+                "name": "Name",
+                "type": "string",
+                "format": "name",
+                "priority": 0,
+                "description": "Name must be unique within a namespace.",
+            }
+        ]
+        definitions += [
+            {
+                "name": c["name"],
+                "type": "string" if c.get("type") == "date" else c.get("type", "string"),
+                "format": c.get("format", ""),
+                "priority": c.get("priority", 0),
+                "description": c.get("description", ""),
+            }
+            for c in cols
+        ]
         rows = []
         for obj in items:
             cells: list[Any] = [obj.get("metadata", {}).get("name")]
             for c in cols:
                 value = _jsonpath(obj, c["jsonPath"])
                 cells.append(_age(value) if c.get("type") == "date" else value)
-            rows.append({"cells": cells, "object": {
-                "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                "metadata": obj.get("metadata", {})}})
-        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": str(next(_rv))},
-                "columnDefinitions": definitions, "rows": rows}
+            rows.append(
+                {
+                    "cells": cells,
+                    "object": {
+                        "kind": "PartialObjectMetadata",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": obj.get("metadata", {}),
+                    },
+                }
+            )
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": str(next(_rv))},
+            "columnDefinitions": definitions,
+            "rows": rows,
+        }
 
     @staticmethod
     def _wants_table(request: Any) -> bool:

@@ -25,8 +25,12 @@ from tests.operator.harness import (
     wait_for,
 )
 
-COMPLETE = {"conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2026-03-01T11:30:00Z"}],
-            "succeeded": 1, "startTime": "2026-03-01T11:00:00Z", "completionTime": "2026-03-01T11:30:00Z"}
+COMPLETE = {
+    "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2026-03-01T11:30:00Z"}],
+    "succeeded": 1,
+    "startTime": "2026-03-01T11:00:00Z",
+    "completionTime": "2026-03-01T11:30:00Z",
+}
 
 
 def status(kmock: Any, name: str) -> dict[str, Any]:
@@ -54,21 +58,31 @@ async def job_appears(kmock: Any, name: str, timeout: float = 10) -> dict[str, A
 
 async def complete(clients: Clients, kmock: Any, cr: str, stage: str) -> None:
     await clients.patch_job_status(k8s.job_name(cr, stage), COMPLETE)
-    await wait_for(lambda: status(kmock, cr).get("stages", {}).get(stage, {}).get("state") == "Succeeded",
-                   what=f"stage {stage} succeeded")
+    await wait_for(
+        lambda: status(kmock, cr).get("stages", {}).get(stage, {}).get("state") == "Succeeded",
+        what=f"stage {stage} succeeded",
+    )
 
 
 def job_creations(kmock: Any) -> list[str]:
     """Every Job create request the API server received (409s included), by Job name."""
-    return sorted(name for (plural, _ns, name), count in kmock.creations.items() if plural == "jobs"
-                  for _ in range(count))
+    return sorted(
+        name
+        for (plural, _ns, name), count in kmock.creations.items()
+        if plural == "jobs"
+        for _ in range(count)
+    )
 
 
-async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, clients: Clients,
-                                                                    operator: OperatorRunner) -> None:
-    spec = {"dataset": {"id": 27}, "storage": {"claimName": "nnunet-data"},
-            "teachers": {"train": True, "folds": [0, 1, 2]},
-            "output": {"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}}}
+async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
+    spec = {
+        "dataset": {"id": 27},
+        "storage": {"claimName": "nnunet-data"},
+        "teachers": {"train": True, "folds": [0, 1, 2]},
+        "output": {"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}},
+    }
     created = await clients.create_dj(dj("liver", spec))
     uid = created["metadata"]["uid"]
 
@@ -77,8 +91,12 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
     assert pre["metadata"]["ownerReferences"][0]["kind"] == "DistillationJob"
     main = pre["spec"]["template"]["spec"]["containers"][0]
     assert main["image"] == "registry.example/nnunet-distill-trainer:test"
-    assert {m["mountPath"] for m in main["volumeMounts"]} >= {"/data/nnUNet_raw", "/data/nnUNet_preprocessed",
-                                                              "/data/nnUNet_results", "/dev/shm"}
+    assert {m["mountPath"] for m in main["volumeMounts"]} >= {
+        "/data/nnUNet_raw",
+        "/data/nnUNet_preprocessed",
+        "/data/nnUNet_results",
+        "/dev/shm",
+    }
     assert pre["spec"]["template"]["spec"]["serviceAccountName"] == "liver-trainer"  # the job's own identity
     await wait_for(lambda: status(kmock, "liver").get("phase") == "Pending", what="Pending")
     assert not exists(kmock, job_key(kmock, "liver-teachers"))  # strictly one stage at a time
@@ -88,9 +106,12 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
     assert teachers["spec"]["completionMode"] == "Indexed" and teachers["spec"]["completions"] == 3
     limits = teachers["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1"
-    await clients.patch_job_status("liver-teachers", {"active": 3, "ready": 3, "startTime": "2026-03-01T11:00:00Z"})
-    await wait_for(lambda: cond(kmock, "liver", "TeachersComplete").get("reason") == "Running",
-                   what="teachers running")
+    await clients.patch_job_status(
+        "liver-teachers", {"active": 3, "ready": 3, "startTime": "2026-03-01T11:00:00Z"}
+    )
+    await wait_for(
+        lambda: cond(kmock, "liver", "TeachersComplete").get("reason") == "Running", what="teachers running"
+    )
     assert status(kmock, "liver")["phase"] == "Running"
 
     for stage in ("teachers", "distill", "export"):
@@ -102,31 +123,85 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
     gate = await job_appears(kmock, "liver-gate")
     gate_pod = pod_for(gate)
     await clients.create_pod(gate_pod)
-    verdict = {"stage": "gate", "ok": True, "gate": {
-        "passed": True, "enforced": True, "reason": "QualityGatePassed",
-        "message": "quality gate passed: retention 0.991 >= 0.970, worst label lesion 0.962 >= 0.900; evaluated on "
-                   "test_set: 6 cases (imagesTs), teacher folds 0 1 2"},
-        "metrics": {"finalDice": 0.91, "teacherDice": 0.918, "retention": 0.991, "worstLabelRetention": 0.962,
-                    "worstLabel": "lesion", "evaluatedOn": "test_set: 6 cases (imagesTs)", "teacherFolds": [0, 1, 2]}}
-    await clients.patch_pod_status(gate_pod["metadata"]["name"], {"phase": "Succeeded", "containerStatuses": [
-        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {
-            "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(verdict)}}}]})
+    verdict = {
+        "stage": "gate",
+        "ok": True,
+        "gate": {
+            "passed": True,
+            "enforced": True,
+            "reason": "QualityGatePassed",
+            "message": "quality gate passed: retention 0.991 >= 0.970, worst label lesion 0.962 >= 0.900; evaluated on "
+            "test_set: 6 cases (imagesTs), teacher folds 0 1 2",
+        },
+        "metrics": {
+            "finalDice": 0.91,
+            "teacherDice": 0.918,
+            "retention": 0.991,
+            "worstLabelRetention": 0.962,
+            "worstLabel": "lesion",
+            "evaluatedOn": "test_set: 6 cases (imagesTs)",
+            "teacherFolds": [0, 1, 2],
+        },
+    }
+    await clients.patch_pod_status(
+        gate_pod["metadata"]["name"],
+        {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": {
+                        "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(verdict)}
+                    },
+                }
+            ],
+        },
+    )
     await asyncio.sleep(0.1)
     await complete(clients, kmock, "liver", "gate")
 
     publish = await job_appears(kmock, "liver-publish")
     env = {e["name"]: e for e in publish["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-creds",
-                                                                         "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
     assert env["AWS_REGION"]["valueFrom"]["secretKeyRef"]["optional"] is True
     # The kubelet: the publish pod ran and left its summary as the termination message.
     pod = pod_for(publish)
     await clients.create_pod(pod)
-    summary = {"stage": "publish", "ok": True, "artifacts": {"uri": "s3://models/liver/v1", "sha256": "a" * 64,
-                                                            "sizeBytes": 4096, "studentParameters": 1400000}}
-    await clients.patch_pod_status(pod["metadata"]["name"], {"phase": "Succeeded", "containerStatuses": [
-        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {
-            "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)}}}]})
+    summary = {
+        "stage": "publish",
+        "ok": True,
+        "artifacts": {
+            "uri": "s3://models/liver/v1",
+            "sha256": "a" * 64,
+            "sizeBytes": 4096,
+            "studentParameters": 1400000,
+        },
+    }
+    await clients.patch_pod_status(
+        pod["metadata"]["name"],
+        {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": {
+                        "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)}
+                    },
+                }
+            ],
+        },
+    )
     await asyncio.sleep(0.1)
     await complete(clients, kmock, "liver", "publish")
 
@@ -135,25 +210,40 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
     assert final["artifacts"]["uri"] == "s3://models/liver/v1" and final["artifacts"]["sizeBytes"] == 4096
     assert cond(kmock, "liver", "Ready")["status"] == "True"
     assert cond(kmock, "liver", "Stalled")["status"] == "False"
-    assert [c["type"] for c in final["conditions"]][4:] == ["PreprocessComplete", "TeachersComplete",
-                                                             "DistillComplete", "ExportComplete", "GateComplete",
-                                                             "PublishComplete", "QualityGate"]
+    assert [c["type"] for c in final["conditions"]][4:] == [
+        "PreprocessComplete",
+        "TeachersComplete",
+        "DistillComplete",
+        "ExportComplete",
+        "GateComplete",
+        "PublishComplete",
+        "QualityGate",
+    ]
     assert cond(kmock, "liver", "QualityGate")["status"] == "True"
     assert cond(kmock, "liver", "QualityGate")["message"] == verdict["gate"]["message"]
     assert final["metrics"] == verdict["metrics"]
     assert final["observedGeneration"] == 1 and final["completionTime"]
-    await wait_for(lambda: ("Normal", "Succeeded") in [(t, r) for t, r, _ in events(kmock, "liver")],
-                   what="Succeeded event")
+    await wait_for(
+        lambda: ("Normal", "Succeeded") in [(t, r) for t, r, _ in events(kmock, "liver")],
+        what="Succeeded event",
+    )
     reasons = [r for _, r, _ in events(kmock, "liver")]
     assert reasons.count("StageStarted") == 6 and reasons.count("StageSucceeded") == 6
     assert reasons.count("QualityGatePassed") == 1
-    assert sorted(job_creations(kmock)) == sorted(f"liver-{s}" for s in
-                                                  ("preprocess", "teachers", "distill", "export", "gate", "publish"))
+    assert sorted(job_creations(kmock)) == sorted(
+        f"liver-{s}" for s in ("preprocess", "teachers", "distill", "export", "gate", "publish")
+    )
 
     # Every API call the operator made is granted by the RBAC rules the Helm chart is built from.
     granted = {(r.group, r.resource, v) for r in rbac.OPERATOR_RULES for v in r.verbs}
-    verbs = {"list": "list", "watch": "watch", "fetch": "get", "create": "create", "update": "patch",
-             "delete": "delete"}
+    verbs = {
+        "list": "list",
+        "watch": "watch",
+        "fetch": "get",
+        "create": "create",
+        "update": "patch",
+        "delete": "delete",
+    }
     made = set()
     for r in list(kmock):
         agent = next((v for k, v in (r.headers or {}).items() if k.lower() == "user-agent"), "")
@@ -162,54 +252,99 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(kmock: Any, cl
         if r.resource.plural is None or r.action is None:
             continue  # discovery (/apis/<group>/<version>) is open to every authenticated client
         resource = r.resource.plural + (f"/{r.subresource}" if r.subresource else "")
-        made.add((r.resource.group, resource, verbs[str(r.action.value if hasattr(r.action, "value")
-                                                        else r.action).lower()]))
+        made.add(
+            (
+                r.resource.group,
+                resource,
+                verbs[str(r.action.value if hasattr(r.action, "value") else r.action).lower()],
+            )
+        )
     assert made, "no operator requests recorded"
     assert made <= granted, made - granted
 
 
-async def test_pod_causes_and_failure_reach_conditions_and_events(kmock: Any, clients: Clients,
-                                                                  operator: OperatorRunner) -> None:
+async def test_pod_causes_and_failure_reach_conditions_and_events(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     await clients.create_dj(dj("kidney", preprocess={"mode": "Never"}))
     job = await job_appears(kmock, "kidney-distill")
     pod = pod_for(job)
     await clients.create_pod(pod)
     message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
-    await clients.patch_pod_status(pod["metadata"]["name"], {"phase": "Pending", "conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]})
-    await wait_for(lambda: cond(kmock, "kidney", "DistillComplete").get("reason") == "Unschedulable",
-                   what="Unschedulable condition")
+    await clients.patch_pod_status(
+        pod["metadata"]["name"],
+        {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+            ],
+        },
+    )
+    await wait_for(
+        lambda: cond(kmock, "kidney", "DistillComplete").get("reason") == "Unschedulable",
+        what="Unschedulable condition",
+    )
     assert cond(kmock, "kidney", "DistillComplete")["message"] == message
     assert cond(kmock, "kidney", "Reconciling")["status"] == "True"
     await wait_for(lambda: ("Warning", "Unschedulable", message) in events(kmock, "kidney"), what="event")
 
-    await clients.patch_pod_status(pod["metadata"]["name"], {"phase": "Failed", "conditions": [], "containerStatuses": [
-        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "",
-         "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]})
-    await clients.patch_job_status("kidney-distill", {"failed": 4, "conditions": [
-        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-         "message": "Job has reached the specified backoff limit"}]})
+    await clients.patch_pod_status(
+        pod["metadata"]["name"],
+        {
+            "phase": "Failed",
+            "conditions": [],
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+                }
+            ],
+        },
+    )
+    await clients.patch_job_status(
+        "kidney-distill",
+        {
+            "failed": 4,
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "BackoffLimitExceeded",
+                    "message": "Job has reached the specified backoff limit",
+                }
+            ],
+        },
+    )
     await wait_for(lambda: status(kmock, "kidney").get("phase") == "Failed", what="Failed")
     st = status(kmock, "kidney")
     assert st["reason"] == "StageFailed" and "OOMKilled" in st["message"]
     assert "spec.resources.distill.memory" in st["message"]
     assert cond(kmock, "kidney", "Stalled")["status"] == "True"
     assert cond(kmock, "kidney", "Ready")["status"] == "False"
-    await wait_for(lambda: "StageFailed" in [r for _, r, _ in events(kmock, "kidney")], what="StageFailed event")
+    await wait_for(
+        lambda: "StageFailed" in [r for _, r, _ in events(kmock, "kidney")], what="StageFailed event"
+    )
     await asyncio.sleep(0.3)
     assert not exists(kmock, job_key(kmock, "kidney-export"))  # nothing runs after a failure
 
 
-async def test_suspend_suspends_the_running_job_and_resume_resumes_it(kmock: Any, clients: Clients,
-                                                                       operator: OperatorRunner) -> None:
+async def test_suspend_suspends_the_running_job_and_resume_resumes_it(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     await clients.create_dj(dj("spleen", preprocess={"mode": "Never"}))
     await job_appears(kmock, "spleen-distill")
     await clients.patch_job_status("spleen-distill", {"active": 1, "ready": 1})
     await wait_for(lambda: status(kmock, "spleen").get("phase") == "Running", what="Running")
 
     await clients.patch_dj("spleen", {"spec": {"suspend": True}})
-    await wait_for(lambda: get(kmock, job_key(kmock, "spleen-distill"))["spec"].get("suspend") is True,
-                   what="Job suspended")
+    await wait_for(
+        lambda: get(kmock, job_key(kmock, "spleen-distill"))["spec"].get("suspend") is True,
+        what="Job suspended",
+    )
     await clients.patch_job_status("spleen-distill", {"active": 0, "ready": 0})
     await wait_for(lambda: status(kmock, "spleen").get("phase") == "Suspended", what="Suspended phase")
     assert cond(kmock, "spleen", "Suspended")["status"] == "True"
@@ -217,8 +352,10 @@ async def test_suspend_suspends_the_running_job_and_resume_resumes_it(kmock: Any
     assert status(kmock, "spleen")["observedGeneration"] == 2
 
     await clients.patch_dj("spleen", {"spec": {"suspend": False}})
-    await wait_for(lambda: get(kmock, job_key(kmock, "spleen-distill"))["spec"].get("suspend") is False,
-                   what="Job resumed")
+    await wait_for(
+        lambda: get(kmock, job_key(kmock, "spleen-distill"))["spec"].get("suspend") is False,
+        what="Job resumed",
+    )
     annotations = get(kmock, job_key(kmock, "spleen-distill"))["metadata"].get("annotations", {})
     assert "distillation.nnunet.io/suspended-by-operator" not in annotations
     await clients.patch_job_status("spleen-distill", {"active": 1, "ready": 1})
@@ -228,7 +365,8 @@ async def test_suspend_suspends_the_running_job_and_resume_resumes_it(kmock: Any
 
 
 async def test_killed_and_restarted_operator_continues_without_duplicate_jobs(
-        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    kmock: Any, clients: Clients, operator_config: Any
+) -> None:
     first = await OperatorRunner(operator_config).start()
     await clients.create_dj(dj("colon"))
     await job_appears(kmock, "colon-preprocess")
@@ -243,7 +381,9 @@ async def test_killed_and_restarted_operator_continues_without_duplicate_jobs(
     second = await OperatorRunner(operator_config).start()
     try:
         await job_appears(kmock, "colon-distill")
-        await wait_for(lambda: status(kmock, "colon").get("currentStage") == "distill", what="status continues")
+        await wait_for(
+            lambda: status(kmock, "colon").get("currentStage") == "distill", what="status continues"
+        )
         st = status(kmock, "colon")
         assert st["stages"]["preprocess"]["state"] == "Succeeded"
         assert st["startTime"]  # kept from the first run
@@ -256,8 +396,9 @@ async def test_killed_and_restarted_operator_continues_without_duplicate_jobs(
         await second.stop()
 
 
-async def test_invalid_spec_stalls_without_jobs_until_fixed(kmock: Any, clients: Clients,
-                                                             operator: OperatorRunner) -> None:
+async def test_invalid_spec_stalls_without_jobs_until_fixed(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     await clients.create_dj(dj("bad", distillation={"alpha": 4}, teachers={"folds": [0, 9]}))
     await wait_for(lambda: status(kmock, "bad").get("reason") == "InvalidSpec", what="InvalidSpec")
     st = status(kmock, "bad")
@@ -268,16 +409,18 @@ async def test_invalid_spec_stalls_without_jobs_until_fixed(kmock: Any, clients:
     assert [r for _, r, _ in events(kmock, "bad")].count("InvalidSpec") == 1  # reported, not retried
 
     await clients.patch_dj("bad", {"spec": {"distillation": {"alpha": 0.4}}})
-    await wait_for(lambda: "spec.teachers.folds[1]" in status(kmock, "bad").get("message", ""),
-                   what="next problem named")
+    await wait_for(
+        lambda: "spec.teachers.folds[1]" in status(kmock, "bad").get("message", ""), what="next problem named"
+    )
     await clients.patch_dj("bad", {"spec": {"teachers": {"folds": [0, 1]}}})
     await job_appears(kmock, "bad-preprocess")
     await wait_for(lambda: cond(kmock, "bad", "Stalled").get("status") == "False", what="not stalled")
     assert status(kmock, "bad")["observedGeneration"] == 3
 
 
-async def test_unsafe_spec_change_after_start_is_reported_and_ignored(kmock: Any, clients: Clients,
-                                                                      operator: OperatorRunner) -> None:
+async def test_unsafe_spec_change_after_start_is_reported_and_ignored(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     await clients.create_dj(dj("lung", preprocess={"mode": "Never"}))
     await job_appears(kmock, "lung-distill")
     await clients.patch_dj("lung", {"spec": {"student": {"reductionFactor": 4}}})
@@ -292,8 +435,9 @@ async def test_unsafe_spec_change_after_start_is_reported_and_ignored(kmock: Any
     await wait_for(lambda: cond(kmock, "lung", "Stalled").get("status") == "False", what="stall cleared")
 
 
-async def test_deleting_the_job_collects_its_jobs_and_drops_its_metrics(kmock: Any, clients: Clients,
-                                                                       operator: OperatorRunner) -> None:
+async def test_deleting_the_job_collects_its_jobs_and_drops_its_metrics(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     from nnunet_distill_operator import metrics
 
     await clients.create_dj(dj("brain", preprocess={"mode": "Never"}))
@@ -305,7 +449,9 @@ async def test_deleting_the_job_collects_its_jobs_and_drops_its_metrics(kmock: A
     assert not get(kmock, dj_key(kmock, "brain")).get("metadata", {}).get("finalizers")
 
 
-async def test_ttl_after_finished_deletes_the_job(kmock: Any, clients: Clients, operator: OperatorRunner) -> None:
+async def test_ttl_after_finished_deletes_the_job(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     await clients.create_dj(dj("short", preprocess={"mode": "Never"}, ttlSecondsAfterFinished=0))
     for stage in ("distill", "export", "gate"):
         await job_appears(kmock, f"short-{stage}")
@@ -317,10 +463,16 @@ async def test_many_jobs_are_all_reconciled(kmock: Any, clients: Clients, operat
     kmock.request_log_limit = 8  # kmock's request matching is O(history); count creations on the server
     names = [f"bulk-{i}" for i in range(30)]
     await asyncio.gather(*(clients.create_dj(dj(n, preprocess={"mode": "Never"})) for n in names))
-    await wait_for(lambda: all(exists(kmock, job_key(kmock, f"{n}-distill")) for n in names), timeout=30,
-                   what="a Job for every DistillationJob")
-    await wait_for(lambda: all(status(kmock, n).get("phase") == "Pending" for n in names), timeout=30,
-                   what="status for every DistillationJob")
+    await wait_for(
+        lambda: all(exists(kmock, job_key(kmock, f"{n}-distill")) for n in names),
+        timeout=30,
+        what="a Job for every DistillationJob",
+    )
+    await wait_for(
+        lambda: all(status(kmock, n).get("phase") == "Pending" for n in names),
+        timeout=30,
+        what="status for every DistillationJob",
+    )
     assert job_creations(kmock) == sorted(f"{n}-distill" for n in names)  # one create request each
 
 
@@ -330,15 +482,17 @@ async def test_resource_discovery_matches_the_crd(kmock: Any, clients: Clients) 
     assert info.kind == api.KIND and set(info.shortnames) == {"dj", "distill"}
 
 
-async def test_namespaced_mode_watches_only_its_namespaces(kmock: Any, clients: Clients,
-                                                           operator_config: Any) -> None:
+async def test_namespaced_mode_watches_only_its_namespaces(
+    kmock: Any, clients: Clients, operator_config: Any
+) -> None:
     """--namespace ml: exact names need no namespace scanning (kmock cannot even list namespaces)."""
     runner = await OperatorRunner(operator_config, namespaces=["ml"]).start()
     try:
         await clients.create_dj(dj("inside", namespace="ml", preprocess={"mode": "Never"}), namespace="ml")
         await clients.create_dj(dj("outside", preprocess={"mode": "Never"}))
-        await wait_for(lambda: exists(kmock, job_key(kmock, "inside-distill", "ml")),
-                       what="Job in the watched namespace")
+        await wait_for(
+            lambda: exists(kmock, job_key(kmock, "inside-distill", "ml")), what="Job in the watched namespace"
+        )
         await asyncio.sleep(0.3)
         assert not exists(kmock, job_key(kmock, "outside-distill"))
         # Issue 12 (8): with listed namespaces the operator makes no cluster-scoped call, and the chart's
@@ -351,17 +505,27 @@ async def test_namespaced_mode_watches_only_its_namespaces(kmock: Any, clients: 
         await runner.stop()
 
 
-async def test_a_refused_job_is_reported_and_retried(kmock: Any, clients: Clients, operator_config: Any) -> None:
+async def test_a_refused_job_is_reported_and_retried(
+    kmock: Any, clients: Clients, operator_config: Any
+) -> None:
     """ResourceQuota / admission webhooks refuse a Job: the reason shows in status, the operator retries."""
     from kmock import KubernetesError
 
     refusals = []
 
     def quota(request: Any) -> Any:
-        if request.resource.plural == "jobs" and str(request.method).upper().endswith("POST") and not refusals:
+        if (
+            request.resource.plural == "jobs"
+            and str(request.method).upper().endswith("POST")
+            and not refusals
+        ):
             refusals.append(request)
-            return KubernetesError(status=403, reason="Forbidden", message='jobs.batch "q-distill" is forbidden: '
-                                   "exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1")
+            return KubernetesError(
+                status=403,
+                reason="Forbidden",
+                message='jobs.batch "q-distill" is forbidden: '
+                "exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=1",
+            )
         return None
 
     kmock.admission = quota
@@ -369,21 +533,27 @@ async def test_a_refused_job_is_reported_and_retried(kmock: Any, clients: Client
     runner = await OperatorRunner(operator_config).start()
     try:
         await clients.create_dj(dj("q", preprocess={"mode": "Never"}))
-        await wait_for(lambda: cond(kmock, "q", "DistillComplete").get("reason") == "QuotaExceeded",
-                       what="QuotaExceeded")
+        await wait_for(
+            lambda: cond(kmock, "q", "DistillComplete").get("reason") == "QuotaExceeded", what="QuotaExceeded"
+        )
         assert "exceeded quota: gpu-quota" in cond(kmock, "q", "DistillComplete")["message"]
         assert cond(kmock, "q", "Stalled")["status"] == "False"  # it may clear by itself
-        await wait_for(lambda: ("Warning", "QuotaExceeded") in [(t, r) for t, r, _ in events(kmock, "q")],
-                       what="Warning event")
+        await wait_for(
+            lambda: ("Warning", "QuotaExceeded") in [(t, r) for t, r, _ in events(kmock, "q")],
+            what="Warning event",
+        )
         await job_appears(kmock, "q-distill")  # the next resync succeeds
-        await wait_for(lambda: cond(kmock, "q", "DistillComplete").get("reason") == "JobCreated", what="cleared")
+        await wait_for(
+            lambda: cond(kmock, "q", "DistillComplete").get("reason") == "JobCreated", what="cleared"
+        )
         assert len(refusals) == 1
     finally:
         await runner.stop()
 
 
 async def test_accepted_spec_lives_in_status_and_survives_tampering_and_a_restart(
-        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    kmock: Any, clients: Clients, operator_config: Any
+) -> None:
     """Issue 12 (2): apply r=2, edit to r=4 (refused), try to erase what was accepted, restart the operator:
     the running job keeps r=2 and the refusal stays."""
     first = await OperatorRunner(operator_config).start()
@@ -396,8 +566,13 @@ async def test_accepted_spec_lives_in_status_and_survives_tampering_and_a_restar
 
     # What a user with edit rights can do: drop the old annotation, write status through the main endpoint
     # (the API server ignores status there), and restart nothing but the operator.
-    await clients.patch_dj("tamper", {"metadata": {"annotations": {"distillation.nnunet.io/accepted-spec": None}},
-                                      "status": {"acceptedSpec": None}})
+    await clients.patch_dj(
+        "tamper",
+        {
+            "metadata": {"annotations": {"distillation.nnunet.io/accepted-spec": None}},
+            "status": {"acceptedSpec": None},
+        },
+    )
     await first.kill()
     assert status(kmock, "tamper")["acceptedSpec"]["student"]["reductionFactor"] == 2
 
@@ -416,7 +591,8 @@ async def test_accepted_spec_lives_in_status_and_survives_tampering_and_a_restar
 
 
 async def test_a_job_the_api_server_refuses_as_invalid_stalls_naming_the_spec_field(
-        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    kmock: Any, clients: Clients, operator_config: Any
+) -> None:
     """Issue 12 (3): a 422 for a stage Job (an admission policy, a field this cluster does not know) is a
     Stalled condition and an Event naming the spec field; no retry loop; fixing the spec creates the Job."""
     from kmock import KubernetesError
@@ -428,29 +604,63 @@ async def test_a_job_the_api_server_refuses_as_invalid_stalls_naming_the_spec_fi
             attempts.append(request)
             tolerations = request.data["spec"]["template"]["spec"].get("tolerations") or []
             if any(t.get("key") == "forbidden.example/gpu" for t in tolerations):
-                return KubernetesError(status=422, reason="Invalid", message="Job is invalid", details={
-                    "causes": [{"reason": "FieldValueForbidden", "field": "spec.template.spec.tolerations[0].key",
-                                "message": "Forbidden: this taint may not be tolerated in this namespace"}]})
+                return KubernetesError(
+                    status=422,
+                    reason="Invalid",
+                    message="Job is invalid",
+                    details={
+                        "causes": [
+                            {
+                                "reason": "FieldValueForbidden",
+                                "field": "spec.template.spec.tolerations[0].key",
+                                "message": "Forbidden: this taint may not be tolerated in this namespace",
+                            }
+                        ]
+                    },
+                )
         return None
 
     kmock.admission = validating_policy
     operator_config.retry_seconds = 0.05
     runner = await OperatorRunner(operator_config).start()
     try:
-        await clients.create_dj(dj("pol", preprocess={"mode": "Never"}, scheduling={"tolerations": [
-            {"key": "forbidden.example/gpu", "operator": "Exists", "effect": "NoSchedule"}]}))
+        await clients.create_dj(
+            dj(
+                "pol",
+                preprocess={"mode": "Never"},
+                scheduling={
+                    "tolerations": [
+                        {"key": "forbidden.example/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                    ]
+                },
+            )
+        )
         await wait_for(lambda: status(kmock, "pol").get("reason") == "JobInvalid", what="JobInvalid")
         st = status(kmock, "pol")
         assert "spec.scheduling.tolerations" in st["message"] and "may not be tolerated" in st["message"]
         assert cond(kmock, "pol", "Stalled")["status"] == "True"
         assert cond(kmock, "pol", "Reconciling")["status"] == "False"
         assert cond(kmock, "pol", "DistillComplete")["reason"] == "JobInvalid"
-        await wait_for(lambda: any(r == "JobInvalid" and "spec.scheduling.tolerations" in m
-                                   for _, r, m in events(kmock, "pol")), what="JobInvalid event")
+        await wait_for(
+            lambda: any(
+                r == "JobInvalid" and "spec.scheduling.tolerations" in m for _, r, m in events(kmock, "pol")
+            ),
+            what="JobInvalid event",
+        )
         assert len(attempts) == 1  # refused as invalid: not retried until the spec changes
 
-        await clients.patch_dj("pol", {"spec": {"scheduling": {"tolerations": [
-            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}}})
+        await clients.patch_dj(
+            "pol",
+            {
+                "spec": {
+                    "scheduling": {
+                        "tolerations": [
+                            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                        ]
+                    }
+                }
+            },
+        )
         await job_appears(kmock, "pol-distill")
         await wait_for(lambda: cond(kmock, "pol", "Stalled").get("status") == "False", what="stall cleared")
         assert len(attempts) == 2
@@ -459,7 +669,8 @@ async def test_a_job_the_api_server_refuses_as_invalid_stalls_naming_the_spec_fi
 
 
 async def test_a_failing_api_server_is_retried_with_backoff_until_the_job_exists(
-        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    kmock: Any, clients: Clients, operator_config: Any
+) -> None:
     """Issue 12 (3): 5xx answers to the Job creation are retried with growing delays, not dropped."""
     from kmock import KubernetesError
 
@@ -488,7 +699,8 @@ async def test_a_failing_api_server_is_retried_with_backoff_until_the_job_exists
 
 
 async def test_malformed_affinity_is_refused_naming_the_field_and_creates_nothing(
-        kmock: Any, clients: Clients, operator: OperatorRunner) -> None:
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     """Issue 12 (3): `affinity: {nodeAffinity: garbage}` used to crash every reconciliation."""
     from nnunet_distill_operator import crd
 
@@ -501,12 +713,14 @@ async def test_malformed_affinity_is_refused_naming_the_field_and_creates_nothin
     assert not [n for n in job_creations(kmock) if n.startswith("aff-")]
 
 
-async def test_each_job_gets_its_own_least_privilege_trainer_identity(kmock: Any, clients: Clients,
-                                                                      operator: OperatorRunner) -> None:
+async def test_each_job_gets_its_own_least_privilege_trainer_identity(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     """Issue 12 (1): ServiceAccount + Role (get/patch of this job's status only) + RoleBinding in the job's
     namespace, owned by the DistillationJob; only progress-reporting stages mount a token."""
-    created = await clients.create_dj(dj("ident", namespace="ml-train", preprocess={"mode": "Never"}),
-                                      namespace="ml-train")
+    created = await clients.create_dj(
+        dj("ident", namespace="ml-train", preprocess={"mode": "Never"}), namespace="ml-train"
+    )
     uid = created["metadata"]["uid"]
     await wait_for(lambda: exists(kmock, job_key(kmock, "ident-distill", "ml-train")), what="Job")
     job = get(kmock, job_key(kmock, "ident-distill", "ml-train"))
@@ -516,15 +730,30 @@ async def test_each_job_gets_its_own_least_privilege_trainer_identity(kmock: Any
     def obj(resource: str) -> dict[str, Any]:
         return get(kmock, (kmock.resource(resource), "ml-train", "ident-trainer"))
 
-    sa, role, binding = (obj("v1/serviceaccounts"), obj("rbac.authorization.k8s.io/v1/roles"),
-                         obj("rbac.authorization.k8s.io/v1/rolebindings"))
+    sa, role, binding = (
+        obj("v1/serviceaccounts"),
+        obj("rbac.authorization.k8s.io/v1/roles"),
+        obj("rbac.authorization.k8s.io/v1/rolebindings"),
+    )
     for o in (sa, role, binding):
         assert o["metadata"]["ownerReferences"][0]["uid"] == uid, o
     assert sa["automountServiceAccountToken"] is False
-    assert role["rules"] == [{"apiGroups": [api.GROUP], "resources": ["distillationjobs/status"],
-                              "resourceNames": ["ident"], "verbs": ["get", "patch"]}]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ident-trainer"}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ident-trainer", "namespace": "ml-train"}]
+    assert role["rules"] == [
+        {
+            "apiGroups": [api.GROUP],
+            "resources": ["distillationjobs/status"],
+            "resourceNames": ["ident"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "ident-trainer",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "ident-trainer", "namespace": "ml-train"}
+    ]
 
     await clients.patch_job_status("ident-distill", COMPLETE, namespace="ml-train")
     await wait_for(lambda: exists(kmock, job_key(kmock, "ident-export", "ml-train")), what="export Job")
@@ -536,8 +765,9 @@ async def test_each_job_gets_its_own_least_privilege_trainer_identity(kmock: Any
     assert not obj("v1/serviceaccounts") and not obj("rbac.authorization.k8s.io/v1/rolebindings")
 
 
-async def test_the_chart_grants_exactly_the_calls_the_operator_makes(kmock: Any, clients: Clients,
-                                                                      operator: OperatorRunner) -> None:
+async def test_the_chart_grants_exactly_the_calls_the_operator_makes(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     """Issue 12 (8), both directions: a run that takes every path that calls the API (trainer identity, Job
     creation, suspend/resume patches, Events, status, TTL deletion, the watches) makes exactly the calls the
     rendered chart grants, plus nothing more; get on distillationjobs/status is held only to be granted to
@@ -549,21 +779,37 @@ async def test_the_chart_grants_exactly_the_calls_the_operator_makes(kmock: Any,
     await clients.patch_job_status("rbac-distill", {"active": 1, "ready": 1})
     await wait_for(lambda: status(kmock, "rbac").get("phase") == "Running", what="Running")
     await clients.patch_dj("rbac", {"spec": {"suspend": True}})
-    await wait_for(lambda: get(kmock, job_key(kmock, "rbac-distill"))["spec"].get("suspend") is True, what="suspend")
+    await wait_for(
+        lambda: get(kmock, job_key(kmock, "rbac-distill"))["spec"].get("suspend") is True, what="suspend"
+    )
     await clients.patch_dj("rbac", {"spec": {"suspend": False}})
-    await wait_for(lambda: get(kmock, job_key(kmock, "rbac-distill"))["spec"].get("suspend") is False, what="resume")
-    await clients.patch_job_status("rbac-distill", {"active": 0, "conditions": [
-        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "limit"}]})
-    await wait_for(lambda: not exists(kmock, dj_key(kmock, "rbac")), what="deleted by ttlSecondsAfterFinished")
+    await wait_for(
+        lambda: get(kmock, job_key(kmock, "rbac-distill"))["spec"].get("suspend") is False, what="resume"
+    )
+    await clients.patch_job_status(
+        "rbac-distill",
+        {
+            "active": 0,
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "limit"}
+            ],
+        },
+    )
+    await wait_for(
+        lambda: not exists(kmock, dj_key(kmock, "rbac")), what="deleted by ttlSecondsAfterFinished"
+    )
 
     made = kmock.operator_calls | rbac.GRANTED_ONLY
     granted = chart_operator_grants()
-    assert made == granted, f"not granted: {sorted(made - granted)}; granted but unused: {sorted(granted - made)}"
+    assert made == granted, (
+        f"not granted: {sorted(made - granted)}; granted but unused: {sorted(granted - made)}"
+    )
     assert granted == {(r.group, r.resource, v) for r in rbac.OPERATOR_RULES for v in r.verbs}
 
 
 async def test_events_are_posted_at_least_once_across_failures_and_restarts(
-        kmock: Any, clients: Clients, operator_config: Any) -> None:
+    kmock: Any, clients: Clients, operator_config: Any
+) -> None:
     """Issue 12 (6): an Event that could not be posted before the operator died is posted after the restart;
     one posted just before a failed status write is not duplicated (deterministic names: uid + transition)."""
     from kmock import KubernetesError
@@ -574,8 +820,12 @@ async def test_events_are_posted_at_least_once_across_failures_and_restarts(
         post = str(request.method).upper().endswith("POST")
         if request.resource.plural == "events" and post and blocked["events"]:
             return KubernetesError(status=503, reason="ServiceUnavailable", message="events are down")
-        if request.resource.plural == "distillationjobs" and request.subresource == "status" \
-                and blocked["status"] > 0 and "stages" in json.dumps(request.data):
+        if (
+            request.resource.plural == "distillationjobs"
+            and request.subresource == "status"
+            and blocked["status"] > 0
+            and "stages" in json.dumps(request.data)
+        ):
             blocked["status"] -= 1
             return KubernetesError(status=500, reason="InternalError", message="etcd timeout")
         return None
@@ -592,16 +842,26 @@ async def test_events_are_posted_at_least_once_across_failures_and_restarts(
     blocked["events"] = False
     second = await OperatorRunner(operator_config).start()
     try:
-        await wait_for(lambda: ("Normal", "StageStarted") in [(t, r) for t, r, _ in events(kmock, "ev")],
-                       what="StageStarted after the restart")
-        await wait_for(lambda: status(kmock, "ev").get("stages", {}).get("distill"), what="status after the Event")
+        await wait_for(
+            lambda: ("Normal", "StageStarted") in [(t, r) for t, r, _ in events(kmock, "ev")],
+            what="StageStarted after the restart",
+        )
+        await wait_for(
+            lambda: status(kmock, "ev").get("stages", {}).get("distill"), what="status after the Event"
+        )
 
-        blocked["status"] = 1  # the Event of the next transition gets posted, then its status write fails once
+        blocked["status"] = (
+            1  # the Event of the next transition gets posted, then its status write fails once
+        )
         await clients.patch_job_status("ev-distill", COMPLETE)
-        await wait_for(lambda: status(kmock, "ev").get("stages", {}).get("distill", {}).get("state") == "Succeeded",
-                       what="distill Succeeded")
+        await wait_for(
+            lambda: status(kmock, "ev").get("stages", {}).get("distill", {}).get("state") == "Succeeded",
+            what="distill Succeeded",
+        )
         await job_appears(kmock, "ev-export")
-        await wait_for(lambda: [r for _, r, _ in events(kmock, "ev")].count("StageStarted") == 2, what="2nd start")
+        await wait_for(
+            lambda: [r for _, r, _ in events(kmock, "ev")].count("StageStarted") == 2, what="2nd start"
+        )
         reasons = [r for _, r, _ in events(kmock, "ev")]
         assert reasons.count("StageStarted") == 2 and reasons.count("StageSucceeded") == 1, reasons
         posts = {name: n for (plural, _ns, name), n in kmock.creations.items() if plural == "events"}
@@ -616,8 +876,9 @@ def creations_of_jobs_are_unique(kmock: Any) -> bool:
     return len(names) == len(set(names))
 
 
-async def test_resume_never_unsuspends_a_job_kueue_has_not_admitted(kmock: Any, clients: Clients,
-                                                                    operator: OperatorRunner) -> None:
+async def test_resume_never_unsuspends_a_job_kueue_has_not_admitted(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     """Issue 12 (4): suspend then resume hands a Kueue Job back to Kueue, still suspended."""
     await clients.create_dj(dj("kq", preprocess={"mode": "Never"}, scheduling={"queueName": "gpu"}))
     job = await job_appears(kmock, "kq-distill")
@@ -641,40 +902,95 @@ async def test_resume_never_unsuspends_a_job_kueue_has_not_admitted(kmock: Any, 
         await clients.patch_dj("kq", {"spec": {"suspend": False}})
         await wait_for(lambda: mark not in annotations(), what="handed back to Kueue")
         assert get(kmock, job_key(kmock, "kq-distill"))["spec"]["suspend"] is True  # only Kueue un-suspends
-        await wait_for(lambda: cond(kmock, "kq", "DistillComplete").get("reason") == "Queued", what="Queued again")
+        await wait_for(
+            lambda: cond(kmock, "kq", "DistillComplete").get("reason") == "Queued", what="Queued again"
+        )
 
 
-async def kmock_patch_job(clients: Clients, name: str, patch: dict[str, Any], namespace: str = "default") -> None:
-    await asyncio.to_thread(clients.batch.patch_namespaced_job, name, namespace, patch,
-                            _content_type="application/merge-patch+json")
+async def kmock_patch_job(
+    clients: Clients, name: str, patch: dict[str, Any], namespace: str = "default"
+) -> None:
+    await asyncio.to_thread(
+        clients.batch.patch_namespaced_job,
+        name,
+        namespace,
+        patch,
+        _content_type="application/merge-patch+json",
+    )
 
 
-async def test_a_missing_credentials_secret_is_a_clear_condition(kmock: Any, clients: Clients,
-                                                                 operator: OperatorRunner) -> None:
+async def test_a_missing_credentials_secret_is_a_clear_condition(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
     """Issue 12 (5): required secretKeyRefs stop the publish pod; the kubelet's CreateContainerConfigError
     becomes SecretMissing naming spec.output.secretRef.name (no value is ever echoed)."""
-    await clients.create_dj(dj("cred", preprocess={"mode": "Never"},
-                               output={"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}}))
+    await clients.create_dj(
+        dj(
+            "cred",
+            preprocess={"mode": "Never"},
+            output={"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}},
+        )
+    )
     for stage in ("distill", "export", "gate"):
         await job_appears(kmock, f"cred-{stage}")
         await complete(clients, kmock, "cred", stage)
     publish = await job_appears(kmock, "cred-publish")
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in publish["spec"]["template"]["spec"]["containers"][0]
-            ["env"] if "secretKeyRef" in (e.get("valueFrom") or {})}
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in publish["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "secretKeyRef" in (e.get("valueFrom") or {})
+    }
     assert "optional" not in refs["AWS_ACCESS_KEY_ID"] and "optional" not in refs["AWS_SECRET_ACCESS_KEY"]
     pod = pod_for(publish)
     await clients.create_pod(pod)
-    await clients.patch_pod_status(pod["metadata"]["name"], {"phase": "Pending", "containerStatuses": [
-        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {
-            "reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}}}]})
-    await wait_for(lambda: cond(kmock, "cred", "PublishComplete").get("reason") == "SecretMissing",
-                   what="SecretMissing")
+    await clients.patch_pod_status(
+        pod["metadata"]["name"],
+        {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": {
+                        "waiting": {
+                            "reason": "CreateContainerConfigError",
+                            "message": 'secret "s3-creds" not found',
+                        }
+                    },
+                }
+            ],
+        },
+    )
+    await wait_for(
+        lambda: cond(kmock, "cred", "PublishComplete").get("reason") == "SecretMissing", what="SecretMissing"
+    )
     assert "spec.output.secretRef.name" in cond(kmock, "cred", "PublishComplete")["message"]
     await wait_for(lambda: "SecretMissing" in [r for _, r, _ in events(kmock, "cred")], what="Warning event")
-    await clients.patch_pod_status(pod["metadata"]["name"], {"containerStatuses": [
-        {"name": "main", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {
-            "reason": "CreateContainerConfigError",
-            "message": "couldn't find key AWS_SECRET_ACCESS_KEY in Secret default/s3-creds"}}}]})
-    await wait_for(lambda: cond(kmock, "cred", "PublishComplete").get("reason") == "SecretKeyMissing",
-                   what="SecretKeyMissing")
+    await clients.patch_pod_status(
+        pod["metadata"]["name"],
+        {
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": "x",
+                    "imageID": "",
+                    "state": {
+                        "waiting": {
+                            "reason": "CreateContainerConfigError",
+                            "message": "couldn't find key AWS_SECRET_ACCESS_KEY in Secret default/s3-creds",
+                        }
+                    },
+                }
+            ]
+        },
+    )
+    await wait_for(
+        lambda: cond(kmock, "cred", "PublishComplete").get("reason") == "SecretKeyMissing",
+        what="SecretKeyMissing",
+    )
     assert "AWS_SECRET_ACCESS_KEY" in cond(kmock, "cred", "PublishComplete")["message"]

@@ -59,9 +59,12 @@ def test_schema_is_structural() -> None:
 
 def test_every_field_is_described_for_kubectl_explain() -> None:
     schema = crd.openapi_schema()
-    missing = [p for p, node in _walk(schema["properties"]["spec"], "spec") + _walk(
-        schema["properties"]["status"], "status") if not node.get("description") and not p.endswith("[]")
-               and not p.endswith("{}")]
+    missing = [
+        p
+        for p, node in _walk(schema["properties"]["spec"], "spec")
+        + _walk(schema["properties"]["status"], "status")
+        if not node.get("description") and not p.endswith("[]") and not p.endswith("{}")
+    ]
     assert missing == []
 
 
@@ -91,8 +94,11 @@ def test_names_printer_columns_and_status_subresource() -> None:
     doc = crd.build_crd()
     names = doc["spec"]["names"]
     assert doc["metadata"]["name"] == "distillationjobs.distillation.nnunet.io"
-    assert (names["kind"], names["plural"], names["shortNames"]) == ("DistillationJob", "distillationjobs",
-                                                                      ["dj", "distill"])
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "DistillationJob",
+        "distillationjobs",
+        ["dj", "distill"],
+    )
     version = doc["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
@@ -105,7 +111,9 @@ def test_names_printer_columns_and_status_subresource() -> None:
             for p in parts[1:]:
                 node = node["properties"][p]
     conditions = status["conditions"]
-    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == [
+        "type"
+    ]
 
 
 @pytest.mark.parametrize("version", ["1.29", "1.33"])
@@ -127,11 +135,20 @@ def test_status_written_by_the_operator_validates_against_the_schema() -> None:
 
     from nnunet_distill_operator.reconcile import _compact, decide
 
-    cr = {"apiVersion": api.API_VERSION, "kind": api.KIND,
-          "metadata": {"name": "x", "namespace": "ns", "uid": "u-1", "generation": 1},
-          "spec": {"dataset": {"id": 3}, "storage": {"claimName": "data"}}}
+    cr = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "x", "namespace": "ns", "uid": "u-1", "generation": 1},
+        "spec": {"dataset": {"id": 3}, "storage": {"claimName": "data"}},
+    }
     decision = decide(cr, {}, {}, datetime.now(UTC))
     cr["status"] = _compact(decision.status)  # as stored: nulls in a merge patch delete fields
-    cr["status"]["progress"] = {"epoch": 3, "totalEpochs": 10, "trainLoss": -0.5, "pseudoDice": 0.8,
-                                "updatedAt": "2026-01-01T00:00:00Z", "stage": "distill"}
+    cr["status"]["progress"] = {
+        "epoch": 3,
+        "totalEpochs": 10,
+        "trainLoss": -0.5,
+        "pseudoDice": 0.8,
+        "updatedAt": "2026-01-01T00:00:00Z",
+        "stage": "distill",
+    }
     assert crd.validate_object(cr) == []

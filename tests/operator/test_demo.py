@@ -18,7 +18,6 @@ def test_examples_demo_is_the_embedded_demo_job() -> None:
     assert spec.dataset.id == 990
 
 
-
 def test_demo_runs_synthetic_data_first_and_skips_it_when_present(tmp_path: Path) -> None:
     _, spec = cli.parse_job(str(demo.DEMO_JOB))
     paths = demo.demo_paths(tmp_path)
@@ -31,20 +30,52 @@ def test_demo_runs_synthetic_data_first_and_skips_it_when_present(tmp_path: Path
 
 
 def _distillation_summary(paths, spec) -> Path:
-    folder = (Path(paths.results) / "Dataset990_DemoOrgan" / plan.student_model_folder(spec)
-              / f"fold_{spec.distillation.fold}" / "validation")
+    folder = (
+        Path(paths.results)
+        / "Dataset990_DemoOrgan"
+        / plan.student_model_folder(spec)
+        / f"fold_{spec.distillation.fold}"
+        / "validation"
+    )
     folder.mkdir(parents=True)
     path = folder / "distillation_summary.json"
-    path.write_text(json.dumps({
-        "schema_version": 2, "evaluation": "test_set",
-        "cases": {"ids": ["test_0000", "test_0001"], "count": 2, "source": "imagesTs", "mirroring_tta": True},
-        "student": {"dice": {"organ": 0.96, "lesion": 0.88}, "mean_dice": 0.92, "parameters": 1_401_234},
-        "teacher_ensemble": {"folds": [0, 1], "dice": {"organ": 0.97, "lesion": 0.9}, "mean_dice": 0.935,
-                             "parameters_per_fold": 5_603_177},
-        "retention": {"mean": 0.92 / 0.935, "per_label": {"organ": 0.96 / 0.97, "lesion": 0.88 / 0.9},
-                      "worst_label": "lesion", "worst": 0.88 / 0.9},
-        "inference": {"student_seconds": 2.0, "teacher_ensemble_seconds": 9.0, "speedup": 4.5, "device": "cpu"},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "schema_version": 2,
+                "evaluation": "test_set",
+                "cases": {
+                    "ids": ["test_0000", "test_0001"],
+                    "count": 2,
+                    "source": "imagesTs",
+                    "mirroring_tta": True,
+                },
+                "student": {
+                    "dice": {"organ": 0.96, "lesion": 0.88},
+                    "mean_dice": 0.92,
+                    "parameters": 1_401_234,
+                },
+                "teacher_ensemble": {
+                    "folds": [0, 1],
+                    "dice": {"organ": 0.97, "lesion": 0.9},
+                    "mean_dice": 0.935,
+                    "parameters_per_fold": 5_603_177,
+                },
+                "retention": {
+                    "mean": 0.92 / 0.935,
+                    "per_label": {"organ": 0.96 / 0.97, "lesion": 0.88 / 0.9},
+                    "worst_label": "lesion",
+                    "worst": 0.88 / 0.9,
+                },
+                "inference": {
+                    "student_seconds": 2.0,
+                    "teacher_ensemble_seconds": 9.0,
+                    "speedup": 4.5,
+                    "device": "cpu",
+                },
+            }
+        )
+    )
     return path
 
 
@@ -54,7 +85,7 @@ def test_table_shows_held_out_dice_per_label_retention_parameters_and_speedup(tm
     _, onnx, _ = plan.export_paths(paths)
     Path(onnx).parent.mkdir(parents=True)
     Path(onnx).write_bytes(b"\0" * 2_000_000)
-    assert demo.summary_rows(spec, paths, {})[0][0] == "Dice mean"   # no summary yet: n/a, no crash
+    assert demo.summary_rows(spec, paths, {})[0][0] == "Dice mean"  # no summary yet: n/a, no crash
     _distillation_summary(paths, spec)
     rows = {r[0]: r[1:] for r in demo.summary_rows(spec, paths, {})}
     assert rows["held-out cases"][0].startswith("2 of imagesTs")

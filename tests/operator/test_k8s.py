@@ -30,9 +30,14 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
 FULL: dict[str, Any] = {
     "teachers": {"train": True, "folds": [0, 1, 2]},
     "output": {"uri": "s3://models/liver", "secretRef": {"name": "s3-creds"}},
-    "scheduling": {"queueName": "gpu", "nodeSelector": {"gpu": "a100"}, "priorityClassName": "high",
-                   "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
-    "imagePullSecrets": [{"name": "pull"}], "activeDeadlineSeconds": 3600,
+    "scheduling": {
+        "queueName": "gpu",
+        "nodeSelector": {"gpu": "a100"},
+        "priorityClassName": "high",
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    },
+    "imagePullSecrets": [{"name": "pull"}],
+    "activeDeadlineSeconds": 3600,
 }
 
 
@@ -48,11 +53,19 @@ def test_job_names_are_deterministic_bounded_and_distinct() -> None:
 
 
 def test_distill_job_has_gpu_mounts_env_shm_owner_and_security() -> None:
-    job = _jobs(resources={"sharedMemory": "16Gi", "distill": {"gpus": 2, "memory": "40Gi", "cpu": 6}})["distill"]
+    job = _jobs(resources={"sharedMemory": "16Gi", "distill": {"gpus": 2, "memory": "40Gi", "cpu": 6}})[
+        "distill"
+    ]
     assert job["metadata"]["name"] == "liver-distill" and job["metadata"]["namespace"] == "ml"
     owner = job["metadata"]["ownerReferences"][0]
-    assert owner == {"apiVersion": "distillation.nnunet.io/v1alpha1", "kind": "DistillationJob", "name": "liver",
-                     "uid": OWNER.uid, "controller": True, "blockOwnerDeletion": True}
+    assert owner == {
+        "apiVersion": "distillation.nnunet.io/v1alpha1",
+        "kind": "DistillationJob",
+        "name": "liver",
+        "uid": OWNER.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
     pod = job["spec"]["template"]["spec"]
     main = pod["containers"][0]
     assert main["image"] == "reg/trainer:1" and pod["serviceAccountName"] == "trainer-sa"
@@ -64,25 +77,38 @@ def test_distill_job_has_gpu_mounts_env_shm_owner_and_security() -> None:
     assert "/dev/shm" in mounts and "/tmp" in mounts
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
-    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v] == \
-        ["nnunet-data"]
+    assert [
+        v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    ] == ["nnunet-data"]
     env = _env(main)
-    assert env["nnUNet_results"] == "/data/nnUNet_results" and env["nnUNet_preprocessed"] == \
-        "/data/nnUNet_preprocessed"
+    assert (
+        env["nnUNet_results"] == "/data/nnUNet_results"
+        and env["nnUNet_preprocessed"] == "/data/nnUNet_preprocessed"
+    )
     assert env["nnUNet_n_proc_DA"] == "5" and env["DISTILLATIONJOB_STAGE"] == "distill"
-    assert env["DISTILLATIONJOB_NAME"] == {"fieldRef": {"fieldPath":
-                                                        "metadata.annotations['distillation.nnunet.io/job-name']"}}
+    assert env["DISTILLATIONJOB_NAME"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['distillation.nnunet.io/job-name']"}
+    }
     assert env["DISTILLATIONJOB_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["DISTILLATIONJOB_UID"]["fieldRef"]["fieldPath"].endswith("job-uid']")
     annotations = job["spec"]["template"]["metadata"]["annotations"]
-    assert annotations[k8s.ANNOTATION_JOB_NAME] == "liver" and annotations[k8s.ANNOTATION_JOB_UID] == OWNER.uid
+    assert (
+        annotations[k8s.ANNOTATION_JOB_NAME] == "liver" and annotations[k8s.ANNOTATION_JOB_UID] == OWNER.uid
+    )
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
-    assert main["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                       "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert main["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     assert main["args"][0] == "nnUNetv2_distillation_train"  # no guard: nothing to skip
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [2]
     assert len(rules) == 2  # a training failure (exit 1) is retried up to backoffLimit
     assert job["spec"]["backoffLimit"] == 3 and "suspend" not in job["spec"]
@@ -94,15 +120,27 @@ def test_a_failed_quality_gate_fails_its_job_at_once() -> None:
     pod = gate["spec"]["template"]["spec"]
     (main,) = pod["containers"]
     assert "initContainers" not in pod
-    assert main["args"][:4] == ["nnunet-distill", "gate", "--summary",
-                                   ("/data/nnUNet_results/Dataset027_*/nnUNetDistillationTrainer__nnUNetPlans_r2__"
-                                    "3d_fullres/fold_0/validation/distillation_summary.json")]
+    assert main["args"][:4] == [
+        "nnunet-distill",
+        "gate",
+        "--summary",
+        (
+            "/data/nnUNet_results/Dataset027_*/nnUNetDistillationTrainer__nnUNetPlans_r2__"
+            "3d_fullres/fold_0/validation/distillation_summary.json"
+        ),
+    ]
     rules = gate["spec"]["podFailurePolicy"]["rules"]
-    assert rules[2] == {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In",
-                                                             "values": [3]}}
-    assert main["resources"] == {"requests": {"cpu": "500m", "memory": "512Mi"},
-                                 "limits": {"cpu": "500m", "memory": "512Mi"}}
-    assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in main["env"])  # no credentials
+    assert rules[2] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "main", "operator": "In", "values": [3]},
+    }
+    assert main["resources"] == {
+        "requests": {"cpu": "500m", "memory": "512Mi"},
+        "limits": {"cpu": "500m", "memory": "512Mi"},
+    }
+    assert not any(
+        "valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in main["env"]
+    )  # no credentials
     kubernetes_validate.validate(gate, "1.33", strict=True)
 
 
@@ -152,11 +190,29 @@ def test_export_stage_runs_export_as_init_container_then_package() -> None:
 
 @pytest.mark.parametrize("version", ["1.29", "1.33"])
 def test_every_job_validates_against_kubernetes_schemas(version: str) -> None:
-    for spec in ({}, FULL, {"student": {"architecture": "resenc"}, "storage": {
-            "raw": {"claimName": "raw"}, "preprocessed": {"claimName": "pre", "subPath": "p"},
-            "results": {"claimName": "res"}}, "scheduling": {"affinity": {"nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
-                    {"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}}}}):
+    for spec in (
+        {},
+        FULL,
+        {
+            "student": {"architecture": "resenc"},
+            "storage": {
+                "raw": {"claimName": "raw"},
+                "preprocessed": {"claimName": "pre", "subPath": "p"},
+                "results": {"claimName": "res"},
+            },
+            "scheduling": {
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [
+                                {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100"]}]}
+                            ]
+                        }
+                    }
+                }
+            },
+        },
+    ):
         for job in _jobs(**spec).values():
             kubernetes_validate.validate(job, version, strict=True)
 
@@ -165,8 +221,15 @@ def _run_guard(stage: plan.Stage, argv: tuple[str, ...], index: int | None, cwd:
     env = {"PATH": "/usr/bin:/bin"}
     if index is not None:
         env["JOB_COMPLETION_INDEX"] = str(index)
-    out = subprocess.run(k8s.container_command(stage, argv, guarded=True), env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=10, check=True)
+    out = subprocess.run(
+        k8s.container_command(stage, argv, guarded=True),
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
     return out.stdout
 
 
@@ -175,14 +238,17 @@ def test_guard_skips_when_outputs_exist_and_runs_otherwise(tmp_path: Path) -> No
     pre = tmp_path / "pre"
     res = tmp_path / "res"
     paths = plan.DataPaths(str(tmp_path / "raw"), str(pre), str(res), str(tmp_path / "work"))
-    spec = api.parse_spec({"dataset": {"id": 27}, "storage": {"claimName": "d"},
-                           "teachers": {"train": True, "folds": [0, 3]}})
+    spec = api.parse_spec(
+        {"dataset": {"id": 27}, "storage": {"claimName": "d"}, "teachers": {"train": True, "folds": [0, 3]}}
+    )
     stages = {s.name: s for s in plan.plan(spec, name="j", paths=paths)}
     probe = ("echo", "RAN")
     assert _run_guard(stages["preprocess"], probe, None, tmp_path).strip() == "RAN"
     (pre / "Dataset027_Liver").mkdir(parents=True)
     (pre / "Dataset027_Liver" / "nnUNetPlans.json").write_text("{}")
-    assert _run_guard(stages["preprocess"], probe, None, tmp_path).strip() == "RAN"  # data folder still missing
+    assert (
+        _run_guard(stages["preprocess"], probe, None, tmp_path).strip() == "RAN"
+    )  # data folder still missing
     (pre / "Dataset027_Liver" / "nnUNetPlans_3d_fullres").mkdir()
     assert "skipping" in _run_guard(stages["preprocess"], probe, None, tmp_path)
     fold3 = res / "Dataset027_Liver" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "fold_3"
@@ -195,7 +261,7 @@ def test_guard_skips_when_outputs_exist_and_runs_otherwise(tmp_path: Path) -> No
 def test_manifests_carry_no_secret_values() -> None:
     text = json.dumps(_jobs(**FULL))
     assert "secretKeyRef" in text
-    assert "AWS_SECRET_ACCESS_KEY\", \"value\"" not in text
+    assert 'AWS_SECRET_ACCESS_KEY", "value"' not in text
 
 
 def test_containers_keep_the_images_entrypoint() -> None:
@@ -212,7 +278,8 @@ def test_job_fields_map_back_to_the_spec_fields_they_come_from() -> None:
 
     cases = {
         "spec.template.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution": (
-            "spec.scheduling.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"),
+            "spec.scheduling.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+        ),
         "spec.template.spec.tolerations[0].key": "spec.scheduling.tolerations",
         "spec.template.spec.nodeSelector": "spec.scheduling.nodeSelector",
         "spec.template.spec.containers[0].resources.limits.memory": "spec.resources.distill",
@@ -233,8 +300,19 @@ def test_a_client_side_refusal_of_a_job_names_the_spec_field() -> None:
     from nnunet_distill_operator import k8s as k
     from pydantic import ValidationError
 
-    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "x"}, "spec": {"template": {"spec": {
-        "containers": [{"name": "main", "image": "i"}], "affinity": {"nodeAffinity": "garbage"}}}}}
+    body = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "x"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [{"name": "main", "image": "i"}],
+                    "affinity": {"nodeAffinity": "garbage"},
+                }
+            }
+        },
+    }
     with pytest.raises(ValidationError) as info:
         V1Job.model_validate(body)
     fields = k.build_error_fields(info.value, "distill")

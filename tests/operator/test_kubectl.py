@@ -20,13 +20,19 @@ KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"  # part of the test envi
 def kubectl(kubeconfig: Path, tmp_path: Path):
     async def run(*args: str, check: bool = True) -> str:
         proc = await asyncio.create_subprocess_exec(
-            KUBECTL, f"--kubeconfig={kubeconfig}", f"--cache-dir={tmp_path / 'cache'}", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+            KUBECTL,
+            f"--kubeconfig={kubeconfig}",
+            f"--cache-dir={tmp_path / 'cache'}",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {err.decode()}")
         return out.decode()
+
     return run
 
 
@@ -35,21 +41,38 @@ def _table(text: str) -> list[list[str]]:
 
 
 async def test_kubectl_apply_get_patch_delete(kmock: Any, kubectl: Any, operator: OperatorRunner) -> None:
-    out = await kubectl("apply", "--validate=false", "-f", str(ROOT / "examples" / "distillationjob-minimal.yaml"))
+    out = await kubectl(
+        "apply", "--validate=false", "-f", str(ROOT / "examples" / "distillationjob-minimal.yaml")
+    )
     assert "distillationjob.distillation.nnunet.io/liver-r2 created" in out
-    out = await kubectl("apply", "--validate=false", "-f", str(ROOT / "examples" / "distillationjob-full.yaml"))
+    out = await kubectl(
+        "apply", "--validate=false", "-f", str(ROOT / "examples" / "distillationjob-full.yaml")
+    )
     assert "kits-resenc-r4 created" in out
 
-    await wait_for(lambda: exists(kmock, job_key(kmock, "liver-r2-preprocess")), what="Job from the minimal example")
-    await wait_for(lambda: exists(kmock, job_key(kmock, "kits-resenc-r4-preprocess", "ml")), what="full example")
-    await wait_for(lambda: get(kmock, dj_key(kmock, "liver-r2")).get("status", {}).get("phase"), what="status")
+    await wait_for(
+        lambda: exists(kmock, job_key(kmock, "liver-r2-preprocess")), what="Job from the minimal example"
+    )
+    await wait_for(
+        lambda: exists(kmock, job_key(kmock, "kits-resenc-r4-preprocess", "ml")), what="full example"
+    )
+    await wait_for(
+        lambda: get(kmock, dj_key(kmock, "liver-r2")).get("status", {}).get("phase"), what="status"
+    )
 
     rows = _table(await kubectl("get", "dj"))
     assert rows[0] == ["NAME", "PHASE", "STAGE", "EPOCH", "DICE", "AGE"]
     assert rows[1][:3] == ["liver-r2", "Pending", "preprocess"]
 
-    await kubectl("patch", "distillationjob", "liver-r2", "--subresource=status", "--type=merge",
-                  "-p", '{"status":{"progress":{"stage":"distill","epoch":7,"pseudoDice":0.81}}}')
+    await kubectl(
+        "patch",
+        "distillationjob",
+        "liver-r2",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"progress":{"stage":"distill","epoch":7,"pseudoDice":0.81}}}',
+    )
     rows = _table(await kubectl("get", "distill", "liver-r2"))
     assert rows[1][:5] == ["liver-r2", "Pending", "preprocess", "7", "0.81"]
 

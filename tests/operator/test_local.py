@@ -26,13 +26,20 @@ def py(code: str) -> tuple[str, ...]:
 
 
 def paths(tmp_path: Path) -> DataPaths:
-    return DataPaths(str(tmp_path / "raw"), str(tmp_path / "pre"), str(tmp_path / "res"), str(tmp_path / "work"))
+    return DataPaths(
+        str(tmp_path / "raw"), str(tmp_path / "pre"), str(tmp_path / "res"), str(tmp_path / "work")
+    )
 
 
 def runner(tmp_path: Path, out: io.StringIO) -> local.LocalRunner:
     p = paths(tmp_path)
-    return local.LocalRunner(name="t", paths=p, workdir=Path(p.work), env={"PATH": "/usr/bin:/bin",
-                                                                          "nnUNet_n_proc_DA": "0"}, out=out)
+    return local.LocalRunner(
+        name="t",
+        paths=p,
+        workdir=Path(p.work),
+        env={"PATH": "/usr/bin:/bin", "nnUNet_n_proc_DA": "0"},
+        out=out,
+    )
 
 
 NNUNET_EPOCHS = r"""
@@ -47,19 +54,39 @@ for e in range(3):
 
 
 def test_stages_run_in_order_with_env_indices_progress_and_summaries(tmp_path: Path) -> None:
-    write_env = ("import os, json, pathlib; p = pathlib.Path(os.environ['nnUNet_results']) / "
-                 "f\"env-{os.environ.get('JOB_COMPLETION_INDEX', 'x')}.json\"; "
-                 "p.write_text(json.dumps({k: os.environ.get(k) for k in ('nnUNet_raw', 'nnUNet_results', "
-                 "'nnUNet_n_proc_DA', 'DISTILLATIONJOB_STAGE', 'JOB_COMPLETION_INDEX')}))")
-    summary = ("import os, json; open(os.environ['TERMINATION_MESSAGE_PATH'], 'w').write(json.dumps("
-               "{'ok': True, 'artifacts': {'studentParameters': 1234, 'onnx': '/x/model.onnx'}, "
-               "'metrics': {'finalDice': 0.8, 'teacherDice': 0.85}}))")
+    write_env = (
+        "import os, json, pathlib; p = pathlib.Path(os.environ['nnUNet_results']) / "
+        "f\"env-{os.environ.get('JOB_COMPLETION_INDEX', 'x')}.json\"; "
+        "p.write_text(json.dumps({k: os.environ.get(k) for k in ('nnUNet_raw', 'nnUNet_results', "
+        "'nnUNet_n_proc_DA', 'DISTILLATIONJOB_STAGE', 'JOB_COMPLETION_INDEX')}))"
+    )
+    summary = (
+        "import os, json; open(os.environ['TERMINATION_MESSAGE_PATH'], 'w').write(json.dumps("
+        "{'ok': True, 'artifacts': {'studentParameters': 1234, 'onnx': '/x/model.onnx'}, "
+        "'metrics': {'finalDice': 0.8, 'teacherDice': 0.85}}))"
+    )
     stages = [
-        Stage("first", "writes env per index", (Command("env", py(write_env)),), RES, index_values=("0", "3"),
-              env=(("nnUNet_n_proc_DA", "7"),)),
-        Stage("train", "prints nnU-Net epochs", (Command("train", py(NNUNET_EPOCHS) + ("-e", "10")),), RES,
-              reports_progress=True),
-        Stage("last", "two commands, a summary", (Command("a", py("print('A')")), Command("b", py(summary))), RES),
+        Stage(
+            "first",
+            "writes env per index",
+            (Command("env", py(write_env)),),
+            RES,
+            index_values=("0", "3"),
+            env=(("nnUNet_n_proc_DA", "7"),),
+        ),
+        Stage(
+            "train",
+            "prints nnU-Net epochs",
+            (Command("train", py(NNUNET_EPOCHS) + ("-e", "10")),),
+            RES,
+            reports_progress=True,
+        ),
+        Stage(
+            "last",
+            "two commands, a summary",
+            (Command("a", py("print('A')")), Command("b", py(summary))),
+            RES,
+        ),
     ]
     out = io.StringIO()
     status = runner(tmp_path, out).run(stages)
@@ -71,9 +98,16 @@ def test_stages_run_in_order_with_env_indices_progress_and_summaries(tmp_path: P
     assert status["phase"] == "Succeeded"
     assert [s for s in status["stages"]] == ["first", "train", "last"]
     assert all(s["state"] == "Succeeded" for s in status["stages"].values())
-    assert status["progress"] == {"stage": "train", "epoch": 3, "totalEpochs": 10, "trainLoss": -0.3,
-                                  "kdLoss": 0.03, "pseudoDice": 0.75, "etaSeconds": 14,
-                                  "updatedAt": status["progress"]["updatedAt"]}
+    assert status["progress"] == {
+        "stage": "train",
+        "epoch": 3,
+        "totalEpochs": 10,
+        "trainLoss": -0.3,
+        "kdLoss": 0.03,
+        "pseudoDice": 0.75,
+        "etaSeconds": 14,
+        "updatedAt": status["progress"]["updatedAt"],
+    }
     assert status["artifacts"] == {"studentParameters": 1234, "onnx": "/x/model.onnx"}
     assert status["metrics"] == {"finalDice": 0.8, "teacherDice": 0.85}
     text = out.getvalue()
@@ -90,13 +124,26 @@ def test_done_stages_and_indices_are_skipped(tmp_path: Path) -> None:
     (tmp_path / "res" / "fold_1").mkdir(parents=True)
     (tmp_path / "res" / "fold_1" / "done").write_text("x")
     (tmp_path / "res" / "whole").write_text("x")
-    marker = f"import pathlib; pathlib.Path({str(tmp_path)!r}, 'ran-' + __import__('os').environ.get(" \
-             "'JOB_COMPLETION_INDEX', 'none')).write_text('1')"
+    marker = (
+        f"import pathlib; pathlib.Path({str(tmp_path)!r}, 'ran-' + __import__('os').environ.get("
+        "'JOB_COMPLETION_INDEX', 'none')).write_text('1')"
+    )
     stages = [
-        Stage("skipped", "all outputs there", (Command("c", py(marker)),), RES,
-              done_when_exists=(f"{tmp_path}/res/whol*",)),
-        Stage("folds", "fold 1 done", (Command("c", py(marker)),), RES, index_values=("0", "1"),
-              done_when_exists=(f"{tmp_path}/res/fold_{{value}}/done",)),
+        Stage(
+            "skipped",
+            "all outputs there",
+            (Command("c", py(marker)),),
+            RES,
+            done_when_exists=(f"{tmp_path}/res/whol*",),
+        ),
+        Stage(
+            "folds",
+            "fold 1 done",
+            (Command("c", py(marker)),),
+            RES,
+            index_values=("0", "1"),
+            done_when_exists=(f"{tmp_path}/res/fold_{{value}}/done",),
+        ),
     ]
     out = io.StringIO()
     status = runner(tmp_path, out).run(stages)
@@ -149,9 +196,18 @@ def test_progress_tracker_parses_nnunet_lines() -> None:
 
 
 def test_local_paths_from_flags_env_or_data_dir(tmp_path: Path) -> None:
-    p = local.local_paths(data_dir=str(tmp_path), raw=None, preprocessed=str(tmp_path / "P"), results=None,
-                          workdir=str(tmp_path / "w"), env={"nnUNet_raw": str(tmp_path / "R")})
-    assert (p.raw, p.preprocessed, p.results) == (str(tmp_path / "R"), str(tmp_path / "P"),
-                                                  str(tmp_path / "nnUNet_results"))
+    p = local.local_paths(
+        data_dir=str(tmp_path),
+        raw=None,
+        preprocessed=str(tmp_path / "P"),
+        results=None,
+        workdir=str(tmp_path / "w"),
+        env={"nnUNet_raw": str(tmp_path / "R")},
+    )
+    assert (p.raw, p.preprocessed, p.results) == (
+        str(tmp_path / "R"),
+        str(tmp_path / "P"),
+        str(tmp_path / "nnUNet_results"),
+    )
     with pytest.raises(ValueError, match="--data-dir"):
         local.local_paths(data_dir=None, raw=None, preprocessed=None, results=None, workdir="w", env={})

@@ -26,18 +26,27 @@ def test_run_local_distills_exports_packages_and_publishes(nnunet_teachers, tmp_
     dataset = nnunet_teachers.dataset
     bucket = tmp_path / "bucket"
     job = {
-        "apiVersion": "distillation.nnunet.io/v1alpha1", "kind": "DistillationJob",
+        "apiVersion": "distillation.nnunet.io/v1alpha1",
+        "kind": "DistillationJob",
         "metadata": {"name": "local-e2e"},
         "spec": {
             "dataset": {"id": dataset.dataset_id},
             "storage": {"claimName": "unused-locally"},
             "preprocess": {"mode": "IfMissing", "processes": 1},
-            "teachers": {"train": True, "folds": list(nnunet_teachers.folds),
-                         "training": {"epochs": 2, "iterationsPerEpoch": 4, "valIterations": 2}},
+            "teachers": {
+                "train": True,
+                "folds": list(nnunet_teachers.folds),
+                "training": {"epochs": 2, "iterationsPerEpoch": 4, "valIterations": 2},
+            },
             # r=6: a student folder of its own, so no other test's student is touched
             "student": {"reductionFactor": 6},
-            "distillation": {"epochs": 1, "iterationsPerEpoch": 2, "valIterations": 1, "fold": 0,
-                             "disableMirroring": True},  # no test-time mirroring: a faster final validation
+            "distillation": {
+                "epochs": 1,
+                "iterationsPerEpoch": 2,
+                "valIterations": 1,
+                "fold": 0,
+                "disableMirroring": True,
+            },  # no test-time mirroring: a faster final validation
             "export": {"modelName": "local-e2e"},
             "qualityGate": {"enforce": False},
             "output": {"uri": f"file://{bucket}"},
@@ -47,14 +56,35 @@ def test_run_local_distills_exports_packages_and_publishes(nnunet_teachers, tmp_
     path.write_text(yaml.safe_dump(job))
     workdir = tmp_path / "run"
     result = subprocess.run(
-        [str(BIN / "nnunet-distill"), "run", str(path), "--local", "--raw", str(dataset.raw),
-         "--preprocessed", str(dataset.preprocessed), "--results", str(dataset.results), "--workdir", str(workdir),
-         "--device", "cpu"],
-        env={**os.environ, **dataset.env}, capture_output=True, text=True, timeout=1200, check=False)
+        [
+            str(BIN / "nnunet-distill"),
+            "run",
+            str(path),
+            "--local",
+            "--raw",
+            str(dataset.raw),
+            "--preprocessed",
+            str(dataset.preprocessed),
+            "--results",
+            str(dataset.results),
+            "--workdir",
+            str(workdir),
+            "--device",
+            "cpu",
+        ],
+        env={**os.environ, **dataset.env},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     out = result.stdout
     assert "[preprocess] outputs already present; skipping" in out
-    assert "[teachers:0] outputs already present; skipping" in out and "[teachers:1] outputs already present" in out
+    assert (
+        "[teachers:0] outputs already present; skipping" in out
+        and "[teachers:1] outputs already present" in out
+    )
     assert "[distill] $ nnUNetv2_distillation_train" in out and "-d_device cpu" in out
 
     status = yaml.safe_load((workdir / "status.yaml").read_text())

@@ -32,8 +32,14 @@ ENV = {**os.environ, "STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
 @pytest.fixture(scope="module")
 def container() -> str:
     buildah = require("buildah", "apt-get install buildah")
-    ctr = subprocess.run([buildah, "from", "--pull-never", IMAGE], env=ENV, capture_output=True, text=True,
-                         check=True, timeout=300).stdout.strip()
+    ctr = subprocess.run(
+        [buildah, "from", "--pull-never", IMAGE],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout.strip()
     yield ctr
     subprocess.run([buildah, "rm", ctr], env=ENV, capture_output=True, check=False, timeout=120)
 
@@ -52,38 +58,73 @@ def _run(ctr: str, *argv: str, volumes: tuple[str, ...] = ()) -> list[str]:
 
 
 def test_entrypoint_help_and_non_root_user(container: str) -> None:
-    inspect = subprocess.run(["buildah", "inspect", "--type", "image", IMAGE], env=ENV, capture_output=True,
-                             text=True, check=True, timeout=60).stdout
+    inspect = subprocess.run(
+        ["buildah", "inspect", "--type", "image", IMAGE],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     config = json.loads(inspect)["OCIv1"]["config"]
     assert config["User"] == "10001:10001" and config["Entrypoint"] == ["nnunet-distill-operator"]
-    helped = subprocess.run(_run(container, "nnunet-distill-operator", "--help"), env=ENV, capture_output=True,
-                            text=True, timeout=120, check=False)
+    helped = subprocess.run(
+        _run(container, "nnunet-distill-operator", "--help"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert helped.returncode == 0 and "--all-namespaces" in helped.stdout, helped.stdout + helped.stderr
-    ids = subprocess.run(_run(container, "id", "-u"), env=ENV, capture_output=True, text=True, timeout=60,
-                         check=True).stdout.strip()
+    ids = subprocess.run(
+        _run(container, "id", "-u"), env=ENV, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.strip()
     assert ids == "10001"
-    torch = subprocess.run(_run(container, "python", "-c", "import importlib.util as u; print(u.find_spec('torch'))"),
-                           env=ENV, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    torch = subprocess.run(
+        _run(container, "python", "-c", "import importlib.util as u; print(u.find_spec('torch'))"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
     assert torch == "None", "the operator image must not contain torch"
 
 
 async def test_the_image_reconciles_a_distillationjob_against_kmock(
-        container: str, kmock: Any, kubeconfig: Path, clients: Any, tmp_path: Path) -> None:
+    container: str, kmock: Any, kubeconfig: Path, clients: Any, tmp_path: Path
+) -> None:
     kube_dir = kubeconfig.parent
     os.chmod(kube_dir, 0o755)
     os.chmod(kubeconfig, 0o644)  # the container runs as 10001
     log = tmp_path / "operator-image.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            *_run(container, "nnunet-distill-operator", "--all-namespaces", "--standalone", f"--kubeconfig={kubeconfig}",
-                  f"--metrics-port={_free_port()}", "--metrics-addr=127.0.0.1", f"--liveness-port={_free_port()}",
-                  "--log-level=info",
-                  volumes=(f"{kube_dir}:{kube_dir}:ro",)),
-            stdout=out, stderr=out, env=ENV, start_new_session=True)
+            *_run(
+                container,
+                "nnunet-distill-operator",
+                "--all-namespaces",
+                "--standalone",
+                f"--kubeconfig={kubeconfig}",
+                f"--metrics-port={_free_port()}",
+                "--metrics-addr=127.0.0.1",
+                f"--liveness-port={_free_port()}",
+                "--log-level=info",
+                volumes=(f"{kube_dir}:{kube_dir}:ro",),
+            ),
+            stdout=out,
+            stderr=out,
+            env=ENV,
+            start_new_session=True,
+        )
         try:
             await clients.create_dj(dj("image", preprocess={"mode": "Never"}))
-            await wait_for(lambda: exists(kmock, job_key(kmock, "image-distill")), timeout=120,
-                           what="the operator in the image to create the Job")
+            await wait_for(
+                lambda: exists(kmock, job_key(kmock, "image-distill")),
+                timeout=120,
+                what="the operator in the image to create the Job",
+            )
             job = get(kmock, job_key(kmock, "image-distill"))
             assert job["metadata"]["ownerReferences"][0]["kind"] == "DistillationJob"
         finally:

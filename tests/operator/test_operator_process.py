@@ -32,26 +32,39 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 async def test_operator_process_reconciles_serves_metrics_and_liveness_and_stops_on_sigterm(
-        kmock: Any, kubeconfig: Path, clients: Any, tmp_path: Path) -> None:
+    kmock: Any, kubeconfig: Path, clients: Any, tmp_path: Path
+) -> None:
     metrics_port, liveness_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     env["NNUNET_DISTILL_TRAINER_IMAGE"] = "registry.example/trainer@sha256:" + "a" * 64
     log = tmp_path / "operator.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            str(BIN / "nnunet-distill-operator"), "--all-namespaces", f"--kubeconfig={kubeconfig}",
-            f"--metrics-port={metrics_port}", "--metrics-addr=127.0.0.1", f"--liveness-port={liveness_port}",
-            "--log-level=info", "--trainer-service-account=trainer", stdout=out, stderr=out, env=env)
+            str(BIN / "nnunet-distill-operator"),
+            "--all-namespaces",
+            f"--kubeconfig={kubeconfig}",
+            f"--metrics-port={metrics_port}",
+            "--metrics-addr=127.0.0.1",
+            f"--liveness-port={liveness_port}",
+            "--log-level=info",
+            "--trainer-service-account=trainer",
+            stdout=out,
+            stderr=out,
+            env=env,
+        )
         try:
             await clients.create_dj(dj("proc", preprocess={"mode": "Never"}))
-            await wait_for(lambda: exists(kmock, job_key(kmock, "proc-distill")), timeout=60,
-                           what="the operator process to create the Job")
+            await wait_for(
+                lambda: exists(kmock, job_key(kmock, "proc-distill")),
+                timeout=60,
+                what="the operator process to create the Job",
+            )
             pod = get(kmock, job_key(kmock, "proc-distill"))["spec"]["template"]["spec"]
             assert pod["containers"][0]["image"] == env["NNUNET_DISTILL_TRAINER_IMAGE"]
             assert pod["serviceAccountName"] == "trainer"
 
             status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
-            assert status == 200 and b"nnunet_distill_stage_jobs_created_total{stage=\"distill\"} 1.0" in body
+            assert status == 200 and b'nnunet_distill_stage_jobs_created_total{stage="distill"} 1.0' in body
             status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{liveness_port}/healthz")
             assert status == 200 and "distillationjobs" in json.loads(body)
         finally:

@@ -20,7 +20,7 @@ def _stage(stages: tuple[plan.Stage, ...], name: str) -> plan.Stage:
 
 def _flag(argv: tuple[str, ...], flag: str, n: int = 1) -> list[str]:
     i = argv.index(flag)
-    return list(argv[i + 1:i + 1 + n])
+    return list(argv[i + 1 : i + 1 + n])
 
 
 def test_minimal_job_preprocesses_if_missing_distills_and_exports() -> None:
@@ -30,7 +30,10 @@ def test_minimal_job_preprocesses_if_missing_distills_and_exports() -> None:
     pre = stages[0]
     assert pre.argv[:5] == ("nnUNetv2_plan_and_preprocess", "-d", "27", "-c", "3d_fullres")
     assert "--verify_dataset_integrity" in pre.argv
-    assert pre.done_when_exists == ("/p/Dataset027_*/nnUNetPlans.json", "/p/Dataset027_*/nnUNetPlans_3d_fullres")
+    assert pre.done_when_exists == (
+        "/p/Dataset027_*/nnUNetPlans.json",
+        "/p/Dataset027_*/nnUNetPlans_3d_fullres",
+    )
     distill = stages[1]
     assert distill.argv[0] == "nnUNetv2_distillation_train"
     assert _flag(distill.argv, "-a") == ["0.3"] and _flag(distill.argv, "-temp") == ["3.0"]
@@ -56,7 +59,8 @@ def test_teachers_are_one_indexed_stage_with_one_gpu_per_fold_and_a_per_fold_gua
     assert _flag(teachers.argv, "-e") == ["50"] and "--c" in teachers.argv
     assert teachers.resources.gpus == 1
     assert teachers.done_when_exists == (
-        "/res/Dataset027_*/nnUNetTrainer__nnUNetPlans__3d_fullres/fold_{value}/checkpoint_final.pth",)
+        "/res/Dataset027_*/nnUNetTrainer__nnUNetPlans__3d_fullres/fold_{value}/checkpoint_final.pth",
+    )
     assert _flag(_stage(stages, "distill").argv, "-tf", 3) == ["0", "2", "4"]
 
 
@@ -68,8 +72,14 @@ def test_single_teacher_fold_is_a_plain_job() -> None:
 
 
 def test_resenc_uses_its_cli_plans_and_planner() -> None:
-    stages = _plan(student={"architecture": "resenc", "reductionFactor": 4, "blockStrategy": "adaptive",
-                            "plans": "nnUNetResEncUNetMPlans"})
+    stages = _plan(
+        student={
+            "architecture": "resenc",
+            "reductionFactor": 4,
+            "blockStrategy": "adaptive",
+            "plans": "nnUNetResEncUNetMPlans",
+        }
+    )
     pre = _stage(stages, "preprocess")
     assert [c.name for c in pre.commands] == ["plan-and-preprocess", "plan-experiment"]
     assert pre.commands[1].argv == ("nnUNetv2_plan_experiment", "-d", "27", "-pl", "nnUNetPlannerResEncL")
@@ -82,19 +92,44 @@ def test_resenc_uses_its_cli_plans_and_planner() -> None:
     export = _stage(stages, "export")
     assert export.commands[0].argv[0] == "nnUNetv2_resenc_distillation_export_onnx"
     assert _flag(export.commands[0].argv, "-o") == ["/res/nnunet-distill/j/export"]
-    assert plan.student_model_folder(api.parse_spec({
-        "dataset": {"id": 1}, "storage": {"claimName": "d"},
-        "student": {"architecture": "resenc", "reductionFactor": 4, "blockStrategy": "adaptive",
-                    "plans": "nnUNetResEncUNetMPlans"}})) == \
-        "nnUNetDistillationTrainer__nnUNetResEncUNetMPlans_r4_bsadaptive__3d_fullres"
+    assert (
+        plan.student_model_folder(
+            api.parse_spec(
+                {
+                    "dataset": {"id": 1},
+                    "storage": {"claimName": "d"},
+                    "student": {
+                        "architecture": "resenc",
+                        "reductionFactor": 4,
+                        "blockStrategy": "adaptive",
+                        "plans": "nnUNetResEncUNetMPlans",
+                    },
+                }
+            )
+        )
+        == "nnUNetDistillationTrainer__nnUNetResEncUNetMPlans_r4_bsadaptive__3d_fullres"
+    )
 
 
 def test_distillation_options_map_to_flags() -> None:
-    distill = _stage(_plan(distillation={"alpha": 0.5, "temperature": 4.0, "epochs": 20, "iterationsPerEpoch": 7,
-                                         "valIterations": 3, "useDA5": True, "fold": 2, "rotateFolds": True,
-                                         "rotateFrequency": 9, "disableMirroring": True},
-                           teachers={"folder": "/data/nnUNet_results/T", "trainer": "nnUNetTrainerDA5"}),
-                     "distill")
+    distill = _stage(
+        _plan(
+            distillation={
+                "alpha": 0.5,
+                "temperature": 4.0,
+                "epochs": 20,
+                "iterationsPerEpoch": 7,
+                "valIterations": 3,
+                "useDA5": True,
+                "fold": 2,
+                "rotateFolds": True,
+                "rotateFrequency": 9,
+                "disableMirroring": True,
+            },
+            teachers={"folder": "/data/nnUNet_results/T", "trainer": "nnUNetTrainerDA5"},
+        ),
+        "distill",
+    )
     argv = distill.argv
     assert _flag(argv, "-f") == ["2"] and _flag(argv, "-a") == ["0.5"] and _flag(argv, "-temp") == ["4.0"]
     assert _flag(argv, "--iterations_per_epoch") == ["7"] and _flag(argv, "--val_iterations") == ["3"]
@@ -107,10 +142,22 @@ def test_kd_method_and_held_out_cases_map_to_flags() -> None:
     default = _stage(_plan(), "distill").argv
     assert _flag(default, "--kd_mode") == ["both"] and _flag(default, "--student_init") == ["teacher"]
     assert _flag(default, "--teacher_view") == ["augmented"] and "--test_cases" not in default
-    argv = _stage(_plan(distillation={"kdMode": "channel", "studentInit": "random", "teacherView": "clean",
-                                      "testCases": ["case_7", "liver.12"]}), "distill").argv
+    argv = _stage(
+        _plan(
+            distillation={
+                "kdMode": "channel",
+                "studentInit": "random",
+                "teacherView": "clean",
+                "testCases": ["case_7", "liver.12"],
+            }
+        ),
+        "distill",
+    ).argv
     assert _flag(argv, "--kd_mode") == ["channel"] and _flag(argv, "--student_init") == ["random"]
-    assert _flag(argv, "--teacher_view") == ["clean"] and _flag(argv, "--test_cases", 2) == ["case_7", "liver.12"]
+    assert _flag(argv, "--teacher_view") == ["clean"] and _flag(argv, "--test_cases", 2) == [
+        "case_7",
+        "liver.12",
+    ]
 
 
 def test_held_out_case_lists_are_checked_at_admission() -> None:
@@ -118,24 +165,36 @@ def test_held_out_case_lists_are_checked_at_admission() -> None:
 
     for bad, words in ((["a", "a"], "lists a case twice"), ([], "at least 1 item"), (["../x"], "pattern")):
         with pytest.raises(api.InvalidSpec) as err:
-            api.parse_spec({"dataset": {"id": 27}, "storage": {"claimName": "data"},
-                            "distillation": {"testCases": bad}})
+            api.parse_spec(
+                {"dataset": {"id": 27}, "storage": {"claimName": "data"}, "distillation": {"testCases": bad}}
+            )
         assert "spec.distillation.testCases" in str(err.value.problems) and words in str(err.value.problems)
     with pytest.raises(api.InvalidSpec, match="kdMode"):
-        api.parse_spec({"dataset": {"id": 27}, "storage": {"claimName": "data"}, "distillation": {"kdMode": "x"}})
+        api.parse_spec(
+            {"dataset": {"id": 27}, "storage": {"claimName": "data"}, "distillation": {"kdMode": "x"}}
+        )
 
 
 def test_export_then_package_in_one_cpu_stage() -> None:
-    stages = _plan(export={"dynamicShape": True, "simplify": True, "modelName": "liver"},
-                   distillation={"useDA5": True})
+    stages = _plan(
+        export={"dynamicShape": True, "simplify": True, "modelName": "liver"}, distillation={"useDA5": True}
+    )
     export = _stage(stages, "export")
     assert export.resources.gpus == 0
     first, second = export.commands
     assert first.argv[0] == "nnUNetv2_distillation_export_onnx"
     assert {"-da", "-sim", "-da5"} <= set(first.argv)
     assert _flag(first.argv, "-o") == ["/res/nnunet-distill/j/export/model.onnx"]
-    assert second.argv == ("nnunet-distill", "package", "--onnx", "/res/nnunet-distill/j/export/model.onnx",
-                           "-o", "/res/nnunet-distill/j/package", "--name", "liver")
+    assert second.argv == (
+        "nnunet-distill",
+        "package",
+        "--onnx",
+        "/res/nnunet-distill/j/export/model.onnx",
+        "-o",
+        "/res/nnunet-distill/j/package",
+        "--name",
+        "liver",
+    )
 
 
 def test_quality_gate_judges_the_students_summary_after_export_and_before_publish() -> None:
@@ -144,9 +203,19 @@ def test_quality_gate_judges_the_students_summary_after_export_and_before_publis
     gate = _stage(stages, "gate")
     assert gate.needs == ("export",) and _stage(stages, "publish").needs == ("gate",)
     # Defaults: on, 0.97 mean, 0.90 per label; the summary is a glob the CLI expands (no shell in a pod).
-    assert gate.argv == ("nnunet-distill", "gate", "--summary",
-                         ("/res/Dataset027_*/nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres/fold_3/validation/"
-                          "distillation_summary.json"), "--min-retention", "0.97", "--min-label-retention", "0.9")
+    assert gate.argv == (
+        "nnunet-distill",
+        "gate",
+        "--summary",
+        (
+            "/res/Dataset027_*/nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres/fold_3/validation/"
+            "distillation_summary.json"
+        ),
+        "--min-retention",
+        "0.97",
+        "--min-label-retention",
+        "0.9",
+    )
     assert gate.fail_fast_exit_codes == (3,)  # a failed verdict is deterministic: no retries
     assert (gate.resources.gpus, gate.resources.cpu, gate.resources.memory) == (0, "500m", "512Mi")
     assert not gate.uses_credentials and not gate.reports_progress and gate.done_when_exists == ()
@@ -154,21 +223,32 @@ def test_quality_gate_judges_the_students_summary_after_export_and_before_publis
 
 
 def test_quality_gate_thresholds_enforce_and_student_folder_follow_the_spec() -> None:
-    stages = _plan(qualityGate={"minRetention": 0.99, "minLabelRetention": 0.95, "enforce": False},
-                   student={"architecture": "resenc", "reductionFactor": 4, "blockStrategy": "reduce"},
-                   distillation={"useDA5": True}, resources={"gate": {"cpu": 1, "memory": "1Gi"}})
+    stages = _plan(
+        qualityGate={"minRetention": 0.99, "minLabelRetention": 0.95, "enforce": False},
+        student={"architecture": "resenc", "reductionFactor": 4, "blockStrategy": "reduce"},
+        distillation={"useDA5": True},
+        resources={"gate": {"cpu": 1, "memory": "1Gi"}},
+    )
     gate = _stage(stages, "gate")
-    assert _flag(gate.argv, "--min-retention") == ["0.99"] and _flag(gate.argv, "--min-label-retention") == ["0.95"]
+    assert _flag(gate.argv, "--min-retention") == ["0.99"] and _flag(gate.argv, "--min-label-retention") == [
+        "0.95"
+    ]
     assert gate.argv[-1] == "--no-enforce" and "reported only" in gate.description
     assert _flag(gate.argv, "--summary")[0].startswith(
-        "/res/Dataset027_*/nnUNetDistillationTrainerDA5__nnUNetPlans_r4_bsreduce__3d_fullres/fold_0/")
+        "/res/Dataset027_*/nnUNetDistillationTrainerDA5__nnUNetPlans_r4_bsreduce__3d_fullres/fold_0/"
+    )
     assert (gate.resources.cpu, gate.resources.memory) == ("1", "1Gi")
 
 
 def test_publish_only_with_an_output_and_only_it_uses_credentials() -> None:
     stages = _plan(output={"uri": "s3://models/liver", "secretRef": {"name": "s3"}})
     assert stages[-1].name == "publish"
-    assert stages[-1].argv == ("nnunet-distill", "publish", "/res/nnunet-distill/j/package", "s3://models/liver")
+    assert stages[-1].argv == (
+        "nnunet-distill",
+        "publish",
+        "/res/nnunet-distill/j/package",
+        "s3://models/liver",
+    )
     assert [s.name for s in stages if s.uses_credentials] == ["publish"]
 
 

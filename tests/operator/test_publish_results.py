@@ -12,14 +12,27 @@ from nnunet_distill_operator.reconcile import decide
 from tests.operator.test_reconcile import NOW, applied, cond, cr, done, failed, job
 
 SPEC = {"dataset": {"id": 27}, "storage": {"claimName": "data"}, "output": {"uri": "s3://models/liver"}}
-RESULT = {"stage": "publish", "ok": True, "artifacts": {"uri": "s3://models/liver/20260301T120000Z-abcdef012345",
-                                                       "sha256": "ab" * 32, "sizeBytes": 4242}}
+RESULT = {
+    "stage": "publish",
+    "ok": True,
+    "artifacts": {
+        "uri": "s3://models/liver/20260301T120000Z-abcdef012345",
+        "sha256": "ab" * 32,
+        "sizeBytes": 4242,
+    },
+}
 
 
 def _pod(phase: str, code: int, message: str, created: str = "2026-03-01T11:50:00Z") -> dict[str, Any]:
-    return {"metadata": {"name": f"liver-publish-{code}", "creationTimestamp": created},
-            "status": {"phase": phase, "containerStatuses": [
-                {"name": "main", "state": {"terminated": {"exitCode": code, "message": message}}}]}}
+    return {
+        "metadata": {"name": f"liver-publish-{code}", "creationTimestamp": created},
+        "status": {
+            "phase": phase,
+            "containerStatuses": [
+                {"name": "main", "state": {"terminated": {"exitCode": code, "message": message}}}
+            ],
+        },
+    }
 
 
 def _at_publish() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -67,8 +80,16 @@ def test_a_succeeded_pod_without_a_verified_uri_never_completes_the_job() -> Non
 
 def test_publish_failure_reason_is_the_condition_reason() -> None:
     body, jobs, manifest = _at_publish()
-    message = json.dumps({"stage": "publish", "ok": False, "error": {
-        "reason": "InvalidCredentials", "message": "the storage rejected the credentials (AWS_ACCESS_KEY_ID)"}})
+    message = json.dumps(
+        {
+            "stage": "publish",
+            "ok": False,
+            "error": {
+                "reason": "InvalidCredentials",
+                "message": "the storage rejected the credentials (AWS_ACCESS_KEY_ID)",
+            },
+        }
+    )
     jobs["publish"] = failed(manifest)
     d = decide(body, jobs, {"publish": [_pod("Failed", 1, message)]}, NOW)
     body = applied(body, d)
@@ -93,10 +114,15 @@ def test_a_retried_publish_succeeds_after_a_failed_attempt() -> None:
     """Exit 1 of one pod is retried by the Job (backoffLimit); the next pod publishes the same package."""
     body, jobs, manifest = _at_publish()
     jobs["publish"] = job(manifest, active=1, failed=1, startTime="2026-03-01T11:00:00Z")
-    first = _pod("Failed", 1, json.dumps({"ok": False, "error": {"reason": "EndpointUnreachable", "message": "x"}}))
+    first = _pod(
+        "Failed", 1, json.dumps({"ok": False, "error": {"reason": "EndpointUnreachable", "message": "x"}})
+    )
     body = applied(body, decide(body, jobs, {"publish": [first]}, NOW))
     assert body["status"]["phase"] == "Running"
     jobs["publish"] = done(manifest)
     second = _pod("Succeeded", 0, json.dumps(RESULT), created="2026-03-01T11:55:00Z")
     body = applied(body, decide(body, jobs, {"publish": [first, second]}, NOW))
-    assert body["status"]["phase"] == "Succeeded" and body["status"]["artifacts"]["uri"] == RESULT["artifacts"]["uri"]
+    assert (
+        body["status"]["phase"] == "Succeeded"
+        and body["status"]["artifacts"]["uri"] == RESULT["artifacts"]["uri"]
+    )

@@ -15,13 +15,26 @@ NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 UID = "uid-1"
 
 
-def cr(spec: dict[str, Any] | None = None, status: dict[str, Any] | None = None, generation: int = 1,
-       annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"apiVersion": "distillation.nnunet.io/v1alpha1", "kind": "DistillationJob",
-            "metadata": {"name": "liver", "namespace": "ml", "uid": UID, "generation": generation,
-                         "creationTimestamp": "2026-03-01T11:00:00Z", "annotations": annotations or {}},
-            "spec": spec if spec is not None else {"dataset": {"id": 27}, "storage": {"claimName": "data"}},
-            "status": status or {}}
+def cr(
+    spec: dict[str, Any] | None = None,
+    status: dict[str, Any] | None = None,
+    generation: int = 1,
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "distillation.nnunet.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {
+            "name": "liver",
+            "namespace": "ml",
+            "uid": UID,
+            "generation": generation,
+            "creationTimestamp": "2026-03-01T11:00:00Z",
+            "annotations": annotations or {},
+        },
+        "spec": spec if spec is not None else {"dataset": {"id": 27}, "storage": {"claimName": "data"}},
+        "status": status or {},
+    }
 
 
 def applied(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
@@ -43,15 +56,30 @@ def job(manifest: dict[str, Any], **status: Any) -> dict[str, Any]:
 
 
 def done(manifest: dict[str, Any], start: str = "2026-03-01T11:00:00Z", end: str = "2026-03-01T11:30:00Z"):
-    return job(manifest, succeeded=1, startTime=start, completionTime=end,
-               conditions=[{"type": "Complete", "status": "True"}])
+    return job(
+        manifest,
+        succeeded=1,
+        startTime=start,
+        completionTime=end,
+        conditions=[{"type": "Complete", "status": "True"}],
+    )
 
 
 def failed(manifest: dict[str, Any], reason: str = "BackoffLimitExceeded") -> dict[str, Any]:
-    return job(manifest, failed=4, startTime="2026-03-01T11:00:00Z",
-               conditions=[{"type": "Failed", "status": "True", "reason": reason,
-                            "message": "Job has reached the specified backoff limit",
-                            "lastTransitionTime": "2026-03-01T11:40:00Z"}])
+    return job(
+        manifest,
+        failed=4,
+        startTime="2026-03-01T11:00:00Z",
+        conditions=[
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": reason,
+                "message": "Job has reached the specified backoff limit",
+                "lastTransitionTime": "2026-03-01T11:40:00Z",
+            }
+        ],
+    )
 
 
 def cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -81,8 +109,9 @@ def test_same_state_twice_changes_nothing() -> None:
 
 
 def test_stages_advance_one_at_a_time_and_finish_with_events() -> None:
-    body = cr(spec={"dataset": {"id": 27}, "storage": {"claimName": "data"},
-                    "output": {"uri": "s3://models/liver"}})
+    body = cr(
+        spec={"dataset": {"id": 27}, "storage": {"claimName": "data"}, "output": {"uri": "s3://models/liver"}}
+    )
     d = decide(body, {}, {}, NOW)
     jobs: dict[str, Any] = {}
     order = []
@@ -96,30 +125,90 @@ def test_stages_advance_one_at_a_time_and_finish_with_events() -> None:
         jobs[stage] = done(manifest)
         pods = {}
         if stage == "gate":
-            pods = {"gate": [{"metadata": {"name": "g"}, "status": {"phase": "Succeeded", "containerStatuses": [
-                {"name": "main", "state": {"terminated": {"exitCode": 0, "message": json.dumps(
-                    {"stage": "gate", "ok": True, "gate": {"passed": True, "enforced": True,
-                                                            "message": "quality gate passed: retention 0.990"}})}}}]}}]}
+            pods = {
+                "gate": [
+                    {
+                        "metadata": {"name": "g"},
+                        "status": {
+                            "phase": "Succeeded",
+                            "containerStatuses": [
+                                {
+                                    "name": "main",
+                                    "state": {
+                                        "terminated": {
+                                            "exitCode": 0,
+                                            "message": json.dumps(
+                                                {
+                                                    "stage": "gate",
+                                                    "ok": True,
+                                                    "gate": {
+                                                        "passed": True,
+                                                        "enforced": True,
+                                                        "message": "quality gate passed: retention 0.990",
+                                                    },
+                                                }
+                                            ),
+                                        }
+                                    },
+                                }
+                            ],
+                        },
+                    }
+                ]
+            }
         if stage == "publish":
-            pods = {"publish": [{"metadata": {"name": "p"}, "status": {"phase": "Succeeded", "containerStatuses": [
-                {"name": "main", "state": {"terminated": {"exitCode": 0, "message": json.dumps(
-                    {"stage": "publish", "ok": True, "artifacts": {"uri": "s3://models/liver/v1",
-                                                                    "sha256": "ab" * 32, "sizeBytes": 123}})}}}]}}]}
+            pods = {
+                "publish": [
+                    {
+                        "metadata": {"name": "p"},
+                        "status": {
+                            "phase": "Succeeded",
+                            "containerStatuses": [
+                                {
+                                    "name": "main",
+                                    "state": {
+                                        "terminated": {
+                                            "exitCode": 0,
+                                            "message": json.dumps(
+                                                {
+                                                    "stage": "publish",
+                                                    "ok": True,
+                                                    "artifacts": {
+                                                        "uri": "s3://models/liver/v1",
+                                                        "sha256": "ab" * 32,
+                                                        "sizeBytes": 123,
+                                                    },
+                                                }
+                                            ),
+                                        }
+                                    },
+                                }
+                            ],
+                        },
+                    }
+                ]
+            }
         d = decide(body, jobs, pods, NOW)
-        assert ("StageSucceeded" in [e.reason for e in d.events])
+        assert "StageSucceeded" in [e.reason for e in d.events]
         assert d.finished_stages and d.finished_stages[0][:2] == (stage, "Succeeded")
         assert d.finished_stages[0][2] == 1800.0
     assert order == ["preprocess", "distill", "export", "gate", "publish"]
     assert body["status"]["phase"] == "Succeeded"
     assert cond(body["status"], "Ready")["status"] == "True"
     assert cond(body["status"], "Reconciling")["status"] == "False"
-    assert body["status"]["artifacts"] == {"uri": "s3://models/liver/v1", "sha256": "ab" * 32, "sizeBytes": 123}
+    assert body["status"]["artifacts"] == {
+        "uri": "s3://models/liver/v1",
+        "sha256": "ab" * 32,
+        "sizeBytes": 123,
+    }
     assert all(cond(body["status"], f"{s.capitalize()}Complete")["status"] == "True" for s in order)
     assert cond(body["status"], "QualityGate")["status"] == "True"
     assert body["status"]["completionTime"] == "2026-03-01T12:00:00Z"
 
 
-def _progress_to(stage: str, spec: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any], Any]:
+def _progress_to(
+    stage: str, spec: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
     body = cr(spec=spec)
     jobs: dict[str, Any] = {}
     d = decide(body, jobs, {}, NOW)
@@ -137,10 +226,16 @@ def _progress_to(stage: str, spec: dict[str, Any] | None = None) -> tuple[dict[s
 def test_oom_killed_stage_fails_the_job_with_the_field_to_change() -> None:
     body, jobs, manifest = _progress_to("distill")
     jobs["distill"] = failed(manifest)
-    pod = {"metadata": {"name": "liver-distill-x", "creationTimestamp": "2026-03-01T11:30:00Z"},
-           "spec": manifest["spec"]["template"]["spec"],
-           "status": {"phase": "Failed", "containerStatuses": [
-               {"name": "main", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}}
+    pod = {
+        "metadata": {"name": "liver-distill-x", "creationTimestamp": "2026-03-01T11:30:00Z"},
+        "spec": manifest["spec"]["template"]["spec"],
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"name": "main", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+            ],
+        },
+    }
     d = decide(body, jobs, {"distill": [pod]}, NOW)
     assert d.create == ()
     assert d.status["phase"] == "Failed" and d.status["reason"] == "StageFailed"
@@ -155,36 +250,100 @@ def test_oom_killed_stage_fails_the_job_with_the_field_to_change() -> None:
 def test_unschedulable_pod_shows_the_schedulers_message_while_pending() -> None:
     body, jobs, _ = _progress_to("distill")
     message = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
-    pod = {"metadata": {"name": "liver-distill-x"}, "status": {"phase": "Pending", "conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]}}
+    pod = {
+        "metadata": {"name": "liver-distill-x"},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+            ],
+        },
+    }
     d = decide(body, jobs, {"distill": [pod]}, NOW)
     assert d.status["phase"] == "Running"  # preprocess already ran
     assert cond(d.status, "DistillComplete")["reason"] == "Unschedulable"
     assert cond(d.status, "DistillComplete")["message"] == message
-    assert cond(d.status, "Reconciling")["status"] == "True" and message in cond(d.status, "Reconciling")["message"]
+    assert (
+        cond(d.status, "Reconciling")["status"] == "True"
+        and message in cond(d.status, "Reconciling")["message"]
+    )
     assert [(e.type, e.reason) for e in d.events] == [("Warning", "Unschedulable")]
     again = decide(applied(body, d), jobs, {"distill": [pod]}, NOW)
     assert again.events == ()  # no repeated event for the same cause
 
 
 def test_pod_issues_in_user_terms() -> None:
-    pull = {"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
-        {"name": "main", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling x"}}}]}}
+    pull = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling x"}},
+                }
+            ],
+        },
+    }
     issue = pod_issue(pull, "distill")
     assert issue is not None and issue.reason == "ImagePullBackOff" and "spec.image" in issue.message
-    evicted = {"metadata": {"name": "p"}, "status": {"phase": "Failed", "reason": "Evicted",
-                                                     "message": "The node was low on resource: memory."}}
+    evicted = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "The node was low on resource: memory.",
+        },
+    }
     assert pod_issue(evicted).reason == "Evicted"  # type: ignore[union-attr]
-    preempted = {"metadata": {"name": "p"}, "status": {"phase": "Failed", "conditions": [
-        {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]}}
+    preempted = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Failed",
+            "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}],
+        },
+    }
     assert pod_issue(preempted).reason == "Preempted"  # type: ignore[union-attr]
-    secret = {"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
-        {"name": "main", "state": {"waiting": {"reason": "CreateContainerConfigError",
-                                               "message": 'secret "s3" not found'}}}]}}
+    secret = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "state": {
+                        "waiting": {
+                            "reason": "CreateContainerConfigError",
+                            "message": 'secret "s3" not found',
+                        }
+                    },
+                }
+            ],
+        },
+    }
     assert "secretRef" in pod_issue(secret).message  # type: ignore[union-attr]
-    crashed = {"metadata": {"name": "p"}, "status": {"phase": "Failed", "containerStatuses": [
-        {"name": "main", "state": {"terminated": {"exitCode": 1, "message": json.dumps(
-            {"ok": False, "error": {"reason": "TeacherError", "message": "fold 3 not found"}})}}}]}}
+    crashed = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "main",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 1,
+                            "message": json.dumps(
+                                {
+                                    "ok": False,
+                                    "error": {"reason": "TeacherError", "message": "fold 3 not found"},
+                                }
+                            ),
+                        }
+                    },
+                }
+            ],
+        },
+    }
     assert "TeacherError: fold 3 not found" in pod_issue(crashed).message  # type: ignore[union-attr]
     running = {"metadata": {"name": "p"}, "status": {"phase": "Running"}}
     assert pod_issue(running) is None
@@ -192,16 +351,33 @@ def test_pod_issues_in_user_terms() -> None:
 
 def test_job_observation() -> None:
     assert observe_job({"metadata": {"name": "j"}, "spec": {}, "status": {}}).state == "Pending"
-    assert observe_job({"metadata": {"name": "j"}, "spec": {}, "status": {"active": 1, "ready": 1}}).state == \
-        "Running"
-    queued = observe_job({"metadata": {"name": "j", "labels": {"kueue.x-k8s.io/queue-name": "q"}},
-                          "spec": {"suspend": True}, "status": {}})
+    assert (
+        observe_job({"metadata": {"name": "j"}, "spec": {}, "status": {"active": 1, "ready": 1}}).state
+        == "Running"
+    )
+    queued = observe_job(
+        {
+            "metadata": {"name": "j", "labels": {"kueue.x-k8s.io/queue-name": "q"}},
+            "spec": {"suspend": True},
+            "status": {},
+        }
+    )
     assert (queued.state, queued.reason) == ("Pending", "Queued")
-    mine = observe_job({"metadata": {"name": "j", "annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}},
-                        "spec": {"suspend": True}, "status": {}})
+    mine = observe_job(
+        {
+            "metadata": {"name": "j", "annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}},
+            "spec": {"suspend": True},
+            "status": {},
+        }
+    )
     assert mine.state == "Suspended" and mine.suspended_by_operator
-    deadline = observe_job({"metadata": {"name": "j"}, "spec": {}, "status": {"conditions": [
-        {"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]}})
+    deadline = observe_job(
+        {
+            "metadata": {"name": "j"},
+            "spec": {},
+            "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]},
+        }
+    )
     assert (deadline.state, deadline.reason) == ("Failed", "DeadlineExceeded")
 
 
@@ -211,7 +387,9 @@ def test_invalid_spec_stalls_without_creating_anything_and_warns_once() -> None:
     assert d.create == ()
     assert d.status["phase"] == "Failed" and d.status["reason"] == "InvalidSpec"
     assert "spec.distillation.alpha" in d.status["message"]
-    assert cond(d.status, "Stalled")["status"] == "True" and cond(d.status, "Stalled")["reason"] == "InvalidSpec"
+    assert (
+        cond(d.status, "Stalled")["status"] == "True" and cond(d.status, "Stalled")["reason"] == "InvalidSpec"
+    )
     assert [e.reason for e in d.events] == ["InvalidSpec"]
     again = decide(applied(body, d), {}, {}, NOW)
     assert again.events == () and again.status_patch is None
@@ -279,8 +457,12 @@ def test_no_new_stage_starts_while_suspended() -> None:
 
 
 def test_ttl_after_finished_deletes_when_due() -> None:
-    spec = {"dataset": {"id": 27}, "storage": {"claimName": "data"}, "ttlSecondsAfterFinished": 600,
-            "preprocess": {"mode": "Never"}}
+    spec = {
+        "dataset": {"id": 27},
+        "storage": {"claimName": "data"},
+        "ttlSecondsAfterFinished": 600,
+        "preprocess": {"mode": "Never"},
+    }
     body = cr(spec=spec)
     jobs: dict[str, Any] = {}
     d = decide(body, jobs, {}, NOW)
@@ -308,7 +490,9 @@ def test_condition_transition_times_only_move_on_status_changes() -> None:
     body = applied(cr(), first)
     jobs = {"preprocess": job(first.create[0], active=1, ready=1)}
     later = decide(body, jobs, {}, NOW + timedelta(minutes=5))
-    assert cond(later.status, "Ready")["lastTransitionTime"] == cond(first.status, "Ready")["lastTransitionTime"]
+    assert (
+        cond(later.status, "Ready")["lastTransitionTime"] == cond(first.status, "Ready")["lastTransitionTime"]
+    )
     assert cond(later.status, "PreprocessComplete")["reason"] == "Running"
 
 
@@ -331,8 +515,12 @@ def test_refused_job_is_retried_and_the_reason_shown() -> None:
 
 def test_resume_of_a_kueue_job_only_hands_it_back_to_kueue() -> None:
     """Issue 12 (4): the operator never un-suspends a queued Job; it drops its own mark and Kueue decides."""
-    spec = {"dataset": {"id": 27}, "storage": {"claimName": "data"}, "preprocess": {"mode": "Never"},
-            "scheduling": {"queueName": "gpu"}}
+    spec = {
+        "dataset": {"id": 27},
+        "storage": {"claimName": "data"},
+        "preprocess": {"mode": "Never"},
+        "scheduling": {"queueName": "gpu"},
+    }
     body, _jobs, manifest = _progress_to("distill", spec)
     assert manifest["spec"]["suspend"] is True
     suspended = job(manifest)
@@ -348,13 +536,24 @@ def test_resume_of_a_kueue_job_only_hands_it_back_to_kueue() -> None:
 
 
 def test_a_job_that_cannot_be_built_stalls_naming_the_field_and_creates_nothing() -> None:
-    d = decide(cr(), {}, {}, NOW, invalid={"preprocess": "spec.scheduling.affinity.nodeAffinity: not an object"})
+    d = decide(
+        cr(), {}, {}, NOW, invalid={"preprocess": "spec.scheduling.affinity.nodeAffinity: not an object"}
+    )
     assert d.create == () and d.identity == ()
-    assert d.status["reason"] == "JobInvalid" and "spec.scheduling.affinity.nodeAffinity" in d.status["message"]
-    assert cond(d.status, "Stalled")["status"] == "True" and cond(d.status, "Reconciling")["status"] == "False"
+    assert (
+        d.status["reason"] == "JobInvalid" and "spec.scheduling.affinity.nodeAffinity" in d.status["message"]
+    )
+    assert (
+        cond(d.status, "Stalled")["status"] == "True" and cond(d.status, "Reconciling")["status"] == "False"
+    )
     assert [e.reason for e in d.events] == ["JobInvalid"]
-    again = decide(applied(cr(), d), {}, {}, NOW, invalid={"preprocess": "spec.scheduling.affinity.nodeAffinity: "
-                                                                           "not an object"})
+    again = decide(
+        applied(cr(), d),
+        {},
+        {},
+        NOW,
+        invalid={"preprocess": "spec.scheduling.affinity.nodeAffinity: not an object"},
+    )
     assert again.events == () and again.status_patch is None
 
 

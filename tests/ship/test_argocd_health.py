@@ -64,14 +64,21 @@ def _phases() -> list[str]:
     return phases
 
 
-EXPECTED = {"Pending": "Progressing", "Running": "Progressing", "Suspended": "Suspended",
-            "Succeeded": "Healthy", "Failed": "Degraded"}
+EXPECTED = {
+    "Pending": "Progressing",
+    "Running": "Progressing",
+    "Suspended": "Suspended",
+    "Succeeded": "Healthy",
+    "Failed": "Degraded",
+}
 
 
 def test_every_operator_phase_has_the_intended_health(health) -> None:
     phases = _phases()
     assert phases, "could not read the phases from nnunet_distill_operator.api.DistillationJobStatus"
-    assert set(phases) == set(EXPECTED), f"phases changed ({phases}): decide their Argo CD health and update both"
+    assert set(phases) == set(EXPECTED), (
+        f"phases changed ({phases}): decide their Argo CD health and update both"
+    )
     from datetime import datetime
 
     from nnunet_distill_operator import status
@@ -79,11 +86,20 @@ def test_every_operator_phase_has_the_intended_health(health) -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
     for phase in phases:
         # Conditions exactly as the operator's status module computes them for this phase.
-        conds = status.kstatus_conditions(phase, "SomeReason", f"job is {phase.lower()}", None, phase == "Suspended")
-        obj = {"apiVersion": "x/v1", "kind": "DistillationJob", "metadata": {"name": "j", "generation": 1},
-               "spec": {"suspend": phase == "Suspended"},
-               "status": {"phase": phase, "observedGeneration": 1,
-                          "conditions": status.merge_conditions([], conds, now, 1)}}
+        conds = status.kstatus_conditions(
+            phase, "SomeReason", f"job is {phase.lower()}", None, phase == "Suspended"
+        )
+        obj = {
+            "apiVersion": "x/v1",
+            "kind": "DistillationJob",
+            "metadata": {"name": "j", "generation": 1},
+            "spec": {"suspend": phase == "Suspended"},
+            "status": {
+                "phase": phase,
+                "observedGeneration": 1,
+                "conditions": status.merge_conditions([], conds, now, 1),
+            },
+        }
         got = health(obj)
         assert got["status"] == EXPECTED[phase], (phase, got)
         assert got["status"] in ARGO_STATUSES and got["message"]
@@ -93,9 +109,15 @@ def test_every_operator_phase_has_the_intended_health(health) -> None:
 
 
 def test_stalled_condition_wins_over_a_running_phase(health) -> None:
-    obj = {"metadata": {"generation": 2}, "spec": {},
-           "status": {"phase": "Running", "observedGeneration": 2,
-                      "conditions": [{"type": "Stalled", "status": "True", "reason": "BackoffLimitExceeded"}]}}
+    obj = {
+        "metadata": {"generation": 2},
+        "spec": {},
+        "status": {
+            "phase": "Running",
+            "observedGeneration": 2,
+            "conditions": [{"type": "Stalled", "status": "True", "reason": "BackoffLimitExceeded"}],
+        },
+    }
     assert health(obj) == {"status": "Degraded", "message": "BackoffLimitExceeded"}
 
 

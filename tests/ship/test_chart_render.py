@@ -27,9 +27,13 @@ def values_variants(all_on: dict) -> dict[str, dict]:
         "defaults": {},
         "all-on": all_on,
         "watch-namespaces": {"watchNamespaces": WATCHED},
-        "everything-off": {"rbac": {"create": False}, "crds": {"install": False}, "dashboards": {"enabled": False},
-                           "metrics": {"service": {"enabled": False}},
-                           "serviceAccount": {"create": False, "name": "existing-operator-sa"}},
+        "everything-off": {
+            "rbac": {"create": False},
+            "crds": {"install": False},
+            "dashboards": {"enabled": False},
+            "metrics": {"service": {"enabled": False}},
+            "serviceAccount": {"create": False, "name": "existing-operator-sa"},
+        },
     }
 
 
@@ -61,8 +65,14 @@ def test_all_on_values_switch_on_every_boolean_of_values_yaml(default_values, al
             node = node.get("properties", {}).get(key, {})
         if node.get("type") == "boolean":
             toggles.append(path)
-            if path == ("metrics", "podMonitor", "enabled"):  # excludes the ServiceMonitor: ci/podmonitor-values
-                assert effective[path] is False and effective[("metrics", "serviceMonitor", "enabled")] is True
+            if path == (
+                "metrics",
+                "podMonitor",
+                "enabled",
+            ):  # excludes the ServiceMonitor: ci/podmonitor-values
+                assert (
+                    effective[path] is False and effective[("metrics", "serviceMonitor", "enabled")] is True
+                )
                 continue
             assert effective[path] is True, f"ci/all-on-values.yaml must set {'.'.join(path)}: true"
     assert len(toggles) >= 10, toggles
@@ -80,8 +90,10 @@ def test_every_manifest_passes_kubernetes_validate_strict(variant) -> None:
             try:
                 kubernetes_validate.validate(doc, kube, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes {kube}: "
-                            f"{exc.message} at {list(exc.path)}")
+                pytest.fail(
+                    f"{name}: {doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes {kube}: "
+                    f"{exc.message} at {list(exc.path)}"
+                )
 
 
 def test_every_object_is_labelled_and_namespaced_where_it_must_be(variant) -> None:
@@ -130,7 +142,9 @@ def test_deployment_runs_one_recreated_hardened_operator(render) -> None:
 def test_deployment_args_follow_watch_mode(render) -> None:
     args = one(render({}), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--all-namespaces" in args and not any(a.startswith("--namespace") for a in args)
-    args = one(render({"watchNamespaces": WATCHED}), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = one(render({"watchNamespaces": WATCHED}), "Deployment")["spec"]["template"]["spec"]["containers"][
+        0
+    ]["args"]
     assert "--all-namespaces" not in args
     assert [a for a in args if a.startswith("--namespace=")] == [f"--namespace={n}" for n in WATCHED]
 
@@ -151,10 +165,13 @@ def test_image_references(render) -> None:
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["NNUNET_DISTILL_TRAINER_IMAGE"].endswith(f"nnunet-distill-trainer:{app_version}")
     digest = "sha256:" + "a" * 64
-    container = one(render({"image": {"digest": digest}, "trainer": {"image": {"digest": digest}}}),
-                    "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container = one(
+        render({"image": {"digest": digest}, "trainer": {"image": {"digest": digest}}}), "Deployment"
+    )["spec"]["template"]["spec"]["containers"][0]
     assert container["image"].endswith("@" + digest)
-    assert {e["name"]: e.get("value") for e in container["env"]}["NNUNET_DISTILL_TRAINER_IMAGE"].endswith("@" + digest)
+    assert {e["name"]: e.get("value") for e in container["env"]}["NNUNET_DISTILL_TRAINER_IMAGE"].endswith(
+        "@" + digest
+    )
 
 
 def test_crds_upgrade_with_the_chart_and_keep_policy_is_optional(render) -> None:
@@ -162,9 +179,13 @@ def test_crds_upgrade_with_the_chart_and_keep_policy_is_optional(render) -> None
     assert crds, "CRDs must be templates (so helm upgrade upgrades them)"
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
     unkept = by_kind(render({"crds": {"keep": False}}), "CustomResourceDefinition")
-    assert unkept and all("helm.sh/resource-policy" not in c["metadata"].get("annotations", {}) for c in unkept)
+    assert unkept and all(
+        "helm.sh/resource-policy" not in c["metadata"].get("annotations", {}) for c in unkept
+    )
     assert by_kind(render({"crds": {"install": False}}), "CustomResourceDefinition") == []
-    assert not (CHART / "crds").exists(), "crds/ would install the CRD a second time, outside Helm's ownership"
+    assert not (CHART / "crds").exists(), (
+        "crds/ would install the CRD a second time, outside Helm's ownership"
+    )
 
 
 def test_rendered_crds_are_the_generated_files(render) -> None:
@@ -242,9 +263,12 @@ def test_values_schema_covers_every_value(default_values) -> None:
             described = node.get("description")
             node = _resolve(schema, node)
             # Closed (false) or typed (a schema every extra key's value must match, e.g. resource quantities).
-            assert node.get("additionalProperties", True) is not True, \
+            assert node.get("additionalProperties", True) is not True, (
                 f"{'.'.join(where) or '<root>'} accepts unknown keys"
-            assert key in node.get("properties", {}), f"values.schema.json has no property for {'.'.join(path)}"
+            )
+            assert key in node.get("properties", {}), (
+                f"values.schema.json has no property for {'.'.join(path)}"
+            )
             node = node["properties"][key]
             where.append(key)
         described = node.get("description")
@@ -252,10 +276,14 @@ def test_values_schema_covers_every_value(default_values) -> None:
         types = node.get("type")
         types = types if isinstance(types, list) else [types]
         assert kinds[type(value)] in types, f"{'.'.join(path)}: schema type {types} vs value {value!r}"
-        assert described or node.get("description"), f"{'.'.join(path)} has no description in values.schema.json"
+        assert described or node.get("description"), (
+            f"{'.'.join(path)} has no description in values.schema.json"
+        )
 
 
 def test_notes_render(chart, all_on_values) -> None:
     for values in ({}, all_on_values):
-        notes = chart.render(values, name=RELEASE, namespace=NAMESPACE)["nnunet-distill-operator/templates/NOTES.txt"]
+        notes = chart.render(values, name=RELEASE, namespace=NAMESPACE)[
+            "nnunet-distill-operator/templates/NOTES.txt"
+        ]
         assert "kubectl get dj" in notes and RELEASE in notes

@@ -74,8 +74,13 @@ def resolve(text: str, args: dict[str, str]) -> str:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_hadolint_reports_nothing(dockerfile: Path) -> None:
-    proc = subprocess.run([hadolint(), "--no-color", "-f", "json", str(dockerfile)],
-                          check=False, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint(), "--no-color", "-f", "json", str(dockerfile)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     findings = json.loads(proc.stdout or "[]")
     assert findings == [], "\n".join(f"{f['file']}:{f['line']} {f['code']} {f['message']}" for f in findings)
     assert proc.returncode == 0, proc.stderr
@@ -88,16 +93,21 @@ def test_hadolint_ignores_are_justified(dockerfile: Path) -> None:
     for number, line in enumerate(lines):
         if "hadolint ignore=" in line:
             above = lines[number - 1].strip() if number else ""
-            assert above.startswith("#") and len(above) > 10, \
+            assert above.startswith("#") and len(above) > 10, (
                 f"{dockerfile.name}:{number + 1}: hadolint ignore without a reason comment above it"
+            )
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_base_images_are_pinned_and_build_is_multi_stage(dockerfile: Path) -> None:
     args = build_args(dockerfile)
-    bases = [resolve(rest.split()[0], args) for keyword, rest in instructions(dockerfile) if keyword == "FROM"]
+    bases = [
+        resolve(rest.split()[0], args) for keyword, rest in instructions(dockerfile) if keyword == "FROM"
+    ]
     assert len(bases) >= 2, f"{dockerfile.name} should build in stages, got FROM {bases}"
-    stage_names = {rest.split()[-1] for k, rest in instructions(dockerfile) if k == "FROM" and " AS " in rest.upper()}
+    stage_names = {
+        rest.split()[-1] for k, rest in instructions(dockerfile) if k == "FROM" and " AS " in rest.upper()
+    }
     for base in bases:
         if base in stage_names:
             continue
@@ -121,7 +131,9 @@ def test_operator_image_installs_only_the_operator_extra_and_runs_the_operator()
     text = " ".join(rest for _, rest in instructions(OPERATOR_DOCKERFILE))
     installs = [rest for k, rest in instructions(OPERATOR_DOCKERFILE) if k == "RUN" and "pip " in rest]
     assert any("[operator]" in run for run in installs), installs
-    assert "[trainer" not in text and ",trainer" not in text, "the operator image must not install the trainer extra"
+    assert "[trainer" not in text and ",trainer" not in text, (
+        "the operator image must not install the trainer extra"
+    )
     assert not re.search(r"\btorch\b[=<> ]", text), "the operator image must not install torch"
     entrypoint = [json.loads(rest) for k, rest in stage if k == "ENTRYPOINT"]
     assert entrypoint == [["nnunet-distill-operator"]]
@@ -147,7 +159,9 @@ def test_trainer_image_has_every_trainer_cli_and_no_healthcheck() -> None:
     assert loop, "the trainer Dockerfile should check that every CLI is on PATH"
     checked = set(loop.group(1).split())
     scripts = set(PYPROJECT["project"]["scripts"]) - {"nnunet-distill-operator"}
-    assert scripts <= checked, f"console scripts not checked on PATH in the trainer image: {scripts - checked}"
+    assert scripts <= checked, (
+        f"console scripts not checked on PATH in the trainer image: {scripts - checked}"
+    )
     # nnU-Net's own stage commands from docs/contracts.md.
     assert {"nnUNetv2_plan_and_preprocess", "nnUNetv2_train"} <= checked
     assert any("[trainer]" in rest for k, rest in stage if k == "RUN"), "install the trainer extra"
@@ -168,14 +182,22 @@ def test_trainer_image_pins_the_torch_the_project_is_tested_with() -> None:
 def test_trainer_image_installs_the_lock_apart_from_the_code_and_its_own_wheel_offline() -> None:
     steps = instructions(TRAINER_DOCKERFILE)
     froms = [i for i, (k, _) in enumerate(steps) if k == "FROM"]
-    deps = steps[froms[1]:froms[2]]
+    deps = steps[froms[1] : froms[2]]
     assert steps[froms[1]][1].endswith("AS deps") and steps[froms[2]][1] == "deps"
     copies = [rest for k, rest in deps if k == "COPY"]
-    assert copies == ["trainer_image/requirements.lock /tmp/requirements.lock"], "only the lock enters the deps layer"
+    assert copies == ["trainer_image/requirements.lock /tmp/requirements.lock"], (
+        "only the lock enters the deps layer"
+    )
     assert any("--no-deps --requirement /tmp/requirements.lock" in rest for k, rest in deps if k == "RUN")
-    own = [rest for k, rest in final_stage(TRAINER_DOCKERFILE) if k == "RUN" and "nnunet-distill[trainer]" in rest]
+    own = [
+        rest
+        for k, rest in final_stage(TRAINER_DOCKERFILE)
+        if k == "RUN" and "nnunet-distill[trainer]" in rest
+    ]
     assert own and "--no-index" in own[0], "install our own wheel with --no-index (dependency confusion)"
-    assert [json.loads(rest) for k, rest in final_stage(TRAINER_DOCKERFILE) if k == "ENTRYPOINT"] == [["tini", "--"]]
+    assert [json.loads(rest) for k, rest in final_stage(TRAINER_DOCKERFILE) if k == "ENTRYPOINT"] == [
+        ["tini", "--"]
+    ]
 
 
 def test_trainer_lock_is_generated_pins_everything_and_serves_gpus() -> None:
@@ -212,7 +234,10 @@ def operator_trainer_jobs() -> list[dict]:
     name = job["metadata"]["name"]
     paths = plan.DataPaths.in_pod(name)
     owner = k8s.Owner(name=name, namespace="ml-train", uid="0000-uid")
-    return [k8s.job_for(stage, owner=owner, spec=spec, paths=paths) for stage in plan.plan(spec, name=name, paths=paths)]
+    return [
+        k8s.job_for(stage, owner=owner, spec=spec, paths=paths)
+        for stage in plan.plan(spec, name=name, paths=paths)
+    ]
 
 
 def test_trainer_image_env_matches_the_pods_the_operator_renders() -> None:
@@ -224,14 +249,17 @@ def test_trainer_image_env_matches_the_pods_the_operator_renders() -> None:
         for container in pod.get("initContainers", []) + pod["containers"]:
             pod_env = {e["name"]: e.get("value") for e in container["env"]}
             for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-                assert env[var] == pod_env[var], f"{job['metadata']['name']}: {var} image {env[var]} vs pod {pod_env[var]}"
+                assert env[var] == pod_env[var], (
+                    f"{job['metadata']['name']}: {var} image {env[var]} vs pod {pod_env[var]}"
+                )
             # Pods run with a read-only root filesystem: whatever the image points libraries at must be a
             # writable mount of the pod.
             assert container["securityContext"]["readOnlyRootFilesystem"] is True
             writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
             for var in ("HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR"):
-                assert any(env[var] == w or env[var].startswith(w + "/") for w in writable), \
+                assert any(env[var] == w or env[var].startswith(w + "/") for w in writable), (
                     f"{var}={env[var]} is not on a writable mount of {job['metadata']['name']} ({sorted(writable)})"
+                )
             assert "/dev/shm" in writable, "nnU-Net's loaders need a shared-memory volume"
 
 
@@ -245,14 +273,22 @@ def test_trainer_image_user_is_the_operators_default_pod_user() -> None:
 
 
 def test_dockerignore_keeps_the_build_context_to_the_sources() -> None:
-    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert lines[0] == "*", "allow-list style: ignore everything, then re-include the sources"
     included = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     assert {"pyproject.toml", "README.md", "operator", "trainer_image"} <= included
     assert not included & {".venv", "tests", ".git", "bench"}
-    copied = {source for df in DOCKERFILES for k, rest in instructions(df) if k == "COPY"
-              and not rest.startswith("--from") for source in rest.split()[:-1]}
+    copied = {
+        source
+        for df in DOCKERFILES
+        for k, rest in instructions(df)
+        if k == "COPY" and not rest.startswith("--from")
+        for source in rest.split()[:-1]
+    }
     for source in copied:
         top = source.split("/")[0]
         assert top in included, f"COPY {source} is excluded by .dockerignore"

@@ -62,7 +62,9 @@ def test_gitops_folder_lists_exactly_the_distillationjob_examples() -> None:
     """Argo CD and Flux apply examples/kustomization.yaml: the distillationjob-*.yaml examples, not the local
     demo job (its synthetic dataset exists only on the demo machine) nor the GitOps manifests themselves."""
     kustomization = load_strict(EXAMPLES / "kustomization.yaml")
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in EXAMPLES.glob("distillationjob-*.yaml"))
+    assert sorted(kustomization["resources"]) == sorted(
+        p.name for p in EXAMPLES.glob("distillationjob-*.yaml")
+    )
 
 
 def test_argocd_applications(chart) -> None:
@@ -73,7 +75,9 @@ def test_argocd_applications(chart) -> None:
         spec = app["spec"]
         assert spec["project"] and spec["destination"]["namespace"] and spec["destination"]["server"]
         path = REPO / spec["source"]["path"]
-        assert path.is_dir(), f"{app['metadata']['name']}: source.path {spec['source']['path']} does not exist"
+        assert path.is_dir(), (
+            f"{app['metadata']['name']}: source.path {spec['source']['path']} does not exist"
+        )
         if "helm" in spec["source"]:
             assert path == CHART
             chart.validate_schema(spec["source"]["helm"]["valuesObject"])
@@ -91,8 +95,11 @@ def test_flux_manifests(chart) -> None:
     release = next(d for d in release_docs if d["kind"] == "HelmRelease")
     assert release["apiVersion"] == "helm.toolkit.fluxcd.io/v2"
     source = release["spec"]["chart"]["spec"]
-    assert source["sourceRef"] == {"kind": "GitRepository", "name": repo["metadata"]["name"],
-                                   "namespace": repo["metadata"]["namespace"]}
+    assert source["sourceRef"] == {
+        "kind": "GitRepository",
+        "name": repo["metadata"]["name"],
+        "namespace": repo["metadata"]["namespace"],
+    }
     assert (REPO / source["chart"]).resolve() == CHART
     chart.validate_schema(release["spec"]["values"])
 
@@ -116,4 +123,8 @@ def test_chart_artifacthub_crd_example_is_the_minimal_example() -> None:
     (crd_entry,) = yaml.safe_load(annotations["artifacthub.io/crds"])
     from nnunet_distill_operator import api, crd
 
-    assert crd_entry["name"] == crd.CRD_NAME and crd_entry["version"] == api.VERSION and crd_entry["kind"] == api.KIND
+    assert (
+        crd_entry["name"] == crd.CRD_NAME
+        and crd_entry["version"] == api.VERSION
+        and crd_entry["kind"] == api.KIND
+    )

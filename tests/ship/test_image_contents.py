@@ -80,8 +80,9 @@ sys.argv = [{script!r}] + {args!r}
 from {module} import {func} as entry
 sys.exit(entry())
 """
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, cwd=REPO
+    )
 
 
 def test_extras_really_differ() -> None:
@@ -107,8 +108,11 @@ def test_operator_image_runs_the_operator_side_cli_without_torch(command) -> Non
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("command", [["publish", "--help"], ["package", "--help"], ["synthetic", "--help"],
-                                     ["train-teacher", "--help"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "command",
+    [["publish", "--help"], ["package", "--help"], ["synthetic", "--help"], ["train-teacher", "--help"]],
+    ids=" ".join,
+)
 def test_trainer_image_runs_the_trainer_subcommands_without_operator_dependencies(command) -> None:
     """The trainer image installs the `trainer` extra only: no kopf, no prometheus-client. The umbrella CLI
     lives in the operator package, so it must dispatch trainer subcommands without importing those."""

@@ -85,9 +85,11 @@ def dashboard_queries(dashboard: dict) -> list[tuple[str, str]]:
 def test_metric_name_extraction_is_real() -> None:
     """The extractor must see through aggregations, functions, joins and ranges, and must not take labels or
     function names for metrics."""
-    expr = ('histogram_quantile(0.9, sum by (le, stage) (rate(a_bucket{x="b"}[$__rate_interval]))) '
-            '* on (namespace, pod) group_left (owner_name) max by (namespace, pod, owner_name) (kube_pod_owner) '
-            '+ absent(up{job="j"} == 1) - time() + {__name__="c"}')
+    expr = (
+        'histogram_quantile(0.9, sum by (le, stage) (rate(a_bucket{x="b"}[$__rate_interval]))) '
+        "* on (namespace, pod) group_left (owner_name) max by (namespace, pod, owner_name) (kube_pod_owner) "
+        '+ absent(up{job="j"} == 1) - time() + {__name__="c"}'
+    )
     assert metric_names(expr) == {"a_bucket", "kube_pod_owner", "up", "c"}
 
 
@@ -115,10 +117,17 @@ def test_dashboard_queries_name_only_exported_metrics(path) -> None:
         assert not unknown, f"{where} queries {sorted(unknown)}, which nothing exports: {expr}"
         used |= names
     # The issue's panels: jobs by phase, per-job epoch/loss/Dice, stage durations, reconcile rate/errors, GPU.
-    for needed in ("nnunet_distill_jobs", "nnunet_distill_epoch", "nnunet_distill_train_loss",
-                   "nnunet_distill_kd_loss", "nnunet_distill_pseudo_dice", "nnunet_distill_stage_duration_seconds_bucket",
-                   "nnunet_distill_reconcile_total", "nnunet_distill_reconcile_errors_total",
-                   "DCGM_FI_DEV_GPU_UTIL"):
+    for needed in (
+        "nnunet_distill_jobs",
+        "nnunet_distill_epoch",
+        "nnunet_distill_train_loss",
+        "nnunet_distill_kd_loss",
+        "nnunet_distill_pseudo_dice",
+        "nnunet_distill_stage_duration_seconds_bucket",
+        "nnunet_distill_reconcile_total",
+        "nnunet_distill_reconcile_errors_total",
+        "DCGM_FI_DEV_GPU_UTIL",
+    ):
         assert needed in used, f"the dashboard has no panel on {needed}"
     # Panels reference the templated data source, so the dashboard works with any Prometheus.
     for panel in dashboard["panels"]:
@@ -135,8 +144,15 @@ def test_gpu_panels_join_dcgm_with_stage_jobs_by_pod() -> None:
 
 
 def test_dashboard_configmap(render) -> None:
-    docs = render({"dashboards": {"enabled": True, "namespace": "monitoring",
-                                  "annotations": {"grafana_folder": "nnU-Net"}}})
+    docs = render(
+        {
+            "dashboards": {
+                "enabled": True,
+                "namespace": "monitoring",
+                "annotations": {"grafana_folder": "nnU-Net"},
+            }
+        }
+    )
     cm = one(docs, "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["metadata"]["namespace"] == "monitoring"
@@ -185,25 +201,35 @@ def test_service_and_pod_monitor_shape(render, all_on_values, podmonitor_values)
 def test_default_monitors_keep_each_jobs_namespace_label(render, kind) -> None:
     """The operator exports per-job series labelled with the DistillationJob's namespace; the monitor must not let
     Prometheus overwrite it with the operator's own (honor_labels: false would)."""
-    (monitor,) = [d for d in render({"metrics": {kind: {"enabled": True}}})
-                  if d["kind"] == kind[0].upper() + kind[1:]]
+    (monitor,) = [
+        d for d in render({"metrics": {kind: {"enabled": True}}}) if d["kind"] == kind[0].upper() + kind[1:]
+    ]
     (endpoint,) = _endpoints(monitor)
-    overwrites_namespace = any(r.get("targetLabel") == "namespace" for r in endpoint.get("metricRelabelings", []))
+    overwrites_namespace = any(
+        r.get("targetLabel") == "namespace" for r in endpoint.get("metricRelabelings", [])
+    )
     assert endpoint["honorLabels"] is True and not overwrites_namespace
 
 
 def test_service_and_pod_monitor_exclude_each_other(chart, helm) -> None:
     with pytest.raises(helm.HelmError, match="scraped twice"):
-        chart.render({"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
-                     name="r", namespace="n")
+        chart.render(
+            {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+            name="r",
+            namespace="n",
+        )
 
 
 def test_rare_event_panels_count_over_the_whole_range() -> None:
     """Stages finish hours apart: a rate over a few minutes shows nothing most of the time, so the stage panels
     count with increase() over the dashboard's range, as instant queries."""
     dashboard = json.loads(DASHBOARD_FILES[0].read_text())
-    stage_targets = [t for p in dashboard["panels"] for t in p.get("targets", [])
-                     if "nnunet_distill_stage_" in t["expr"] or "job_start_latency" in t["expr"]]
+    stage_targets = [
+        t
+        for p in dashboard["panels"]
+        for t in p.get("targets", [])
+        if "nnunet_distill_stage_" in t["expr"] or "job_start_latency" in t["expr"]
+    ]
     assert len(stage_targets) >= 4
     for t in stage_targets:
         assert "increase(" in t["expr"] and "[$__range]" in t["expr"] and "rate(" not in t["expr"], t["expr"]
@@ -221,8 +247,11 @@ def test_monitors_are_off_by_default_and_service_monitor_needs_the_service(rende
     docs = render({})
     assert not [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
     with pytest.raises(helm.HelmError, match="metrics.service.enabled"):
-        chart.render({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
-                     name="r", namespace="n")
+        chart.render(
+            {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}},
+            name="r",
+            namespace="n",
+        )
 
 
 def test_prometheus_rule_shape_and_queries(render, all_on_values) -> None:
@@ -231,14 +260,20 @@ def test_prometheus_rule_shape_and_queries(render, all_on_values) -> None:
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     (group,) = rule["spec"]["groups"]
     alerts = {r["alert"]: r for r in group["rules"] if "alert" in r}
-    builtin = {"NnunetDistillJobStuckPending", "NnunetDistillJobFailed", "NnunetDistillAccuracyGateFailed",
-               "NnunetDistillOperatorDown"}
+    builtin = {
+        "NnunetDistillJobStuckPending",
+        "NnunetDistillJobFailed",
+        "NnunetDistillAccuracyGateFailed",
+        "NnunetDistillOperatorDown",
+    }
     assert builtin <= set(alerts) and "NnunetDistillExtraRuleForTests" in alerts  # extraRules appended
     allowed = operator_series() | {"up"}
     for name in builtin:
         alert = alerts[name]
         unknown = metric_names(alert["expr"]) - allowed
-        assert not unknown, f"{name} queries {sorted(unknown)}, which the operator does not export: {alert['expr']}"
+        assert not unknown, (
+            f"{name} queries {sorted(unknown)}, which the operator does not export: {alert['expr']}"
+        )
         assert alert["labels"]["severity"] in {"critical", "warning", "info"}
         assert alert["annotations"]["summary"] and alert["annotations"]["description"]
         if "for" in alert:
@@ -252,19 +287,30 @@ def test_operator_down_alert_matches_the_scrape_job_label(render, all_on_values,
     for kind, values in (("ServiceMonitor", all_on_values), ("PodMonitor", podmonitor_values)):
         docs = render(values)
         rule = one(docs, "PrometheusRule")
-        expr = next(r["expr"] for r in rule["spec"]["groups"][0]["rules"]
-                    if r.get("alert") == "NnunetDistillOperatorDown")
+        expr = next(
+            r["expr"]
+            for r in rule["spec"]["groups"][0]["rules"]
+            if r.get("alert") == "NnunetDistillOperatorDown"
+        )
         monitor = one(docs, kind)
         label = monitor["spec"]["jobLabel"]
-        source = one(docs, "Service") if kind == "ServiceMonitor" else one(docs, "Deployment")["spec"]["template"]
+        source = (
+            one(docs, "Service") if kind == "ServiceMonitor" else one(docs, "Deployment")["spec"]["template"]
+        )
         assert f'job="{source["metadata"]["labels"][label]}"' in expr
 
 
 def test_each_alert_can_be_switched_off(render) -> None:
-    names = {"jobStuckPending": "NnunetDistillJobStuckPending", "jobFailed": "NnunetDistillJobFailed",
-             "accuracyGateFailed": "NnunetDistillAccuracyGateFailed", "operatorDown": "NnunetDistillOperatorDown"}
+    names = {
+        "jobStuckPending": "NnunetDistillJobStuckPending",
+        "jobFailed": "NnunetDistillJobFailed",
+        "accuracyGateFailed": "NnunetDistillAccuracyGateFailed",
+        "operatorDown": "NnunetDistillOperatorDown",
+    }
     for key, alert in names.items():
-        rule = one(render({"metrics": {"prometheusRule": {"enabled": True,
-                                                          "alerts": {key: {"enabled": False}}}}}), "PrometheusRule")
+        rule = one(
+            render({"metrics": {"prometheusRule": {"enabled": True, "alerts": {key: {"enabled": False}}}}}),
+            "PrometheusRule",
+        )
         present = {r["alert"] for r in rule["spec"]["groups"][0]["rules"]}
         assert alert not in present and len(present) == 3

@@ -11,7 +11,7 @@ import torch
 
 # Run as a script by `stock_predict`: nnU-Net's own nnUNetv2_predict entry point, with every import of our package
 # refused, so the student must load from its plans.json and a stock trainer name alone.
-_BLOCKED_PREDICT = r'''
+_BLOCKED_PREDICT = r"""
 import sys
 
 class _RefuseOurPackage:
@@ -28,7 +28,7 @@ if __name__ == "__main__":  # nnU-Net's spawn workers re-import this file
     predict_entry_point()
     assert not [m for m in sys.modules if m.startswith("nnunet_distill")]
     print("STOCK_PREDICT_OK")
-'''
+"""
 
 
 def console_script(name: str) -> str:
@@ -44,7 +44,9 @@ def run_cli(argv: list[str], env: dict, log: Path, timeout: float = 900) -> subp
 
 
 def require_ok(proc: subprocess.CompletedProcess, log: Path) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"{proc.args[0]} failed ({proc.returncode}); see {log}:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{proc.args[0]} failed ({proc.returncode}); see {log}:\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -52,11 +54,43 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def stock_predict(tmp_dir: Path, env: dict, log: Path, input_dir: Path, output_dir: Path, dataset_id: int,
-                  trainer: str, plans: str, fold: int, configuration: str = "3d_fullres"):
+def stock_predict(
+    tmp_dir: Path,
+    env: dict,
+    log: Path,
+    input_dir: Path,
+    output_dir: Path,
+    dataset_id: int,
+    trainer: str,
+    plans: str,
+    fold: int,
+    configuration: str = "3d_fullres",
+):
     script = tmp_dir / "stock_predict.py"
     script.write_text(_BLOCKED_PREDICT)
-    argv = [sys.executable, str(script), "-i", str(input_dir), "-o", str(output_dir), "-d", str(dataset_id),
-            "-c", configuration, "-tr", trainer, "-p", plans, "-f", str(fold), "-device", "cpu", "-npp", "1",
-            "-nps", "1", "--disable_progress_bar"]
+    argv = [
+        sys.executable,
+        str(script),
+        "-i",
+        str(input_dir),
+        "-o",
+        str(output_dir),
+        "-d",
+        str(dataset_id),
+        "-c",
+        configuration,
+        "-tr",
+        trainer,
+        "-p",
+        plans,
+        "-f",
+        str(fold),
+        "-device",
+        "cpu",
+        "-npp",
+        "1",
+        "-nps",
+        "1",
+        "--disable_progress_bar",
+    ]
     return require_ok(run_cli(argv, env, log), log)

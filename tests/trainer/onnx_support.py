@@ -59,9 +59,26 @@ def distilled_student(dataset, teachers, tmp_path_factory) -> Student:
 
         results = tmp_path_factory.mktemp("onnx_student_results")
         env = {**dataset.env, "nnUNet_results": str(results)}
-        argv = [nnunet_executable("nnUNetv2_distillation_train"), "-d", str(dataset.dataset_id), "-f",
-                str(STUDENT_FOLD), "-r", str(REDUCTION), "-a", str(ALPHA), "-temp", str(TEMPERATURE),
-                "-tf", *map(str, teachers.folds), "-t", str(teachers.folder), *STUDENT_BUDGET, "-d_device", "cpu"]
+        argv = [
+            nnunet_executable("nnUNetv2_distillation_train"),
+            "-d",
+            str(dataset.dataset_id),
+            "-f",
+            str(STUDENT_FOLD),
+            "-r",
+            str(REDUCTION),
+            "-a",
+            str(ALPHA),
+            "-temp",
+            str(TEMPERATURE),
+            "-tf",
+            *map(str, teachers.folds),
+            "-t",
+            str(teachers.folder),
+            *STUDENT_BUDGET,
+            "-d_device",
+            "cpu",
+        ]
         run_logged(argv, env, dataset.log, timeout=900)
         _BUILT[key] = Student(dataset, teachers, results)
     return _BUILT[key]

@@ -19,24 +19,38 @@ from tests.trainer.distill_helpers import console_script, load_checkpoint, requi
 pytestmark = pytest.mark.slow
 
 BUDGET = ["-e", "2", "--iterations_per_epoch", "2", "--val_iterations", "1"]
-BASE = ["-d", "901", "-f", "0", "-a", "0.3", "-temp", "3.0", "-r", "2", "-d_device", "cpu", "-disable_mirroring"]
+BASE = [
+    "-d",
+    "901",
+    "-f",
+    "0",
+    "-a",
+    "0.3",
+    "-temp",
+    "3.0",
+    "-r",
+    "2",
+    "-d_device",
+    "cpu",
+    "-disable_mirroring",
+]
 STUDENT_FOLDER = "nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres"
 
 
 @dataclass
 class StandardRun:
     teachers: object
-    folder: Path            # .../nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres
-    first: dict             # checkpoint_final.pth after the first run (2 epochs)
+    folder: Path  # .../nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres
+    first: dict  # checkpoint_final.pth after the first run (2 epochs)
     first_stdout: str
-    refused: object         # CompletedProcess of the -c_continue run with a changed alpha
+    refused: object  # CompletedProcess of the -c_continue run with a changed alpha
     refused_untouched: bool
-    resumed: dict           # checkpoint_final.pth after -c_continue -e 3
+    resumed: dict  # checkpoint_final.pth after -c_continue -e 3
     resumed_stdout: str
     predictions: Path
     predict_stdout: str
     log: Path
-    no_test_set_summary: Path   # a run whose nnUNet_raw has no imagesTs
+    no_test_set_summary: Path  # a run whose nnUNet_raw has no imagesTs
 
     @property
     def fold(self) -> Path:
@@ -59,23 +73,53 @@ def standard_run(nnunet_teachers, tmp_path_factory) -> StandardRun:
     refused = run_cli([exe, *changed, "-e", "3", "-c_continue"], ds.env, log)
     untouched = final.stat().st_mtime_ns == stamp
 
-    resumed = require_ok(run_cli([exe, *BASE, "-e", "3", "--iterations_per_epoch", "2", "--val_iterations", "1",
-                                  "-c_continue"], ds.env, log), log)
+    resumed = require_ok(
+        run_cli(
+            [exe, *BASE, "-e", "3", "--iterations_per_epoch", "2", "--val_iterations", "1", "-c_continue"],
+            ds.env,
+            log,
+        ),
+        log,
+    )
     resumed_ckpt = load_checkpoint(final)
 
     out = tmp / "predictions"
-    pred = stock_predict(tmp, ds.env, log, ds.raw_dataset / "imagesTs", out, ds.dataset_id,
-                         "nnUNetDistillationTrainer", "nnUNetPlans_r2", 0)
+    pred = stock_predict(
+        tmp,
+        ds.env,
+        log,
+        ds.raw_dataset / "imagesTs",
+        out,
+        ds.dataset_id,
+        "nnUNetDistillationTrainer",
+        "nnUNetPlans_r2",
+        0,
+    )
     # The same distillation where the raw dataset has no test set: only unseen teacher folds may be compared.
     results = tmp / "results_no_test_set" / ds.dataset_name
     results.mkdir(parents=True)
     (results / "nnUNetTrainer__nnUNetPlans__3d_fullres").symlink_to(nnunet_teachers.folder)
     (tmp / "empty_raw").mkdir()
     env = {**ds.env, "nnUNet_raw": str(tmp / "empty_raw"), "nnUNet_results": str(results.parent)}
-    require_ok(run_cli([exe, *BASE, "-e", "1", "--iterations_per_epoch", "1", "--val_iterations", "1"], env, log), log)
+    require_ok(
+        run_cli([exe, *BASE, "-e", "1", "--iterations_per_epoch", "1", "--val_iterations", "1"], env, log),
+        log,
+    )
     no_test = results / STUDENT_FOLDER / "fold_0" / "validation" / "distillation_summary.json"
-    return StandardRun(nnunet_teachers, folder, first_ckpt, first.stdout, refused, untouched, resumed_ckpt,
-                       resumed.stdout, out, pred.stdout, log, no_test)
+    return StandardRun(
+        nnunet_teachers,
+        folder,
+        first_ckpt,
+        first.stdout,
+        refused,
+        untouched,
+        resumed_ckpt,
+        resumed.stdout,
+        out,
+        pred.stdout,
+        log,
+        no_test,
+    )
 
 
 def test_student_folder_is_a_normal_nnunet_model_with_its_own_plans(standard_run):
@@ -88,8 +132,13 @@ def test_student_folder_is_a_normal_nnunet_model_with_its_own_plans(standard_run
     assert s_arch["features_per_stage"] == [max(f // 2, 8) for f in t_arch["features_per_stage"]]
     assert (standard_run.folder / "dataset.json").is_file()
     assert (ds.preprocessed_dataset / "nnUNetPlans_r2.json").is_file()  # where nnU-Net's -p looks
-    for name in ("checkpoint_final.pth", "checkpoint_best.pth", "progress.png", "progress.json",
-                 "validation/summary.json"):
+    for name in (
+        "checkpoint_final.pth",
+        "checkpoint_best.pth",
+        "progress.png",
+        "progress.json",
+        "validation/summary.json",
+    ):
         assert (standard_run.fold / name).is_file(), name
     assert not (standard_run.fold / "checkpoint_latest.pth").exists()  # nnU-Net removes it after final
     assert not list(standard_run.fold.glob(".*.tmp")), "no half-written checkpoint may remain"
@@ -113,7 +162,9 @@ def test_every_epoch_logs_kd_hard_and_total_loss(standard_run):
     logging = standard_run.resumed["logging"]
     for key in ("train_losses", "train_kd_losses", "train_hard_losses", "val_losses", "mean_fg_dice"):
         assert len(logging[key]) == 3 and all(np.isfinite(v) for v in logging[key]), key
-    for total, kd, hard in zip(logging["train_losses"], logging["train_kd_losses"], logging["train_hard_losses"]):
+    for total, kd, hard in zip(
+        logging["train_losses"], logging["train_kd_losses"], logging["train_hard_losses"]
+    ):
         assert total == pytest.approx(0.7 * hard + 0.3 * kd, rel=1e-4, abs=1e-5)
     progress = json.loads((standard_run.fold / "progress.json").read_text())
     assert progress["epoch"] == progress["totalEpochs"] == 3
@@ -137,21 +188,26 @@ def test_summary_scores_student_and_ensemble_on_the_held_out_test_set(standard_r
     ds = standard_run.teachers.dataset
     summary = json.loads((standard_run.fold / "validation" / "distillation_summary.json").read_text())
     assert summary["schema_version"] == 2 and summary["evaluation"] == "test_set"
-    test_ids = sorted(p.name[:-len(".nii.gz")] for p in (ds.raw_dataset / "labelsTs").glob("*.nii.gz"))
+    test_ids = sorted(p.name[: -len(".nii.gz")] for p in (ds.raw_dataset / "labelsTs").glob("*.nii.gz"))
     assert summary["cases"]["ids"] == test_ids and summary["cases"]["source"] == "imagesTs"
-    assert summary["teacher_ensemble"]["folds"] == [0, 1]          # the folds each figure came from
+    assert summary["teacher_ensemble"]["folds"] == [0, 1]  # the folds each figure came from
     assert summary["teacher_ensemble"]["checkpoint"] == "checkpoint_final.pth"
-    assert summary["cases"]["mirroring_tta"] is False               # -disable_mirroring, for both models
+    assert summary["cases"]["mirroring_tta"] is False  # -disable_mirroring, for both models
     for who in ("student", "teacher_ensemble"):
         scored = json.loads((Path(summary[who]["predictions"]) / "summary.json").read_text())
-        assert sorted(Path(c["prediction_file"]).name for c in scored["metric_per_case"]) == \
-            [f"{i}.nii.gz" for i in test_ids]                      # nnU-Net's metric code on exactly these cases
-        assert summary[who]["dice"] == {"bright": pytest.approx(scored["mean"]["1"]["Dice"]),
-                                        "dark": pytest.approx(scored["mean"]["2"]["Dice"]),
-                                        "small": pytest.approx(scored["mean"]["3"]["Dice"])}
+        assert sorted(Path(c["prediction_file"]).name for c in scored["metric_per_case"]) == [
+            f"{i}.nii.gz" for i in test_ids
+        ]  # nnU-Net's metric code on exactly these cases
+        assert summary[who]["dice"] == {
+            "bright": pytest.approx(scored["mean"]["1"]["Dice"]),
+            "dark": pytest.approx(scored["mean"]["2"]["Dice"]),
+            "small": pytest.approx(scored["mean"]["3"]["Dice"]),
+        }
     ret = summary["retention"]
     if ret is not None:
-        assert ret["mean"] == pytest.approx(summary["student"]["mean_dice"] / summary["teacher_ensemble"]["mean_dice"])
+        assert ret["mean"] == pytest.approx(
+            summary["student"]["mean_dice"] / summary["teacher_ensemble"]["mean_dice"]
+        )
         assert ret["worst"] == min(ret["per_label"].values())
     assert summary["inference"]["speedup"] > 0 and summary["inference"]["student_seconds"] > 0
     # nnU-Net's own validation stays available, labelled as what it is (fold 1 trained on these cases)
@@ -170,7 +226,9 @@ def test_without_a_test_set_only_unseen_teacher_folds_are_compared(standard_run)
     summary = json.loads(standard_run.no_test_set_summary.read_text())
     assert summary["evaluation"] == VALIDATION_UNSEEN and summary["teacher_ensemble"]["folds"] == [0]
     assert "never trained on them" in summary["note"] and "folds [1] did" in summary["note"]
-    splits = json.loads((standard_run.teachers.dataset.preprocessed_dataset / "splits_final.json").read_text())
+    splits = json.loads(
+        (standard_run.teachers.dataset.preprocessed_dataset / "splits_final.json").read_text()
+    )
     assert summary["cases"]["ids"] == sorted(splits[0]["val"])
 
 

@@ -15,10 +15,16 @@ from nnunet_distill.evaluation import (
     retention,
 )
 
-DATASET_JSON = {"channel_names": {"0": "CT", "1": "MR"}, "file_ending": ".nii.gz",
-                "labels": {"background": 0, "organ": 1, "lesion": 2}}
-SPLITS = [{"train": ["a", "b", "c"], "val": ["d"]}, {"train": ["b", "c", "d"], "val": ["a"]},
-          {"train": ["a", "c", "d"], "val": ["b"]}]
+DATASET_JSON = {
+    "channel_names": {"0": "CT", "1": "MR"},
+    "file_ending": ".nii.gz",
+    "labels": {"background": 0, "organ": 1, "lesion": 2},
+}
+SPLITS = [
+    {"train": ["a", "b", "c"], "val": ["d"]},
+    {"train": ["b", "c", "d"], "val": ["a"]},
+    {"train": ["a", "c", "d"], "val": ["b"]},
+]
 
 
 def _case(root, split, name, channels=2, label=True):
@@ -44,7 +50,10 @@ def raw(tmp_path):
 def test_default_test_set_is_every_labelled_imagesTs_case_with_all_channels(raw):
     cases = find_test_cases(raw, DATASET_JSON)
     assert [c.identifier for c in cases] == ["t0", "t1"]
-    assert cases[0].images == (str(raw / "imagesTs" / "t0_0000.nii.gz"), str(raw / "imagesTs" / "t0_0001.nii.gz"))
+    assert cases[0].images == (
+        str(raw / "imagesTs" / "t0_0000.nii.gz"),
+        str(raw / "imagesTs" / "t0_0001.nii.gz"),
+    )
     assert cases[0].label == str(raw / "labelsTs" / "t0.nii.gz") and cases[0].source == "imagesTs"
 
 
@@ -62,7 +71,7 @@ def test_training_cases_are_refused_when_the_student_or_a_teacher_trained_on_the
         check_unseen(d, SPLITS, [0], 0, ["d"])
     with pytest.raises(EvaluationError, match=r"teacher fold\(s\) \[1, 2\] trained on"):
         check_unseen(d, SPLITS, [0, 1, 2], 0, SPLITS[0]["train"])
-    check_unseen(d, SPLITS, [0], 0, SPLITS[0]["train"])   # only fold 0 (which held d out): honest
+    check_unseen(d, SPLITS, [0], 0, SPLITS[0]["train"])  # only fold 0 (which held d out): honest
     assert folds_that_trained_on(SPLITS, [0, 1, 7], ["d"]) == [1, 7]  # a fold outside the split file counts
 
 
@@ -74,12 +83,17 @@ def test_retention_mean_per_label_and_worst():
     assert r["per_label"] == pytest.approx({"organ": 0.95 / 0.96, "lesion": 0.8})
     assert (r["worst_label"], r["worst"]) == ("lesion", pytest.approx(0.8))
     assert r["undefined"] == []
-    assert retention({"organ": 0.9, "lesion": None}, teacher) is None     # a missing figure: no ratio at all
-    zero = retention(student, {"organ": 0.96, "lesion": 0.0})             # the ensemble never finds the lesion
+    assert retention({"organ": 0.9, "lesion": None}, teacher) is None  # a missing figure: no ratio at all
+    zero = retention(student, {"organ": 0.96, "lesion": 0.0})  # the ensemble never finds the lesion
     assert zero["undefined"] == ["lesion"] and zero["per_label"] == pytest.approx({"organ": 0.95 / 0.96})
     assert zero["worst_label"] == "organ" and zero["mean"] == pytest.approx((0.95 + 0.72) / 0.96)
     rows = label_rows(student, teacher, r)
-    assert rows[1] == {"name": "lesion", "student_dice": 0.72, "teacher_dice": 0.90, "retention": pytest.approx(0.8)}
+    assert rows[1] == {
+        "name": "lesion",
+        "student_dice": 0.72,
+        "teacher_dice": 0.90,
+        "retention": pytest.approx(0.8),
+    }
 
 
 def test_dice_by_label_uses_names_and_drops_nan():
@@ -88,12 +102,27 @@ def test_dice_by_label_uses_names_and_drops_nan():
 
 
 def test_status_metrics_say_which_cases_and_folds_and_never_carry_a_missing_retention():
-    summary = {"evaluation": "test_set", "cases": {"count": 6, "source": "imagesTs"},
-               "student": {"mean_dice": 0.9}, "teacher_ensemble": {"mean_dice": 0.92, "folds": [0, 1, 2]},
-               "retention": {"mean": 0.978, "worst": 0.95, "worst_label": "lesion"}}
-    assert result_metrics(summary) == {"finalDice": 0.9, "teacherDice": 0.92, "retention": 0.978,
-                                       "worstLabelRetention": 0.95, "worstLabel": "lesion",
-                                       "evaluatedOn": "test_set: 6 cases (imagesTs)", "teacherFolds": [0, 1, 2]}
-    none = {"evaluation": NO_HONEST_BASELINE, "cases": {"count": 3}, "student": {"mean_dice": 0.8},
-            "teacher_ensemble": None, "retention": None}
+    summary = {
+        "evaluation": "test_set",
+        "cases": {"count": 6, "source": "imagesTs"},
+        "student": {"mean_dice": 0.9},
+        "teacher_ensemble": {"mean_dice": 0.92, "folds": [0, 1, 2]},
+        "retention": {"mean": 0.978, "worst": 0.95, "worst_label": "lesion"},
+    }
+    assert result_metrics(summary) == {
+        "finalDice": 0.9,
+        "teacherDice": 0.92,
+        "retention": 0.978,
+        "worstLabelRetention": 0.95,
+        "worstLabel": "lesion",
+        "evaluatedOn": "test_set: 6 cases (imagesTs)",
+        "teacherFolds": [0, 1, 2],
+    }
+    none = {
+        "evaluation": NO_HONEST_BASELINE,
+        "cases": {"count": 3},
+        "student": {"mean_dice": 0.8},
+        "teacher_ensemble": None,
+        "retention": None,
+    }
     assert result_metrics(none) == {"finalDice": 0.8}

@@ -43,7 +43,9 @@ def torch_student(student):
 
 
 def _dims(value_info) -> list:
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim]
+    return [
+        d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim
+    ]
 
 
 def _props(model) -> dict:
@@ -66,8 +68,10 @@ def _torch(network, x: np.ndarray) -> np.ndarray:
 
 def test_default_export_is_static_verified_and_self_describing(student, env, tmp_path, capsys, torch_student):
     out = tmp_path / "student.onnx"
-    assert cli.main_standard(["-d", str(student.dataset.dataset_id), "-f", "0", "-r", "2", "-v",
-                              "-o", str(out)]) == 0
+    assert (
+        cli.main_standard(["-d", str(student.dataset.dataset_id), "-f", "0", "-r", "2", "-v", "-o", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     # -v prints both numbers for every input, including a real preprocessed patch of the dataset
     assert "max|Δlogit|=" in printed and "segmentation agreement=" in printed
@@ -101,7 +105,9 @@ def test_default_export_is_static_verified_and_self_describing(student, env, tmp
     summary = json.loads((student.fold_dir / "validation" / "distillation_summary.json").read_text())
     assert meta["metrics"]["student_dice"] == summary["student"]["mean_dice"]
     assert meta["metrics"]["teacher_ensemble_dice"] == summary["teacher_ensemble"]["mean_dice"]
-    assert meta["metrics"]["evaluation"] == "test_set" and meta["metrics"]["case_ids"] == summary["cases"]["ids"]
+    assert (
+        meta["metrics"]["evaluation"] == "test_set" and meta["metrics"]["case_ids"] == summary["cases"]["ids"]
+    )
     assert meta["verification"]["real_patch_case"].startswith("case_")
     assert meta["verification"]["max_abs_diff"] < 1e-3
 
@@ -112,8 +118,12 @@ def test_default_export_is_static_verified_and_self_describing(student, env, tmp
 
 def test_dynamic_axes_graph_accepts_other_batch_and_spatial_sizes(student, env, tmp_path, torch_student):
     out = tmp_path / "dyn.onnx"
-    assert cli.main_standard(["-d", student.dataset.dataset_name, "-f", "0", "-r", "2", "-da", "-sim",
-                              "-o", str(out)]) == 0
+    assert (
+        cli.main_standard(
+            ["-d", student.dataset.dataset_name, "-f", "0", "-r", "2", "-da", "-sim", "-o", str(out)]
+        )
+        == 0
+    )
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     assert _dims(model.graph.input[0]) == ["batch", 1, "x", "y", "z"]
@@ -129,7 +139,9 @@ def test_nnunet_format_and_custom_shape(student, env, tmp_path):
     nn_out, is_out = tmp_path / "nn.onnx", tmp_path / "is.onnx"
     assert cli.main_standard(["-d", "901", "-r", "2", "-nn", "-o", str(nn_out)]) == 0
     assert _dims(onnx.load(str(nn_out)).graph.input[0]) == ["batch", 1, 48, 48, 48]
-    assert cli.main_standard(["-d", "901", "-r", "2", "-is", "2", "1", "32", "64", "48", "-o", str(is_out)]) == 0
+    assert (
+        cli.main_standard(["-d", "901", "-r", "2", "-is", "2", "1", "32", "64", "48", "-o", str(is_out)]) == 0
+    )
     model = onnx.load(str(is_out))
     assert _dims(model.graph.input[0]) == [2, 1, 32, 64, 48]
     assert _dims(model.graph.output[0]) == [2, 4, 32, 64, 48]
@@ -151,12 +163,14 @@ def test_resenc_cli_trt_graph_is_static_with_checkpoint_norm_weights(student, en
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 17
     assert tensorrt_problems(model) == []
 
-    state = torch.load(student.fold_dir / "checkpoint_final.pth", map_location="cpu",
-                       weights_only=False)["network_weights"]
+    state = torch.load(student.fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)[
+        "network_weights"
+    ]
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     norms = [n for n in model.graph.node if n.op_type == "InstanceNormalization"]
-    affine_layers = sum(1 for k in state if k.startswith("encoder.") and k.endswith(".norm.weight")) + \
-        sum(1 for k in state if k.startswith("decoder.stages.") and k.endswith(".norm.weight"))
+    affine_layers = sum(1 for k in state if k.startswith("encoder.") and k.endswith(".norm.weight")) + sum(
+        1 for k in state if k.startswith("decoder.stages.") and k.endswith(".norm.weight")
+    )
     assert len(norms) == affine_layers > 0
     for node in norms:
         for name in node.input[1:3]:
@@ -164,8 +178,9 @@ def test_resenc_cli_trt_graph_is_static_with_checkpoint_norm_weights(student, en
             key = name.removesuffix("__folded")
             np.testing.assert_array_equal(inits[name], state[key].numpy())  # the trained values, never zeros
     meta = _props(model)
-    assert meta["io"]["tensorrt_ready"] and meta["verification"]["tensorrt"]["instance_norm_matched_to_checkpoint"] \
-        == len(norms)
+    assert meta["io"]["tensorrt_ready"] and meta["verification"]["tensorrt"][
+        "instance_norm_matched_to_checkpoint"
+    ] == len(norms)
 
 
 def test_resenc_cli_dynamic_batch_by_default(student, env, tmp_path):
@@ -207,13 +222,20 @@ def test_corrupted_or_missing_checkpoint_is_a_clear_error(student, tmp_path, mon
     checkpoint.unlink()  # missing: say which checkpoints the fold does have
     assert cli.main_standard(["-d", "901", "-r", "2", "-o", str(tmp_path / "m.onnx")]) == 1
     assert "fold_0: checkpoint_best.pth" in _error_line(capsys)
-    assert cli.main_standard(["-d", "901", "-r", "2", "-chk", "checkpoint_best.pth",
-                              "-o", str(tmp_path / "m.onnx")]) == 0
+    assert (
+        cli.main_standard(
+            ["-d", "901", "-r", "2", "-chk", "checkpoint_best.pth", "-o", str(tmp_path / "m.onnx")]
+        )
+        == 0
+    )
     capsys.readouterr()
 
     import torch  # weights of another network: strict loading refuses them
+
     best = torch.load(fold_dir / "checkpoint_best.pth", map_location="cpu", weights_only=False)
-    best["network_weights"] = {k: v for k, v in best["network_weights"].items() if "decoder.seg_layers" not in k}
+    best["network_weights"] = {
+        k: v for k, v in best["network_weights"].items() if "decoder.seg_layers" not in k
+    }
     torch.save(best, fold_dir / "checkpoint_final.pth")
     assert cli.main_standard(["-d", "901", "-r", "2", "-o", str(tmp_path / "m2.onnx")]) == 1
     assert "does not fit the network" in _error_line(capsys)
@@ -241,7 +263,11 @@ def test_a_graph_that_disagrees_with_torch_fails_the_export(student, env, tmp_pa
 
 
 def test_usage_errors_exit_2(capsys):
-    for argv in (["-d", "1", "-r", "2", "-nn", "-da"], ["-d", "1", "-r", "2", "-fix", "-da"], ["-d", "1", "-r", "0"]):
+    for argv in (
+        ["-d", "1", "-r", "2", "-nn", "-da"],
+        ["-d", "1", "-r", "2", "-fix", "-da"],
+        ["-d", "1", "-r", "0"],
+    ):
         with pytest.raises(SystemExit) as exc:
             cli.main_standard(argv)
         assert exc.value.code == 2
@@ -252,14 +278,61 @@ def test_usage_errors_exit_2(capsys):
 
 def test_parsers_accept_every_seed_flag():
     std = cli.build_parser_standard().parse_args(
-        ["-d", "1", "-f", "0", "-r", "2", "-o", "x.onnx", "-v", "-da", "-is", "1", "1", "64", "64", "64", "-da5",
-         "-sim", "-c", "3d_fullres", "-p", "nnUNetPlans", "--trt"])
+        [
+            "-d",
+            "1",
+            "-f",
+            "0",
+            "-r",
+            "2",
+            "-o",
+            "x.onnx",
+            "-v",
+            "-da",
+            "-is",
+            "1",
+            "1",
+            "64",
+            "64",
+            "64",
+            "-da5",
+            "-sim",
+            "-c",
+            "3d_fullres",
+            "-p",
+            "nnUNetPlans",
+            "--trt",
+        ]
+    )
     assert std.dynamic_axes and std.input_shape == [1, 1, 64, 64, 64] and std.use_da5 and std.simplify
     assert cli.build_parser_standard().parse_args(["-d", "1", "-r", "2", "-nn"]).nnunet_format
     res = cli.build_parser_resenc().parse_args(
-        ["-d", "1", "-f", "0", "-r", "2", "-o", "dir", "-v", "-spl", "nnUNetResEncUNetMPlans", "-b", "1", "-fix",
-         "-p", "nnUNetResEncUNetLPlans", "-da5", "-sim", "-bs", "adaptive"])
-    assert res.trt and res.batch_size == 1 and res.block_strategy == "adaptive" and res.output_dir == Path("dir")
+        [
+            "-d",
+            "1",
+            "-f",
+            "0",
+            "-r",
+            "2",
+            "-o",
+            "dir",
+            "-v",
+            "-spl",
+            "nnUNetResEncUNetMPlans",
+            "-b",
+            "1",
+            "-fix",
+            "-p",
+            "nnUNetResEncUNetLPlans",
+            "-da5",
+            "-sim",
+            "-bs",
+            "adaptive",
+        ]
+    )
+    assert (
+        res.trt and res.batch_size == 1 and res.block_strategy == "adaptive" and res.output_dir == Path("dir")
+    )
     request = cli.request_resenc(res, cli.build_parser_resenc())
     assert request.plans_identifier == "nnUNetResEncUNetMPlans_r2_bsadaptive" and request.use_da5
     assert request.teacher_plans == "nnUNetResEncUNetLPlans" and not request.dynamic_batch

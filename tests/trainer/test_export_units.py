@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 # ---------------------------------------------------------------- shapes
 
+
 def test_default_shape_is_static_patch_with_model_channels():
     spec = resolve_shape(2, [48, 64, 32], [8, 8, 4])
     assert spec == ShapeSpec((1, 2, 48, 64, 32), dynamic_batch=False, dynamic_spatial=False)
@@ -37,7 +38,11 @@ def test_dynamic_axes_mean_batch_and_spatial():
     spec = resolve_shape(1, [48, 48, 48], [8, 8, 8], dynamic=True)
     assert spec.dynamic_batch and spec.dynamic_spatial and not spec.static
     # verification exercises another batch size and another spatial size (a multiple of the stride)
-    assert verification_shapes(spec, [8, 8, 8]) == [(1, 1, 48, 48, 48), (2, 1, 48, 48, 48), (1, 1, 56, 56, 56)]
+    assert verification_shapes(spec, [8, 8, 8]) == [
+        (1, 1, 48, 48, 48),
+        (2, 1, 48, 48, 48),
+        (1, 1, 56, 56, 56),
+    ]
 
 
 def test_nnunet_format_is_dynamic_batch_only():
@@ -46,40 +51,64 @@ def test_nnunet_format_is_dynamic_batch_only():
     assert verification_shapes(spec, [8, 8]) == [(1, 3, 40, 40), (2, 3, 40, 40)]
 
 
-@pytest.mark.parametrize("shape, message", [
-    ((1, 2, 48, 48, 48), "channel count 2 does not match the model's 1"),
-    ((1, 1, 50, 48, 48), "multiples of [8, 8, 8]"),
-    ((1, 1, 48, 48), "needs 5 numbers"),
-    ((0, 1, 48, 48, 48), "must be positive"),
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((1, 2, 48, 48, 48), "channel count 2 does not match the model's 1"),
+        ((1, 1, 50, 48, 48), "multiples of [8, 8, 8]"),
+        ((1, 1, 48, 48), "needs 5 numbers"),
+        ((0, 1, 48, 48, 48), "must be positive"),
+    ],
+)
 def test_custom_shape_is_checked_against_the_network(shape, message):
     with pytest.raises(ExportError, match=message.replace("[", r"\[").replace("]", r"\]")):
         resolve_shape(1, [48, 48, 48], [8, 8, 8], input_shape=shape)
 
 
 def test_custom_shape_is_used_as_given():
-    assert resolve_shape(1, [48, 48, 48], [8, 8, 8], input_shape=(2, 1, 64, 32, 48)).example == (2, 1, 64, 32, 48)
+    assert resolve_shape(1, [48, 48, 48], [8, 8, 8], input_shape=(2, 1, 64, 32, 48)).example == (
+        2,
+        1,
+        64,
+        32,
+        48,
+    )
 
 
 # ---------------------------------------------------------------- metadata
 
+
 def _plans() -> dict:
     return {
-        "dataset_name": "Dataset123_X", "plans_name": "nnUNetPlans_r2", "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [2, 0, 1], "transpose_backward": [1, 2, 0],
-        "original_median_spacing_after_transp": [3.0, 1.0, 1.0], "original_median_shape_after_transp": [20, 64, 64],
-        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": {"mean": 10.0, "std": 2.0, "percentile_00_5": 1.0,
-                                                              "percentile_99_5": 30.0}},
+        "dataset_name": "Dataset123_X",
+        "plans_name": "nnUNetPlans_r2",
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [2, 0, 1],
+        "transpose_backward": [1, 2, 0],
+        "original_median_spacing_after_transp": [3.0, 1.0, 1.0],
+        "original_median_shape_after_transp": [20, 64, 64],
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {"mean": 10.0, "std": 2.0, "percentile_00_5": 1.0, "percentile_99_5": 30.0}
+        },
         "distillation": {"base_plans": "nnUNetPlans", "reduction_factor": 2, "block_strategy": None},
         "configurations": {
-            "3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
-                           "batch_size": 2, "patch_size": [16, 64, 64], "median_image_size_in_voxels": [20, 64, 64],
-                           "spacing": [3.0, 1.0, 1.0], "normalization_schemes": ["CTNormalization"],
-                           "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
-                           "architecture": {"network_class_name": "x.PlainConvUNet",
-                                            "arch_kwargs": {"strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2],
-                                                                        [2, 2, 2]]}}},
+            "3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2,
+                "patch_size": [16, 64, 64],
+                "median_image_size_in_voxels": [20, 64, 64],
+                "spacing": [3.0, 1.0, 1.0],
+                "normalization_schemes": ["CTNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "architecture": {
+                    "network_class_name": "x.PlainConvUNet",
+                    "arch_kwargs": {"strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]},
+                },
+            },
             "3d_fullres_bs4": {"inherits_from": "3d_fullres", "batch_size": 4},
             "2d": {"patch_size": [64, 64], "spacing": [1.0, 1.0]},
         },
@@ -87,22 +116,47 @@ def _plans() -> dict:
 
 
 def _dataset_json() -> dict:
-    return {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumor": 2},
-            "file_ending": ".nii.gz", "numTraining": 3, "licence": "CC-BY-SA 4.0",
-            "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}
+    return {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "liver": 1, "tumor": 2},
+        "file_ending": ".nii.gz",
+        "numTraining": 3,
+        "licence": "CC-BY-SA 4.0",
+        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}],
+    }
 
 
 def _meta(**overrides) -> dict:
     args = {
-        "plans": _plans(), "dataset_json": _dataset_json(), "configuration": "3d_fullres_bs4", "fold": 0,
+        "plans": _plans(),
+        "dataset_json": _dataset_json(),
+        "configuration": "3d_fullres_bs4",
+        "fold": 0,
         "student_folder": "Dataset123_X/nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres",
-        "checkpoint_name": "checkpoint_final.pth", "checkpoint_trainer": "nnUNetTrainer", "mirror_axes": (0, 1, 2),
-        "distillation": {"alpha": 0.3, "temperature": 3.0, "teacher_folds": [0, 1, 2, 3, 4],
-                         "teacher_plans": "nnUNetPlans", "da5": False, "teacher_folder": "/secret/path"},
-        "io": {"input_name": "input", "output_name": "output", "input_shape": [1, 1, 16, 64, 64],
-               "output_shape": [1, 3, 16, 64, 64], "dynamic_batch": False, "dynamic_spatial": False,
-               "opset": 17, "tensorrt_ready": False},
-        "versions": {"torch": "2.14.1", "nnunetv2": "2.8.1"}, "fingerprint_sha256": "ab" * 32, "parameters": 1234,
+        "checkpoint_name": "checkpoint_final.pth",
+        "checkpoint_trainer": "nnUNetTrainer",
+        "mirror_axes": (0, 1, 2),
+        "distillation": {
+            "alpha": 0.3,
+            "temperature": 3.0,
+            "teacher_folds": [0, 1, 2, 3, 4],
+            "teacher_plans": "nnUNetPlans",
+            "da5": False,
+            "teacher_folder": "/secret/path",
+        },
+        "io": {
+            "input_name": "input",
+            "output_name": "output",
+            "input_shape": [1, 1, 16, 64, 64],
+            "output_shape": [1, 3, 16, 64, 64],
+            "dynamic_batch": False,
+            "dynamic_spatial": False,
+            "opset": 17,
+            "tensorrt_ready": False,
+        },
+        "versions": {"torch": "2.14.1", "nnunetv2": "2.8.1"},
+        "fingerprint_sha256": "ab" * 32,
+        "parameters": 1234,
     }
     args.update(overrides)
     return md.build_inference_metadata(**args)
@@ -121,7 +175,13 @@ def test_metadata_carries_everything_inference_needs():
     assert meta["spatial_divisor"] == [4, 8, 8]
     # r and the block strategy come from the student plans, the KD settings from the checkpoint
     assert meta["distillation"]["reduction_factor"] == 2 and meta["distillation"]["alpha"] == 0.3
-    assert meta["distillation"]["temperature"] == 3.0 and meta["distillation"]["teacher_folds"] == [0, 1, 2, 3, 4]
+    assert meta["distillation"]["temperature"] == 3.0 and meta["distillation"]["teacher_folds"] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     assert "teacher_folder" not in meta["distillation"]  # a cluster path is not a model property
     assert meta["dataset_fingerprint_sha256"] == "ab" * 32 and meta["versions"]["nnunetv2"] == "2.8.1"
     # the inherited configuration is resolved into the one exported configuration, file lists are dropped
@@ -143,15 +203,25 @@ def test_metadata_rebuilds_nnunet_managers():
     from nnunet_distill.predict import managers_from_metadata
 
     pm, cm, dataset_json = managers_from_metadata(_meta())
-    assert cm.patch_size == [16, 64, 64] and cm.batch_size == 4 and cm.normalization_schemes == ["CTNormalization"]
+    assert (
+        cm.patch_size == [16, 64, 64]
+        and cm.batch_size == 4
+        and cm.normalization_schemes == ["CTNormalization"]
+    )
     assert pm.transpose_forward == [2, 0, 1]
     assert pm.get_label_manager(dataset_json).num_segmentation_heads == 3
 
 
 def test_region_labels_are_recognised():
-    ds = {**_dataset_json(), "labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2]}
+    ds = {
+        **_dataset_json(),
+        "labels": {"background": 0, "whole": [1, 2], "core": 2},
+        "regions_class_order": [1, 2],
+    }
     meta = _meta(dataset_json=ds)
-    assert meta["has_regions"] and meta["num_segmentation_heads"] == 2 and meta["regions_class_order"] == [1, 2]
+    assert (
+        meta["has_regions"] and meta["num_segmentation_heads"] == 2 and meta["regions_class_order"] == [1, 2]
+    )
 
 
 def test_unknown_configuration_names_the_flag():
@@ -165,11 +235,16 @@ def test_foreign_metadata_is_rejected():
 
 
 def test_metrics_prefer_the_distillation_summary():
-    summary = {"schema_version": 2, "evaluation": "test_set", "note": "held-out test cases",
-               "cases": {"count": 3, "source": "imagesTs", "ids": ["t0", "t1", "t2"]},
-               "student": {"mean_dice": 0.81}, "teacher_ensemble": {"mean_dice": 0.85, "folds": [0, 1, 2]},
-               "retention": {"mean": 0.953, "worst_label": "liver", "worst": 0.978},
-               "per_label": [{"name": "liver", "student_dice": 0.9, "teacher_dice": 0.92, "retention": 0.978}]}
+    summary = {
+        "schema_version": 2,
+        "evaluation": "test_set",
+        "note": "held-out test cases",
+        "cases": {"count": 3, "source": "imagesTs", "ids": ["t0", "t1", "t2"]},
+        "student": {"mean_dice": 0.81},
+        "teacher_ensemble": {"mean_dice": 0.85, "folds": [0, 1, 2]},
+        "retention": {"mean": 0.953, "worst_label": "liver", "worst": 0.978},
+        "per_label": [{"name": "liver", "student_dice": 0.9, "teacher_dice": 0.92, "retention": 0.978}],
+    }
     nnunet = {"foreground_mean": {"Dice": 0.5}, "mean": {"1": {"Dice": 0.5}}}
     m = md.metrics_from_summaries(summary, nnunet)
     assert m["source"] == "distillation_summary.json" and m["student_dice"] == 0.81
@@ -178,7 +253,7 @@ def test_metrics_prefer_the_distillation_summary():
     assert m["per_label"]["liver"] == {"student_dice": 0.9, "teacher_ensemble_dice": 0.92, "retention": 0.978}
     dishonest = dict(summary, evaluation="none", retention=None, teacher_ensemble=None, per_label=[])
     m = md.metrics_from_summaries(dishonest, nnunet)
-    assert m["retention"] is None and m["teacher_ensemble_dice"] is None   # never a leaky ratio
+    assert m["retention"] is None and m["teacher_ensemble_dice"] is None  # never a leaky ratio
     fallback = md.metrics_from_summaries(None, nnunet)
     assert fallback["student_dice"] == 0.5 and fallback["teacher_ensemble_dice"] is None
     assert "student only" in fallback["source"] and fallback["retention"] is None
@@ -186,6 +261,7 @@ def test_metrics_prefer_the_distillation_summary():
 
 
 # ---------------------------------------------------------------- verification arithmetic
+
 
 def test_agreement_uses_argmax_for_labels_and_threshold_for_regions():
     ref = np.zeros((1, 3, 2, 2), np.float32)
@@ -216,7 +292,7 @@ def test_crop_or_pad_centres_and_zero_pads():
     patch = crop_or_pad(image, (4, 8, 6), center=(9, 2, 3))
     assert patch.shape == (2, 4, 8, 6)
     np.testing.assert_array_equal(patch[:, :, 2:6, :], image[:, 6:10, :, :])  # clipped at the far edge
-    assert not patch[:, :, :2].any() and not patch[:, :, 6:].any()           # padded where the image is small
+    assert not patch[:, :, :2].any() and not patch[:, :, 6:].any()  # padded where the image is small
 
 
 def _conv_in_graph(bias_from: str, dynamic: bool = False, extra_node: onnx.NodeProto | None = None):
@@ -232,12 +308,17 @@ def _conv_in_graph(bias_from: str, dynamic: bool = False, extra_node: onnx.NodeP
     if bias_from == "initializer":
         inits.append(numpy_helper.from_array(bias_value, "norm.bias"))
     elif bias_from == "constant":
-        nodes.append(helper.make_node("Constant", [], ["norm.bias"], name="const",
-                                      value=numpy_helper.from_array(bias_value)))
+        nodes.append(
+            helper.make_node(
+                "Constant", [], ["norm.bias"], name="const", value=numpy_helper.from_array(bias_value)
+            )
+        )
     else:  # computed from the data: a ReduceMean over the input
         nodes.append(helper.make_node("ReduceMean", ["h"], ["hm"], axes=[0, 2, 3], keepdims=0, name="mean"))
         nodes.append(helper.make_node("Identity", ["hm"], ["norm.bias"], name="id"))
-    nodes.append(helper.make_node("InstanceNormalization", ["h", "norm.weight", "norm.bias"], ["y"], name="in"))
+    nodes.append(
+        helper.make_node("InstanceNormalization", ["h", "norm.weight", "norm.bias"], ["y"], name="in")
+    )
     if extra_node is not None:
         nodes.append(extra_node)
     graph = helper.make_graph(nodes, "g", [x], [y], inits)
@@ -265,7 +346,10 @@ def test_constant_biases_are_folded_to_initializers_with_their_values():
     assert not any(n.op_type == "Constant" for n in model.graph.node)
     assert tensorrt_problems(model) == []
     # the weight check finds both tensors in a checkpoint of the same names and values...
-    state = {"norm.weight": np.array([1.5, 0.5], np.float32), "norm.bias": np.array([0.25, -0.75], np.float32)}
+    state = {
+        "norm.weight": np.array([1.5, 0.5], np.float32),
+        "norm.bias": np.array([0.25, -0.75], np.float32),
+    }
     assert instance_norm_weight_check(model, state, 1)["instance_norm_matched_to_checkpoint"] == 1
     # ...and refuses a graph whose folded bias is not the checkpoint's (e.g. zero-filled)
     with pytest.raises(TensorRTGraphError, match="differs from the checkpoint"):
@@ -285,12 +369,24 @@ def test_missing_checkpoint_weights_fail_the_weight_check():
 
 def test_verify_rejects_a_graph_that_computes_something_else():
     torch = pytest.importorskip("torch")
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.InstanceNorm3d(3, affine=True)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.InstanceNorm3d(3, affine=True)
+    ).eval()
     x = torch.randn(1, 1, 8, 8, 8)
-    model = torch.onnx.export(net, (x,), dynamo=True, opset_version=18, input_names=["input"],
-                              output_names=["output"], external_data=False, verbose=False).model_proto
+    model = torch.onnx.export(
+        net,
+        (x,),
+        dynamo=True,
+        opset_version=18,
+        input_names=["input"],
+        output_names=["output"],
+        external_data=False,
+        verbose=False,
+    ).model_proto
     inputs = {"r": np.random.default_rng(1).standard_normal((1, 1, 8, 8, 8), dtype=np.float32)}
-    ok = verify(model.SerializeToString(), net, inputs, input_name="input", has_regions=False, tol=Tolerance())
+    ok = verify(
+        model.SerializeToString(), net, inputs, input_name="input", has_regions=False, tol=Tolerance()
+    )
     assert ok[0].passed and ok[0].max_abs_diff < 1e-4
     for init in model.graph.initializer:  # perturb the norm bias in the graph only
         if init.name.endswith("1.bias"):

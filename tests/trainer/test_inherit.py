@@ -9,11 +9,21 @@ from nnunet_distill.inherit import inherit_from_teacher, sliced
 
 
 def _kwargs(features, n_stages=4):
-    return {"input_channels": 2, "n_stages": n_stages, "features_per_stage": features, "conv_op": torch.nn.Conv3d,
-            "kernel_sizes": 3, "strides": [1, 2, 2, 2][:n_stages], "num_classes": 4, "conv_bias": True,
-            "norm_op": torch.nn.InstanceNorm3d, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "nonlin": torch.nn.LeakyReLU, "n_conv_per_stage_decoder": [2] * (n_stages - 1),
-            "deep_supervision": False}
+    return {
+        "input_channels": 2,
+        "n_stages": n_stages,
+        "features_per_stage": features,
+        "conv_op": torch.nn.Conv3d,
+        "kernel_sizes": 3,
+        "strides": [1, 2, 2, 2][:n_stages],
+        "num_classes": 4,
+        "conv_bias": True,
+        "norm_op": torch.nn.InstanceNorm3d,
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "nonlin": torch.nn.LeakyReLU,
+        "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+        "deep_supervision": False,
+    }
 
 
 def plain(features, seed=0):
@@ -47,7 +57,7 @@ def test_r2_student_holds_the_leading_channels_of_every_layer(build):
     assert report.random == [] and report.fraction == pytest.approx(1.0)
     t, s = teacher.state_dict(), student.state_dict()
     stem = "encoder.stages.0.0.convs.0.conv.weight" if build is plain else "encoder.stem.convs.0.conv.weight"
-    assert torch.equal(s[stem], t[stem][:8])                              # 8 of 16 filters, both input channels
+    assert torch.equal(s[stem], t[stem][:8])  # 8 of 16 filters, both input channels
     assert torch.equal(s["decoder.seg_layers.2.weight"], t["decoder.seg_layers.2.weight"][:, :8])
     # the decoder's first conv reads cat(upsampled, skip): the leading channels of *each* half
     w_t, w_s = t["decoder.stages.0.convs.0.conv.weight"], s["decoder.stages.0.convs.0.conv.weight"]
@@ -71,8 +81,8 @@ def test_resenc_student_with_fewer_blocks_inherits_the_blocks_it_has_and_more_bl
 def test_sliced_refuses_what_is_not_a_slice():
     t = torch.randn(16, 8, 3, 3, 3)
     assert sliced("x.weight", t, torch.Size([8, 4, 3, 3, 3])).shape == (8, 4, 3, 3, 3)
-    assert sliced("x.weight", t, torch.Size([8, 4, 1, 1, 1])) is None        # other kernel
-    assert sliced("x.weight", t, torch.Size([32, 8, 3, 3, 3])) is None       # wider than the teacher
-    assert sliced("x.weight", t, torch.Size([8])) is None                    # other rank
+    assert sliced("x.weight", t, torch.Size([8, 4, 1, 1, 1])) is None  # other kernel
+    assert sliced("x.weight", t, torch.Size([32, 8, 3, 3, 3])) is None  # wider than the teacher
+    assert sliced("x.weight", t, torch.Size([8])) is None  # other rank
     odd = torch.randn(8, 7, 3, 3, 3)
     assert sliced("decoder.stages.1.convs.0.conv.weight", odd, torch.Size([4, 4, 3, 3, 3])) is None

@@ -30,17 +30,19 @@ def _reference_softmax_kd(s: np.ndarray, t: np.ndarray, temp: float, mask: np.nd
         for v in range(s.shape[-1]):
             if not m[i, v]:
                 continue
-            p = np.exp(t[i, :, v] - t[i, :, v].max()); p /= p.sum()
-            q = np.exp(s[i, :, v] - s[i, :, v].max()); q /= q.sum()
+            p = np.exp(t[i, :, v] - t[i, :, v].max())
+            p /= p.sum()
+            q = np.exp(s[i, :, v] - s[i, :, v].max())
+            q /= q.sum()
             vals.append(float(np.sum(p * (np.log(p) - np.log(q)))))
-    return temp ** 2 * (float(np.mean(vals)) if vals else 0.0)
+    return temp**2 * (float(np.mean(vals)) if vals else 0.0)
 
 
 def _reference_bernoulli_kd(s: np.ndarray, t: np.ndarray, temp: float) -> float:
     sig = lambda x: 1.0 / (1.0 + np.exp(-x))
     p, q = sig(t / temp), sig(s / temp)
     kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
-    return temp ** 2 * float(kl.sum(axis=1).mean())
+    return temp**2 * float(kl.sum(axis=1).mean())
 
 
 @pytest.mark.parametrize("regions", [False, True])
@@ -61,8 +63,14 @@ def test_softmax_kd_matches_textbook_formula_summed_over_classes(temp):
     want = _reference_softmax_kd(s.numpy(), t.numpy(), temp)
     assert got == pytest.approx(want, rel=1e-5)
     # The original's kl_div(reduction="mean") divided by the class count as well: we are C times larger.
-    original = torch.nn.functional.kl_div(torch.log_softmax(s / temp, 1), torch.softmax(t / temp, 1),
-                                          reduction="none").mean().item() * temp ** 2
+    original = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(s / temp, 1), torch.softmax(t / temp, 1), reduction="none"
+        )
+        .mean()
+        .item()
+        * temp**2
+    )
     assert got == pytest.approx(original * s.shape[1], rel=1e-5)
 
 
@@ -80,7 +88,7 @@ def test_t_squared_keeps_gradient_scale_independent_of_temperature():
     assert rel(grads[50.0], grads[100.0]) < 0.02
     assert rel(grads[100.0], limit) < 0.02
     # Without T^2 the gradient would shrink 2x from T=50 to T=100; check that the loss itself carries T^2.
-    kl_raw_40 = kd_loss(s0, t, 40.0).item() / 40.0 ** 2
+    kl_raw_40 = kd_loss(s0, t, 40.0).item() / 40.0**2
     assert kl_raw_40 == pytest.approx(_reference_softmax_kd(s0.numpy(), t.numpy(), 40.0) / 1600.0, rel=1e-4)
 
 
@@ -152,20 +160,29 @@ def test_kd_math_runs_in_float32_under_reduced_precision():
 
 
 def _ds_targets(seg: torch.Tensor, n: int):
-    return [seg[..., :: 2 ** i, :: 2 ** i, :: 2 ** i] for i in range(n)]
+    return [seg[..., :: 2**i, :: 2**i, :: 2**i] for i in range(n)]
 
 
 def _ds_outputs(c: int, n: int, seed: int):
-    return [_logits(2, c, 8 // 2 ** i, 8 // 2 ** i, 8 // 2 ** i, seed=seed + i).requires_grad_(True) for i in range(n)]
+    return [
+        _logits(2, c, 8 // 2**i, 8 // 2**i, 8 // 2**i, seed=seed + i).requires_grad_(True) for i in range(n)
+    ]
 
 
 def _nnunet_hard_loss(ignore_label=None):
     # What nnUNetTrainer._build_loss returns for a 3-stage net (weights 1, 1/2, 0 normalised).
     weights = np.array([1.0, 0.5, 0.0])
     return DeepSupervisionWrapper(
-        DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
-                       weight_dice=1, ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss),
-        weights / weights.sum())
+        DC_and_CE_loss(
+            {"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False},
+            {},
+            weight_ce=1,
+            weight_dice=1,
+            ignore_label=ignore_label,
+            dice_class=MemoryEfficientSoftDiceLoss,
+        ),
+        weights / weights.sum(),
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
@@ -179,7 +196,9 @@ def test_total_mixes_nnunet_hard_loss_and_kd(alpha):
     terms = loss(outputs, teacher, targets)
     assert terms.hard.item() == pytest.approx(hard(outputs, targets).item(), rel=1e-6)
     assert terms.kd.item() == pytest.approx(kd_loss(outputs[0], teacher, 3.0).item(), rel=1e-6)
-    assert terms.total.item() == pytest.approx((1 - alpha) * terms.hard.item() + alpha * terms.kd.item(), rel=1e-6)
+    assert terms.total.item() == pytest.approx(
+        (1 - alpha) * terms.hard.item() + alpha * terms.kd.item(), rel=1e-6
+    )
     terms.total.backward()
     # The KD term touches only the full-resolution head; lower heads get the hard DS loss (weight 0 at the bottom).
     assert outputs[0].grad.abs().sum() > 0
@@ -189,8 +208,14 @@ def test_total_mixes_nnunet_hard_loss_and_kd(alpha):
 def test_region_dataset_with_ignore_label_end_to_end():
     weights = np.array([1.0, 0.0])
     hard = DeepSupervisionWrapper(
-        DC_and_BCE_loss({}, {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": False},
-                        use_ignore_label=True, dice_class=MemoryEfficientSoftDiceLoss), weights / weights.sum())
+        DC_and_BCE_loss(
+            {},
+            {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": False},
+            use_ignore_label=True,
+            dice_class=MemoryEfficientSoftDiceLoss,
+        ),
+        weights / weights.sum(),
+    )
     loss = DistillationLoss(hard, alpha=0.5, temperature=2.0, regions=True, ignore_label=4)
     outputs = _ds_outputs(2, 2, seed=40)
     target = torch.zeros(2, 3, 8, 8, 8, dtype=torch.bool)  # 2 regions + ignore channel
@@ -209,9 +234,14 @@ def test_region_dataset_with_ignore_label_end_to_end():
     assert math.isfinite(terms.total.item())
 
 
-@pytest.mark.parametrize("kwargs, match", [({"alpha": 1.5, "temperature": 3.0}, "alpha"),
-                                           ({"alpha": -0.1, "temperature": 3.0}, "alpha"),
-                                           ({"alpha": 0.3, "temperature": 0.0}, "temperature")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"alpha": 1.5, "temperature": 3.0}, "alpha"),
+        ({"alpha": -0.1, "temperature": 3.0}, "alpha"),
+        ({"alpha": 0.3, "temperature": 0.0}, "temperature"),
+    ],
+)
 def test_invalid_hyperparameters_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DistillationLoss(_nnunet_hard_loss(), regions=False, ignore_label=None, **kwargs)
@@ -226,6 +256,7 @@ def test_shape_mismatch_names_the_problem():
 # Channel-wise KD (kd_mode="channel")
 # ---------------------------------------------------------------------------------------------
 
+
 def _reference_channel_kd(s: np.ndarray, t: np.ndarray, temp: float) -> float:
     """Shu et al. 2021, written out: per (sample, channel) KL of spatial softmaxes, mean over both, times T^2."""
     b, c = s.shape[:2]
@@ -233,10 +264,12 @@ def _reference_channel_kd(s: np.ndarray, t: np.ndarray, temp: float) -> float:
     for i in range(b):
         for k in range(c):
             a, z = t[i, k].ravel() / temp, s[i, k].ravel() / temp
-            p = np.exp(a - a.max()); p /= p.sum()
-            q = np.exp(z - z.max()); q /= q.sum()
+            p = np.exp(a - a.max())
+            p /= p.sum()
+            q = np.exp(z - z.max())
+            q /= q.sum()
             vals.append(float(np.sum(p * (np.log(p) - np.log(q)))))
-    return temp ** 2 * float(np.mean(vals))
+    return temp**2 * float(np.mean(vals))
 
 
 @pytest.mark.parametrize("temp", [1.0, 4.0])
@@ -251,13 +284,13 @@ def test_channel_kd_weighs_a_small_structure_like_a_large_one():
     """A student that misses a 4-voxel lesion: pixel KD barely notices, channel KD sees a whole channel wrong."""
     shape = (1, 3, 16, 16, 16)
     teacher = torch.full(shape, -4.0)
-    teacher[:, 0] = 4.0                                    # background everywhere ...
-    teacher[:, 1, :8] = 4.0                                # ... an organ in half the patch ...
+    teacher[:, 0] = 4.0  # background everywhere ...
+    teacher[:, 1, :8] = 4.0  # ... an organ in half the patch ...
     teacher[:, 0, :8] = -4.0
-    teacher[:, 2, 10, 10, 10:14] = 4.0                     # ... and a 4-voxel lesion
+    teacher[:, 2, 10, 10, 10:14] = 4.0  # ... and a 4-voxel lesion
     teacher[:, 0, 10, 10, 10:14] = -4.0
     student = teacher.clone()
-    student[:, 2, 10, 10, 10:14] = -4.0                    # the student misses only the lesion
+    student[:, 2, 10, 10, 10:14] = -4.0  # the student misses only the lesion
     student[:, 0, 10, 10, 10:14] = 4.0
     pixel = kd_loss(student, teacher, 1.0, mode="pixel").item()
     channel = kd_loss(student, teacher, 1.0, mode="channel").item()
@@ -269,9 +302,10 @@ def test_channel_kd_excludes_ignored_voxels_and_all_ignored_is_zero():
     mask = torch.ones(2, 1, 4, 4, 4, dtype=torch.bool)
     mask[:, :, :2] = False
     s_changed = s.clone()
-    s_changed[:, :, :2] += 5.0                             # only ignored voxels differ
+    s_changed[:, :, :2] += 5.0  # only ignored voxels differ
     assert kd_loss(s, t, 2.0, mode="channel", mask=mask).item() == pytest.approx(
-        kd_loss(s_changed, t, 2.0, mode="channel", mask=mask).item(), rel=1e-6)
+        kd_loss(s_changed, t, 2.0, mode="channel", mask=mask).item(), rel=1e-6
+    )
     none = torch.zeros_like(mask)
     loss = kd_loss(s.requires_grad_(), t, 2.0, mode="channel", mask=none)
     assert loss.item() == 0.0
@@ -288,5 +322,8 @@ def test_both_kd_is_the_sum_of_pixel_and_channel_kd():
     s, t = _logits(2, 3, 4, 3, 2, seed=9), _logits(2, 3, 4, 3, 2, seed=10)
     mask = torch.rand(2, 1, 4, 3, 2, generator=torch.Generator().manual_seed(1)) > 0.3
     both = kd_loss(s, t, 2.0, mode="both", mask=mask).item()
-    assert both == pytest.approx(kd_loss(s, t, 2.0, mode="pixel", mask=mask).item()
-                                 + kd_loss(s, t, 2.0, mode="channel", mask=mask).item(), rel=1e-6)
+    assert both == pytest.approx(
+        kd_loss(s, t, 2.0, mode="pixel", mask=mask).item()
+        + kd_loss(s, t, 2.0, mode="channel", mask=mask).item(),
+        rel=1e-6,
+    )

@@ -42,18 +42,29 @@ def _tree(root: Path) -> dict[str, bytes]:
 def test_package_layout_checksums_and_determinism(student, exported, tmp_path, capsys):
     out = tmp_path / "pkg"
     assert cli.main(["--onnx", str(exported), "-o", str(out), "--name", "liver_student"]) == 0
-    assert sorted(_tree(out)) == ["README.md", "SHA256SUMS", "liver_student/1/model.onnx",
-                                  "liver_student/config.pbtxt", "nnunet_inference.json"]
+    assert sorted(_tree(out)) == [
+        "README.md",
+        "SHA256SUMS",
+        "liver_student/1/model.onnx",
+        "liver_student/config.pbtxt",
+        "nnunet_inference.json",
+    ]
     assert (out / "liver_student/1/model.onnx").read_bytes() == exported.read_bytes()
 
     # SHA256SUMS lists every other file and the real sha256sum tool accepts it
     sums = (out / "SHA256SUMS").read_text().splitlines()
     assert sorted(line.split("  ", 1)[1] for line in sums) == sorted(set(_tree(out)) - {"SHA256SUMS"})
-    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True, check=False)
+    check = subprocess.run(
+        ["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True, check=False
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     (out / "README.md").write_text("tampered\n")
-    assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=out, capture_output=True,
-                          check=False).returncode != 0
+    assert (
+        subprocess.run(
+            ["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=out, capture_output=True, check=False
+        ).returncode
+        != 0
+    )
 
     # rebuilding over an earlier package replaces it, and the same ONNX gives byte-identical packages
     assert cli.main(["--onnx", str(exported), "-o", str(out), "--name", "liver_student"]) == 0
@@ -97,8 +108,10 @@ def test_model_card_reports_student_and_teacher_dice(student, exported, tmp_path
     assert metrics["Student"]["value"] == round(summary["student"]["mean_dice"], 4)
     assert metrics["Teacher ensemble"]["value"] == round(summary["teacher_ensemble"]["mean_dice"], 4)
     cases = summary["cases"]["count"]
-    assert all(m["type"] == "dice" and m["verified"] is False and f"(test_set, {cases} cases)" in m["name"]
-               for m in metrics.values())
+    assert all(
+        m["type"] == "dice" and m["verified"] is False and f"(test_set, {cases} cases)" in m["name"]
+        for m in metrics.values()
+    )
     # the card says which cases and which teacher folds produced the figures, label by label
     assert f"Cases: {cases} (imagesTs; evaluation `test_set`)" in text
     assert "teacher ensemble: folds " + ", ".join(map(str, summary["teacher_ensemble"]["folds"])) in text
@@ -111,9 +124,12 @@ def test_package_errors_name_the_fix(tmp_path, capsys):
     assert cli.main(["--onnx", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "p")]) == 1
     assert "export the student first" in capsys.readouterr().err
     plain = tmp_path / "plain.onnx"  # an ONNX file without our metadata
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
-                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
     onnx.save(onnx.helper.make_model(graph), str(plain))
     assert cli.main(["--onnx", str(plain), "-o", str(tmp_path / "p")]) == 1
     err = capsys.readouterr().err
@@ -134,21 +150,49 @@ def test_package_refuses_to_overwrite_foreign_directories(exported, tmp_path):
 
 
 def test_triton_config_static_batch_and_dynamic_spatial():
-    static = {"io": {"input_name": "input", "output_name": "output", "input_shape": [1, 2, 32, 64, 64],
-                     "output_shape": [1, 3, 32, 64, 64], "dynamic_batch": False}}
+    static = {
+        "io": {
+            "input_name": "input",
+            "output_name": "output",
+            "input_shape": [1, 2, 32, 64, 64],
+            "output_shape": [1, 3, 32, 64, 64],
+            "dynamic_batch": False,
+        }
+    }
     text = triton_config(static, "s")
-    assert "max_batch_size: 0" in text and "dims: [ 1, 2, 32, 64, 64 ]" in text and "dynamic_batching" not in text
-    dynamic = {"io": {"input_name": "input", "output_name": "output", "input_shape": ["batch", 1, "x", "y", "z"],
-                      "output_shape": ["batch", 4, "x", "y", "z"], "dynamic_batch": True}}
+    assert (
+        "max_batch_size: 0" in text
+        and "dims: [ 1, 2, 32, 64, 64 ]" in text
+        and "dynamic_batching" not in text
+    )
+    dynamic = {
+        "io": {
+            "input_name": "input",
+            "output_name": "output",
+            "input_shape": ["batch", 1, "x", "y", "z"],
+            "output_shape": ["batch", 4, "x", "y", "z"],
+            "dynamic_batch": True,
+        }
+    }
     text = triton_config(dynamic, "d", max_batch_size=4)
-    assert "max_batch_size: 4" in text and "dims: [ 1, -1, -1, -1 ]" in text and "dims: [ 4, -1, -1, -1 ]" in text
+    assert (
+        "max_batch_size: 4" in text
+        and "dims: [ 1, -1, -1, -1 ]" in text
+        and "dims: [ 4, -1, -1, -1 ]" in text
+    )
     assert "preferred_batch_size: [ 4 ]" in text
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("CC-BY-SA 4.0", ("cc-by-sa-4.0", None)), ("cc by 4.0", ("cc-by-4.0", None)), ("Apache 2.0", ("apache-2.0", None)),
-    ("MIT", ("mit", None)), ("see https://example.org/terms", ("other", "see https://example.org/terms")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("CC-BY-SA 4.0", ("cc-by-sa-4.0", None)),
+        ("cc by 4.0", ("cc-by-4.0", None)),
+        ("Apache 2.0", ("apache-2.0", None)),
+        ("MIT", ("mit", None)),
+        ("see https://example.org/terms", ("other", "see https://example.org/terms")),
+    ],
+)
 def test_dataset_licences_map_to_hugging_face_ids(text, expected):
     assert hf_license(text) == expected
     assert hf_license(None)[0] == "other"

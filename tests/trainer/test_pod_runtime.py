@@ -45,10 +45,13 @@ def workspace(nnunet_teachers, tmp_path) -> Workspace:
     root = tmp_path / "ws"
     src = nnunet_teachers.dataset.root
     # Students other tests distilled into the session workspace stay behind: this pod starts with none.
-    shutil.copytree(src, root, ignore=shutil.ignore_patterns("nnUNet_raw", "fixtures.log",
-                                                             "nnUNetDistillationTrainer*"))
+    shutil.copytree(
+        src, root, ignore=shutil.ignore_patterns("nnUNet_raw", "fixtures.log", "nnUNetDistillationTrainer*")
+    )
     (root / "nnUNet_raw").mkdir()
-    shutil.copytree(nnunet_teachers.dataset.raw_dataset, root / "nnUNet_raw" / nnunet_teachers.dataset.dataset_name)
+    shutil.copytree(
+        nnunet_teachers.dataset.raw_dataset, root / "nnUNet_raw" / nnunet_teachers.dataset.dataset_name
+    )
     return Workspace(root)
 
 
@@ -65,31 +68,48 @@ def _custom(kubeconfig: Path) -> k8s_client.CustomObjectsApi:
 
 
 async def _create_job(kubeconfig: Path) -> dict:
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "DistillationJob",
-            "metadata": {"name": NAME, "namespace": NS}, "spec": {"dataset": {"id": 901}}}
-    return await asyncio.to_thread(_custom(kubeconfig).create_namespaced_custom_object, GROUP, VERSION, NS, PLURAL,
-                                   body)
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DistillationJob",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {"dataset": {"id": 901}},
+    }
+    return await asyncio.to_thread(
+        _custom(kubeconfig).create_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, body
+    )
 
 
 async def _progress(kubeconfig: Path) -> dict:
-    obj = await asyncio.to_thread(_custom(kubeconfig).get_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, NAME)
+    obj = await asyncio.to_thread(
+        _custom(kubeconfig).get_namespaced_custom_object, GROUP, VERSION, NS, PLURAL, NAME
+    )
     return (obj.get("status") or {}).get("progress") or {}
 
 
-def _pod_env(workspace: Workspace, kubeconfig: Path, uid: str, stage: str, termination: Path) -> dict[str, str]:
-    return workspace.env({
-        **os.environ,
-        "DISTILLATIONJOB_NAME": NAME, "DISTILLATIONJOB_NAMESPACE": NS, "DISTILLATIONJOB_UID": uid,
-        "DISTILLATIONJOB_STAGE": stage, "KUBECONFIG": str(kubeconfig), "TERMINATION_MESSAGE_PATH": str(termination),
-        "NNUNET_DISTILL_PROGRESS_INTERVAL_S": "0",
-        "PYTHONUNBUFFERED": "1",  # as k8s.py sets it in every stage container: a SIGKILL must not eat the log
-    })
+def _pod_env(
+    workspace: Workspace, kubeconfig: Path, uid: str, stage: str, termination: Path
+) -> dict[str, str]:
+    return workspace.env(
+        {
+            **os.environ,
+            "DISTILLATIONJOB_NAME": NAME,
+            "DISTILLATIONJOB_NAMESPACE": NS,
+            "DISTILLATIONJOB_UID": uid,
+            "DISTILLATIONJOB_STAGE": stage,
+            "KUBECONFIG": str(kubeconfig),
+            "TERMINATION_MESSAGE_PATH": str(termination),
+            "NNUNET_DISTILL_PROGRESS_INTERVAL_S": "0",
+            "PYTHONUNBUFFERED": "1",  # as k8s.py sets it in every stage container: a SIGKILL must not eat the log
+        }
+    )
 
 
 async def _start(argv: list[str], env: dict, log: Path) -> asyncio.subprocess.Process:
     fh = open(log, "ab")  # noqa: SIM115, ASYNC230 - handed to the child, opening is instant
     try:
-        return await asyncio.create_subprocess_exec(*argv, env=env, stdout=fh, stderr=asyncio.subprocess.STDOUT)
+        return await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=fh, stderr=asyncio.subprocess.STDOUT
+        )
     finally:
         fh.close()
 
@@ -105,9 +125,31 @@ async def test_distill_killed_mid_training_resumes_and_reports(workspace, kubeco
     job = await _create_job(kubeconfig)
     termination = tmp_path / "termination-log"
     env = _pod_env(workspace, kubeconfig, job["metadata"]["uid"], "distill", termination)
-    argv = [console_script("nnUNetv2_distillation_train"), "-d", "901", "-c", CONFIGURATION, "-f", "0",
-            "-a", "0.3", "-temp", "3.0", "-r", "2", "-e", str(EPOCHS), "--iterations_per_epoch", "2",
-            "--val_iterations", "1", "-d_device", "cpu", "-disable_mirroring", "-c_continue"]
+    argv = [
+        console_script("nnUNetv2_distillation_train"),
+        "-d",
+        "901",
+        "-c",
+        CONFIGURATION,
+        "-f",
+        "0",
+        "-a",
+        "0.3",
+        "-temp",
+        "3.0",
+        "-r",
+        "2",
+        "-e",
+        str(EPOCHS),
+        "--iterations_per_epoch",
+        "2",
+        "--val_iterations",
+        "1",
+        "-d_device",
+        "cpu",
+        "-disable_mirroring",
+        "-c_continue",
+    ]
     fold = workspace.results / "Dataset901_Synth" / STUDENT_FOLDER / "fold_0"
     log = tmp_path / "distill.log"
 
@@ -115,7 +157,9 @@ async def test_distill_killed_mid_training_resumes_and_reports(workspace, kubeco
     first = await _start(argv, env, log)
     deadline = time.monotonic() + 600
     while _completed_epochs(fold) < 2:
-        assert first.returncode is None, f"the first run ended early ({first.returncode}):\n{log.read_text()[-3000:]}"
+        assert first.returncode is None, (
+            f"the first run ended early ({first.returncode}):\n{log.read_text()[-3000:]}"
+        )
         assert time.monotonic() < deadline, "no progress within 10 minutes"
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.5)  # into the next epoch
@@ -164,7 +208,7 @@ async def test_distill_killed_mid_training_resumes_and_reports(workspace, kubeco
     assert artifacts["modelPath"] == str(fold.parent)
     assert 0 < artifacts["studentParameters"] < artifacts["teacherParameters"]
     dist = json.loads((fold / "validation" / "distillation_summary.json").read_text())
-    assert dist["evaluation"] == "test_set"                    # Dataset901 has a labelled imagesTs
+    assert dist["evaluation"] == "test_set"  # Dataset901 has a labelled imagesTs
     assert metrics["finalDice"] == pytest.approx(dist["student"]["mean_dice"])
     assert metrics["evaluatedOn"] == f"test_set: {dist['cases']['count']} cases (imagesTs)"
     if dist["retention"] is not None:
@@ -175,9 +219,28 @@ async def test_teacher_training_reports_progress_and_summary(workspace, kubeconf
     job = await _create_job(kubeconfig)
     termination = tmp_path / "termination-log"
     env = _pod_env(workspace, kubeconfig, job["metadata"]["uid"], "teachers", termination)
-    argv = python_module("nnunet_distill.cli.train_teacher", "-d", "901", "-c", CONFIGURATION, "-f", "2",
-                         "-tr", "nnUNetTrainer", "-p", "nnUNetPlans", "-e", "2", "--iterations_per_epoch", "2",
-                         "--val_iterations", "1", "-device", "cpu", "--c")
+    argv = python_module(
+        "nnunet_distill.cli.train_teacher",
+        "-d",
+        "901",
+        "-c",
+        CONFIGURATION,
+        "-f",
+        "2",
+        "-tr",
+        "nnUNetTrainer",
+        "-p",
+        "nnUNetPlans",
+        "-e",
+        "2",
+        "--iterations_per_epoch",
+        "2",
+        "--val_iterations",
+        "1",
+        "-device",
+        "cpu",
+        "--c",
+    )
     log = tmp_path / "teacher.log"
     proc = await _start(argv, env, log)
     assert await asyncio.wait_for(proc.wait(), 600) == 0, log.read_text()[-3000:]

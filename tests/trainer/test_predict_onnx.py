@@ -25,30 +25,71 @@ def pipeline(student, tmp_path_factory) -> dict[str, Path]:
     env = student.env
     dynamic, static = root / "export" / "student.onnx", root / "static" / "student.onnx"
     for argv in (["-da", "-o", str(dynamic)], ["-o", str(static)]):
-        done = support.run_cli([support.console("nnUNetv2_distillation_export_onnx"), "-d", "901", "-f", "0",
-                                "-r", "2", *argv], env)
+        done = support.run_cli(
+            [support.console("nnUNetv2_distillation_export_onnx"), "-d", "901", "-f", "0", "-r", "2", *argv],
+            env,
+        )
         assert done.returncode == 0, done.stderr
         assert "verified on" in done.stdout
     package = root / "package"
-    done = support.run_cli(support.python_module("nnunet_distill.cli.package", "--onnx", str(dynamic),
-                                                 "-o", str(package)), env)
+    done = support.run_cli(
+        support.python_module("nnunet_distill.cli.package", "--onnx", str(dynamic), "-o", str(package)), env
+    )
     assert done.returncode == 0, done.stderr
     stock = root / "stock"
-    done = support.run_cli([support.console("nnUNetv2_predict"), "-i", str(student.dataset.raw_dataset / "imagesTs"),
-                            "-o", str(stock), "-d", "901", "-c", "3d_fullres", "-tr", "nnUNetDistillationTrainer",
-                            "-p", "nnUNetPlans_r2", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
-                            "--disable_progress_bar"], env)
+    done = support.run_cli(
+        [
+            support.console("nnUNetv2_predict"),
+            "-i",
+            str(student.dataset.raw_dataset / "imagesTs"),
+            "-o",
+            str(stock),
+            "-d",
+            "901",
+            "-c",
+            "3d_fullres",
+            "-tr",
+            "nnUNetDistillationTrainer",
+            "-p",
+            "nnUNetPlans_r2",
+            "-f",
+            "0",
+            "-device",
+            "cpu",
+            "-npp",
+            "1",
+            "-nps",
+            "1",
+            "--disable_progress_bar",
+        ],
+        env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return {"root": root, "package": package, "static": static, "stock": stock}
 
 
 def _predict(student, model: Path, out: Path, *extra: str):
-    return support.run_cli([support.console("nnUNetv2_distillation_predict"), "-i",
-                            str(student.dataset.raw_dataset / "imagesTs"), "-o", str(out), "-m", str(model),
-                            "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar", *extra],
-                           # only the package travels: no nnUNet_* folders are needed to predict
-                           {k: v for k, v in student.env.items() if not k.startswith("nnUNet_r")
-                            and k != "nnUNet_preprocessed"})
+    return support.run_cli(
+        [
+            support.console("nnUNetv2_distillation_predict"),
+            "-i",
+            str(student.dataset.raw_dataset / "imagesTs"),
+            "-o",
+            str(out),
+            "-m",
+            str(model),
+            "-device",
+            "cpu",
+            "-npp",
+            "1",
+            "-nps",
+            "1",
+            "--disable_progress_bar",
+            *extra,
+        ],
+        # only the package travels: no nnUNet_* folders are needed to predict
+        {k: v for k, v in student.env.items() if not k.startswith("nnUNet_r") and k != "nnUNet_preprocessed"},
+    )
 
 
 def _assert_same_segmentations(reference: Path, candidate: Path) -> None:
@@ -92,8 +133,9 @@ def test_predictor_matches_in_process_on_logits(student, pipeline):
     stock.initialize_from_trained_model_folder(str(student.model_dir), (0,))
     image = min((student.dataset.raw_dataset / "imagesTs").glob("*_0000.nii.gz"))
     preprocessor = stock.configuration_manager.preprocessor_class(verbose=False)
-    data, _, _ = preprocessor.run_case([str(image)], None, stock.plans_manager, stock.configuration_manager,
-                                       stock.dataset_json)
+    data, _, _ = preprocessor.run_case(
+        [str(image)], None, stock.plans_manager, stock.configuration_manager, stock.dataset_json
+    )
     data = torch.from_numpy(data)
     ours = onnx_predictor.predict_logits_from_preprocessed_data(data).float().numpy()
     theirs = stock.predict_logits_from_preprocessed_data(data).float().numpy()

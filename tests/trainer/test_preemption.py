@@ -32,8 +32,11 @@ STUDENT_FOLDER = f"nnUNetDistillationTrainer__nnUNetPlans_r2__{CONFIGURATION}"
 def workspace(nnunet_teachers, tmp_path) -> Workspace:
     """A private copy of the session workspace (preprocessed data + trained teachers), without other students."""
     root = tmp_path / "ws"
-    shutil.copytree(nnunet_teachers.dataset.root, root,
-                    ignore=shutil.ignore_patterns("nnUNet_raw", "fixtures.log", "nnUNetDistillationTrainer*"))
+    shutil.copytree(
+        nnunet_teachers.dataset.root,
+        root,
+        ignore=shutil.ignore_patterns("nnUNet_raw", "fixtures.log", "nnUNetDistillationTrainer*"),
+    )
     return Workspace(root)
 
 
@@ -46,9 +49,31 @@ def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_loses_no_iteration(wo
     import os
 
     env = workspace.env({**os.environ, "PYTHONUNBUFFERED": "1"})
-    argv = [console_script("nnUNetv2_distillation_train"), "-d", "901", "-c", CONFIGURATION, "-f", "0",
-            "-a", "0.3", "-temp", "3.0", "-r", "2", "-e", str(EPOCHS), "--iterations_per_epoch", str(ITERATIONS),
-            "--val_iterations", "1", "-d_device", "cpu", "-disable_mirroring", "-c_continue"]
+    argv = [
+        console_script("nnUNetv2_distillation_train"),
+        "-d",
+        "901",
+        "-c",
+        CONFIGURATION,
+        "-f",
+        "0",
+        "-a",
+        "0.3",
+        "-temp",
+        "3.0",
+        "-r",
+        "2",
+        "-e",
+        str(EPOCHS),
+        "--iterations_per_epoch",
+        str(ITERATIONS),
+        "--val_iterations",
+        "1",
+        "-d_device",
+        "cpu",
+        "-disable_mirroring",
+        "-c_continue",
+    ]
     fold = workspace.results / "Dataset901_Synth" / STUDENT_FOLDER / "fold_0"
     log = tmp_path / "first.log"
 
@@ -57,7 +82,9 @@ def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_loses_no_iteration(wo
     try:
         deadline = time.monotonic() + 1200
         while 0 not in _epochs_started(fold):
-            assert first.poll() is None, f"the run ended early ({first.returncode}):\n{log.read_text()[-3000:]}"
+            assert first.poll() is None, (
+                f"the run ended early ({first.returncode}):\n{log.read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, "training did not start within 10 minutes"
             time.sleep(0.02)
         first.send_signal(signal.SIGTERM)  # what the kubelet sends a pre-empted pod

@@ -8,14 +8,22 @@ from nnunet_distill import progress_hooks as ph
 
 
 def test_epoch_values_read_nnunets_series_and_drop_nan():
-    log = {"train_losses": [0.9, 0.7], "mean_fg_dice": [float("nan"), 0.4],
-           "epoch_start_timestamps": [100.0, 110.0], "epoch_end_timestamps": [109.0, 125.5]}
+    log = {
+        "train_losses": [0.9, 0.7],
+        "mean_fg_dice": [float("nan"), 0.4],
+        "epoch_start_timestamps": [100.0, 110.0],
+        "epoch_end_timestamps": [109.0, 125.5],
+    }
     first, second = ph.epoch_values(log, 0), ph.epoch_values(log, 1)
     assert first == {"train_loss": 0.9, "kd_loss": None, "pseudo_dice": None, "epoch_seconds": 9.0}
     assert second["pseudo_dice"] == 0.4 and second["epoch_seconds"] == 15.5
     assert ph.epoch_values({**log, "train_kd_losses": [0.2, 0.1]}, 1)["kd_loss"] == 0.1
-    assert ph.epoch_values(log, 5) == {"train_loss": None, "kd_loss": None, "pseudo_dice": None,
-                                       "epoch_seconds": None}
+    assert ph.epoch_values(log, 5) == {
+        "train_loss": None,
+        "kd_loss": None,
+        "pseudo_dice": None,
+        "epoch_seconds": None,
+    }
 
 
 class _Saver:

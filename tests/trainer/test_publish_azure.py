@@ -34,12 +34,21 @@ from nnunet_distill import publish as pub
 from nnunet_distill.publish import PublishError, Reason, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[2]
-AZURITE = Path(os.environ.get("AZURITE_BIN", REPO / "tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob"))
+AZURITE = Path(
+    os.environ.get("AZURITE_BIN", REPO / "tools" / "azurite" / "node_modules" / ".bin" / "azurite-blob")
+)
 # Azurite's well-known development account (documented by Microsoft; not a secret).
 ACCOUNT = "devstoreaccount1"
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-FAST = RetryPolicy(max_retries=1, init_backoff_s=0.05, max_backoff_s=0.2, retry_timeout_s=10, connect_timeout_s=2,
-                   attempts=2, attempt_backoff_s=0.05)
+FAST = RetryPolicy(
+    max_retries=1,
+    init_backoff_s=0.05,
+    max_backoff_s=0.2,
+    retry_timeout_s=10,
+    connect_timeout_s=2,
+    attempts=2,
+    attempt_backoff_s=0.05,
+)
 BIG = 6 * 1024 * 1024 + 77  # > 5 MiB: goes up as blocks + a block list
 
 
@@ -63,9 +72,19 @@ def azurite(tmp_path_factory) -> str:
     workspace = tmp_path_factory.mktemp("azurite")
     with open(workspace / "azurite.log", "w") as log:
         proc = subprocess.Popen(
-            [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(workspace),
-             "--silent", "--disableProductStyleUrl"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                str(AZURITE),
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(port),
+                "--location",
+                str(workspace),
+                "--silent",
+                "--disableProductStyleUrl",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while True:
@@ -75,24 +94,36 @@ def azurite(tmp_path_factory) -> str:
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     proc.kill()
-                    raise AssertionError(f"Azurite did not start: {(workspace / 'azurite.log').read_text()[-2000:]}")
+                    raise AssertionError(
+                        f"Azurite did not start: {(workspace / 'azurite.log').read_text()[-2000:]}"
+                    )
                 time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
         proc.terminate()
         proc.wait(10)
 
 
-def _signed(method: str, endpoint: str, path: str, query: dict[str, str], body: bytes = b"") -> urllib.request.Request:
+def _signed(
+    method: str, endpoint: str, path: str, query: dict[str, str], body: bytes = b""
+) -> urllib.request.Request:
     """A request signed with Azure's SharedKey scheme (what the Azure SDKs send), for test setup and checks."""
     headers = {"x-ms-date": email.utils.formatdate(usegmt=True), "x-ms-version": "2021-08-06"}
     canon_headers = "".join(f"{k}:{v}\n" for k, v in sorted(headers.items()))
     canon_resource = f"/{ACCOUNT}/{ACCOUNT}/{path}" + "".join(f"\n{k}:{v}" for k, v in sorted(query.items()))
     length = str(len(body)) if body else ""
     to_sign = f"{method}\n\n\n{length}\n\n\n\n\n\n\n\n\n{canon_headers}{canon_resource}"
-    sig = base64.b64encode(hmac.new(base64.b64decode(KEY), to_sign.encode(), hashlib.sha256).digest()).decode()
-    url = f"{endpoint}/{ACCOUNT}/{path}" + ("?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else "")
-    req = urllib.request.Request(url, data=body or None, method=method,
-                                 headers={**headers, "Authorization": f"SharedKey {ACCOUNT}:{sig}"})
+    sig = base64.b64encode(
+        hmac.new(base64.b64decode(KEY), to_sign.encode(), hashlib.sha256).digest()
+    ).decode()
+    url = f"{endpoint}/{ACCOUNT}/{path}" + (
+        "?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else ""
+    )
+    req = urllib.request.Request(
+        url,
+        data=body or None,
+        method=method,
+        headers={**headers, "Authorization": f"SharedKey {ACCOUNT}:{sig}"},
+    )
     return req
 
 
@@ -105,9 +136,13 @@ def _get_blob(endpoint: str, container: str, blob: str) -> bytes:
 
 
 def _list_blobs(endpoint: str, container: str) -> list[str]:
-    xml = urllib.request.urlopen(
-        _signed("GET", endpoint, container, {"comp": "list", "restype": "container"}), timeout=10
-    ).read().decode()
+    xml = (
+        urllib.request.urlopen(
+            _signed("GET", endpoint, container, {"comp": "list", "restype": "container"}), timeout=10
+        )
+        .read()
+        .decode()
+    )
     return sorted(part.split("</Name>")[0] for part in xml.split("<Name>")[1:])
 
 
@@ -145,8 +180,9 @@ def _env(endpoint: str, key: str = KEY) -> dict[str, str]:
 
 def test_publish_to_azurite_uploads_verifies_then_marks(azurite, container, package):
     now = dt.datetime(2026, 11, 25, 13, 18, 34, tzinfo=dt.UTC)
-    result = pub.publish(package, f"az://{container}/liver/student", env=_env(azurite), policy=FAST,
-                         now=lambda: now)
+    result = pub.publish(
+        package, f"az://{container}/liver/student", env=_env(azurite), policy=FAST, now=lambda: now
+    )
     prefix = f"liver/student/{result.version}/"
     local = {p.relative_to(package).as_posix(): p.read_bytes() for p in package.rglob("*") if p.is_file()}
     assert result.uri == f"az://{container}/liver/student/{result.version}"
@@ -154,11 +190,19 @@ def test_publish_to_azurite_uploads_verifies_then_marks(azurite, container, pack
         [prefix + rel for rel in local] + [prefix + "_PUBLISHED", "liver/student/LATEST"]
     )
     for rel, data in local.items():  # read back through Azure's own REST API, not through obstore
-        assert hashlib.sha256(_get_blob(azurite, container, prefix + rel)).digest() == hashlib.sha256(data).digest()
+        assert (
+            hashlib.sha256(_get_blob(azurite, container, prefix + rel)).digest()
+            == hashlib.sha256(data).digest()
+        )
     marker = json.loads(_get_blob(azurite, container, prefix + "_PUBLISHED"))
-    assert marker["model"]["sha256"] == hashlib.sha256(local["model_repository/student/1/model.onnx"]).hexdigest()
+    assert (
+        marker["model"]["sha256"]
+        == hashlib.sha256(local["model_repository/student/1/model.onnx"]).hexdigest()
+    )
     assert _get_blob(azurite, container, "liver/student/LATEST").decode().strip() == result.version
-    assert pub.resolve_latest(f"az://{container}/liver/student", env=_env(azurite))["version"] == result.version
+    assert (
+        pub.resolve_latest(f"az://{container}/liver/student", env=_env(azurite))["version"] == result.version
+    )
 
 
 def test_wrong_account_key_is_invalid_credentials(azurite, container, package):
@@ -196,13 +240,22 @@ def test_operator_secret_mapping_publishes_to_azurite(azurite, container, packag
     from nnunet_distill_operator import api, k8s, plan
 
     owner = k8s.Owner("liver", "ml", "0b5e5a0e-1111-2222-3333-444455556666")
-    spec = api.parse_spec({"dataset": {"id": 27}, "storage": {"claimName": "data"},
-                           "output": {"uri": f"az://{container}/liver", "secretRef": {"name": "azure"}}})
+    spec = api.parse_spec(
+        {
+            "dataset": {"id": 27},
+            "storage": {"claimName": "data"},
+            "output": {"uri": f"az://{container}/liver", "secretRef": {"name": "azure"}},
+        }
+    )
     paths = plan.DataPaths.in_pod(owner.name)
     stage = next(s for s in plan.plan(spec, name=owner.name, paths=paths) if s.name == "publish")
     job = k8s.job_for(stage, owner=owner, spec=spec, paths=paths, defaults=k8s.Defaults(image="trainer:1"))
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for c in job["spec"]["template"]["spec"]["containers"]
-            for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for c in job["spec"]["template"]["spec"]["containers"]
+        for e in c["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
     assert {"AZURE_STORAGE_ENDPOINT", "STORAGE_ALLOW_HTTP"} <= set(refs)
     secret = _env(azurite)  # what a user would put into the Secret "azure"
     assert all(r["name"] == "azure" and (r.get("optional") or r["key"] in secret) for r in refs.values())
@@ -212,7 +265,10 @@ def test_operator_secret_mapping_publishes_to_azurite(azurite, container, packag
     proc = subprocess.run(
         [sys.executable, "-m", "nnunet_distill.cli.publish", str(package), f"az://{container}/liver"],
         env={**base_env, **pod_env, "TERMINATION_MESSAGE_PATH": str(term)},
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -225,11 +281,19 @@ def test_gcs_configuration_mapping():
     """gs:// has no working emulator here (README): the configuration obstore receives is checked instead."""
     key = json.dumps({"type": "service_account", "client_email": "p@x.iam.gserviceaccount.com"})
     target = pub.parse_uri("gs://models/liver")
-    cfg, client = pub.store_options(target, {"GOOGLE_SERVICE_ACCOUNT_KEY": key, "AWS_REGION": "ignored"}, FAST)
+    cfg, client = pub.store_options(
+        target, {"GOOGLE_SERVICE_ACCOUNT_KEY": key, "AWS_REGION": "ignored"}, FAST
+    )
     assert cfg == {"google_service_account_key": key} and "allow_http" not in client
     cfg, client = pub.store_options(
-        target, {"GOOGLE_SERVICE_ACCOUNT_KEY": key, "GOOGLE_BASE_URL": "http://gcs.test:4443",
-                 "STORAGE_ALLOW_HTTP": "true"}, FAST)
+        target,
+        {
+            "GOOGLE_SERVICE_ACCOUNT_KEY": key,
+            "GOOGLE_BASE_URL": "http://gcs.test:4443",
+            "STORAGE_ALLOW_HTTP": "true",
+        },
+        FAST,
+    )
     assert cfg["google_base_url"] == "http://gcs.test:4443" and client["allow_http"] is True
     with pytest.raises(PublishError) as info:
         pub.store_options(target, {"GOOGLE_BASE_URL": "http://gcs.test:4443"}, FAST)

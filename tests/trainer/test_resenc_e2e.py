@@ -16,8 +16,17 @@ from tests.trainer.distill_helpers import console_script, load_checkpoint, requi
 pytestmark = pytest.mark.slow
 
 TEACHER_PLANS = "nnUNetResEncUNetMPlans"
-BUDGET = ["-r", "2", "--iterations_per_epoch", "2", "--val_iterations", "1", "-d_device", "cpu",
-          "-disable_mirroring"]
+BUDGET = [
+    "-r",
+    "2",
+    "--iterations_per_epoch",
+    "2",
+    "--val_iterations",
+    "1",
+    "-d_device",
+    "cpu",
+    "-disable_mirroring",
+]
 PLAIN_FOLDER = "nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres"
 RESENC_FOLDER = "nnUNetDistillationTrainer__nnUNetResEncUNetMPlans_r2_bsreduce__3d_fullres"
 
@@ -25,9 +34,9 @@ RESENC_FOLDER = "nnUNetDistillationTrainer__nnUNetResEncUNetMPlans_r2_bsreduce__
 @dataclass
 class ResEncRun:
     teachers: object
-    plain: dict            # checkpoint of (a), fold 1
-    resenc_first: dict     # checkpoint of (b) after 1 epoch
-    resenc_resumed: dict   # after -c_continue -e 2
+    plain: dict  # checkpoint of (a), fold 1
+    resenc_first: dict  # checkpoint of (b) after 1 epoch
+    resenc_resumed: dict  # after -c_continue -e 2
     resumed_stdout: str
     predictions: Path
     predict_stdout: str
@@ -40,17 +49,40 @@ def resenc_run(resenc_teachers, tmp_path_factory) -> ResEncRun:
     log = tmp / "commands.log"
     exe = console_script("nnUNetv2_resenc_distillation_train")
     # (a) plain student (-spl defaults to nnUNetPlans) on fold 1: the standard e2e test owns fold 0 of that folder
-    require_ok(run_cli([exe, "-d", "901", "-f", "1", "-tpl", TEACHER_PLANS, "-e", "1", *BUDGET], ds.env, log), log)
+    require_ok(
+        run_cli([exe, "-d", "901", "-f", "1", "-tpl", TEACHER_PLANS, "-e", "1", *BUDGET], ds.env, log), log
+    )
     plain = load_checkpoint(ds.results_dataset / PLAIN_FOLDER / "fold_1" / "checkpoint_final.pth")
     # (b) ResEnc student with halved residual blocks, then continued
-    resenc_args = ["-d", "901", "-f", "0", "-tpl", TEACHER_PLANS, "-spl", TEACHER_PLANS, "-bs", "reduce", *BUDGET]
+    resenc_args = [
+        "-d",
+        "901",
+        "-f",
+        "0",
+        "-tpl",
+        TEACHER_PLANS,
+        "-spl",
+        TEACHER_PLANS,
+        "-bs",
+        "reduce",
+        *BUDGET,
+    ]
     require_ok(run_cli([exe, *resenc_args, "-e", "1"], ds.env, log), log)
     final = ds.results_dataset / RESENC_FOLDER / "fold_0" / "checkpoint_final.pth"
     first = load_checkpoint(final)
     resumed = require_ok(run_cli([exe, *resenc_args, "-e", "2", "-c_continue"], ds.env, log), log)
     out = tmp / "predictions"
-    pred = stock_predict(tmp, ds.env, log, ds.raw_dataset / "imagesTs", out, ds.dataset_id,
-                         "nnUNetDistillationTrainer", "nnUNetResEncUNetMPlans_r2_bsreduce", 0)
+    pred = stock_predict(
+        tmp,
+        ds.env,
+        log,
+        ds.raw_dataset / "imagesTs",
+        out,
+        ds.dataset_id,
+        "nnUNetDistillationTrainer",
+        "nnUNetResEncUNetMPlans_r2_bsreduce",
+        0,
+    )
     return ResEncRun(resenc_teachers, plain, first, load_checkpoint(final), resumed.stdout, out, pred.stdout)
 
 
@@ -66,10 +98,17 @@ def test_plain_student_from_resenc_teacher(resenc_run):
     base = _arch(ds.plans("nnUNetPlans"))["arch_kwargs"]["features_per_stage"]
     assert arch["arch_kwargs"]["features_per_stage"] == [max(f // 2, 8) for f in base]
     d = resenc_run.plain["distillation"]
-    assert d["teacher_plans"] == TEACHER_PLANS and d["variant"] == "resenc" and d["student_base_plans"] == "nnUNetPlans"
+    assert (
+        d["teacher_plans"] == TEACHER_PLANS
+        and d["variant"] == "resenc"
+        and d["student_base_plans"] == "nnUNetPlans"
+    )
     assert resenc_run.plain["trainer_name"] == "nnUNetTrainer"
-    summary = json.loads((ds.results_dataset / PLAIN_FOLDER / "fold_1" / "validation" /
-                          "distillation_summary.json").read_text())
+    summary = json.loads(
+        (
+            ds.results_dataset / PLAIN_FOLDER / "fold_1" / "validation" / "distillation_summary.json"
+        ).read_text()
+    )
     # The only teacher (fold 0) trained on fold 1's validation cases: the summary says so, and the figures it
     # reports as retention come from the held-out test set, which no model trained on.
     assert summary["validation"]["teacher_folds_trained_on_these_cases"] == [0]
@@ -85,8 +124,9 @@ def test_resenc_student_with_reduced_blocks(resenc_run):
     assert arch["network_class_name"].endswith("ResidualEncoderUNet")
     t_blocks = teacher["arch_kwargs"]["n_blocks_per_stage"]
     assert arch["arch_kwargs"]["n_blocks_per_stage"] == [max(n // 2, 1) for n in t_blocks]
-    assert arch["arch_kwargs"]["features_per_stage"] == \
-        [max(f // 2, 8) for f in teacher["arch_kwargs"]["features_per_stage"]]
+    assert arch["arch_kwargs"]["features_per_stage"] == [
+        max(f // 2, 8) for f in teacher["arch_kwargs"]["features_per_stage"]
+    ]
     d = resenc_run.resenc_first["distillation"]
     assert d["block_strategy"] == "reduce" and d["student_plans"] == "nnUNetResEncUNetMPlans_r2_bsreduce"
     assert d["student_parameters"] < 0.26 * d["teacher_parameters"]

@@ -45,7 +45,11 @@ def test_rotation_is_a_function_of_the_epoch_so_resume_lands_in_the_same_period(
 
 def test_describe_says_what_the_dice_covers(splits):
     line = rotation.describe(splits, 0, 2)
-    assert "fold 0's" in line and "validation Dice covers" in line and "none of which the student trains on" in line
+    assert (
+        "fold 0's" in line
+        and "validation Dice covers" in line
+        and "none of which the student trains on" in line
+    )
 
 
 def test_bad_inputs(splits):

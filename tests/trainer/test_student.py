@@ -37,14 +37,22 @@ def params(plans: dict, dataset_json: dict, cfg: str = CFG) -> int:
 
 # --------------------------------------------------------------------------------------------- pure rules
 
-@pytest.mark.parametrize("features, r, expected", [
-    ([32, 64, 128, 256, 320, 320], 2, [16, 32, 64, 128, 160, 160]),
-    ([32, 64, 128, 256, 320, 320], 4, [8, 16, 32, 64, 80, 80]),
-    ([32, 64, 128, 256, 320, 320], 8, [8, 8, 16, 32, 40, 40]),   # 32/8=4 and 64/8=8: the floor of 8 applies
-    ([32, 64, 128, 256], 3, [10, 21, 42, 85]),                     # floor division
-    ([4, 16], 2, [4, 8]),                                          # never wider than the teacher
-    ([32, 64], 1, [32, 64]),
-])
+
+@pytest.mark.parametrize(
+    "features, r, expected",
+    [
+        ([32, 64, 128, 256, 320, 320], 2, [16, 32, 64, 128, 160, 160]),
+        ([32, 64, 128, 256, 320, 320], 4, [8, 16, 32, 64, 80, 80]),
+        (
+            [32, 64, 128, 256, 320, 320],
+            8,
+            [8, 8, 16, 32, 40, 40],
+        ),  # 32/8=4 and 64/8=8: the floor of 8 applies
+        ([32, 64, 128, 256], 3, [10, 21, 42, 85]),  # floor division
+        ([4, 16], 2, [4, 8]),  # never wider than the teacher
+        ([32, 64], 1, [32, 64]),
+    ],
+)
 def test_reduce_features_floor_division_with_minimum_8(features, r, expected):
     assert reduce_features(features, r) == expected
 
@@ -59,7 +67,7 @@ def test_fixed_block_strategies_follow_their_rules():
     assert block_counts(teacher, "keep", 4) == teacher
     assert block_counts(teacher, "reduce", 4) == [1, 1, 2, 3, 3, 3]
     assert block_counts(teacher, "increase", 4) == [2, 4, 5, 7, 7, 7]
-    assert block_counts([8, 9], "increase", 2) == [8, 9]          # capped at 8, never reduced
+    assert block_counts([8, 9], "increase", 2) == [8, 9]  # capped at 8, never reduced
     assert set(BLOCK_STRATEGY_HELP) == set(naming.BLOCK_STRATEGIES)
 
 
@@ -74,6 +82,7 @@ def test_block_counts_rejects_bad_input():
 
 def _encoder_cost(blocks, features, kernel_sizes):
     import math
+
     return sum(n * f * f * math.prod(k) for n, f, k in zip(blocks, features, kernel_sizes))
 
 
@@ -84,13 +93,16 @@ def test_adaptive_changes_depth_for_every_r_within_the_keep_budget(r):
     kernels = [[3, 3, 3]] * 6
     adaptive = block_counts(teacher_blocks, "adaptive", r, teacher_features=features, kernel_sizes=kernels)
     student_features = reduce_features(features, r)
-    assert adaptive != teacher_blocks, "adaptive must do something for every r >= 2 (the seed's is a no-op below 4)"
+    assert adaptive != teacher_blocks, (
+        "adaptive must do something for every r >= 2 (the seed's is a no-op below 4)"
+    )
     assert all(1 <= n <= 8 for n in adaptive)
     assert all(a >= red for a, red in zip(adaptive, block_counts(teacher_blocks, "reduce", r)))
     # more depth where blocks are cheap (shallow stages), never over the parameter budget of `keep`
     assert adaptive[0] > teacher_blocks[0] and adaptive[1] > teacher_blocks[1]
-    assert _encoder_cost(adaptive, student_features, kernels) <= _encoder_cost(teacher_blocks, student_features,
-                                                                                kernels)
+    assert _encoder_cost(adaptive, student_features, kernels) <= _encoder_cost(
+        teacher_blocks, student_features, kernels
+    )
     assert block_counts(teacher_blocks, "adaptive", 1, teacher_features=features) == teacher_blocks
 
 
@@ -99,10 +111,18 @@ def test_adaptive_changes_depth_for_every_r_within_the_keep_budget(r):
 # Blocks per encoder stage of students of nnU-Net 2.8.1's ResEnc M/L/XL plans for the 48^3 synthetic
 # dataset (4 stages, [32, 64, 128, 256] channels, [1, 3, 4, 6] blocks for all three presets).
 EXPECTED_BLOCKS_48 = {
-    ("keep", 2): [1, 3, 4, 6], ("keep", 4): [1, 3, 4, 6], ("keep", 8): [1, 3, 4, 6],
-    ("reduce", 2): [1, 1, 2, 3], ("reduce", 4): [1, 1, 2, 3], ("reduce", 8): [1, 1, 2, 3],
-    ("increase", 2): [2, 4, 5, 7], ("increase", 4): [2, 4, 5, 7], ("increase", 8): [2, 4, 5, 7],
-    ("adaptive", 2): [2, 4, 5, 5], ("adaptive", 4): [3, 5, 6, 5], ("adaptive", 8): [3, 6, 6, 5],
+    ("keep", 2): [1, 3, 4, 6],
+    ("keep", 4): [1, 3, 4, 6],
+    ("keep", 8): [1, 3, 4, 6],
+    ("reduce", 2): [1, 1, 2, 3],
+    ("reduce", 4): [1, 1, 2, 3],
+    ("reduce", 8): [1, 1, 2, 3],
+    ("increase", 2): [2, 4, 5, 7],
+    ("increase", 4): [2, 4, 5, 7],
+    ("increase", 8): [2, 4, 5, 7],
+    ("adaptive", 2): [2, 4, 5, 5],
+    ("adaptive", 4): [3, 5, 6, 5],
+    ("adaptive", 8): [3, 6, 6, 5],
 }
 
 
@@ -129,7 +149,7 @@ def test_parameter_ratio_bounds_on_real_plans(nnunet_dataset, resenc_plans, r):
         for strategy in strategies:
             ratio = params(derive_student_plans(plans, CFG, r, strategy), dataset_json) / teacher
             assert ratio <= RATIO_BOUND[r], (identifier, strategy, r, ratio)
-            assert ratio > 0.25 / r ** 2, (identifier, strategy, r, ratio)   # not degenerate
+            assert ratio > 0.25 / r**2, (identifier, strategy, r, ratio)  # not degenerate
         if strategies[0] is not None:
             keep = params(derive_student_plans(plans, CFG, r, "keep"), dataset_json)
             assert params(derive_student_plans(plans, CFG, r, "increase"), dataset_json) > keep
@@ -152,7 +172,7 @@ def test_realistic_six_stage_plans_ratios(realistic_plans):
             for strategy in strategies:
                 ratio = params(derive_student_plans(plans, CFG, r, strategy), dataset_json) / teacher
                 assert ratio <= RATIO_BOUND[r], (identifier, strategy, r, ratio)
-                assert ratio > 0.25 / r ** 2, (identifier, strategy, r, ratio)
+                assert ratio > 0.25 / r**2, (identifier, strategy, r, ratio)
 
 
 def test_student_plans_change_only_the_architecture_width_and_depth(resenc_plans):
@@ -161,16 +181,23 @@ def test_student_plans_change_only_the_architecture_width_and_depth(resenc_plans
     student = derive_student_plans(base, CFG, 4, "reduce")
     assert base == before, "the base plans must not be modified"
     assert student["plans_name"] == "nnUNetResEncUNetMPlans_r4_bsreduce"
-    assert student["distillation"] == {"base_plans": "nnUNetResEncUNetMPlans", "configuration": CFG,
-                                       "reduction_factor": 4, "block_strategy": "reduce", "min_features": 8}
+    assert student["distillation"] == {
+        "base_plans": "nnUNetResEncUNetMPlans",
+        "configuration": CFG,
+        "reduction_factor": 4,
+        "block_strategy": "reduce",
+        "min_features": 8,
+    }
     s_cfg, b_cfg = student["configurations"][CFG], base["configurations"][CFG]
-    assert {k: v for k, v in s_cfg.items() if k != "architecture"} == \
-        {k: v for k, v in b_cfg.items() if k != "architecture"}
+    assert {k: v for k, v in s_cfg.items() if k != "architecture"} == {
+        k: v for k, v in b_cfg.items() if k != "architecture"
+    }
     s_kw, b_kw = s_cfg["architecture"]["arch_kwargs"], b_cfg["architecture"]["arch_kwargs"]
     assert {k for k in s_kw if s_kw[k] != b_kw[k]} == {"features_per_stage", "n_blocks_per_stage"}
     assert s_cfg["architecture"]["network_class_name"] == b_cfg["architecture"]["network_class_name"]
-    assert {k: v for k, v in student.items() if k not in ("configurations", "plans_name", "distillation")} == \
-        {k: v for k, v in base.items() if k not in ("configurations", "plans_name")}
+    assert {
+        k: v for k, v in student.items() if k not in ("configurations", "plans_name", "distillation")
+    } == {k: v for k, v in base.items() if k not in ("configurations", "plans_name")}
     assert student["configurations"]["2d"] == base["configurations"]["2d"]
 
 
@@ -200,17 +227,22 @@ def test_inherited_architectures_are_reduced_consistently(nnunet_dataset):
         assert arch(from_parent, cfg)["features_per_stage"] == reduce_features(teacher_features, 2), cfg
 
     from_child = derive_student_plans(base, "3d_fullres_bs4", 2)
-    assert arch(from_child, CFG)["features_per_stage"] == teacher_features      # the parent stays the teacher's
+    assert arch(from_child, CFG)["features_per_stage"] == teacher_features  # the parent stays the teacher's
     assert arch(from_child, "3d_fullres_bs4")["features_per_stage"] == reduce_features(teacher_features, 2)
-    assert arch(from_child, "3d_fullres_bs4_child")["features_per_stage"] == reduce_features(teacher_features, 2)
+    assert arch(from_child, "3d_fullres_bs4_child")["features_per_stage"] == reduce_features(
+        teacher_features, 2
+    )
     assert from_child["configurations"]["3d_fullres_bs4"]["batch_size"] == 4
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"reduction_factor": 0}, "reduction factor"),
-    ({"block_strategy": "halve"}, "block strategy"),
-    ({"configuration": "3d_lowres"}, "configuration '3d_lowres' not found"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"reduction_factor": 0}, "reduction factor"),
+        ({"block_strategy": "halve"}, "block strategy"),
+        ({"configuration": "3d_lowres"}, "configuration '3d_lowres' not found"),
+    ],
+)
 def test_derive_student_plans_errors_name_the_field(nnunet_dataset, bad, match):
     kwargs = {"configuration": CFG, "reduction_factor": 2, "block_strategy": None, **bad}
     with pytest.raises(StudentPlansError, match=match):
@@ -219,27 +251,41 @@ def test_derive_student_plans_errors_name_the_field(nnunet_dataset, bad, match):
 
 # --------------------------------------------------------------------------------------------- torch and disk
 
+
 @pytest.mark.parametrize("base, strategy", [("nnUNetPlans", None), ("nnUNetResEncUNetMPlans", "adaptive")])
-def test_stock_nnunet_builds_the_same_student_from_the_written_plans(nnunet_dataset, resenc_plans, monkeypatch,
-                                                                     base, strategy):
+def test_stock_nnunet_builds_the_same_student_from_the_written_plans(
+    nnunet_dataset, resenc_plans, monkeypatch, base, strategy
+):
     """What nnU-Net's own trainer builds from `-p <student plans>` equals build_network's student."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    for var, folder in (("nnUNet_raw", nnunet_dataset.raw), ("nnUNet_preprocessed", nnunet_dataset.preprocessed),
-                        ("nnUNet_results", nnunet_dataset.results)):
+    for var, folder in (
+        ("nnUNet_raw", nnunet_dataset.raw),
+        ("nnUNet_preprocessed", nnunet_dataset.preprocessed),
+        ("nnUNet_results", nnunet_dataset.results),
+    ):
         monkeypatch.setenv(var, str(folder))
     plans = nnunet_dataset.plans(base)
-    student_plans = derive_student_plans(plans, CFG, 4, strategy,
-                                         plans_name=f"{naming.student_plans_identifier(base, 4, strategy)}_stock")
+    student_plans = derive_student_plans(
+        plans, CFG, 4, strategy, plans_name=f"{naming.student_plans_identifier(base, 4, strategy)}_stock"
+    )
     path = write_student_plans(nnunet_dataset.preprocessed_dataset, student_plans)
     assert path == nnunet_dataset.preprocessed_dataset / f"{student_plans['plans_name']}.json"
 
-    trainer = get_trainer_from_args(nnunet_dataset.dataset_name, CFG, 0, "nnUNetTrainer",
-                                    student_plans["plans_name"], device=torch.device("cpu"))
+    trainer = get_trainer_from_args(
+        nnunet_dataset.dataset_name,
+        CFG,
+        0,
+        "nnUNetTrainer",
+        student_plans["plans_name"],
+        device=torch.device("cpu"),
+    )
     trainer.initialize()
     stock = {k: tuple(v.shape) for k, v in trainer.network.state_dict().items()}
-    ours = {k: tuple(v.shape) for k, v in build_network(student_plans, CFG, nnunet_dataset.dataset_json())
-            .state_dict().items()}
+    ours = {
+        k: tuple(v.shape)
+        for k, v in build_network(student_plans, CFG, nnunet_dataset.dataset_json()).state_dict().items()
+    }
     assert stock == ours
     teacher = build_network(plans, CFG, nnunet_dataset.dataset_json())
     assert count_parameters(trainer.network) < count_parameters(teacher) / 10
@@ -258,17 +304,23 @@ def test_write_student_plans_is_idempotent_and_never_overwrites_other_plans(nnun
     other["configurations"][CFG]["batch_size"] = 7
     with pytest.raises(StudentPlansError, match="already exists with different plans"):
         write_student_plans(folder, other)
-    assert json.loads(path.read_text())["configurations"][CFG]["batch_size"] == plans["configurations"][CFG][
-        "batch_size"]
+    assert (
+        json.loads(path.read_text())["configurations"][CFG]["batch_size"]
+        == plans["configurations"][CFG]["batch_size"]
+    )
     with pytest.raises(StudentPlansError, match="nnUNetv2_plan_and_preprocess"):
         write_student_plans(tmp_path / "missing", plans)
-    assert [p.name for p in folder.iterdir()] == [path.name]        # no temporary files left behind
+    assert [p.name for p in folder.iterdir()] == [path.name]  # no temporary files left behind
 
 
 def test_count_parameters_counts_every_parameter():
     assert count_parameters(torch.nn.Linear(3, 2)) == 8
-    assert count_parameters(torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.InstanceNorm3d(4, affine=True))) \
+    assert (
+        count_parameters(
+            torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.InstanceNorm3d(4, affine=True))
+        )
         == 4 * 27 + 4 + 8
+    )
 
 
 def test_deep_supervision_switch(nnunet_dataset):
@@ -283,6 +335,7 @@ def test_deep_supervision_switch(nnunet_dataset):
 
 # --------------------------------------------------------------------------------------------- compatibility
 
+
 def _one_line(exc: pytest.ExceptionInfo) -> str:
     message = str(exc.value)
     assert "\n" not in message
@@ -294,7 +347,7 @@ def test_compatible_teacher_and_students_pass(nnunet_dataset, resenc_plans):
     teacher = nnunet_dataset.plans("nnUNetPlans")
     check_compatible(teacher, dj, derive_student_plans(teacher, CFG, 2), dj, CFG)
     resenc = resenc_plans["nnUNetResEncUNetMPlans"]
-    check_compatible(resenc, dj, derive_student_plans(teacher, CFG, 2), dj, CFG)          # ResEnc -> plain
+    check_compatible(resenc, dj, derive_student_plans(teacher, CFG, 2), dj, CFG)  # ResEnc -> plain
     check_compatible(teacher, dj, derive_student_plans(resenc, CFG, 8, "adaptive"), dj, CFG)
 
 
@@ -333,10 +386,14 @@ def test_compatibility_errors_name_the_mismatch_and_the_fix(nnunet_dataset, rese
 
     with pytest.raises(CompatibilityError) as exc:
         check_compatible(teacher, dj, _modified(student, spacing=[2.0, 1.0, 1.0]), dj, CFG)
-    assert "spacing is [1.0, 1.0, 1.0]" in _one_line(exc) and "nnUNetv2_plan_experiment -d 901" in str(exc.value)
+    assert "spacing is [1.0, 1.0, 1.0]" in _one_line(exc) and "nnUNetv2_plan_experiment -d 901" in str(
+        exc.value
+    )
 
     with pytest.raises(CompatibilityError) as exc:
-        check_compatible(teacher, dj, _modified(student, normalization_schemes=["ZScoreNormalization"]), dj, CFG)
+        check_compatible(
+            teacher, dj, _modified(student, normalization_schemes=["ZScoreNormalization"]), dj, CFG
+        )
     assert "normalization_schemes" in _one_line(exc)
 
     with pytest.raises(CompatibilityError) as exc:

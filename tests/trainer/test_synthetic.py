@@ -27,8 +27,9 @@ def names(folder: Path) -> list[str]:
 
 @pytest.fixture()
 def small(tmp_path) -> Path:
-    return write_dataset(tmp_path, SyntheticSpec(dataset_id=7, name="Small", cases=4, test_cases=2,
-                                                 size=(32, 40, 24), seed=3))
+    return write_dataset(
+        tmp_path, SyntheticSpec(dataset_id=7, name="Small", cases=4, test_cases=2, size=(32, 40, 24), seed=3)
+    )
 
 
 def test_writes_an_nnunet_raw_dataset(small):
@@ -42,15 +43,18 @@ def test_writes_an_nnunet_raw_dataset(small):
     assert meta["channel_names"] == {"0": "CT"}
     assert meta["labels"] == {"background": 0, "bright": 1, "dark": 2, "small": 3}
     assert meta["numTraining"] == 4 and meta["file_ending"] == ".nii.gz"
-    assert not list(small.parent.glob(".*tmp"))          # written through a temporary folder, renamed at the end
+    assert not list(small.parent.glob(".*tmp"))  # written through a temporary folder, renamed at the end
 
 
 def test_every_case_has_every_label_and_a_small_structure(small):
     for label_file in [*(small / "labelsTr").iterdir(), *(small / "labelsTs").iterdir()]:
         label, spacing = read(label_file)
-        image, _ = read(small / label_file.parent.name.replace("labels", "images") /
-                        label_file.name.replace(".nii.gz", "_0000.nii.gz"))
-        assert label.shape == image.shape == (24, 40, 32)           # numpy z, y, x for --size 32 40 24
+        image, _ = read(
+            small
+            / label_file.parent.name.replace("labels", "images")
+            / label_file.name.replace(".nii.gz", "_0000.nii.gz")
+        )
+        assert label.shape == image.shape == (24, 40, 32)  # numpy z, y, x for --size 32 40 24
         assert label.dtype == np.uint8 and image.dtype == np.float32
         assert spacing == (1.0, 1.0, 1.0)
         counts = np.bincount(label.ravel(), minlength=4)
@@ -71,8 +75,12 @@ def test_noise_and_smooth_bias_field(tmp_path):
     assert 0.1 < np.nanstd(diffs) / np.sqrt(2) < 0.25
     # bias: the background's mean over 12^3 blocks drifts across the volume (0.2-0.3 for seeds 0-29), far more
     # than averaging ~1700 noisy voxels allows (~0.004)
-    blocks = [np.nanmean(background[i:i + 12, j:j + 12, k:k + 12])
-              for i in range(0, 48, 12) for j in range(0, 48, 12) for k in range(0, 48, 12)]
+    blocks = [
+        np.nanmean(background[i : i + 12, j : j + 12, k : k + 12])
+        for i in range(0, 48, 12)
+        for j in range(0, 48, 12)
+        for k in range(0, 48, 12)
+    ]
     assert np.nanmax(blocks) - np.nanmin(blocks) > 0.1
 
 
@@ -88,19 +96,24 @@ def test_anisotropic_spacing_and_default_size(tmp_path, monkeypatch, capsys):
 
 
 def test_multiple_channels_carry_different_contrasts(tmp_path):
-    folder = write_dataset(tmp_path, SyntheticSpec(dataset_id=10, name="Multi", cases=2, test_cases=1, channels=3))
+    folder = write_dataset(
+        tmp_path, SyntheticSpec(dataset_id=10, name="Multi", cases=2, test_cases=1, channels=3)
+    )
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "CT", "1": "MR1", "2": "MR2"}
-    assert names(folder / "imagesTr")[:3] == ["case_0000_0000.nii.gz", "case_0000_0001.nii.gz",
-                                              "case_0000_0002.nii.gz"]
+    assert names(folder / "imagesTr")[:3] == [
+        "case_0000_0000.nii.gz",
+        "case_0000_0001.nii.gz",
+        "case_0000_0002.nii.gz",
+    ]
     assert len(names(folder / "imagesTs")) == 3
     label, _ = read(folder / "labelsTr" / "case_0000.nii.gz")
     ch0, _ = read(folder / "imagesTr" / "case_0000_0000.nii.gz")
     ch1, _ = read(folder / "imagesTr" / "case_0000_0001.nii.gz")
     bright = label == LABELS["bright"]
     background = label == 0
-    assert ch0[bright].mean() > ch0[background].mean() + 0.5       # bright is bright in channel 0 ...
-    assert ch1[bright].mean() < ch1[background].mean() - 0.3       # ... and dark in channel 1
+    assert ch0[bright].mean() > ch0[background].mean() + 0.5  # bright is bright in channel 0 ...
+    assert ch1[bright].mean() < ch1[background].mean() - 0.3  # ... and dark in channel 1
     assert synthetic.contrast_table(2) != synthetic.contrast_table(0)
 
 
@@ -119,8 +132,11 @@ def test_deterministic_by_seed_and_independent_of_case_count(tmp_path):
     a = write_dataset(tmp_path / "a", SyntheticSpec(dataset_id=11, name="D", cases=3, test_cases=1, seed=5))
     b = write_dataset(tmp_path / "b", SyntheticSpec(dataset_id=11, name="D", cases=2, test_cases=1, seed=5))
     c = write_dataset(tmp_path / "c", SyntheticSpec(dataset_id=11, name="D", cases=2, test_cases=1, seed=6))
-    for sub, name in (("imagesTr", "case_0001_0000.nii.gz"), ("labelsTr", "case_0001.nii.gz"),
-                      ("imagesTs", "test_0000_0000.nii.gz")):
+    for sub, name in (
+        ("imagesTr", "case_0001_0000.nii.gz"),
+        ("labelsTr", "case_0001.nii.gz"),
+        ("imagesTs", "test_0000_0000.nii.gz"),
+    ):
         assert np.array_equal(read(a / sub / name)[0], read(b / sub / name)[0])
         assert not np.array_equal(read(a / sub / name)[0], read(c / sub / name)[0])
 
@@ -150,24 +166,59 @@ def test_replaces_only_its_own_datasets(tmp_path):
 
 
 def test_parser_matches_the_contract():
-    args = build_parser().parse_args(["-d", "901", "--name", "Synth", "--cases", "16", "--test-cases", "4",
-                                      "--size", "48", "48", "48", "--channels", "2", "--anisotropic",
-                                      "--seed", "7"])
-    assert (args.dataset_id, args.name, args.cases, args.test_cases, args.size, args.channels, args.anisotropic,
-            args.seed) == (901, "Synth", 16, 4, [48, 48, 48], 2, True, 7)
+    args = build_parser().parse_args(
+        [
+            "-d",
+            "901",
+            "--name",
+            "Synth",
+            "--cases",
+            "16",
+            "--test-cases",
+            "4",
+            "--size",
+            "48",
+            "48",
+            "48",
+            "--channels",
+            "2",
+            "--anisotropic",
+            "--seed",
+            "7",
+        ]
+    )
+    assert (
+        args.dataset_id,
+        args.name,
+        args.cases,
+        args.test_cases,
+        args.size,
+        args.channels,
+        args.anisotropic,
+        args.seed,
+    ) == (901, "Synth", 16, 4, [48, 48, 48], 2, True, 7)
 
 
-@pytest.mark.parametrize("argv, env, message", [
-    (["-d", "5", "--name", "bad name"], True, "--name"),
-    (["-d", "1000", "--name", "X"], True, "1..999"),
-    (["-d", "5", "--name", "X", "--cases", "1"], True, "--cases must be >= 2"),
-    (["-d", "5", "--name", "X", "--size", "8", "48", "48"], True, "--size"),
-    (["-d", "5", "--name", "X"], False, "nnUNet_raw is not set"),
-])
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["-d", "5", "--name", "bad name"], True, "--name"),
+        (["-d", "1000", "--name", "X"], True, "1..999"),
+        (["-d", "5", "--name", "X", "--cases", "1"], True, "--cases must be >= 2"),
+        (["-d", "5", "--name", "X", "--size", "8", "48", "48"], True, "--size"),
+        (["-d", "5", "--name", "X"], False, "nnUNet_raw is not set"),
+    ],
+)
 def test_cli_errors_are_one_line_without_traceback(tmp_path, argv, env, message):
     environ = {"PATH": "/usr/bin:/bin", **({"nnUNet_raw": str(tmp_path)} if env else {})}
-    proc = subprocess.run([sys.executable, "-m", "nnunet_distill.cli.synthetic", *argv], env=environ,
-                          check=False, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nnunet_distill.cli.synthetic", *argv],
+        env=environ,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -176,13 +227,17 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, argv, env, message)
 def test_nnunet_verifies_and_preprocesses_the_dataset(nnunet_dataset):
     """The session dataset went through `nnUNetv2_plan_and_preprocess --verify_dataset_integrity`."""
     data = nnunet_dataset.preprocessed_dataset / "nnUNetPlans_3d_fullres"
-    cases = {p.name[:-len(".pkl")] for p in data.iterdir() if p.name.endswith(".pkl")}
-    assert cases == {f"case_{i:04d}" for i in range(16)}                    # test cases never preprocessed
+    cases = {p.name[: -len(".pkl")] for p in data.iterdir() if p.name.endswith(".pkl")}
+    assert cases == {f"case_{i:04d}" for i in range(16)}  # test cases never preprocessed
 
 
 def test_organ_layout_has_a_large_organ_a_small_lesion_inside_it_and_a_thin_vessel(tmp_path):
-    folder = write_dataset(tmp_path, SyntheticSpec(dataset_id=15, name="Organ", cases=3, test_cases=2,
-                                                   size=(32, 32, 32), layout="organ", seed=2))
+    folder = write_dataset(
+        tmp_path,
+        SyntheticSpec(
+            dataset_id=15, name="Organ", cases=3, test_cases=2, size=(32, 32, 32), layout="organ", seed=2
+        ),
+    )
     meta = json.loads((folder / "dataset.json").read_text())
     assert meta["labels"] == synthetic.ORGAN_LABELS and meta["synthetic"]["layout"] == "organ"
     for label_file in [*(folder / "labelsTr").iterdir(), *(folder / "labelsTs").iterdir()]:
@@ -190,11 +245,18 @@ def test_organ_layout_has_a_large_organ_a_small_lesion_inside_it_and_a_thin_vess
         counts = np.bincount(label.ravel(), minlength=4)
         organ, lesion, vessel = (counts[synthetic.ORGAN_LABELS[k]] for k in ("organ", "lesion", "vessel"))
         assert organ > 10 * lesion > 0 and vessel > 0, label_file.name
-        assert lesion < 0.02 * label.size                       # a small structure, under 2 % of the volume
+        assert lesion < 0.02 * label.size  # a small structure, under 2 % of the volume
         # the vessel is thin: no voxel of it has all 6 face neighbours in the vessel further than 1 voxel in
         v = label == synthetic.ORGAN_LABELS["vessel"]
-        core = v[1:-1, 1:-1, 1:-1] & v[2:, 1:-1, 1:-1] & v[:-2, 1:-1, 1:-1] & v[1:-1, 2:, 1:-1] & \
-            v[1:-1, :-2, 1:-1] & v[1:-1, 1:-1, 2:] & v[1:-1, 1:-1, :-2]
+        core = (
+            v[1:-1, 1:-1, 1:-1]
+            & v[2:, 1:-1, 1:-1]
+            & v[:-2, 1:-1, 1:-1]
+            & v[1:-1, 2:, 1:-1]
+            & v[1:-1, :-2, 1:-1]
+            & v[1:-1, 1:-1, 2:]
+            & v[1:-1, 1:-1, :-2]
+        )
         assert core.sum() < 0.5 * v.sum()
         # the lesion lies inside the organ: every lesion voxel has organ (or lesion/vessel) around it
         zs, ys, xs = np.nonzero(label == synthetic.ORGAN_LABELS["lesion"])

@@ -27,7 +27,9 @@ def _copy_folder(src, dst, folds=(0, 1), link_checkpoints=True):
     for f in folds:
         (dst / f"fold_{f}").mkdir()
         if link_checkpoints:
-            (dst / f"fold_{f}" / "checkpoint_final.pth").symlink_to(src / f"fold_{f}" / "checkpoint_final.pth")
+            (dst / f"fold_{f}" / "checkpoint_final.pth").symlink_to(
+                src / f"fold_{f}" / "checkpoint_final.pth"
+            )
     return dst
 
 
@@ -35,8 +37,10 @@ def _copy_folder(src, dst, folds=(0, 1), link_checkpoints=True):
 def loaded(nnunet_teachers):
     plans, dataset_json = T.read_teacher_json(nnunet_teachers.folder)
     folds = T.select_folds(nnunet_teachers.folder)
-    nets = [T.load_teacher(f, plans, nnunet_teachers.configuration, dataset_json, torch.device("cpu"))
-            for f in folds]
+    nets = [
+        T.load_teacher(f, plans, nnunet_teachers.configuration, dataset_json, torch.device("cpu"))
+        for f in folds
+    ]
     return plans, dataset_json, folds, nets
 
 
@@ -162,7 +166,9 @@ def test_wrapped_state_dict_keys_load(nnunet_teachers, loaded, tmp_path):
     ckpt = torch.load(nnunet_teachers.checkpoint(0), map_location="cpu", weights_only=False)
     ckpt["network_weights"] = {f"module._orig_mod.{k}": v for k, v in ckpt["network_weights"].items()}
     torch.save(ckpt, folder / "fold_0" / "checkpoint_final.pth")
-    net = T.load_teacher(T.select_folds(folder, [0])[0], plans, "3d_fullres", dataset_json, torch.device("cpu"))
+    net = T.load_teacher(
+        T.select_folds(folder, [0])[0], plans, "3d_fullres", dataset_json, torch.device("cpu")
+    )
     x = _input(nnunet_teachers, seed=2)
     with torch.no_grad():
         assert torch.equal(net(x), nets[0](x))
@@ -177,8 +183,9 @@ def test_not_a_checkpoint_is_reported(nnunet_teachers, tmp_path):
 
 
 def test_load_ensemble_in_one_call(nnunet_teachers):
-    ensemble, plans, dataset_json = T.load_ensemble(nnunet_teachers.folder, "3d_fullres", torch.device("cpu"),
-                                                    folds=[1])
+    ensemble, plans, dataset_json = T.load_ensemble(
+        nnunet_teachers.folder, "3d_fullres", torch.device("cpu"), folds=[1]
+    )
     assert ensemble.folds == (1,) and len(ensemble.teachers) == 1
     assert plans["plans_name"] == "nnUNetPlans" and "labels" in dataset_json
     assert T.teacher_mirroring_axes(T.select_folds(nnunet_teachers.folder, [1])[0]) == (0, 1, 2)

@@ -34,8 +34,10 @@ def seed_commands() -> list[str]:
     return [ln for ln in SEED_COMMANDS.read_text().splitlines() if ln and not ln.startswith("#")]
 
 
-@pytest.mark.skipif(not SEED.is_file(), reason=f"product description {SEED} not on this machine; "
-                                               "the checked-in copy is still tested below")
+@pytest.mark.skipif(
+    not SEED.is_file(),
+    reason=f"product description {SEED} not on this machine; the checked-in copy is still tested below",
+)
 def test_checked_in_examples_are_exactly_the_seeds():
     assert extract_seed_commands(SEED.read_text()) == seed_commands()
 
@@ -79,8 +81,11 @@ def test_every_seed_example_parses(line):
 def test_variant_defaults():
     _, std = _parse("nnUNetv2_distillation_train -d 901 -f 0")
     _, res = _parse("nnUNetv2_resenc_distillation_train -d 901 -f 0")
-    assert (std.alpha, std.temperature, std.reduction_factor) == (res.alpha, res.temperature, res.reduction_factor) \
+    assert (
+        (std.alpha, std.temperature, std.reduction_factor)
+        == (res.alpha, res.temperature, res.reduction_factor)
         == (0.3, 3.0, 2)
+    )
     assert std.rotate_freq == 400 and res.rotate_freq == 5
     assert std.teacher_plans == "nnUNetPlans" and std.student_base_plans == "nnUNetPlans"
     assert std.block_strategy is None and std.student_plans_identifier == "nnUNetPlans_r2"
@@ -94,18 +99,43 @@ def test_variant_defaults():
     # -p names the teacher plans in both commands (an alias of -tpl in the ResEnc one)
     _, res_p = _parse("nnUNetv2_resenc_distillation_train -d 901 -f 0 -p nnUNetResEncUNetMPlans")
     assert res_p.teacher_plans == "nnUNetResEncUNetMPlans"
-    _, budget = _parse("nnUNetv2_distillation_train -d 901 -f 1 -e 3 --iterations_per_epoch 4 --val_iterations 2 "
-                       "-c 3d_lowres -tr nnUNetTrainerDA5 -p nnUNetResEncUNetMPlans -tcp checkpoint_best.pth")
+    _, budget = _parse(
+        "nnUNetv2_distillation_train -d 901 -f 1 -e 3 --iterations_per_epoch 4 --val_iterations 2 "
+        "-c 3d_lowres -tr nnUNetTrainerDA5 -p nnUNetResEncUNetMPlans -tcp checkpoint_best.pth"
+    )
     assert (budget.epochs, budget.iterations_per_epoch, budget.val_iterations, budget.fold) == (3, 4, 2, 1)
     assert budget.configuration == "3d_lowres" and budget.teacher_trainer == "nnUNetTrainerDA5"
-    assert budget.student_base_plans == "nnUNetResEncUNetMPlans" and budget.teacher_checkpoint == "checkpoint_best.pth"
+    assert (
+        budget.student_base_plans == "nnUNetResEncUNetMPlans"
+        and budget.teacher_checkpoint == "checkpoint_best.pth"
+    )
 
 
 def test_help_documents_every_flag_and_the_block_strategies():
     text = cli.build_parser_resenc().format_help()
-    for flag in ("-d", "-f", "-c", "-tf", "-a", "-temp", "-r", "-c_continue", "-disable_mirroring", "-e", "-t", "-tr",
-                 "-tpl", "-spl", "-bs", "-rotate_folds", "-rotate_freq", "-d_device", "--use_da5",
-                 "--iterations_per_epoch", "--val_iterations"):
+    for flag in (
+        "-d",
+        "-f",
+        "-c",
+        "-tf",
+        "-a",
+        "-temp",
+        "-r",
+        "-c_continue",
+        "-disable_mirroring",
+        "-e",
+        "-t",
+        "-tr",
+        "-tpl",
+        "-spl",
+        "-bs",
+        "-rotate_folds",
+        "-rotate_freq",
+        "-d_device",
+        "--use_da5",
+        "--iterations_per_epoch",
+        "--val_iterations",
+    ):
         assert re.search(rf"(^|[\s,]){re.escape(flag)}[\s,]", text, re.MULTILINE), flag
     for strategy in ("reduce:", "keep:", "increase:", "adaptive:"):
         assert strategy in " ".join(text.split())
@@ -113,20 +143,23 @@ def test_help_documents_every_flag_and_the_block_strategies():
         assert action.help, f"{action.option_strings} has no help"
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["-d", "901", "-f", "0", "-a", "1.5"], "-a/--alpha: must be in [0, 1]"),
-    (["-d", "901", "-f", "0", "-a", "-0.1"], "-a/--alpha: must be in [0, 1]"),
-    (["-d", "901", "-f", "0", "-temp", "0"], "-temp/--temperature: must be > 0"),
-    (["-d", "901", "-f", "0", "-temp", "nan"], "-temp/--temperature"),
-    (["-d", "901", "-f", "0", "-r", "0"], "-r/--reduction_factor: must be an integer >= 1"),
-    (["-d", "901", "-f", "0", "-r", "1.5"], "-r/--reduction_factor: not an integer"),
-    (["-d", "901", "-f", "-1"], "-f/--fold"),
-    (["-d", "901", "-f", "0", "-tf", "0", "x"], "-tf/--teacher_folds"),
-    (["-d", "901", "-f", "0", "-d_device", "gpu0"], "-d_device: must be cpu, cuda, cuda:N or mps"),
-    (["-d", "901", "-f", "0", "-e", "0"], "-e/--epochs"),
-    (["-d", "901"], "-f/--fold"),
-    (["-d", "901", "-f", "0", "--use_da"], "unrecognized arguments: --use_da"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["-d", "901", "-f", "0", "-a", "1.5"], "-a/--alpha: must be in [0, 1]"),
+        (["-d", "901", "-f", "0", "-a", "-0.1"], "-a/--alpha: must be in [0, 1]"),
+        (["-d", "901", "-f", "0", "-temp", "0"], "-temp/--temperature: must be > 0"),
+        (["-d", "901", "-f", "0", "-temp", "nan"], "-temp/--temperature"),
+        (["-d", "901", "-f", "0", "-r", "0"], "-r/--reduction_factor: must be an integer >= 1"),
+        (["-d", "901", "-f", "0", "-r", "1.5"], "-r/--reduction_factor: not an integer"),
+        (["-d", "901", "-f", "-1"], "-f/--fold"),
+        (["-d", "901", "-f", "0", "-tf", "0", "x"], "-tf/--teacher_folds"),
+        (["-d", "901", "-f", "0", "-d_device", "gpu0"], "-d_device: must be cpu, cuda, cuda:N or mps"),
+        (["-d", "901", "-f", "0", "-e", "0"], "-e/--epochs"),
+        (["-d", "901"], "-f/--fold"),
+        (["-d", "901", "-f", "0", "--use_da"], "unrecognized arguments: --use_da"),
+    ],
+)
 def test_bad_values_exit_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main_standard(argv)
@@ -162,9 +195,15 @@ def test_both_commands_share_one_code_path(monkeypatch, capsys):
         return distill.RunResult(Path("/out"), Path("/out/checkpoint_final.pth"), None, None)
 
     monkeypatch.setattr(distill, "run", capture)
-    assert cli.main_standard(["-d", "901", "-f", "0", "-p", "nnUNetResEncUNetMPlans", "-rotate_freq", "5"]) == 0
-    assert cli.main_resenc(["-d", "901", "-f", "0", "-tpl", "nnUNetResEncUNetMPlans",
-                            "-spl", "nnUNetResEncUNetMPlans"]) == 0
+    assert (
+        cli.main_standard(["-d", "901", "-f", "0", "-p", "nnUNetResEncUNetMPlans", "-rotate_freq", "5"]) == 0
+    )
+    assert (
+        cli.main_resenc(
+            ["-d", "901", "-f", "0", "-tpl", "nnUNetResEncUNetMPlans", "-spl", "nnUNetResEncUNetMPlans"]
+        )
+        == 0
+    )
     std, res = seen
     assert type(std) is type(res) is DistillationConfig
     differing = {k for k, v in std.as_dict().items() if res.as_dict()[k] != v}
@@ -175,9 +214,11 @@ def test_both_commands_share_one_code_path(monkeypatch, capsys):
 
 def test_parsing_needs_no_torch():
     """The operator's contract test parses rendered commands with these parsers; they must stay light."""
-    code = ("import sys; import nnunet_distill.cli.train as t; "
-            "a = t.build_parser_resenc().parse_args(['-d', '1', '-f', '0', '-bs', 'adaptive']); "
-            "t.config_from_args(a, t.RESENC); print('torch' in sys.modules)")
+    code = (
+        "import sys; import nnunet_distill.cli.train as t; "
+        "a = t.build_parser_resenc().parse_args(['-d', '1', '-f', '0', '-bs', 'adaptive']); "
+        "t.config_from_args(a, t.RESENC); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False"
 
@@ -190,14 +231,23 @@ def _workspace_env(root: Path) -> dict:
     return env
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["-d", "977", "-f", "0", "-d_device", "cpu"], "unknown dataset 977 (-d)"),
-    (["-d", "901", "-f", "0", "-a", "2"], "-a/--alpha: must be in [0, 1], got 2"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["-d", "977", "-f", "0", "-d_device", "cpu"], "unknown dataset 977 (-d)"),
+        (["-d", "901", "-f", "0", "-a", "2"], "-a/--alpha: must be in [0, 1], got 2"),
+    ],
+)
 def test_console_script_errors_are_one_line_without_traceback(tmp_path, argv, needle):
     exe = Path(sys.executable).parent / "nnUNetv2_distillation_train"
-    proc = subprocess.run([str(exe), *argv], check=False, env=_workspace_env(tmp_path), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [str(exe), *argv],
+        check=False,
+        env=_workspace_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert needle in proc.stderr and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
@@ -210,8 +260,21 @@ def test_runtime_errors_name_the_problem(nnunet_teachers, monkeypatch, capsys):
     cases = [
         (["-d", "901", "-f", "0", "-tf", "0", "4", "-d_device", "cpu"], "teacher fold(s) 4 (-tf) not found"),
         (["-d", "901", "-f", "0", "-p", "nnUNetResEncUNetXXLPlans", "-d_device", "cpu"], "teacher folder"),
-        (["-d", "901", "-f", "0", "-t", str(nnunet_teachers.folder), "-p", "NoSuchPlans", "-d_device", "cpu"],
-         "student base plans"),
+        (
+            [
+                "-d",
+                "901",
+                "-f",
+                "0",
+                "-t",
+                str(nnunet_teachers.folder),
+                "-p",
+                "NoSuchPlans",
+                "-d_device",
+                "cpu",
+            ],
+            "student base plans",
+        ),
         (["-d", "901", "-f", "0", "-d_device", "cuda:7"], "-d_device cuda:7"),
     ]
     before = set(nnunet_teachers.dataset.results_dataset.iterdir())

@@ -20,26 +20,65 @@ def load_checkpoint(path):
 
 # --------------------------------------------------------------------------------------------- parsing
 
+
 def test_contract_command_line_parses():
-    args = build_parser().parse_args(["-d", "901", "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainer", "-p",
-                                      "nnUNetPlans", "-e", "2", "--iterations_per_epoch", "4",
-                                      "--val_iterations", "2", "-device", "cpu", "--c"])
-    assert (args.dataset, args.configuration, args.fold, args.trainer, args.plans, args.epochs,
-            args.iterations_per_epoch, args.val_iterations, args.device, args.continue_training) == \
-        ("901", "3d_fullres", 0, "nnUNetTrainer", "nnUNetPlans", 2, 4, 2, "cpu", True)
+    args = build_parser().parse_args(
+        [
+            "-d",
+            "901",
+            "-c",
+            "3d_fullres",
+            "-f",
+            "0",
+            "-tr",
+            "nnUNetTrainer",
+            "-p",
+            "nnUNetPlans",
+            "-e",
+            "2",
+            "--iterations_per_epoch",
+            "4",
+            "--val_iterations",
+            "2",
+            "-device",
+            "cpu",
+            "--c",
+        ]
+    )
+    assert (
+        args.dataset,
+        args.configuration,
+        args.fold,
+        args.trainer,
+        args.plans,
+        args.epochs,
+        args.iterations_per_epoch,
+        args.val_iterations,
+        args.device,
+        args.continue_training,
+    ) == ("901", "3d_fullres", 0, "nnUNetTrainer", "nnUNetPlans", 2, 4, 2, "cpu", True)
     defaults = build_parser().parse_args(["-d", "901", "--folds-by-index", "0", "1", "2"])
     assert defaults.folds_by_index == [0, 1, 2] and defaults.fold is None
-    assert (defaults.configuration, defaults.trainer, defaults.plans, defaults.epochs, defaults.device,
-            defaults.continue_training) == ("3d_fullres", "nnUNetTrainer", "nnUNetPlans", None, None, False)
+    assert (
+        defaults.configuration,
+        defaults.trainer,
+        defaults.plans,
+        defaults.epochs,
+        defaults.device,
+        defaults.continue_training,
+    ) == ("3d_fullres", "nnUNetTrainer", "nnUNetPlans", None, None, False)
     assert build_parser().parse_args(["-d", "1", "-f", "all"]).fold == "all"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["-d", "901"], "one of the arguments -f/--fold --folds-by-index is required"),
-    (["-d", "901", "-f", "0", "--folds-by-index", "0"], "not allowed with argument"),
-    (["-d", "901", "-f", "-1"], "fold must be >= 0"),
-    (["-d", "901", "-f", "0", "-e", "0"], "expected a positive integer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["-d", "901"], "one of the arguments -f/--fold --folds-by-index is required"),
+        (["-d", "901", "-f", "0", "--folds-by-index", "0"], "not allowed with argument"),
+        (["-d", "901", "-f", "-1"], "fold must be >= 0"),
+        (["-d", "901", "-f", "0", "-e", "0"], "expected a positive integer"),
+    ],
+)
 def test_usage_errors_are_one_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
@@ -61,11 +100,15 @@ def test_folds_by_index_picks_the_indexed_jobs_fold():
 
 # --------------------------------------------------------------------------------------------- setup errors
 
+
 @pytest.fixture()
 def empty_workspace(tmp_path, monkeypatch) -> Workspace:
     workspace = Workspace(tmp_path).create()
-    for var, folder in (("nnUNet_raw", workspace.raw), ("nnUNet_preprocessed", workspace.preprocessed),
-                        ("nnUNet_results", workspace.results)):
+    for var, folder in (
+        ("nnUNet_raw", workspace.raw),
+        ("nnUNet_preprocessed", workspace.preprocessed),
+        ("nnUNet_results", workspace.results),
+    ):
         monkeypatch.setenv(var, str(folder))
     monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
     return workspace
@@ -85,7 +128,9 @@ def test_unknown_dataset(empty_workspace, capsys):
 def test_unset_nnunet_folders(monkeypatch, capsys):
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.delenv(var, raising=False)
-    assert "none of nnUNet_raw, nnUNet_preprocessed, nnUNet_results is set" in run_main(capsys, ["-d", "5", "-f", "0"])
+    assert "none of nnUNet_raw, nnUNet_preprocessed, nnUNet_results is set" in run_main(
+        capsys, ["-d", "5", "-f", "0"]
+    )
 
 
 def test_missing_plans_name_the_command_to_run(empty_workspace, capsys):
@@ -110,25 +155,39 @@ def test_configuration_and_preprocessed_data_are_checked(nnunet_dataset, monkeyp
     # 2d is planned but, with `-c 3d_fullres`, never preprocessed
     err = run_main(capsys, ["-d", "901", "-f", "0", "-c", "2d"])
     assert "run nnUNetv2_preprocess -d 901 -plans_name nnUNetPlans -c 2d" in err
-    assert "trainer (-tr) 'NoSuchTrainer' not found" in run_main(capsys, ["-d", "901", "-f", "0", "-tr",
-                                                                          "NoSuchTrainer", "-device", "cpu"])
+    assert "trainer (-tr) 'NoSuchTrainer' not found" in run_main(
+        capsys, ["-d", "901", "-f", "0", "-tr", "NoSuchTrainer", "-device", "cpu"]
+    )
     device = "cuda:99" if torch.cuda.is_available() else "cuda"
-    expected = "does not exist" if torch.cuda.is_available() else "CUDA is not available here: use -device cpu"
+    expected = (
+        "does not exist" if torch.cuda.is_available() else "CUDA is not available here: use -device cpu"
+    )
     assert expected in run_main(capsys, ["-d", "901", "-f", "0", "-device", device])
     assert "device 'gpu0' is not valid" in run_main(capsys, ["-d", "901", "-f", "0", "-device", "gpu0"])
 
 
 def test_console_entry_point_prints_no_traceback(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "nnUNet_raw": str(tmp_path), "nnUNet_preprocessed": str(tmp_path),
-           "nnUNet_results": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "nnunet_distill.cli.train_teacher", "-d", "77", "-f", "0"],
-                          env=env, check=False, capture_output=True, text=True, timeout=300)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "nnUNet_raw": str(tmp_path),
+        "nnUNet_preprocessed": str(tmp_path),
+        "nnUNet_results": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "nnunet_distill.cli.train_teacher", "-d", "77", "-f", "0"],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert "dataset 77 not found" in proc.stderr
 
 
 # --------------------------------------------------------------------------------------------- real training
+
 
 @pytest.mark.slow
 def test_teacher_folds_are_normal_nnunet_models(nnunet_teachers):
@@ -138,11 +197,13 @@ def test_teacher_folds_are_normal_nnunet_models(nnunet_teachers):
     for fold in nnunet_teachers.folds:
         checkpoint = load_checkpoint(nnunet_teachers.checkpoint(fold))
         assert checkpoint["trainer_name"] == "nnUNetTrainer"
-        assert checkpoint["current_epoch"] == 2                               # -e 2 applied
+        assert checkpoint["current_epoch"] == 2  # -e 2 applied
         assert len(checkpoint["logging"]["train_losses"]) == 2
         assert checkpoint["init_args"]["fold"] == fold
-        summary = json.loads((nnunet_teachers.folder / f"fold_{fold}" / "validation" / "summary.json").read_text())
-        assert summary["foreground_mean"]["Dice"] > 0.1                       # it learned something in 8 steps
+        summary = json.loads(
+            (nnunet_teachers.folder / f"fold_{fold}" / "validation" / "summary.json").read_text()
+        )
+        assert summary["foreground_mean"]["Dice"] > 0.1  # it learned something in 8 steps
         assert not (nnunet_teachers.folder / f"fold_{fold}" / "checkpoint_latest.pth").exists()
     # the budget shows in nnU-Net's own training log
     log = next((nnunet_teachers.folder / "fold_0").glob("training_log_*.txt")).read_text()
@@ -159,16 +220,33 @@ def test_continue_resumes_from_the_checkpoint(nnunet_teachers, tmp_path):
     shutil.copytree(nnunet_teachers.folder, model, ignore=shutil.ignore_patterns("fold_1"))
     before = load_checkpoint(model / "fold_0" / "checkpoint_final.pth")
 
-    argv = [sys.executable, "-m", "nnunet_distill.cli.train_teacher", "-d", "901", "-f", "0", "-e", "3",
-            "--iterations_per_epoch", "2", "--val_iterations", "1", "-device", "cpu", "--c"]
+    argv = [
+        sys.executable,
+        "-m",
+        "nnunet_distill.cli.train_teacher",
+        "-d",
+        "901",
+        "-f",
+        "0",
+        "-e",
+        "3",
+        "--iterations_per_epoch",
+        "2",
+        "--val_iterations",
+        "1",
+        "-device",
+        "cpu",
+        "--c",
+    ]
     proc = subprocess.run(argv, env=workspace.env(), check=False, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = load_checkpoint(model / "fold_0" / "checkpoint_final.pth")
     assert after["current_epoch"] == 3
     assert after["logging"]["train_losses"][:2] == before["logging"]["train_losses"]
     assert len(after["logging"]["train_losses"]) == 3
-    assert not torch.equal(next(iter(after["network_weights"].values())),
-                           next(iter(before["network_weights"].values())))
+    assert not torch.equal(
+        next(iter(after["network_weights"].values())), next(iter(before["network_weights"].values()))
+    )
 
 
 @pytest.mark.slow
@@ -179,5 +257,5 @@ def test_resenc_teacher_trains_from_resenc_plans(resenc_teachers):
     assert architecture["network_class_name"].endswith("ResidualEncoderUNet")
     assert plans["configurations"]["3d_fullres"]["batch_size"] == 2
     checkpoint = load_checkpoint(resenc_teachers.checkpoint(0))
-    assert any(".blocks." in key for key in checkpoint["network_weights"])   # residual blocks, not plain convs
+    assert any(".blocks." in key for key in checkpoint["network_weights"])  # residual blocks, not plain convs
     assert (resenc_teachers.folder / "fold_0" / "validation" / "summary.json").is_file()

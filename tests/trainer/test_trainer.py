@@ -29,14 +29,25 @@ pytestmark = pytest.mark.slow
 
 def _make_trainer(nnunet_teachers, results: Path, **config_kwargs):
     ds = nnunet_teachers.dataset
-    cfg = DistillationConfig(dataset=ds.dataset_name, fold=0, reduction_factor=4, alpha=0.3, temperature=3.0,
-                             epochs=3, iterations_per_epoch=1, val_iterations=1, device="cpu", **config_kwargs)
+    cfg = DistillationConfig(
+        dataset=ds.dataset_name,
+        fold=0,
+        reduction_factor=4,
+        alpha=0.3,
+        temperature=3.0,
+        epochs=3,
+        iterations_per_epoch=1,
+        val_iterations=1,
+        device="cpu",
+        **config_kwargs,
+    )
     plans = S.derive_student_plans(ds.plans("nnUNetPlans"), "3d_fullres", cfg.reduction_factor)
     plans["continue_training"] = False
     ensemble, _, _ = T.load_ensemble(nnunet_teachers.folder, "3d_fullres", torch.device("cpu"))
     assert str(results) == os.environ["nnUNet_results"]  # set by the module's `env` fixture
-    trainer = trainer_class(cfg.use_da5)(copy.deepcopy(plans), "3d_fullres", 0, ds.dataset_json(),
-                                         torch.device("cpu"))
+    trainer = trainer_class(cfg.use_da5)(
+        copy.deepcopy(plans), "3d_fullres", 0, ds.dataset_json(), torch.device("cpu")
+    )
     trainer.configure_distillation(cfg, ensemble, {"teacher_folder": str(nnunet_teachers.folder)})
     trainer.initialize()
     return trainer
@@ -45,8 +56,11 @@ def _make_trainer(nnunet_teachers, results: Path, **config_kwargs):
 def _transform_names(transform) -> set[str]:
     """Class names of every transform in a batchgeneratorsv2 pipeline, looking inside Random/OneOf wrappers."""
     names = {type(transform).__name__}
-    for child in [getattr(transform, "transform", None), *getattr(transform, "transforms", []),
-                  *getattr(transform, "list_of_transforms", [])]:
+    for child in [
+        getattr(transform, "transform", None),
+        *getattr(transform, "transforms", []),
+        *getattr(transform, "list_of_transforms", []),
+    ]:
         if child is not None:
             names |= _transform_names(child)
     return names
@@ -81,35 +95,48 @@ def test_keeps_nnunets_init_signature_and_da5_mro():
     mro = nnUNetDistillationTrainerDA5.__mro__
     assert mro.index(nnUNetDistillationTrainer) < mro.index(nnUNetTrainerDA5) < mro.index(nnUNetTrainer)
     # Rotation, mirroring and initial patch size are DA5's own; the transforms are DA5's, modified (see below).
-    assert nnUNetDistillationTrainerDA5.configure_rotation_dummyDA_mirroring_and_inital_patch_size is \
-        nnUNetTrainerDA5.configure_rotation_dummyDA_mirroring_and_inital_patch_size
+    assert (
+        nnUNetDistillationTrainerDA5.configure_rotation_dummyDA_mirroring_and_inital_patch_size
+        is nnUNetTrainerDA5.configure_rotation_dummyDA_mirroring_and_inital_patch_size
+    )
 
 
 def test_da5_augmentation_is_what_the_dataloader_runs(da5_trainer, nnunet_teachers, env):
     dl_train, _ = da5_trainer.get_dataloaders()
     names = _transform_names(dl_train.data_loader.transforms)
-    assert {"BlankRectangleTransform", "BrightnessGradientAdditiveTransform", "LocalGammaTransform",
-            "SharpeningTransform"} <= names  # DA5-only transforms
+    assert {
+        "BlankRectangleTransform",
+        "BrightnessGradientAdditiveTransform",
+        "LocalGammaTransform",
+        "SharpeningTransform",
+    } <= names  # DA5-only transforms
     # DA5 as the seed describes it: elastic deformation and order-0 (nearest) segmentation resampling.
     from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+
     spatial = [t for t in dl_train.data_loader.transforms.transforms if isinstance(t, SpatialTransform)]
     assert len(spatial) == 1
     assert spatial[0].p_elastic_deform == pytest.approx(0.2) and spatial[0].mode_seg == "nearest"
-    assert spatial[0].mode_image == "bilinear" and spatial[0].p_rotation == pytest.approx(0.4)  # DA5's rotation
+    assert spatial[0].mode_image == "bilinear" and spatial[0].p_rotation == pytest.approx(
+        0.4
+    )  # DA5's rotation
     plain = _make_trainer(nnunet_teachers, env)
     plain_pipeline = plain.get_dataloaders()[0].data_loader.transforms
     plain_names = _transform_names(plain_pipeline)
     assert "BlankRectangleTransform" not in plain_names and "SpatialTransform" in plain_names
     plain_spatial = [t for t in plain_pipeline.transforms if isinstance(t, SpatialTransform)]
     assert plain_spatial[0].p_elastic_deform == 0  # nnU-Net's default pipeline is untouched
-    assert da5_trainer.output_folder.endswith("nnUNetDistillationTrainerDA5__nnUNetPlans_r4__3d_fullres/fold_0")
+    assert da5_trainer.output_folder.endswith(
+        "nnUNetDistillationTrainerDA5__nnUNetPlans_r4__3d_fullres/fold_0"
+    )
 
 
 def test_train_step_teachers_see_the_students_batch_and_only_the_student_learns(da5_trainer):
     dl_train, _ = da5_trainer.get_dataloaders()
     batch = next(dl_train)
     seen = {}
-    h1 = da5_trainer.teachers.register_forward_pre_hook(lambda m, a: seen.setdefault("teachers", a[0].clone()))
+    h1 = da5_trainer.teachers.register_forward_pre_hook(
+        lambda m, a: seen.setdefault("teachers", a[0].clone())
+    )
     h2 = da5_trainer.network.register_forward_pre_hook(lambda m, a: seen.setdefault("student", a[0].clone()))
     teacher_before = [p.clone() for p in da5_trainer.teachers.parameters()]
     student_before = [p.clone() for p in da5_trainer.network.parameters()]
@@ -120,20 +147,23 @@ def test_train_step_teachers_see_the_students_batch_and_only_the_student_learns(
         h1.remove()
         h2.remove()
     assert torch.equal(seen["teachers"], seen["student"]) and torch.equal(seen["student"], batch["data"])
-    assert float(out["loss"]) == pytest.approx(0.7 * float(out["hard_loss"]) + 0.3 * float(out["kd_loss"]), rel=1e-5)
+    assert float(out["loss"]) == pytest.approx(
+        0.7 * float(out["hard_loss"]) + 0.3 * float(out["kd_loss"]), rel=1e-5
+    )
     assert float(out["kd_loss"]) > 0
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, da5_trainer.teachers.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(student_before, da5_trainer.network.parameters()))
-    assert {id(p) for g in da5_trainer.optimizer.param_groups for p in g["params"]} == \
-        {id(p) for p in da5_trainer.network.parameters()}
+    assert {id(p) for g in da5_trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in da5_trainer.network.parameters()
+    }
 
 
 def test_clean_teacher_view_gives_teachers_the_patch_before_intensity_augmentation(nnunet_teachers, env):
     trainer = _make_trainer(nnunet_teachers, env, use_da5=True, teacher_view="clean")
     dl_train, dl_val = trainer.get_dataloaders()
     batch = next(dl_train)
-    assert batch["data"].shape[1] == 2 * trainer.num_input_channels      # student view + teacher view
-    assert next(dl_val)["data"].shape[1] == trainer.num_input_channels   # validation is unchanged
+    assert batch["data"].shape[1] == 2 * trainer.num_input_channels  # student view + teacher view
+    assert next(dl_val)["data"].shape[1] == trainer.num_input_channels  # validation is unchanged
     seen = {}
     h1 = trainer.teachers.register_forward_pre_hook(lambda m, a: seen.setdefault("teachers", a[0].clone()))
     h2 = trainer.network.register_forward_pre_hook(lambda m, a: seen.setdefault("student", a[0].clone()))
@@ -144,7 +174,9 @@ def test_clean_teacher_view_gives_teachers_the_patch_before_intensity_augmentati
         h1.remove()
         h2.remove()
     c = trainer.num_input_channels
-    assert torch.equal(seen["student"], batch["data"][:, :c]) and torch.equal(seen["teachers"], batch["data"][:, c:])
+    assert torch.equal(seen["student"], batch["data"][:, :c]) and torch.equal(
+        seen["teachers"], batch["data"][:, c:]
+    )
 
 
 def test_checkpoint_is_atomic_stock_loadable_and_round_trips(da5_trainer, tmp_path):

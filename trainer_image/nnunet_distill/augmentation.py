@@ -51,36 +51,61 @@ DA5_IMAGE_MODE = "bilinear"
 
 TEACHER_VIEWS = ("augmented", "clean")
 
-_SPATIAL = (SpatialTransform, Convert3DTo2DTransform, Convert2DTo3DTransform, MirrorTransform, Rot90Transform,
-            TransposeAxesTransform)
-_LABEL_SIDE = (MaskImageTransform, RemoveLabelTansform, MoveSegAsOneHotToDataTransform,
-               ApplyRandomBinaryOperatorTransform, RemoveRandomConnectedComponentFromOneHotEncodingTransform,
-               ConvertSegmentationToRegionsTransform, DownsampleSegForDSTransform)
+_SPATIAL = (
+    SpatialTransform,
+    Convert3DTo2DTransform,
+    Convert2DTo3DTransform,
+    MirrorTransform,
+    Rot90Transform,
+    TransposeAxesTransform,
+)
+_LABEL_SIDE = (
+    MaskImageTransform,
+    RemoveLabelTansform,
+    MoveSegAsOneHotToDataTransform,
+    ApplyRandomBinaryOperatorTransform,
+    RemoveRandomConnectedComponentFromOneHotEncodingTransform,
+    ConvertSegmentationToRegionsTransform,
+    DownsampleSegForDSTransform,
+)
 
 
 def da5_spatial_transform(template: SpatialTransform) -> SpatialTransform:
     """DA5's SpatialTransform with elastic deformation on and order-0 segmentation resampling; all else kept."""
     return SpatialTransform(
-        template.patch_size, template.patch_center_dist_from_border, template.random_crop,
-        p_elastic_deform=DA5_P_ELASTIC, elastic_deform_scale=DA5_ELASTIC_SCALE,
+        template.patch_size,
+        template.patch_center_dist_from_border,
+        template.random_crop,
+        p_elastic_deform=DA5_P_ELASTIC,
+        elastic_deform_scale=DA5_ELASTIC_SCALE,
         elastic_deform_magnitude=DA5_ELASTIC_MAGNITUDE,
         p_synchronize_def_scale_across_axes=template.p_synchronize_def_scale_across_axes,
-        p_rotation=template.p_rotation, rotation=template.rotation, p_rot_per_axis=template.p_rot_per_axis,
-        p_scaling=template.p_scaling, scaling=template.scaling,
+        p_rotation=template.p_rotation,
+        rotation=template.rotation,
+        p_rot_per_axis=template.p_rot_per_axis,
+        p_scaling=template.p_scaling,
+        scaling=template.scaling,
         p_synchronize_scaling_across_axes=template.p_synchronize_scaling_across_axes,
-        bg_style_seg_sampling=template.bg_style_seg_sampling, mode_seg=DA5_SEG_MODE,
-        border_mode_seg=template.border_mode_seg, center_deformation=template.center_deformation,
-        mode_image=DA5_IMAGE_MODE, padding_mode_image=template.padding_mode_image,
-        padding_value_seg=template.padding_value_seg, padding_value_image=template.padding_value_image,
-        align_corners=template.align_corners)
+        bg_style_seg_sampling=template.bg_style_seg_sampling,
+        mode_seg=DA5_SEG_MODE,
+        border_mode_seg=template.border_mode_seg,
+        center_deformation=template.center_deformation,
+        mode_image=DA5_IMAGE_MODE,
+        padding_mode_image=template.padding_mode_image,
+        padding_value_seg=template.padding_value_seg,
+        padding_value_image=template.padding_value_image,
+        align_corners=template.align_corners,
+    )
 
 
 def with_da5_spatial(transforms: ComposeTransforms) -> ComposeTransforms:
     """nnU-Net's DA5 pipeline with its one SpatialTransform replaced by :func:`da5_spatial_transform`."""
     index = [i for i, t in enumerate(transforms.transforms) if isinstance(t, SpatialTransform)]
     if len(index) != 1:
-        raise RuntimeError(f"expected one SpatialTransform in nnU-Net's DA5 pipeline, found {len(index)}: "
-                           "nnU-Net's DA5 changed; update nnunet_distill.augmentation")
+        raise RuntimeError(
+            f"expected one SpatialTransform in nnU-Net's DA5 pipeline, found {len(index)}: "
+            "nnU-Net's DA5 changed; update nnunet_distill.augmentation"
+        )
     out = list(transforms.transforms)
     out[index[0]] = da5_spatial_transform(out[index[0]])
     return ComposeTransforms(out)
@@ -104,7 +129,9 @@ def kind(t: BasicTransform) -> str:
     if all(isinstance(x, _LABEL_SIDE) for x in inner):
         return "label"
     if any(isinstance(x, _SPATIAL + _LABEL_SIDE) for x in inner):
-        raise RuntimeError(f"{type(t).__name__} mixes spatial/label and intensity transforms; cannot split it")
+        raise RuntimeError(
+            f"{type(t).__name__} mixes spatial/label and intensity transforms; cannot split it"
+        )
     return "intensity"
 
 
@@ -135,14 +162,17 @@ def with_clean_teacher_view(transforms: ComposeTransforms, num_channels: int) ->
     for t in transforms.transforms:
         {"spatial": spatial, "intensity": intensity, "label": label}[kind(t)].append(t)
     if any(isinstance(x, MoveSegAsOneHotToDataTransform) for t in label for x in _inner(t)):
-        raise RuntimeError("--teacher_view clean does not support cascade configurations (the previous stage's "
-                           "segmentation joins the image channels); use --teacher_view augmented")
+        raise RuntimeError(
+            "--teacher_view clean does not support cascade configurations (the previous stage's "
+            "segmentation joins the image channels); use --teacher_view augmented"
+        )
     fixed = []
     for t in label:
         if isinstance(t, MaskImageTransform):
             channels = list(t.apply_to_channels)
-            t = MaskImageTransform(channels + [c + num_channels for c in channels], t.channel_idx_in_seg,
-                                   t.set_outside_to)
+            t = MaskImageTransform(
+                channels + [c + num_channels for c in channels], t.channel_idx_in_seg, t.set_outside_to
+            )
         fixed.append(t)
     return ComposeTransforms([*spatial, StudentOnly(ComposeTransforms(intensity), num_channels), *fixed])
 
@@ -150,7 +180,9 @@ def with_clean_teacher_view(transforms: ComposeTransforms, num_channels: int) ->
 def split_views(data: torch.Tensor, num_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(student input, teacher input) from a batch built with :func:`with_clean_teacher_view`."""
     if data.shape[1] != 2 * num_channels:
-        raise RuntimeError(f"batch has {data.shape[1]} channels; a clean-teacher-view batch has 2 x {num_channels}")
+        raise RuntimeError(
+            f"batch has {data.shape[1]} channels; a clean-teacher-view batch has 2 x {num_channels}"
+        )
     return data[:, :num_channels], data[:, num_channels:]
 
 
@@ -160,7 +192,9 @@ def describe(transforms: ComposeTransforms) -> list[str]:
 
 
 def spatial_settings(transforms: ComposeTransforms) -> Sequence[dict]:
-    return [{"p_elastic_deform": x.p_elastic_deform, "mode_seg": x.mode_seg, "mode_image": x.mode_image}
-            for t in transforms.transforms for x in _inner(t) if isinstance(x, SpatialTransform)]
-
-
+    return [
+        {"p_elastic_deform": x.p_elastic_deform, "mode_seg": x.mode_seg, "mode_image": x.mode_image}
+        for t in transforms.transforms
+        for x in _inner(t)
+        if isinstance(x, SpatialTransform)
+    ]

@@ -14,9 +14,11 @@ from nnunet_distill import naming
 
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KD_MODES = ("pixel", "channel", "both")  # = loss.KD_MODES (kept torch-free here)
-STUDENT_INITS = ("teacher", "random")    # = inherit.INIT_CHOICES
-TEACHER_VIEWS = ("augmented", "clean")   # = augmentation.TEACHER_VIEWS
-DEFAULT_CHECKPOINT = "checkpoint_final.pth"  # = teachers.DEFAULT_CHECKPOINT; not imported, to keep torch out of parsing
+STUDENT_INITS = ("teacher", "random")  # = inherit.INIT_CHOICES
+TEACHER_VIEWS = ("augmented", "clean")  # = augmentation.TEACHER_VIEWS
+DEFAULT_CHECKPOINT = (
+    "checkpoint_final.pth"  # = teachers.DEFAULT_CHECKPOINT; not imported, to keep torch out of parsing
+)
 
 
 class ConfigError(ValueError):
@@ -25,41 +27,43 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DistillationConfig:
-    dataset: str                                   # -d: ID ("901") or full name ("Dataset901_Synth")
-    fold: int                                      # -f: the student's fold (its validation cases)
+    dataset: str  # -d: ID ("901") or full name ("Dataset901_Synth")
+    fold: int  # -f: the student's fold (its validation cases)
     configuration: str = naming.DEFAULT_CONFIGURATION
-    alpha: float = 0.3                             # -a: weight of the KD term
-    temperature: float = 3.0                       # -temp
-    reduction_factor: int = 2                      # -r
-    teacher_folds: tuple[int, ...] | None = None   # -tf; None = every complete fold found
-    teacher_trainer: str = naming.DEFAULT_TEACHER_TRAINER   # -tr
-    teacher_plans: str = naming.DEFAULT_PLANS      # -p (standard) / -tpl (ResEnc)
-    teacher_folder: str | None = None              # -t; None = $nnUNet_results/<Dataset>/<tr>__<plans>__<cfg>
-    teacher_checkpoint: str = DEFAULT_CHECKPOINT   # -tcp
-    teacher_precision: str = "auto"                # --teacher_precision: auto | fp32 | bf16 | fp16
+    alpha: float = 0.3  # -a: weight of the KD term
+    temperature: float = 3.0  # -temp
+    reduction_factor: int = 2  # -r
+    teacher_folds: tuple[int, ...] | None = None  # -tf; None = every complete fold found
+    teacher_trainer: str = naming.DEFAULT_TEACHER_TRAINER  # -tr
+    teacher_plans: str = naming.DEFAULT_PLANS  # -p (standard) / -tpl (ResEnc)
+    teacher_folder: str | None = None  # -t; None = $nnUNet_results/<Dataset>/<tr>__<plans>__<cfg>
+    teacher_checkpoint: str = DEFAULT_CHECKPOINT  # -tcp
+    teacher_precision: str = "auto"  # --teacher_precision: auto | fp32 | bf16 | fp16
     student_base_plans: str = naming.DEFAULT_PLANS  # the plans the student is derived from (-spl for ResEnc)
-    block_strategy: str | None = None              # -bs (ResEnc students); None for the standard CLI
-    epochs: int | None = None                      # -e; None = nnU-Net's default (1000)
-    iterations_per_epoch: int | None = None        # None = nnU-Net's default (250)
-    val_iterations: int | None = None              # None = nnU-Net's default (50)
+    block_strategy: str | None = None  # -bs (ResEnc students); None for the standard CLI
+    epochs: int | None = None  # -e; None = nnU-Net's default (1000)
+    iterations_per_epoch: int | None = None  # None = nnU-Net's default (250)
+    val_iterations: int | None = None  # None = nnU-Net's default (50)
     use_da5: bool = False
     rotate_folds: bool = False
     rotate_freq: int = 400
     disable_mirroring: bool = False
-    device: str | None = None                      # -d_device; None = cuda if available else cpu
-    continue_training: bool = False                # -c_continue
-    variant: str = "standard"                      # which CLI built it (for logs and metadata only)
-    kd_mode: str = "both"                          # --kd_mode: pixel | channel (channel-wise KD) | both
-    student_init: str = "teacher"                  # --student_init: teacher (inherit sliced weights) | random
-    teacher_view: str = "augmented"                # --teacher_view: augmented | clean (before intensity augs)
-    test_cases: tuple[str, ...] | None = None      # --test_cases: held-out case ids (default: all of imagesTs)
+    device: str | None = None  # -d_device; None = cuda if available else cpu
+    continue_training: bool = False  # -c_continue
+    variant: str = "standard"  # which CLI built it (for logs and metadata only)
+    kd_mode: str = "both"  # --kd_mode: pixel | channel (channel-wise KD) | both
+    student_init: str = "teacher"  # --student_init: teacher (inherit sliced weights) | random
+    teacher_view: str = "augmented"  # --teacher_view: augmented | clean (before intensity augs)
+    test_cases: tuple[str, ...] | None = None  # --test_cases: held-out case ids (default: all of imagesTs)
 
     def __post_init__(self) -> None:
         validate(self)
 
     @property
     def student_plans_identifier(self) -> str:
-        return naming.student_plans_identifier(self.student_base_plans, self.reduction_factor, self.block_strategy)
+        return naming.student_plans_identifier(
+            self.student_base_plans, self.reduction_factor, self.block_strategy
+        )
 
     @property
     def trainer_name(self) -> str:
@@ -89,28 +93,39 @@ def validate(cfg: DistillationConfig) -> None:
             raise ConfigError(f"-tf/--teacher_folds must be fold indices >= 0, got {list(cfg.teacher_folds)}")
         if len(set(cfg.teacher_folds)) != len(cfg.teacher_folds):
             raise ConfigError(f"-tf/--teacher_folds lists a fold twice: {list(cfg.teacher_folds)}")
-    for flag, value in (("-e/--epochs", cfg.epochs), ("--iterations_per_epoch", cfg.iterations_per_epoch),
-                        ("--val_iterations", cfg.val_iterations)):
+    for flag, value in (
+        ("-e/--epochs", cfg.epochs),
+        ("--iterations_per_epoch", cfg.iterations_per_epoch),
+        ("--val_iterations", cfg.val_iterations),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if cfg.rotate_freq < 1:
         raise ConfigError(f"-rotate_freq must be >= 1 epoch, got {cfg.rotate_freq}")
     if cfg.block_strategy is not None and cfg.block_strategy not in naming.BLOCK_STRATEGIES:
-        raise ConfigError(f"-bs/--block_strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
-                          f"got {cfg.block_strategy!r}")
+        raise ConfigError(
+            f"-bs/--block_strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
+            f"got {cfg.block_strategy!r}"
+        )
     if cfg.device is not None:
         parse_device_string(cfg.device)
     if cfg.kd_mode not in KD_MODES:
         raise ConfigError(f"--kd_mode must be one of {', '.join(KD_MODES)}, got {cfg.kd_mode!r}")
     if cfg.student_init not in STUDENT_INITS:
-        raise ConfigError(f"--student_init must be one of {', '.join(STUDENT_INITS)}, got {cfg.student_init!r}")
+        raise ConfigError(
+            f"--student_init must be one of {', '.join(STUDENT_INITS)}, got {cfg.student_init!r}"
+        )
     if cfg.teacher_view not in TEACHER_VIEWS:
-        raise ConfigError(f"--teacher_view must be one of {', '.join(TEACHER_VIEWS)}, got {cfg.teacher_view!r}")
+        raise ConfigError(
+            f"--teacher_view must be one of {', '.join(TEACHER_VIEWS)}, got {cfg.teacher_view!r}"
+        )
     if cfg.test_cases is not None and (not cfg.test_cases or len(set(cfg.test_cases)) != len(cfg.test_cases)):
         raise ConfigError(f"--test_cases needs distinct case identifiers, got {list(cfg.test_cases)}")
     if cfg.teacher_precision not in TEACHER_PRECISIONS:
-        raise ConfigError(f"--teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, "
-                          f"got {cfg.teacher_precision!r}")
+        raise ConfigError(
+            f"--teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, "
+            f"got {cfg.teacher_precision!r}"
+        )
 
 
 def parse_device_string(text: str) -> tuple[str, int | None]:

@@ -50,8 +50,12 @@ def resume_mismatches(saved: dict, current: dict) -> list[str]:
         a, b = saved.get(key), current.get(key)
         if key == "teacher_folds":
             a, b = sorted(a or []), sorted(b or [])
-        elif (isinstance(a, float) or isinstance(b, float)) and a is not None and b is not None \
-                and abs(float(a) - float(b)) <= 1e-12:
+        elif (
+            (isinstance(a, float) or isinstance(b, float))
+            and a is not None
+            and b is not None
+            and abs(float(a) - float(b)) <= 1e-12
+        ):
             continue
         if a != b:
             out.append(f"{key} {a} (this run: {flag} {b})")
@@ -85,7 +89,8 @@ def check_teacher_accepts_patch(teacher_plans: dict, student_plans: dict, config
         raise DistillationError(
             f"the student patch size {patch} ({student_plans.get('plans_name')}) is not divisible by the "
             f"teacher's total stride {stride} ({teacher_plans.get('plans_name')}): the teachers cannot run on the "
-            f"student's batches; use student plans whose patch is a multiple of {stride}")
+            f"student's batches; use student plans whose patch is a multiple of {stride}"
+        )
 
 
 def _resolved_configuration(plans: dict, configuration: str) -> dict:
@@ -105,6 +110,7 @@ def _resolved_configuration(plans: dict, configuration: str) -> dict:
 # Environment edges
 # ---------------------------------------------------------------------------------------------
 
+
 def _env_dir(name: str) -> Path:
     value = os.environ.get(name)
     if not value:
@@ -123,21 +129,33 @@ def resolve_dataset(dataset: str) -> str:
         try:
             ident = int(text)
         except ValueError:
-            raise DistillationError(f"-d/--dataset_id must be a dataset ID (e.g. 901) or a name like "
-                                    f"Dataset901_Synth, got {dataset!r}") from None
+            raise DistillationError(
+                f"-d/--dataset_id must be a dataset ID (e.g. 901) or a name like "
+                f"Dataset901_Synth, got {dataset!r}"
+            ) from None
         candidates = list(find_candidate_datasets(ident))
         if len(candidates) > 1:
-            raise DistillationError(f"dataset ID {ident} is ambiguous: {', '.join(candidates)}; pass the full name")
+            raise DistillationError(
+                f"dataset ID {ident} is ambiguous: {', '.join(candidates)}; pass the full name"
+            )
         if not candidates:
             pre = os.environ.get("nnUNet_preprocessed")
-            known = sorted(p.name for p in Path(pre).iterdir() if p.is_dir()) if pre and Path(pre).is_dir() else []
-            raise DistillationError(f"unknown dataset {ident} (-d): no Dataset{ident:03d}_* in nnUNet_preprocessed, "
-                                    f"nnUNet_raw or nnUNet_results (preprocessed datasets: "
-                                    f"{', '.join(known) or 'none'})")
+            known = (
+                sorted(p.name for p in Path(pre).iterdir() if p.is_dir())
+                if pre and Path(pre).is_dir()
+                else []
+            )
+            raise DistillationError(
+                f"unknown dataset {ident} (-d): no Dataset{ident:03d}_* in nnUNet_preprocessed, "
+                f"nnUNet_raw or nnUNet_results (preprocessed datasets: "
+                f"{', '.join(known) or 'none'})"
+            )
         name = candidates[0]
     if not (_env_dir("nnUNet_preprocessed") / name).is_dir():
-        raise DistillationError(f"{_env_dir('nnUNet_preprocessed') / name} does not exist: run "
-                                f"nnUNetv2_plan_and_preprocess -d {name[7:10].lstrip('0') or '0'} first")
+        raise DistillationError(
+            f"{_env_dir('nnUNet_preprocessed') / name} does not exist: run "
+            f"nnUNetv2_plan_and_preprocess -d {name[7:10].lstrip('0') or '0'} first"
+        )
     return name
 
 
@@ -153,10 +171,14 @@ def resolve_device(text: str | None):
         raise DistillationError(str(exc)) from None
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise DistillationError(f"-d_device {text}: CUDA is not available on this machine; use -d_device cpu")
+            raise DistillationError(
+                f"-d_device {text}: CUDA is not available on this machine; use -d_device cpu"
+            )
         if index is not None and index >= torch.cuda.device_count():
-            raise DistillationError(f"-d_device {text}: only {torch.cuda.device_count()} CUDA device(s) visible "
-                                    f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise DistillationError(
+                f"-d_device {text}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
         return torch.device("cuda", index) if index is not None else torch.device("cuda")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise DistillationError(f"-d_device {text}: MPS is not available on this machine; use -d_device cpu")
@@ -189,6 +211,7 @@ def _load_json(path: Path, what: str, fix: str) -> dict:
 # The run
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class PreparedRun:
     """Everything resolved before training; cheap to build (no teacher weights loaded yet)."""
@@ -212,42 +235,73 @@ def prepare(config: DistillationConfig) -> PreparedRun:
     dataset_name = resolve_dataset(config.dataset)
     preprocessed_dir = _env_dir("nnUNet_preprocessed") / dataset_name
     results_dir = _env_dir("nnUNet_results")
-    teacher_folder = Path(config.teacher_folder).resolve() if config.teacher_folder else default_teacher_folder(
-        results_dir, dataset_name, config.teacher_trainer, config.teacher_plans, config.configuration)
+    teacher_folder = (
+        Path(config.teacher_folder).resolve()
+        if config.teacher_folder
+        else default_teacher_folder(
+            results_dir, dataset_name, config.teacher_trainer, config.teacher_plans, config.configuration
+        )
+    )
     try:
         teacher_plans, teacher_dataset_json = read_teacher_json(teacher_folder)
         teacher_folds = select_folds(teacher_folder, config.teacher_folds, config.teacher_checkpoint)
     except TeacherError as exc:
         raise DistillationError(str(exc)) from None
     if config.configuration not in teacher_plans.get("configurations", {}):
-        raise DistillationError(f"configuration {config.configuration!r} (-c) is not in the teacher plans "
-                                f"{teacher_folder / 'plans.json'} (available: "
-                                f"{', '.join(teacher_plans.get('configurations', {}))})")
+        raise DistillationError(
+            f"configuration {config.configuration!r} (-c) is not in the teacher plans "
+            f"{teacher_folder / 'plans.json'} (available: "
+            f"{', '.join(teacher_plans.get('configurations', {}))})"
+        )
 
-    base_plans = _load_json(preprocessed_dir / f"{config.student_base_plans}.json", "student base plans",
-                            f"plan them with nnUNetv2_plan_experiment -d {dataset_name[7:10].lstrip('0')} "
-                            f"(-pl nnUNetPlannerResEncM/L/XL for ResEnc plans), or pick existing plans with "
-                            f"{'-spl' if config.variant == 'resenc' else '-p'}")
-    dataset_json = _load_json(preprocessed_dir / "dataset.json", "dataset.json",
-                              "run nnUNetv2_plan_and_preprocess first")
+    base_plans = _load_json(
+        preprocessed_dir / f"{config.student_base_plans}.json",
+        "student base plans",
+        f"plan them with nnUNetv2_plan_experiment -d {dataset_name[7:10].lstrip('0')} "
+        f"(-pl nnUNetPlannerResEncM/L/XL for ResEnc plans), or pick existing plans with "
+        f"{'-spl' if config.variant == 'resenc' else '-p'}",
+    )
+    dataset_json = _load_json(
+        preprocessed_dir / "dataset.json", "dataset.json", "run nnUNetv2_plan_and_preprocess first"
+    )
     try:
-        student_plans = student.derive_student_plans(base_plans, config.configuration, config.reduction_factor,
-                                                     config.block_strategy)
-        student.check_compatible(teacher_plans, teacher_dataset_json, student_plans, dataset_json,
-                                 config.configuration)
+        student_plans = student.derive_student_plans(
+            base_plans, config.configuration, config.reduction_factor, config.block_strategy
+        )
+        student.check_compatible(
+            teacher_plans, teacher_dataset_json, student_plans, dataset_json, config.configuration
+        )
     except (student.StudentPlansError, student.CompatibilityError) as exc:
         raise DistillationError(str(exc)) from None
     check_teacher_accepts_patch(teacher_plans, student_plans, config.configuration)
-    data_dir = preprocessed_dir / _resolved_configuration(student_plans, config.configuration)["data_identifier"]
+    data_dir = (
+        preprocessed_dir / _resolved_configuration(student_plans, config.configuration)["data_identifier"]
+    )
     if not data_dir.is_dir():
-        raise DistillationError(f"preprocessed data {data_dir} does not exist: run nnUNetv2_preprocess -d "
-                                f"{dataset_name[7:10].lstrip('0')} -c {config.configuration} -plans_name "
-                                f"{config.student_base_plans}")
+        raise DistillationError(
+            f"preprocessed data {data_dir} does not exist: run nnUNetv2_preprocess -d "
+            f"{dataset_name[7:10].lstrip('0')} -c {config.configuration} -plans_name "
+            f"{config.student_base_plans}"
+        )
 
-    output_folder = naming.student_model_folder(results_dir / dataset_name, student_plans["plans_name"],
-                                                config.configuration, config.use_da5) / f"fold_{config.fold}"
-    return PreparedRun(config, dataset_name, preprocessed_dir, teacher_folder, teacher_plans, teacher_dataset_json,
-                       student_plans, dataset_json, teacher_folds, output_folder)
+    output_folder = (
+        naming.student_model_folder(
+            results_dir / dataset_name, student_plans["plans_name"], config.configuration, config.use_da5
+        )
+        / f"fold_{config.fold}"
+    )
+    return PreparedRun(
+        config,
+        dataset_name,
+        preprocessed_dir,
+        teacher_folder,
+        teacher_plans,
+        teacher_dataset_json,
+        student_plans,
+        dataset_json,
+        teacher_folds,
+        output_folder,
+    )
 
 
 def check_test_cases(run: PreparedRun) -> None:
@@ -258,15 +312,19 @@ def check_test_cases(run: PreparedRun) -> None:
         return
     raw = os.environ.get("nnUNet_raw")
     if not raw or not (Path(raw) / run.dataset_name).is_dir():
-        raise DistillationError(f"--test_cases needs the raw dataset: {raw or '$nnUNet_raw'}/{run.dataset_name} "
-                                "does not exist (set nnUNet_raw)")
+        raise DistillationError(
+            f"--test_cases needs the raw dataset: {raw or '$nnUNet_raw'}/{run.dataset_name} "
+            "does not exist (set nnUNet_raw)"
+        )
     cases = find_test_cases(Path(raw) / run.dataset_name, run.dataset_json, run.config.test_cases)
     splits_file = run.preprocessed_dir / "splits_final.json"
     splits = json.loads(splits_file.read_text()) if splits_file.is_file() else []
     student_train = splits[run.config.fold]["train"] if run.config.fold < len(splits) else []
     if any(c.source == "imagesTr" for c in cases) and run.config.fold >= len(splits):
-        raise DistillationError(f"--test_cases names training cases, but {splits_file} does not define fold "
-                                f"{run.config.fold}: cannot prove the student never trains on them")
+        raise DistillationError(
+            f"--test_cases names training cases, but {splits_file} does not define fold "
+            f"{run.config.fold}: cannot prove the student never trains on them"
+        )
     check_unseen(cases, splits, [f.fold for f in run.teacher_folds], run.config.fold, student_train)
 
 
@@ -289,13 +347,17 @@ def check_resume(run: PreparedRun) -> Path | None:
         return None
     saved = load_checkpoint_file(ckpt_path).get("distillation")
     if saved is None:
-        raise DistillationError(f"-c_continue: {ckpt_path} has no distillation record (not written by this tool); "
-                                "remove it or drop -c_continue")
+        raise DistillationError(
+            f"-c_continue: {ckpt_path} has no distillation record (not written by this tool); "
+            "remove it or drop -c_continue"
+        )
     current = {**run.config.as_dict(), **distillation_metadata(run)}
     diffs = resume_mismatches(saved, current)
     if diffs:
-        raise DistillationError(f"-c_continue refused: {ckpt_path} was trained with {'; '.join(diffs)}; rerun with "
-                                "the checkpoint's settings to continue, or without -c_continue to start over")
+        raise DistillationError(
+            f"-c_continue refused: {ckpt_path} was trained with {'; '.join(diffs)}; rerun with "
+            "the checkpoint's settings to continue, or without -c_continue to start over"
+        )
     return ckpt_path
 
 
@@ -306,15 +368,19 @@ class RunResult:
     summary: Path | None
     resumed_from: Path | None
     artifacts: dict = field(default_factory=dict)  # for the termination message (status.artifacts)
-    metrics: dict = field(default_factory=dict)    # evaluation.result_metrics: finalDice, retention, ...
+    metrics: dict = field(default_factory=dict)  # evaluation.result_metrics: finalDice, retention, ...
 
 
 def _result(trainer, summary_path: Path | None, resumed_from: Path | None) -> RunResult:
     folder = Path(trainer.output_folder)
     meta = trainer.distillation_meta
-    artifacts = {"modelPath": str(folder.parent), "checkpoint": str(folder / "checkpoint_final.pth"),
-                 "studentPlans": meta.get("student_plans"), "studentParameters": meta.get("student_parameters"),
-                 "teacherParameters": meta.get("teacher_parameters")}
+    artifacts = {
+        "modelPath": str(folder.parent),
+        "checkpoint": str(folder / "checkpoint_final.pth"),
+        "studentPlans": meta.get("student_plans"),
+        "studentParameters": meta.get("student_parameters"),
+        "teacherParameters": meta.get("teacher_parameters"),
+    }
     metrics = {}
     if summary_path is not None and summary_path.is_file():
         from nnunet_distill.evaluation import result_metrics
@@ -332,8 +398,10 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     if config.continue_training and resume_from is None:
         log(f"-c_continue: no checkpoint in {run_.output_folder}; starting a new training")
     elif not config.continue_training and pick_resume_checkpoint(run_.output_folder) is not None:
-        log(f"note: {run_.output_folder} already holds a checkpoint; it will be overwritten "
-            "(pass -c_continue to resume it instead)")
+        log(
+            f"note: {run_.output_folder} already holds a checkpoint; it will be overwritten "
+            "(pass -c_continue to resume it instead)"
+        )
 
     from nnunet_distill import student
     from nnunet_distill.evaluation import write_distillation_summary
@@ -346,26 +414,35 @@ def run(config: DistillationConfig, log=print) -> RunResult:
 
     plans = copy.deepcopy(run_.student_plans)
     plans["continue_training"] = resume_from is not None
-    trainer = trainer_class(config.use_da5)(plans, config.configuration, config.fold, run_.dataset_json, device)
+    trainer = trainer_class(config.use_da5)(
+        plans, config.configuration, config.fold, run_.dataset_json, device
+    )
     teachers = TeacherEnsemble(
-        [load_teacher(f, run_.teacher_plans, config.configuration, run_.teacher_dataset_json, device)
-         for f in run_.teacher_folds],
-        [f.fold for f in run_.teacher_folds], precision=resolve_precision(config.teacher_precision, device))
+        [
+            load_teacher(f, run_.teacher_plans, config.configuration, run_.teacher_dataset_json, device)
+            for f in run_.teacher_folds
+        ],
+        [f.fold for f in run_.teacher_folds],
+        precision=resolve_precision(config.teacher_precision, device),
+    )
     meta = distillation_metadata(run_)
     meta["student_parameters"] = None
     meta["teacher_parameters"] = student.count_parameters(teachers.teachers[0])
     trainer.configure_distillation(config, teachers, meta)
     if resume_from is not None:
         trainer.load_checkpoint(str(resume_from))
-        log(f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of {trainer.num_epochs}")
+        log(
+            f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of {trainer.num_epochs}"
+        )
     else:
         trainer.initialize()
         if config.student_init == "teacher":
             log(trainer.inherit_teacher_weights())
     trainer.distillation_meta["student_parameters"] = student.count_parameters(trainer.network)
 
-    reporter = ProgressReporter.from_env(total_epochs=trainer.num_epochs,
-                                         stage=os.environ.get("DISTILLATIONJOB_STAGE") or "distill")
+    reporter = ProgressReporter.from_env(
+        total_epochs=trainer.num_epochs, stage=os.environ.get("DISTILLATIONJOB_STAGE") or "distill"
+    )
     trainer.reporter = reporter
     try:
         if resume_from is not None:
@@ -375,11 +452,16 @@ def run(config: DistillationConfig, log=print) -> RunResult:
         trainer.run_training()
         trainer.perform_actual_validation(False)
         raw = os.environ.get("nnUNet_raw")
-        summary = write_distillation_summary(trainer, run_.teacher_plans, run_.teacher_dataset_json,
-                                             [f.fold for f in run_.teacher_folds], str(run_.teacher_folder),
-                                             raw_dataset=Path(raw) / run_.dataset_name if raw else None,
-                                             test_cases=config.test_cases,
-                                             teacher_checkpoint=config.teacher_checkpoint)
+        summary = write_distillation_summary(
+            trainer,
+            run_.teacher_plans,
+            run_.teacher_dataset_json,
+            [f.fold for f in run_.teacher_folds],
+            str(run_.teacher_folder),
+            raw_dataset=Path(raw) / run_.dataset_name if raw else None,
+            test_cases=config.test_cases,
+            teacher_checkpoint=config.teacher_checkpoint,
+        )
     finally:
         reporter.close()
     return _result(trainer, summary, resume_from)

@@ -58,8 +58,10 @@ class CheckpointError(ExportError):
 def results_root() -> Path:
     value = os.environ.get("nnUNet_results")
     if not value:
-        raise ExportError("nnUNet_results is not set; export it as the folder that holds DatasetXXX_Name/ with "
-                          "the distilled student")
+        raise ExportError(
+            "nnUNet_results is not set; export it as the folder that holds DatasetXXX_Name/ with "
+            "the distilled student"
+        )
     return Path(value)
 
 
@@ -78,10 +80,14 @@ def resolve_dataset_dir(root: Path, dataset: str) -> Path:
         return candidates[0]
     present = sorted(p.name for p in root.glob("Dataset*") if p.is_dir()) if root.is_dir() else []
     if len(candidates) > 1:
-        raise StudentNotFoundError(f"dataset {dataset!r} is ambiguous under {root}: {[c.name for c in candidates]}; "
-                                   "pass the full dataset name with -d")
-    raise StudentNotFoundError(f"dataset {dataset!r} not found under nnUNet_results={root} (present: "
-                               f"{', '.join(present) or 'none'}); check -d and nnUNet_results")
+        raise StudentNotFoundError(
+            f"dataset {dataset!r} is ambiguous under {root}: {[c.name for c in candidates]}; "
+            "pass the full dataset name with -d"
+        )
+    raise StudentNotFoundError(
+        f"dataset {dataset!r} not found under nnUNet_results={root} (present: "
+        f"{', '.join(present) or 'none'}); check -d and nnUNet_results"
+    )
 
 
 def describe_students(dataset_dir: Path) -> str:
@@ -98,8 +104,15 @@ def describe_students(dataset_dir: Path) -> str:
     return " | ".join(entries) if entries else "none"
 
 
-def find_student_fold_dir(root: Path, dataset: str, plans_identifier: str, configuration: str, fold: str,
-                          use_da5: bool, checkpoint_name: str) -> Path:
+def find_student_fold_dir(
+    root: Path,
+    dataset: str,
+    plans_identifier: str,
+    configuration: str,
+    fold: str,
+    use_da5: bool,
+    checkpoint_name: str,
+) -> Path:
     """The fold folder of the student trained with these arguments, or an error listing what does exist."""
     dataset_dir = resolve_dataset_dir(root, dataset)
     model_dir = naming.student_model_folder(dataset_dir, plans_identifier, configuration, use_da5)
@@ -109,7 +122,8 @@ def find_student_fold_dir(root: Path, dataset: str, plans_identifier: str, confi
     raise StudentNotFoundError(
         f"no student at {fold_dir / checkpoint_name} (trainer {naming.distill_trainer_name(use_da5)}, plans "
         f"{plans_identifier}, configuration {configuration}, fold {fold}); students in {dataset_dir.name}: "
-        f"{describe_students(dataset_dir)}; pass the -r/-c/-f/-da5 (and -p/-spl/-bs) used for training")
+        f"{describe_students(dataset_dir)}; pass the -r/-c/-f/-da5 (and -p/-spl/-bs) used for training"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -136,8 +150,10 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{what} missing: {path} (a student model folder holds plans.json and dataset.json "
-                              "beside its fold_X folders; re-run the distillation or copy them back)") from None
+        raise CheckpointError(
+            f"{what} missing: {path} (a student model folder holds plans.json and dataset.json "
+            "beside its fold_X folders; re-run the distillation or copy them back)"
+        ) from None
     except ValueError as exc:
         raise CheckpointError(f"{what} is not valid JSON: {path} ({exc})") from None
 
@@ -148,15 +164,21 @@ def read_checkpoint(path: Path) -> dict:
 
     if not path.is_file():
         siblings = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
-        raise CheckpointError(f"checkpoint missing: {path} (folder holds: {', '.join(siblings) or 'nothing'})")
+        raise CheckpointError(
+            f"checkpoint missing: {path} (folder holds: {', '.join(siblings) or 'nothing'})"
+        )
     try:
         # nnU-Net checkpoints pickle numpy scalars and logging state, so weights_only loading cannot read them.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
-        raise CheckpointError(f"checkpoint unreadable (corrupted or truncated?): {path}: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise CheckpointError(
+            f"checkpoint unreadable (corrupted or truncated?): {path}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not an nnU-Net checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(checkpoint).__name__}, not an nnU-Net checkpoint"
+        )
     missing = [k for k in ("network_weights", "trainer_name") if k not in checkpoint]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}: not an nnU-Net training checkpoint")
@@ -176,41 +198,60 @@ def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> Lo
     checkpoint = read_checkpoint(fold_dir / checkpoint_name)
     trained_cfg = checkpoint.get("init_args", {}).get("configuration", configuration)
     if trained_cfg != configuration:
-        raise ExportError(f"checkpoint was trained with configuration {trained_cfg!r}, not {configuration!r}; "
-                          "pass -c " + trained_cfg)
+        raise ExportError(
+            f"checkpoint was trained with configuration {trained_cfg!r}, not {configuration!r}; "
+            "pass -c " + trained_cfg
+        )
     plans_manager = PlansManager(plans)
     try:
         configuration_manager = plans_manager.get_configuration(configuration)
     except (RuntimeError, ValueError) as exc:
-        raise ExportError(f"plans.json of {model_dir.name} has no usable configuration {configuration!r}: "
-                          f"{exc}") from None
+        raise ExportError(
+            f"plans.json of {model_dir.name} has no usable configuration {configuration!r}: {exc}"
+        ) from None
     trainer_name = checkpoint["trainer_name"]
     try:
         trainer_class = recursive_find_trainer_class_by_name(trainer_name)
     except RuntimeError:
-        raise ExportError(f"checkpoint names trainer class {trainer_name!r}, which nnU-Net cannot find; set "
-                          "nnUNet_extTrainer to the folder that defines it") from None
+        raise ExportError(
+            f"checkpoint names trainer class {trainer_name!r}, which nnU-Net cannot find; set "
+            "nnUNet_extTrainer to the folder that defines it"
+        ) from None
     num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    network = trainer_class.build_network_architecture(plans_manager, configuration_manager, num_inputs,
-                                                       num_outputs, enable_deep_supervision=False)
+    network = trainer_class.build_network_architecture(
+        plans_manager, configuration_manager, num_inputs, num_outputs, enable_deep_supervision=False
+    )
     try:
         network.load_state_dict(checkpoint["network_weights"])
     except RuntimeError as exc:
         first = str(exc).splitlines()
-        raise CheckpointError(f"checkpoint {fold_dir / checkpoint_name} does not fit the network its plans.json "
-                              f"describes ({' '.join(first[:2])[:300]}); the folder mixes files of different "
-                              "models") from None
+        raise CheckpointError(
+            f"checkpoint {fold_dir / checkpoint_name} does not fit the network its plans.json "
+            f"describes ({' '.join(first[:2])[:300]}); the folder mixes files of different "
+            "models"
+        ) from None
     network.eval()
     mirror = checkpoint.get("inference_allowed_mirroring_axes")
-    affine = sum(1 for m in network.modules()
-                 if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.affine)
+    affine = sum(
+        1
+        for m in network.modules()
+        if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.affine
+    )
     return LoadedStudent(
-        network=network, state_dict=checkpoint["network_weights"], plans=plans, dataset_json=dataset_json,
-        configuration=configuration, fold_dir=fold_dir, checkpoint_name=checkpoint_name, trainer_name=trainer_name,
+        network=network,
+        state_dict=checkpoint["network_weights"],
+        plans=plans,
+        dataset_json=dataset_json,
+        configuration=configuration,
+        fold_dir=fold_dir,
+        checkpoint_name=checkpoint_name,
+        trainer_name=trainer_name,
         mirror_axes=None if mirror is None else [int(a) for a in mirror],
         distillation=checkpoint.get("distillation"),
-        parameters=sum(p.numel() for p in network.parameters()), affine_norms=affine)
+        parameters=sum(p.numel() for p in network.parameters()),
+        affine_norms=affine,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -220,6 +261,7 @@ def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> Lo
 @dataclass(frozen=True)
 class ShapeSpec:
     """The traced example shape and which axes stay symbolic in the graph."""
+
     example: tuple[int, ...]
     dynamic_batch: bool
     dynamic_spatial: bool
@@ -229,25 +271,37 @@ class ShapeSpec:
         return not (self.dynamic_batch or self.dynamic_spatial)
 
 
-def resolve_shape(num_channels: int, patch_size: Sequence[int], divisor: Sequence[int], *,
-                  dynamic: bool = False, dynamic_batch: bool = False, input_shape: Sequence[int] | None = None,
-                  batch: int = 1) -> ShapeSpec:
+def resolve_shape(
+    num_channels: int,
+    patch_size: Sequence[int],
+    divisor: Sequence[int],
+    *,
+    dynamic: bool = False,
+    dynamic_batch: bool = False,
+    input_shape: Sequence[int] | None = None,
+    batch: int = 1,
+) -> ShapeSpec:
     """Pure: turn the CLI's shape options into a ShapeSpec, rejecting shapes the network cannot take."""
     ndim = len(patch_size)
     if input_shape is not None:
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 2 + ndim:
-            raise ExportError(f"-is needs {2 + ndim} numbers (b c {' '.join('xyz'[:ndim])}) for this "
-                              f"{ndim}D model, got {len(shape)}")
+            raise ExportError(
+                f"-is needs {2 + ndim} numbers (b c {' '.join('xyz'[:ndim])}) for this "
+                f"{ndim}D model, got {len(shape)}"
+            )
         if shape[1] != num_channels:
-            raise ExportError(f"-is channel count {shape[1]} does not match the model's {num_channels} input "
-                              "channel(s)")
+            raise ExportError(
+                f"-is channel count {shape[1]} does not match the model's {num_channels} input channel(s)"
+            )
         if any(s < 1 for s in shape):
             raise ExportError(f"-is sizes must be positive, got {list(shape)}")
         bad = [(s, d) for s, d in zip(shape[2:], divisor) if s % d]
         if bad:
-            raise ExportError(f"-is spatial sizes {list(shape[2:])} must be multiples of {list(divisor)} (the "
-                              "network's total stride per axis)")
+            raise ExportError(
+                f"-is spatial sizes {list(shape[2:])} must be multiples of {list(divisor)} (the "
+                "network's total stride per axis)"
+            )
     else:
         if batch < 1:
             raise ExportError(f"batch size must be >= 1, got {batch}")
@@ -276,8 +330,17 @@ def _quiet(enabled: bool):
     if not enabled:
         yield
         return
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript",
-                                              "onnx_ir", "torch.fx.experimental.symbolic_shapes")]
+    loggers = [
+        logging.getLogger(n)
+        for n in (
+            "torch.onnx",
+            "torch.export",
+            "torch._dynamo",
+            "onnxscript",
+            "onnx_ir",
+            "torch.fx.experimental.symbolic_shapes",
+        )
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -305,8 +368,9 @@ def _single_output(network):
     return FullResolution(network)
 
 
-def export_graph(network, spec: ShapeSpec, divisor: Sequence[int], opset: int = DEFAULT_OPSET,
-                 quiet: bool = True) -> onnx.ModelProto:  # noqa: F821
+def export_graph(
+    network, spec: ShapeSpec, divisor: Sequence[int], opset: int = DEFAULT_OPSET, quiet: bool = True
+) -> onnx.ModelProto:  # noqa: F821
     """Trace with torch's (dynamo) ONNX exporter; dynamic spatial dims are declared as multiples of `divisor`.
 
     Input and output are named `input` and `output` (raw logits, no softmax in the graph), as the original
@@ -329,9 +393,17 @@ def export_graph(network, spec: ShapeSpec, divisor: Sequence[int], opset: int = 
             axes[2 + i] = blocks * d if d > 1 else blocks
     kwargs = {"dynamic_shapes": (axes,)} if axes else {}
     with _quiet(quiet):
-        program = torch.onnx.export(module, (torch.randn(spec.example),), dynamo=True, opset_version=opset,
-                                    input_names=[md.INPUT_NAME], output_names=[md.OUTPUT_NAME],
-                                    external_data=False, verbose=False, **kwargs)
+        program = torch.onnx.export(
+            module,
+            (torch.randn(spec.example),),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[md.INPUT_NAME],
+            output_names=[md.OUTPUT_NAME],
+            external_data=False,
+            verbose=False,
+            **kwargs,
+        )
     model = program.model_proto
     _name_dynamic_dims(model, spec)
     onnx.checker.check_model(model, full_check=True)
@@ -348,18 +420,25 @@ def _name_dynamic_dims(model, spec: ShapeSpec) -> None:
             dim.dim_param = "batch" if i == 0 else "xyz"[i - 2]
 
 
-def io_description(model, spec: ShapeSpec, divisor: Sequence[int], opset: int, *, tensorrt: bool,
-                   simplified: bool) -> dict:
+def io_description(
+    model, spec: ShapeSpec, divisor: Sequence[int], opset: int, *, tensorrt: bool, simplified: bool
+) -> dict:
     def dims(v):
         return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
 
     return {
-        "input_name": md.INPUT_NAME, "output_name": md.OUTPUT_NAME,
-        "input_shape": dims(model.graph.input[0]), "output_shape": dims(model.graph.output[0]),
-        "dtype": "float32", "output_kind": "logits",
-        "dynamic_batch": spec.dynamic_batch, "dynamic_spatial": spec.dynamic_spatial,
+        "input_name": md.INPUT_NAME,
+        "output_name": md.OUTPUT_NAME,
+        "input_shape": dims(model.graph.input[0]),
+        "output_shape": dims(model.graph.output[0]),
+        "dtype": "float32",
+        "output_kind": "logits",
+        "dynamic_batch": spec.dynamic_batch,
+        "dynamic_spatial": spec.dynamic_spatial,
         "spatial_multiple_of": list(divisor) if spec.dynamic_spatial else None,
-        "opset": opset, "tensorrt_ready": tensorrt, "simplified": simplified,
+        "opset": opset,
+        "tensorrt_ready": tensorrt,
+        "simplified": simplified,
         "exporter": "torch.onnx.export(dynamo=True)",
     }
 
@@ -371,6 +450,7 @@ def io_description(model, spec: ShapeSpec, divisor: Sequence[int], opset: int, *
 @dataclass(frozen=True)
 class ExportRequest:
     """What both CLIs resolve their flags to. `plans_identifier` is the student's own plans (e.g. nnUNetPlans_r2)."""
+
     dataset: str
     plans_identifier: str
     configuration: str = naming.DEFAULT_CONFIGURATION
@@ -416,7 +496,9 @@ def _metrics(fold_dir: Path) -> dict | None:
             return None
 
     validation = fold_dir / "validation"
-    return md.metrics_from_summaries(load(validation / "distillation_summary.json"), load(validation / "summary.json"))
+    return md.metrics_from_summaries(
+        load(validation / "distillation_summary.json"), load(validation / "summary.json")
+    )
 
 
 def _real_patch(student: LoadedStudent, spatial: Sequence[int]) -> tuple[np.ndarray, str] | None:
@@ -428,13 +510,15 @@ def _real_patch(student: LoadedStudent, spatial: Sequence[int]) -> tuple[np.ndar
     data_identifier = student.plans["configurations"].get(student.configuration, {}).get("data_identifier")
     if data_identifier is None:
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
         data_identifier = PlansManager(student.plans).get_configuration(student.configuration).data_identifier
     folder = Path(root) / student.plans["dataset_name"] / data_identifier
     return load_preprocessed_patch(folder, spatial)
 
 
-def export_student(req: ExportRequest, default_output: Callable[[Path], Path],
-                   log: Callable[[str], None] = print) -> ExportResult:
+def export_student(
+    req: ExportRequest, default_output: Callable[[Path], Path], log: Callable[[str], None] = print
+) -> ExportResult:
     """Find, rebuild, export, (fix for TensorRT), (simplify), verify, annotate and write one student."""
     import onnx
 
@@ -442,22 +526,40 @@ def export_student(req: ExportRequest, default_output: Callable[[Path], Path],
     from nnunet_distill.verify import random_inputs, report, run_torch, verify
 
     vlog = log if req.verbose else (lambda _msg: None)
-    fold_dir = find_student_fold_dir(results_root(), req.dataset, req.plans_identifier, req.configuration,
-                                     req.fold, req.use_da5, req.checkpoint_name)
+    fold_dir = find_student_fold_dir(
+        results_root(),
+        req.dataset,
+        req.plans_identifier,
+        req.configuration,
+        req.fold,
+        req.use_da5,
+        req.checkpoint_name,
+    )
     vlog(f"student: {fold_dir / req.checkpoint_name}")
     student = load_student(fold_dir, req.checkpoint_name, req.configuration)
     plans_cfg = md.plans_for_inference(student.plans, req.configuration)["configurations"][req.configuration]
     divisor = md.spatial_divisor(plans_cfg)
     has_regions = _has_regions(student)
     num_channels = _num_input_channels(student)
-    spec = resolve_shape(num_channels, plans_cfg["patch_size"], divisor, dynamic=req.dynamic,
-                         dynamic_batch=req.dynamic_batch, input_shape=req.input_shape, batch=req.batch)
+    spec = resolve_shape(
+        num_channels,
+        plans_cfg["patch_size"],
+        divisor,
+        dynamic=req.dynamic,
+        dynamic_batch=req.dynamic_batch,
+        input_shape=req.input_shape,
+        batch=req.batch,
+    )
     if req.tensorrt and not spec.static:
-        raise ExportError("--trt/-fix needs static shapes (TensorRT engines here are built per shape); drop "
-                          "-da/-nn or pass a fixed batch size")
-    vlog(f"student: {student.trainer_name} {plans_cfg.get('architecture', {}).get('network_class_name')}, "
-         f"{student.parameters:,} parameters; export shape {list(spec.example)} (dynamic batch "
-         f"{spec.dynamic_batch}, dynamic spatial {spec.dynamic_spatial}, multiples of {divisor})")
+        raise ExportError(
+            "--trt/-fix needs static shapes (TensorRT engines here are built per shape); drop "
+            "-da/-nn or pass a fixed batch size"
+        )
+    vlog(
+        f"student: {student.trainer_name} {plans_cfg.get('architecture', {}).get('network_class_name')}, "
+        f"{student.parameters:,} parameters; export shape {list(spec.example)} (dynamic batch "
+        f"{spec.dynamic_batch}, dynamic spatial {spec.dynamic_spatial}, multiples of {divisor})"
+    )
 
     model = export_graph(student.network, spec, divisor, req.opset, quiet=not req.verbose)
     if req.tensorrt:
@@ -468,8 +570,10 @@ def export_student(req: ExportRequest, default_output: Callable[[Path], Path],
     try:
         real = _real_patch(student, spec.example[2:])
     except Exception as exc:  # noqa: BLE001 - an unreadable preprocessed case must not hide the random checks
-        log(f"warning: could not read a preprocessed case for verification ({type(exc).__name__}: {exc}); "
-            "verifying on random inputs only")
+        log(
+            f"warning: could not read a preprocessed case for verification ({type(exc).__name__}: {exc}); "
+            "verifying on random inputs only"
+        )
         real = None
     if real is not None:
         patch, case = real
@@ -477,15 +581,29 @@ def export_student(req: ExportRequest, default_output: Callable[[Path], Path],
     else:
         vlog("verify: no preprocessed case found under $nnUNet_preprocessed; verifying on random inputs only")
     reference = run_torch(student.network, inputs)
-    comparisons = verify(model.SerializeToString(), student.network, inputs, input_name=md.INPUT_NAME,
-                         has_regions=has_regions, tol=req.tolerance, reference=reference)
+    comparisons = verify(
+        model.SerializeToString(),
+        student.network,
+        inputs,
+        input_name=md.INPUT_NAME,
+        has_regions=has_regions,
+        tol=req.tolerance,
+        reference=reference,
+    )
     for c in comparisons:
         vlog(c.line(req.tolerance))
 
     if req.simplify:
         model = _simplify(model, quiet=not req.verbose)
-        comparisons = verify(model.SerializeToString(), student.network, inputs, input_name=md.INPUT_NAME,
-                             has_regions=has_regions, tol=req.tolerance, reference=reference)
+        comparisons = verify(
+            model.SerializeToString(),
+            student.network,
+            inputs,
+            input_name=md.INPUT_NAME,
+            has_regions=has_regions,
+            tol=req.tolerance,
+            reference=reference,
+        )
         for c in comparisons:
             vlog("after -sim: " + c.line(req.tolerance))
 
@@ -495,25 +613,38 @@ def export_student(req: ExportRequest, default_output: Callable[[Path], Path],
         if problems:
             raise trt_graph.TensorRTGraphError("graph is not TensorRT-parsable: " + "; ".join(problems))
         trt_report = trt_graph.instance_norm_weight_check(model, student.state_dict, student.affine_norms)
-        vlog(f"tensorrt: static shapes, {len({n.op_type for n in model.graph.node})} op types all supported, "
-             f"{trt_report['instance_norm_matched_to_checkpoint']}/{trt_report['instance_norm_nodes']} "
-             "InstanceNorm scale/bias initializers equal to the checkpoint")
+        vlog(
+            f"tensorrt: static shapes, {len({n.op_type for n in model.graph.node})} op types all supported, "
+            f"{trt_report['instance_norm_matched_to_checkpoint']}/{trt_report['instance_norm_nodes']} "
+            "InstanceNorm scale/bias initializers equal to the checkpoint"
+        )
 
     verification = report(comparisons, req.tolerance, real[1] if real else None)
     if trt_report:
         verification["tensorrt"] = trt_report
     model_dir = fold_dir.parent
     meta = md.build_inference_metadata(
-        plans=student.plans, dataset_json=student.dataset_json, configuration=req.configuration, fold=req.fold,
-        student_folder=f"{model_dir.parent.name}/{model_dir.name}", checkpoint_name=req.checkpoint_name,
-        checkpoint_trainer=student.trainer_name, mirror_axes=student.mirror_axes,
-        distillation=_distillation_info(student, req), io=io_description(
-            model, spec, divisor, req.opset, tensorrt=req.tensorrt, simplified=req.simplify),
-        versions=md.package_versions(), fingerprint_sha256=_fingerprint_sha256(model_dir, student.plans["dataset_name"]),
-        parameters=student.parameters, metrics=_metrics(fold_dir), verification=verification)
+        plans=student.plans,
+        dataset_json=student.dataset_json,
+        configuration=req.configuration,
+        fold=req.fold,
+        student_folder=f"{model_dir.parent.name}/{model_dir.name}",
+        checkpoint_name=req.checkpoint_name,
+        checkpoint_trainer=student.trainer_name,
+        mirror_axes=student.mirror_axes,
+        distillation=_distillation_info(student, req),
+        io=io_description(model, spec, divisor, req.opset, tensorrt=req.tensorrt, simplified=req.simplify),
+        versions=md.package_versions(),
+        fingerprint_sha256=_fingerprint_sha256(model_dir, student.plans["dataset_name"]),
+        parameters=student.parameters,
+        metrics=_metrics(fold_dir),
+        verification=verification,
+    )
     onnx.helper.set_model_props(model, md.to_metadata_props(meta))
-    model.doc_string = (f"nnU-Net distilled student {meta['model_name']}: input {meta['io']['input_shape']} "
-                        f"float32 (nnU-Net-preprocessed patch), output logits {meta['io']['output_shape']}")
+    model.doc_string = (
+        f"nnU-Net distilled student {meta['model_name']}: input {meta['io']['input_shape']} "
+        f"float32 (nnU-Net-preprocessed patch), output logits {meta['io']['output_shape']}"
+    )
 
     out = Path(req.output) if req.output else default_output(fold_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -525,14 +656,18 @@ def export_student(req: ExportRequest, default_output: Callable[[Path], Path],
 
 def _has_regions(student: LoadedStudent) -> bool:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     return PlansManager(student.plans).get_label_manager(student.dataset_json).has_regions
 
 
 def _num_input_channels(student: LoadedStudent) -> int:
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     pm = PlansManager(student.plans)
-    return int(determine_num_input_channels(pm, pm.get_configuration(student.configuration), student.dataset_json))
+    return int(
+        determine_num_input_channels(pm, pm.get_configuration(student.configuration), student.dataset_json)
+    )
 
 
 def _distillation_info(student: LoadedStudent, req: ExportRequest) -> dict:
@@ -552,7 +687,9 @@ def _simplify(model, quiet: bool):
         try:
             return onnxslim.slim(model)
         except Exception as exc:  # noqa: BLE001 - onnxslim surfaces onnx/onnxruntime errors of any type
-            raise ExportError(f"-sim: onnxslim failed ({type(exc).__name__}: {exc}); export without -sim") from None
+            raise ExportError(
+                f"-sim: onnxslim failed ({type(exc).__name__}: {exc}); export without -sim"
+            ) from None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -33,8 +33,14 @@ def pick_slice(labels: dict[str, np.ndarray]) -> tuple[str, int]:
         case = min(labels)
         return case, labels[case].shape[0] // 2
     rarest = min(counts, key=counts.get)
-    best = max(((case, z, int((arr[z] == rarest).sum()), len(np.unique(arr[z])))
-                for case, arr in labels.items() for z in range(arr.shape[0])), key=lambda t: (t[3], t[2]))
+    best = max(
+        (
+            (case, z, int((arr[z] == rarest).sum()), len(np.unique(arr[z])))
+            for case, arr in labels.items()
+            for z in range(arr.shape[0])
+        ),
+        key=lambda t: (t[3], t[2]),
+    )
     return best[0], best[1]
 
 
@@ -46,8 +52,12 @@ def training_curves(checkpoint: str | Path) -> dict[str, list[float]]:
     return {k: [float(v) for v in logging.get(k, [])] for k in ("train_losses", "val_losses", "mean_fg_dice")}
 
 
-def render(summary_path: str | Path, out_png: str | Path, teacher_checkpoints: Sequence[str | Path] = (),
-           title: str | None = None) -> Path:
+def render(
+    summary_path: str | Path,
+    out_png: str | Path,
+    teacher_checkpoints: Sequence[str | Path] = (),
+    title: str | None = None,
+) -> Path:
     """Write the PNG; returns its path."""
     import matplotlib
 
@@ -60,18 +70,33 @@ def render(summary_path: str | Path, out_png: str | Path, teacher_checkpoints: S
     student = summary.get("student") or {}
     teacher = summary.get("teacher_ensemble") or {}
     if not files or not teacher.get("predictions"):
-        raise ValueError(f"{summary_path} has no held-out test-set predictions to draw (evaluation "
-                         f"{summary.get('evaluation')!r}); the figure needs a labelled imagesTs")
-    ending = ".nii.gz" if str(next(iter(files.values()))["label"]).endswith(".nii.gz") else \
-        Path(next(iter(files.values()))["label"]).suffix
+        raise ValueError(
+            f"{summary_path} has no held-out test-set predictions to draw (evaluation "
+            f"{summary.get('evaluation')!r}); the figure needs a labelled imagesTs"
+        )
+    ending = (
+        ".nii.gz"
+        if str(next(iter(files.values()))["label"]).endswith(".nii.gz")
+        else Path(next(iter(files.values()))["label"]).suffix
+    )
     labels = {case: _read(f["label"]) for case, f in files.items()}
     case, z = pick_slice(labels)
     image = _read(files[case]["images"][0])
-    predictions = {"teacher ensemble": _read(Path(teacher["predictions"]) / f"{case}{ending}"),
-                   "student": _read(Path(student["predictions"]) / f"{case}{ending}")}
+    predictions = {
+        "teacher ensemble": _read(Path(teacher["predictions"]) / f"{case}{ending}"),
+        "student": _read(Path(student["predictions"]) / f"{case}{ending}"),
+    }
     names = list((student.get("dice") or {}).keys())
-    colours = ListedColormap([(0, 0, 0, 0), (0.2, 0.6, 1.0, 0.55), (1.0, 0.25, 0.2, 0.8), (1.0, 0.85, 0.1, 0.8),
-                              (0.4, 1.0, 0.4, 0.8), (0.8, 0.4, 1.0, 0.8)])
+    colours = ListedColormap(
+        [
+            (0, 0, 0, 0),
+            (0.2, 0.6, 1.0, 0.55),
+            (1.0, 0.25, 0.2, 0.8),
+            (1.0, 0.85, 0.1, 0.8),
+            (0.4, 1.0, 0.4, 0.8),
+            (0.8, 0.4, 1.0, 0.8),
+        ]
+    )
     n_labels = max(int(labels[case].max()), 1)
 
     fig = plt.figure(figsize=(16, 7.5))
@@ -89,22 +114,35 @@ def render(summary_path: str | Path, out_png: str | Path, teacher_checkpoints: S
             dice = "\n" + ", ".join(f"{k} {v:.3f}" for k, v in (student.get("dice") or {}).items())
         ax.set_title(f"{name}{dice}", fontsize=9)
         ax.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours.colors[i + 1]) for i in range(min(n_labels, len(names)))]
-    fig.legend(handles, names[:len(handles)], loc="upper right", fontsize=9, ncol=len(handles))
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=colours.colors[i + 1]) for i in range(min(n_labels, len(names)))
+    ]
+    fig.legend(handles, names[: len(handles)], loc="upper right", fontsize=9, ncol=len(handles))
 
-    curves = {f"teacher fold {Path(c).parent.name.removeprefix('fold_')}": training_curves(c)
-              for c in teacher_checkpoints if Path(c).is_file()}
-    student_ckpt = Path(student.get("model_folder", "")) / f"fold_{student.get('fold')}" / "checkpoint_final.pth"
+    curves = {
+        f"teacher fold {Path(c).parent.name.removeprefix('fold_')}": training_curves(c)
+        for c in teacher_checkpoints
+        if Path(c).is_file()
+    }
+    student_ckpt = (
+        Path(student.get("model_folder", "")) / f"fold_{student.get('fold')}" / "checkpoint_final.pth"
+    )
     if student_ckpt.is_file():
         curves[f"student ({student.get('plans')})"] = training_curves(student_ckpt)
-    for col, (key, label) in enumerate((("train_losses", "training loss (student: mixed with KD)"),
-                                        ("val_losses", "validation loss (nnU-Net Dice+CE)"),
-                                        ("mean_fg_dice", "pseudo Dice (validation patches)"))):
+    for col, (key, label) in enumerate(
+        (
+            ("train_losses", "training loss (student: mixed with KD)"),
+            ("val_losses", "validation loss (nnU-Net Dice+CE)"),
+            ("mean_fg_dice", "pseudo Dice (validation patches)"),
+        )
+    ):
         ax = fig.add_subplot(grid[1, col])
         for name, series in curves.items():
             values = series.get(key) or []
             if values:
-                ax.plot(range(1, len(values) + 1), values, label=name, lw=2 if name.startswith("student") else 1)
+                ax.plot(
+                    range(1, len(values) + 1), values, label=name, lw=2 if name.startswith("student") else 1
+                )
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.grid(alpha=0.3)
@@ -115,13 +153,15 @@ def render(summary_path: str | Path, out_png: str | Path, teacher_checkpoints: S
     ret = summary.get("retention") or {}
     inference = summary.get("inference") or {}
     cases = summary.get("cases") or {}
-    text = [f"held-out cases: {cases.get('count')} ({cases.get('source')})",
-            f"teacher folds: {', '.join(map(str, teacher.get('folds') or []))}",
-            f"retention (mean): {ret.get('mean', float('nan')):.3f}" if ret else "retention: n/a",
-            f"worst label: {ret.get('worst_label')} {ret.get('worst', float('nan')):.3f}" if ret else "",
-            f"parameters: {student.get('parameters') or 0:,} vs {teacher.get('parameters_per_fold') or 0:,} per fold",
-            f"inference speed-up: {inference.get('speedup')}x" if inference.get("speedup") else "",
-            f"slice: {case}, z={z}"]
+    text = [
+        f"held-out cases: {cases.get('count')} ({cases.get('source')})",
+        f"teacher folds: {', '.join(map(str, teacher.get('folds') or []))}",
+        f"retention (mean): {ret.get('mean', float('nan')):.3f}" if ret else "retention: n/a",
+        f"worst label: {ret.get('worst_label')} {ret.get('worst', float('nan')):.3f}" if ret else "",
+        f"parameters: {student.get('parameters') or 0:,} vs {teacher.get('parameters_per_fold') or 0:,} per fold",
+        f"inference speed-up: {inference.get('speedup')}x" if inference.get("speedup") else "",
+        f"slice: {case}, z={z}",
+    ]
     ax.text(0, 1, "\n".join(t for t in text if t), va="top", fontsize=10, family="monospace")
     fig.suptitle(title or "nnunet-distill: teacher ensemble vs student on held-out data", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.95))

@@ -43,7 +43,9 @@ NOT_ENFORCED = "QualityGateNotEnforced"
 # checks that both agree.
 EXIT_GATE_FAILED = 3
 
-MAX_LISTED_LABELS = 8  # labels named in messages and the termination message (the full table is in the summary)
+MAX_LISTED_LABELS = (
+    8  # labels named in messages and the termination message (the full table is in the summary)
+)
 
 
 class SummaryError(ValueError):
@@ -63,8 +65,10 @@ class Thresholds:
 
     def problems(self) -> list[str]:
         out = []
-        for flag, value in (("--min-retention", self.min_retention),
-                            ("--min-label-retention", self.min_label_retention)):
+        for flag, value in (
+            ("--min-retention", self.min_retention),
+            ("--min-label-retention", self.min_label_retention),
+        ):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_THRESHOLD):
                 out.append(f"{flag} must be in (0, {MAX_THRESHOLD}], got {value}")
         return out
@@ -115,21 +119,34 @@ class Verdict:
         """One line: the verdict, the figures against the thresholds, and where the figures come from."""
         t = self.thresholds
         if self.passed:
-            head = (f"quality gate passed: retention {_f(self.retention)} >= {_f(t.min_retention)}, worst label "
-                    f"{self.worst_label} {_f(self.worst_label_retention)} >= {_f(t.min_label_retention)}")
+            head = (
+                f"quality gate passed: retention {_f(self.retention)} >= {_f(t.min_retention)}, worst label "
+                f"{self.worst_label} {_f(self.worst_label_retention)} >= {_f(t.min_label_retention)}"
+            )
         else:
-            verdict = "quality gate failed" if self.enforced else "quality gate failed (not enforced: enforce is false)"
+            verdict = (
+                "quality gate failed"
+                if self.enforced
+                else "quality gate failed (not enforced: enforce is false)"
+            )
             head = f"{verdict}: {'; '.join(self.failures)}"
             if self.retention is None:  # nothing was compared: still say what would have been asked
-                head += (f" (thresholds: retention >= {_f(t.min_retention)}, every label >= "
-                         f"{_f(t.min_label_retention)})")
+                head += (
+                    f" (thresholds: retention >= {_f(t.min_retention)}, every label >= "
+                    f"{_f(t.min_label_retention)})"
+                )
             else:  # the checks that held, so the message always shows both thresholds
                 held = []
                 if self.retention >= t.min_retention:
                     held.append(f"retention {_f(self.retention)} >= {_f(t.min_retention)}")
-                if self.worst_label_retention is not None and self.worst_label_retention >= t.min_label_retention:
-                    held.append(f"worst label {self.worst_label} {_f(self.worst_label_retention)} >= "
-                                f"{_f(t.min_label_retention)}")
+                if (
+                    self.worst_label_retention is not None
+                    and self.worst_label_retention >= t.min_label_retention
+                ):
+                    held.append(
+                        f"worst label {self.worst_label} {_f(self.worst_label_retention)} >= "
+                        f"{_f(t.min_label_retention)}"
+                    )
                 if held:
                     head += f" (passed: {', '.join(held)})"
         dice = ""
@@ -137,8 +154,10 @@ class Verdict:
             dice = f"; student mean Dice {_f(self.final_dice)} vs teacher ensemble {_f(self.teacher_dice)}"
         undefined = ""
         if self.undefined and self.retention is not None:
-            undefined = (f"; no retention for {', '.join(self.undefined[:MAX_LISTED_LABELS])} (the teacher "
-                         "ensemble's Dice is 0 there)")
+            undefined = (
+                f"; no retention for {', '.join(self.undefined[:MAX_LISTED_LABELS])} (the teacher "
+                "ensemble's Dice is 0 there)"
+            )
         return f"{head}{dice}{undefined}; {self.source}"
 
     @property
@@ -164,8 +183,11 @@ class Verdict:
             "labelsBelow": {name: ratio for name, ratio in self.labels_below[:MAX_LISTED_LABELS]},
             "labelsWithoutRetention": list(self.undefined[:MAX_LISTED_LABELS]) or None,
             "evaluation": self.evaluation,
-            "cases": {"count": self.cases.get("count"), "source": self.cases.get("source"),
-                      "mirroringTTA": self.cases.get("mirroring_tta")},
+            "cases": {
+                "count": self.cases.get("count"),
+                "source": self.cases.get("source"),
+                "mirroringTTA": self.cases.get("mirroring_tta"),
+            },
             "teacherFolds": list(self.teacher_folds) if self.teacher_folds is not None else None,
             "student": self.student,
         }
@@ -200,8 +222,11 @@ def result_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
         "retention": ret.get("mean"),
         "worstLabelRetention": ret.get("worst"),
         "worstLabel": ret.get("worst_label"),
-        "evaluatedOn": (evaluated_on(summary.get("evaluation"), cases)  # type: ignore[arg-type]
-                        if summary.get("evaluation") != NO_HONEST_BASELINE else None),
+        "evaluatedOn": (
+            evaluated_on(summary.get("evaluation"), cases)  # type: ignore[arg-type]
+            if summary.get("evaluation") != NO_HONEST_BASELINE
+            else None
+        ),
         "teacherFolds": teacher.get("folds"),
     }
     return {k: v for k, v in metrics.items() if v is not None}
@@ -213,11 +238,16 @@ def _check(summary: Any) -> None:
         raise SummaryError("InvalidSummary", "the summary is not a JSON object")
     version = summary.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise SummaryError("InvalidSummary", f"schema_version is {version!r}, this gate reads {SCHEMA_VERSION}: "
-                           "the distill stage and the gate come from different trainer versions")
+        raise SummaryError(
+            "InvalidSummary",
+            f"schema_version is {version!r}, this gate reads {SCHEMA_VERSION}: "
+            "the distill stage and the gate come from different trainer versions",
+        )
     evaluation = summary.get("evaluation")
     if evaluation not in EVALUATIONS:
-        raise SummaryError("InvalidSummary", f"evaluation is {evaluation!r}, expected one of {', '.join(EVALUATIONS)}")
+        raise SummaryError(
+            "InvalidSummary", f"evaluation is {evaluation!r}, expected one of {', '.join(EVALUATIONS)}"
+        )
     for key in ("cases", "student"):
         if not isinstance(summary.get(key), Mapping):
             raise SummaryError("InvalidSummary", f"'{key}' is missing or not an object")
@@ -225,25 +255,39 @@ def _check(summary: Any) -> None:
     if ret is None:
         return
     if evaluation == NO_HONEST_BASELINE:
-        raise SummaryError("InvalidSummary", "the summary reports a retention without an honest baseline "
-                           "(evaluation 'none'); a leaky ratio is not retention")
+        raise SummaryError(
+            "InvalidSummary",
+            "the summary reports a retention without an honest baseline "
+            "(evaluation 'none'); a leaky ratio is not retention",
+        )
     per_label = ret.get("per_label") if isinstance(ret, Mapping) else None
-    if not isinstance(ret, Mapping) or _number(ret.get("mean")) is None or not isinstance(per_label, Mapping) \
-            or any(_number(v) is None for v in per_label.values()) \
-            or (per_label and (_number(ret.get("worst")) is None or not isinstance(ret.get("worst_label"), str))) \
-            or not isinstance(ret.get("undefined", []), list):
-        raise SummaryError("InvalidSummary", "'retention' must hold a finite mean, per_label ratios and (with any "
-                           "ratio) a finite worst and its worst_label")
+    if (
+        not isinstance(ret, Mapping)
+        or _number(ret.get("mean")) is None
+        or not isinstance(per_label, Mapping)
+        or any(_number(v) is None for v in per_label.values())
+        or (per_label and (_number(ret.get("worst")) is None or not isinstance(ret.get("worst_label"), str)))
+        or not isinstance(ret.get("undefined", []), list)
+    ):
+        raise SummaryError(
+            "InvalidSummary",
+            "'retention' must hold a finite mean, per_label ratios and (with any "
+            "ratio) a finite worst and its worst_label",
+        )
 
 
 def _no_retention_failure(summary: Mapping[str, Any], fold: Any) -> str:
     if summary.get("evaluation") == NO_HONEST_BASELINE:
-        return ("no honest baseline: the dataset has no labelled test set and every teacher fold trained on the "
-                f"student's validation cases, so no retention can be measured; add imagesTs + labelsTs to the "
-                f"dataset (or name held-out test cases), or include the student's fold {fold} in the teacher folds")
+        return (
+            "no honest baseline: the dataset has no labelled test set and every teacher fold trained on the "
+            f"student's validation cases, so no retention can be measured; add imagesTs + labelsTs to the "
+            f"dataset (or name held-out test cases), or include the student's fold {fold} in the teacher folds"
+        )
     teacher = (summary.get("teacher_ensemble") or {}).get("dice") or {}
     student = (summary.get("student") or {}).get("dice") or {}
-    missing = sorted(name for name, d in teacher.items() if _number(d) is None or _number(student.get(name)) is None)
+    missing = sorted(
+        name for name, d in teacher.items() if _number(d) is None or _number(student.get(name)) is None
+    )
     zero = sorted(name for name, d in teacher.items() if name not in missing and not _number(d) > 0)
     why = []
     if missing:
@@ -264,8 +308,11 @@ def evaluate(summary: Any, thresholds: Thresholds) -> Verdict:
     student = summary["student"]
     teacher = summary.get("teacher_ensemble") if isinstance(summary.get("teacher_ensemble"), Mapping) else {}
     folds_raw = teacher.get("folds")
-    teacher_folds = tuple(int(f) for f in folds_raw) if isinstance(folds_raw, Sequence) and not isinstance(
-        folds_raw, str) else None
+    teacher_folds = (
+        tuple(int(f) for f in folds_raw)
+        if isinstance(folds_raw, Sequence) and not isinstance(folds_raw, str)
+        else None
+    )
     ret = summary.get("retention")
     failures: list[str] = []
     labels_below: list[tuple[str, float]] = []
@@ -278,8 +325,14 @@ def evaluate(summary: Any, thresholds: Thresholds) -> Verdict:
     else:
         mean = float(ret["mean"])
         undefined = tuple(str(x) for x in ret.get("undefined") or ())
-        labels_below = sorted(((str(k), float(v)) for k, v in ret["per_label"].items()
-                               if float(v) < thresholds.min_label_retention), key=lambda kv: kv[1])
+        labels_below = sorted(
+            (
+                (str(k), float(v))
+                for k, v in ret["per_label"].items()
+                if float(v) < thresholds.min_label_retention
+            ),
+            key=lambda kv: kv[1],
+        )
         if mean < thresholds.min_retention:
             failures.append(f"retention {_f(mean)} < {_f(thresholds.min_retention)}")
         if not ret["per_label"]:
@@ -289,30 +342,56 @@ def evaluate(summary: Any, thresholds: Thresholds) -> Verdict:
         if worst is not None and worst < thresholds.min_label_retention:
             named = ", ".join(f"{n} {_f(v)}" for n, v in labels_below[:MAX_LISTED_LABELS])
             more = f" (labels below: {named})" if len(labels_below) > 1 else ""
-            failures.append(f"worst label {worst_label} retention {_f(worst)} < {_f(thresholds.min_label_retention)}"
-                            + more)
+            failures.append(
+                f"worst label {worst_label} retention {_f(worst)} < {_f(thresholds.min_label_retention)}"
+                + more
+            )
     model_folder = student.get("model_folder")
     return Verdict(
-        passed=not failures, thresholds=thresholds, failures=tuple(failures), evaluation=summary["evaluation"],
-        cases=dict(cases), teacher_folds=teacher_folds, retention=mean, worst_label=worst_label,
-        worst_label_retention=worst, labels_below=tuple(labels_below),
-        final_dice=_number(student.get("mean_dice")), teacher_dice=_number(teacher.get("mean_dice")),
+        passed=not failures,
+        thresholds=thresholds,
+        failures=tuple(failures),
+        evaluation=summary["evaluation"],
+        cases=dict(cases),
+        teacher_folds=teacher_folds,
+        retention=mean,
+        worst_label=worst_label,
+        worst_label_retention=worst,
+        labels_below=tuple(labels_below),
+        final_dice=_number(student.get("mean_dice")),
+        teacher_dice=_number(teacher.get("mean_dice")),
         note=summary.get("note") if isinstance(summary.get("note"), str) else None,
         student=(f"{model_folder}/fold_{student.get('fold')}" if model_folder else None),
-        metrics=result_metrics(summary), undefined=undefined,
+        metrics=result_metrics(summary),
+        undefined=undefined,
     )
 
 
 def termination_message(verdict: Verdict, summary_path: str) -> dict[str, Any]:
     """The gate stage's termination message: `stage`, `ok`, `gate`, `metrics` (+ `error` when it blocks)."""
     gate = {**verdict.as_dict(), "summary": summary_path}
-    out: dict[str, Any] = {"stage": "gate", "ok": verdict.passed, "gate": gate, "metrics": dict(verdict.metrics)}
+    out: dict[str, Any] = {
+        "stage": "gate",
+        "ok": verdict.passed,
+        "gate": gate,
+        "metrics": dict(verdict.metrics),
+    }
     if verdict.blocks:
         out["error"] = {"reason": FAILED, "message": verdict.message}
     return out
 
 
 __all__ = [
-    "DEFAULT_MIN_LABEL_RETENTION", "DEFAULT_MIN_RETENTION", "EXIT_GATE_FAILED", "FAILED", "NOT_ENFORCED", "PASSED",
-    "SummaryError", "Thresholds", "Verdict", "evaluate", "result_metrics", "termination_message",
+    "DEFAULT_MIN_LABEL_RETENTION",
+    "DEFAULT_MIN_RETENTION",
+    "EXIT_GATE_FAILED",
+    "FAILED",
+    "NOT_ENFORCED",
+    "PASSED",
+    "SummaryError",
+    "Thresholds",
+    "Verdict",
+    "evaluate",
+    "result_metrics",
+    "termination_message",
 ]

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 #: nnU-Net's UNetDecoder: ``stages.<s>`` starts with a convolution over ``cat(transpconv(x), skip)``.
-_DECODER_CONCAT = re.compile(r"(^|\.)decoder\.stages\.\d+\.(convs\.0\.|0\.convs\.0\.)(conv|all_modules\.0)\.weight$")
+_DECODER_CONCAT = re.compile(
+    r"(^|\.)decoder\.stages\.\d+\.(convs\.0\.|0\.convs\.0\.)(conv|all_modules\.0)\.weight$"
+)
 
 INIT_CHOICES = ("teacher", "random")
 
@@ -46,8 +48,10 @@ class InheritanceReport:
         return self.inherited_parameters / self.total_parameters if self.total_parameters else 0.0
 
     def describe(self) -> str:
-        return (f"{len(self.inherited)} tensors ({self.fraction:.1%} of the student's parameters) inherited from the "
-                f"teacher, {len(self.random)} left random")
+        return (
+            f"{len(self.inherited)} tensors ({self.fraction:.1%} of the student's parameters) inherited from the "
+            f"teacher, {len(self.random)} left random"
+        )
 
 
 def _leading(index_len: int, keep: int) -> torch.Tensor:

@@ -60,16 +60,18 @@ def _masked_voxel_mean(per_voxel: torch.Tensor, mask: torch.Tensor | None) -> to
     return (per_voxel * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def softmax_kl_per_voxel(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                         temperature: float) -> torch.Tensor:
+def softmax_kl_per_voxel(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)) summed over the channel axis -> (B, 1, *spatial)."""
     log_q = F.log_softmax(student_logits / temperature, dim=1)
     log_p = F.log_softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=1, keepdim=True)
 
 
-def bernoulli_kl_per_voxel(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                           temperature: float) -> torch.Tensor:
+def bernoulli_kl_per_voxel(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Per-region binary KL of sigmoid(t/T) against sigmoid(s/T), summed over regions -> (B, 1, *spatial)."""
     s = student_logits / temperature
     t = teacher_logits / temperature
@@ -80,8 +82,12 @@ def bernoulli_kl_per_voxel(student_logits: torch.Tensor, teacher_logits: torch.T
     return kl.sum(dim=1, keepdim=True)
 
 
-def channel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+def channel_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Channel-wise KL: per (sample, channel), KL of the spatial softmax of t/T against that of s/T; mean over
     samples and channels. ``mask`` (B, 1, *spatial), True where a voxel counts, removes voxels from the softmax."""
     b, c = student_logits.shape[:2]
@@ -106,8 +112,15 @@ def channel_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 KD_MODES = ("pixel", "channel", "both")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, *,
-            regions: bool = False, mask: torch.Tensor | None = None, mode: str = "pixel") -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    *,
+    regions: bool = False,
+    mask: torch.Tensor | None = None,
+    mode: str = "pixel",
+) -> torch.Tensor:
     """``T^2 * mean_voxels(sum_classes KL(teacher || student))`` in float32; gradients reach only the student.
 
     ``mask`` is a (B, 1, *spatial) boolean tensor, True where a voxel counts (see :func:`kd_mask`).
@@ -115,21 +128,27 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape; teachers must see the student's patch "
-                         "and predict the same labels/regions")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape; teachers must see the student's patch "
+            "and predict the same labels/regions"
+        )
     if mode not in KD_MODES:
         raise ValueError(f"KD mode must be one of {', '.join(KD_MODES)}, got {mode!r}")
     with _fp32_region(student_logits.device):
         s = student_logits.float()
         t = teacher_logits.detach().float()
         if mode == "channel":
-            return (temperature ** 2) * channel_kl(s, t, temperature, mask)
+            return (temperature**2) * channel_kl(s, t, temperature, mask)
         if mode == "both":  # each term at its own T^2 scale: where the classes are, and what each voxel is
-            return (temperature ** 2) * (channel_kl(s, t, temperature, mask) + _masked_voxel_mean(
-                (bernoulli_kl_per_voxel if regions else softmax_kl_per_voxel)(s, t, temperature), mask))
+            return (temperature**2) * (
+                channel_kl(s, t, temperature, mask)
+                + _masked_voxel_mean(
+                    (bernoulli_kl_per_voxel if regions else softmax_kl_per_voxel)(s, t, temperature), mask
+                )
+            )
         per_voxel = (bernoulli_kl_per_voxel if regions else softmax_kl_per_voxel)(s, t, temperature)
-        return (temperature ** 2) * _masked_voxel_mean(per_voxel, mask)
+        return (temperature**2) * _masked_voxel_mean(per_voxel, mask)
 
 
 def kd_mask(target_fullres: torch.Tensor, *, regions: bool, ignore_label: int | None) -> torch.Tensor | None:
@@ -157,8 +176,16 @@ def mean_teacher_logits(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
 class DistillationLoss(nn.Module):
     """Wraps nnU-Net's hard loss (deep supervision included) and adds the KD term on the full-res head."""
 
-    def __init__(self, hard_loss: nn.Module, alpha: float, temperature: float, *, regions: bool,
-                 ignore_label: int | None, kd_mode: str = "pixel"):
+    def __init__(
+        self,
+        hard_loss: nn.Module,
+        alpha: float,
+        temperature: float,
+        *,
+        regions: bool,
+        ignore_label: int | None,
+        kd_mode: str = "pixel",
+    ):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -173,14 +200,19 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"kd_mode must be one of {', '.join(KD_MODES)}, got {kd_mode!r}")
         self.kd_mode = kd_mode
 
-    def forward(self, student_output: torch.Tensor | Sequence[torch.Tensor], teacher_logits: torch.Tensor,
-                target: torch.Tensor | Sequence[torch.Tensor]) -> LossTerms:
+    def forward(
+        self,
+        student_output: torch.Tensor | Sequence[torch.Tensor],
+        teacher_logits: torch.Tensor,
+        target: torch.Tensor | Sequence[torch.Tensor],
+    ) -> LossTerms:
         """``student_output``/``target`` as nnU-Net passes them (lists with deep supervision)."""
         hard = self.hard_loss(student_output, target)
         student_full = student_output[0] if isinstance(student_output, (list, tuple)) else student_output
         target_full = target[0] if isinstance(target, (list, tuple)) else target
         mask = kd_mask(target_full, regions=self.regions, ignore_label=self.ignore_label)
-        kd = kd_loss(student_full, teacher_logits, self.temperature, regions=self.regions, mask=mask,
-                     mode=self.kd_mode)
+        kd = kd_loss(
+            student_full, teacher_logits, self.temperature, regions=self.regions, mask=mask, mode=self.kd_mode
+        )
         total = (1.0 - self.alpha) * hard + self.alpha * kd
         return LossTerms(total=total, hard=hard, kd=kd)

@@ -32,8 +32,15 @@ OUTPUT_NAME = "output"
 
 # dataset.json keys that list training/test files: large, path-bearing and useless at inference time.
 _DATASET_JSON_FILE_LISTS = ("training", "test", "validation", "dataset")
-_VERSIONED_PACKAGES = ("torch", "nnunetv2", "dynamic_network_architectures", "onnx", "onnxruntime", "onnxslim",
-                       "nnunet-distill")
+_VERSIONED_PACKAGES = (
+    "torch",
+    "nnunetv2",
+    "dynamic_network_architectures",
+    "onnx",
+    "onnxruntime",
+    "onnxslim",
+    "nnunet-distill",
+)
 _MODEL_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -49,8 +56,10 @@ def plans_for_inference(plans: Mapping[str, Any], configuration: str) -> dict:
     """
     configurations = plans.get("configurations", {})
     if configuration not in configurations:
-        raise MetadataError(f"configuration {configuration!r} is not in the plans (available: "
-                            f"{sorted(configurations)}); pass the configuration the student was trained with (-c)")
+        raise MetadataError(
+            f"configuration {configuration!r} is not in the plans (available: "
+            f"{sorted(configurations)}); pass the configuration the student was trained with (-c)"
+        )
     resolved: dict = {}
     chain, name = [], configuration
     while name is not None:
@@ -113,8 +122,9 @@ def default_model_name(dataset_name: str, plans_identifier: str, configuration: 
     return _MODEL_NAME_UNSAFE.sub("_", f"{dataset_name}__{plans_identifier}__{configuration}__fold{fold}")
 
 
-def _label_summary(plans: Mapping[str, Any], dataset_json: Mapping[str, Any],
-                   configuration: str) -> tuple[bool, int | None, int, int]:
+def _label_summary(
+    plans: Mapping[str, Any], dataset_json: Mapping[str, Any], configuration: str
+) -> tuple[bool, int | None, int, int]:
     """(has_regions, ignore_label, input channels, output heads) exactly as nnU-Net's own managers define them."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -125,14 +135,26 @@ def _label_summary(plans: Mapping[str, Any], dataset_json: Mapping[str, Any],
     return lm.has_regions, lm.ignore_label, int(channels), int(lm.num_segmentation_heads)
 
 
-def build_inference_metadata(*, plans: Mapping[str, Any], dataset_json: Mapping[str, Any], configuration: str,
-                             fold: int | str, student_folder: str, checkpoint_name: str, checkpoint_trainer: str,
-                             mirror_axes: list[int] | None, distillation: Mapping[str, Any] | None,
-                             io: Mapping[str, Any], versions: Mapping[str, str | None],
-                             fingerprint_sha256: str | None, parameters: int, tile_step_size: float = 0.5,
-                             metrics: Mapping[str, Any] | None = None,
-                             verification: Mapping[str, Any] | None = None,
-                             model_name: str | None = None) -> dict[str, Any]:
+def build_inference_metadata(
+    *,
+    plans: Mapping[str, Any],
+    dataset_json: Mapping[str, Any],
+    configuration: str,
+    fold: int | str,
+    student_folder: str,
+    checkpoint_name: str,
+    checkpoint_trainer: str,
+    mirror_axes: list[int] | None,
+    distillation: Mapping[str, Any] | None,
+    io: Mapping[str, Any],
+    versions: Mapping[str, str | None],
+    fingerprint_sha256: str | None,
+    parameters: int,
+    tile_step_size: float = 0.5,
+    metrics: Mapping[str, Any] | None = None,
+    verification: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
     """Everything needed to run the exported student, as plain JSON-able data.
 
     Pure: all inputs are passed in (versions and the fingerprint hash are gathered by the caller), so the
@@ -147,8 +169,10 @@ def build_inference_metadata(*, plans: Mapping[str, Any], dataset_json: Mapping[
     if channel_names is None:
         raise MetadataError("dataset.json has neither 'channel_names' nor 'modality'")
     has_regions, ignore_label, channels, heads = _label_summary(plans, dataset_json, configuration)
-    intensity = plans.get("foreground_intensity_properties_per_channel",
-                          plans.get("foreground_intensity_properties_by_modality", {}))
+    intensity = plans.get(
+        "foreground_intensity_properties_per_channel",
+        plans.get("foreground_intensity_properties_by_modality", {}),
+    )
     # The checkpoint's record wins; the student plans' own `distillation` entry (written when they were derived)
     # fills what an older or foreign checkpoint lacks, so r and the block strategy are never lost.
     d = {k: v for k, v in dict(plans.get("distillation") or {}).items() if v is not None}
@@ -157,8 +181,8 @@ def build_inference_metadata(*, plans: Mapping[str, Any], dataset_json: Mapping[
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_name": model_name or default_model_name(plans.get("dataset_name", "dataset"), plans_identifier,
-                                                       configuration, fold),
+        "model_name": model_name
+        or default_model_name(plans.get("dataset_name", "dataset"), plans_identifier, configuration, fold),
         "configuration": configuration,
         "patch_size": list(cfg["patch_size"]),
         "spacing": list(cfg["spacing"]),
@@ -229,11 +253,15 @@ def from_metadata_props(props: Mapping[str, str]) -> dict[str, Any]:
 
 def check_metadata(meta: Mapping[str, Any]) -> None:
     if meta.get("format") != FORMAT:
-        raise MetadataError(f"not nnunet-distill inference metadata (format={meta.get('format')!r}); export the "
-                            "model with nnUNetv2_distillation_export_onnx")
+        raise MetadataError(
+            f"not nnunet-distill inference metadata (format={meta.get('format')!r}); export the "
+            "model with nnUNetv2_distillation_export_onnx"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise MetadataError(f"metadata format_version {meta.get('format_version')!r} is not supported "
-                            f"(this nnunet-distill reads {FORMAT_VERSION})")
+        raise MetadataError(
+            f"metadata format_version {meta.get('format_version')!r} is not supported "
+            f"(this nnunet-distill reads {FORMAT_VERSION})"
+        )
     missing = [k for k in ("configuration", "patch_size", "io", "nnunet") if k not in meta]
     if missing:
         raise MetadataError(f"metadata lacks {missing}; re-export the model")
@@ -244,8 +272,9 @@ def dumps(meta: Mapping[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, indent=2) + "\n"
 
 
-def metrics_from_summaries(distillation_summary: Mapping[str, Any] | None,
-                           nnunet_summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def metrics_from_summaries(
+    distillation_summary: Mapping[str, Any] | None, nnunet_summary: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
     """Student and teacher-ensemble Dice for the model card, saying which cases and models produced each number.
 
     The distill stage's `validation/distillation_summary.json` (schema 2, see `evaluation.py`) scores student and
@@ -253,6 +282,7 @@ def metrics_from_summaries(distillation_summary: Mapping[str, Any] | None,
     Without it, only nnU-Net's own `summary.json` of the student's validation cases exists: the card then shows the
     student's figure alone, with its source, and no teacher figure or retention.
     """
+
     def finite(value: Any) -> float | None:
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
@@ -270,10 +300,15 @@ def metrics_from_summaries(distillation_summary: Mapping[str, Any] | None,
             "retention": finite(ret.get("mean")),
             "worst_label": ret.get("worst_label"),
             "worst_label_retention": finite(ret.get("worst")),
-            "per_label": {row["name"]: {"student_dice": finite(row.get("student_dice")),
-                                        "teacher_ensemble_dice": finite(row.get("teacher_dice")),
-                                        "retention": finite(row.get("retention"))}
-                          for row in distillation_summary.get("per_label") or [] if isinstance(row, Mapping)}
+            "per_label": {
+                row["name"]: {
+                    "student_dice": finite(row.get("student_dice")),
+                    "teacher_ensemble_dice": finite(row.get("teacher_dice")),
+                    "retention": finite(row.get("retention")),
+                }
+                for row in distillation_summary.get("per_label") or []
+                if isinstance(row, Mapping)
+            }
             or None,
             "num_cases": cases.get("count"),
             "case_source": cases.get("source"),
@@ -283,17 +318,28 @@ def metrics_from_summaries(distillation_summary: Mapping[str, Any] | None,
     if nnunet_summary and isinstance(nnunet_summary.get("foreground_mean"), Mapping):
         student = finite(nnunet_summary["foreground_mean"].get("Dice"))
         if student is not None:
-            per_label = {str(k): {"student_dice": finite(v.get("Dice")), "teacher_ensemble_dice": None,
-                                  "retention": None}
-                         for k, v in sorted((nnunet_summary.get("mean") or {}).items()) if isinstance(v, Mapping)}
+            per_label = {
+                str(k): {
+                    "student_dice": finite(v.get("Dice")),
+                    "teacher_ensemble_dice": None,
+                    "retention": None,
+                }
+                for k, v in sorted((nnunet_summary.get("mean") or {}).items())
+                if isinstance(v, Mapping)
+            }
             return {
                 "source": "nnU-Net validation summary.json, student only",
                 "evaluation": "validation (student only)",
-                "student_dice": student, "teacher_ensemble_dice": None, "teacher_folds": None,
-                "retention": None, "worst_label": None, "worst_label_retention": None,
+                "student_dice": student,
+                "teacher_ensemble_dice": None,
+                "teacher_folds": None,
+                "retention": None,
+                "worst_label": None,
+                "worst_label_retention": None,
                 "per_label": per_label or None,
                 "num_cases": len(nnunet_summary.get("metric_per_case", [])) or None,
-                "case_source": "the student's validation split", "case_ids": None,
+                "case_source": "the student's validation split",
+                "case_ids": None,
                 "note": "no distillation summary: no teacher figure and no retention",
             }
     return None

@@ -19,7 +19,9 @@ DEFAULT_RESENC_TEACHER_PLANS = "nnUNetResEncUNetLPlans"
 BLOCK_STRATEGIES = ("reduce", "keep", "increase", "adaptive")
 
 
-def student_plans_identifier(base_plans: str, reduction_factor: int, block_strategy: str | None = None) -> str:
+def student_plans_identifier(
+    base_plans: str, reduction_factor: int, block_strategy: str | None = None
+) -> str:
     """`nnUNetPlans` + r=2 -> `nnUNetPlans_r2`; ResEnc students add the block strategy unless it is `keep`."""
     if reduction_factor < 1:
         raise ValueError(f"reduction factor must be >= 1, got {reduction_factor}")
@@ -40,7 +42,9 @@ def model_folder_name(trainer: str, plans: str, configuration: str) -> str:
     return f"{trainer}__{plans}__{configuration}"
 
 
-def student_model_folder(results_dataset_dir: str | Path, plans_identifier: str, configuration: str,
-                         use_da5: bool) -> Path:
-    return Path(results_dataset_dir) / model_folder_name(distill_trainer_name(use_da5), plans_identifier,
-                                                         configuration)
+def student_model_folder(
+    results_dataset_dir: str | Path, plans_identifier: str, configuration: str, use_da5: bool
+) -> Path:
+    return Path(results_dataset_dir) / model_folder_name(
+        distill_trainer_name(use_da5), plans_identifier, configuration
+    )

@@ -53,7 +53,9 @@ def dataset_id_of(dataset: str | int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise NnUNetSetupError(f"dataset (-d) must be an id (e.g. 901) or DatasetXXX_Name, got {text!r}") from None
+        raise NnUNetSetupError(
+            f"dataset (-d) must be an id (e.g. 901) or DatasetXXX_Name, got {text!r}"
+        ) from None
     if not 1 <= value <= 999:
         raise NnUNetSetupError(f"dataset id (-d) must be in 1..999, got {value}")
     return value
@@ -81,13 +83,19 @@ def resolve_dataset_name(dataset: str | int, environ: Mapping[str, str] | None =
     if len(found) == 1:
         return found.pop()
     if len(found) > 1:
-        raise NnUNetSetupError(f"dataset id {dataset_id} is ambiguous: {', '.join(sorted(found))}; pass -d "
-                               "with the full DatasetXXX_Name or remove the stray folder")
+        raise NnUNetSetupError(
+            f"dataset id {dataset_id} is ambiguous: {', '.join(sorted(found))}; pass -d "
+            "with the full DatasetXXX_Name or remove the stray folder"
+        )
     if not searched:
-        raise NnUNetSetupError("none of nnUNet_raw, nnUNet_preprocessed, nnUNet_results is set: export them "
-                               "so dataset ids can be resolved")
-    raise NnUNetSetupError(f"dataset {text} not found in {', '.join(searched)}: check -d, or create it "
-                           f"(nnunet-distill synthetic -d {dataset_id} --name NAME) and preprocess it")
+        raise NnUNetSetupError(
+            "none of nnUNet_raw, nnUNet_preprocessed, nnUNet_results is set: export them "
+            "so dataset ids can be resolved"
+        )
+    raise NnUNetSetupError(
+        f"dataset {text} not found in {', '.join(searched)}: check -d, or create it "
+        f"(nnunet-distill synthetic -d {dataset_id} --name NAME) and preprocess it"
+    )
 
 
 def planner_for(plans_identifier: str) -> str | None:
@@ -99,8 +107,9 @@ def plan_command(dataset_id: int, plans_identifier: str, configuration: str) -> 
     planner = planner_for(plans_identifier)
     if planner is not None:
         return f"nnUNetv2_plan_experiment -d {dataset_id} -pl {planner}"
-    return (f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c {configuration} --verify_dataset_integrity"
-            + ("" if plans_identifier == "nnUNetPlans" else f" (then create {plans_identifier}.json)"))
+    return f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c {configuration} --verify_dataset_integrity" + (
+        "" if plans_identifier == "nnUNetPlans" else f" (then create {plans_identifier}.json)"
+    )
 
 
 def preprocessed_dataset_dir(dataset_name: str, environ: Mapping[str, str] | None = None) -> Path:
@@ -111,8 +120,13 @@ def plans_path(dataset_name: str, plans_identifier: str, environ: Mapping[str, s
     return preprocessed_dataset_dir(dataset_name, environ) / f"{plans_identifier}.json"
 
 
-def load_plans(dataset_name: str, plans_identifier: str, configuration: str | None = None,
-               environ: Mapping[str, str] | None = None, require_data: bool = False) -> dict:
+def load_plans(
+    dataset_name: str,
+    plans_identifier: str,
+    configuration: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    require_data: bool = False,
+) -> dict:
     """Plans JSON from nnUNet_preprocessed, checked for the configuration (and its preprocessed data)."""
     import json
 
@@ -120,26 +134,34 @@ def load_plans(dataset_name: str, plans_identifier: str, configuration: str | No
     path = plans_path(dataset_name, plans_identifier, environ)
     cfg = configuration or "3d_fullres"
     if not path.is_file():
-        raise NnUNetSetupError(f"plans {plans_identifier} not found at {path}: run "
-                               f"{plan_command(dataset_id, plans_identifier, cfg)}")
+        raise NnUNetSetupError(
+            f"plans {plans_identifier} not found at {path}: run "
+            f"{plan_command(dataset_id, plans_identifier, cfg)}"
+        )
     try:
         plans = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise NnUNetSetupError(f"plans file {path} cannot be read ({exc}): re-create it with "
-                               f"{plan_command(dataset_id, plans_identifier, cfg)}") from None
+        raise NnUNetSetupError(
+            f"plans file {path} cannot be read ({exc}): re-create it with "
+            f"{plan_command(dataset_id, plans_identifier, cfg)}"
+        ) from None
     configurations = plans.get("configurations", {})
     if configuration is not None and configuration not in configurations:
-        raise NnUNetSetupError(f"configuration (-c) {configuration!r} is not in {path.name} (available: "
-                               f"{', '.join(configurations) or 'none'}): choose one of those")
+        raise NnUNetSetupError(
+            f"configuration (-c) {configuration!r} is not in {path.name} (available: "
+            f"{', '.join(configurations) or 'none'}): choose one of those"
+        )
     if configuration is not None and require_data:
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         identifier = PlansManager(plans).get_configuration(configuration).data_identifier
         data_dir = path.parent / identifier
         if not data_dir.is_dir() or not any(data_dir.iterdir()):
-            raise NnUNetSetupError(f"preprocessed data {data_dir} for {plans_identifier}/{configuration} is missing: "
-                                   f"run nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_identifier} "
-                                   f"-c {configuration}")
+            raise NnUNetSetupError(
+                f"preprocessed data {data_dir} for {plans_identifier}/{configuration} is missing: "
+                f"run nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_identifier} "
+                f"-c {configuration}"
+            )
     return plans
 
 
@@ -148,8 +170,9 @@ def load_dataset_json(dataset_name: str, environ: Mapping[str, str] | None = Non
 
     path = preprocessed_dataset_dir(dataset_name, environ) / "dataset.json"
     if not path.is_file():
-        raise NnUNetSetupError(f"{path} not found: run nnUNetv2_plan_and_preprocess -d "
-                               f"{dataset_id_of(dataset_name)} first")
+        raise NnUNetSetupError(
+            f"{path} not found: run nnUNetv2_plan_and_preprocess -d {dataset_id_of(dataset_name)} first"
+        )
     return json.loads(path.read_text())
 
 
@@ -170,8 +193,10 @@ def select_device(spec: str | None):
         if not torch.cuda.is_available():
             raise NnUNetSetupError(f"device {spec} requested but CUDA is not available here: use -device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise NnUNetSetupError(f"device {spec} does not exist ({torch.cuda.device_count()} CUDA devices "
-                                   "visible): use a smaller index or check CUDA_VISIBLE_DEVICES")
+            raise NnUNetSetupError(
+                f"device {spec} does not exist ({torch.cuda.device_count()} CUDA devices "
+                "visible): use a smaller index or check CUDA_VISIBLE_DEVICES"
+            )
     elif device.type == "mps":
         if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
             raise NnUNetSetupError("device mps requested but not available here: use -device cpu")
@@ -205,8 +230,13 @@ class Workspace:
 
     def env(self, base: Mapping[str, str] | None = None, cpu_friendly: bool = True) -> dict[str, str]:
         env = dict(os.environ if base is None else base)
-        env.update({"nnUNet_raw": str(self.raw), "nnUNet_preprocessed": str(self.preprocessed),
-                    "nnUNet_results": str(self.results)})
+        env.update(
+            {
+                "nnUNet_raw": str(self.raw),
+                "nnUNet_preprocessed": str(self.preprocessed),
+                "nnUNet_results": str(self.results),
+            }
+        )
         if cpu_friendly:
             env.update(CPU_FRIENDLY_ENV)
         return env
@@ -218,8 +248,13 @@ def nnunet_executable(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def run_logged(argv: Sequence[str], env: Mapping[str, str], log_path: Path, timeout: float | None = None,
-               tail_chars: int = 4000) -> None:
+def run_logged(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    timeout: float | None = None,
+    tail_chars: int = 4000,
+) -> None:
     """Run a command with its output appended to `log_path`; on failure raise with the log's tail.
 
     nnU-Net prints a lot; tests and benchmarks keep it out of their own output but must show why a
@@ -230,8 +265,9 @@ def run_logged(argv: Sequence[str], env: Mapping[str, str], log_path: Path, time
         log.write(f"\n$ {' '.join(argv)}\n")
         log.flush()
         try:
-            proc = subprocess.run(list(argv), env=dict(env), stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout, check=False)
+            proc = subprocess.run(
+                list(argv), env=dict(env), stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False
+            )
         except subprocess.TimeoutExpired:
             code = "timeout"
         else:

@@ -34,8 +34,21 @@ CARD_NAME = "README.md"
 DEFAULT_MAX_BATCH = 8
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HF_LICENSES = {
-    "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "cc-by-nd-4.0", "cc-by-nc-nd-4.0", "cc0-1.0",
-    "apache-2.0", "mit", "bsd-3-clause", "gpl-3.0", "odbl", "pddl", "odc-by", "other",
+    "cc-by-4.0",
+    "cc-by-sa-4.0",
+    "cc-by-nc-4.0",
+    "cc-by-nc-sa-4.0",
+    "cc-by-nd-4.0",
+    "cc-by-nc-nd-4.0",
+    "cc0-1.0",
+    "apache-2.0",
+    "mit",
+    "bsd-3-clause",
+    "gpl-3.0",
+    "odbl",
+    "pddl",
+    "odc-by",
+    "other",
 }
 
 
@@ -45,8 +58,10 @@ class PackageError(RuntimeError):
 
 def check_model_name(name: str) -> str:
     if not _NAME_OK.match(name):
-        raise PackageError(f"--name {name!r} is not a valid model name: use letters, digits, '_', '-', '.' "
-                           "(it becomes a directory and the Triton model name)")
+        raise PackageError(
+            f"--name {name!r} is not a valid model name: use letters, digits, '_', '-', '.' "
+            "(it becomes a directory and the Triton model name)"
+        )
     return name
 
 
@@ -81,7 +96,9 @@ def triton_config(meta: Mapping[str, Any], name: str, max_batch_size: int = DEFA
     batched = bool(io.get("dynamic_batch"))
     if batched:
         if max_batch_size < 1:
-            raise PackageError(f"--max-batch-size must be >= 1 for a dynamic-batch model, got {max_batch_size}")
+            raise PackageError(
+                f"--max-batch-size must be >= 1 for a dynamic-batch model, got {max_batch_size}"
+            )
         in_shape, out_shape = in_shape[1:], out_shape[1:]
     lines = [
         f'name: "{name}"',
@@ -104,7 +121,7 @@ def triton_config(meta: Mapping[str, Any], name: str, max_batch_size: int = DEFA
     ]
     if batched:
         lines += ["dynamic_batching {", f"  preferred_batch_size: [ {max_batch_size} ]", "}"]
-    lines += ['version_policy: { specific: { versions: [ 1 ] } }']
+    lines += ["version_policy: { specific: { versions: [ 1 ] } }"]
     return "\n".join(lines) + "\n"
 
 
@@ -115,33 +132,66 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def model_card(meta: Mapping[str, Any], name: str, license_text: str | None = None) -> str:
     """README.md: a Hugging Face model card (YAML header + body) generated from the metadata alone."""
     dataset = meta["student"]["dataset"]
-    license_id, license_name = hf_license(license_text or meta["nnunet"]["dataset_json"].get("licence")
-                                          or meta["nnunet"]["dataset_json"].get("license"))
+    license_id, license_name = hf_license(
+        license_text
+        or meta["nnunet"]["dataset_json"].get("licence")
+        or meta["nnunet"]["dataset_json"].get("license")
+    )
     d = meta["distillation"]
     metrics = meta.get("metrics") or {}
     ndim = len(meta["patch_size"])
     header: dict[str, Any] = {"license": license_id}
     if license_name:
         header["license_name"] = license_name
-    header.update({
-        "library_name": "onnx",
-        "pipeline_tag": "image-segmentation",
-        "tags": ["medical-imaging", "image-segmentation", f"{ndim}d", "nnunet", "knowledge-distillation", "onnx",
-                 "triton", f"nnunet-{meta['configuration']}"],
-    })
+    header.update(
+        {
+            "library_name": "onnx",
+            "pipeline_tag": "image-segmentation",
+            "tags": [
+                "medical-imaging",
+                "image-segmentation",
+                f"{ndim}d",
+                "nnunet",
+                "knowledge-distillation",
+                "onnx",
+                "triton",
+                f"nnunet-{meta['configuration']}",
+            ],
+        }
+    )
     results = []
     if metrics.get("student_dice") is not None:
-        results.append({"type": "dice", "value": round(metrics["student_dice"], 4), "verified": False,
-                        "name": f"Student mean Dice ({metrics.get('evaluation')}, {metrics.get('num_cases')} cases)"})
+        results.append(
+            {
+                "type": "dice",
+                "value": round(metrics["student_dice"], 4),
+                "verified": False,
+                "name": f"Student mean Dice ({metrics.get('evaluation')}, {metrics.get('num_cases')} cases)",
+            }
+        )
     if metrics.get("teacher_ensemble_dice") is not None:
-        results.append({"type": "dice", "value": round(metrics["teacher_ensemble_dice"], 4), "verified": False,
-                        "name": f"Teacher ensemble mean Dice ({metrics.get('evaluation')}, "
-                                f"{metrics.get('num_cases')} cases)"})
+        results.append(
+            {
+                "type": "dice",
+                "value": round(metrics["teacher_ensemble_dice"], 4),
+                "verified": False,
+                "name": f"Teacher ensemble mean Dice ({metrics.get('evaluation')}, "
+                f"{metrics.get('num_cases')} cases)",
+            }
+        )
     if results:
-        header["model-index"] = [{"name": name, "results": [{
-            "task": {"type": "image-segmentation", "name": f"{ndim}D medical image segmentation"},
-            "dataset": {"type": dataset, "name": dataset},
-            "metrics": results}]}]
+        header["model-index"] = [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": "image-segmentation", "name": f"{ndim}D medical image segmentation"},
+                        "dataset": {"type": dataset, "name": dataset},
+                        "metrics": results,
+                    }
+                ],
+            }
+        ]
     yaml_text = yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=1000)
 
     io = meta["io"]
@@ -150,21 +200,30 @@ def model_card(meta: Mapping[str, Any], name: str, license_text: str | None = No
     channel_rows = "\n".join(
         f"| {c} | {n} | {meta['normalization_schemes'][i] if i < len(meta['normalization_schemes']) else ''} | "
         f"{_intensity(meta['intensity_properties'].get(str(c)))} |"
-        for i, (c, n) in enumerate(meta["channel_names"].items()))
+        for i, (c, n) in enumerate(meta["channel_names"].items())
+    )
     v = meta.get("verification") or {}
     if metrics:
         per_label = metrics.get("per_label") or {}
-        rows = [f"| {name} | {_fmt(v.get('student_dice'))} | {_fmt(v.get('teacher_ensemble_dice'))} | "
-                f"{_fmt(v.get('retention'), 3)} |" for name, v in per_label.items()]
-        rows.append(f"| **mean** | {_fmt(metrics.get('student_dice'))} | {_fmt(metrics.get('teacher_ensemble_dice'))} "
-                    f"| {_fmt(metrics.get('retention'), 3)} |")
+        rows = [
+            f"| {name} | {_fmt(v.get('student_dice'))} | {_fmt(v.get('teacher_ensemble_dice'))} | "
+            f"{_fmt(v.get('retention'), 3)} |"
+            for name, v in per_label.items()
+        ]
+        rows.append(
+            f"| **mean** | {_fmt(metrics.get('student_dice'))} | {_fmt(metrics.get('teacher_ensemble_dice'))} "
+            f"| {_fmt(metrics.get('retention'), 3)} |"
+        )
         folds = metrics.get("teacher_folds")
         metric_text = "\n".join(rows) + (
             f"\n\nCases: {metrics.get('num_cases')} ({metrics.get('case_source')}; evaluation "
             f"`{metrics.get('evaluation')}`); teacher ensemble: folds {', '.join(map(str, folds)) if folds else 'none'}"
-            f"; source: {metrics.get('source')}." + (f" {metrics['note']}." if metrics.get("note") else ""))
+            f"; source: {metrics.get('source')}." + (f" {metrics['note']}." if metrics.get("note") else "")
+        )
     else:
-        metric_text = "| student | n/a | n/a | n/a |\n\nNo validation summary was found beside the student checkpoint."
+        metric_text = (
+            "| student | n/a | n/a | n/a |\n\nNo validation summary was found beside the student checkpoint."
+        )
     teacher_folds = d.get("teacher_folds")
     return f"""---
 {yaml_text}---
@@ -172,19 +231,19 @@ def model_card(meta: Mapping[str, Any], name: str, license_text: str | None = No
 # {name}
 
 A small nnU-Net student distilled from a teacher ensemble with nnunet-distill, exported to ONNX and verified
-against the PyTorch model. Dataset `{dataset}`, configuration `{meta['configuration']}`, fold {meta['student']['fold']}.
+against the PyTorch model. Dataset `{dataset}`, configuration `{meta["configuration"]}`, fold {meta["student"]["fold"]}.
 
 ## Model
 
 | | |
 |---|---|
-| architecture | `{meta['student']['architecture']}` |
-| parameters | {meta['student']['parameters']:,} |
-| student plans | `{meta['student']['plans_identifier']}` |
-| reduction factor r | {d.get('reduction_factor')} |
-| KD weight α / temperature T | {d.get('alpha')} / {d.get('temperature')} |
-| teacher plans / folds | `{d.get('teacher_plans')}` / {', '.join(map(str, teacher_folds)) if teacher_folds else 'n/a'} |
-| DA5 augmentation | {d.get('da5')} |
+| architecture | `{meta["student"]["architecture"]}` |
+| parameters | {meta["student"]["parameters"]:,} |
+| student plans | `{meta["student"]["plans_identifier"]}` |
+| reduction factor r | {d.get("reduction_factor")} |
+| KD weight α / temperature T | {d.get("alpha")} / {d.get("temperature")} |
+| teacher plans / folds | `{d.get("teacher_plans")}` / {", ".join(map(str, teacher_folds)) if teacher_folds else "n/a"} |
+| DA5 augmentation | {d.get("da5")} |
 
 ## Held-out Dice
 
@@ -197,11 +256,11 @@ out (n/a) when no such comparison exists.
 
 ## Input and output
 
-- input `{io['input_name']}`: float32 {io['input_shape']}, an nnU-Net-preprocessed patch (see below)
-- output `{io['output_name']}`: float32 {io['output_shape']}, logits ({'sigmoid per region' if meta['has_regions'] else 'softmax over labels'})
-- patch size {meta['patch_size']}, spacing {meta['spacing']}, transpose forward {meta['transpose_forward']}
-- sliding window: tile step {meta['tile_step_size']}, Gaussian weighting, mirroring axes {meta['mirror_axes']}
-- ONNX opset {io['opset']}, TensorRT-ready graph: {io['tensorrt_ready']}
+- input `{io["input_name"]}`: float32 {io["input_shape"]}, an nnU-Net-preprocessed patch (see below)
+- output `{io["output_name"]}`: float32 {io["output_shape"]}, logits ({"sigmoid per region" if meta["has_regions"] else "softmax over labels"})
+- patch size {meta["patch_size"]}, spacing {meta["spacing"]}, transpose forward {meta["transpose_forward"]}
+- sliding window: tile step {meta["tile_step_size"]}, Gaussian weighting, mirroring axes {meta["mirror_axes"]}
+- ONNX opset {io["opset"]}, TensorRT-ready graph: {io["tensorrt_ready"]}
 
 | channel | name | normalization | foreground intensity statistics |
 |---|---|---|---|
@@ -223,11 +282,11 @@ PyTorch; `nnunet_inference.json` holds everything it needs. Check the files with
 
 ## Verification
 
-ONNX Runtime vs PyTorch on {len(v.get('inputs', []))} inputs (random and a real preprocessed patch
-`{v.get('real_patch_case')}`): max |Δlogit| = {v.get('max_abs_diff')}, segmentation agreement = {v.get('min_agreement')}.
+ONNX Runtime vs PyTorch on {len(v.get("inputs", []))} inputs (random and a real preprocessed patch
+`{v.get("real_patch_case")}`): max |Δlogit| = {v.get("max_abs_diff")}, segmentation agreement = {v.get("min_agreement")}.
 
-Versions: {', '.join(f'{k} {val}' for k, val in sorted(meta['versions'].items()) if val)}.
-Dataset fingerprint sha256: `{meta.get('dataset_fingerprint_sha256')}`.
+Versions: {", ".join(f"{k} {val}" for k, val in sorted(meta["versions"].items()) if val)}.
+Dataset fingerprint sha256: `{meta.get("dataset_fingerprint_sha256")}`.
 """
 
 
@@ -248,28 +307,37 @@ def read_model_metadata(onnx_file: Path) -> dict:
     import onnx
 
     if not onnx_file.is_file():
-        raise PackageError(f"--onnx {onnx_file} does not exist; export the student first "
-                           "(nnUNetv2_distillation_export_onnx)")
+        raise PackageError(
+            f"--onnx {onnx_file} does not exist; export the student first (nnUNetv2_distillation_export_onnx)"
+        )
     try:
         model = onnx.load(str(onnx_file), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf DecodeError and friends
         raise PackageError(f"--onnx {onnx_file} is not a readable ONNX file ({type(exc).__name__})") from None
     props = {p.key: p.value for p in model.metadata_props}
     if "format" not in props:
-        raise PackageError(f"--onnx {onnx_file} carries no nnunet-distill metadata; export it with "
-                           "nnUNetv2_distillation_export_onnx")
+        raise PackageError(
+            f"--onnx {onnx_file} carries no nnunet-distill metadata; export it with "
+            "nnUNetv2_distillation_export_onnx"
+        )
     return md.from_metadata_props(props)
 
 
-def build_package(onnx_file: str | Path, out_dir: str | Path, name: str | None = None,
-                  license_text: str | None = None, max_batch_size: int = DEFAULT_MAX_BATCH) -> Path:
+def build_package(
+    onnx_file: str | Path,
+    out_dir: str | Path,
+    name: str | None = None,
+    license_text: str | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH,
+) -> Path:
     """Write the package to out_dir (replacing an earlier package there) and return out_dir."""
     onnx_file, out_dir = Path(onnx_file), Path(out_dir)
     meta = read_model_metadata(onnx_file)
     name = check_model_name(name or meta["model_name"])
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / SUMS_NAME).is_file():
-        raise PackageError(f"-o {out_dir} exists, is not empty and is not an earlier package; choose another "
-                           "directory")
+        raise PackageError(
+            f"-o {out_dir} exists, is not empty and is not an earlier package; choose another directory"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -277,8 +345,11 @@ def build_package(onnx_file: str | Path, out_dir: str | Path, name: str | None =
         shutil.copyfile(onnx_file, staging / name / "1" / "model.onnx")
         (staging / name / "config.pbtxt").write_text(triton_config(meta, name, max_batch_size))
         sidecar = dict(meta)
-        sidecar["package"] = {"name": name, "model_file": f"{name}/1/model.onnx",
-                              "model_sha256": md.sha256_file(onnx_file)}
+        sidecar["package"] = {
+            "name": name,
+            "model_file": f"{name}/1/model.onnx",
+            "model_sha256": md.sha256_file(onnx_file),
+        }
         (staging / md.SIDECAR_NAME).write_text(md.dumps(sidecar))
         (staging / CARD_NAME).write_text(model_card(meta, name, license_text))
         (staging / SUMS_NAME).write_text(sha256sums(staging))

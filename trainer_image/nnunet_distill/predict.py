@@ -42,8 +42,10 @@ def locate_model(path: str | Path) -> tuple[Path, dict]:
     elif path.is_dir():
         candidates = sorted({*path.glob("*.onnx"), *path.glob("*/1/model.onnx")})
         if len(candidates) != 1:
-            raise PredictorError(f"-m {path}: expected exactly one model (*.onnx or <name>/1/model.onnx), found "
-                                 f"{[str(c.relative_to(path)) for c in candidates] or 'none'}; pass the .onnx file")
+            raise PredictorError(
+                f"-m {path}: expected exactly one model (*.onnx or <name>/1/model.onnx), found "
+                f"{[str(c.relative_to(path)) for c in candidates] or 'none'}; pass the .onnx file"
+            )
         onnx_file = candidates[0]
         sidecar = path / md.SIDECAR_NAME
         if not sidecar.is_file():
@@ -58,12 +60,15 @@ def locate_model(path: str | Path) -> tuple[Path, dict]:
         md.check_metadata(meta)
     else:
         import onnx
+
         model = onnx.load(str(onnx_file), load_external_data=False)
         meta = md.from_metadata_props({p.key: p.value for p in model.metadata_props})
     expected = (meta.get("package") or {}).get("model_sha256")
     if expected and md.sha256_file(onnx_file) != expected:
-        raise PredictorError(f"{onnx_file} does not match the sha256 recorded in {md.SIDECAR_NAME}; the package is "
-                             "corrupted or mixes models (check it with sha256sum -c SHA256SUMS)")
+        raise PredictorError(
+            f"{onnx_file} does not match the sha256 recorded in {md.SIDECAR_NAME}; the package is "
+            "corrupted or mixes models (check it with sha256sum -c SHA256SUMS)"
+        )
     return onnx_file, meta
 
 
@@ -83,8 +88,10 @@ def onnxruntime_providers(device: torch.device) -> list[str]:
 
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise PredictorError("-device cuda needs onnxruntime with the CUDA execution provider (install "
-                                 "onnxruntime-gpu), available here: " + ", ".join(ort.get_available_providers()))
+            raise PredictorError(
+                "-device cuda needs onnxruntime with the CUDA execution provider (install "
+                "onnxruntime-gpu), available here: " + ", ".join(ort.get_available_providers())
+            )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -119,21 +126,27 @@ class OnnxNetwork(torch.nn.Module):
     def check_compatible(self, num_input_channels: int, patch_size: Sequence[int]) -> None:
         channels, spatial = self.input_shape[1], self.input_shape[2:]
         if isinstance(channels, int) and channels != num_input_channels:
-            raise PredictorError(f"the ONNX graph takes {channels} channels but its metadata says "
-                                 f"{num_input_channels}; the package mixes files of different models")
+            raise PredictorError(
+                f"the ONNX graph takes {channels} channels but its metadata says "
+                f"{num_input_channels}; the package mixes files of different models"
+            )
         fixed = [s for s in spatial if isinstance(s, int)]
         if len(fixed) == len(spatial) and list(spatial) != list(patch_size):
-            raise PredictorError(f"the ONNX graph has a fixed spatial size {spatial} but the patch size is "
-                                 f"{list(patch_size)}; re-export with -nn or -da")
+            raise PredictorError(
+                f"the ONNX graph has a fixed spatial size {spatial} but the patch size is "
+                f"{list(patch_size)}; re-export with -nn or -da"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
         step = self.static_batch or array.shape[0]
         outputs = []
         for start in range(0, array.shape[0], step):
-            chunk = array[start:start + step]
+            chunk = array[start : start + step]
             n = chunk.shape[0]
-            if n < step:  # a static-batch graph takes exactly `step` patches: pad with copies, drop them after
+            if (
+                n < step
+            ):  # a static-batch graph takes exactly `step` patches: pad with copies, drop them after
                 chunk = torch.from_numpy(chunk).repeat(-(-step // n), *[1] * (chunk.ndim - 1))[:step].numpy()
             out = self.session.run([self.output_name], {self.input_name: chunk})[0][:n]
             outputs.append(torch.from_numpy(out))
@@ -144,14 +157,27 @@ class OnnxNetwork(torch.nn.Module):
 class OnnxRuntimePredictor(nnUNetPredictor):
     """nnUNetPredictor whose network is an ONNX Runtime session built from an exported student package."""
 
-    def __init__(self, tile_step_size: float | None = None, use_gaussian: bool = True, use_mirroring: bool = True,
-                 device: torch.device | None = None, verbose: bool = False, allow_tqdm: bool = True,
-                 mirror_batch: int = 8):
+    def __init__(
+        self,
+        tile_step_size: float | None = None,
+        use_gaussian: bool = True,
+        use_mirroring: bool = True,
+        device: torch.device | None = None,
+        verbose: bool = False,
+        allow_tqdm: bool = True,
+        mirror_batch: int = 8,
+    ):
         device = torch.device("cpu") if device is None else device
-        super().__init__(tile_step_size=0.5 if tile_step_size is None else tile_step_size,
-                         use_gaussian=use_gaussian, use_mirroring=use_mirroring,
-                         perform_everything_on_device=device.type == "cuda", device=device, verbose=verbose,
-                         verbose_preprocessing=verbose, allow_tqdm=allow_tqdm)
+        super().__init__(
+            tile_step_size=0.5 if tile_step_size is None else tile_step_size,
+            use_gaussian=use_gaussian,
+            use_mirroring=use_mirroring,
+            perform_everything_on_device=device.type == "cuda",
+            device=device,
+            verbose=verbose,
+            verbose_preprocessing=verbose,
+            allow_tqdm=allow_tqdm,
+        )
         self._explicit_step = tile_step_size is not None
         self.mirror_batch = max(1, mirror_batch)
         self.metadata: dict | None = None
@@ -165,9 +191,15 @@ class OnnxRuntimePredictor(nnUNetPredictor):
         if not self._explicit_step:
             self.tile_step_size = float(meta.get("tile_step_size", 0.5))
         mirror = meta.get("mirror_axes")
-        self.manual_initialization(network, plans_manager, configuration_manager, None, dataset_json,
-                                   meta.get("student", {}).get("checkpoint_trainer", "onnx"),
-                                   None if mirror is None else tuple(mirror))
+        self.manual_initialization(
+            network,
+            plans_manager,
+            configuration_manager,
+            None,
+            dataset_json,
+            meta.get("student", {}).get("checkpoint_trainer", "onnx"),
+            None if mirror is None else tuple(mirror),
+        )
         self.metadata, self.onnx_file = meta, onnx_file
 
     @torch.inference_mode()
@@ -188,15 +220,17 @@ class OnnxRuntimePredictor(nnUNetPredictor):
             return super()._internal_maybe_mirror_and_predict(x)
         assert max(mirror_axes) <= x.ndim - 3, "mirror_axes does not match the dimension of the input!"
         axes = [m + 2 for m in mirror_axes]
-        flips: list[tuple[int, ...]] = [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+        flips: list[tuple[int, ...]] = [()] + [
+            c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)
+        ]
         n = x.shape[0]
         prediction = None
         for start in range(0, len(flips), self.mirror_batch):
-            group = flips[start:start + self.mirror_batch]
+            group = flips[start : start + self.mirror_batch]
             batch = torch.cat([torch.flip(x, f) if f else x for f in group])
             out = self.network(batch)
             for i, f in enumerate(group):
-                part = out[i * n:(i + 1) * n]
+                part = out[i * n : (i + 1) * n]
                 part = torch.flip(part, f) if f else part
                 prediction = part if prediction is None else prediction + part
         return prediction / len(flips)

@@ -124,11 +124,13 @@ def attach_reporter(trainer: Any, reporter: ProgressReporter) -> None:
     trainer.on_epoch_end = on_epoch_end
 
 
-def start_reporting(trainer: Any, *, stage: str, resumed: bool,
-                    env: Mapping[str, str] = os.environ) -> ProgressReporter:
+def start_reporting(
+    trainer: Any, *, stage: str, resumed: bool, env: Mapping[str, str] = os.environ
+) -> ProgressReporter:
     """The stage's reporter (a no-op outside a pod), hooked into ``trainer`` and started."""
-    reporter = ProgressReporter.from_env(env, total_epochs=trainer.num_epochs, stage=env.get("DISTILLATIONJOB_STAGE")
-                                         or stage)
+    reporter = ProgressReporter.from_env(
+        env, total_epochs=trainer.num_epochs, stage=env.get("DISTILLATIONJOB_STAGE") or stage
+    )
     attach_reporter(trainer, reporter)
     if resumed:
         _safely("count the restart", reporter.mark_restart)
@@ -159,11 +161,22 @@ def teacher_summary(trainer: Any, fold: int | str, parameters: int | None) -> di
     return {
         "stage": "teachers",
         "ok": True,
-        "artifacts": {"teacherModelPath": str(folder.parent), "fold": fold,
-                      "checkpoint": str(folder / "checkpoint_final.pth"), "teacherParameters": parameters},
+        "artifacts": {
+            "teacherModelPath": str(folder.parent),
+            "fold": fold,
+            "checkpoint": str(folder / "checkpoint_final.pth"),
+            "teacherParameters": parameters,
+        },
         "metrics": {"foldDice": validation_dice(folder)},
     }
 
 
-__all__ = ["attach_reporter", "epoch_values", "make_checkpoints_atomic", "start_reporting", "teacher_summary",
-           "temp_checkpoint_path", "validation_dice"]
+__all__ = [
+    "attach_reporter",
+    "epoch_values",
+    "make_checkpoints_atomic",
+    "start_reporting",
+    "teacher_summary",
+    "temp_checkpoint_path",
+    "validation_dice",
+]

@@ -38,8 +38,10 @@ def _check(splits: Sequence[dict], fold: int) -> None:
     if len(splits) < 2:
         raise RotationError(f"-rotate_folds needs at least 2 folds in splits_final.json, found {len(splits)}")
     if not 0 <= fold < len(splits):
-        raise RotationError(f"-rotate_folds: fold {fold} is not one of the {len(splits)} folds in "
-                            f"splits_final.json (0..{len(splits) - 1}); pick one of them or drop -rotate_folds")
+        raise RotationError(
+            f"-rotate_folds: fold {fold} is not one of the {len(splits)} folds in "
+            f"splits_final.json (0..{len(splits) - 1}); pick one of them or drop -rotate_folds"
+        )
 
 
 def rotated_split(splits: Sequence[dict], fold: int, source_fold: int) -> tuple[list[str], list[str]]:
@@ -59,6 +61,8 @@ def describe(splits: Sequence[dict], fold: int, source_fold: int) -> str:
     """One log line saying what the student trains on and what its validation Dice covers."""
     train, val = rotated_split(splits, fold, source_fold)
     resting = sorted(set(splits[fold]["train"]) - set(train))
-    return (f"fold rotation: training on fold {source_fold}'s split without fold {fold}'s validation cases "
-            f"({len(train)} cases; resting this period: {len(resting)}); validation Dice covers fold {fold}'s "
-            f"{len(val)} validation cases only, none of which the student trains on")
+    return (
+        f"fold rotation: training on fold {source_fold}'s split without fold {fold}'s validation cases "
+        f"({len(train)} cases; resting this period: {len(resting)}); validation Dice covers fold {fold}'s "
+        f"{len(val)} validation cases only, none of which the student trains on"
+    )

@@ -33,15 +33,15 @@ RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderU
 
 BLOCK_STRATEGY_HELP = {
     "reduce": "halve the residual blocks of every encoder stage, at least 1 (the seed's rule): "
-              "a shallower and narrower, fastest student",
+    "a shallower and narrower, fastest student",
     "keep": "keep the teacher's blocks per stage (default): only the width shrinks, so parameters "
-            "and compute fall by about r^2",
+    "and compute fall by about r^2",
     "increase": "one more block per stage, at most 8 (the seed's rule): a deeper student, "
-                "about (n+1)/n times the parameters of `keep`",
+    "about (n+1)/n times the parameters of `keep`",
     "adaptive": "give back depth for the width lost: up to one extra block per halving of a stage's "
-                "width (at most 8), added shallow stages first, within the encoder parameter budget "
-                "of teacher/r^2, taking blocks from the deepest stages to pay for it; never larger than "
-                "`keep`, and it changes the network for every r >= 2",
+    "width (at most 8), added shallow stages first, within the encoder parameter budget "
+    "of teacher/r^2, taking blocks from the deepest stages to pay for it; never larger than "
+    "`keep`, and it changes the network for every r >= 2",
 }
 
 
@@ -56,6 +56,7 @@ class StudentPlansError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Pure rules
 # ---------------------------------------------------------------------------------------------
+
 
 def reduce_features(features: Sequence[int], r: int, minimum: int = MIN_FEATURES) -> list[int]:
     """Channels per stage of the student: floor(f / r), but never below `minimum` (8).
@@ -79,10 +80,16 @@ def width_loss(teacher_features: Sequence[int], student_features: Sequence[int])
     return [t / s for t, s in zip(teacher_features, student_features)]
 
 
-def block_counts(teacher_blocks: Sequence[int], strategy: str, r: int, *,
-                 teacher_features: Sequence[int] | None = None,
-                 kernel_sizes: Sequence[Sequence[int]] | None = None,
-                 minimum_features: int = MIN_FEATURES, max_blocks: int = MAX_BLOCKS) -> list[int]:
+def block_counts(
+    teacher_blocks: Sequence[int],
+    strategy: str,
+    r: int,
+    *,
+    teacher_features: Sequence[int] | None = None,
+    kernel_sizes: Sequence[Sequence[int]] | None = None,
+    minimum_features: int = MIN_FEATURES,
+    max_blocks: int = MAX_BLOCKS,
+) -> list[int]:
     """Residual blocks per encoder stage of a ResEnc student.
 
     - `reduce`:   max(n // 2, 1). The seed's rule; r does not enter.
@@ -116,22 +123,33 @@ def block_counts(teacher_blocks: Sequence[int], strategy: str, r: int, *,
     if strategy == "increase":
         return [max(min(n + 1, max_blocks), n) for n in blocks]
     if strategy != "adaptive":
-        raise ValueError(f"block strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, got {strategy!r}")
+        raise ValueError(
+            f"block strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, got {strategy!r}"
+        )
     if teacher_features is None or len(teacher_features) != len(blocks):
-        raise ValueError("the adaptive block strategy needs teacher_features, one per encoder stage "
-                         f"({len(blocks)} stages)")
+        raise ValueError(
+            "the adaptive block strategy needs teacher_features, one per encoder stage "
+            f"({len(blocks)} stages)"
+        )
     if r == 1:
         return blocks
     student_features = reduce_features(teacher_features, r, minimum_features)
-    volumes = ([math.prod(int(k) for k in ks) for ks in kernel_sizes] if kernel_sizes is not None
-               else [1] * len(blocks))
+    volumes = (
+        [math.prod(int(k) for k in ks) for ks in kernel_sizes]
+        if kernel_sizes is not None
+        else [1] * len(blocks)
+    )
     if len(volumes) != len(blocks):
         raise ValueError(f"kernel_sizes has {len(volumes)} stages, teacher blocks {len(blocks)}")
     cost = [f * f * v for f, v in zip(student_features, volumes)]
-    budget = sum(n * min(f / r, fs) ** 2 * v
-                 for n, f, fs, v in zip(blocks, teacher_features, student_features, volumes))
-    target = [min(max(max_blocks, n), n + math.ceil(math.log2(c) - 1e-9))
-              for n, c in zip(blocks, width_loss(teacher_features, student_features))]
+    budget = sum(
+        n * min(f / r, fs) ** 2 * v
+        for n, f, fs, v in zip(blocks, teacher_features, student_features, volumes)
+    )
+    target = [
+        min(max(max_blocks, n), n + math.ceil(math.log2(c) - 1e-9))
+        for n, c in zip(blocks, width_loss(teacher_features, student_features))
+    ]
     counts = [max(n // 2, 1) for n in blocks]
     spent = sum(n * c for n, c in zip(counts, cost))
     grew = True
@@ -148,6 +166,7 @@ def block_counts(teacher_blocks: Sequence[int], strategy: str, r: int, *,
 # ---------------------------------------------------------------------------------------------
 # Plans derivation (pure: dict in, dict out)
 # ---------------------------------------------------------------------------------------------
+
 
 def _arch_class(class_name: str) -> type | None:
     located = pydoc.locate(class_name)
@@ -168,9 +187,11 @@ def is_residual_encoder(architecture: dict) -> bool:
         return True
     if "n_conv_per_stage" in kwargs:
         return False
-    raise StudentPlansError(f"unsupported student architecture {architecture.get('network_class_name')!r}: "
-                            "the student plans must use PlainConvUNet or ResidualEncoderUNet "
-                            "(plans made by nnUNetv2_plan_experiment with the default or a ResEnc planner)")
+    raise StudentPlansError(
+        f"unsupported student architecture {architecture.get('network_class_name')!r}: "
+        "the student plans must use PlainConvUNet or ResidualEncoderUNet "
+        "(plans made by nnUNetv2_plan_experiment with the default or a ResEnc planner)"
+    )
 
 
 def _configuration_descendants(configurations: dict, configuration: str) -> list[str]:
@@ -191,8 +212,10 @@ def _resolved_architecture(configurations: dict, configuration: str) -> dict:
     name = configuration
     while True:
         if name not in configurations:
-            raise StudentPlansError(f"configuration {name!r} not found in the student plans "
-                                    f"(available: {', '.join(configurations)})")
+            raise StudentPlansError(
+                f"configuration {name!r} not found in the student plans "
+                f"(available: {', '.join(configurations)})"
+            )
         if name in seen:
             raise StudentPlansError(f"circular inherits_from in plans: {' -> '.join(seen + [name])}")
         seen.append(name)
@@ -200,8 +223,10 @@ def _resolved_architecture(configurations: dict, configuration: str) -> dict:
         if "architecture" in cfg:
             return cfg["architecture"]
         if "inherits_from" not in cfg:
-            raise StudentPlansError(f"configuration {configuration!r} has no architecture in the plans "
-                                    "(re-plan it with nnUNetv2_plan_experiment)")
+            raise StudentPlansError(
+                f"configuration {configuration!r} has no architecture in the plans "
+                "(re-plan it with nnUNetv2_plan_experiment)"
+            )
         name = cfg["inherits_from"]
 
 
@@ -214,23 +239,37 @@ def _reduce_architecture(architecture: dict, r: int, block_strategy: str | None)
         kwargs["stem_channels"] = reduce_features([kwargs["stem_channels"]], r)[0]
     if kwargs.get("bottleneck_channels") is not None:
         bc = kwargs["bottleneck_channels"]
-        kwargs["bottleneck_channels"] = (reduce_features(bc, r) if isinstance(bc, (list, tuple))
-                                         else reduce_features([bc], r)[0])
+        kwargs["bottleneck_channels"] = (
+            reduce_features(bc, r) if isinstance(bc, (list, tuple)) else reduce_features([bc], r)[0]
+        )
     if is_residual_encoder(arch):
         blocks = kwargs["n_blocks_per_stage"]
-        blocks = [int(blocks)] * len(teacher_features) if isinstance(blocks, int) else [int(b) for b in blocks]
-        kwargs["n_blocks_per_stage"] = block_counts(blocks, block_strategy or "keep", r,
-                                                    teacher_features=teacher_features,
-                                                    kernel_sizes=kwargs.get("kernel_sizes"))
+        blocks = (
+            [int(blocks)] * len(teacher_features) if isinstance(blocks, int) else [int(b) for b in blocks]
+        )
+        kwargs["n_blocks_per_stage"] = block_counts(
+            blocks,
+            block_strategy or "keep",
+            r,
+            teacher_features=teacher_features,
+            kernel_sizes=kwargs.get("kernel_sizes"),
+        )
     elif block_strategy not in (None, "keep"):
-        raise StudentPlansError(f"block strategy {block_strategy!r} needs a ResidualEncoderUNet student, but the "
-                                f"student plans use {arch.get('network_class_name')}: pass -bs keep, or ResEnc "
-                                "student plans (-spl nnUNetResEncUNetMPlans)")
+        raise StudentPlansError(
+            f"block strategy {block_strategy!r} needs a ResidualEncoderUNet student, but the "
+            f"student plans use {arch.get('network_class_name')}: pass -bs keep, or ResEnc "
+            "student plans (-spl nnUNetResEncUNetMPlans)"
+        )
     return arch
 
 
-def derive_student_plans(student_base_plans: dict, configuration: str, reduction_factor: int,
-                         block_strategy: str | None = None, plans_name: str | None = None) -> dict:
+def derive_student_plans(
+    student_base_plans: dict,
+    configuration: str,
+    reduction_factor: int,
+    block_strategy: str | None = None,
+    plans_name: str | None = None,
+) -> dict:
     """Student plans: the base plans with `configuration`'s channels divided by r.
 
     Returns a new dict (the input is not modified). The configuration, and every configuration that
@@ -244,14 +283,18 @@ def derive_student_plans(student_base_plans: dict, configuration: str, reduction
     if reduction_factor < 1:
         raise StudentPlansError(f"reduction factor (-r) must be >= 1, got {reduction_factor}")
     if block_strategy is not None and block_strategy not in naming.BLOCK_STRATEGIES:
-        raise StudentPlansError(f"block strategy (-bs) must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
-                                f"got {block_strategy!r}")
+        raise StudentPlansError(
+            f"block strategy (-bs) must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
+            f"got {block_strategy!r}"
+        )
     plans = copy.deepcopy(student_base_plans)
     configurations = plans.get("configurations")
     if not isinstance(configurations, dict) or configuration not in configurations:
         available = ", ".join(configurations) if isinstance(configurations, dict) else "none"
-        raise StudentPlansError(f"configuration {configuration!r} not found in plans "
-                                f"{plans.get('plans_name')!r} (available: {available})")
+        raise StudentPlansError(
+            f"configuration {configuration!r} not found in plans "
+            f"{plans.get('plans_name')!r} (available: {available})"
+        )
     base_name = plans.get("plans_name", naming.DEFAULT_PLANS)
     resenc = is_residual_encoder(_resolved_architecture(configurations, configuration))
     strategy = block_strategy if resenc else (None if block_strategy in (None, "keep") else block_strategy)
@@ -265,7 +308,8 @@ def derive_student_plans(student_base_plans: dict, configuration: str, reduction
             cfg["architecture"] = _reduce_architecture(cfg["architecture"], reduction_factor, strategy)
 
     plans["plans_name"] = plans_name or naming.student_plans_identifier(
-        base_name, reduction_factor, (strategy or "keep") if resenc else None)
+        base_name, reduction_factor, (strategy or "keep") if resenc else None
+    )
     plans["distillation"] = {
         "base_plans": base_name,
         "configuration": configuration,
@@ -280,6 +324,7 @@ def derive_student_plans(student_base_plans: dict, configuration: str, reduction
 # ---------------------------------------------------------------------------------------------
 # Compatibility check (pure)
 # ---------------------------------------------------------------------------------------------
+
 
 def _dataset_id(plans: dict) -> str:
     name = str(plans.get("dataset_name", ""))
@@ -305,8 +350,13 @@ def _total_stride(strides: Iterable[Sequence[int]], dim: int) -> list[int]:
     return total
 
 
-def check_compatible(teacher_plans: dict, teacher_dataset_json: dict, student_plans: dict,
-                     student_dataset_json: dict, configuration: str) -> None:
+def check_compatible(
+    teacher_plans: dict,
+    teacher_dataset_json: dict,
+    student_plans: dict,
+    student_dataset_json: dict,
+    configuration: str,
+) -> None:
     """Raise CompatibilityError (one line, naming the mismatch and the fix) if the student cannot learn
     from the teachers: the KD loss compares logits voxel by voxel on one shared batch, so both must read
     the same preprocessed data and predict the same outputs from the same inputs."""
@@ -318,34 +368,47 @@ def check_compatible(teacher_plans: dict, teacher_dataset_json: dict, student_pl
     fix = _fix_command(student_plans)
     for plans, who in ((teacher_plans, "teacher"), (student_plans, "student")):
         if configuration not in plans.get("configurations", {}):
-            raise CompatibilityError(f"configuration {configuration!r} is not in the {who} plans "
-                                     f"{plans.get('plans_name')!r}: plan it with {_fix_command(plans)} "
-                                     f"or choose one of {', '.join(plans.get('configurations', {}))}")
+            raise CompatibilityError(
+                f"configuration {configuration!r} is not in the {who} plans "
+                f"{plans.get('plans_name')!r}: plan it with {_fix_command(plans)} "
+                f"or choose one of {', '.join(plans.get('configurations', {}))}"
+            )
     if teacher_plans.get("dataset_name") != student_plans.get("dataset_name"):
-        raise CompatibilityError(f"teacher plans {t_name} are for {teacher_plans.get('dataset_name')} but student "
-                                 f"plans {s_name} for {student_plans.get('dataset_name')}: use student plans of the "
-                                 f"teacher's dataset ({_fix_command({**student_plans, 'dataset_name': teacher_plans.get('dataset_name')})})")
+        raise CompatibilityError(
+            f"teacher plans {t_name} are for {teacher_plans.get('dataset_name')} but student "
+            f"plans {s_name} for {student_plans.get('dataset_name')}: use student plans of the "
+            f"teacher's dataset ({_fix_command({**student_plans, 'dataset_name': teacher_plans.get('dataset_name')})})"
+        )
     t_pm, s_pm = PlansManager(teacher_plans), PlansManager(student_plans)
     t_cm, s_cm = t_pm.get_configuration(configuration), s_pm.get_configuration(configuration)
 
     t_in = determine_num_input_channels(t_pm, t_cm, teacher_dataset_json)
     s_in = determine_num_input_channels(s_pm, s_cm, student_dataset_json)
     if t_in != s_in:
-        raise CompatibilityError(f"input channels differ: teacher {t_in}, student {s_in} (dataset.json "
-                                 "channel_names): train the student on the teacher's dataset.json")
-    if _labels_key(teacher_dataset_json) != _labels_key(student_dataset_json) or \
-            teacher_dataset_json.get("regions_class_order") != student_dataset_json.get("regions_class_order"):
-        raise CompatibilityError(f"labels/regions differ: teacher {teacher_dataset_json.get('labels')}, student "
-                                 f"{student_dataset_json.get('labels')}: train the student on the teacher's "
-                                 "dataset.json")
+        raise CompatibilityError(
+            f"input channels differ: teacher {t_in}, student {s_in} (dataset.json "
+            "channel_names): train the student on the teacher's dataset.json"
+        )
+    if _labels_key(teacher_dataset_json) != _labels_key(student_dataset_json) or teacher_dataset_json.get(
+        "regions_class_order"
+    ) != student_dataset_json.get("regions_class_order"):
+        raise CompatibilityError(
+            f"labels/regions differ: teacher {teacher_dataset_json.get('labels')}, student "
+            f"{student_dataset_json.get('labels')}: train the student on the teacher's "
+            "dataset.json"
+        )
     t_heads = t_pm.get_label_manager(teacher_dataset_json).num_segmentation_heads
     s_heads = s_pm.get_label_manager(student_dataset_json).num_segmentation_heads
     if t_heads != s_heads:
-        raise CompatibilityError(f"output heads differ: teacher {t_heads}, student {s_heads}: "
-                                 "train the student on the teacher's dataset.json")
+        raise CompatibilityError(
+            f"output heads differ: teacher {t_heads}, student {s_heads}: "
+            "train the student on the teacher's dataset.json"
+        )
     if len(t_cm.patch_size) != len(s_cm.patch_size):
-        raise CompatibilityError(f"configuration dimensionality differs: teacher {len(t_cm.patch_size)}D "
-                                 f"({t_name}), student {len(s_cm.patch_size)}D ({s_name}): use the same -c for both")
+        raise CompatibilityError(
+            f"configuration dimensionality differs: teacher {len(t_cm.patch_size)}D "
+            f"({t_name}), student {len(s_cm.patch_size)}D ({s_name}): use the same -c for both"
+        )
     checks = (
         ("data_identifier", t_cm.data_identifier, s_cm.data_identifier),
         ("spacing", [float(x) for x in t_cm.spacing], [float(x) for x in s_cm.spacing]),
@@ -355,20 +418,25 @@ def check_compatible(teacher_plans: dict, teacher_dataset_json: dict, student_pl
     )
     for field, t_val, s_val in checks:
         if t_val != s_val:
-            raise CompatibilityError(f"teacher and student do not share preprocessed data: {configuration} "
-                                     f"{field} is {t_val} in {t_name} but {s_val} in {s_name}; make student "
-                                     f"plans from the teacher's fingerprint with {fix} (the ResEnc and default "
-                                     "planners share nnUNetPlans_3d_fullres data)")
+            raise CompatibilityError(
+                f"teacher and student do not share preprocessed data: {configuration} "
+                f"{field} is {t_val} in {t_name} but {s_val} in {s_name}; make student "
+                f"plans from the teacher's fingerprint with {fix} (the ResEnc and default "
+                "planners share nnUNetPlans_3d_fullres data)"
+            )
     dim = len(s_cm.patch_size)
     total = _total_stride(s_cm.network_arch_init_kwargs.get("strides", []), dim)
     if any(int(p) % t for p, t in zip(s_cm.patch_size, total)):
-        raise CompatibilityError(f"student patch size {list(s_cm.patch_size)} is not divisible by its total "
-                                 f"stride {total} ({s_name}, {configuration}): re-plan the student with {fix}")
+        raise CompatibilityError(
+            f"student patch size {list(s_cm.patch_size)} is not divisible by its total "
+            f"stride {total} ({s_name}, {configuration}): re-plan the student with {fix}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Edges: torch and the disk
 # ---------------------------------------------------------------------------------------------
+
 
 def _normalized(plans: dict) -> Any:
     return json.loads(json.dumps(plans))
@@ -386,8 +454,9 @@ def write_student_plans(preprocessed_dataset_dir: str | os.PathLike, plans: dict
         raise StudentPlansError("student plans have no plans_name; derive them with derive_student_plans")
     directory = Path(preprocessed_dataset_dir)
     if not directory.is_dir():
-        raise StudentPlansError(f"preprocessed dataset folder {directory} does not exist: run "
-                                "nnUNetv2_plan_and_preprocess first")
+        raise StudentPlansError(
+            f"preprocessed dataset folder {directory} does not exist: run nnUNetv2_plan_and_preprocess first"
+        )
     path = directory / f"{name}.json"
     content = _normalized(plans)
     if path.exists():
@@ -397,8 +466,10 @@ def write_student_plans(preprocessed_dataset_dir: str | os.PathLike, plans: dict
             raise StudentPlansError(f"{path} exists but cannot be read ({exc}): remove it") from exc
         if existing == content:
             return path
-        raise StudentPlansError(f"{path} already exists with different plans: remove it or choose another "
-                                "reduction factor/block strategy/plans name")
+        raise StudentPlansError(
+            f"{path} already exists with different plans: remove it or choose another "
+            "reduction factor/block strategy/plans name"
+        )
     return atomic_write_json(content, path, indent=4)
 
 
@@ -412,8 +483,9 @@ def build_network(plans: dict, configuration: str, dataset_json: dict, deep_supe
     configuration_manager = plans_manager.get_configuration(configuration)
     num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_inputs,
-                                                    num_outputs, deep_supervision)
+    return nnUNetTrainer.build_network_architecture(
+        plans_manager, configuration_manager, num_inputs, num_outputs, deep_supervision
+    )
 
 
 def count_parameters(module) -> int:

@@ -94,35 +94,52 @@ def contrast_table(channel: int) -> tuple[float, ...]:
     base = _CONTRAST[channel % len(_CONTRAST)]
     shift = channel // len(_CONTRAST)
     fg = base[1:]
-    return (base[0], *fg[shift % 3:], *fg[:shift % 3])
+    return (base[0], *fg[shift % 3 :], *fg[: shift % 3])
 
 
 def _grid(shape_zyx: tuple[int, int, int], spacing_xyz: tuple[float, float, float]) -> tuple[np.ndarray, ...]:
     """Physical coordinates (mm) of every voxel, in numpy (z, y, x) order."""
     sz, sy, sx = spacing_xyz[2], spacing_xyz[1], spacing_xyz[0]
-    z, y, x = np.meshgrid(np.arange(shape_zyx[0]) * sz, np.arange(shape_zyx[1]) * sy,
-                          np.arange(shape_zyx[2]) * sx, indexing="ij", sparse=True)
+    z, y, x = np.meshgrid(
+        np.arange(shape_zyx[0]) * sz,
+        np.arange(shape_zyx[1]) * sy,
+        np.arange(shape_zyx[2]) * sx,
+        indexing="ij",
+        sparse=True,
+    )
     return z, y, x
 
 
 def _ellipsoid(grid: tuple[np.ndarray, ...], center: np.ndarray, radii: np.ndarray) -> np.ndarray:
     z, y, x = grid
-    return ((z - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2 + \
-        ((x - center[2]) / radii[2]) ** 2 <= 1.0
+    return ((z - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2 + (
+        (x - center[2]) / radii[2]
+    ) ** 2 <= 1.0
 
 
 def _bias_field(rng: np.random.Generator, grid: tuple[np.ndarray, ...], extent: np.ndarray) -> np.ndarray:
     """Smooth multiplicative field in [1-a, 1+a]: a random low-order (linear + quadratic) polynomial."""
     z, y, x = (g / e - 0.5 for g, e in zip(grid, extent))
     coeffs = rng.uniform(-1.0, 1.0, size=6)
-    poly = coeffs[0] * z + coeffs[1] * y + coeffs[2] * x + coeffs[3] * z * y + coeffs[4] * y * x + \
-        coeffs[5] * (x * x + z * z - y * y)
+    poly = (
+        coeffs[0] * z
+        + coeffs[1] * y
+        + coeffs[2] * x
+        + coeffs[3] * z * y
+        + coeffs[4] * y * x
+        + coeffs[5] * (x * x + z * z - y * y)
+    )
     peak = max(float(np.max(np.abs(poly))), 1e-6)
     return 1.0 + BIAS_AMPLITUDE * poly / peak
 
 
-def _place(rng: np.random.Generator, extent: np.ndarray, radius: float, taken: list[tuple[np.ndarray, float]],
-           margin: float) -> np.ndarray:
+def _place(
+    rng: np.random.Generator,
+    extent: np.ndarray,
+    radius: float,
+    taken: list[tuple[np.ndarray, float]],
+    margin: float,
+) -> np.ndarray:
     """A centre at least one radius inside the field of view, clear of the objects already placed."""
     lo = np.minimum(radius + margin, extent / 2)
     hi = np.maximum(extent - radius - margin, extent / 2)
@@ -137,8 +154,12 @@ def _place(rng: np.random.Generator, extent: np.ndarray, radius: float, taken: l
     return best
 
 
-def generate_case(rng: np.random.Generator, size_xyz: tuple[int, int, int],
-                  spacing_xyz: tuple[float, float, float], channels: int) -> tuple[list[np.ndarray], np.ndarray]:
+def generate_case(
+    rng: np.random.Generator,
+    size_xyz: tuple[int, int, int],
+    spacing_xyz: tuple[float, float, float],
+    channels: int,
+) -> tuple[list[np.ndarray], np.ndarray]:
     """One case: per-channel float32 images and a uint8 label map, both in numpy (z, y, x) order.
 
     1-2 bright and 1-2 dark ellipsoids (radii 12-22 % of the field of view) and one small sphere of
@@ -150,7 +171,10 @@ def generate_case(rng: np.random.Generator, size_xyz: tuple[int, int, int],
     fov = float(np.min(extent))
     label = np.zeros(shape, dtype=np.uint8)
     taken: list[tuple[np.ndarray, float]] = []
-    for lab, count in ((LABELS["dark"], int(rng.integers(1, 3))), (LABELS["bright"], int(rng.integers(1, 3)))):
+    for lab, count in (
+        (LABELS["dark"], int(rng.integers(1, 3))),
+        (LABELS["bright"], int(rng.integers(1, 3))),
+    ):
         for _ in range(count):
             radii = rng.uniform(0.12, 0.22, size=3) * fov
             center = _place(rng, extent, float(radii.max()), taken, margin=1.0)
@@ -175,7 +199,7 @@ def _tube(grid: tuple[np.ndarray, ...], points: np.ndarray, radius: float) -> np
     z, y, x = grid
     inside = np.zeros(np.broadcast_shapes(z.shape, y.shape, x.shape), dtype=bool)
     for p in points:
-        inside |= (z - p[0]) ** 2 + (y - p[1]) ** 2 + (x - p[2]) ** 2 <= radius ** 2
+        inside |= (z - p[0]) ** 2 + (y - p[1]) ** 2 + (x - p[2]) ** 2 <= radius**2
     return inside
 
 
@@ -183,19 +207,27 @@ def _vessel_path(rng: np.random.Generator, extent: np.ndarray, spacing: float) -
     """A smooth curve crossing the field of view: a straight chord bent by two low-frequency sine waves."""
     start = rng.uniform(0.15, 0.85, size=3) * extent
     end = rng.uniform(0.15, 0.85, size=3) * extent
-    axis = int(rng.integers(0, 3))           # the vessel runs mostly along one axis, end to end
+    axis = int(rng.integers(0, 3))  # the vessel runs mostly along one axis, end to end
     start[axis], end[axis] = 0.0, extent[axis]
     n = int(np.ceil(np.linalg.norm(end - start) / (0.5 * spacing))) + 1
     t = np.linspace(0.0, 1.0, n)[:, None]
-    bend = np.stack([rng.uniform(-0.12, 0.12) * extent[i] * np.sin(np.pi * t[:, 0] * rng.uniform(1, 2))
-                     for i in range(3)], axis=1)
+    bend = np.stack(
+        [
+            rng.uniform(-0.12, 0.12) * extent[i] * np.sin(np.pi * t[:, 0] * rng.uniform(1, 2))
+            for i in range(3)
+        ],
+        axis=1,
+    )
     bend[:, axis] = 0.0
     return start + t * (end - start) + bend
 
 
-def generate_organ_case(rng: np.random.Generator, size_xyz: tuple[int, int, int],
-                        spacing_xyz: tuple[float, float, float], channels: int
-                        ) -> tuple[list[np.ndarray], np.ndarray]:
+def generate_organ_case(
+    rng: np.random.Generator,
+    size_xyz: tuple[int, int, int],
+    spacing_xyz: tuple[float, float, float],
+    channels: int,
+) -> tuple[list[np.ndarray], np.ndarray]:
     """One case of the "organ" layout, in numpy (z, y, x) order.
 
     A large organ (an ellipsoid with radii 25-35 % of the field of view), one hypodense lesion of about 4 mm
@@ -242,16 +274,25 @@ def _write_nifti(array: np.ndarray, spacing_xyz: tuple[float, float, float], pat
 def dataset_json(spec: SyntheticSpec) -> dict:
     return {
         "name": spec.name,
-        "description": f"{SYNTHETIC_MARKER}: " + (
-            "an organ, a small lesion inside it and a thin vessel" if spec.layout == "organ" else
-            "bright/dark ellipsoids and a small sphere") + ", noise and bias field",
+        "description": f"{SYNTHETIC_MARKER}: "
+        + (
+            "an organ, a small lesion inside it and a thin vessel"
+            if spec.layout == "organ"
+            else "bright/dark ellipsoids and a small sphere"
+        )
+        + ", noise and bias field",
         "channel_names": channel_names(spec.channels),
         "labels": dict(ORGAN_LABELS if spec.layout == "organ" else LABELS),
         "numTraining": spec.cases,
         "file_ending": ".nii.gz",
-        "synthetic": {"generator": SYNTHETIC_MARKER, "seed": spec.seed, "size": list(spec.size),
-                      "spacing": list(spec.spacing), "test_cases": spec.test_cases,
-                      "layout": spec.layout},
+        "synthetic": {
+            "generator": SYNTHETIC_MARKER,
+            "seed": spec.seed,
+            "size": list(spec.size),
+            "spacing": list(spec.spacing),
+            "test_cases": spec.test_cases,
+            "layout": spec.layout,
+        },
     }
 
 
@@ -261,15 +302,19 @@ def _check_target(raw_dir: Path, spec: SyntheticSpec) -> Path:
     prefix = f"Dataset{spec.dataset_id:03d}_"
     clashes = [p.name for p in raw_dir.glob(prefix + "*") if p.is_dir() and p.name != spec.folder_name]
     if clashes:
-        raise FileExistsError(f"dataset id {spec.dataset_id} is already used by {clashes[0]} in {raw_dir}: "
-                              "choose another -d or remove that folder")
+        raise FileExistsError(
+            f"dataset id {spec.dataset_id} is already used by {clashes[0]} in {raw_dir}: "
+            "choose another -d or remove that folder"
+        )
     if target.exists():
         try:
             marker = json.loads((target / "dataset.json").read_text()).get("synthetic", {}).get("generator")
         except (OSError, json.JSONDecodeError):
             marker = None
         if marker != SYNTHETIC_MARKER:
-            raise FileExistsError(f"{target} exists and is not a synthetic dataset: remove it or choose another -d")
+            raise FileExistsError(
+                f"{target} exists and is not a synthetic dataset: remove it or choose another -d"
+            )
         shutil.rmtree(target)
     return target
 
@@ -285,8 +330,9 @@ def write_dataset(raw_dir: str | Path, spec: SyntheticSpec) -> Path:
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (tmp / sub).mkdir(parents=True)
     for split, count, prefix, images_dir, labels_dir in (
-            (0, spec.cases, "case", "imagesTr", "labelsTr"),
-            (1, spec.test_cases, "test", "imagesTs", "labelsTs")):
+        (0, spec.cases, "case", "imagesTr", "labelsTr"),
+        (1, spec.test_cases, "test", "imagesTs", "labelsTs"),
+    ):
         for i in range(count):
             rng = np.random.default_rng([spec.seed, split, i])
             generate = generate_organ_case if spec.layout == "organ" else generate_case

@@ -48,9 +48,14 @@ class TeacherFold:
 # Locating folds (pure file-system queries)
 # ---------------------------------------------------------------------------------------------
 
-def default_teacher_folder(results_dir: str | Path, dataset_name: str, trainer: str = naming.DEFAULT_TEACHER_TRAINER,
-                           plans: str = naming.DEFAULT_PLANS,
-                           configuration: str = naming.DEFAULT_CONFIGURATION) -> Path:
+
+def default_teacher_folder(
+    results_dir: str | Path,
+    dataset_name: str,
+    trainer: str = naming.DEFAULT_TEACHER_TRAINER,
+    plans: str = naming.DEFAULT_PLANS,
+    configuration: str = naming.DEFAULT_CONFIGURATION,
+) -> Path:
     """``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>``: where ``nnUNetv2_train`` puts folds."""
     return Path(results_dir) / dataset_name / naming.model_folder_name(trainer, plans, configuration)
 
@@ -72,7 +77,9 @@ def _describe_folder(folder: Path, checkpoint_name: str) -> str:
     if not folder.exists():
         parent = folder.parent
         siblings = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
-        where = f"; {parent} holds: {', '.join(siblings)}" if siblings else f"; {parent} does not exist either"
+        where = (
+            f"; {parent} holds: {', '.join(siblings)}" if siblings else f"; {parent} does not exist either"
+        )
         return f"teacher folder {folder} does not exist{where}"
     folds = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("fold_"))
     if not folds:
@@ -84,24 +91,31 @@ def _describe_folder(folder: Path, checkpoint_name: str) -> str:
     return f"teacher folder {folder} has {'; '.join(detail)} (looking for {checkpoint_name})"
 
 
-def select_folds(teacher_folder: str | Path, requested: Sequence[int] | None = None,
-                 checkpoint_name: str = DEFAULT_CHECKPOINT) -> list[TeacherFold]:
+def select_folds(
+    teacher_folder: str | Path,
+    requested: Sequence[int] | None = None,
+    checkpoint_name: str = DEFAULT_CHECKPOINT,
+) -> list[TeacherFold]:
     """The folds to distil from: all complete ones when ``requested`` is None (``-tf`` omitted), else exactly
     ``requested``. Never falls back silently: a missing fold is an error naming the folds that exist."""
     folder = Path(teacher_folder)
     present = available_folds(folder, checkpoint_name)
     if requested is None:
         if not present:
-            raise TeacherError(f"no teacher folds found: {_describe_folder(folder, checkpoint_name)}; train them "
-                               "with nnUNetv2_train (or pass -t with the right folder)")
+            raise TeacherError(
+                f"no teacher folds found: {_describe_folder(folder, checkpoint_name)}; train them "
+                "with nnUNetv2_train (or pass -t with the right folder)"
+            )
         folds = present
     else:
         if len(set(requested)) != len(requested):
             raise TeacherError(f"teacher folds (-tf) list a fold twice: {list(requested)}")
         missing = [f for f in requested if f not in present]
         if missing:
-            raise TeacherError(f"teacher fold(s) {', '.join(map(str, missing))} (-tf) not found: "
-                               f"{_describe_folder(folder, checkpoint_name)}")
+            raise TeacherError(
+                f"teacher fold(s) {', '.join(map(str, missing))} (-tf) not found: "
+                f"{_describe_folder(folder, checkpoint_name)}"
+            )
         folds = list(requested)
     return [TeacherFold(f, folder / f"fold_{f}" / checkpoint_name) for f in folds]
 
@@ -113,8 +127,10 @@ def read_teacher_json(teacher_folder: str | Path) -> tuple[dict, dict]:
     for name in ("plans.json", "dataset.json"):
         path = folder / name
         if not path.is_file():
-            raise TeacherError(f"{path} is missing: the teacher folder must be an nnU-Net model folder "
-                               "(nnUNetv2_train writes plans.json and dataset.json there)")
+            raise TeacherError(
+                f"{path} is missing: the teacher folder must be an nnU-Net model folder "
+                "(nnUNetv2_train writes plans.json and dataset.json there)"
+            )
         out.append(json.loads(path.read_text()))
     return out[0], out[1]
 
@@ -122,6 +138,7 @@ def read_teacher_json(teacher_folder: str | Path) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------------------------
 # Loading (torch edges)
 # ---------------------------------------------------------------------------------------------
+
 
 def build_teacher_network(plans: dict, configuration: str, dataset_json: dict) -> nn.Module:
     """The architecture nnU-Net builds from the teacher's plans; deep supervision off (only the full-res head
@@ -132,8 +149,10 @@ def build_teacher_network(plans: dict, configuration: str, dataset_json: dict) -
 
     pm = PlansManager(plans)
     if configuration not in plans.get("configurations", {}):
-        raise TeacherError(f"configuration {configuration!r} is not in the teacher plans {pm.plans_name!r} "
-                           f"(available: {', '.join(plans.get('configurations', {}))})")
+        raise TeacherError(
+            f"configuration {configuration!r} is not in the teacher plans {pm.plans_name!r} "
+            f"(available: {', '.join(plans.get('configurations', {}))})"
+        )
     cm = pm.get_configuration(configuration)
     n_in = determine_num_input_channels(pm, cm, dataset_json)
     n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
@@ -146,7 +165,7 @@ def _clean_state_dict(state: dict) -> dict:
     for key, value in state.items():
         for prefix in ("module.", "_orig_mod."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -158,29 +177,37 @@ def load_checkpoint_file(path: str | Path) -> dict:
     except FileNotFoundError as exc:
         raise TeacherError(f"teacher checkpoint {path} does not exist") from exc
     except Exception as exc:
-        raise TeacherError(f"teacher checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); "
-                           "is the file complete?") from exc
+        raise TeacherError(
+            f"teacher checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); is the file complete?"
+        ) from exc
 
 
-def load_teacher(fold: TeacherFold, plans: dict, configuration: str, dataset_json: dict,
-                 device: torch.device) -> nn.Module:
+def load_teacher(
+    fold: TeacherFold, plans: dict, configuration: str, dataset_json: dict, device: torch.device
+) -> nn.Module:
     """One frozen teacher: built from plans, weights loaded strictly, eval mode, no grad, on ``device``."""
     ckpt = load_checkpoint_file(fold.checkpoint)
     if "network_weights" not in ckpt:
-        raise TeacherError(f"{fold.checkpoint} is not an nnU-Net training checkpoint (no 'network_weights'; "
-                           f"keys: {', '.join(sorted(ckpt))})")
+        raise TeacherError(
+            f"{fold.checkpoint} is not an nnU-Net training checkpoint (no 'network_weights'; "
+            f"keys: {', '.join(sorted(ckpt))})"
+        )
     trained_cfg = (ckpt.get("init_args") or {}).get("configuration")
     if trained_cfg is not None and trained_cfg != configuration:
-        raise TeacherError(f"teacher fold {fold.fold} was trained on configuration {trained_cfg!r}, not "
-                           f"{configuration!r}: pass -c {trained_cfg} or the matching teacher folder")
+        raise TeacherError(
+            f"teacher fold {fold.fold} was trained on configuration {trained_cfg!r}, not "
+            f"{configuration!r}: pass -c {trained_cfg} or the matching teacher folder"
+        )
     net = build_teacher_network(plans, configuration, dataset_json)
     try:
         net.load_state_dict(_clean_state_dict(ckpt["network_weights"]), strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise TeacherError(f"teacher fold {fold.fold} ({fold.checkpoint}, trainer {ckpt.get('trainer_name')}) does not "
-                           f"match the architecture in the teacher folder's plans.json: "
-                           f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}") from exc
+        raise TeacherError(
+            f"teacher fold {fold.fold} ({fold.checkpoint}, trainer {ckpt.get('trainer_name')}) does not "
+            f"match the architecture in the teacher folder's plans.json: "
+            f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}"
+        ) from exc
     net.to(device)
     net.eval()
     net.requires_grad_(False)
@@ -239,8 +266,14 @@ class TeacherEnsemble(nn.Module):
     when a trainer flips every module to train mode.
     """
 
-    def __init__(self, teachers: Iterable[nn.Module], folds: Sequence[int] = (), *,
-                 precision: torch.dtype | None | str = "auto", channels_last: bool | str = "auto"):
+    def __init__(
+        self,
+        teachers: Iterable[nn.Module],
+        folds: Sequence[int] = (),
+        *,
+        precision: torch.dtype | None | str = "auto",
+        channels_last: bool | str = "auto",
+    ):
         super().__init__()
         self.teachers = nn.ModuleList(list(teachers))
         if len(self.teachers) == 0:
@@ -268,7 +301,9 @@ class TeacherEnsemble(nn.Module):
             for t in self.teachers:
                 t.to(memory_format=torch.channels_last_3d)
 
-    def _apply(self, fn, *args, **kwargs):  # called by .to()/.cuda(): re-pick the memory format for the device
+    def _apply(
+        self, fn, *args, **kwargs
+    ):  # called by .to()/.cuda(): re-pick the memory format for the device
         out = super()._apply(fn, *args, **kwargs)
         self._apply_memory_format()
         return out
@@ -278,15 +313,20 @@ class TeacherEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.precision()
-        autocast = (torch.autocast(device_type=x.device.type, dtype=dtype) if dtype is not None
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(device_type=x.device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
         if self.uses_channels_last() and x.dim() == 5:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), autocast:
             total = None
             for teacher in self.teachers:
                 out = teacher(x)
-                if isinstance(out, (list, tuple)):  # a teacher built with deep supervision: full-res head only
+                if isinstance(
+                    out, (list, tuple)
+                ):  # a teacher built with deep supervision: full-res head only
                     out = out[0]
                 out = out.float()
                 total = out if total is None else total.add_(out)
@@ -295,9 +335,14 @@ class TeacherEnsemble(nn.Module):
         return mean.clone().contiguous()
 
 
-def load_ensemble(teacher_folder: str | Path, configuration: str, device: torch.device,
-                  folds: Sequence[int] | None = None, checkpoint_name: str = DEFAULT_CHECKPOINT,
-                  **ensemble_kwargs) -> tuple[TeacherEnsemble, dict, dict]:
+def load_ensemble(
+    teacher_folder: str | Path,
+    configuration: str,
+    device: torch.device,
+    folds: Sequence[int] | None = None,
+    checkpoint_name: str = DEFAULT_CHECKPOINT,
+    **ensemble_kwargs,
+) -> tuple[TeacherEnsemble, dict, dict]:
     """Select folds, load each with the folder's own plans/dataset.json; returns (ensemble, plans, dataset_json)."""
     plans, dataset_json = read_teacher_json(teacher_folder)
     selected = select_folds(teacher_folder, folds, checkpoint_name)

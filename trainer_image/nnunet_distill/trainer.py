@@ -82,8 +82,14 @@ def _finite_or_none(x: Any) -> float | None:
 class nnUNetDistillationTrainer(nnUNetTrainer):
     """Student trainer: nnU-Net's hard loss mixed with KD from a frozen teacher ensemble on the same batch."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's exact signature
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):  # noqa: B008 - nnU-Net's exact signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         # nnU-Net pins every CUDA run to cuda:0 and leaves the choice to CUDA_VISIBLE_DEVICES; honour cuda:N.
         if not self.is_ddp and device.type == "cuda" and device.index is not None:
@@ -100,8 +106,9 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         self._ensure_kd_log_keys()
 
     # ------------------------------------------------------------------ configuration
-    def configure_distillation(self, config: DistillationConfig, teachers: TeacherEnsemble,
-                               metadata: dict | None = None) -> None:
+    def configure_distillation(
+        self, config: DistillationConfig, teachers: TeacherEnsemble, metadata: dict | None = None
+    ) -> None:
         """Attach the teachers and KD settings; must run before ``initialize``/``run_training``.
 
         ``metadata`` is merged into ``checkpoint['distillation']`` (resolved teacher folder, folds, plans...).
@@ -109,8 +116,10 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         if self.was_initialized:
             raise RuntimeError("configure_distillation() must be called before the trainer is initialized")
         if config.fold != self.fold or config.configuration != self.configuration_name:
-            raise ValueError(f"config is for fold {config.fold}/{config.configuration}, trainer for "
-                             f"{self.fold}/{self.configuration_name}")
+            raise ValueError(
+                f"config is for fold {config.fold}/{config.configuration}, trainer for "
+                f"{self.fold}/{self.configuration_name}"
+            )
         self.distillation_config = config
         self.teachers = teachers.to(self.device)
         if config.epochs is not None:
@@ -149,20 +158,28 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             f"student plans {self.plans_manager.plans_name}, epochs {self.num_epochs} x "
             f"{self.num_iterations_per_epoch} it (+{self.num_val_iterations_per_epoch} val it), "
             f"device {self.device}, teachers in {teachers.precision() or torch.float32}"
-            f"{' channels-last' if teachers.uses_channels_last() else ''}")
+            f"{' channels-last' if teachers.uses_channels_last() else ''}"
+        )
 
     def _require_configured(self) -> DistillationConfig:
         if self.distillation_config is None or self.teachers is None:
-            raise RuntimeError(f"{self.__class__.__name__} needs teachers: call configure_distillation() first "
-                               "(run it through nnUNetv2_distillation_train, not nnUNetv2_train)")
+            raise RuntimeError(
+                f"{self.__class__.__name__} needs teachers: call configure_distillation() first "
+                "(run it through nnUNetv2_distillation_train, not nnUNetv2_train)"
+            )
         return self.distillation_config
 
     def initialize(self):
         cfg = self._require_configured()
         super().initialize()
         self.distillation_loss = DistillationLoss(
-            self.loss, cfg.alpha, cfg.temperature, regions=self.label_manager.has_regions,
-            ignore_label=self.label_manager.ignore_label, kd_mode=cfg.kd_mode)
+            self.loss,
+            cfg.alpha,
+            cfg.temperature,
+            regions=self.label_manager.has_regions,
+            ignore_label=self.label_manager.ignore_label,
+            kd_mode=cfg.kd_mode,
+        )
 
     def inherit_teacher_weights(self) -> str:
         """Initialise the student from one teacher's sliced weights (see :mod:`nnunet_distill.inherit`).
@@ -181,14 +198,18 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             # e.g. a plain student of ResEnc teachers: the encoders share no layers, and a half-inherited network
             # (decoder from the teacher, encoder random) is worse than nnU-Net's own initialisation.
             self.distillation_meta["init_teacher_fold"] = None
-            message = (f"student initialised randomly: --student_init teacher needs the teacher's architecture "
-                       f"({type(teacher_net).__name__}), the student is a {type(student_net).__name__}")
+            message = (
+                f"student initialised randomly: --student_init teacher needs the teacher's architecture "
+                f"({type(teacher_net).__name__}), the student is a {type(student_net).__name__}"
+            )
             self.print_to_log_file(message)
             return message
         report = inherit_from_teacher(student_net, teacher_net)
         self.distillation_meta["init_teacher_fold"] = folds[index] if folds else None
         self.distillation_meta["inherited_fraction"] = round(report.fraction, 4)
-        message = f"student initialised from teacher fold {folds[index] if folds else '?'}: {report.describe()}"
+        message = (
+            f"student initialised from teacher fold {folds[index] if folds else '?'}: {report.describe()}"
+        )
         self.print_to_log_file(message)
         return message
 
@@ -196,8 +217,11 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
-        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
-                  else target.to(self.device, non_blocking=True))
+        target = (
+            [t.to(self.device, non_blocking=True) for t in target]
+            if isinstance(target, list)
+            else target.to(self.device, non_blocking=True)
+        )
 
         # Online KD: the teachers label this very batch, either as augmented for the student or, with the clean
         # teacher view, before the intensity-only augmentations (see augmentation.py); float32 mean logits.
@@ -208,8 +232,11 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         teacher_logits = self.teachers(teacher_data)
 
         self.optimizer.zero_grad(set_to_none=True)
-        amp = (torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda"
-               else contextlib.nullcontext())
+        amp = (
+            torch.autocast(self.device.type, enabled=True)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
         with amp:
             output = self.network(data)
             terms = self.distillation_loss(output, teacher_logits, target)
@@ -224,9 +251,11 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             terms.total.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        return {"loss": terms.total.detach().cpu().numpy(),
-                "kd_loss": terms.kd.detach().cpu().numpy(),
-                "hard_loss": terms.hard.detach().cpu().numpy()}
+        return {
+            "loss": terms.total.detach().cpu().numpy(),
+            "kd_loss": terms.kd.detach().cpu().numpy(),
+            "hard_loss": terms.hard.detach().cpu().numpy(),
+        }
 
     # ------------------------------------------------------------------ augmentation
     def _clean_teacher_view(self) -> bool:
@@ -258,20 +287,32 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         hard = float(np.mean([o["hard_loss"] for o in train_outputs]))
         self.logger.log("train_kd_losses", kd, self.current_epoch)
         self.logger.log("train_hard_losses", hard, self.current_epoch)
-        self.print_to_log_file(f"train_loss_kd {np.round(kd, 4)} (T^2-scaled KL), train_loss_hard {np.round(hard, 4)} "
-                               f"(nnU-Net Dice+CE)")
+        self.print_to_log_file(
+            f"train_loss_kd {np.round(kd, 4)} (T^2-scaled KL), train_loss_hard {np.round(hard, 4)} "
+            f"(nnU-Net Dice+CE)"
+        )
 
     def on_epoch_end(self):
         super().on_epoch_end()  # logs, checkpoints, progress.png, then current_epoch += 1
         progress = self._write_progress()
         if self.reporter is not None:
-            self.reporter.on_epoch_end(self.current_epoch - 1, train_loss=progress["trainLoss"],
-                                       kd_loss=progress["kdLoss"], pseudo_dice=progress["pseudoDice"],
-                                       epoch_seconds=progress["lastEpochSeconds"], total_epochs=self.num_epochs)
+            self.reporter.on_epoch_end(
+                self.current_epoch - 1,
+                train_loss=progress["trainLoss"],
+                kd_loss=progress["kdLoss"],
+                pseudo_dice=progress["pseudoDice"],
+                epoch_seconds=progress["lastEpochSeconds"],
+                total_epochs=self.num_epochs,
+            )
         # SIGTERM outside an iteration (validation, epoch end): nnU-Net has just saved checkpoint_latest.pth. After
         # the last epoch it saves none; checkpoint_final.pth follows at once, so training simply ends then.
-        if getattr(self, "_preemption", {}).get("signal") is not None and self.current_epoch < self.num_epochs:
-            self.print_to_log_file(f"pre-empted after epoch {self.current_epoch - 1}: checkpoint_latest.pth is current")
+        if (
+            getattr(self, "_preemption", {}).get("signal") is not None
+            and self.current_epoch < self.num_epochs
+        ):
+            self.print_to_log_file(
+                f"pre-empted after epoch {self.current_epoch - 1}: checkpoint_latest.pth is current"
+            )
             raise TrainingPreempted(f"SIGTERM: epoch {self.current_epoch - 1} checkpointed")
 
     def _write_progress(self) -> dict:
@@ -328,7 +369,10 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
         atomic_torch_save(self.checkpoint_dict(), filename)
-        if self.reporter is not None and Path(filename).name in ("checkpoint_latest.pth", "checkpoint_final.pth"):
+        if self.reporter is not None and Path(filename).name in (
+            "checkpoint_latest.pth",
+            "checkpoint_final.pth",
+        ):
             self.reporter.on_checkpoint(self.current_epoch)  # 0-based epoch this checkpoint completes
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
@@ -345,7 +389,9 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
     # outputs instead of training them again (their batches are drawn and dropped) and trains the rest. Nothing is
     # repeated and no completed iteration is lost. ``optimizer_steps`` counts every trained iteration across resumes.
     def _install_preemption_handler(self) -> None:
-        state = self.__dict__.setdefault("_preemption", {"signal": None, "epoch": None, "outputs": [], "replay": []})
+        state = self.__dict__.setdefault(
+            "_preemption", {"signal": None, "epoch": None, "outputs": [], "replay": []}
+        )
         self.distillation_meta.setdefault("optimizer_steps", 0)
 
         def on_sigterm(signum, _frame):
@@ -374,15 +420,23 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         state = self._preemption
         done = len(state["outputs"]) if state["epoch"] == self.current_epoch else 0
         checkpoint = self.checkpoint_dict()
-        checkpoint["current_epoch"] = self.current_epoch  # the epoch is still open: the resumed run re-enters it
+        checkpoint["current_epoch"] = (
+            self.current_epoch
+        )  # the epoch is still open: the resumed run re-enters it
         checkpoint["preempted"] = {
-            "epoch": self.current_epoch, "iterations_done": done,
-            "train_outputs": [{k: np.asarray(v).tolist() for k, v in o.items()} for o in state["outputs"][:done]]}
+            "epoch": self.current_epoch,
+            "iterations_done": done,
+            "train_outputs": [
+                {k: np.asarray(v).tolist() for k, v in o.items()} for o in state["outputs"][:done]
+            ],
+        }
         if self.local_rank == 0 and not self.disable_checkpointing:
             atomic_torch_save(checkpoint, join(self.output_folder, "checkpoint_latest.pth"))
-        self.print_to_log_file(f"pre-empted: checkpoint_latest.pth saved after {done} of "
-                               f"{self.num_iterations_per_epoch} iterations of epoch {self.current_epoch} "
-                               f"({self.distillation_meta['optimizer_steps']} optimizer steps in all)")
+        self.print_to_log_file(
+            f"pre-empted: checkpoint_latest.pth saved after {done} of "
+            f"{self.num_iterations_per_epoch} iterations of epoch {self.current_epoch} "
+            f"({self.distillation_meta['optimizer_steps']} optimizer steps in all)"
+        )
         raise TrainingPreempted(f"SIGTERM: checkpointed epoch {self.current_epoch} after {done} iterations")
 
     def _load_preemption_state(self, checkpoint: dict) -> None:
@@ -393,8 +447,10 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         if preempted and preempted["epoch"] == self.current_epoch:
             replay = [{k: np.asarray(v) for k, v in o.items()} for o in preempted["train_outputs"]]
             self.__dict__["_preemption"] = {"signal": None, "epoch": None, "outputs": [], "replay": replay}
-            self.print_to_log_file(f"resuming epoch {self.current_epoch} after iteration "
-                                   f"{preempted['iterations_done']} (pre-empted run)")
+            self.print_to_log_file(
+                f"resuming epoch {self.current_epoch} after iteration "
+                f"{preempted['iterations_done']} (pre-empted run)"
+            )
 
     # ------------------------------------------------------------------ fold rotation
     def _splits(self) -> list[dict]:
@@ -431,7 +487,9 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
     def on_train_start(self):
         self._install_preemption_handler()
         if self._rotation_enabled():
-            rotation.rotated_split(self._splits(), self.fold, self.fold)  # fails early if the fold is not in it
+            rotation.rotated_split(
+                self._splits(), self.fold, self.fold
+            )  # fails early if the fold is not in it
             self._set_rotation_for_epoch(self.current_epoch)
         super().on_train_start()
 
@@ -462,9 +520,11 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         """
         saved = self.inference_allowed_mirroring_axes
         self.inference_allowed_mirroring_axes = self.validation_mirroring_axes()
-        self.print_to_log_file(f"final validation: mirroring TTA "
-                               f"{'off' if self.inference_allowed_mirroring_axes is None else 'on, axes ' + str(self.inference_allowed_mirroring_axes)}"
-                               f"; cases: this fold's validation split only")
+        self.print_to_log_file(
+            f"final validation: mirroring TTA "
+            f"{'off' if self.inference_allowed_mirroring_axes is None else 'on, axes ' + str(self.inference_allowed_mirroring_axes)}"
+            f"; cases: this fold's validation split only"
+        )
         try:
             super().perform_actual_validation(save_probabilities)
         finally:
@@ -485,4 +545,3 @@ class nnUNetDistillationTrainerDA5(nnUNetDistillationTrainer, nnUNetTrainerDA5):
 
 def trainer_class(use_da5: bool) -> type[nnUNetDistillationTrainer]:
     return nnUNetDistillationTrainerDA5 if use_da5 else nnUNetDistillationTrainer
-

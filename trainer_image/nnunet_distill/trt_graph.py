@@ -19,7 +19,120 @@ from onnx import numpy_helper
 # Ops the TensorRT ONNX parser (onnx-tensorrt, TensorRT 8.6 and 10) implements for the default domain.
 # Control flow (If/Loop/Scan) and data-dependent-shape ops (NonZero, Unique, NonMaxSuppression) are left out on
 # purpose: a U-Net never needs them and they defeat static engine building.
-TENSORRT_OPS = frozenset(["Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh", "AveragePool", "BatchNormalization", "Cast", "Ceil", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Cosh", "CumSum", "DepthToSpace", "Div", "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GroupNormalization", "HardSigmoid", "Identity", "InstanceNormalization", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "LRN", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "PRelu", "Range", "Reciprocal", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu", "Reshape", "Resize", "Round", "ScatterElements", "ScatterND", "Selu", "Shape", "Sigmoid", "Sign", "Sin", "Sinh", "Size", "Slice", "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Unsqueeze", "Upsample", "Where", "Xor"])
+TENSORRT_OPS = frozenset(
+    [
+        "Abs",
+        "Acos",
+        "Acosh",
+        "Add",
+        "And",
+        "ArgMax",
+        "ArgMin",
+        "Asin",
+        "Asinh",
+        "Atan",
+        "Atanh",
+        "AveragePool",
+        "BatchNormalization",
+        "Cast",
+        "Ceil",
+        "Clip",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Conv",
+        "ConvTranspose",
+        "Cos",
+        "Cosh",
+        "CumSum",
+        "DepthToSpace",
+        "Div",
+        "Einsum",
+        "Elu",
+        "Equal",
+        "Erf",
+        "Exp",
+        "Expand",
+        "Flatten",
+        "Floor",
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "Gemm",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Greater",
+        "GreaterOrEqual",
+        "GroupNormalization",
+        "HardSigmoid",
+        "Identity",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "LeakyRelu",
+        "Less",
+        "LessOrEqual",
+        "Log",
+        "LogSoftmax",
+        "LRN",
+        "MatMul",
+        "Max",
+        "MaxPool",
+        "Mean",
+        "Min",
+        "Mod",
+        "Mul",
+        "Neg",
+        "Not",
+        "Or",
+        "Pad",
+        "Pow",
+        "PRelu",
+        "Range",
+        "Reciprocal",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSumExp",
+        "ReduceMax",
+        "ReduceMean",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "Relu",
+        "Reshape",
+        "Resize",
+        "Round",
+        "ScatterElements",
+        "ScatterND",
+        "Selu",
+        "Shape",
+        "Sigmoid",
+        "Sign",
+        "Sin",
+        "Sinh",
+        "Size",
+        "Slice",
+        "Softmax",
+        "Softplus",
+        "Softsign",
+        "SpaceToDepth",
+        "Split",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Sum",
+        "Tan",
+        "Tanh",
+        "ThresholdedRelu",
+        "Tile",
+        "TopK",
+        "Transpose",
+        "Unsqueeze",
+        "Upsample",
+        "Where",
+        "Xor",
+    ]
+)
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 TENSORRT_MAX_OPSET = 17  # the newest opset TensorRT 8.6 parses; TensorRT 10 parses it too
 
@@ -32,8 +145,9 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output}
 
 
-def _constant_value(name: str, inits: Mapping[str, onnx.TensorProto],
-                    producers: Mapping[str, onnx.NodeProto]) -> np.ndarray | None:
+def _constant_value(
+    name: str, inits: Mapping[str, onnx.TensorProto], producers: Mapping[str, onnx.NodeProto]
+) -> np.ndarray | None:
     """The value of tensor `name` if the graph fixes it: an initializer, a Constant node, or Identity of those."""
     seen = set()
     while name not in inits:
@@ -75,7 +189,8 @@ def fold_instance_norm_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProt
                 what = "scale" if slot == 1 else "bias"
                 raise TensorRTGraphError(
                     f"InstanceNormalization {node.name or node.output[0]!r}: {what} {name!r} is computed from "
-                    "the input, not a constant; refusing to substitute values (the original tool zero-filled here)")
+                    "the input, not a constant; refusing to substitute values (the original tool zero-filled here)"
+                )
             new_name = f"{name}__folded"
             tensor = numpy_helper.from_array(np.ascontiguousarray(value), new_name)
             graph.initializer.append(tensor)
@@ -147,8 +262,9 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
     return problems
 
 
-def instance_norm_weight_check(model: onnx.ModelProto, state_dict: Mapping[str, object],
-                               expected_affine_norms: int) -> dict[str, int]:
+def instance_norm_weight_check(
+    model: onnx.ModelProto, state_dict: Mapping[str, object], expected_affine_norms: int
+) -> dict[str, int]:
     """Compare every InstanceNormalization scale/bias initializer with the checkpoint tensor of the same name.
 
     The exporter keeps parameter names, so each affine norm's weight and bias must be found in the checkpoint
@@ -168,16 +284,24 @@ def instance_norm_weight_check(model: onnx.ModelProto, state_dict: Mapping[str, 
             key = name.removesuffix("__folded")
             if key not in state_dict or name not in inits:
                 continue
-            ref = np.asarray(state_dict[key].detach().cpu().numpy() if hasattr(state_dict[key], "detach")
-                             else state_dict[key], dtype=np.float32).reshape(-1)
+            ref = np.asarray(
+                state_dict[key].detach().cpu().numpy()
+                if hasattr(state_dict[key], "detach")
+                else state_dict[key],
+                dtype=np.float32,
+            ).reshape(-1)
             got = numpy_helper.to_array(inits[name]).astype(np.float32).reshape(-1)
             if ref.shape != got.shape or not np.array_equal(ref, got):
-                raise TensorRTGraphError(f"InstanceNormalization {node.name!r}: {name!r} differs from the "
-                                         f"checkpoint tensor {key!r}")
+                raise TensorRTGraphError(
+                    f"InstanceNormalization {node.name!r}: {name!r} differs from the "
+                    f"checkpoint tensor {key!r}"
+                )
             found += 1
         if found == 2:
             matched += 1
     if matched < expected_affine_norms:
-        raise TensorRTGraphError(f"only {matched} of {expected_affine_norms} affine InstanceNorm layers have "
-                                 "scale and bias initializers equal to the checkpoint's weights")
+        raise TensorRTGraphError(
+            f"only {matched} of {expected_affine_norms} affine InstanceNorm layers have "
+            "scale and bias initializers equal to the checkpoint's weights"
+        )
     return {"instance_norm_nodes": nodes, "instance_norm_matched_to_checkpoint": matched}

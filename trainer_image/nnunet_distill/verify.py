@@ -23,6 +23,7 @@ class VerificationError(RuntimeError):
 @dataclass(frozen=True)
 class Tolerance:
     """max|Δlogit| must be <= atol + rtol·max|torch logit|; segmentations must agree on >= min_agreement voxels."""
+
     atol: float = 1e-3
     rtol: float = 1e-3
     min_agreement: float = 0.999
@@ -40,9 +41,11 @@ class Comparison:
     def line(self, tol: Tolerance) -> str:
         limit = tol.atol + tol.rtol * self.max_abs_reference
         status = "ok" if self.passed else "FAILED"
-        return (f"verify {self.input_name} {'x'.join(map(str, self.shape))}: max|Δlogit|={self.max_abs_diff:.3e} "
-                f"(limit {limit:.3e}), segmentation agreement={100 * self.agreement:.4f}% "
-                f"(min {100 * tol.min_agreement:.2f}%) {status}")
+        return (
+            f"verify {self.input_name} {'x'.join(map(str, self.shape))}: max|Δlogit|={self.max_abs_diff:.3e} "
+            f"(limit {limit:.3e}), segmentation agreement={100 * self.agreement:.4f}% "
+            f"(min {100 * tol.min_agreement:.2f}%) {status}"
+        )
 
 
 def segmentation_agreement(reference: np.ndarray, candidate: np.ndarray, has_regions: bool) -> float:
@@ -56,11 +59,13 @@ def segmentation_agreement(reference: np.ndarray, candidate: np.ndarray, has_reg
     return float(np.mean(reference.argmax(1) == candidate.argmax(1)))
 
 
-def compare(input_name: str, reference: np.ndarray, candidate: np.ndarray, has_regions: bool,
-            tol: Tolerance) -> Comparison:
+def compare(
+    input_name: str, reference: np.ndarray, candidate: np.ndarray, has_regions: bool, tol: Tolerance
+) -> Comparison:
     if reference.shape != candidate.shape:
-        raise VerificationError(f"{input_name}: ONNX output shape {candidate.shape} != torch output shape "
-                                f"{reference.shape}")
+        raise VerificationError(
+            f"{input_name}: ONNX output shape {candidate.shape} != torch output shape {reference.shape}"
+        )
     if not np.all(np.isfinite(candidate)):
         raise VerificationError(f"{input_name}: ONNX output contains NaN or inf")
     diff = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64))))
@@ -124,8 +129,9 @@ def load_preprocessed_patch(folder: str | Path, patch_size: Sequence[int]) -> tu
     return crop_or_pad(data, patch_size, center), case
 
 
-def run_onnxruntime(model_bytes: bytes, inputs: dict[str, np.ndarray], input_name: str,
-                    threads: int | None = None) -> dict[str, np.ndarray]:
+def run_onnxruntime(
+    model_bytes: bytes, inputs: dict[str, np.ndarray], input_name: str, threads: int | None = None
+) -> dict[str, np.ndarray]:
     """Run a serialized graph on CPU for each named input (CPU: the reference runtime, deterministic)."""
     import onnxruntime as ort
 
@@ -150,8 +156,16 @@ def run_torch(network, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return outputs
 
 
-def verify(model_bytes: bytes, network, inputs: dict[str, np.ndarray], *, input_name: str, has_regions: bool,
-           tol: Tolerance, reference: dict[str, np.ndarray] | None = None) -> list[Comparison]:
+def verify(
+    model_bytes: bytes,
+    network,
+    inputs: dict[str, np.ndarray],
+    *,
+    input_name: str,
+    has_regions: bool,
+    tol: Tolerance,
+    reference: dict[str, np.ndarray] | None = None,
+) -> list[Comparison]:
     """Compare ONNX Runtime with torch on every input; raise VerificationError listing each failing one.
 
     `reference` lets a second verification (after simplification) reuse the torch outputs of the first.
@@ -161,8 +175,9 @@ def verify(model_bytes: bytes, network, inputs: dict[str, np.ndarray], *, input_
     results = [compare(name, reference[name], candidate[name], has_regions, tol) for name in inputs]
     failed = [r for r in results if not r.passed]
     if failed:
-        raise VerificationError("ONNX Runtime output differs from the torch student: "
-                                + "; ".join(r.line(tol) for r in failed))
+        raise VerificationError(
+            "ONNX Runtime output differs from the torch student: " + "; ".join(r.line(tol) for r in failed)
+        )
     return results
 
 
@@ -174,8 +189,15 @@ def report(results: Sequence[Comparison], tol: Tolerance, real_patch: str | None
         "real_patch_case": real_patch,
         "max_abs_diff": _rounded(max(r.max_abs_diff for r in results)),
         "min_agreement": _rounded(min(r.agreement for r in results)),
-        "inputs": [{"name": r.input_name, "shape": list(r.shape), "max_abs_diff": _rounded(r.max_abs_diff),
-                    "agreement": _rounded(r.agreement)} for r in results],
+        "inputs": [
+            {
+                "name": r.input_name,
+                "shape": list(r.shape),
+                "max_abs_diff": _rounded(r.max_abs_diff),
+                "agreement": _rounded(r.agreement),
+            }
+            for r in results
+        ],
     }
 
 

@@ -20,56 +20,124 @@ _PROG_RESENC = "nnUNetv2_resenc_distillation_export_onnx"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-d", "--dataset_id", required=True,
-                        help="dataset id (e.g. 901) or full name (Dataset901_Name), as used for training")
-    parser.add_argument("-c", "--configuration", default=naming.DEFAULT_CONFIGURATION,
-                        help="nnU-Net configuration the student was trained with (default: %(default)s)")
+    parser.add_argument(
+        "-d",
+        "--dataset_id",
+        required=True,
+        help="dataset id (e.g. 901) or full name (Dataset901_Name), as used for training",
+    )
+    parser.add_argument(
+        "-c",
+        "--configuration",
+        default=naming.DEFAULT_CONFIGURATION,
+        help="nnU-Net configuration the student was trained with (default: %(default)s)",
+    )
     parser.add_argument("-f", "--fold", default="0", help="student fold (default: %(default)s)")
-    parser.add_argument("-r", "--reduction_factor", type=int, required=True,
-                        help="feature reduction factor the student was trained with (finds its plans, e.g. "
-                             "nnUNetPlans_r2)")
-    parser.add_argument("-da5", "--use_da5", action="store_true",
-                        help="the student was trained with DA5 augmentation (nnUNetDistillationTrainerDA5 folder)")
-    parser.add_argument("-sim", "--simplify", action="store_true",
-                        help="simplify the graph with onnxslim, then verify it again")
-    parser.add_argument("-fix", "--trt", "--fix_instancenorm", dest="trt", action="store_true",
-                        help="TensorRT-parsable graph: static shapes, opset <= 17, only TensorRT ops, no control "
-                             "flow, InstanceNorm scale/bias as initializers checked against the checkpoint")
-    parser.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth",
-                        help="checkpoint file in the fold folder (default: %(default)s)")
+    parser.add_argument(
+        "-r",
+        "--reduction_factor",
+        type=int,
+        required=True,
+        help="feature reduction factor the student was trained with (finds its plans, e.g. nnUNetPlans_r2)",
+    )
+    parser.add_argument(
+        "-da5",
+        "--use_da5",
+        action="store_true",
+        help="the student was trained with DA5 augmentation (nnUNetDistillationTrainerDA5 folder)",
+    )
+    parser.add_argument(
+        "-sim",
+        "--simplify",
+        action="store_true",
+        help="simplify the graph with onnxslim, then verify it again",
+    )
+    parser.add_argument(
+        "-fix",
+        "--trt",
+        "--fix_instancenorm",
+        dest="trt",
+        action="store_true",
+        help="TensorRT-parsable graph: static shapes, opset <= 17, only TensorRT ops, no control "
+        "flow, InstanceNorm scale/bias as initializers checked against the checkpoint",
+    )
+    parser.add_argument(
+        "-chk",
+        "--checkpoint",
+        default="checkpoint_final.pth",
+        help="checkpoint file in the fold folder (default: %(default)s)",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
-    parser.add_argument("--atol", type=float, default=1e-3,
-                        help="verification: allowed max |logit difference| beyond rtol·max|logit| "
-                             "(default: %(default)s)")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="verification: relative part (default: %(default)s)")
-    parser.add_argument("--min_agreement", type=float, default=0.999,
-                        help="verification: minimum fraction of voxels with the same predicted class "
-                             "(default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="print the student, shapes and every verification result (max |Δlogit| and "
-                             "agreement per input)")
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=1e-3,
+        help="verification: allowed max |logit difference| beyond rtol·max|logit| (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rtol", type=float, default=1e-3, help="verification: relative part (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--min_agreement",
+        type=float,
+        default=0.999,
+        help="verification: minimum fraction of voxels with the same predicted class (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print the student, shapes and every verification result (max |Δlogit| and agreement per input)",
+    )
 
 
 def build_parser_standard() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG_STANDARD,
         description="Export a distilled nnU-Net student to ONNX, verify it against the torch model with ONNX "
-                    "Runtime, and write nnunet_inference.json beside it. Static shape by default.")
+        "Runtime, and write nnunet_inference.json beside it. Static shape by default.",
+    )
     _common(parser)
-    parser.add_argument("-p", "--plans", "--teacher_plans", dest="plans", default=naming.DEFAULT_PLANS,
-                        help="teacher plans the student plans were derived from, as nnUNetv2_distillation_train -p "
-                             "(default: %(default)s)")
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="output .onnx file (default: <student fold folder>/model.onnx)")
-    parser.add_argument("-da", "--dynamic_axes", action="store_true",
-                        help="dynamic batch and spatial axes (spatial sizes must be multiples of the network's "
-                             "total stride); default is a static shape")
-    parser.add_argument("-is", "--input_shape", type=int, nargs="+", metavar="N", default=None,
-                        help="static input shape b c x y z (c must be the model's channel count); with -da the "
-                             "shape traced and verified first")
-    parser.add_argument("-nn", "--nnunet_format", action="store_true",
-                        help="the shape nnU-Net's sliding window feeds: fixed patch size, the model's channels, "
-                             "dynamic batch")
+    parser.add_argument(
+        "-p",
+        "--plans",
+        "--teacher_plans",
+        dest="plans",
+        default=naming.DEFAULT_PLANS,
+        help="teacher plans the student plans were derived from, as nnUNetv2_distillation_train -p "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="output .onnx file (default: <student fold folder>/model.onnx)",
+    )
+    parser.add_argument(
+        "-da",
+        "--dynamic_axes",
+        action="store_true",
+        help="dynamic batch and spatial axes (spatial sizes must be multiples of the network's "
+        "total stride); default is a static shape",
+    )
+    parser.add_argument(
+        "-is",
+        "--input_shape",
+        type=int,
+        nargs="+",
+        metavar="N",
+        default=None,
+        help="static input shape b c x y z (c must be the model's channel count); with -da the "
+        "shape traced and verified first",
+    )
+    parser.add_argument(
+        "-nn",
+        "--nnunet_format",
+        action="store_true",
+        help="the shape nnU-Net's sliding window feeds: fixed patch size, the model's channels, "
+        "dynamic batch",
+    )
     return parser
 
 
@@ -77,28 +145,55 @@ def build_parser_resenc() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG_RESENC,
         description="Export a distilled ResEnc nnU-Net student to DIR/model.onnx (+ nnunet_inference.json), "
-                    "verified against the torch model with ONNX Runtime.")
+        "verified against the torch model with ONNX Runtime.",
+    )
     _common(parser)
-    parser.add_argument("-p", "-tpl", "--plans", "--teacher_plans", dest="plans",
-                        default=naming.DEFAULT_RESENC_TEACHER_PLANS,
-                        help="teacher plans identifier used for training (-tpl of the training CLI; recorded in "
-                             "the metadata) (default: %(default)s)")
-    parser.add_argument("-spl", "--student_plans", default=naming.DEFAULT_PLANS,
-                        help="student base plans used for training, as nnUNetv2_resenc_distillation_train -spl "
-                             "(default: %(default)s)")
-    parser.add_argument("-bs", "--block_strategy", choices=naming.BLOCK_STRATEGIES, default="keep",
-                        help="block strategy used for training (default: %(default)s)")
-    parser.add_argument("-b", "--batch_size", type=int, default=0,
-                        help="batch size; 0 = dynamic batch (default). Spatial size is the plans' patch size. "
-                             "With --trt, 0 means batch 1 (TensorRT needs a static shape)")
-    parser.add_argument("-o", "--output_dir", type=Path, default=None,
-                        help="output directory for model.onnx and nnunet_inference.json "
-                             "(default: <student fold folder>/onnx)")
+    parser.add_argument(
+        "-p",
+        "-tpl",
+        "--plans",
+        "--teacher_plans",
+        dest="plans",
+        default=naming.DEFAULT_RESENC_TEACHER_PLANS,
+        help="teacher plans identifier used for training (-tpl of the training CLI; recorded in "
+        "the metadata) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-spl",
+        "--student_plans",
+        default=naming.DEFAULT_PLANS,
+        help="student base plans used for training, as nnUNetv2_resenc_distillation_train -spl "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "-bs",
+        "--block_strategy",
+        choices=naming.BLOCK_STRATEGIES,
+        default="keep",
+        help="block strategy used for training (default: %(default)s)",
+    )
+    parser.add_argument(
+        "-b",
+        "--batch_size",
+        type=int,
+        default=0,
+        help="batch size; 0 = dynamic batch (default). Spatial size is the plans' patch size. "
+        "With --trt, 0 means batch 1 (TensorRT needs a static shape)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output_dir",
+        type=Path,
+        default=None,
+        help="output directory for model.onnx and nnunet_inference.json "
+        "(default: <student fold folder>/onnx)",
+    )
     return parser
 
 
 def _tolerance(args):
     from nnunet_distill.verify import Tolerance
+
     return Tolerance(atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
 
 
@@ -115,18 +210,31 @@ def request_standard(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from nnunet_distill.export import ExportRequest
 
     if args.nnunet_format and (args.dynamic_axes or args.input_shape):
-        parser.error("-nn fixes the shape to the patch size with a dynamic batch; it cannot be combined with "
-                     "-da or -is")
+        parser.error(
+            "-nn fixes the shape to the patch size with a dynamic batch; it cannot be combined with "
+            "-da or -is"
+        )
     if args.trt and (args.dynamic_axes or args.nnunet_format):
         parser.error("--trt/-fix needs a static shape; drop -da/-nn (use -is to choose the static shape)")
     plans_identifier = _student_plans(parser, args.plans, args.reduction_factor, None)
     return ExportRequest(
-        dataset=args.dataset_id, plans_identifier=plans_identifier, configuration=args.configuration,
-        fold=args.fold, use_da5=args.use_da5, checkpoint_name=args.checkpoint, output=args.output,
-        dynamic=args.dynamic_axes, dynamic_batch=args.nnunet_format,
-        input_shape=tuple(args.input_shape) if args.input_shape else None, tensorrt=args.trt,
-        simplify=args.simplify, opset=args.opset, tolerance=_tolerance(args), teacher_plans=args.plans,
-        verbose=args.verbose)
+        dataset=args.dataset_id,
+        plans_identifier=plans_identifier,
+        configuration=args.configuration,
+        fold=args.fold,
+        use_da5=args.use_da5,
+        checkpoint_name=args.checkpoint,
+        output=args.output,
+        dynamic=args.dynamic_axes,
+        dynamic_batch=args.nnunet_format,
+        input_shape=tuple(args.input_shape) if args.input_shape else None,
+        tensorrt=args.trt,
+        simplify=args.simplify,
+        opset=args.opset,
+        tolerance=_tolerance(args),
+        teacher_plans=args.plans,
+        verbose=args.verbose,
+    )
 
 
 def request_resenc(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -138,10 +246,22 @@ def request_resenc(args: argparse.Namespace, parser: argparse.ArgumentParser):
     dynamic_batch = args.batch_size == 0 and not args.trt
     output = args.output_dir / "model.onnx" if args.output_dir else None
     return ExportRequest(
-        dataset=args.dataset_id, plans_identifier=plans_identifier, configuration=args.configuration,
-        fold=args.fold, use_da5=args.use_da5, checkpoint_name=args.checkpoint, output=output,
-        dynamic_batch=dynamic_batch, batch=max(args.batch_size, 1), tensorrt=args.trt, simplify=args.simplify,
-        opset=args.opset, tolerance=_tolerance(args), teacher_plans=args.plans, verbose=args.verbose)
+        dataset=args.dataset_id,
+        plans_identifier=plans_identifier,
+        configuration=args.configuration,
+        fold=args.fold,
+        use_da5=args.use_da5,
+        checkpoint_name=args.checkpoint,
+        output=output,
+        dynamic_batch=dynamic_batch,
+        batch=max(args.batch_size, 1),
+        tensorrt=args.trt,
+        simplify=args.simplify,
+        opset=args.opset,
+        tolerance=_tolerance(args),
+        teacher_plans=args.plans,
+        verbose=args.verbose,
+    )
 
 
 def _run(prog: str, request, default_output) -> int:
@@ -156,9 +276,11 @@ def _run(prog: str, request, default_output) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     v = result.metadata["verification"]
-    print(f"wrote {result.onnx_path} and {result.sidecar_path.name} (input {result.metadata['io']['input_shape']}, "
-          f"verified on {len(result.comparisons)} inputs: max|Δlogit|={v['max_abs_diff']:.2e}, "
-          f"agreement={100 * v['min_agreement']:.3f}%)")
+    print(
+        f"wrote {result.onnx_path} and {result.sidecar_path.name} (input {result.metadata['io']['input_shape']}, "
+        f"verified on {len(result.comparisons)} inputs: max|Δlogit|={v['max_abs_diff']:.2e}, "
+        f"agreement={100 * v['min_agreement']:.3f}%)"
+    )
     return 0
 
 

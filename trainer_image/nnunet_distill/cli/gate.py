@@ -36,15 +36,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-label-retention. A summary without an honest baseline (no labelled test set and every teacher "
         "fold trained on the student's validation cases) fails.",
     )
-    p.add_argument("--summary", required=True, metavar="GLOB",
-                   help="the student's validation/distillation_summary.json; a glob pattern (expanded here) that "
-                        "must match exactly one file")
-    p.add_argument("--min-retention", type=float, default=gate.DEFAULT_MIN_RETENTION, metavar="X",
-                   help="least mean Dice retention, in (0, 1.5] (default %(default)s)")
-    p.add_argument("--min-label-retention", type=float, default=gate.DEFAULT_MIN_LABEL_RETENTION, metavar="Y",
-                   help="least retention of every single label, in (0, 1.5] (default %(default)s)")
-    p.add_argument("--no-enforce", dest="enforce", action="store_false",
-                   help="report the verdict but exit 0 when it fails (the job goes on and publishes)")
+    p.add_argument(
+        "--summary",
+        required=True,
+        metavar="GLOB",
+        help="the student's validation/distillation_summary.json; a glob pattern (expanded here) that "
+        "must match exactly one file",
+    )
+    p.add_argument(
+        "--min-retention",
+        type=float,
+        default=gate.DEFAULT_MIN_RETENTION,
+        metavar="X",
+        help="least mean Dice retention, in (0, 1.5] (default %(default)s)",
+    )
+    p.add_argument(
+        "--min-label-retention",
+        type=float,
+        default=gate.DEFAULT_MIN_LABEL_RETENTION,
+        metavar="Y",
+        help="least retention of every single label, in (0, 1.5] (default %(default)s)",
+    )
+    p.add_argument(
+        "--no-enforce",
+        dest="enforce",
+        action="store_false",
+        help="report the verdict but exit 0 when it fails (the job goes on and publishes)",
+    )
     return p
 
 
@@ -53,13 +71,17 @@ def find_summary(pattern: str) -> Path:
     matches = sorted(glob.glob(pattern))
     if not matches:
         raise gate.SummaryError(
-            "SummaryNotFound", f"no distillation summary matches {pattern}: did the distill stage finish and write "
-            "validation/distillation_summary.json (a trainer image that evaluates the student)?")
+            "SummaryNotFound",
+            f"no distillation summary matches {pattern}: did the distill stage finish and write "
+            "validation/distillation_summary.json (a trainer image that evaluates the student)?",
+        )
     if len(matches) > 1:
         shown = ", ".join(matches[:4]) + (", ..." if len(matches) > 4 else "")
         raise gate.SummaryError(
-            "AmbiguousSummary", f"{len(matches)} files match {pattern} ({shown}); the gate judges exactly one "
-            "student: two datasets share the ID?")
+            "AmbiguousSummary",
+            f"{len(matches)} files match {pattern} ({shown}); the gate judges exactly one "
+            "student: two datasets share the ID?",
+        )
     return Path(matches[0])
 
 
@@ -93,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     write_termination_message(gate.termination_message(verdict, str(path)))
     print(verdict.message, flush=True)
     if verdict.blocks:
-        print(f"{PROG}: the student is not published; it stays at {verdict.student or path.parent} for inspection",
-              file=sys.stderr)
+        print(
+            f"{PROG}: the student is not published; it stays at {verdict.student or path.parent} for inspection",
+            file=sys.stderr,
+        )
         return gate.EXIT_GATE_FAILED
     return 0
 

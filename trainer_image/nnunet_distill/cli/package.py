@@ -14,18 +14,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Build a Triton model repository with nnunet_inference.json, a model card (README.md) and "
-                    "SHA256SUMS from an exported student (nnUNetv2_distillation_export_onnx). Deterministic: the "
-                    "same ONNX file gives byte-identical packages.")
+        "SHA256SUMS from an exported student (nnUNetv2_distillation_export_onnx). Deterministic: the "
+        "same ONNX file gives byte-identical packages.",
+    )
     parser.add_argument("--onnx", required=True, type=Path, help="exported .onnx file (carries its metadata)")
-    parser.add_argument("-o", "--output", required=True, type=Path,
-                        help="package directory (created, or replaced if it holds an earlier package)")
-    parser.add_argument("--name", default=None,
-                        help="model name: Triton model directory and model card title (default: "
-                             "<dataset>__<student plans>__<configuration>__fold<f>)")
-    parser.add_argument("--license", dest="license_text", default=None,
-                        help="licence for the model card (default: the dataset.json licence, else 'other')")
-    parser.add_argument("--max-batch-size", type=int, default=8,
-                        help="Triton max_batch_size for dynamic-batch models (default: %(default)s)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="package directory (created, or replaced if it holds an earlier package)",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="model name: Triton model directory and model card title (default: "
+        "<dataset>__<student plans>__<configuration>__fold<f>)",
+    )
+    parser.add_argument(
+        "--license",
+        dest="license_text",
+        default=None,
+        help="licence for the model card (default: the dataset.json licence, else 'other')",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="Triton max_batch_size for dynamic-batch models (default: %(default)s)",
+    )
     return parser
 
 
@@ -39,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = build_package(args.onnx, args.output, args.name, args.license_text, args.max_batch_size)
     except (PackageError, MetadataError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        write_termination_message({"stage": "export", "ok": False,
-                                   "error": {"reason": "PackageFailed", "message": str(exc)}})
+        write_termination_message(
+            {"stage": "export", "ok": False, "error": {"reason": "PackageFailed", "message": str(exc)}}
+        )
         return 1
     write_termination_message(termination_summary(out))
     print(f"wrote package {out}")
@@ -58,14 +76,22 @@ def termination_summary(package_dir: Path) -> dict:
     return {
         "stage": "export",
         "ok": True,
-        "artifacts": {"modelPath": str(package_dir / meta["package"]["model_file"]),
-                      "modelSha256": meta["package"]["model_sha256"],
-                      "studentParameters": meta["student"]["parameters"]},
-        "metrics": {k: v for k, v in (("finalDice", metrics.get("student_dice")),
-                                      ("teacherDice", metrics.get("teacher_ensemble_dice")),
-                                      ("retention", metrics.get("retention")),
-                                      ("worstLabelRetention", metrics.get("worst_label_retention")),
-                                      ("worstLabel", metrics.get("worst_label"))) if v is not None},
+        "artifacts": {
+            "modelPath": str(package_dir / meta["package"]["model_file"]),
+            "modelSha256": meta["package"]["model_sha256"],
+            "studentParameters": meta["student"]["parameters"],
+        },
+        "metrics": {
+            k: v
+            for k, v in (
+                ("finalDice", metrics.get("student_dice")),
+                ("teacherDice", metrics.get("teacher_ensemble_dice")),
+                ("retention", metrics.get("retention")),
+                ("worstLabelRetention", metrics.get("worst_label_retention")),
+                ("worstLabel", metrics.get("worst_label")),
+            )
+            if v is not None
+        },
     }
 
 

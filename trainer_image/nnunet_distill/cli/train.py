@@ -28,14 +28,28 @@ class Variant:
     teacher_plans_flags: tuple[str, ...]
     teacher_plans_default: str
     rotate_freq_default: int
-    student_plans_flag: bool   # -spl: the student's base plans may differ from the teacher's
+    student_plans_flag: bool  # -spl: the student's base plans may differ from the teacher's
     block_strategy_flag: bool  # -bs
 
 
-STANDARD = Variant("standard", "nnUNetv2_distillation_train", ("-p", "--teacher_plans"), naming.DEFAULT_PLANS,
-                   400, student_plans_flag=False, block_strategy_flag=False)
-RESENC = Variant("resenc", "nnUNetv2_resenc_distillation_train", ("-tpl", "--teacher_plans", "-p"),
-                 naming.DEFAULT_RESENC_TEACHER_PLANS, 5, student_plans_flag=True, block_strategy_flag=True)
+STANDARD = Variant(
+    "standard",
+    "nnUNetv2_distillation_train",
+    ("-p", "--teacher_plans"),
+    naming.DEFAULT_PLANS,
+    400,
+    student_plans_flag=False,
+    block_strategy_flag=False,
+)
+RESENC = Variant(
+    "resenc",
+    "nnUNetv2_resenc_distillation_train",
+    ("-tpl", "--teacher_plans", "-p"),
+    naming.DEFAULT_RESENC_TEACHER_PLANS,
+    5,
+    student_plans_flag=True,
+    block_strategy_flag=True,
+)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -79,6 +93,7 @@ def _int_at_least(minimum: int):
         if v < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
         return v
+
     parse.__name__ = f"int>={minimum}"
     return parse
 
@@ -95,107 +110,234 @@ def _block_strategy_help() -> str:
     from nnunet_distill.student import BLOCK_STRATEGY_HELP
 
     rules = "; ".join(f"{name}: {BLOCK_STRATEGY_HELP[name]}" for name in naming.BLOCK_STRATEGIES)
-    return (f"residual blocks per encoder stage of a ResEnc student (a plain student accepts only keep). "
-            f"{rules}. Default: %(default)s")
+    return (
+        f"residual blocks per encoder stage of a ResEnc student (a plain student accepts only keep). "
+        f"{rules}. Default: %(default)s"
+    )
 
 
 def build_parser(variant: Variant) -> argparse.ArgumentParser:
     p = _OneLineParser(
-        prog=variant.prog, allow_abbrev=False,
-        description=("Distil an ensemble of nnU-Net teacher folds into one smaller student (channels / r) by "
-                     "knowledge distillation: loss = (1-a)*nnU-Net Dice+CE + a*T^2*KL(teacher||student). The "
-                     "student is saved as a normal nnU-Net model (trainer folder "
-                     "nnUNetDistillationTrainer[DA5]__<plans>_r<r>__<cfg>) that stock nnUNetv2_predict can run."
-                     + (" ResEnc variant: teachers are Residual Encoder U-Nets (-tpl); the student is plain or "
-                        "ResEnc depending on -spl." if variant.name == "resenc" else "")))
-    p.add_argument("-d", "--dataset_id", required=True, metavar="ID",
-                   help="dataset ID (e.g. 901) or full name (Dataset901_Name), as for nnUNetv2_train")
-    p.add_argument("-f", "--fold", required=True, type=_int_at_least(0),
-                   help="the student's fold: it trains on this fold's training split of splits_final.json and is "
-                        "validated on its validation split")
-    p.add_argument("-c", "--configuration", default=naming.DEFAULT_CONFIGURATION,
-                   help="nnU-Net configuration of teachers and student (default: %(default)s)")
-    p.add_argument("-tf", "--teacher_folds", nargs="+", type=_int_at_least(0), metavar="FOLD",
-                   help="teacher folds to distil from (default: every fold_N in the teacher folder that holds the "
-                        "teacher checkpoint); a listed fold that is missing is an error")
-    p.add_argument("-a", "--alpha", type=_unit_interval, default=0.3,
-                   help="weight of the KD term in [0, 1]; 1-alpha weights nnU-Net's Dice+CE (default: %(default)s)")
-    p.add_argument("-temp", "--temperature", type=_positive_float, default=3.0,
-                   help="softmax/sigmoid temperature T > 0 of the KD term, which is scaled by T^2 "
-                        "(default: %(default)s)")
-    p.add_argument("-r", "--reduction_factor", type=_int_at_least(1), default=2,
-                   help="divide every stage's channels by r (floor, at least 8 channels); r=2/4/8 give about "
-                        "1/4, 1/16, 1/64 of the teacher's parameters (default: %(default)s)")
-    p.add_argument("-c_continue", "--continue_training", action="store_true",
-                   help="resume from the student's checkpoint_latest.pth (or checkpoint_final.pth, to train on with "
-                        "a larger -e); refused if alpha, T, r, the teacher folds or folder differ from the "
-                        "checkpoint's; starts fresh (and says so) when there is no checkpoint")
-    p.add_argument("-disable_mirroring", action="store_true",
-                   help="no mirroring test-time augmentation in the final validation (student and teachers); "
-                        "training augmentation is unchanged")
-    p.add_argument("-e", "--epochs", type=_int_at_least(1), default=None,
-                   help="number of epochs (default: nnU-Net's 1000)")
-    p.add_argument("--iterations_per_epoch", type=_int_at_least(1), default=None,
-                   help="training iterations per epoch (default: nnU-Net's 250)")
-    p.add_argument("--val_iterations", type=_int_at_least(1), default=None,
-                   help="validation iterations per epoch for the pseudo Dice (default: nnU-Net's 50)")
-    p.add_argument("-t", "--teacher_model_folder", default=None, metavar="PATH",
-                   help="teacher model folder holding plans.json, dataset.json and fold_N/ (default: "
-                        "$nnUNet_results/<Dataset>/<-tr>__<teacher plans>__<-c>)")
-    p.add_argument("-tr", "--teacher_trainer", default=naming.DEFAULT_TEACHER_TRAINER,
-                   help="trainer the teachers were trained with; only used to find the default teacher folder "
-                        "(default: %(default)s)")
-    p.add_argument(*variant.teacher_plans_flags, dest="teacher_plans", default=variant.teacher_plans_default,
-                   help="plans identifier of the teachers; names the default teacher folder"
-                        + ("" if variant.student_plans_flag else " and is the base of the student plans "
-                           "(<plans>_r<r>)") + " (default: %(default)s)")
+        prog=variant.prog,
+        allow_abbrev=False,
+        description=(
+            "Distil an ensemble of nnU-Net teacher folds into one smaller student (channels / r) by "
+            "knowledge distillation: loss = (1-a)*nnU-Net Dice+CE + a*T^2*KL(teacher||student). The "
+            "student is saved as a normal nnU-Net model (trainer folder "
+            "nnUNetDistillationTrainer[DA5]__<plans>_r<r>__<cfg>) that stock nnUNetv2_predict can run."
+            + (
+                " ResEnc variant: teachers are Residual Encoder U-Nets (-tpl); the student is plain or "
+                "ResEnc depending on -spl."
+                if variant.name == "resenc"
+                else ""
+            )
+        ),
+    )
+    p.add_argument(
+        "-d",
+        "--dataset_id",
+        required=True,
+        metavar="ID",
+        help="dataset ID (e.g. 901) or full name (Dataset901_Name), as for nnUNetv2_train",
+    )
+    p.add_argument(
+        "-f",
+        "--fold",
+        required=True,
+        type=_int_at_least(0),
+        help="the student's fold: it trains on this fold's training split of splits_final.json and is "
+        "validated on its validation split",
+    )
+    p.add_argument(
+        "-c",
+        "--configuration",
+        default=naming.DEFAULT_CONFIGURATION,
+        help="nnU-Net configuration of teachers and student (default: %(default)s)",
+    )
+    p.add_argument(
+        "-tf",
+        "--teacher_folds",
+        nargs="+",
+        type=_int_at_least(0),
+        metavar="FOLD",
+        help="teacher folds to distil from (default: every fold_N in the teacher folder that holds the "
+        "teacher checkpoint); a listed fold that is missing is an error",
+    )
+    p.add_argument(
+        "-a",
+        "--alpha",
+        type=_unit_interval,
+        default=0.3,
+        help="weight of the KD term in [0, 1]; 1-alpha weights nnU-Net's Dice+CE (default: %(default)s)",
+    )
+    p.add_argument(
+        "-temp",
+        "--temperature",
+        type=_positive_float,
+        default=3.0,
+        help="softmax/sigmoid temperature T > 0 of the KD term, which is scaled by T^2 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "-r",
+        "--reduction_factor",
+        type=_int_at_least(1),
+        default=2,
+        help="divide every stage's channels by r (floor, at least 8 channels); r=2/4/8 give about "
+        "1/4, 1/16, 1/64 of the teacher's parameters (default: %(default)s)",
+    )
+    p.add_argument(
+        "-c_continue",
+        "--continue_training",
+        action="store_true",
+        help="resume from the student's checkpoint_latest.pth (or checkpoint_final.pth, to train on with "
+        "a larger -e); refused if alpha, T, r, the teacher folds or folder differ from the "
+        "checkpoint's; starts fresh (and says so) when there is no checkpoint",
+    )
+    p.add_argument(
+        "-disable_mirroring",
+        action="store_true",
+        help="no mirroring test-time augmentation in the final validation (student and teachers); "
+        "training augmentation is unchanged",
+    )
+    p.add_argument(
+        "-e",
+        "--epochs",
+        type=_int_at_least(1),
+        default=None,
+        help="number of epochs (default: nnU-Net's 1000)",
+    )
+    p.add_argument(
+        "--iterations_per_epoch",
+        type=_int_at_least(1),
+        default=None,
+        help="training iterations per epoch (default: nnU-Net's 250)",
+    )
+    p.add_argument(
+        "--val_iterations",
+        type=_int_at_least(1),
+        default=None,
+        help="validation iterations per epoch for the pseudo Dice (default: nnU-Net's 50)",
+    )
+    p.add_argument(
+        "-t",
+        "--teacher_model_folder",
+        default=None,
+        metavar="PATH",
+        help="teacher model folder holding plans.json, dataset.json and fold_N/ (default: "
+        "$nnUNet_results/<Dataset>/<-tr>__<teacher plans>__<-c>)",
+    )
+    p.add_argument(
+        "-tr",
+        "--teacher_trainer",
+        default=naming.DEFAULT_TEACHER_TRAINER,
+        help="trainer the teachers were trained with; only used to find the default teacher folder "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        *variant.teacher_plans_flags,
+        dest="teacher_plans",
+        default=variant.teacher_plans_default,
+        help="plans identifier of the teachers; names the default teacher folder"
+        + ("" if variant.student_plans_flag else " and is the base of the student plans (<plans>_r<r>)")
+        + " (default: %(default)s)",
+    )
     if variant.student_plans_flag:
-        p.add_argument("-spl", "--student_plans", default=naming.DEFAULT_PLANS,
-                       help="plans the student is derived from (in $nnUNet_preprocessed/<Dataset>/): plain U-Net "
-                            "plans (nnUNetPlans) give a plain student, ResEnc plans (nnUNetResEncUNetMPlans...) a "
-                            "ResEnc student; they must share the teachers' preprocessed data (default: %(default)s)")
+        p.add_argument(
+            "-spl",
+            "--student_plans",
+            default=naming.DEFAULT_PLANS,
+            help="plans the student is derived from (in $nnUNet_preprocessed/<Dataset>/): plain U-Net "
+            "plans (nnUNetPlans) give a plain student, ResEnc plans (nnUNetResEncUNetMPlans...) a "
+            "ResEnc student; they must share the teachers' preprocessed data (default: %(default)s)",
+        )
     if variant.block_strategy_flag:
-        p.add_argument("-bs", "--block_strategy", choices=naming.BLOCK_STRATEGIES, default="keep",
-                       help=_block_strategy_help())
-    p.add_argument("-tcp", "--teacher_checkpoint", default="checkpoint_final.pth",
-                   help="checkpoint file of each teacher fold (default: %(default)s; checkpoint_best.pth also works)")
-    p.add_argument("--teacher_precision", choices=TEACHER_PRECISIONS, default="auto",
-                   help="autocast dtype of the teachers' forward passes: auto = bf16 on CUDA (fp16 without bf16) "
-                        "and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp32 for bit-exact teacher "
-                        "logits. The KD loss itself is always computed in fp32 (default: %(default)s)")
-    p.add_argument("-rotate_folds", action="store_true",
-                   help="every -rotate_freq epochs, train on the next fold's training split of splits_final.json, "
-                        "always without this fold's validation cases, so the validation Dice never covers cases "
-                        "the student trained on")
-    p.add_argument("-rotate_freq", type=_int_at_least(1), default=variant.rotate_freq_default,
-                   help="epochs between fold rotations (default: %(default)s)")
-    p.add_argument("-d_device", type=_device, default=None, metavar="DEVICE",
-                   help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu); teachers run on the same "
-                        "device; mixed precision only on CUDA")
-    p.add_argument("--kd_mode", choices=("pixel", "channel", "both"), default="both",
-                   help="KD term: pixel = KL of the class distributions at every voxel, averaged over voxels "
-                        "(Hinton-style); channel = channel-wise KD (Shu et al. 2021): per class, KL of where "
-                        "the class is (a softmax over the patch), so small structures weigh as much as large "
-                        "ones; both = the sum of the two. Pixel-wise KD alone lost a thin vessel entirely at r=4 "
-                        "in bench quality; both kept it (default: %(default)s)")
-    p.add_argument("--student_init", choices=("teacher", "random"), default="teacher",
-                   help="teacher = start the student from a teacher's weights cut to the student's width (the "
-                        "leading channels of every layer; the teacher of the student's fold, else the first; "
-                        "needs the teacher's architecture, else random); random = nnU-Net's initialisation. "
-                        "On held-out data teacher init kept a thin vessel that a randomly initialised student "
-                        "lost in the same budget (bench quality) (default: %(default)s)")
-    p.add_argument("--teacher_view", choices=("augmented", "clean"), default="augmented",
-                   help="what the teachers label: augmented = the student's augmented patch; clean = the same "
-                        "patch after the spatial transforms but before the intensity-only ones (noise, blur, "
-                        "gamma, blank rectangles...) the teachers never trained on (default: %(default)s)")
-    p.add_argument("--test_cases", nargs="+", metavar="CASE", default=None,
-                   help="held-out cases to score student and teacher ensemble on (default: every case of "
-                        "imagesTs that has a label in labelsTs). A case from imagesTr is accepted only if neither "
-                        "the student nor any teacher fold trained on it")
-    p.add_argument("--use_da5", action="store_true",
-                   help="DA5 strong augmentation for small datasets: nnU-Net's nnUNetTrainerDA5 pipeline plus elastic "
-                        "deformation (p 0.2) and order-0 (nearest) segmentation resampling that keeps thin "
-                        "structures; the model folder is nnUNetDistillationTrainerDA5__...")
+        p.add_argument(
+            "-bs",
+            "--block_strategy",
+            choices=naming.BLOCK_STRATEGIES,
+            default="keep",
+            help=_block_strategy_help(),
+        )
+    p.add_argument(
+        "-tcp",
+        "--teacher_checkpoint",
+        default="checkpoint_final.pth",
+        help="checkpoint file of each teacher fold (default: %(default)s; checkpoint_best.pth also works)",
+    )
+    p.add_argument(
+        "--teacher_precision",
+        choices=TEACHER_PRECISIONS,
+        default="auto",
+        help="autocast dtype of the teachers' forward passes: auto = bf16 on CUDA (fp16 without bf16) "
+        "and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp32 for bit-exact teacher "
+        "logits. The KD loss itself is always computed in fp32 (default: %(default)s)",
+    )
+    p.add_argument(
+        "-rotate_folds",
+        action="store_true",
+        help="every -rotate_freq epochs, train on the next fold's training split of splits_final.json, "
+        "always without this fold's validation cases, so the validation Dice never covers cases "
+        "the student trained on",
+    )
+    p.add_argument(
+        "-rotate_freq",
+        type=_int_at_least(1),
+        default=variant.rotate_freq_default,
+        help="epochs between fold rotations (default: %(default)s)",
+    )
+    p.add_argument(
+        "-d_device",
+        type=_device,
+        default=None,
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu); teachers run on the same "
+        "device; mixed precision only on CUDA",
+    )
+    p.add_argument(
+        "--kd_mode",
+        choices=("pixel", "channel", "both"),
+        default="both",
+        help="KD term: pixel = KL of the class distributions at every voxel, averaged over voxels "
+        "(Hinton-style); channel = channel-wise KD (Shu et al. 2021): per class, KL of where "
+        "the class is (a softmax over the patch), so small structures weigh as much as large "
+        "ones; both = the sum of the two. Pixel-wise KD alone lost a thin vessel entirely at r=4 "
+        "in bench quality; both kept it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--student_init",
+        choices=("teacher", "random"),
+        default="teacher",
+        help="teacher = start the student from a teacher's weights cut to the student's width (the "
+        "leading channels of every layer; the teacher of the student's fold, else the first; "
+        "needs the teacher's architecture, else random); random = nnU-Net's initialisation. "
+        "On held-out data teacher init kept a thin vessel that a randomly initialised student "
+        "lost in the same budget (bench quality) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--teacher_view",
+        choices=("augmented", "clean"),
+        default="augmented",
+        help="what the teachers label: augmented = the student's augmented patch; clean = the same "
+        "patch after the spatial transforms but before the intensity-only ones (noise, blur, "
+        "gamma, blank rectangles...) the teachers never trained on (default: %(default)s)",
+    )
+    p.add_argument(
+        "--test_cases",
+        nargs="+",
+        metavar="CASE",
+        default=None,
+        help="held-out cases to score student and teacher ensemble on (default: every case of "
+        "imagesTs that has a label in labelsTs). A case from imagesTr is accepted only if neither "
+        "the student nor any teacher fold trained on it",
+    )
+    p.add_argument(
+        "--use_da5",
+        action="store_true",
+        help="DA5 strong augmentation for small datasets: nnU-Net's nnUNetTrainerDA5 pipeline plus elastic "
+        "deformation (p 0.2) and order-0 (nearest) segmentation resampling that keeps thin "
+        "structures; the model folder is nnUNetDistillationTrainerDA5__...",
+    )
     return p
 
 
@@ -249,9 +391,15 @@ def _user_errors() -> dict[type[BaseException], str]:
     from nnunet_distill.student import CompatibilityError, StudentPlansError
     from nnunet_distill.teachers import TeacherError
 
-    return {ConfigError: "InvalidArgument", DistillationError: "InvalidSetup", TeacherError: "TeacherUnavailable",
-            CompatibilityError: "IncompatiblePlans", StudentPlansError: "InvalidStudentPlans",
-            RotationError: "InvalidSplits", EvaluationError: "InvalidTestSet"}
+    return {
+        ConfigError: "InvalidArgument",
+        DistillationError: "InvalidSetup",
+        TeacherError: "TeacherUnavailable",
+        CompatibilityError: "IncompatiblePlans",
+        StudentPlansError: "InvalidStudentPlans",
+        RotationError: "InvalidSplits",
+        EvaluationError: "InvalidTestSet",
+    }
 
 
 def _terminate(summary: dict) -> None:
@@ -281,12 +429,20 @@ def _main(variant: Variant, argv: Sequence[str] | None) -> int:
         sys.stderr.write(f"{variant.prog}: interrupted; resume with -c_continue\n")
         return 130
     except Exception as exc:
-        _terminate({"stage": "distill", "ok": False,
-                    "error": {"reason": "TrainingFailed", "message": f"{type(exc).__name__}: {exc}"}})
+        _terminate(
+            {
+                "stage": "distill",
+                "ok": False,
+                "error": {"reason": "TrainingFailed", "message": f"{type(exc).__name__}: {exc}"},
+            }
+        )
         raise  # a bug or an environment failure: keep the traceback
     _terminate({"stage": "distill", "ok": True, "artifacts": result.artifacts, "metrics": result.metrics})
-    print(f"{variant.prog}: student saved in {result.output_folder}"
-          + (f"; summary {result.summary}" if result.summary else ""), flush=True)
+    print(
+        f"{variant.prog}: student saved in {result.output_folder}"
+        + (f"; summary {result.summary}" if result.summary else ""),
+        flush=True,
+    )
     return 0
 
 

@@ -59,37 +59,79 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Train one nnU-Net teacher fold (a normal nnU-Net model in "
-                    "$nnUNet_results/DatasetXXX/<trainer>__<plans>__<cfg>/fold_<f>), then run nnU-Net's final "
-                    "validation. Needs preprocessed data (nnUNetv2_plan_and_preprocess).")
+        "$nnUNet_results/DatasetXXX/<trainer>__<plans>__<cfg>/fold_<f>), then run nnU-Net's final "
+        "validation. Needs preprocessed data (nnUNetv2_plan_and_preprocess).",
+    )
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name")
-    parser.add_argument("-c", "--configuration", default=naming.DEFAULT_CONFIGURATION,
-                        help=f"nnU-Net configuration (default {naming.DEFAULT_CONFIGURATION})")
+    parser.add_argument(
+        "-c",
+        "--configuration",
+        default=naming.DEFAULT_CONFIGURATION,
+        help=f"nnU-Net configuration (default {naming.DEFAULT_CONFIGURATION})",
+    )
     folds = parser.add_mutually_exclusive_group(required=True)
     folds.add_argument("-f", "--fold", type=_fold, help="fold to train (0..4 or 'all')")
-    folds.add_argument("--folds-by-index", type=_fold, nargs="+", metavar="FOLD",
-                       help="train folds[$JOB_COMPLETION_INDEX] (one Kubernetes Indexed Job trains all folds)")
-    parser.add_argument("-tr", "--trainer", default=naming.DEFAULT_TEACHER_TRAINER,
-                        help=f"nnU-Net trainer class (default {naming.DEFAULT_TEACHER_TRAINER}; external trainers "
-                             "via nnUNet_extTrainer)")
-    parser.add_argument("-p", "--plans", default=naming.DEFAULT_PLANS,
-                        help=f"plans identifier (default {naming.DEFAULT_PLANS}; e.g. nnUNetResEncUNetMPlans)")
-    parser.add_argument("-e", "--epochs", type=_positive, default=None,
-                        help="epochs (default: the trainer's, 1000 for nnUNetTrainer)")
-    parser.add_argument("--iterations_per_epoch", type=_positive, default=None,
-                        help="training iterations per epoch (default: the trainer's, 250)")
-    parser.add_argument("--val_iterations", type=_positive, default=None,
-                        help="validation iterations per epoch (default: the trainer's, 50)")
-    parser.add_argument("-device", "--device", default=None,
-                        help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
-    parser.add_argument("--c", "--continue", dest="continue_training", action="store_true",
-                        help="continue from this fold's latest checkpoint when there is one")
-    parser.add_argument("--npz", action="store_true",
-                        help="also save softmax probabilities of the final validation")
+    folds.add_argument(
+        "--folds-by-index",
+        type=_fold,
+        nargs="+",
+        metavar="FOLD",
+        help="train folds[$JOB_COMPLETION_INDEX] (one Kubernetes Indexed Job trains all folds)",
+    )
+    parser.add_argument(
+        "-tr",
+        "--trainer",
+        default=naming.DEFAULT_TEACHER_TRAINER,
+        help=f"nnU-Net trainer class (default {naming.DEFAULT_TEACHER_TRAINER}; external trainers "
+        "via nnUNet_extTrainer)",
+    )
+    parser.add_argument(
+        "-p",
+        "--plans",
+        default=naming.DEFAULT_PLANS,
+        help=f"plans identifier (default {naming.DEFAULT_PLANS}; e.g. nnUNetResEncUNetMPlans)",
+    )
+    parser.add_argument(
+        "-e",
+        "--epochs",
+        type=_positive,
+        default=None,
+        help="epochs (default: the trainer's, 1000 for nnUNetTrainer)",
+    )
+    parser.add_argument(
+        "--iterations_per_epoch",
+        type=_positive,
+        default=None,
+        help="training iterations per epoch (default: the trainer's, 250)",
+    )
+    parser.add_argument(
+        "--val_iterations",
+        type=_positive,
+        default=None,
+        help="validation iterations per epoch (default: the trainer's, 50)",
+    )
+    parser.add_argument(
+        "-device",
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--c",
+        "--continue",
+        dest="continue_training",
+        action="store_true",
+        help="continue from this fold's latest checkpoint when there is one",
+    )
+    parser.add_argument(
+        "--npz", action="store_true", help="also save softmax probabilities of the final validation"
+    )
     return parser
 
 
-def pick_fold(fold: int | str | None, folds_by_index: list[int | str] | None,
-              environ: os._Environ | dict | None = None) -> int | str:
+def pick_fold(
+    fold: int | str | None, folds_by_index: list[int | str] | None, environ: os._Environ | dict | None = None
+) -> int | str:
     """The fold this process trains: `-f`, or `folds[JOB_COMPLETION_INDEX]` for Indexed Jobs."""
     if folds_by_index is None:
         assert fold is not None
@@ -97,16 +139,20 @@ def pick_fold(fold: int | str | None, folds_by_index: list[int | str] | None,
     environ = os.environ if environ is None else environ
     raw = environ.get("JOB_COMPLETION_INDEX")
     if raw is None:
-        raise NnUNetSetupError("--folds-by-index needs JOB_COMPLETION_INDEX (set by a Kubernetes Indexed Job): "
-                               "set it, or pass -f FOLD")
+        raise NnUNetSetupError(
+            "--folds-by-index needs JOB_COMPLETION_INDEX (set by a Kubernetes Indexed Job): "
+            "set it, or pass -f FOLD"
+        )
     try:
         index = int(raw)
     except ValueError:
         raise NnUNetSetupError(f"JOB_COMPLETION_INDEX must be an integer, got {raw!r}") from None
     if not 0 <= index < len(folds_by_index):
-        raise NnUNetSetupError(f"JOB_COMPLETION_INDEX={index} is outside --folds-by-index "
-                               f"{' '.join(map(str, folds_by_index))} ({len(folds_by_index)} folds): set the Job's "
-                               "completions to the number of folds")
+        raise NnUNetSetupError(
+            f"JOB_COMPLETION_INDEX={index} is outside --folds-by-index "
+            f"{' '.join(map(str, folds_by_index))} ({len(folds_by_index)} folds): set the Job's "
+            "completions to the number of folds"
+        )
     return folds_by_index[index]
 
 
@@ -116,11 +162,15 @@ def _find_trainer_class(name: str):
     try:
         return recursive_find_trainer_class_by_name(name)
     except (RuntimeError, AssertionError):
-        raise NnUNetSetupError(f"trainer (-tr) {name!r} not found among nnU-Net's trainers or in "
-                               "nnUNet_extTrainer: check the name or set nnUNet_extTrainer") from None
+        raise NnUNetSetupError(
+            f"trainer (-tr) {name!r} not found among nnU-Net's trainers or in "
+            "nnUNet_extTrainer: check the name or set nnUNet_extTrainer"
+        ) from None
 
 
-def apply_budget(trainer, epochs: int | None, iterations_per_epoch: int | None, val_iterations: int | None) -> None:
+def apply_budget(
+    trainer, epochs: int | None, iterations_per_epoch: int | None, val_iterations: int | None
+) -> None:
     """Override the training length on the instance; must run before `initialize()` builds the LR schedule."""
     if epochs is not None:
         trainer.num_epochs = epochs
@@ -147,23 +197,35 @@ def main(argv: list[str] | None = None) -> int:
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     if device.type == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                  else (os.cpu_count() or 1)))
+        torch.set_num_threads(
+            max(
+                1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            )
+        )
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if device.index is not None:
             torch.cuda.set_device(device)
 
-    trainer = get_trainer_from_args(dataset_name, args.configuration, fold, args.trainer, args.plans,
-                                    args.continue_training, device=device)
+    trainer = get_trainer_from_args(
+        dataset_name,
+        args.configuration,
+        fold,
+        args.trainer,
+        args.plans,
+        args.continue_training,
+        device=device,
+    )
     if device.type == "cuda" and device.index is not None:
         # nnUNetTrainer.__init__ pins a single-process run to cuda:0; honour cuda:N before initialize()
         # moves the network, loss and batches to trainer.device.
         trainer.device = device
     apply_budget(trainer, args.epochs, args.iterations_per_epoch, args.val_iterations)
-    trainer.print_to_log_file(f"{PROG}: fold {fold}, {trainer.num_epochs} epochs x "
-                              f"{trainer.num_iterations_per_epoch} iterations "
-                              f"({trainer.num_val_iterations_per_epoch} validation iterations), device {device}")
+    trainer.print_to_log_file(
+        f"{PROG}: fold {fold}, {trainer.num_epochs} epochs x "
+        f"{trainer.num_iterations_per_epoch} iterations "
+        f"({trainer.num_val_iterations_per_epoch} validation iterations), device {device}"
+    )
     from nnunet_distill import progress_hooks
     from nnunet_distill.report import write_termination_message
 
@@ -172,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     maybe_load_checkpoint(trainer, args.continue_training, False)
     resumed = trainer.current_epoch > 0
     if resumed:
-        print(f"{PROG}: resuming fold {fold} at epoch {trainer.current_epoch} (checkpoint in {trainer.output_folder})")
+        print(
+            f"{PROG}: resuming fold {fold} at epoch {trainer.current_epoch} (checkpoint in {trainer.output_folder})"
+        )
     reporter = progress_hooks.start_reporting(trainer, stage="teachers", resumed=resumed)
     try:
         trainer.run_training()
@@ -181,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         reporter.close()
     from nnunet_distill.student import count_parameters
 
-    write_termination_message(progress_hooks.teacher_summary(trainer, fold, count_parameters(trainer.network)))
+    write_termination_message(
+        progress_hooks.teacher_summary(trainer, fold, count_parameters(trainer.network))
+    )
     print(f"teacher fold {fold} done: {trainer.output_folder}")
     return 0
 
