@@ -64,7 +64,7 @@ demo: $(STAMP)
 	$(BIN)/nnunet-distill demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --timeout=1800 tests
+	$(BIN)/python -m pytest -q -ra --durations=25 --timeout=1800 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
@@ -76,6 +76,7 @@ crds: $(STAMP)
 	$(BIN)/nnunet-distill crds --write
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check operator trainer_image tests bench
 	$(BIN)/ruff check operator trainer_image tests bench
 
 clean:

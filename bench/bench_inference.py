@@ -283,11 +283,13 @@ class Bench:
         import torch
 
         times["teacher_window_per_fold"] = []
-        for r in range(repeats):
+        for _r in range(repeats):
             t0 = time.perf_counter()  # the teacher's sliding window over all folds, per fold
             teacher.predict_logits_from_preprocessed_data(torch.from_numpy(data))
             times["teacher_window_per_fold"].append((time.perf_counter() - t0) / len(self.folds))
-            for name, predictor in zip(names, predictors):  # interleaved: load drifts hit all equally
+            for name, predictor in zip(
+                names, predictors, strict=False
+            ):  # interleaved: load drifts hit all equally
                 out = self.root / f"seq_{name}"
                 out.mkdir(exist_ok=True)
                 t0 = time.perf_counter()

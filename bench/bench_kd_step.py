@@ -238,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
     default_name = f"TeacherEnsemble default on {device.type}"
     med_teacher, med_kd = statistics.median(t_teacher), statistics.median(t_kd)
-    ratios = [k / t for k, t in zip(t_kd, t_teacher)]
+    ratios = [k / t for k, t in zip(t_kd, t_teacher, strict=False)]
     # the student's share of a KD step (fwd+bwd+KD+SGD): KD step minus the ensemble forward of the same repeat
-    student_part = [max(k - d, 0.0) for k, d in zip(t_kd, t_var[default_name])]
+    student_part = [max(k - d, 0.0) for k, d in zip(t_kd, t_var[default_name], strict=False)]
     n_params_teacher = student.count_parameters(nets[0])
     n_params_student = student.count_parameters(kd_trainer.network)
     cm = kd_trainer.configuration_manager
@@ -265,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         f"  {N_TEACHERS}-teacher forward, by option (median of {args.repeats}; max |diff| vs the original's logits):"
     )
     for name in variants:
-        implied = statistics.median([(sp + v) / t for sp, v, t in zip(student_part, t_var[name], t_teacher)])
+        implied = statistics.median(
+            [(sp + v) / t for sp, v, t in zip(student_part, t_var[name], t_teacher, strict=False)]
+        )
         print(
             f"    {name:<38} {statistics.median(t_var[name]) * 1000:8.0f} ms   KD/teacher step with it "
             f"{implied:5.2f}   (diff {errors[name]:.1e})"

@@ -117,7 +117,7 @@ def main() -> None:
         "`increase` is the deeper-than-teacher-depth strategy and is not held to them."
     )
     with tempfile.TemporaryDirectory(prefix="bench_params_") as tmp:
-        for dataset_id, (label, size) in zip((951, 952), SIZES.items()):
+        for dataset_id, (label, size) in zip((951, 952), SIZES.items(), strict=False):
             start = time.perf_counter()
             all_plans, dataset_json = plan_dataset(Path(tmp), dataset_id, label.capitalize(), size)
             planned = time.perf_counter() - start

@@ -181,7 +181,7 @@ def format_table(rows: list[tuple[str, str, str]]) -> str:
 
     def row(cells: tuple[str, ...]) -> str:
         # one space of padding each side, so every "|" sits under a "+" of the rule lines
-        return " " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " "
+        return " " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)) + " "
 
     out = [line, row(header), line, *(row(r) for r in rows)]
     out.append(line)

@@ -53,6 +53,7 @@ from nnunet_distill_operator.status import (
     results_from_summaries,
     rfc3339,
 )
+import contextlib
 
 LOG_TAIL_LINES = 20
 _NUM = r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|nan|inf)"
@@ -462,10 +463,8 @@ class LocalRunner:
         """Stop the running command (Ctrl-C): its whole process group gets SIGTERM."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 def local_paths(

@@ -243,7 +243,7 @@ def test_pod_commands_are_the_planned_commands() -> None:
         pod = job["spec"]["template"]["spec"]
         containers = pod.get("initContainers", []) + pod["containers"]
         assert len(containers) == len(stage.commands)
-        for container, command in zip(containers, stage.commands):
+        for container, command in zip(containers, stage.commands, strict=False):
             assert container["args"][-len(command.argv) :] == list(command.argv)
         env = {e["name"]: e.get("value") for c in containers for e in c["env"]}
         assert (env["nnUNet_raw"], env["nnUNet_preprocessed"], env["nnUNet_results"]) == (

@@ -71,7 +71,7 @@ def test_every_field_is_described_for_kubectl_explain() -> None:
 def test_defaults_are_valid_under_their_own_schema() -> None:
     import jsonschema
 
-    for path, node in _walk(crd.openapi_schema()):
+    for _path, node in _walk(crd.openapi_schema()):
         if "default" in node:
             sub = {k: v for k, v in node.items() if k != "default"}
             jsonschema.Draft4Validator(sub).validate(node["default"])  # raises with the path otherwise

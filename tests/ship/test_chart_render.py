@@ -59,7 +59,7 @@ def test_all_on_values_switch_on_every_boolean_of_values_yaml(default_values, al
     schema = json.loads((CHART / "values.schema.json").read_text())
     effective = dict(leaf_paths(merged(default_values, all_on_values)))
     toggles = []
-    for path, value in leaf_paths(default_values):
+    for path, _value in leaf_paths(default_values):
         node = schema
         for key in path:
             node = node.get("properties", {}).get(key, {})

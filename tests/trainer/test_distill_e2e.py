@@ -163,7 +163,7 @@ def test_every_epoch_logs_kd_hard_and_total_loss(standard_run):
     for key in ("train_losses", "train_kd_losses", "train_hard_losses", "val_losses", "mean_fg_dice"):
         assert len(logging[key]) == 3 and all(np.isfinite(v) for v in logging[key]), key
     for total, kd, hard in zip(
-        logging["train_losses"], logging["train_kd_losses"], logging["train_hard_losses"]
+        logging["train_losses"], logging["train_kd_losses"], logging["train_hard_losses"], strict=False
     ):
         assert total == pytest.approx(0.7 * hard + 0.3 * kd, rel=1e-4, abs=1e-5)
     progress = json.loads((standard_run.fold / "progress.json").read_text())
@@ -238,7 +238,7 @@ def test_stock_predict_segments_the_held_out_test_images(standard_run):
     images = sorted((ds.raw_dataset / "imagesTs").glob("*_0000.nii.gz"))
     segs = sorted(standard_run.predictions.glob("*.nii.gz"))
     assert len(images) == len(segs) == 4
-    for img, seg in zip(images, segs):
+    for img, seg in zip(images, segs, strict=False):
         assert seg.name == img.name.replace("_0000.nii.gz", ".nii.gz")
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(seg)))
         assert arr.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(img))).shape

@@ -39,7 +39,9 @@ def _reference_softmax_kd(s: np.ndarray, t: np.ndarray, temp: float, mask: np.nd
 
 
 def _reference_bernoulli_kd(s: np.ndarray, t: np.ndarray, temp: float) -> float:
-    sig = lambda x: 1.0 / (1.0 + np.exp(-x))
+    def sig(x):
+        return 1.0 / (1.0 + np.exp(-x))
+
     p, q = sig(t / temp), sig(s / temp)
     kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
     return temp**2 * float(kl.sum(axis=1).mean())
@@ -84,7 +86,10 @@ def test_t_squared_keeps_gradient_scale_independent_of_temperature():
         grads[temp] = s.grad.clone()
     n_vox = s0[0, 0].numel()
     limit = ((s0 - s0.mean(1, keepdim=True)) - (t - t.mean(1, keepdim=True))) / (s0.shape[1] * n_vox)
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
     assert rel(grads[50.0], grads[100.0]) < 0.02
     assert rel(grads[100.0], limit) < 0.02
     # Without T^2 the gradient would shrink 2x from T=50 to T=100; check that the loss itself carries T^2.

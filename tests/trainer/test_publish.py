@@ -319,7 +319,9 @@ def test_outer_retry_resends_after_client_retries_are_exhausted(moto_endpoint, b
 
 
 def test_read_back_mismatch_is_reuploaded(moto_endpoint, bucket, package):
-    corrupt_first_read = lambda method, path, n: method == "GET" and path.endswith("/README.md") and n == 1
+    def corrupt_first_read(method, path, n):
+        return method == "GET" and path.endswith("/README.md") and n == 1
+
     with FaultProxy(moto_endpoint, corrupt=corrupt_first_read) as proxy:
         result = pub.publish(package, f"s3://{bucket}/m", env=_env(proxy.url), policy=FAST)
     assert result.attempts == 2
@@ -329,7 +331,9 @@ def test_read_back_mismatch_is_reuploaded(moto_endpoint, bucket, package):
 
 
 def test_persistent_mismatch_fails_without_marker(moto_endpoint, bucket, package):
-    always = lambda method, path, n: method == "GET" and path.endswith("/model.onnx")
+    def always(method, path, n):
+        return method == "GET" and path.endswith("/model.onnx")
+
     with FaultProxy(moto_endpoint, corrupt=always) as proxy, pytest.raises(PublishError) as info:
         pub.publish(package, f"s3://{bucket}/m", env=_env(proxy.url), policy=FAST)
     assert info.value.reason == Reason.VERIFICATION_FAILED

@@ -83,7 +83,7 @@ def test_block_counts_rejects_bad_input():
 def _encoder_cost(blocks, features, kernel_sizes):
     import math
 
-    return sum(n * f * f * math.prod(k) for n, f, k in zip(blocks, features, kernel_sizes))
+    return sum(n * f * f * math.prod(k) for n, f, k in zip(blocks, features, kernel_sizes, strict=False))
 
 
 @pytest.mark.parametrize("r", [2, 3, 4, 6, 8, 16])
@@ -97,7 +97,7 @@ def test_adaptive_changes_depth_for_every_r_within_the_keep_budget(r):
         "adaptive must do something for every r >= 2 (the seed's is a no-op below 4)"
     )
     assert all(1 <= n <= 8 for n in adaptive)
-    assert all(a >= red for a, red in zip(adaptive, block_counts(teacher_blocks, "reduce", r)))
+    assert all(a >= red for a, red in zip(adaptive, block_counts(teacher_blocks, "reduce", r), strict=False))
     # more depth where blocks are cheap (shallow stages), never over the parameter budget of `keep`
     assert adaptive[0] > teacher_blocks[0] and adaptive[1] > teacher_blocks[1]
     assert _encoder_cost(adaptive, student_features, kernels) <= _encoder_cost(

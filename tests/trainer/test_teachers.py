@@ -59,7 +59,7 @@ def test_loaded_teacher_holds_the_trained_weights(nnunet_teachers, loaded):
 
     plans, dataset_json, folds, nets = loaded
     x = _input(nnunet_teachers)
-    for fold, net in zip(folds, nets):
+    for fold, net in zip(folds, nets, strict=False):
         predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(nnunet_teachers.folder), (fold.fold,))
         reference = predictor.network.eval()

@@ -74,7 +74,7 @@ def total_stride(strides: Sequence, dim: int) -> list[int]:
     total = [1] * dim
     for s in strides:
         s = [s] * dim if isinstance(s, int) else list(s)
-        total = [t * int(x) for t, x in zip(total, s)]
+        total = [t * int(x) for t, x in zip(total, s, strict=False)]
     return total
 
 
@@ -85,7 +85,7 @@ def check_teacher_accepts_patch(teacher_plans: dict, student_plans: dict, config
     s_cfg = _resolved_configuration(student_plans, configuration)
     patch = [int(p) for p in s_cfg["patch_size"]]
     stride = total_stride(t_cfg["architecture"]["arch_kwargs"].get("strides", []), len(patch))
-    if any(p % s for p, s in zip(patch, stride)):
+    if any(p % s for p, s in zip(patch, stride, strict=False)):
         raise DistillationError(
             f"the student patch size {patch} ({student_plans.get('plans_name')}) is not divisible by the "
             f"teacher's total stride {stride} ({teacher_plans.get('plans_name')}): the teachers cannot run on the "

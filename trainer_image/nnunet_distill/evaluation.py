@@ -505,7 +505,7 @@ def write_distillation_summary(
             f"no labelled test set: teacher folds {unseen} (never trained on fold "
             f"{trainer.fold}'s validation cases) on the same {len(val_keys)} cases"
         )
-        unseen_params = [p for f, p in zip(teacher_folds, teacher_params) if f in unseen]
+        unseen_params = [p for f, p in zip(teacher_folds, teacher_params, strict=False) if f in unseen]
         teacher_pred = _predict_preprocessed(
             make_predictor(
                 teacher_network,

@@ -296,7 +296,7 @@ def resolve_shape(
             )
         if any(s < 1 for s in shape):
             raise ExportError(f"-is sizes must be positive, got {list(shape)}")
-        bad = [(s, d) for s, d in zip(shape[2:], divisor) if s % d]
+        bad = [(s, d) for s, d in zip(shape[2:], divisor, strict=False) if s % d]
         if bad:
             raise ExportError(
                 f"-is spatial sizes {list(shape[2:])} must be multiples of {list(divisor)} (the "
@@ -316,7 +316,7 @@ def verification_shapes(spec: ShapeSpec, divisor: Sequence[int]) -> list[tuple[i
     if spec.dynamic_batch:
         shapes.append((2 if b == 1 else 1, c, *spatial))
     if spec.dynamic_spatial:
-        shapes.append((b, c, *[s + d for s, d in zip(spatial, divisor)]))
+        shapes.append((b, c, *[s + d for s, d in zip(spatial, divisor, strict=False)]))
     return shapes
 
 
@@ -349,7 +349,7 @@ def _quiet(enabled: bool):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=False):
             lg.setLevel(level)
 
 

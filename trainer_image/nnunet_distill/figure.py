@@ -26,7 +26,7 @@ def pick_slice(labels: dict[str, np.ndarray]) -> tuple[str, int]:
     """(case, axial index) showing the most labels, and among those the most voxels of the rarest one (pure)."""
     counts: dict[int, int] = {}
     for arr in labels.values():
-        for value, n in zip(*np.unique(arr, return_counts=True)):
+        for value, n in zip(*np.unique(arr, return_counts=True), strict=False):
             if value > 0:
                 counts[int(value)] = counts.get(int(value), 0) + int(n)
     if not counts:

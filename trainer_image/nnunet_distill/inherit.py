@@ -76,7 +76,7 @@ def sliced(name: str, teacher: torch.Tensor, student_shape: torch.Size) -> torch
         return None
     if teacher.dim() > 2 and tuple(teacher.shape[2:]) != tuple(student_shape[2:]):
         return None
-    if any(s > t for s, t in zip(student_shape, teacher.shape)):
+    if any(s > t for s, t in zip(student_shape, teacher.shape, strict=False)):
         return None  # the student is wider somewhere (e.g. more classes): not a slice of the teacher
     out = teacher
     for dim in range(min(2, teacher.dim())):

@@ -94,7 +94,7 @@ def spatial_divisor(configuration: Mapping[str, Any]) -> list[int]:
     divisor = [1] * ndim
     for stage in strides:
         stage = [stage] * ndim if isinstance(stage, int) else list(stage)
-        divisor = [d * int(s) for d, s in zip(divisor, stage)]
+        divisor = [d * int(s) for d, s in zip(divisor, stage, strict=False)]
     return divisor
 
 

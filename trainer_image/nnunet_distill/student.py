@@ -77,7 +77,7 @@ def reduce_features(features: Sequence[int], r: int, minimum: int = MIN_FEATURES
 
 def width_loss(teacher_features: Sequence[int], student_features: Sequence[int]) -> list[float]:
     """Per stage, how many times narrower the student is (>= 1; below r where the min-8 floor applied)."""
-    return [t / s for t, s in zip(teacher_features, student_features)]
+    return [t / s for t, s in zip(teacher_features, student_features, strict=False)]
 
 
 def block_counts(
@@ -141,17 +141,17 @@ def block_counts(
     )
     if len(volumes) != len(blocks):
         raise ValueError(f"kernel_sizes has {len(volumes)} stages, teacher blocks {len(blocks)}")
-    cost = [f * f * v for f, v in zip(student_features, volumes)]
+    cost = [f * f * v for f, v in zip(student_features, volumes, strict=False)]
     budget = sum(
         n * min(f / r, fs) ** 2 * v
-        for n, f, fs, v in zip(blocks, teacher_features, student_features, volumes)
+        for n, f, fs, v in zip(blocks, teacher_features, student_features, volumes, strict=False)
     )
     target = [
         min(max(max_blocks, n), n + math.ceil(math.log2(c) - 1e-9))
-        for n, c in zip(blocks, width_loss(teacher_features, student_features))
+        for n, c in zip(blocks, width_loss(teacher_features, student_features), strict=False)
     ]
     counts = [max(n // 2, 1) for n in blocks]
-    spent = sum(n * c for n, c in zip(counts, cost))
+    spent = sum(n * c for n, c in zip(counts, cost, strict=False))
     grew = True
     while grew:
         grew = False
@@ -346,7 +346,7 @@ def _total_stride(strides: Iterable[Sequence[int]], dim: int) -> list[int]:
     total = [1] * dim
     for stride in strides:
         stride = [stride] * dim if isinstance(stride, int) else list(stride)
-        total = [t * int(s) for t, s in zip(total, stride)]
+        total = [t * int(s) for t, s in zip(total, stride, strict=False)]
     return total
 
 
@@ -426,7 +426,7 @@ def check_compatible(
             )
     dim = len(s_cm.patch_size)
     total = _total_stride(s_cm.network_arch_init_kwargs.get("strides", []), dim)
-    if any(int(p) % t for p, t in zip(s_cm.patch_size, total)):
+    if any(int(p) % t for p, t in zip(s_cm.patch_size, total, strict=False)):
         raise CompatibilityError(
             f"student patch size {list(s_cm.patch_size)} is not divisible by its total "
             f"stride {total} ({s_name}, {configuration}): re-plan the student with {fix}"

@@ -119,7 +119,7 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], center: np.ndarray, radii: np.ndarr
 
 def _bias_field(rng: np.random.Generator, grid: tuple[np.ndarray, ...], extent: np.ndarray) -> np.ndarray:
     """Smooth multiplicative field in [1-a, 1+a]: a random low-order (linear + quadratic) polynomial."""
-    z, y, x = (g / e - 0.5 for g, e in zip(grid, extent))
+    z, y, x = (g / e - 0.5 for g, e in zip(grid, extent, strict=False))
     coeffs = rng.uniform(-1.0, 1.0, size=6)
     poly = (
         coeffs[0] * z

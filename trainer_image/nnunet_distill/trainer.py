@@ -320,7 +320,7 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         log = self.logger.local_logger.my_fantastic_logging
         epoch = self.current_epoch - 1
         starts, ends = log["epoch_start_timestamps"], log["epoch_end_timestamps"]
-        durations = [e - s for s, e in zip(starts, ends)][-5:]
+        durations = [e - s for s, e in zip(starts, ends, strict=False)][-5:]
         epoch_seconds = float(np.mean(durations)) if durations else None
         remaining = max(self.num_epochs - self.current_epoch, 0)
         progress = {

@@ -89,7 +89,7 @@ def crop_or_pad(image: np.ndarray, patch_size: Sequence[int], center: Sequence[i
     spatial = image.shape[1:]
     out = np.zeros((image.shape[0], *patch_size), dtype=np.float32)
     src, dst = [slice(None)], [slice(None)]
-    for size, p, c in zip(spatial, patch_size, center):
+    for size, p, c in zip(spatial, patch_size, center, strict=False):
         if size >= p:
             start = int(min(max(c - p // 2, 0), size - p))
             src.append(slice(start, start + p))
