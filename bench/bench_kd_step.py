@@ -2,12 +2,12 @@
 
 Both steps are the real code paths, measured side by side (interleaved, same augmented batch, same patch) on
 this machine: ``nnUNetTrainer.train_step`` of a teacher-sized network, and
-``nnUNetDistillationTrainer.train_step`` of an r=2 student whose :class:`TeacherEnsemble` holds 5 teachers built
-from the same planned architecture (random weights: the cost does not depend on them). The architecture comes
-from nnU-Net's own planner on a small synthetic dataset.
+``nnUNetDistillationTrainer.train_step`` of an r=2 student whose :class:`TeacherEnsemble` holds 5 teachers
+built from the same planned architecture (random weights: the cost does not depend on them). The architecture
+comes from nnU-Net's own planner on a small synthetic dataset.
 
-It also times the 5-teacher forward pass alone under the options considered, so the printout says which one the
-ensemble uses on this device and why:
+It also times the 5-teacher forward pass alone under the options considered, so the printout says which one
+the ensemble uses on this device and why:
   * ``no_grad`` fp32 loop: what the original did;
   * ``inference_mode`` fp32 loop: ours on CPU (no autograd/version-counter bookkeeping);
   * bf16 autocast, channels-last 3D: ours on CUDA (tensor cores), measured here too;
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"  planned 3d_fullres: patch {list(cm.patch_size)}, batch {kd_trainer.batch_size}, "
-        f"{len(plans['configurations']['3d_fullres']['architecture']['arch_kwargs']['features_per_stage'])} stages; "
+        f"{len(cm.network_arch_init_kwargs['features_per_stage'])} stages; "
         f"teacher {n_params_teacher:,} params, student r={args.reduction_factor} {n_params_student:,} params "
         f"({n_params_student / n_params_teacher:.3f})"
     )
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(student part {statistics.median(student_part) * 1000:.0f} ms)"
     )
     print(
-        f"  {N_TEACHERS}-teacher forward, by option (median of {args.repeats}; max |diff| vs the original's logits):"
+        f"  {N_TEACHERS}-teacher forward, by option (median of {args.repeats}; "
+        "max |diff| vs the original's logits):"
     )
     for name in variants:
         implied = statistics.median(
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = statistics.median(ratios)
     print(
         f"KD step with {N_TEACHERS} teachers / teacher training step: {ratio:.2f} "
-        f"(per repeat {min(ratios):.2f}-{max(ratios):.2f}; goal <= 2.0: {'met' if ratio <= 2.0 else 'NOT met'})"
+        f"(per repeat {min(ratios):.2f}-{max(ratios):.2f}; "
+        f"goal <= 2.0: {'met' if ratio <= 2.0 else 'NOT met'})"
     )
     return 0
 

@@ -1,21 +1,22 @@
-"""Does the student keep the ensemble's accuracy? Held-out Dice of teacher ensemble and students, side by side.
+"""Does the student keep the ensemble's accuracy? Held-out Dice of teacher ensemble and students side by side.
 
-Everything is built here, for real, in one run: a synthetic "organ" dataset (a large organ, a small lesion of about
-4 mm radius inside it and a vessel of about 1.5 mm radius; 32^3 voxels, 16 training and 8 labelled test cases that
-no model trains on), planned and preprocessed by nnU-Net, three stock nnU-Net teacher folds
+Everything is built here, for real, in one run: a synthetic "organ" dataset (a large organ, a small lesion of
+about 4 mm radius inside it and a vessel of about 1.5 mm radius; 32^3 voxels, 16 training and 8 labelled test
+cases that no model trains on), planned and preprocessed by nnU-Net, three stock nnU-Net teacher folds
 (`nnunet-distill train-teacher`), and students distilled from the ensemble of those folds with
 `nnUNetv2_distillation_train`, all with the same number of iterations:
 
 * r=2 with the default method (KD), r=2 with alpha=0 (no KD term, otherwise identical), r=4 with KD;
-* with ``--ablation``, also the earlier method (pixel-wise KD from a random initialisation) and each change alone.
+* with ``--ablation``, also the earlier method (pixel-wise KD from a random initialisation) and each change
+  alone.
 
 Every figure comes from the distill stage's own held-out evaluation (`distillation_summary.json`): nnU-Net's
 predictor and metric code on the test cases, the teacher ensemble being the same three folds with the same
-mirroring. Goals, printed beside the figures: r=2 retention >= 0.99, r=4 >= 0.98, KD - no-KD > 0 and no label's
-retention below 0.95. The JSON goes to ``--json`` (default ``bench/results/quality.json``).
+mirroring. Goals, printed beside the figures: r=2 retention >= 0.99, r=4 >= 0.98, KD - no-KD > 0 and no
+label's retention below 0.95. The JSON goes to ``--json`` (default ``bench/results/quality.json``).
 
-Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation]``. CUDA is used when
-present (mixed precision), else the CPU (about 25-35 minutes on 2 cores).
+Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation]``. CUDA is used
+when present (mixed precision), else the CPU (about 25-35 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.workspace import BenchWorkspace
+
 DATASET_ID = 984
 DATASET_NAME = "BenchOrgan"
 CONFIGURATION = "3d_fullres"
@@ -41,8 +44,9 @@ CASES, TEST_CASES = 16, 8
 # Teachers: enough for a converged ensemble (every label's held-out Dice >= 0.85); nnU-Net's poly LR decays
 # over the epochs given, so the budget is whole epochs of a short length.
 TEACHER_BUDGET = ("-e", "10", "--iterations_per_epoch", "40", "--val_iterations", "5")
-# Students get twice a teacher's iterations: a thinner network needs more steps (r=4 retention rose from 0.971 at
-# 400 to 0.979 at 800 iterations in the experiments behind the defaults), and still costs far less per step.
+# Students get twice a teacher's iterations: a thinner network needs more steps (r=4 retention rose from 0.971
+# at 400 to 0.979 at 800 iterations in the experiments behind the defaults), and still costs far less per
+# step.
 STUDENT_BUDGET = ("-e", "20", "--iterations_per_epoch", "40", "--val_iterations", "5")
 # The method under test: what `nnUNetv2_distillation_train` does by default.
 METHOD: tuple[str, ...] = ()
@@ -113,24 +117,10 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class QualityBench:
+class QualityBench(BenchWorkspace):
     def __init__(self, root: Path, device: str):
-        from nnunet_distill.nnunet_env import Workspace
-
-        self.root = root
-        self.ws = Workspace(root / "ws").create()
-        self.env = self.ws.env()
-        self.log = root / "bench.log"
+        super().__init__(root, DATASET_ID, DATASET_NAME)
         self.device = device
-        self.dataset = f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
-
-    def run(self, argv: list[str], planning: bool = False) -> float:
-        from nnunet_distill.nnunet_env import run_logged
-
-        env = {**self.env, "nnUNet_n_proc_DA": "1"} if planning else self.env
-        t0 = time.perf_counter()
-        run_logged(argv, env, self.log)
-        return time.perf_counter() - t0
 
     def build_teachers(self) -> float:
         from nnunet_distill.nnunet_env import nnunet_executable as exe
@@ -291,7 +281,8 @@ def table(rows: list[Row]) -> tuple[str, dict]:
     cases = first.get("cases") or {}
     text.append("")
     text.append(
-        f"cases: {cases.get('count')} held-out {cases.get('source')} cases ({', '.join(cases.get('ids', []))}),"
+        f"cases: {cases.get('count')} held-out {cases.get('source')} cases "
+        f"({', '.join(cases.get('ids', []))}),"
         f" mirroring TTA {'on' if cases.get('mirroring_tta') else 'off'}; every student: fold 0, "
         f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(TEACHER_BUDGET[:4])}"
     )
