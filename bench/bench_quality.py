@@ -16,7 +16,8 @@ mirroring. Goals, printed beside the figures: r=2 retention >= 0.99, r=4 >= 0.98
 label's retention below 0.95. The JSON goes to ``--json`` (default ``bench/results/quality.json``).
 
 Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation]``. CUDA is used
-when present (mixed precision), else the CPU (about 25-35 minutes on 2 cores).
+when present (mixed precision), else the CPU (about 40 minutes on 2 cores). A ``--keep DIR`` that already
+holds teachers trained with this budget reuses them, so a method experiment retrains only the students.
 """
 
 from __future__ import annotations
