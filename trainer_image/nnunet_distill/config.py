@@ -51,7 +51,7 @@ class DistillationConfig:
     device: str | None = None  # -d_device; None = cuda if available else cpu
     continue_training: bool = False  # -c_continue
     variant: str = "standard"  # which CLI built it (for logs and metadata only)
-    kd_mode: str = "both"  # --kd_mode: pixel | channel (channel-wise KD) | both
+    kd_mode: str = "pixel"  # --kd_mode: pixel | channel (channel-wise KD) | both
     student_init: str = "teacher"  # --student_init: teacher (inherit sliced weights) | random
     teacher_view: str = "augmented"  # --teacher_view: augmented | clean (before intensity augs)
     test_cases: tuple[str, ...] | None = None  # --test_cases: held-out case ids (default: all of imagesTs)

@@ -297,12 +297,13 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
     p.add_argument(
         "--kd_mode",
         choices=("pixel", "channel", "both"),
-        default="both",
+        default="pixel",
         help="KD term: pixel = KL of the class distributions at every voxel, averaged over voxels "
         "(Hinton-style); channel = channel-wise KD (Shu et al. 2021): per class, KL of where "
         "the class is (a softmax over the patch), so small structures weigh as much as large "
-        "ones; both = the sum of the two. Pixel-wise KD alone lost a thin vessel entirely at r=4 "
-        "in bench quality; both kept it (default: %(default)s)",
+        "ones; both = the sum of the two. With teachers trained as long as the student, pixel kept "
+        "more held-out Dice than both in bench quality (r=2 1.002 vs 0.986, r=4 0.996 vs 0.981) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--student_init",
