@@ -9,7 +9,8 @@ from typing import Any
 
 from nnunet_distill_operator import k8s
 from nnunet_distill_operator.reconcile import Decision, _compact, decide
-from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, observe_job, pod_issue
+from nnunet_distill_operator.pod_issues import pod_issue
+from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, observe_job
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 UID = "uid-1"
