@@ -164,7 +164,7 @@ def parse_status(status: Any) -> DistillationJobStatus:
 
 
 def build_status(**fields: Any) -> dict[str, Any]:
-    """A status (camelCase, as stored) from snake_case fields, validated by `DistillationJobStatus`.
+    """A status (camelCase, as stored) from its fields (snake_case or camelCase), validated by the model.
 
     Only the fields given appear, and a field given as None stays, as an explicit null: in a merge patch that
     deletes the field (a cleared reason, a stage's cleared message), which is how the operator clears it.
