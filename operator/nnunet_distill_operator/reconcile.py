@@ -182,34 +182,10 @@ def decide(
     stalled = choice.stalled or actions.stalled
     gate_cond, gate_blocked = _gate(stages, states, verdict, obs.prev_raw)
     phase = _phase(obs, states, effective.suspend, gate_blocked, verdict, gate_cond)
-    results: dict[str, Any] = {}
-    if artifacts:
-        results["artifacts"] = {**(obs.prev_raw.get("artifacts") or {}), **artifacts}
-    if metrics:
-        results["metrics"] = {**(obs.prev_raw.get("metrics") or {}), **metrics}
-    if actions.creating or started:
-        results["accepted_spec"] = api.spec_to_dict(effective)
+    accepted = api.spec_to_dict(effective) if actions.creating or started else None
+    results = _result_fields(obs, artifacts, metrics, accepted)
     status = _status(obs, states, phase, stalled, gate_cond, bool(actions.create or own_jobs), results)
-
-    created_now = {m["metadata"]["labels"][k8s.LABEL_STAGE] for m in actions.create}
-    events, finished = stage_events(states, obs.prev_stages, created_now, gate_blocked, obs.generation)
-    events += gate_events(gate_cond, obs.prev_raw.get("conditions") or [], gate_blocked, phase.message)
-    current = next((s for s in states if s.state != SUCCEEDED), None)
-    published = artifacts.get("uri") or (status.get("artifacts") or {}).get("uri")
-    events += phase_events(
-        obs.prev.phase,
-        phase.phase,
-        phase.message,
-        published,
-        current.name if current else None,
-        obs.generation,
-    )
-    if stalled is not None and (obs.prev_raw.get("reason"), obs.prev_raw.get("message")) != stalled:
-        events.append(Event("Warning", stalled[0], stalled[1], f"job:{stalled[0]}:{obs.generation}"))
-
-    new_accepted = status.get("acceptedSpec")
-    if new_accepted == obs.prev_raw.get("acceptedSpec"):
-        new_accepted = None
+    events, finished = _events(obs, states, actions, phase, stalled, gate_cond, gate_blocked, status)
     delete, requeue = _ttl(phase.phase, status.get("completionTime"), effective, now)
     return Decision(
         identity=k8s.trainer_identity(owner, effective, defaults) if actions.create else (),
@@ -219,13 +195,52 @@ def decide(
         release=tuple(actions.release),
         status=status,
         status_patch=_status_patch(obs.prev_raw, status),
-        accepted_spec=new_accepted,
+        accepted_spec=accepted if accepted != obs.prev_raw.get("acceptedSpec") else None,
         events=tuple(events),
         finished_stages=tuple(finished),
         delete=delete,
         requeue_after=requeue,
         stages=stages,
     )
+
+
+def _result_fields(
+    obs: _Observed, artifacts: Mapping[str, Any], metrics: Mapping[str, Any], accepted: dict[str, Any] | None
+) -> dict[str, Any]:
+    """status.artifacts and .metrics (this pass's on top of the last status's), and .acceptedSpec."""
+    fields: dict[str, Any] = {}
+    if artifacts:
+        fields["artifacts"] = {**(obs.prev_raw.get("artifacts") or {}), **artifacts}
+    if metrics:
+        fields["metrics"] = {**(obs.prev_raw.get("metrics") or {}), **metrics}
+    if accepted is not None:
+        fields["accepted_spec"] = accepted
+    return fields
+
+
+def _events(
+    obs: _Observed,
+    states: Sequence[StageState],
+    actions: _Actions,
+    phase: _Phase,
+    stalled: tuple[str, str] | None,
+    gate_cond: Cond | None,
+    gate_blocked: bool,
+    status: Mapping[str, Any],
+) -> tuple[list[Event], list[tuple[str, str, float]]]:
+    """The Events of this pass's transitions (stages, gate, phase, stall), and the stages that finished."""
+    created_now = {m["metadata"]["labels"][k8s.LABEL_STAGE] for m in actions.create}
+    events, finished = stage_events(states, obs.prev_stages, created_now, gate_blocked, obs.generation)
+    events += gate_events(gate_cond, obs.prev_raw.get("conditions") or [], gate_blocked, phase.message)
+    current = next((s for s in states if s.state != SUCCEEDED), None)
+    published = (status.get("artifacts") or {}).get("uri")
+    current_name = current.name if current else None
+    events += phase_events(
+        obs.prev.phase, phase.phase, phase.message, published, current_name, obs.generation
+    )
+    if stalled is not None and (obs.prev_raw.get("reason"), obs.prev_raw.get("message")) != stalled:
+        events.append(Event("Warning", stalled[0], stalled[1], f"job:{stalled[0]}:{obs.generation}"))
+    return events, finished
 
 
 def _invalid_spec_decision(obs: _Observed, stalled: tuple[str, str] | None) -> Decision:
