@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -255,7 +256,7 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
             if trigger != "retry" and state.backing_off(key, meta.get("generation")):
                 result = "backoff"
                 return None
-            result, decision = _reconcile_locked(state, body, key)
+            result, decision = _reconcile_locked(state, body, key, trigger)
             return decision
     except Exception as exc:  # API errors, timeouts: retried with backoff, never dropped
         result = "error"
@@ -281,7 +282,9 @@ def _observed_jobs(state: State, key: Key) -> dict[str, dict[str, Any]]:
     return jobs
 
 
-def _reconcile_locked(state: State, body: dict[str, Any], key: Key) -> tuple[str, Decision]:
+def _reconcile_locked(
+    state: State, body: dict[str, Any], key: Key, trigger: str
+) -> tuple[str, Decision | None]:
     """Decide and apply (holding the DistillationJob's lock); (metrics result, decision)."""
     cr = _with_own_writes(state, body, key)
     jobs = _observed_jobs(state, key)
@@ -289,6 +292,9 @@ def _reconcile_locked(state: State, body: dict[str, Any], key: Key) -> tuple[str
     now = datetime.now(UTC)
     generation = (body.get("metadata") or {}).get("generation")
     invalid = {stage: why for stage, (gen, why) in state.invalid.get(key, {}).items() if gen == generation}
+    inputs = _fingerprint(cr, jobs, pods, invalid, state.rejected.get(key))
+    if trigger in EVENT_TRIGGERS and state.settled.get(key) == inputs:
+        return "ok", None  # the same inputs as a pass that had nothing to do: the echo of our own writes
 
     def decide_now() -> Decision:
         return decide(cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected.get(key), invalid=invalid)
@@ -318,7 +324,65 @@ def _reconcile_locked(state: State, body: dict[str, Any], key: Key) -> tuple[str
     changed = (
         decision.create or decision.status_patch or decision.suspend or decision.resume or decision.release
     )
+    if _nothing_to_do(decision):
+        state.settled[key] = inputs
+    else:
+        state.settled.pop(key, None)
     return ("changed" if changed else "ok"), decision
+
+
+# Triggers whose reconciliation is skipped when its inputs are those of a pass that had nothing to do. Under
+# a burst most events are the echoes of the operator's own writes (its status patches, the Jobs it created):
+# deciding them again only delays the DistillationJobs that wait for their first Job. The periodic resync
+# and the retries always decide (a decision also depends on the time: ttlSecondsAfterFinished).
+EVENT_TRIGGERS = frozenset({"distillationjob", "job", "pod"})
+
+
+def _nothing_to_do(decision: Decision) -> bool:
+    return not (
+        decision.create
+        or decision.identity
+        or decision.suspend
+        or decision.resume
+        or decision.release
+        or decision.status_patch
+        or decision.accepted_spec
+        or decision.events
+        or decision.delete
+    )
+
+
+def _version(obj: Mapping[str, Any]) -> Any:
+    meta = obj.get("metadata") or {}
+    rv = meta.get("resourceVersion")
+    return (meta.get("uid"), rv) if rv else obj  # a body without a version (an adopted 409) counts whole
+
+
+def _fingerprint(
+    cr: Mapping[str, Any],
+    jobs: Mapping[str, Mapping[str, Any]],
+    pods: Mapping[str, list[dict[str, Any]]],
+    invalid: Mapping[str, str],
+    rejected: Mapping[str, str] | None,
+) -> str:
+    """Everything `decide` reads, except the time: the DistillationJob without its resourceVersion (its
+    status is already overlaid with the operator's own writes), and the versions of its Jobs and pods."""
+    meta = {
+        k: v for k, v in (cr.get("metadata") or {}).items() if k not in ("resourceVersion", "managedFields")
+    }
+    return json.dumps(
+        [
+            meta,
+            cr.get("spec"),
+            cr.get("status"),
+            {stage: _version(job) for stage, job in jobs.items()},
+            {stage: [_version(p) for p in stage_pods] for stage, stage_pods in pods.items()},
+            invalid,
+            rejected,
+        ],
+        sort_keys=True,
+        default=str,
+    )
 
 
 def _without_creations(decision: Decision) -> Decision:

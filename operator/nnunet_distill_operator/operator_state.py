@@ -9,6 +9,7 @@ rebuilds everything from the cluster.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -44,6 +45,29 @@ class Clients:
         self.rbac = client.RbacAuthorizationV1Api(self.api_client)
         self.ApiException = client.exceptions.ApiException
 
+    def request(
+        self, method: str, path: str, body: Any, content_type: str = "application/json"
+    ) -> dict[str, Any]:
+        """One API call with a plain JSON body and a plain JSON answer; non-2xx raises ApiException.
+
+        For bodies the operator builds itself (status patches, Events, the trainer identity): the typed
+        methods would validate them into the client's models and serialize them back, which cost more CPU
+        than the request itself. Job manifests still go through the typed method: its models are what
+        names a malformed field (JobInvalid) before anything is sent.
+        """
+        request = self.api_client.param_serialize(
+            method=method,
+            resource_path=path,
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(*request)
+        data = response.read()
+        if not 200 <= response.status <= 299:
+            raise self.ApiException.from_response(http_resp=response, body=None, data=None)
+        return json.loads(data) if data else {}
+
     def close(self) -> None:
         self.api_client.close()
 
@@ -70,6 +94,8 @@ class State:
     # Transient failures (API errors, refusals that may clear): (consecutive count, when to retry, why).
     failures: dict[Key, tuple[int, float, str]] = field(default_factory=dict)
     failed_generation: dict[Key, int | None] = field(default_factory=dict)
+    # The inputs of the last pass that had nothing to do (controller._fingerprint).
+    settled: dict[Key, str] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     wakeup: asyncio.Event | None = None
     deleted: set[Key] = field(default_factory=set)
@@ -113,3 +139,4 @@ class State:
         self.invalid.pop(key, None)
         self.succeeded(key)
         self.deleted.discard(key)
+        self.settled.pop(key, None)
