@@ -9,8 +9,7 @@ functions fold all of it into one state, reason and message per stage, and into 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -54,83 +53,49 @@ class JobView:
 
 
 def observe_job(job: Mapping[str, Any]) -> JobView:
+    """A stage Job's state: Complete, Failed, suspended (by us, or queued for Kueue), running, or starting."""
     meta = job.get("metadata") or {}
-    spec = job.get("spec") or {}
     status = job.get("status") or {}
     name = meta.get("name", "")
     true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
     by_operator = (meta.get("annotations") or {}).get(ANNOTATION_SUSPENDED_BY_OPERATOR) == "true"
     queued = KUEUE_QUEUE_LABEL in (meta.get("labels") or {})
     start = status.get("startTime")
-    completions = spec.get("completions") or 1
+
+    def view(state: str, reason: str, message: str | None, completion: str | None = None) -> JobView:
+        return JobView(name, state, reason, message, start, completion, by_operator, queued)
+
     if "Complete" in true:
-        c = true["Complete"]
-        return JobView(
-            name,
-            SUCCEEDED,
-            "Succeeded",
-            None,
-            start,
-            status.get("completionTime") or c.get("lastTransitionTime"),
-            by_operator,
-            queued,
-        )
+        done = status.get("completionTime") or true["Complete"].get("lastTransitionTime")
+        return view(SUCCEEDED, "Succeeded", None, done)
     for kind in ("Failed", "FailureTarget"):
         if kind in true:
             c = true[kind]
-            return JobView(
-                name,
-                FAILED,
-                c.get("reason") or "Failed",
-                c.get("message"),
-                start,
-                c.get("lastTransitionTime"),
-                by_operator,
-                queued,
-            )
-    if spec.get("suspend"):
+            return view(FAILED, c.get("reason") or "Failed", c.get("message"), c.get("lastTransitionTime"))
+    if (job.get("spec") or {}).get("suspend"):
         if queued and not by_operator:
-            return JobView(
-                name,
-                PENDING,
-                "Queued",
-                f"waiting for Kueue to admit the Job "
-                f"(queue {(meta.get('labels') or {}).get(KUEUE_QUEUE_LABEL)})",
-                start,
-                None,
-                by_operator,
-                queued,
-            )
-        return JobView(name, SUSPENDED, "Suspended", None, start, None, by_operator, queued)
+            queue = (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+            return view(PENDING, "Queued", f"waiting for Kueue to admit the Job (queue {queue})")
+        return view(SUSPENDED, "Suspended", None)
+    return _running_or_starting(view, name, job.get("spec") or {}, status)
+
+
+def _running_or_starting(
+    view: Callable[[str, str, str | None], JobView],
+    name: str,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+) -> JobView:
+    completions = spec.get("completions") or 1
     active = status.get("active") or 0
     ready = status.get("ready")
     succeeded = status.get("succeeded") or 0
     progress = f" ({succeeded}/{completions} pods done)" if completions > 1 else ""
     if active and (ready is None or ready > 0):
-        return JobView(
-            name, RUNNING, "Running", f"Job {name} is running{progress}", start, None, by_operator, queued
-        )
+        return view(RUNNING, "Running", f"Job {name} is running{progress}")
     if active:
-        return JobView(
-            name,
-            PENDING,
-            "PodsStarting",
-            f"pods of Job {name} are starting{progress}",
-            start,
-            None,
-            by_operator,
-            queued,
-        )
-    return JobView(
-        name,
-        PENDING,
-        "JobCreated",
-        f"Job {name} has no running pod yet{progress}",
-        start,
-        None,
-        by_operator,
-        queued,
-    )
+        return view(PENDING, "PodsStarting", f"pods of Job {name} are starting{progress}")
+    return view(PENDING, "JobCreated", f"Job {name} has no running pod yet{progress}")
 
 
 # ---------------------------------------------------------------------------------- termination summary
@@ -207,7 +172,8 @@ GATE_NOT_ENFORCED = "QualityGateNotEnforced"
 GATE_NOT_EVALUATED = "NotEvaluated"
 GATE_VERDICT_UNAVAILABLE = "VerdictUnavailable"
 GATE_VERDICTS = (GATE_PASSED, GATE_FAILED, GATE_NOT_ENFORCED)
-# Exit code of `nnunet-distill gate` when the student fails an enforced gate (nnunet_distill.gate.EXIT_GATE_FAILED).
+# Exit code of `nnunet-distill gate` when the student fails an enforced gate
+# (nnunet_distill.gate.EXIT_GATE_FAILED).
 EXIT_CODE_GATE_FAILED = 3
 
 
@@ -278,8 +244,8 @@ def gate_condition(
     stage_state: str | None = None,
     stage_message: str | None = None,
 ) -> Cond:
-    """The QualityGate condition: True/QualityGatePassed, False/QualityGateFailed or QualityGateNotEnforced with
-    the verdict's figures and cases, or Unknown/NotEvaluated before the gate reached a verdict.
+    """The QualityGate condition: True/QualityGatePassed, False/QualityGateFailed or QualityGateNotEnforced
+    with the verdict's figures and cases, or Unknown/NotEvaluated before the gate reached a verdict.
 
     Without a verdict in view (the gate pod is gone), an earlier verdict in `previous` stands.
     """
