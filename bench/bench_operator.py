@@ -287,7 +287,9 @@ class Bench:
             "spec": SPEC,
         }
         t0 = time.time()
-        self.clients.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body)
+        self.clients.custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, body
+        )
         return t0
 
     def wait_jobs(self, names: list[str], stage: str, timeout: float) -> dict[str, float]:

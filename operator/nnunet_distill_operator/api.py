@@ -62,7 +62,10 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_.-]*$"  # nnU-Net plans / trainer / planner class names
 # A *positive* Kubernetes quantity: no sign, and not zero (a zero or negative CPU, memory or /dev/shm size
 # is never what a training pod needs; the API server would accept some of them and the pod would fail).
-QUANTITY = r"^(([0-9]*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1-9][0-9]*))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?[0-9]+))?$"
+QUANTITY = (
+    r"^(([0-9]*[1-9][0-9]*(\.[0-9]*)?)|([0-9]*\.[0-9]*[1-9][0-9]*))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?[0-9]+))?$"
+)
 QUANTITY_SUFFIXES = {
     "Ki": 2**10,
     "Mi": 2**20,
@@ -94,8 +97,8 @@ BUCKET_RULES: dict[str, tuple[str, str]] = {
     "s3": (
         r"^(?!xn--)(?!.*-s3alias$)(?!\d+\.\d+\.\d+\.\d+$)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
         (
-            "an S3 bucket name has 3-63 characters: lower-case letters, digits, '.' and '-', starting and ending "
-            "with a letter or digit, and is not an IP address"
+            "an S3 bucket name has 3-63 characters: lower-case letters, digits, '.' and '-', starting and "
+            "ending with a letter or digit, and is not an IP address"
         ),
     ),
     "gs": (
@@ -104,16 +107,16 @@ BUCKET_RULES: dict[str, tuple[str, str]] = {
             r"(\.[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?)*$"
         ),
         (
-            "a GCS bucket name has 3-63 characters (222 with dots, at most 63 between dots): lower-case letters, "
-            "digits, '-', '_' and '.', starting and ending with a letter or digit, not starting with 'goog', not "
-            "containing 'google', and not an IP address"
+            "a GCS bucket name has 3-63 characters (222 with dots, at most 63 between dots): lower-case "
+            "letters, digits, '-', '_' and '.', starting and ending with a letter or digit, not starting "
+            "with 'goog', not containing 'google', and not an IP address"
         ),
     ),
     "az": (
         r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$",
         (
-            "an Azure container name has 3-63 characters: lower-case letters, digits and single '-', starting "
-            "and ending with a letter or digit"
+            "an Azure container name has 3-63 characters: lower-case letters, digits and single '-', "
+            "starting and ending with a letter or digit"
         ),
     ),
 }
@@ -201,7 +204,8 @@ class VolumeSpec(_Model):
 
 
 class StorageSpec(_Model):
-    """Where nnUNet_raw, nnUNet_preprocessed and nnUNet_results live: one PVC with sub-paths, or one per folder.
+    """Where nnUNet_raw, nnUNet_preprocessed and nnUNet_results live: one PVC with sub-paths, or one per
+    folder.
 
     Pods mount them at /data/nnUNet_raw, /data/nnUNet_preprocessed and /data/nnUNet_results.
     """
@@ -453,9 +457,9 @@ class QualityGateSpec(_Model):
     """The quality gate between export and publish: a student that keeps too little of its teacher ensemble's
     held-out Dice is not published.
 
-    Retention is the student's mean Dice / the teacher ensemble's, on cases none of them trained on (the dataset's
-    labelled test set imagesTs + labelsTs, else the student's validation cases against only the teacher folds that
-    never saw them). Without such a baseline there is no retention, and the gate fails.
+    Retention is the student's mean Dice / the teacher ensemble's, on cases none of them trained on (the
+    dataset's labelled test set imagesTs + labelsTs, else the student's validation cases against only the
+    teacher folds that never saw them). Without such a baseline there is no retention, and the gate fails.
     """
 
     min_retention: float = Field(
@@ -708,8 +712,8 @@ class DistillationJobSpec(_Model):
         ge=600,
         le=31536000,
         alias="jobTTLSecondsAfterFinished",
-        description="ttlSecondsAfterFinished of each stage Job: Kubernetes deletes a finished stage Job and its "
-        "pods this long after it finished (default 7 days; at least 10 minutes, so the operator can "
+        description="ttlSecondsAfterFinished of each stage Job: Kubernetes deletes a finished stage Job and "
+        "its pods this long after it finished (default 7 days; at least 10 minutes, so the operator can "
         "read the results first).",
     )
 
@@ -861,8 +865,8 @@ class DistillationJobSpec(_Model):
                 problem(
                     "scheduling.nodeSelector",
                     f"key {key!r} is not a valid label key: an optional DNS "
-                    "subdomain prefix and '/', then 1-63 letters, digits, '-', '_' or '.', starting and ending "
-                    "with a letter or digit",
+                    "subdomain prefix and '/', then 1-63 letters, digits, '-', '_' or '.', starting and "
+                    "ending with a letter or digit",
                 )
             elif not re.match(LABEL_VALUE, value):
                 problem(
@@ -988,7 +992,8 @@ class InvalidSpec(ValueError):
 
 
 def parse_spec(spec: Any) -> DistillationJobSpec:
-    """Validate a CR's spec (a dict as stored in Kubernetes), raising InvalidSpec with field-named problems."""
+    """Validate a CR's spec (a dict as stored in Kubernetes), raising InvalidSpec with field-named
+    problems."""
     if not isinstance(spec, dict):
         raise InvalidSpec(["spec: must be an object with at least dataset and storage"])
     try:

@@ -32,10 +32,10 @@ EXIT_CODE_USAGE = 2  # argparse / configuration errors: retrying cannot help
 CONTAINER_MAIN = "main"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
-# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme. Required keys
-# make a missing Secret or key stop the pod before it starts (CreateContainerConfigError), which the operator
-# reports as SecretMissing / SecretKeyMissing naming spec.output.secretRef. Each scheme has one endpoint key for
-# self-hosted or emulated stores (AWS_ENDPOINT_URL, GOOGLE_BASE_URL, AZURE_STORAGE_ENDPOINT);
+# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme. Required
+# keys make a missing Secret or key stop the pod before it starts (CreateContainerConfigError), which the
+# operator reports as SecretMissing / SecretKeyMissing naming spec.output.secretRef. Each scheme has one
+# endpoint key for self-hosted or emulated stores (AWS_ENDPOINT_URL, GOOGLE_BASE_URL, AZURE_STORAGE_ENDPOINT);
 # STORAGE_ALLOW_HTTP=true is the explicit opt-in to a plain-http endpoint.
 ALLOW_HTTP_ENV = ("STORAGE_ALLOW_HTTP", False)
 CREDENTIAL_ENV: dict[str, tuple[tuple[str, bool], ...]] = {
@@ -278,8 +278,8 @@ def job_for(
         c: dict[str, Any] = {
             "name": name,
             "image": image,
-            # `args`, not `command`: the image's ENTRYPOINT (tini in the trainer image) stays PID 1, reaps the data
-            # loader workers and forwards the kubelet's SIGTERM, on which the trainer saves a checkpoint.
+            # `args`, not `command`: the image's ENTRYPOINT (tini in the trainer image) stays PID 1, reaps the
+            # data loader workers and forwards the kubelet's SIGTERM, on which the trainer saves a checkpoint.
             "args": container_command(stage, argv, guarded),
             "env": env,
             "resources": _resources(spec, stage),
@@ -360,8 +360,9 @@ def job_for(
     if stage.index_values:
         job_spec["completionMode"] = "Indexed"
         if stage.completions > 1:
-            # Each teacher fold gets its own retries (Kubernetes >= 1.29; beta, on by default). Older API servers
-            # drop the field; backoffLimit, scaled by the folds, then bounds all folds' failures together.
+            # Each teacher fold gets its own retries (Kubernetes >= 1.29; beta, on by default). Older API
+            # servers drop the field; backoffLimit, scaled by the folds, then bounds all folds' failures
+            # together.
             job_spec["backoffLimitPerIndex"] = spec.backoff_limit
             job_spec["backoffLimit"] = spec.backoff_limit * stage.completions
     if spec.active_deadline_seconds is not None:
@@ -479,8 +480,8 @@ _CONTAINER_FIELD_SOURCES: tuple[tuple[str, str], ...] = (
 
 
 def spec_field_for(job_path: str, stage: str) -> str:
-    """The DistillationJob spec field a stage Job's field (`spec.template.spec.affinity.nodeAffinity`) is built
-    from (`spec.scheduling.affinity.nodeAffinity`); `spec` when no single field is responsible."""
+    """The DistillationJob spec field a stage Job's field (`spec.template.spec.affinity.nodeAffinity`) is
+    built from (`spec.scheduling.affinity.nodeAffinity`); `spec` when no single field is responsible."""
     import re
 
     path = re.sub(r"\[(\d+)\]", r".\1", job_path).strip(".")

@@ -75,10 +75,11 @@ START_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
-# Stages are rare events (hours apart). A labelled counter or histogram child appears only at its first event, and
-# PromQL's increase() cannot see the step from "no series" to 1, so the first finished stage after an operator
-# (re)start would vanish from the dashboard's "in range" panels. Exporting every known stage at 0 from the start
-# makes each event a visible 0 -> 1 step. (A stage not listed here still works; only its first event is lost.)
+# Stages are rare events (hours apart). A labelled counter or histogram child appears only at its first event,
+# and PromQL's increase() cannot see the step from "no series" to 1, so the first finished stage after an
+# operator (re)start would vanish from the dashboard's "in range" panels. Exporting every known stage at 0
+# from the start makes each event a visible 0 -> 1 step. (A stage not listed here still works; only its first
+# event is lost.)
 KNOWN_STAGES = ("preprocess", "teachers", "distill", "export", "publish")
 for _stage in KNOWN_STAGES:
     JOBS_CREATED.labels(_stage)
@@ -111,7 +112,8 @@ RESULT_GAUGES: dict[str, tuple[str, str]] = {
 }
 # The worst label's retention, labelled with the label's name (one series per job: its current worst label).
 WORST_LABEL_FAMILY = f"{PREFIX}_worst_label_retention"
-# The quality gate's verdict (QualityGate condition): 1 passed, 0 failed (enforced or not); absent until evaluated.
+# The quality gate's verdict (QualityGate condition): 1 passed, 0 failed (enforced or not); absent until
+# evaluated.
 GATE_FAMILY = f"{PREFIX}_quality_gate_passed"
 JOBS_FAMILY = f"{PREFIX}_jobs"
 PROGRESS_UPDATED_FAMILY = f"{PREFIX}_progress_updated_timestamp_seconds"

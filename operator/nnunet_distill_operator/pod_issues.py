@@ -1,4 +1,5 @@
-"""Pure: why a stage's pod is stuck or failed, in the user's terms (the field to change, the Secret to create).
+"""Pure: why a stage's pod is stuck or failed, in the user's terms (the field to change, the Secret to
+create).
 
 Kubernetes reports a stuck pod in many places: scheduler conditions, container waiting reasons,
 termination states, evictions and disruptions. `pod_issue` folds them into one reason and message.
@@ -148,13 +149,13 @@ def _failed_issue(status: Mapping[str, Any], name: str) -> PodIssue | None:
 
 
 def _missing_secret(kubelet_message: str) -> tuple[str, str] | None:
-    """(reason, message) when the kubelet could not find the credentials Secret or one of its keys. The kubelet
-    names the Secret and the key, never a value."""
+    """(reason, message) when the kubelet could not find the credentials Secret or one of its keys. The
+    kubelet names the Secret and the key, never a value."""
     m = re.search(r'secret "([^"]+)" not found', kubelet_message)
     if m:
         why = (
-            f"spec.output.secretRef.name: Secret {m.group(1)!r} does not exist in the job's namespace; create "
-            "it with the storage credentials (see the README's credentials section)"
+            f"spec.output.secretRef.name: Secret {m.group(1)!r} does not exist in the job's namespace; "
+            "create it with the storage credentials (see the README's credentials section)"
         )
         return ("SecretMissing", why)
     m = re.search(r"couldn't find key (\S+) in Secret (\S+)", kubelet_message)

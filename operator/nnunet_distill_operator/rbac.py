@@ -45,7 +45,8 @@ OPERATOR_RULES: tuple[Rule, ...] = (
         "",
         "pods",
         ("list", "watch"),
-        why="pod-level causes (Unschedulable, ImagePullBackOff, OOMKilled, evictions) and termination messages",
+        why="pod-level causes (Unschedulable, ImagePullBackOff, OOMKilled, evictions) and termination "
+        "messages",
     ),
     Rule(
         "",

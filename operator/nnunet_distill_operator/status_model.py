@@ -125,8 +125,8 @@ class DistillationJobStatus(BaseModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-        description="kstatus conditions Ready, Reconciling, Stalled (and Suspended), plus <Stage>Complete per stage "
-        "and QualityGate (the gate's verdict, figures and cases).",
+        description="kstatus conditions Ready, Reconciling, Stalled (and Suspended), plus <Stage>Complete "
+        "per stage and QualityGate (the gate's verdict, figures and cases).",
     )
     stages: dict[str, StageStatus] = Field(default_factory=dict, description="Stage name -> Job and state.")
     progress: Progress | None = Field(None, description="Live training progress.")

@@ -130,8 +130,8 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(
             "passed": True,
             "enforced": True,
             "reason": "QualityGatePassed",
-            "message": "quality gate passed: retention 0.991 >= 0.970, worst label lesion 0.962 >= 0.900; evaluated on "
-            "test_set: 6 cases (imagesTs), teacher folds 0 1 2",
+            "message": "quality gate passed: retention 0.991 >= 0.970, worst label lesion 0.962 >= 0.900; "
+            "evaluated on test_set: 6 cases (imagesTs), teacher folds 0 1 2",
         },
         "metrics": {
             "finalDice": 0.91,

@@ -265,8 +265,8 @@ def test_manifests_carry_no_secret_values() -> None:
 
 
 def test_containers_keep_the_images_entrypoint() -> None:
-    """Stage argv goes to `args`: the trainer image's ENTRYPOINT (tini) stays PID 1, so the kubelet's SIGTERM reaches
-    the trainer (which checkpoints on it) and data-loader workers are reaped."""
+    """Stage argv goes to `args`: the trainer image's ENTRYPOINT (tini) stays PID 1, so the kubelet's SIGTERM
+    reaches the trainer (which checkpoints on it) and data-loader workers are reaped."""
     for job in _jobs(**FULL).values():
         pod = job["spec"]["template"]["spec"]
         for c in pod["containers"] + pod.get("initContainers", []):
@@ -344,8 +344,8 @@ def test_stage_jobs_carry_ttl_recommended_labels_and_a_uid_selector() -> None:
 
 
 def test_teacher_folds_retry_per_index_with_a_scaled_total_for_older_clusters() -> None:
-    """Issue 12 (7): one bad fold no longer burns the others' retries (backoffLimitPerIndex, Kubernetes >= 1.29);
-    an older API server drops that field and keeps backoffLimit, scaled by the number of folds."""
+    """Issue 12 (7): one bad fold no longer burns the others' retries (backoffLimitPerIndex, Kubernetes >=
+    1.29); an older API server drops that field and keeps backoffLimit, scaled by the number of folds."""
     teachers = _jobs(teachers={"train": True, "folds": [0, 1, 2]}, backoffLimit=2)["teachers"]
     spec = teachers["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == 3

@@ -39,7 +39,8 @@ def cr(
 
 
 def applied(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
-    """The CR after the operator applied a decision (accepted spec, then the rest, merge-patched into status)."""
+    """The CR after the operator applied a decision (accepted spec, then the rest, merge-patched into
+    status)."""
     out = copy.deepcopy(body)
     if decision.accepted_spec:
         out.setdefault("status", {})["acceptedSpec"] = decision.accepted_spec
