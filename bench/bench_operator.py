@@ -254,8 +254,10 @@ class Usage:
         self.cpu0 = {k: _cpu_seconds(p) for k, p in self.pids.items()}
 
     def shares(self) -> dict[str, float]:
+        """CPU seconds per wall second of each process, and (key `<name>_s`) its CPU seconds."""
         wall = time.monotonic() - self.wall0
-        return {k: (_cpu_seconds(p) - self.cpu0[k]) / wall for k, p in self.pids.items()}
+        used = {k: _cpu_seconds(p) - self.cpu0[k] for k, p in self.pids.items()}
+        return {**{k: v / wall for k, v in used.items()}, **{f"{k}_s": v for k, v in used.items()}}
 
 
 class Bench:
@@ -405,8 +407,12 @@ def _row(label: str, values: list[float], goal: float | None) -> str:
     )
 
 
-def _cpu(shares: dict[str, float]) -> str:
-    return f"operator {shares['operator']:.2f} CPU, emulator {shares['emulator']:.2f} CPU"
+def _cpu(shares: dict[str, float], jobs: int) -> str:
+    per_job = shares["operator_s"] / jobs * 1000
+    return (
+        f"operator {shares['operator']:.2f} CPU ({per_job:.1f} ms CPU per DistillationJob), "
+        f"emulator {shares['emulator']:.2f} CPU"
+    )
 
 
 def report(result: dict[str, Any], n: int) -> list[str]:
@@ -421,9 +427,10 @@ def report(result: dict[str, Any], n: int) -> list[str]:
     if f"burst_{n}" in result:
         lines.append(_row(f"burst ({n} at once)", result[f"burst_{n}"], GOALS["p95_1000"]))
     lines.append("CPU share during each scenario (CPU seconds per wall second; 2 cores = 2.00):")
-    for key in ("sequential", "burst_200", f"burst_{n}", f"catch_up_{n}"):
+    jobs = {"sequential": SEQUENTIAL, "burst_200": 200, f"burst_{n}": n, f"catch_up_{n}": n}
+    for key, count in jobs.items():
         if f"{key}_cpu" in result:
-            lines.append(f"  {key:<16} {_cpu(result[f'{key}_cpu'])}")
+            lines.append(f"  {key:<16} {_cpu(result[f'{key}_cpu'], count)}")
     if f"rss_{n}_mib" in result:
         rss, peak = result[f"rss_{n}_mib"]
         ok = "ok" if rss < GOALS["rss_1000_mib"] else "MISSED"
