@@ -108,6 +108,11 @@ def summary_rows(
     status."""
     path = summary_path(spec, paths)
     summary = json.loads(path.read_text()) if path is not None else {}
+    return _accuracy_rows(summary, status) + _model_rows(spec, paths, status, summary)
+
+
+def _accuracy_rows(summary: dict[str, Any], status: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Which cases, Dice per label and mean, retention, the gate's verdict."""
     student = summary.get("student") or {}
     teacher = summary.get("teacher_ensemble") or {}
     ret = summary.get("retention") or {}
@@ -141,6 +146,17 @@ def summary_rows(
     gate = next((c for c in status.get("conditions") or () if c.get("type") == "QualityGate"), None)
     if gate is not None:
         rows.append(("quality gate", "", f"{gate.get('reason')}"))
+    return rows
+
+
+def _model_rows(
+    spec: api.DistillationJobSpec, paths: DataPaths, status: dict[str, Any], summary: dict[str, Any]
+) -> list[tuple[str, str, str]]:
+    """Sizes, inference time, where the models, the export and the package are."""
+    student = summary.get("student") or {}
+    teacher = summary.get("teacher_ensemble") or {}
+    cases = summary.get("cases") or {}
+    rows: list[tuple[str, str, str]] = []
     artifacts = status.get("artifacts") or {}
     folds = teacher.get("folds") or list(spec.teacher_folds or ())
     t_params = teacher.get("parameters_per_fold") or artifacts.get("teacherParameters")
