@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nnunet_distill_operator import api, k8s, metrics
+from nnunet_distill_operator.job_errors import build_error_fields, status_causes
 from nnunet_distill_operator.operator_state import COMPONENT, Key, State
 from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, Event, event_name
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, parse_time
@@ -117,7 +118,7 @@ def _create_job(
         created = c.batch.create_namespaced_job(namespace, manifest, _preload_content=False)
     except c.ApiException as exc:
         if exc.status == 422:
-            raise JobInvalid(stage, k8s.status_causes(_api_body(exc), stage)) from None
+            raise JobInvalid(stage, status_causes(_api_body(exc), stage)) from None
         if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (409, 429):
             raise JobRejected(stage, _api_message(exc)) from None
         if exc.status != 409:
@@ -125,7 +126,7 @@ def _create_job(
         log.info("Job %s already exists (created concurrently); adopting it", manifest["metadata"]["name"])
         created_body = manifest
     except (ValueError, TypeError) as exc:  # the client's models refused the body (pydantic)
-        raise JobInvalid(stage, k8s.build_error_fields(exc, stage)) from None
+        raise JobInvalid(stage, build_error_fields(exc, stage)) from None
     else:
         created_body = json.loads(created.data)
         metrics.JOBS_CREATED.labels(stage).inc()

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from nnunet_distill_operator import api, k8s
+from nnunet_distill_operator.job_errors import build_error_fields
 from nnunet_distill_operator.plan import DataPaths, Stage, export_paths, plan
 from nnunet_distill_operator.spec_changes import choose_spec
 from nnunet_distill_operator.stage_states import (
@@ -329,7 +330,7 @@ def _create(
                 stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name), defaults=defaults
             )
         except Exception as exc:  # noqa: BLE001 - a spec the Job cannot be built from: Stalled, not a crash
-            broken = "; ".join(f"{f}: {m}" for f, m in k8s.build_error_fields(exc, stage.name))
+            broken = "; ".join(f"{f}: {m}" for f, m in build_error_fields(exc, stage.name))
         else:
             actions.create.append(manifest)
             current.state, current.reason = PENDING, "JobCreated"
