@@ -266,10 +266,39 @@ def job_for(
     queued = spec.scheduling.queue_name is not None
     if queued:
         job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name  # type: ignore[assignment]
-    pod_labels = labels(owner, stage.name)
     annotations = {ANNOTATION_JOB_NAME: owner.name, ANNOTATION_JOB_UID: owner.uid}
-    volumes, mounts = _volumes(spec, stage)
-    pod_security, container_security = _security(spec)
+    job_spec = _job_spec(stage, spec, _pod_spec(stage, owner, spec, paths, defaults))
+    job_spec["template"]["metadata"] = {"labels": labels(owner, stage.name), "annotations": dict(annotations)}
+    if suspend or queued:
+        # Kueue admits a queued Job by un-suspending it; it must be created suspended.
+        job_spec["suspend"] = True
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": job_labels,
+            "annotations": dict(annotations),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": job_spec,
+    }
+
+
+def _containers(
+    stage: Stage,
+    owner: Owner,
+    spec: api.DistillationJobSpec,
+    paths: DataPaths,
+    defaults: Defaults,
+    mounts: list[dict[str, Any]],
+    container_security: dict[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(init containers, main container): earlier commands of a stage run as init containers (in order,
+    each only after the previous one succeeded); the last is the main container, whose termination message
+    the operator reads."""
     env = _env(owner, stage, paths, spec)
     image = spec.image or defaults.image
     pull_policy = spec.image_pull_policy or defaults.image_pull_policy
@@ -292,15 +321,21 @@ def job_for(
             c["imagePullPolicy"] = pull_policy
         return c
 
-    # Earlier commands of a stage run as init containers (in order, each only after the previous one
-    # succeeded); the last is the main container, whose termination message the operator reads.
     init = [container(c.name, c.argv, guarded=False) for c in stage.commands[:-1]]
     main = container(CONTAINER_MAIN, stage.argv, guarded=True)
     if init and stage.done_when_exists:
         # The guard must also protect the preparation steps: guard the first one instead.
         init[0]["args"] = container_command(stage, stage.commands[0].argv, guarded=True)
         main["args"] = list(stage.argv)
+    return init, main
 
+
+def _pod_spec(
+    stage: Stage, owner: Owner, spec: api.DistillationJobSpec, paths: DataPaths, defaults: Defaults
+) -> dict[str, Any]:
+    volumes, mounts = _volumes(spec, stage)
+    pod_security, container_security = _security(spec)
+    init, main = _containers(stage, owner, spec, paths, defaults, mounts, container_security)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": pod_security,
@@ -325,36 +360,36 @@ def job_for(
         pod_spec["affinity"] = sched.affinity
     if sched.priority_class_name:
         pod_spec["priorityClassName"] = sched.priority_class_name
+    return pod_spec
 
+
+def _failure_policy(stage: Stage) -> dict[str, Any]:
+    """Evictions, preemptions and node drains are not the trainer's fault: they do not count towards
+    backoffLimit (the pod is recreated and resumes from its checkpoint). Usage errors (exit 2) fail at once,
+    since a retry runs the same wrong command; so do a stage's deterministic verdicts (the quality gate's
+    "failed", exit 3: a retry would judge the same student the same way)."""
+    rules: list[dict[str, Any]] = [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_CODE_USAGE]}},
+    ]
+    if stage.fail_fast_exit_codes:
+        codes = sorted(stage.fail_fast_exit_codes)
+        rules.append(
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER_MAIN, "operator": "In", "values": codes},
+            }
+        )
+    return {"rules": rules}
+
+
+def _job_spec(stage: Stage, spec: api.DistillationJobSpec, pod_spec: dict[str, Any]) -> dict[str, Any]:
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
         "completions": stage.completions,
         "parallelism": stage.completions,
-        # Evictions, preemptions and node drains are not the trainer's fault: they do not count towards
-        # backoffLimit (the pod is recreated and resumes from its checkpoint). Usage errors (exit 2) fail at
-        # once, since a retry runs the same wrong command; so do a stage's deterministic verdicts (the quality
-        # gate's "failed", exit 3: a retry would judge the same student the same way).
-        "podFailurePolicy": {
-            "rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_CODE_USAGE]}},
-                *(
-                    [
-                        {
-                            "action": "FailJob",
-                            "onExitCodes": {
-                                "containerName": CONTAINER_MAIN,
-                                "operator": "In",
-                                "values": sorted(stage.fail_fast_exit_codes),
-                            },
-                        }
-                    ]
-                    if stage.fail_fast_exit_codes
-                    else []
-                ),
-            ]
-        },
-        "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
+        "podFailurePolicy": _failure_policy(stage),
+        "template": {"metadata": {}, "spec": pod_spec},
     }
     job_spec["ttlSecondsAfterFinished"] = spec.job_ttl_seconds_after_finished
     if stage.index_values:
@@ -367,22 +402,7 @@ def job_for(
             job_spec["backoffLimit"] = spec.backoff_limit * stage.completions
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if suspend or queued:
-        # Kueue admits a queued Job by un-suspending it; it must be created suspended.
-        job_spec["suspend"] = True
-
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": owner.namespace,
-            "labels": job_labels,
-            "annotations": dict(annotations),
-            "ownerReferences": [owner_reference(owner)],
-        },
-        "spec": job_spec,
-    }
+    return job_spec
 
 
 def trainer_service_account(
