@@ -407,6 +407,21 @@ class LocalRunner:
         if tracker is not None:
             self._report_progress(tracker, status)
         summary = parse_summary(term_path.read_text()) if term_path.exists() else {}
+        self._check_outcome(stage, command_name, argv, code, summary, log_path, tail, status)
+        return summary
+
+    def _check_outcome(
+        self,
+        stage: Stage,
+        command_name: str,
+        argv: tuple[str, ...],
+        code: int,
+        summary: dict[str, Any],
+        log_path: Path,
+        tail: deque[str],
+        status: LocalStatus,
+    ) -> None:
+        """Record the gate's verdict; a failed command (or an enforced gate that failed) ends the run."""
         verdict = gate_verdict(summary) if stage.name == GATE_STAGE else None
         if verdict is not None:
             status.set_gate(verdict)
@@ -426,7 +441,6 @@ class LocalRunner:
                 f"  log: {log_path}\n  last lines:\n{tail_text}"
             )
             raise self._fail(stage, status, message, code)
-        return summary
 
     def _fail(
         self,
