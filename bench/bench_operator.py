@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -379,7 +380,7 @@ def _scenario_large(bench: Bench, out: dict[str, Any], n: int) -> None:
     out[f"catch_up_{n}_cpu"] = usage.shares()
 
 
-def _run(scenario: str, workdir: Path, profile: Path | None, n: int) -> dict[str, Any]:
+def _run(scenario: str, workdir: Path, profile: Path | None, n: int, keep: Path | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with ApiServerProcess() as server:
         bench = Bench(server, workdir, profile)
@@ -393,6 +394,9 @@ def _run(scenario: str, workdir: Path, profile: Path | None, n: int) -> dict[str
             out["duplicate_posts"] = sum(creations) - len(creations)
         finally:
             bench.close()
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(bench.log, keep / f"operator-{scenario}.log")
     return out
 
 
@@ -452,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--scenario", choices=("small", "large", "all"), default="all")
     p.add_argument("--jobs", type=int, default=1000, help="DistillationJobs in the large scenario")
     p.add_argument("--profile", type=Path, help="directory for yappi profiles of the operator")
+    p.add_argument("--keep-logs", type=Path, help="directory to copy the operator's logs to")
     args = p.parse_args(argv)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # tests.operator.* (the emulator and the harness)
@@ -465,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 profile = args.profile / scenario
-            out = _run(scenario, workdir, profile, args.jobs)
+            out = _run(scenario, workdir, profile, args.jobs, args.keep_logs)
             result["duplicate_posts"] += out.pop("duplicate_posts")
             result.update(out)
     result["load_after"] = os.getloadavg()

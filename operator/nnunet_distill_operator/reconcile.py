@@ -20,7 +20,8 @@ from typing import Any
 
 from nnunet_distill_operator import api, k8s
 from nnunet_distill_operator.job_errors import build_error_fields
-from nnunet_distill_operator.plan import DataPaths, Stage, export_paths, plan
+from nnunet_distill_operator.job_phase import Phase, gate, job_phase
+from nnunet_distill_operator.plan import DataPaths, Stage, plan
 from nnunet_distill_operator.spec_changes import choose_spec
 from nnunet_distill_operator.stage_states import (
     NO_JOB_REASONS,
@@ -32,18 +33,14 @@ from nnunet_distill_operator.stage_states import (
 )
 from nnunet_distill_operator.status import (
     FAILED,
-    GATE_FAILED,
     GATE_STAGE,
     PENDING,
-    RUNNING,
     SUCCEEDED,
     SUSPENDED,
     TERMINAL,
     Cond,
     GateVerdict,
     condition_type,
-    gate_condition,
-    gate_failure_message,
     kstatus_conditions,
     merge_conditions,
     newest_gate_summary,
@@ -138,14 +135,6 @@ class _Actions:
         return bool(self.create)
 
 
-@dataclass(frozen=True)
-class _Phase:
-    phase: str
-    reason: str
-    message: str
-    shown: StageState | None
-
-
 def decide(
     cr: Mapping[str, Any],
     jobs: Mapping[str, Mapping[str, Any]],
@@ -181,8 +170,8 @@ def decide(
     owner = k8s.Owner(obs.name, obs.namespace, obs.uid)
     actions = _act(obs, stages, states, effective, owner, defaults, rejected or {}, invalid or {})
     stalled = choice.stalled or actions.stalled
-    gate_cond, gate_blocked = _gate(stages, states, verdict, obs.prev_raw)
-    phase = _phase(obs, states, effective.suspend, gate_blocked, verdict, gate_cond)
+    gate_cond, gate_blocked = gate(stages, states, verdict, obs.prev_raw)
+    phase = job_phase(obs.name, obs.prev_raw, states, effective.suspend, gate_blocked, verdict, gate_cond)
     accepted = api.spec_to_dict(effective) if actions.creating or started else None
     results = _result_fields(obs, artifacts, metrics, accepted)
     status = _status(obs, states, phase, stalled, gate_cond, bool(actions.create or own_jobs), results)
@@ -223,7 +212,7 @@ def _events(
     obs: _Observed,
     states: Sequence[StageState],
     actions: _Actions,
-    phase: _Phase,
+    phase: Phase,
     stalled: tuple[str, str] | None,
     gate_cond: Cond | None,
     gate_blocked: bool,
@@ -367,71 +356,10 @@ def _suspend_or_resume(actions: _Actions, current: StageState, effective: api.Di
         current.message = f"Job {view.name} resumed"
 
 
-def _gate(
-    stages: Sequence[Stage],
-    states: Sequence[StageState],
-    verdict: GateVerdict | None,
-    prev_raw: Mapping[str, Any],
-) -> tuple[Cond | None, bool]:
-    """The QualityGate condition, and whether the gate blocks the job (failed, enforced)."""
-    gate_stage = next((s for s in stages if s.name == GATE_STAGE), None)
-    if gate_stage is None:
-        return None, False
-    gate_st = next(s for s in states if s.name == GATE_STAGE)
-    cond = gate_condition(
-        verdict,
-        prev_raw.get("conditions") or [],
-        description=gate_stage.description,
-        stage_state=gate_st.state,
-        stage_message=gate_st.message,
-    )
-    blocked = gate_st.state == FAILED and (cond.reason == GATE_FAILED or gate_st.reason == GATE_FAILED)
-    return cond, blocked
-
-
-def _phase(
-    obs: _Observed,
-    states: Sequence[StageState],
-    suspend_wanted: bool,
-    gate_blocked: bool,
-    verdict: GateVerdict | None,
-    gate_cond: Cond | None,
-) -> _Phase:
-    """The job's phase, reason and message, and the stage the status shows as current."""
-    failed = next((s for s in states if s.state == FAILED), None)
-    current = next((s for s in states if s.state != SUCCEEDED), None)
-    done_count = sum(s.state == SUCCEEDED for s in states)
-    if failed is not None and gate_blocked and failed.name == GATE_STAGE:
-        package_dir = export_paths(DataPaths.in_pod(obs.name))[2]
-        prev_reason, prev_message = obs.prev_raw.get("reason"), obs.prev_raw.get("message")
-        if verdict is not None:
-            message = gate_failure_message(verdict.message, verdict.student, package_dir)
-        elif prev_reason == GATE_FAILED and prev_message:
-            message = prev_message  # the gate pod is gone; what it said stays
-        else:
-            why = gate_cond.message if gate_cond else "quality gate failed"
-            message = gate_failure_message(why, None, package_dir)
-        return _Phase(FAILED, GATE_FAILED, message, failed)
-    if failed is not None:
-        return _Phase(
-            FAILED, "StageFailed", f"stage {failed.name} failed: {failed.message or failed.reason}", failed
-        )
-    if current is None:
-        return _Phase(
-            SUCCEEDED, "Succeeded", f"all {len(states)} stages succeeded", states[-1] if states else None
-        )
-    if suspend_wanted:
-        message = f"suspended at stage {current.name} ({done_count}/{len(states)} stages done)"
-        return _Phase(SUSPENDED, "Suspended", message, current)
-    running = current.state == RUNNING or done_count > 0
-    message = f"stage {current.name} ({done_count + 1}/{len(states)}): {current.message or current.state}"
-    return _Phase(RUNNING if running else PENDING, current.reason or current.state, message, current)
-
-
 def _status(
     obs: _Observed,
     states: Sequence[StageState],
-    phase: _Phase,
+    phase: Phase,
     stalled: tuple[str, str] | None,
     gate_cond: Cond | None,
     has_job: bool,
