@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from nnunet_distill_operator import local
+from nnunet_distill_operator import local, local_progress
 from nnunet_distill_operator.plan import Command, DataPaths, Stage, StageResources
 
 RES = StageResources(0, "1", "1Gi", 0)
@@ -201,7 +201,7 @@ def test_progress_comes_from_the_newest_progress_json_written_since_the_start(tm
 
     old = write("Old__P__2d", {"epoch": 50, "totalEpochs": 50})
     os.utime(old, (time.time() - 3600, time.time() - 3600))  # an earlier run's: not this stage's
-    t = local.ProgressTracker("distill", tmp_path)
+    t = local_progress.ProgressTracker("distill", tmp_path)
     assert not t.poll() and t.progress is None
     write("Student__P__2d", {"epoch": 1, "totalEpochs": 4, "pseudoDice": None, "etaSeconds": 29.6})
     assert t.poll()
