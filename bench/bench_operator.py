@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--jobs", type=int, default=1000, help="DistillationJobs in the large scenario")
     p.add_argument("--profile", type=Path, help="directory for yappi profiles of the operator")
     p.add_argument("--keep-logs", type=Path, help="directory to copy the operator's logs to")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv if argv is not None else [])  # `python -m bench` calls main() without flags
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # tests.operator.* (the emulator and the harness)
     result: dict[str, Any] = {"load_before": os.getloadavg(), "duplicate_posts": 0}
@@ -481,4 +481,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
