@@ -260,6 +260,7 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
             return decision
     except Exception as exc:  # API errors, timeouts: retried with backoff, never dropped
         result = "error"
+        state.settled.pop(key, None)  # the next event decides again
         metrics.RECONCILE_ERRORS.labels(trigger).inc()
         delay = state.failed(key, f"{type(exc).__name__}: {exc}", meta.get("generation"))
         log.exception("reconciling DistillationJob %s/%s failed; retrying in %.1fs", key[0], key[1], delay)
