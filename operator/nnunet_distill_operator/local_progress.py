@@ -19,7 +19,7 @@ from nnunet_distill_operator.status_model import Progress
 # reports as status.progress (nnunet_distill.trainer._write_progress).
 PROGRESS_FILE = "progress.json"
 PROGRESS_GLOB = f"*/*/fold_*/{PROGRESS_FILE}"
-MTIME_SLACK_S = 1.0  # file times are coarser than time.time(): a file written just after the start counts
+MTIME_SLACK_S = 0.1  # file times are a clock tick coarser than time.time(): a file written at start counts
 
 
 @dataclass
