@@ -1,35 +1,59 @@
-"""Operator throughput: 200 DistillationJobs created at once, CR -> first Job latency (p50/p95/max).
+"""Operator at scale: the `nnunet-distill-operator` process as shipped against the kmock API server.
 
-The real operator (kopf, in-process) runs against the kmock API server (with the test emulator
-subclass), which runs in a separate process, as a real API server would (sharing the operator's GIL
-would measure the emulator, not the operator; on a 2-core machine each gets one core). The
-latency of one DistillationJob is measured from just before its create request is sent until the API
-server stores the Job the operator created for it. Measured side by side in one run:
+Both run as separate processes, as in a cluster (sharing a GIL would measure the emulator, not the
+operator): the operator is started with its console entry point's `operator_main` (default flags: resync
+every 60 s, INFO logs, metrics and liveness servers on), the emulator (`ApiServerLikeEmulator`) in a
+child process that records, server side, when each Job is stored. The latency of one DistillationJob is
+measured from just before its create request is sent until the API server stores its first Job.
 
-- sequential: 10 DistillationJobs, one at a time (the latency floor of one reconciliation);
-- burst: 200 DistillationJobs created concurrently (16 client threads), as a GitOps sync would.
+Scenarios (each on a fresh API server and a fresh operator):
+- sequential: SEQUENTIAL DistillationJobs, one at a time (the latency floor of one reconciliation);
+- burst 200: 200 DistillationJobs created at once (16 client threads), as a GitOps sync would;
+- burst 1000: 1000 at once; then the operator's RSS; then the operator is stopped, every first-stage Job
+  is marked Complete while it is down, and a new operator process is started: catch-up is the time from
+  its start until every DistillationJob has its next stage's Job.
 
-Printed: p50/p95/max per scenario, the burst/sequential p95 ratio, and the time until all 200 had a Job
-and a status. Every DistillationJob must get exactly one Job (no duplicates), or the benchmark fails.
+Printed: p50/p95/max per scenario with the goal beside it, the CPU share (CPU seconds / wall seconds) of
+the operator and of the emulator during each scenario, so a reader can tell the operator's cost from the
+emulator's, and the machine's load (`uptime`). Every DistillationJob must get exactly one Job (no
+duplicates), or the benchmark fails.
+
+`--profile DIR` runs the operator under yappi (CPU clock, all threads) and writes its top functions there.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-SEQUENTIAL = 10
-BURST = 200
+ROOT = Path(__file__).resolve().parents[1]
+SEQUENTIAL = 200
 CLIENT_THREADS = 16
+GOALS = {"p95_200": 1.0, "p95_1000": 5.0, "rss_1000_mib": 150.0, "catch_up_1000": 5.0}
+SPEC = {"dataset": {"id": 27}, "storage": {"claimName": "nnunet-data"}, "preprocess": {"mode": "Never"}}
+FIRST, NEXT = "distill", "export"  # the stages plan() makes from SPEC, in order
+COMPLETE = {
+    "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2026-03-01T11:30:00Z"}],
+    "succeeded": 1,
+    "startTime": "2026-03-01T11:00:00Z",
+    "completionTime": "2026-03-01T11:30:00Z",
+}
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
@@ -37,11 +61,30 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-class _ApiServerProcess:
-    """The emulator in its own process, like a real API server: it does not share the operator's GIL.
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    The child records (wall clock) when each Job is stored; the parent asks for the records over a pipe.
-    """
+
+def _rss_mib(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS) of a process in MiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ApiServerProcess:
+    """The emulator in its own process, like a real API server: it does not share the operator's GIL."""
 
     def __init__(self) -> None:
         import multiprocessing
@@ -57,6 +100,11 @@ class _ApiServerProcess:
             raise RuntimeError("the kmock API server process did not start")
         self.url = self._conn.recv()
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self._process.pid is not None
+        return self._process.pid
 
     def records(self) -> tuple[dict[str, float], list[int], int]:
         """(Job name -> stored at, create requests per Job, DistillationJobs with a status phase)."""
@@ -75,9 +123,8 @@ class _ApiServerProcess:
 
 def _serve(conn: Any) -> None:
     """Child process: serve the emulator until told to stop."""
-    root = Path(__file__).resolve().parents[1]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     import logging
 
     import kmock
@@ -136,127 +183,302 @@ def _make_emulator() -> Any:
     return emulator
 
 
-def _body(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "distillation.nnunet.io/v1alpha1",
-        "kind": "DistillationJob",
-        "metadata": {"name": name, "namespace": "bench"},
-        "spec": {
-            "dataset": {"id": 27},
-            "storage": {"claimName": "nnunet-data"},
-            "preprocess": {"mode": "Never"},
-        },
-    }
+_PROFILED = """
+import sys, yappi
+from nnunet_distill_operator.cli import operator_main
+yappi.set_clock_type("cpu")
+yappi.start(builtins=False)
+try:
+    operator_main(sys.argv[2:])
+finally:
+    yappi.stop()
+    stats = yappi.get_func_stats()
+    stats.save(sys.argv[1] + ".pstat", type="pstat")
+    with open(sys.argv[1] + ".txt", "w") as out:
+        stats.sort("ttot").print_all(out=out, columns={0: ("name", 90), 1: ("ncall", 10), 3: ("ttot", 8)})
+"""
 
 
-async def _run(workdir: Path) -> dict[str, Any]:
-    from nnunet_distill_operator import api, controller, k8s
+class OperatorProcess:
+    """`nnunet-distill-operator --all-namespaces` with its default settings, in its own process."""
 
-    from tests.operator.harness import Clients, OperatorRunner, write_kubeconfig
+    def __init__(self, kubeconfig: Path, log: Path, profile: Path | None = None) -> None:
+        self.kubeconfig, self.log, self.profile = kubeconfig, log, profile
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
 
-    with _ApiServerProcess() as server:
-        kubeconfig = write_kubeconfig(workdir / "kubeconfig", server.url)
-        config = controller.OperatorConfig(
-            defaults=k8s.Defaults(image="bench/trainer:1"),
-            metrics_port=None,
-            resync_seconds=3600,
-            kubeconfig=str(kubeconfig),
-        )
-        runner = await OperatorRunner(config).start(timeout=60)
-        clients = Clients(kubeconfig)
-        pool = ThreadPoolExecutor(CLIENT_THREADS)
-        loop = asyncio.get_running_loop()
+    def start(self) -> Self:
+        flags = [
+            "--all-namespaces",
+            "--standalone",  # kmock has no kopf peering CRD
+            f"--kubeconfig={self.kubeconfig}",
+            f"--metrics-port={_free_port()}",
+            f"--liveness-port={_free_port()}",
+            "--trainer-image=bench/trainer:1",
+        ]
+        if self.profile is not None:
+            argv = [sys.executable, "-c", _PROFILED, str(self.profile), *flags]
+        else:
+            code = "import sys; from nnunet_distill_operator.cli import operator_main; operator_main()"
+            argv = [sys.executable, "-c", code, *flags]
+        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+        self.started_at = time.time()
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return self
 
-        def create(name: str) -> float:
-            t0 = time.time()
-            clients.custom.create_namespaced_custom_object(
-                api.GROUP, api.VERSION, "bench", api.PLURAL, _body(name)
-            )
-            return t0
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
-        async def wait_jobs(names: list[str], timeout: float) -> dict[str, float]:
-            deadline = time.monotonic() + timeout
-            while True:
-                created, _, _ = await loop.run_in_executor(None, server.records)
-                missing = [n for n in names if k8s.job_name(n, "distill") not in created]
-                if not missing:
-                    return created
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{len(missing)} DistillationJobs got no Job within {timeout}s")
-                await asyncio.sleep(0.01)
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
 
-        try:
-            sequential: dict[str, float] = {}
-            for i in range(SEQUENTIAL):
-                name = f"seq-{i}"
-                sequential[name] = await loop.run_in_executor(pool, create, name)
-                await wait_jobs([name], 30)
 
-            burst_names = [f"burst-{i:03d}" for i in range(BURST)]
-            t_burst = time.time()
-            starts = await asyncio.gather(*(loop.run_in_executor(pool, create, n) for n in burst_names))
-            burst = dict(zip(burst_names, starts, strict=True))
-            created = await wait_jobs(burst_names, 300)
-            t_jobs = max(created[k8s.job_name(n, "distill")] for n in burst_names) - t_burst
-            deadline = time.monotonic() + 120
-            while True:
-                created, creations, with_status = await loop.run_in_executor(None, server.records)
-                if with_status >= BURST + SEQUENTIAL or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.02)
-            t_status = time.time() - t_burst
-        finally:
-            pool.shutdown(wait=True)
-            clients.close()
-            await runner.stop()
-        return {
-            "sequential": [created[k8s.job_name(n, "distill")] - t0 for n, t0 in sequential.items()],
-            "burst": [created[k8s.job_name(n, "distill")] - t0 for n, t0 in burst.items()],
-            "burst_jobs_s": t_jobs,
-            "burst_status_s": t_status,
-            "reconciled": with_status - SEQUENTIAL,
-            "duplicate_posts": sum(creations) - len(creations),
+@dataclass
+class Usage:
+    """CPU seconds per wall second of the operator and the emulator over one scenario."""
+
+    pids: dict[str, int]
+    wall0: float = field(default_factory=time.monotonic)
+    cpu0: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cpu0 = {k: _cpu_seconds(p) for k, p in self.pids.items()}
+
+    def shares(self) -> dict[str, float]:
+        """CPU seconds per wall second of each process, and (key `<name>_s`) its CPU seconds."""
+        wall = time.monotonic() - self.wall0
+        used = {k: _cpu_seconds(p) - self.cpu0[k] for k, p in self.pids.items()}
+        return {**{k: v / wall for k, v in used.items()}, **{f"{k}_s": v for k, v in used.items()}}
+
+
+class Bench:
+    """One API server, one operator process, and a client that plays the user and the Job controller."""
+
+    def __init__(self, server: ApiServerProcess, workdir: Path, profile: Path | None) -> None:
+        from tests.operator.harness import Clients, write_kubeconfig
+
+        self.server = server
+        self.kubeconfig = write_kubeconfig(workdir / "kubeconfig", server.url)
+        self.log = workdir / "operator.log"
+        self.profile = profile
+        self.clients = Clients(self.kubeconfig)
+        self.pool = ThreadPoolExecutor(CLIENT_THREADS)
+        self.operator = OperatorProcess(self.kubeconfig, self.log, profile)
+
+    def close(self) -> None:
+        self.operator.stop()
+        self.pool.shutdown(wait=True)
+        self.clients.close()
+
+    def create(self, namespace: str, name: str) -> float:
+        from nnunet_distill_operator import api
+
+        body = {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": SPEC,
         }
-
-
-def _row(label: str, values: list[float]) -> str:
-    ms = [v * 1000 for v in values]
-    return (
-        f"{label:<22}{len(ms):>5}{statistics.median(ms):>10.1f}{_percentile(ms, 95):>10.1f}{max(ms):>10.1f}"
-    )
-
-
-def main() -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[1]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))  # tests.operator.* (the emulator and the operator harness)
-    import logging
-
-    logging.getLogger("kopf").setLevel(logging.WARNING)
-    logging.getLogger("nnunet_distill_operator").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
-        result = asyncio.run(_run(Path(tmp)))
-    seq, burst = result["sequential"], result["burst"]
-    print("CR -> first Job latency: nnunet-distill operator (kopf, in-process) against the kmock API server")
-    print(f"{'scenario':<22}{'n':>5}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}")
-    print(_row("sequential (1 at once)", seq))
-    print(_row(f"burst ({BURST} at once)", burst))
-    ratio = _percentile(burst, 95) / _percentile(seq, 95)
-    print(f"p95 burst / p95 sequential: {ratio:.1f}x")
-    print(
-        f"burst: all {BURST} Jobs created after {result['burst_jobs_s']:.2f} s "
-        f"({BURST / result['burst_jobs_s']:.0f} DistillationJobs/s); {result['reconciled']}/{BURST} with status "
-        f"after {result['burst_status_s']:.2f} s; duplicate Job creations: {result['duplicate_posts']}"
-    )
-    if result["reconciled"] != BURST or result["duplicate_posts"]:
-        raise RuntimeError(
-            f"not every DistillationJob was reconciled exactly once: {result['reconciled']}/{BURST} "
-            f"with status, {result['duplicate_posts']} duplicate Job creations"
+        t0 = time.time()
+        self.clients.custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, body
         )
-    result["p95_burst_ms"] = _percentile(burst, 95) * 1000
-    result["p95_ratio"] = ratio
+        return t0
+
+    def wait_jobs(self, names: list[str], stage: str, timeout: float) -> dict[str, float]:
+        from nnunet_distill_operator import k8s
+
+        deadline = time.monotonic() + timeout
+        while True:
+            created, _, _ = self.server.records()
+            missing = [n for n in names if k8s.job_name(n, stage) not in created]
+            if not missing:
+                return created
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(missing)} DistillationJobs got no {stage} Job within {timeout}s")
+            time.sleep(0.01)
+
+    def wait_status(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.server.records()[2] < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} DistillationJobs got a status within {timeout}s")
+            time.sleep(0.05)
+
+    def burst(self, namespace: str, n: int) -> list[float]:
+        """n DistillationJobs created at once; their CR -> Job latencies (seconds)."""
+        from nnunet_distill_operator import k8s
+
+        names = [f"b-{i:04d}" for i in range(n)]
+        starts = list(self.pool.map(lambda name: self.create(namespace, name), names))
+        created = self.wait_jobs(names, FIRST, 600)
+        return [created[k8s.job_name(name, FIRST)] - t0 for name, t0 in zip(names, starts, strict=True)]
+
+    def sequential(self, n: int) -> list[float]:
+        from nnunet_distill_operator import k8s
+
+        out = []
+        for i in range(n):
+            name = f"s-{i:04d}"
+            t0 = self.create("seq", name)
+            out.append(self.wait_jobs([name], FIRST, 30)[k8s.job_name(name, FIRST)] - t0)
+        return out
+
+    def complete_first_stage(self, namespace: str, n: int) -> None:
+        """Play the Job controller: every first-stage Job succeeded."""
+        from nnunet_distill_operator import k8s
+
+        def complete(i: int) -> None:
+            self.clients.batch.patch_namespaced_job_status(
+                k8s.job_name(f"b-{i:04d}", FIRST),
+                namespace,
+                {"status": COMPLETE},
+                _content_type="application/merge-patch+json",
+            )
+
+        list(self.pool.map(complete, range(n)))
+
+
+def _scenario_small(bench: Bench, out: dict[str, Any]) -> None:
+    bench.operator.start()
+    bench.create("warmup", "w")
+    bench.wait_jobs(["w"], FIRST, 120)
+    usage = Usage({"operator": bench.operator.pid, "emulator": bench.server.pid})
+    out["sequential"] = bench.sequential(SEQUENTIAL)
+    out["sequential_cpu"] = usage.shares()
+    usage = Usage({"operator": bench.operator.pid, "emulator": bench.server.pid})
+    out["burst_200"] = bench.burst("b200", 200)
+    out["burst_200_cpu"] = usage.shares()
+    bench.wait_status(1 + SEQUENTIAL + 200, 300)
+
+
+def _scenario_large(bench: Bench, out: dict[str, Any], n: int) -> None:
+    bench.operator.start()
+    bench.create("warmup", "w")
+    bench.wait_jobs(["w"], FIRST, 120)
+    usage = Usage({"operator": bench.operator.pid, "emulator": bench.server.pid})
+    out[f"burst_{n}"] = bench.burst(f"b{n}", n)
+    out[f"burst_{n}_cpu"] = usage.shares()
+    bench.wait_status(1 + n, 600)
+    out[f"rss_{n}_mib"] = _rss_mib(bench.operator.pid)
+    bench.operator.stop()
+    bench.complete_first_stage(f"b{n}", n)
+    bench.operator.start()
+    usage = Usage({"operator": bench.operator.pid, "emulator": bench.server.pid})
+    bench.wait_jobs([f"b-{i:04d}" for i in range(n)], NEXT, 600)
+    out[f"catch_up_{n}"] = time.time() - bench.operator.started_at
+    out[f"catch_up_{n}_cpu"] = usage.shares()
+
+
+def _run(scenario: str, workdir: Path, profile: Path | None, n: int, keep: Path | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with ApiServerProcess() as server:
+        bench = Bench(server, workdir, profile)
+        try:
+            if scenario == "small":
+                _scenario_small(bench, out)
+            else:
+                _scenario_large(bench, out, n)
+            bench.operator.stop()
+            _, creations, _ = server.records()
+            out["duplicate_posts"] = sum(creations) - len(creations)
+        finally:
+            bench.close()
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(bench.log, keep / f"operator-{scenario}.log")
+    return out
+
+
+def _row(label: str, values: list[float], goal: float | None) -> str:
+    ms = [v * 1000 for v in values]
+    target = f"< {goal * 1000:.0f}" if goal else "-"
+    p95 = percentile(ms, 95)
+    verdict = "" if goal is None else ("ok" if p95 < goal * 1000 else "MISSED")
+    return (
+        f"{label:<24}{len(ms):>6}{statistics.median(ms):>10.1f}{p95:>10.1f}{max(ms):>10.1f}"
+        f"{target:>12}  {verdict}"
+    )
+
+
+def _cpu(shares: dict[str, float], jobs: int) -> str:
+    per_job = shares["operator_s"] / jobs * 1000
+    return (
+        f"operator {shares['operator']:.2f} CPU ({per_job:.1f} ms CPU per DistillationJob), "
+        f"emulator {shares['emulator']:.2f} CPU"
+    )
+
+
+def report(result: dict[str, Any], n: int) -> list[str]:
+    lines = [
+        "CR -> first Job latency: nnunet-distill-operator process (resync 60 s, INFO logs) vs kmock",
+        f"load before: {result['load_before']}",
+        f"{'scenario':<24}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'goal p95':>12}",
+    ]
+    if "sequential" in result:
+        lines.append(_row("sequential (1 at once)", result["sequential"], None))
+        lines.append(_row("burst (200 at once)", result["burst_200"], GOALS["p95_200"]))
+    if f"burst_{n}" in result:
+        lines.append(_row(f"burst ({n} at once)", result[f"burst_{n}"], GOALS["p95_1000"]))
+    lines.append("CPU share during each scenario (CPU seconds per wall second; 2 cores = 2.00):")
+    jobs = {"sequential": SEQUENTIAL, "burst_200": 200, f"burst_{n}": n, f"catch_up_{n}": n}
+    for key, count in jobs.items():
+        if f"{key}_cpu" in result:
+            lines.append(f"  {key:<16} {_cpu(result[f'{key}_cpu'], count)}")
+    if f"rss_{n}_mib" in result:
+        rss, peak = result[f"rss_{n}_mib"]
+        ok = "ok" if rss < GOALS["rss_1000_mib"] else "MISSED"
+        lines.append(f"operator RSS with {n} jobs: {rss:.0f} MiB (peak {peak:.0f}); goal < 150 MiB  {ok}")
+    if f"catch_up_{n}" in result:
+        t = result[f"catch_up_{n}"]
+        ok = "ok" if t < GOALS["catch_up_1000"] else "MISSED"
+        lines.append(
+            f"catch-up after a restart with {n} jobs (process start -> every next-stage Job): {t:.2f} s; "
+            f"goal < 5 s  {ok}"
+        )
+    lines.append(f"duplicate Job creations: {result['duplicate_posts']}")
+    lines.append(f"load after: {result['load_after']}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scenario", choices=("small", "large", "all"), default="all")
+    p.add_argument("--jobs", type=int, default=1000, help="DistillationJobs in the large scenario")
+    p.add_argument("--profile", type=Path, help="directory for yappi profiles of the operator")
+    p.add_argument("--keep-logs", type=Path, help="directory to copy the operator's logs to")
+    args = p.parse_args(argv if argv is not None else [])  # `python -m bench` calls main() without flags
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # tests.operator.* (the emulator and the harness)
+    result: dict[str, Any] = {"load_before": os.getloadavg(), "duplicate_posts": 0}
+    scenarios = ["small", "large"] if args.scenario == "all" else [args.scenario]
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
+        for scenario in scenarios:
+            workdir = Path(tmp) / scenario
+            workdir.mkdir()
+            profile = None
+            if args.profile is not None:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                profile = args.profile / scenario
+            out = _run(scenario, workdir, profile, args.jobs, args.keep_logs)
+            result["duplicate_posts"] += out.pop("duplicate_posts")
+            result.update(out)
+    result["load_after"] = os.getloadavg()
+    print("\n".join(report(result, args.jobs)))
+    if result["duplicate_posts"]:
+        raise RuntimeError(f"{result['duplicate_posts']} duplicate Job creations")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -318,6 +318,26 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------- operator
 
 
+def _add_trainer_defaults(p: argparse.ArgumentParser) -> None:
+    """What stage pods get when a DistillationJob does not say (flags, else the chart's env)."""
+    p.add_argument(
+        "--trainer-image",
+        default=os.environ.get("NNUNET_DISTILL_TRAINER_IMAGE"),
+        help="default trainer image (env NNUNET_DISTILL_TRAINER_IMAGE)",
+    )
+    p.add_argument(
+        "--trainer-image-pull-policy",
+        choices=("Always", "IfNotPresent", "Never"),
+        default=os.environ.get("NNUNET_DISTILL_TRAINER_IMAGE_PULL_POLICY") or None,
+        help="default pull policy of stage pods (env NNUNET_DISTILL_TRAINER_IMAGE_PULL_POLICY)",
+    )
+    p.add_argument(
+        "--trainer-service-account",
+        default=os.environ.get("NNUNET_DISTILL_TRAINER_SERVICE_ACCOUNT"),
+        help="default service account of stage pods (env NNUNET_DISTILL_TRAINER_SERVICE_ACCOUNT)",
+    )
+
+
 def build_operator_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnunet-distill-operator",
@@ -358,22 +378,7 @@ def build_operator_parser() -> argparse.ArgumentParser:
         help="kopf peering object name (requires kopf's peering CRDs); by default peering is "
         "used when the CRDs exist",
     )
-    p.add_argument(
-        "--trainer-image",
-        default=os.environ.get("NNUNET_DISTILL_TRAINER_IMAGE"),
-        help="default trainer image (env NNUNET_DISTILL_TRAINER_IMAGE)",
-    )
-    p.add_argument(
-        "--trainer-image-pull-policy",
-        choices=("Always", "IfNotPresent", "Never"),
-        default=os.environ.get("NNUNET_DISTILL_TRAINER_IMAGE_PULL_POLICY") or None,
-        help="default pull policy of stage pods (env NNUNET_DISTILL_TRAINER_IMAGE_PULL_POLICY)",
-    )
-    p.add_argument(
-        "--trainer-service-account",
-        default=os.environ.get("NNUNET_DISTILL_TRAINER_SERVICE_ACCOUNT"),
-        help="default service account of stage pods (env NNUNET_DISTILL_TRAINER_SERVICE_ACCOUNT)",
-    )
+    _add_trainer_defaults(p)
     p.add_argument(
         "--resync-seconds",
         type=float,

@@ -1,6 +1,6 @@
 """kopf handlers: watch DistillationJobs, their Jobs and pods; apply `reconcile.decide` to each change.
 
-Design (see reconcile.py for the logic):
+Design (see reconcile.py for the logic, effects.py for the side effects):
 - Level-triggered. Every event of a DistillationJob, one of its Jobs or one of their pods runs the same
   reconciliation of the owning DistillationJob, plus a periodic resync (TTL, missed events).
 - kopf indexes hold the Jobs and pods by owner. kopf fills all indexes before any handler runs, so an
@@ -12,18 +12,29 @@ Design (see reconcile.py for the logic):
   from the watch stream. Likewise for Jobs it created whose ADDED event has not arrived yet.
 - No finalizers: deletion cleans up through ownerReferences, and the operator being down never blocks a
   `kubectl delete`.
+
+What is kopf's and what is ours:
+- kopf: watching, indexes, the thread pool, login, liveness probe, settings (`startup`), startup/cleanup.
+- Ours, because kopf's does not fit:
+  - retries with backoff (`State.failed`): kopf retries (`kopf.TemporaryError`, backoff) only change
+    handlers (on.create/update/resume), which persist their progress in annotations on every object;
+    `on.event` handlers, the level-triggered kind this operator needs for Jobs and pods as much as for
+    DistillationJobs, are never retried by kopf (their errors are ignored);
+  - the resync loop: kopf timers and daemons put a finalizer on every object that has one, and a
+    finalizer keeps a DistillationJob from being deleted while the operator is down;
+  - Events (`effects.post_event`): deterministic names, posted before the status that records them;
+  - the per-DistillationJob lock (`State.lock`): kopf serialises handlers per watched object, and the
+    Job's and pod's handlers reconcile their owner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,14 +43,13 @@ from typing import Any
 
 import kopf
 
-from nnunet_distill_operator import __version__, api, k8s, metrics
-from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, Event, decide, event_name
-from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, parse_time
+from nnunet_distill_operator import api, k8s, metrics
+from nnunet_distill_operator.effects import JobInvalid, JobRejected, apply_decision
+from nnunet_distill_operator.operator_state import Clients, Key, State
+from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, decide
 
 log = logging.getLogger("nnunet_distill_operator")
 REGISTRY = kopf.OperatorRegistry()
-COMPONENT = "nnunet-distill-operator"
-USER_AGENT = f"{COMPONENT}/{__version__}"
 
 
 @dataclass
@@ -73,86 +83,6 @@ def configure(config: OperatorConfig) -> None:
     CONFIG = config
 
 
-# ------------------------------------------------------------------------------------------- clients
-
-
-class Clients:
-    """kubernetes client APIs on a private configuration (never the process-wide default)."""
-
-    def __init__(self, kubeconfig: str | None = None, context: str | None = None):
-        from kubernetes import client, config
-
-        cfg = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=cfg)
-        except config.ConfigException:
-            path = kubeconfig or next(
-                (p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p), None
-            )
-            config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
-        self.api_client = client.ApiClient(cfg)
-        self.api_client.user_agent = USER_AGENT  # audit logs (and the RBAC test) tell our calls apart
-        self.custom = client.CustomObjectsApi(self.api_client)
-        self.batch = client.BatchV1Api(self.api_client)
-        self.core = client.CoreV1Api(self.api_client)
-        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
-        self.ApiException = client.exceptions.ApiException
-
-    def close(self) -> None:
-        self.api_client.close()
-
-
-@dataclass
-class State:
-    """Per-run memory of the operator (kept in kopf's memo: a restarted operator starts empty)."""
-
-    clients: Clients
-    locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
-    locks_guard: threading.Lock = field(default_factory=threading.Lock)
-    owned_status: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
-    created: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = field(default_factory=dict)
-    rejected: dict[tuple[str, str, str], dict[str, str]] = field(default_factory=dict)
-    # stage -> (generation, why its Job cannot be built): not retried until the spec changes.
-    invalid: dict[tuple[str, str, str], dict[str, tuple[int | None, str]]] = field(default_factory=dict)
-    # Transient failures (API errors, refusals that may clear): (consecutive count, when to retry, why).
-    failures: dict[tuple[str, str, str], tuple[int, float, str]] = field(default_factory=dict)
-    failed_generation: dict[tuple[str, str, str], int | None] = field(default_factory=dict)
-    loop: asyncio.AbstractEventLoop | None = None
-    wakeup: asyncio.Event | None = None
-    deleted: set[tuple[str, str, str]] = field(default_factory=set)
-    jobs_index: Any = None
-    pods_index: Any = None
-    djs_index: Any = None
-
-    def lock(self, namespace: str, name: str) -> threading.Lock:
-        with self.locks_guard:
-            return self.locks.setdefault((namespace, name), threading.Lock())
-
-    def failed(self, key: tuple[str, str, str], why: str, generation: int | None) -> float:
-        """Record a transient failure; returns the backoff (exponential, capped) before the next attempt."""
-        count = self.failures[key][0] + 1 if key in self.failures else 1
-        delay = min(CONFIG.retry_seconds * 2 ** (count - 1), CONFIG.retry_max_seconds)
-        self.failures[key] = (count, time.monotonic() + delay, why)
-        self.failed_generation[key] = generation
-        if self.loop is not None and self.wakeup is not None:  # let the resync loop plan the retry
-            self.loop.call_soon_threadsafe(self.wakeup.set)
-        return delay
-
-    def succeeded(self, key: tuple[str, str, str]) -> None:
-        self.failures.pop(key, None)
-        self.failed_generation.pop(key, None)
-
-    def backing_off(self, key: tuple[str, str, str], generation: int | None) -> bool:
-        """A transient failure's retry is not due yet, and the spec has not changed since (a changed spec may
-        be the fix, so it is tried at once); the resync loop retries when the backoff has passed."""
-        failure = self.failures.get(key)
-        return (
-            failure is not None
-            and failure[1] > time.monotonic()
-            and self.failed_generation.get(key) == generation
-        )
-
-
 # --------------------------------------------------------------------------------------------- kopf
 
 
@@ -174,9 +104,13 @@ async def startup(
     stage_pods_idx: Any,
     **_: Any,
 ) -> None:
-    settings.posting.enabled = False  # Events are posted by us, with the client, from any thread
+    settings.posting.enabled = False  # Events are posted by us (effects.post_event: deterministic names)
     settings.execution.max_workers = max(settings.execution.max_workers or 0, 8)
-    state = State(clients=Clients(CONFIG.kubeconfig, CONFIG.context))
+    state = State(
+        clients=Clients(CONFIG.kubeconfig, CONFIG.context),
+        retry_seconds=CONFIG.retry_seconds,
+        retry_max_seconds=CONFIG.retry_max_seconds,
+    )
     state.loop, state.wakeup = asyncio.get_running_loop(), asyncio.Event()
     state.djs_index, state.jobs_index, state.pods_index = distillationjobs_idx, stage_jobs_idx, stage_pods_idx
     memo.state = state
@@ -218,7 +152,7 @@ def distillationjobs_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -
 def _by_owning_job(
     namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body
 ) -> dict[Any, Any] | None:
-    """Index entry keyed by the DistillationJob a stage Job/Pod belongs to (its annotation), with its stage."""
+    """Index entry keyed by the DistillationJob a stage Job/Pod belongs to (its annotation): its stage."""
     owner = annotations.get(k8s.ANNOTATION_JOB_NAME)
     if not owner:
         return None
@@ -272,18 +206,23 @@ def on_pod(namespace: str, annotations: Mapping[str, str], memo: kopf.Memo, **_:
 
 
 def _plain(body: Any) -> dict[str, Any]:
-    return copy.deepcopy(dict(body))
+    """A private copy of a watched body (kopf may reuse its dicts). JSON trees only hold dicts, lists and
+    immutable scalars, so this plain recursion does what `copy.deepcopy` does at a fraction of its cost
+    (deepcopy's memo bookkeeping was the operator's largest single CPU cost under a burst)."""
+    return _tree_copy(dict(body))
+
+
+def _tree_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _tree_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tree_copy(v) for v in value]
+    return value
 
 
 def _forget(state: State, namespace: str, name: str, uid: str) -> None:
     metrics.JOBS.forget(namespace, name)
-    key = (namespace, name, uid)
-    state.owned_status.pop(key, None)
-    state.created.pop(key, None)
-    state.rejected.pop(key, None)
-    state.invalid.pop(key, None)
-    state.succeeded(key)
-    state.deleted.discard(key)
+    state.forget((namespace, name, uid))
 
 
 def _reconcile_owner(state: State, namespace: str, owner: str | None, trigger: str) -> None:
@@ -307,83 +246,144 @@ def _indexed(index: Any, namespace: str, name: str) -> dict[str, list[dict[str, 
 def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision | None:
     """Reconcile one DistillationJob now (thread-safe; called from handlers and the resync loop)."""
     meta = body.get("metadata") or {}
-    namespace, name, uid = meta.get("namespace", "default"), meta.get("name", ""), meta.get("uid", "")
-    key = (namespace, name, uid)
+    key: Key = (meta.get("namespace", "default"), meta.get("name", ""), meta.get("uid", ""))
     started = time.perf_counter()
     result = "ok"
     try:
-        with state.lock(namespace, name):
+        with state.lock(key[0], key[1]):
             if key in state.deleted:
                 return None
             if trigger != "retry" and state.backing_off(key, meta.get("generation")):
                 result = "backoff"
                 return None
-            cr = _with_own_writes(state, body, key)
-            jobs = {
-                stage: bodies[-1] for stage, bodies in _indexed(state.jobs_index, namespace, name).items()
-            }
-            pending = state.created.get(key, {})
-            for stage in list(pending):
-                if stage in jobs:
-                    del pending[stage]  # the watch stream has caught up
-                else:
-                    jobs[stage] = pending[stage]  # created by us, ADDED event not seen yet
-            pods = _indexed(state.pods_index, namespace, name)
-            now = datetime.now(UTC)
-            generation = meta.get("generation")
-            invalid = {
-                stage: why for stage, (gen, why) in state.invalid.get(key, {}).items() if gen == generation
-            }
-
-            def decide_now() -> Decision:
-                return decide(
-                    cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected.get(key), invalid=invalid
-                )
-
-            decision = decide_now()
-            try:
-                _apply(state, cr, decision, key)
-            except JobInvalid as exc:
-                # The Job cannot be built from this spec (the kubernetes client's schema or the API server's
-                # validation refused it): Stalled with the spec field named, no retry until the spec changes.
-                state.invalid.setdefault(key, {})[exc.stage] = (generation, exc.message)
-                invalid[exc.stage] = exc.message
-                decision = decide_now()
-                _apply(state, cr, _without_creations(decision), key)
-                state.succeeded(key)
-                result = "invalid"
-                return decision
-            except JobRejected as exc:
-                # Quota, admission webhooks, PodSecurity: say so in status and retry with backoff (the Job
-                # name is deterministic, so a retry can never make a second Job).
-                state.rejected.setdefault(key, {})[exc.stage] = exc.message
-                decision = decide_now()
-                _apply(state, cr, _without_creations(decision), key)
-                delay = state.failed(key, exc.message, generation)
-                log.info(
-                    "Job for stage %s of %s/%s refused; retrying in %.1fs", exc.stage, namespace, name, delay
-                )
-                result = "rejected"
-                return decision
-            state.succeeded(key)
-            if (
-                decision.create
-                or decision.status_patch
-                or decision.suspend
-                or decision.resume
-                or decision.release
-            ):
-                result = "changed"
+            result, decision = _reconcile_locked(state, body, key, trigger)
             return decision
     except Exception as exc:  # API errors, timeouts: retried with backoff, never dropped
         result = "error"
+        state.settled.pop(key, None)  # the next event decides again
         metrics.RECONCILE_ERRORS.labels(trigger).inc()
         delay = state.failed(key, f"{type(exc).__name__}: {exc}", meta.get("generation"))
-        log.exception("reconciling DistillationJob %s/%s failed; retrying in %.1fs", namespace, name, delay)
+        log.exception("reconciling DistillationJob %s/%s failed; retrying in %.1fs", key[0], key[1], delay)
         return None
     finally:
         metrics.RECONCILE_TOTAL.labels(trigger, result).inc()
         metrics.RECONCILE_DURATION.labels(trigger).observe(time.perf_counter() - started)
+
+
+def _observed_jobs(state: State, key: Key) -> dict[str, dict[str, Any]]:
+    """The stage Jobs in the index, plus those we created whose ADDED event has not arrived yet."""
+    namespace, name, _uid = key
+    jobs = {stage: bodies[-1] for stage, bodies in _indexed(state.jobs_index, namespace, name).items()}
+    pending = state.created.get(key, {})
+    for stage in list(pending):
+        if stage in jobs:
+            del pending[stage]  # the watch stream has caught up
+        else:
+            jobs[stage] = pending[stage]
+    return jobs
+
+
+def _reconcile_locked(
+    state: State, body: dict[str, Any], key: Key, trigger: str
+) -> tuple[str, Decision | None]:
+    """Decide and apply (holding the DistillationJob's lock); (metrics result, decision)."""
+    cr = _with_own_writes(state, body, key)
+    jobs = _observed_jobs(state, key)
+    pods = _indexed(state.pods_index, key[0], key[1])
+    now = datetime.now(UTC)
+    generation = (body.get("metadata") or {}).get("generation")
+    invalid = {stage: why for stage, (gen, why) in state.invalid.get(key, {}).items() if gen == generation}
+    inputs = _fingerprint(cr, jobs, pods, invalid, state.rejected.get(key))
+    if trigger in EVENT_TRIGGERS and state.settled.get(key) == inputs:
+        return "ok", None  # the same inputs as a pass that had nothing to do: the echo of our own writes
+
+    def decide_now() -> Decision:
+        return decide(cr, jobs, pods, now, CONFIG.defaults, rejected=state.rejected.get(key), invalid=invalid)
+
+    decision = decide_now()
+    try:
+        apply_decision(state, cr, decision, key)
+    except JobInvalid as exc:
+        # The Job cannot be built from this spec (the kubernetes client's schema or the API server's
+        # validation refused it): Stalled with the spec field named, no retry until the spec changes.
+        state.invalid.setdefault(key, {})[exc.stage] = (generation, exc.message)
+        invalid[exc.stage] = exc.message
+        decision = decide_now()
+        apply_decision(state, cr, _without_creations(decision), key)
+        state.succeeded(key)
+        return "invalid", decision
+    except JobRejected as exc:
+        # Quota, admission webhooks, PodSecurity: say so in status and retry with backoff (the Job
+        # name is deterministic, so a retry can never make a second Job).
+        state.rejected.setdefault(key, {})[exc.stage] = exc.message
+        decision = decide_now()
+        apply_decision(state, cr, _without_creations(decision), key)
+        delay = state.failed(key, exc.message, generation)
+        log.info("Job for stage %s of %s/%s refused; retrying in %.1fs", exc.stage, key[0], key[1], delay)
+        return "rejected", decision
+    state.succeeded(key)
+    changed = (
+        decision.create or decision.status_patch or decision.suspend or decision.resume or decision.release
+    )
+    if _nothing_to_do(decision):
+        state.settled[key] = inputs
+    else:
+        state.settled.pop(key, None)
+    return ("changed" if changed else "ok"), decision
+
+
+# Triggers whose reconciliation is skipped when its inputs are those of a pass that had nothing to do. Under
+# a burst most events are the echoes of the operator's own writes (its status patches, the Jobs it created):
+# deciding them again only delays the DistillationJobs that wait for their first Job. The periodic resync
+# and the retries always decide (a decision also depends on the time: ttlSecondsAfterFinished).
+EVENT_TRIGGERS = frozenset({"distillationjob", "job", "pod"})
+
+
+def _nothing_to_do(decision: Decision) -> bool:
+    return not (
+        decision.create
+        or decision.identity
+        or decision.suspend
+        or decision.resume
+        or decision.release
+        or decision.status_patch
+        or decision.accepted_spec
+        or decision.events
+        or decision.delete
+    )
+
+
+def _version(obj: Mapping[str, Any]) -> Any:
+    meta = obj.get("metadata") or {}
+    rv = meta.get("resourceVersion")
+    return (meta.get("uid"), rv) if rv else obj  # a body without a version (an adopted 409) counts whole
+
+
+def _fingerprint(
+    cr: Mapping[str, Any],
+    jobs: Mapping[str, Mapping[str, Any]],
+    pods: Mapping[str, list[dict[str, Any]]],
+    invalid: Mapping[str, str],
+    rejected: Mapping[str, str] | None,
+) -> str:
+    """Everything `decide` reads, except the time: the DistillationJob without its resourceVersion (its
+    status is already overlaid with the operator's own writes), and the versions of its Jobs and pods."""
+    meta = {
+        k: v for k, v in (cr.get("metadata") or {}).items() if k not in ("resourceVersion", "managedFields")
+    }
+    return json.dumps(
+        [
+            meta,
+            cr.get("spec"),
+            cr.get("status"),
+            {stage: _version(job) for stage, job in jobs.items()},
+            {stage: [_version(p) for p in stage_pods] for stage, stage_pods in pods.items()},
+            invalid,
+            rejected,
+        ],
+        sort_keys=True,
+        default=str,
+    )
 
 
 def _without_creations(decision: Decision) -> Decision:
@@ -396,219 +396,16 @@ def _without_creations(decision: Decision) -> Decision:
     )
 
 
-def _with_own_writes(state: State, body: dict[str, Any], key: tuple[str, str, str]) -> dict[str, Any]:
-    cr = copy.deepcopy(body)
+def _with_own_writes(state: State, body: dict[str, Any], key: Key) -> dict[str, Any]:
+    """The body with the operator-owned status fields it last wrote. Shallow: `decide` never mutates its
+    input, and neither the index's snapshot nor `owned_status` is changed in place."""
+    cr = dict(body)
     owned = state.owned_status.get(key)
     if owned is not None:
-        status = cr.setdefault("status", {}) or {}
-        for f in OWNED_STATUS_FIELDS:
-            if f in owned:
-                status[f] = copy.deepcopy(owned[f])
-            else:
-                status.pop(f, None)
+        status = {f: v for f, v in (cr.get("status") or {}).items() if f not in OWNED_STATUS_FIELDS}
+        status.update(owned)
         cr["status"] = status
     return cr
-
-
-class JobInvalid(Exception):
-    """A stage's Job cannot be built or is refused as invalid (422): the message names the spec field."""
-
-    def __init__(self, stage: str, problems: list[tuple[str, str]]):
-        self.stage = stage
-        self.message = "; ".join(f"{field}: {why}" for field, why in problems)
-        super().__init__(self.message)
-
-
-class JobRejected(Exception):
-    """The API server refused to create a stage's Job (4xx other than 409)."""
-
-    def __init__(self, stage: str, message: str):
-        super().__init__(message)
-        self.stage, self.message = stage, message
-
-
-def _api_body(exc: Any) -> dict[str, Any]:
-    try:
-        body = json.loads(exc.body or "{}")
-    except (TypeError, ValueError):
-        body = {}
-    return body if isinstance(body, dict) else {}
-
-
-def _api_message(exc: Any) -> str:
-    """The human part of a Kubernetes Status error body."""
-    return str(_api_body(exc).get("message") or exc.reason or f"HTTP {exc.status}")
-
-
-def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str, str, str]) -> None:
-    """Perform a Decision's side effects, in an order that is safe to interrupt at any point."""
-    c = state.clients
-    namespace, name, _uid = key
-    # 1. The accepted spec first, into status (which users cannot write): if we crash after creating a Job,
-    #    the restarted operator knows which spec that Job was created from.
-    status_patch = decision.status_patch
-    if decision.accepted_spec is not None:
-        if not _patch_status(state, key, {"status": {"acceptedSpec": decision.accepted_spec}}):
-            return
-        if status_patch is not None:
-            rest = {k: v for k, v in status_patch["status"].items() if k != "acceptedSpec"}
-            status_patch = {"status": rest} if rest else None
-    # 2. The pods' identity before the Job that uses it (409: it exists already, e.g. from an earlier stage).
-    for obj in decision.identity:
-        create = {
-            "ServiceAccount": c.core.create_namespaced_service_account,
-            "Role": c.rbac.create_namespaced_role,
-            "RoleBinding": c.rbac.create_namespaced_role_binding,
-        }[obj["kind"]]
-        try:
-            create(namespace, obj)
-        except c.ApiException as exc:
-            if exc.status != 409:
-                raise
-    for manifest in decision.create:
-        stage = manifest["metadata"]["labels"][k8s.LABEL_STAGE]
-        try:
-            created = c.batch.create_namespaced_job(namespace, manifest)
-        except c.ApiException as exc:
-            if exc.status == 422:
-                raise JobInvalid(stage, k8s.status_causes(_api_body(exc), stage)) from None
-            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (409, 429):
-                raise JobRejected(stage, _api_message(exc)) from None
-            if exc.status != 409:
-                raise
-            log.info(
-                "Job %s already exists (created concurrently); adopting it", manifest["metadata"]["name"]
-            )
-            created_body = manifest
-        except (ValueError, TypeError) as exc:  # the client's models refused the body (pydantic)
-            raise JobInvalid(stage, k8s.build_error_fields(exc, stage)) from None
-        else:
-            created_body = c.api_client.sanitize_for_serialization(created)
-            metrics.JOBS_CREATED.labels(stage).inc()
-            if stage == decision.stages[0].name if decision.stages else False:
-                created_at = parse_time((cr.get("metadata") or {}).get("creationTimestamp"))
-                if created_at is not None:
-                    metrics.START_LATENCY.observe(max(0.0, (datetime.now(UTC) - created_at).total_seconds()))
-        state.created.setdefault(key, {})[stage] = created_body
-        state.rejected.get(key, {}).pop(stage, None)
-    for job in decision.suspend:
-        c.batch.patch_namespaced_job(
-            job,
-            namespace,
-            {
-                "spec": {"suspend": True},
-                "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: "true"}},
-            },
-            _content_type="application/merge-patch+json",
-        )
-    for job in decision.release:  # back to Kueue: only our mark goes, spec.suspend stays as it is
-        c.batch.patch_namespaced_job(
-            job,
-            namespace,
-            {"metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}}},
-            _content_type="application/merge-patch+json",
-        )
-    for job in decision.resume:
-        c.batch.patch_namespaced_job(
-            job,
-            namespace,
-            {
-                "spec": {"suspend": False},
-                "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: None}},
-            },
-            _content_type="application/merge-patch+json",
-        )
-    # 3. Events before the status that records the transition: if we die in between, the next pass derives
-    #    the same transition again and re-posts under the same (deterministic) name: never lost, never twice.
-    for event in decision.events:
-        _post_event(state, cr, event)
-    if status_patch is not None:
-        if not _patch_status(state, key, status_patch):
-            return
-    elif key not in state.owned_status:
-        state.owned_status[key] = {
-            f: copy.deepcopy(v) for f, v in (cr.get("status") or {}).items() if f in OWNED_STATUS_FIELDS
-        }
-    for stage, result_, seconds in decision.finished_stages:
-        metrics.STAGE_DURATION.labels(stage, result_).observe(seconds)
-    merged_status = {**(cr.get("status") or {}), **decision.status}
-    metrics.JOBS.update(namespace, name, merged_status)
-    if decision.delete:
-        log.info("deleting DistillationJob %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
-        try:
-            c.custom.delete_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name, propagation_policy="Background"
-            )
-        except c.ApiException as exc:
-            if exc.status != 404:
-                raise
-        state.deleted.add(key)
-        metrics.JOBS.forget(namespace, name)
-
-
-def _patch_status(state: State, key: tuple[str, str, str], patch: dict[str, Any]) -> bool:
-    """Merge-patch the status subresource and remember what we wrote; False when the object is gone."""
-    c = state.clients
-    namespace, name, _uid = key
-    try:
-        result = c.custom.patch_namespaced_custom_object_status(
-            api.GROUP,
-            api.VERSION,
-            namespace,
-            api.PLURAL,
-            name,
-            patch,
-            _content_type="application/merge-patch+json",
-        )
-    except c.ApiException as exc:
-        if exc.status == 404:
-            state.deleted.add(key)
-            return False
-        raise
-    written = (result or {}).get("status") or {}
-    state.owned_status[key] = {f: copy.deepcopy(written[f]) for f in OWNED_STATUS_FIELDS if f in written}
-    return True
-
-
-def _post_event(state: State, cr: Mapping[str, Any], event: Event) -> None:
-    """A core/v1 Event on the DistillationJob, named after the job's uid and the transition (reconcile.event_name).
-    A 409 means it was posted before (by us before a restart); any other failure is raised, so the status
-    that records the transition is not written either and the whole pass is retried with backoff."""
-    meta = cr.get("metadata") or {}
-    type_, reason, message = event.type, event.reason, event.message
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {
-            "name": event_name(meta.get("name", ""), meta.get("uid", ""), event),
-            "namespace": meta.get("namespace"),
-        },
-        "involvedObject": {
-            "apiVersion": api.API_VERSION,
-            "kind": api.KIND,
-            "name": meta.get("name"),
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
-        },
-        "reason": reason,
-        "message": message[:1024],
-        "type": type_,
-        "source": {"component": COMPONENT},
-        "reportingComponent": COMPONENT,
-        "reportingInstance": os.environ.get("POD_NAME", COMPONENT),
-        "firstTimestamp": now,
-        "lastTimestamp": now,
-        "count": 1,
-    }
-    (log.warning if type_ == "Warning" else log.info)(
-        "%s/%s: %s: %s", meta.get("namespace"), meta.get("name"), reason, message
-    )
-    try:
-        state.clients.core.create_namespaced_event(meta.get("namespace"), body)
-    except state.clients.ApiException as exc:
-        if exc.status != 409:
-            raise
 
 
 async def _resync_forever(state: State) -> None:

@@ -83,6 +83,21 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node.pop("anyOf", None)
         node.pop("default", None)
         return {**embedded, **{k: v for k, v in node.items() if k in ("description",)}}
+    out: dict[str, Any] = {}
+    for key, value in _resolved(node, defs).items():
+        if key not in _DROP:
+            _rewrite(out, key, value, defs)
+    if "properties" in out or out.get("additionalProperties") is not None:
+        out.setdefault("type", "object")
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    # type and description first: the YAML is read by people (and diffed in reviews).
+    head = {k: out.pop(k) for k in ("type", "description") if k in out}
+    return {**head, **out}
+
+
+def _resolved(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """The node with its $ref inlined and an optional (anyOf with null) collapsed to its one option."""
     if "$ref" in node:
         target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
         # Field-level keys (description, default) win over the referenced model's.
@@ -98,39 +113,28 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node = {**option, **outer}
         if node.get("default", 0) is None:
             del node["default"]
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key in _DROP:
-            continue
-        if key == "properties":
-            out[key] = {k: _structural(v, defs) for k, v in value.items()}
-        elif key in ("items", "additionalProperties"):
-            if isinstance(value, bool):
-                # false is forbidden in structural schemas (strict field validation rejects unknown fields
-                # instead); true is expressed as x-kubernetes-preserve-unknown-fields.
-                continue
+    return node
+
+
+def _rewrite(out: dict[str, Any], key: str, value: Any, defs: dict[str, Any]) -> None:
+    """One keyword of a JSON-schema node in structural-schema terms (some have none: left out)."""
+    if key == "properties":
+        out[key] = {k: _structural(v, defs) for k, v in value.items()}
+    elif key in ("items", "additionalProperties"):
+        # false is forbidden in structural schemas (strict field validation rejects unknown fields instead);
+        # true is expressed as x-kubernetes-preserve-unknown-fields.
+        if not isinstance(value, bool):
             out[key] = _structural(value, defs)
-        elif key == "anyOf":
-            out[key] = [{k: v for k, v in o.items() if k not in _DROP} for o in value]
-        elif key == "exclusiveMinimum":
-            out["minimum"] = value
-            out["exclusiveMinimum"] = True
-        elif key == "exclusiveMaximum":
-            out["maximum"] = value
-            out["exclusiveMaximum"] = True
-        elif key == "const":
-            out["enum"] = [value]
-        elif key == "default" and isinstance(value, (dict, list)):
-            continue  # object defaults come from the nested fields; the operator fills them in anyway
-        else:
-            out[key] = value
-    if "properties" in out or out.get("additionalProperties") is not None:
-        out.setdefault("type", "object")
-    if "enum" in out and "type" not in out:
-        out["type"] = "string"
-    # type and description first: the YAML is read by people (and diffed in reviews).
-    head = {k: out.pop(k) for k in ("type", "description") if k in out}
-    return {**head, **out}
+    elif key == "anyOf":
+        out[key] = [{k: v for k, v in o.items() if k not in _DROP} for o in value]
+    elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+        out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+        out[key] = True
+    elif key == "const":
+        out["enum"] = [value]
+    elif not (key == "default" and isinstance(value, (dict, list))):
+        # object defaults come from the nested fields; the operator fills them in anyway
+        out[key] = value
 
 
 def _model_schema(model: type) -> dict[str, Any]:

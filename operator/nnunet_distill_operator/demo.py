@@ -31,8 +31,8 @@ from nnunet_distill_operator.plan import (
 DEMO_JOB = Path(__file__).with_name("demo.yaml")
 DEMO_DATASET_NAME = "DemoOrgan"
 CPU_FRIENDLY_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
-#: An organ, a small lesion in it and a thin vessel (32^3 voxels): small enough to train well on 2 CPU cores in
-#: minutes, with the two kinds of structure a thinner student loses first. 6 labelled held-out test cases.
+#: An organ, a small lesion in it and a thin vessel (32^3 voxels): small enough to train well on 2 CPU cores
+#: in minutes, with the two kinds of structure a thinner student loses first. 6 labelled held-out test cases.
 SYNTHETIC_ARGS = (
     "--layout",
     "organ",
@@ -104,9 +104,15 @@ def _fmt(x: Any, digits: int = 3) -> str:
 def summary_rows(
     spec: api.DistillationJobSpec, paths: DataPaths, status: dict[str, Any]
 ) -> list[tuple[str, str, str]]:
-    """(what, teachers, student) rows for the final table, from the held-out evaluation and the run's status."""
+    """(what, teachers, student) rows for the final table, from the held-out evaluation and the run's
+    status."""
     path = summary_path(spec, paths)
     summary = json.loads(path.read_text()) if path is not None else {}
+    return _accuracy_rows(summary, status) + _model_rows(spec, paths, status, summary)
+
+
+def _accuracy_rows(summary: dict[str, Any], status: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Which cases, Dice per label and mean, retention, the gate's verdict."""
     student = summary.get("student") or {}
     teacher = summary.get("teacher_ensemble") or {}
     ret = summary.get("retention") or {}
@@ -140,6 +146,17 @@ def summary_rows(
     gate = next((c for c in status.get("conditions") or () if c.get("type") == "QualityGate"), None)
     if gate is not None:
         rows.append(("quality gate", "", f"{gate.get('reason')}"))
+    return rows
+
+
+def _model_rows(
+    spec: api.DistillationJobSpec, paths: DataPaths, status: dict[str, Any], summary: dict[str, Any]
+) -> list[tuple[str, str, str]]:
+    """Sizes, inference time, where the models, the export and the package are."""
+    student = summary.get("student") or {}
+    teacher = summary.get("teacher_ensemble") or {}
+    cases = summary.get("cases") or {}
+    rows: list[tuple[str, str, str]] = []
     artifacts = status.get("artifacts") or {}
     folds = teacher.get("folds") or list(spec.teacher_folds or ())
     t_params = teacher.get("parameters_per_fold") or artifacts.get("teacherParameters")
@@ -189,7 +206,8 @@ def format_table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def draw_figure(spec: api.DistillationJobSpec, paths: DataPaths) -> Path | None:
-    """The demo picture (`nnunet-distill figure`, a trainer command): None, with the reason printed, if it fails."""
+    """The demo picture (`nnunet-distill figure`, a trainer command): None, with the reason printed, if it
+    fails."""
     import subprocess
 
     from nnunet_distill_operator.local import resolve_executable

@@ -32,10 +32,10 @@ EXIT_CODE_USAGE = 2  # argparse / configuration errors: retrying cannot help
 CONTAINER_MAIN = "main"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
-# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme. Required keys
-# make a missing Secret or key stop the pod before it starts (CreateContainerConfigError), which the operator
-# reports as SecretMissing / SecretKeyMissing naming spec.output.secretRef. Each scheme has one endpoint key for
-# self-hosted or emulated stores (AWS_ENDPOINT_URL, GOOGLE_BASE_URL, AZURE_STORAGE_ENDPOINT);
+# Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme. Required
+# keys make a missing Secret or key stop the pod before it starts (CreateContainerConfigError), which the
+# operator reports as SecretMissing / SecretKeyMissing naming spec.output.secretRef. Each scheme has one
+# endpoint key for self-hosted or emulated stores (AWS_ENDPOINT_URL, GOOGLE_BASE_URL, AZURE_STORAGE_ENDPOINT);
 # STORAGE_ALLOW_HTTP=true is the explicit opt-in to a plain-http endpoint.
 ALLOW_HTTP_ENV = ("STORAGE_ALLOW_HTTP", False)
 CREDENTIAL_ENV: dict[str, tuple[tuple[str, bool], ...]] = {
@@ -266,10 +266,39 @@ def job_for(
     queued = spec.scheduling.queue_name is not None
     if queued:
         job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queue_name  # type: ignore[assignment]
-    pod_labels = labels(owner, stage.name)
     annotations = {ANNOTATION_JOB_NAME: owner.name, ANNOTATION_JOB_UID: owner.uid}
-    volumes, mounts = _volumes(spec, stage)
-    pod_security, container_security = _security(spec)
+    job_spec = _job_spec(stage, spec, _pod_spec(stage, owner, spec, paths, defaults))
+    job_spec["template"]["metadata"] = {"labels": labels(owner, stage.name), "annotations": dict(annotations)}
+    if suspend or queued:
+        # Kueue admits a queued Job by un-suspending it; it must be created suspended.
+        job_spec["suspend"] = True
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": job_labels,
+            "annotations": dict(annotations),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": job_spec,
+    }
+
+
+def _containers(
+    stage: Stage,
+    owner: Owner,
+    spec: api.DistillationJobSpec,
+    paths: DataPaths,
+    defaults: Defaults,
+    mounts: list[dict[str, Any]],
+    container_security: dict[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(init containers, main container): earlier commands of a stage run as init containers (in order,
+    each only after the previous one succeeded); the last is the main container, whose termination message
+    the operator reads."""
     env = _env(owner, stage, paths, spec)
     image = spec.image or defaults.image
     pull_policy = spec.image_pull_policy or defaults.image_pull_policy
@@ -278,8 +307,8 @@ def job_for(
         c: dict[str, Any] = {
             "name": name,
             "image": image,
-            # `args`, not `command`: the image's ENTRYPOINT (tini in the trainer image) stays PID 1, reaps the data
-            # loader workers and forwards the kubelet's SIGTERM, on which the trainer saves a checkpoint.
+            # `args`, not `command`: the image's ENTRYPOINT (tini in the trainer image) stays PID 1, reaps the
+            # data loader workers and forwards the kubelet's SIGTERM, on which the trainer saves a checkpoint.
             "args": container_command(stage, argv, guarded),
             "env": env,
             "resources": _resources(spec, stage),
@@ -292,15 +321,21 @@ def job_for(
             c["imagePullPolicy"] = pull_policy
         return c
 
-    # Earlier commands of a stage run as init containers (in order, each only after the previous one
-    # succeeded); the last is the main container, whose termination message the operator reads.
     init = [container(c.name, c.argv, guarded=False) for c in stage.commands[:-1]]
     main = container(CONTAINER_MAIN, stage.argv, guarded=True)
     if init and stage.done_when_exists:
         # The guard must also protect the preparation steps: guard the first one instead.
         init[0]["args"] = container_command(stage, stage.commands[0].argv, guarded=True)
         main["args"] = list(stage.argv)
+    return init, main
 
+
+def _pod_spec(
+    stage: Stage, owner: Owner, spec: api.DistillationJobSpec, paths: DataPaths, defaults: Defaults
+) -> dict[str, Any]:
+    volumes, mounts = _volumes(spec, stage)
+    pod_security, container_security = _security(spec)
+    init, main = _containers(stage, owner, spec, paths, defaults, mounts, container_security)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": pod_security,
@@ -325,63 +360,49 @@ def job_for(
         pod_spec["affinity"] = sched.affinity
     if sched.priority_class_name:
         pod_spec["priorityClassName"] = sched.priority_class_name
+    return pod_spec
 
+
+def _failure_policy(stage: Stage) -> dict[str, Any]:
+    """Evictions, preemptions and node drains are not the trainer's fault: they do not count towards
+    backoffLimit (the pod is recreated and resumes from its checkpoint). Usage errors (exit 2) fail at once,
+    since a retry runs the same wrong command; so do a stage's deterministic verdicts (the quality gate's
+    "failed", exit 3: a retry would judge the same student the same way)."""
+    rules: list[dict[str, Any]] = [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_CODE_USAGE]}},
+    ]
+    if stage.fail_fast_exit_codes:
+        codes = sorted(stage.fail_fast_exit_codes)
+        rules.append(
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER_MAIN, "operator": "In", "values": codes},
+            }
+        )
+    return {"rules": rules}
+
+
+def _job_spec(stage: Stage, spec: api.DistillationJobSpec, pod_spec: dict[str, Any]) -> dict[str, Any]:
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
         "completions": stage.completions,
         "parallelism": stage.completions,
-        # Evictions, preemptions and node drains are not the trainer's fault: they do not count towards
-        # backoffLimit (the pod is recreated and resumes from its checkpoint). Usage errors (exit 2) fail at
-        # once, since a retry runs the same wrong command; so do a stage's deterministic verdicts (the quality
-        # gate's "failed", exit 3: a retry would judge the same student the same way).
-        "podFailurePolicy": {
-            "rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_CODE_USAGE]}},
-                *(
-                    [
-                        {
-                            "action": "FailJob",
-                            "onExitCodes": {
-                                "containerName": CONTAINER_MAIN,
-                                "operator": "In",
-                                "values": sorted(stage.fail_fast_exit_codes),
-                            },
-                        }
-                    ]
-                    if stage.fail_fast_exit_codes
-                    else []
-                ),
-            ]
-        },
-        "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
+        "podFailurePolicy": _failure_policy(stage),
+        "template": {"metadata": {}, "spec": pod_spec},
     }
     job_spec["ttlSecondsAfterFinished"] = spec.job_ttl_seconds_after_finished
     if stage.index_values:
         job_spec["completionMode"] = "Indexed"
         if stage.completions > 1:
-            # Each teacher fold gets its own retries (Kubernetes >= 1.29; beta, on by default). Older API servers
-            # drop the field; backoffLimit, scaled by the folds, then bounds all folds' failures together.
+            # Each teacher fold gets its own retries (Kubernetes >= 1.29; beta, on by default). Older API
+            # servers drop the field; backoffLimit, scaled by the folds, then bounds all folds' failures
+            # together.
             job_spec["backoffLimitPerIndex"] = spec.backoff_limit
             job_spec["backoffLimit"] = spec.backoff_limit * stage.completions
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if suspend or queued:
-        # Kueue admits a queued Job by un-suspending it; it must be created suspended.
-        job_spec["suspend"] = True
-
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": owner.namespace,
-            "labels": job_labels,
-            "annotations": dict(annotations),
-            "ownerReferences": [owner_reference(owner)],
-        },
-        "spec": job_spec,
-    }
+    return job_spec
 
 
 def trainer_service_account(
@@ -451,82 +472,3 @@ def owner_reference(owner: Owner) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
-
-
-# Where a field of a stage Job comes from in the DistillationJob's spec: when the kubernetes client or the API
-# server refuses a Job, the message names the field the user has to change, not a Job field they never wrote.
-_JOB_FIELD_SOURCES: tuple[tuple[str, str], ...] = (
-    ("spec.template.spec.affinity", "spec.scheduling.affinity"),
-    ("spec.template.spec.tolerations", "spec.scheduling.tolerations"),
-    ("spec.template.spec.nodeSelector", "spec.scheduling.nodeSelector"),
-    ("spec.template.spec.priorityClassName", "spec.scheduling.priorityClassName"),
-    ("spec.template.spec.imagePullSecrets", "spec.imagePullSecrets"),
-    ("spec.template.spec.serviceAccountName", "spec.serviceAccountName"),
-    ("spec.template.spec.securityContext", "spec.security"),
-    ("spec.template.spec.volumes", "spec.storage"),
-    ("spec.activeDeadlineSeconds", "spec.activeDeadlineSeconds"),
-    ("spec.backoffLimit", "spec.backoffLimit"),
-    ("spec.ttlSecondsAfterFinished", "spec.jobTTLSecondsAfterFinished"),
-    ("metadata.labels", "spec.scheduling.queueName"),
-)
-_CONTAINER_FIELD_SOURCES: tuple[tuple[str, str], ...] = (
-    ("image", "spec.image"),
-    ("imagePullPolicy", "spec.imagePullPolicy"),
-    ("resources", "spec.resources.{stage}"),
-    ("volumeMounts", "spec.storage"),
-    ("securityContext", "spec.security"),
-)
-
-
-def spec_field_for(job_path: str, stage: str) -> str:
-    """The DistillationJob spec field a stage Job's field (`spec.template.spec.affinity.nodeAffinity`) is built
-    from (`spec.scheduling.affinity.nodeAffinity`); `spec` when no single field is responsible."""
-    import re
-
-    path = re.sub(r"\[(\d+)\]", r".\1", job_path).strip(".")
-    if "sizeLimit" in path and path.startswith("spec.template.spec.volumes"):
-        return "spec.resources.sharedMemory"
-    for prefix, source in _JOB_FIELD_SOURCES:
-        if path == prefix or path.startswith(prefix + "."):
-            rest = path[len(prefix) :]
-            if source.startswith("spec.scheduling.affinity"):
-                return source + re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", rest)
-            return source
-    m = re.match(r"^spec\.template\.spec\.(?:initContainers|containers)\.\d+\.([A-Za-z]+)", path)
-    if m:
-        for prefix, source in _CONTAINER_FIELD_SOURCES:
-            if m.group(1) == prefix:
-                return source.format(stage=stage)
-    return "spec"
-
-
-def build_error_fields(exc: BaseException, stage: str) -> list[tuple[str, str]]:
-    """(spec field, message) for why a stage's Job could not be built or sent (a pydantic ValidationError
-    from the kubernetes client's models, or any other error while building the request)."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        out = []
-        try:
-            items = errors()
-        except Exception:  # noqa: BLE001 - not a pydantic error after all
-            items = []
-        for err in items:
-            loc = list(err.get("loc") or ())
-            while loc and not isinstance(loc[0], str):
-                loc.pop(0)  # the argument position of the request body
-            path = ".".join(str(p) for p in loc)
-            out.append((spec_field_for(path, stage), f"{path}: {err.get('msg')}"))
-        if out:
-            return out
-    return [("spec", f"{type(exc).__name__}: {exc}")]
-
-
-def status_causes(body: dict[str, Any], stage: str) -> list[tuple[str, str]]:
-    """(spec field, message) from a Kubernetes Status (422 Invalid) body's details.causes."""
-    causes = ((body or {}).get("details") or {}).get("causes") or []
-    out = [
-        (spec_field_for(str(c.get("field") or ""), stage), f"{c.get('field')}: {c.get('message')}")
-        for c in causes
-        if isinstance(c, dict)
-    ]
-    return out or [("spec", str((body or {}).get("message") or "the API server refused the Job"))]

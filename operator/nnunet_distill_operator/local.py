@@ -3,9 +3,10 @@
 The same `plan.plan()` output that becomes Kubernetes Jobs runs here, command for command, with the
 env a pod would get (nnUNet_* folders, JOB_COMPLETION_INDEX for indexed stages, a termination-message
 file). Output is streamed with a `[stage]` prefix and kept per stage in `<workdir>/logs/`; progress is
-read from nnU-Net's own epoch lines; the final status — the same shape as the DistillationJob's
-`.status` — is written to `<workdir>/status.yaml` and `status.json` after every change, so a run can be
-watched (`watch cat status.yaml`) and inspected afterwards.
+read from the `progress.json` the trainer writes, the same figures a pod reports; the status — built by
+the same builder as the DistillationJob's `.status` (`status_model.build_status`) — is written to
+`<workdir>/status.yaml` and `status.json` after every change, so a run can be watched
+(`watch cat status.yaml`) and inspected afterwards.
 
 The first failing command stops the run with one clear message: which stage, which command, its exit
 code, and the tail of its log. A quality gate that fails (enforced) ends the run the way it ends a
@@ -15,11 +16,10 @@ status.yaml carries the QualityGate condition and the gate's figures in `metrics
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
-import math
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -36,6 +36,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from nnunet_distill_operator.local_progress import ProgressTracker
 from nnunet_distill_operator.plan import DataPaths, Stage, export_paths
 from nnunet_distill_operator.status import (
     GATE_FAILED,
@@ -53,16 +54,9 @@ from nnunet_distill_operator.status import (
     results_from_summaries,
     rfc3339,
 )
-import contextlib
+from nnunet_distill_operator.status_model import build_status
 
 LOG_TAIL_LINES = 20
-_NUM = r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|nan|inf)"
-_EPOCH = re.compile(r":\s*Epoch (\d+)\s*$")
-_EPOCH_TIME = re.compile(r"Epoch time:\s*" + _NUM + r"\s*s")
-_TRAIN_LOSS = re.compile(r":\s*train_loss\s+" + _NUM)
-_KD_LOSS = re.compile(r":\s*(?:train_)?(?:kd_loss|loss_kd)\s+" + _NUM)  # "train_loss_kd 0.41 (T^2-scaled KL)"
-_PSEUDO_DICE = re.compile(r":\s*Pseudo dice\s+\[(.*)\]")
-_DICE_VALUES = re.compile(r"(?<![\w.])(-?\d+\.\d+(?:[eE][-+]?\d+)?|nan)")
 
 
 class LocalRunError(RuntimeError):
@@ -71,86 +65,6 @@ class LocalRunError(RuntimeError):
     def __init__(self, message: str, status: Mapping[str, Any]):
         super().__init__(message)
         self.status = dict(status)
-
-
-# ------------------------------------------------------------------------------------ progress parsing
-
-
-@dataclass
-class ProgressTracker:
-    """Turns nnU-Net's console lines into status.progress (epoch, losses, pseudo Dice, ETA)."""
-
-    stage: str
-    total_epochs: int | None = None
-    current_epoch: int | None = None
-    completed: int | None = None
-    train_loss: float | None = None
-    kd_loss: float | None = None
-    pseudo_dice: float | None = None
-    durations: list[float] = field(default_factory=list)
-    updated_at: str | None = None
-
-    def feed(self, line: str, now: datetime) -> bool:
-        """Consume one output line; True when the progress changed."""
-        if m := _EPOCH.search(line):
-            self.current_epoch = int(m.group(1))
-            return False
-        if m := _TRAIN_LOSS.search(line):
-            self.train_loss = _float(m.group(1))
-            return False
-        if m := _KD_LOSS.search(line):
-            self.kd_loss = _float(m.group(1))
-            return False
-        if m := _PSEUDO_DICE.search(line):
-            values = [v for v in (_float(x) for x in _DICE_VALUES.findall(m.group(1))) if v is not None]
-            self.pseudo_dice = round(sum(values) / len(values), 4) if values else None
-            return False
-        if m := _EPOCH_TIME.search(line):
-            seconds = _float(m.group(1))
-            if seconds is not None:
-                self.durations.append(seconds)
-            self.completed = (
-                (self.current_epoch + 1) if self.current_epoch is not None else len(self.durations)
-            )
-            self.updated_at = rfc3339(now)
-            return True
-        return False
-
-    def as_status(self) -> dict[str, Any]:
-        eta = None
-        if self.total_epochs is not None and self.completed is not None and self.durations:
-            recent = self.durations[-5:]
-            eta = max(0, round(sum(recent) / len(recent) * (self.total_epochs - self.completed)))
-        out = {
-            "stage": self.stage,
-            "epoch": self.completed,
-            "totalEpochs": self.total_epochs,
-            "trainLoss": self.train_loss,
-            "kdLoss": self.kd_loss,
-            "pseudoDice": self.pseudo_dice,
-            "etaSeconds": eta,
-            "updatedAt": self.updated_at,
-        }
-        return {k: v for k, v in out.items() if v is not None}
-
-
-def _float(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def total_epochs(argv: Iterable[str]) -> int | None:
-    """The -e budget of a training command line, if given."""
-    args = list(argv)
-    for flag in ("-e", "--epochs", "-num_epochs"):
-        if flag in args:
-            i = args.index(flag)
-            if i + 1 < len(args) and args[i + 1].isdigit():
-                return int(args[i + 1])
-    return None
 
 
 # ------------------------------------------------------------------------------------------- status
@@ -242,7 +156,7 @@ class LocalStatus:
                     )
                 )
             self.data["conditions"] = merge_conditions(self.data.get("conditions", []), conds, _now(), None)
-            snapshot = json.loads(json.dumps(self.data))
+            snapshot = build_status(**self.data)  # the status model's shape and types, as the operator's
         _atomic_write(self.path_json, json.dumps(snapshot, indent=2) + "\n")
         _atomic_write(self.path_yaml, yaml.safe_dump(snapshot, sort_keys=False))
 
@@ -346,7 +260,7 @@ class LocalRunner:
             ran = True
             status.stage(stage.name, "Running", "Running", f"running {label}", startTime=start_iso)
             tracker = (
-                ProgressTracker(stage.name, total_epochs(stage.argv)) if stage.reports_progress else None
+                ProgressTracker(stage.name, Path(self.paths.results)) if stage.reports_progress else None
             )
             for command in stage.commands:
                 summary = self._run_command(stage, command.name, command.argv, index, label, status, tracker)
@@ -385,7 +299,7 @@ class LocalRunner:
         executable = resolve_executable(argv[0])
         self._say(label, f"$ {shlex.join(argv)}")
         tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-        last_write = 0.0
+        last_poll = 0.0
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"$ {shlex.join(argv)}\n")
             try:
@@ -408,19 +322,29 @@ class LocalRunner:
                 log.write(line + "\n")
                 tail.append(line)
                 print(f"[{label}] {line}", file=self.out, flush=True)
-                if tracker is not None and tracker.feed(line, _now()):
-                    now = time.monotonic()
-                    if now - last_write >= 0.5:
-                        last_write = now
-                        progress = tracker.as_status()
-                        status.progress(progress)
-                        if self.on_progress is not None:
-                            self.on_progress(progress)
+                if tracker is not None and time.monotonic() - last_poll >= 0.5:
+                    last_poll = time.monotonic()
+                    self._report_progress(tracker, status)
             code = self._proc.wait()
             self._proc = None
-        if tracker is not None and tracker.completed is not None:
-            status.progress(tracker.as_status())
+        if tracker is not None:
+            self._report_progress(tracker, status)
         summary = parse_summary(term_path.read_text()) if term_path.exists() else {}
+        self._check_outcome(stage, command_name, argv, code, summary, log_path, tail, status)
+        return summary
+
+    def _check_outcome(
+        self,
+        stage: Stage,
+        command_name: str,
+        argv: tuple[str, ...],
+        code: int,
+        summary: dict[str, Any],
+        log_path: Path,
+        tail: deque[str],
+        status: LocalStatus,
+    ) -> None:
+        """Record the gate's verdict; a failed command (or an enforced gate that failed) ends the run."""
         verdict = gate_verdict(summary) if stage.name == GATE_STAGE else None
         if verdict is not None:
             status.set_gate(verdict)
@@ -440,7 +364,6 @@ class LocalRunner:
                 f"  log: {log_path}\n  last lines:\n{tail_text}"
             )
             raise self._fail(stage, status, message, code)
-        return summary
 
     def _fail(
         self,
@@ -459,6 +382,12 @@ class LocalRunner:
         status.finish("Failed", job_reason, message.splitlines()[0])
         return LocalRunError(message, status.data)
 
+    def _report_progress(self, tracker: ProgressTracker, status: LocalStatus) -> None:
+        if tracker.poll() and tracker.progress is not None:
+            status.progress(tracker.progress)
+            if self.on_progress is not None:
+                self.on_progress(tracker.progress)
+
     def interrupt(self) -> None:
         """Stop the running command (Ctrl-C): its whole process group gets SIGTERM."""
         proc = self._proc
@@ -476,7 +405,8 @@ def local_paths(
     workdir: str,
     env: Mapping[str, str],
 ) -> DataPaths:
-    """Folders from flags, else $nnUNet_* env, else <data-dir>/nnUNet_*; a clear error names what is missing."""
+    """Folders from flags, else $nnUNet_* env, else <data-dir>/nnUNet_*; a clear error names what is
+    missing."""
 
     def pick(flag: str | None, var: str) -> str:
         if flag:

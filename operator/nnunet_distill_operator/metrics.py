@@ -75,10 +75,11 @@ START_LATENCY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
-# Stages are rare events (hours apart). A labelled counter or histogram child appears only at its first event, and
-# PromQL's increase() cannot see the step from "no series" to 1, so the first finished stage after an operator
-# (re)start would vanish from the dashboard's "in range" panels. Exporting every known stage at 0 from the start
-# makes each event a visible 0 -> 1 step. (A stage not listed here still works; only its first event is lost.)
+# Stages are rare events (hours apart). A labelled counter or histogram child appears only at its first event,
+# and PromQL's increase() cannot see the step from "no series" to 1, so the first finished stage after an
+# operator (re)start would vanish from the dashboard's "in range" panels. Exporting every known stage at 0
+# from the start makes each event a visible 0 -> 1 step. (A stage not listed here still works; only its first
+# event is lost.)
 KNOWN_STAGES = ("preprocess", "teachers", "distill", "export", "publish")
 for _stage in KNOWN_STAGES:
     JOBS_CREATED.labels(_stage)
@@ -111,7 +112,8 @@ RESULT_GAUGES: dict[str, tuple[str, str]] = {
 }
 # The worst label's retention, labelled with the label's name (one series per job: its current worst label).
 WORST_LABEL_FAMILY = f"{PREFIX}_worst_label_retention"
-# The quality gate's verdict (QualityGate condition): 1 passed, 0 failed (enforced or not); absent until evaluated.
+# The quality gate's verdict (QualityGate condition): 1 passed, 0 failed (enforced or not); absent until
+# evaluated.
 GATE_FAMILY = f"{PREFIX}_quality_gate_passed"
 JOBS_FAMILY = f"{PREFIX}_jobs"
 PROGRESS_UPDATED_FAMILY = f"{PREFIX}_progress_updated_timestamp_seconds"
@@ -165,67 +167,89 @@ class JobsCollector(Collector):
         with self._lock:
             jobs = dict(self._jobs)
             gates = dict(self._gates)
-        by_phase = GaugeMetricFamily(
-            JOBS_FAMILY, "DistillationJobs by namespace and phase.", labels=["namespace", "phase"]
-        )
-        counts: dict[tuple[str, str], int] = {}
-        for (namespace, _), (phase, _, _) in jobs.items():
-            counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1
-        for namespace in sorted({ns for ns, _ in counts}):
-            for phase in PHASES:
-                by_phase.add_metric([namespace, phase], counts.get((namespace, phase), 0))
-        yield by_phase
-        families = {
-            family: GaugeMetricFamily(family, help_, labels=["namespace", "name", "stage"])
-            for family, (_, help_) in PROGRESS_GAUGES.items()
-        }
-        updated = GaugeMetricFamily(
-            PROGRESS_UPDATED_FAMILY,
-            "When the training pod last reported progress (Unix time).",
-            labels=["namespace", "name", "stage"],
-        )
-        results = {
-            family: GaugeMetricFamily(family, help_, labels=["namespace", "name"])
-            for family, (_, help_) in RESULT_GAUGES.items()
-        }
-        worst = GaugeMetricFamily(
-            WORST_LABEL_FAMILY,
-            "Dice retention of the student's worst label on held-out "
-            "cases (status.metrics.worstLabelRetention; label: status.metrics.worstLabel).",
-            labels=["namespace", "name", "label"],
-        )
-        gate = GaugeMetricFamily(
-            GATE_FAMILY,
-            "Quality gate verdict (QualityGate condition): 1 passed, 0 failed; "
-            "enforced=false when spec.qualityGate.enforce is false.",
-            labels=["namespace", "name", "enforced"],
-        )
-        for (namespace, name), (phase, progress, final) in sorted(jobs.items()):
-            for family, (key, _) in RESULT_GAUGES.items():
-                value = final.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    results[family].add_metric([namespace, name], float(value))
-            value = final.get("worstLabelRetention")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                worst.add_metric([namespace, name, str(final.get("worstLabel") or "")], float(value))
-            if (namespace, name) in gates:
-                passed, enforced = gates[(namespace, name)]
-                gate.add_metric([namespace, name, "true" if enforced else "false"], 1.0 if passed else 0.0)
-            if phase in FINISHED or not progress:
-                continue  # finished jobs drop out: bounded cardinality
-            labels = [namespace, name, str(progress.get("stage") or "")]
-            for family, (key, _) in PROGRESS_GAUGES.items():
-                value = progress.get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    families[family].add_metric(labels, float(value))
-            when = parse_time(progress.get("updatedAt"))
-            if when is not None:
-                updated.add_metric(labels, when.timestamp())
-        yield from families.values()
-        yield updated
-        yield from results.values()
-        yield worst
-        yield gate
+        yield _by_phase(jobs)
+        yield from _progress_families(jobs)
+        yield from _result_families(jobs, gates)
+
+
+def _by_phase(jobs: dict[tuple[str, str], Any]) -> GaugeMetricFamily:
+    by_phase = GaugeMetricFamily(
+        JOBS_FAMILY, "DistillationJobs by namespace and phase.", labels=["namespace", "phase"]
+    )
+    counts: dict[tuple[str, str], int] = {}
+    for (namespace, _), (phase, _, _) in jobs.items():
+        counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1
+    for namespace in sorted({ns for ns, _ in counts}):
+        for phase in PHASES:
+            by_phase.add_metric([namespace, phase], counts.get((namespace, phase), 0))
+    return by_phase
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _progress_families(jobs: dict[tuple[str, str], Any]) -> Iterator[GaugeMetricFamily]:
+    """Live training progress of the jobs that have not finished (finished jobs drop out: bounded
+    cardinality)."""
+    families = {
+        family: GaugeMetricFamily(family, help_, labels=["namespace", "name", "stage"])
+        for family, (_, help_) in PROGRESS_GAUGES.items()
+    }
+    updated = GaugeMetricFamily(
+        PROGRESS_UPDATED_FAMILY,
+        "When the training pod last reported progress (Unix time).",
+        labels=["namespace", "name", "stage"],
+    )
+    for (namespace, name), (phase, progress, _final) in sorted(jobs.items()):
+        if phase in FINISHED or not progress:
+            continue
+        labels = [namespace, name, str(progress.get("stage") or "")]
+        for family, (key, _) in PROGRESS_GAUGES.items():
+            value = _number(progress.get(key))
+            if value is not None:
+                families[family].add_metric(labels, value)
+        when = parse_time(progress.get("updatedAt"))
+        if when is not None:
+            updated.add_metric(labels, when.timestamp())
+    yield from families.values()
+    yield updated
+
+
+def _result_families(
+    jobs: dict[tuple[str, str], Any], gates: dict[tuple[str, str], tuple[bool, bool]]
+) -> Iterator[GaugeMetricFamily]:
+    """The student's final figures and the quality gate's verdict."""
+    results = {
+        family: GaugeMetricFamily(family, help_, labels=["namespace", "name"])
+        for family, (_, help_) in RESULT_GAUGES.items()
+    }
+    worst = GaugeMetricFamily(
+        WORST_LABEL_FAMILY,
+        "Dice retention of the student's worst label on held-out "
+        "cases (status.metrics.worstLabelRetention; label: status.metrics.worstLabel).",
+        labels=["namespace", "name", "label"],
+    )
+    gate = GaugeMetricFamily(
+        GATE_FAMILY,
+        "Quality gate verdict (QualityGate condition): 1 passed, 0 failed; "
+        "enforced=false when spec.qualityGate.enforce is false.",
+        labels=["namespace", "name", "enforced"],
+    )
+    for (namespace, name), (_phase, _progress, final) in sorted(jobs.items()):
+        for family, (key, _) in RESULT_GAUGES.items():
+            value = _number(final.get(key))
+            if value is not None:
+                results[family].add_metric([namespace, name], value)
+        value = _number(final.get("worstLabelRetention"))
+        if value is not None:
+            worst.add_metric([namespace, name, str(final.get("worstLabel") or "")], value)
+        if (namespace, name) in gates:
+            passed, enforced = gates[(namespace, name)]
+            gate.add_metric([namespace, name, "true" if enforced else "false"], 1.0 if passed else 0.0)
+    yield from results.values()
+    yield worst
+    yield gate
 
 
 JOBS = JobsCollector()

@@ -260,6 +260,23 @@ def _worker_env(res: StageResources) -> tuple[tuple[str, str], ...]:
     )
 
 
+def _kd_flags(d: api.DistillationSpec) -> list[str]:
+    """The distillation options of the trainer's command line (augmentation, fold rotation, KD mode)."""
+    flags = []
+    if d.use_da5:
+        flags.append("--use_da5")
+    if d.rotate_folds:
+        flags.append("-rotate_folds")
+        if d.rotate_frequency is not None:
+            flags += ["-rotate_freq", str(d.rotate_frequency)]
+    if d.disable_mirroring:
+        flags.append("-disable_mirroring")
+    flags += ["--kd_mode", d.kd_mode, "--student_init", d.student_init, "--teacher_view", d.teacher_view]
+    if d.test_cases:
+        flags += ["--test_cases", *d.test_cases]
+    return flags
+
+
 def _distill(spec: api.DistillationJobSpec, device: str | None) -> Stage:
     res = stage_resources(spec, "distill")
     d = spec.distillation
@@ -304,17 +321,7 @@ def _distill(spec: api.DistillationJobSpec, device: str | None) -> Stage:
         argv += ["-p", spec.teacher_plans]
     if spec.teachers.folder:
         argv += ["-t", spec.teachers.folder]
-    if d.use_da5:
-        argv.append("--use_da5")
-    if d.rotate_folds:
-        argv.append("-rotate_folds")
-        if d.rotate_frequency is not None:
-            argv += ["-rotate_freq", str(d.rotate_frequency)]
-    if d.disable_mirroring:
-        argv.append("-disable_mirroring")
-    argv += ["--kd_mode", d.kd_mode, "--student_init", d.student_init, "--teacher_view", d.teacher_view]
-    if d.test_cases:
-        argv += ["--test_cases", *d.test_cases]
+    argv += _kd_flags(d)
     # Always resume: a restarted pod (retry, preemption, node loss) continues from the newest checkpoint on
     # the volume; without one the trainer starts fresh (and says so).
     argv += ["-d_device", _device(res, device), "-c_continue"]
@@ -327,6 +334,48 @@ def _distill(spec: api.DistillationJobSpec, device: str | None) -> Stage:
         reports_progress=True,
         env=_worker_env(res),
     )
+
+
+def _resenc_export_argv(spec: api.DistillationJobSpec, common: list[str], export_dir: str) -> list[str]:
+    e = spec.export
+    argv = [
+        "nnUNetv2_resenc_distillation_export_onnx",
+        *common,
+        "-tpl",
+        spec.teacher_plans,
+        "-spl",
+        spec.student_base_plans,
+        "-bs",
+        spec.student.block_strategy,
+    ]
+    batch = 0 if e.dynamic_shape and e.batch_size is None else e.batch_size
+    if batch is not None:
+        argv += ["-b", str(batch)]
+    if e.tensorrt_compatible:
+        argv.append("-fix")
+    if spec.distillation.use_da5:
+        argv.append("-da5")
+    if e.simplify:
+        argv.append("-sim")
+    return [*argv, "-v", "-o", export_dir]
+
+
+def _export_argv(spec: api.DistillationJobSpec, common: list[str], onnx_file: str) -> list[str]:
+    e = spec.export
+    argv = ["nnUNetv2_distillation_export_onnx", *common, "-p", spec.teacher_plans]
+    if e.tensorrt_compatible:
+        argv.append("-fix")
+    if spec.distillation.use_da5:
+        argv.append("-da5")
+    if e.dynamic_shape:
+        argv.append("-da")
+    if e.input_shape is not None:
+        argv += ["-is", *map(str, e.input_shape)]
+    if e.nnunet_format:
+        argv.append("-nn")
+    if e.simplify:
+        argv.append("-sim")
+    return [*argv, "-v", "-o", onnx_file]
 
 
 def _export(spec: api.DistillationJobSpec, name: str, paths: DataPaths) -> Stage:
@@ -344,42 +393,7 @@ def _export(spec: api.DistillationJobSpec, name: str, paths: DataPaths) -> Stage
         "-r",
         str(spec.student.reduction_factor),
     ]
-    if resenc:
-        argv = [
-            "nnUNetv2_resenc_distillation_export_onnx",
-            *common,
-            "-tpl",
-            spec.teacher_plans,
-            "-spl",
-            spec.student_base_plans,
-            "-bs",
-            spec.student.block_strategy,
-        ]
-        batch = 0 if e.dynamic_shape and e.batch_size is None else e.batch_size
-        if batch is not None:
-            argv += ["-b", str(batch)]
-        if e.tensorrt_compatible:
-            argv.append("-fix")
-        if spec.distillation.use_da5:
-            argv.append("-da5")
-        if e.simplify:
-            argv.append("-sim")
-        argv += ["-v", "-o", export_dir]
-    else:
-        argv = ["nnUNetv2_distillation_export_onnx", *common, "-p", spec.teacher_plans]
-        if e.tensorrt_compatible:
-            argv.append("-fix")
-        if spec.distillation.use_da5:
-            argv.append("-da5")
-        if e.dynamic_shape:
-            argv.append("-da")
-        if e.input_shape is not None:
-            argv += ["-is", *map(str, e.input_shape)]
-        if e.nnunet_format:
-            argv.append("-nn")
-        if e.simplify:
-            argv.append("-sim")
-        argv += ["-v", "-o", onnx_file]
+    argv = _resenc_export_argv(spec, common, export_dir) if resenc else _export_argv(spec, common, onnx_file)
     package = (
         "nnunet-distill",
         "package",

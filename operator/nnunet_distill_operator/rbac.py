@@ -45,7 +45,8 @@ OPERATOR_RULES: tuple[Rule, ...] = (
         "",
         "pods",
         ("list", "watch"),
-        why="pod-level causes (Unschedulable, ImagePullBackOff, OOMKilled, evictions) and termination messages",
+        why="pod-level causes (Unschedulable, ImagePullBackOff, OOMKilled, evictions) and termination "
+        "messages",
     ),
     Rule(
         "",
@@ -90,8 +91,3 @@ TRAINER_RULES: tuple[Rule, ...] = (
         why="trainer pods report status.progress (and read the restart count) of their own job",
     ),
 )
-
-
-def as_policy_rules(rules: tuple[Rule, ...]) -> list[dict[str, list[str]]]:
-    """rbac.authorization.k8s.io/v1 PolicyRules, one per (group, resource)."""
-    return [{"apiGroups": [r.group], "resources": [r.resource], "verbs": list(r.verbs)} for r in rules]

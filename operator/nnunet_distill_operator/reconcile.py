@@ -5,74 +5,55 @@ changed, a periodic resync) calls `decide` with the whole observed state and app
 function never looks at *why* it was called, so running it twice, late, or after an operator restart
 gives the same answer — which is what makes "no duplicate Job" and "status continues" hold.
 
-Spec changes after the first Job exists: fields that only shape Jobs not created yet (resources,
-scheduling, image, output, suspend, deadlines) are accepted; fields that define the model (dataset,
-teachers, student, distillation, ...) would mix two models into one and are rejected with a Stalled
-condition naming them, while the job continues with the spec it started with: `status.acceptedSpec`,
-written by the operator through the status subresource before the first Job exists. Users with edit rights
-cannot write status, so neither an edit nor an operator restart changes what a running job produces.
+`decide` is a composition of small pure steps: which spec runs (`spec_changes`), what each stage's Job and
+pods say (`stage_states`), the stages' results, what to create/suspend/resume, the quality gate, the phase,
+the status (built through the status model, `status_model.build_status`), the Events (`transitions`) and
+the TTL.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from nnunet_distill_operator import api, k8s
-from nnunet_distill_operator.plan import DataPaths, Stage, export_paths, plan
+from nnunet_distill_operator.job_errors import build_error_fields
+from nnunet_distill_operator.job_phase import Phase, gate, job_phase
+from nnunet_distill_operator.plan import DataPaths, Stage, plan
+from nnunet_distill_operator.spec_changes import choose_spec
+from nnunet_distill_operator.stage_states import (
+    NO_JOB_REASONS,
+    NOT_STARTED,
+    StageState,
+    await_verified_publish,
+    observe_stages,
+    owned_by,
+)
 from nnunet_distill_operator.status import (
     FAILED,
-    GATE_CONDITION,
-    GATE_FAILED,
-    GATE_NOT_ENFORCED,
-    GATE_PASSED,
     GATE_STAGE,
     PENDING,
-    RUNNING,
     SUCCEEDED,
     SUSPENDED,
     TERMINAL,
     Cond,
-    JobView,
-    PodIssue,
+    GateVerdict,
     condition_type,
-    format_duration,
-    gate_condition,
-    gate_failure_message,
     kstatus_conditions,
     merge_conditions,
     newest_gate_summary,
-    observe_job,
     parse_time,
-    pod_issue,
     pod_summary,
     results_from_summaries,
     rfc3339,
 )
+from nnunet_distill_operator.status_model import build_status
+from nnunet_distill_operator.transitions import Event, event_name, gate_events, phase_events, stage_events
 
-# Top-level spec fields that may change while the job runs: they affect only Jobs created afterwards
-# (or, for suspend, the running Job). Everything else defines the model being produced.
-SAFE_FIELDS = frozenset(
-    {
-        "suspend",
-        "resources",
-        "scheduling",
-        "image",
-        "imagePullPolicy",
-        "imagePullSecrets",
-        "serviceAccountName",
-        "security",
-        "backoffLimit",
-        "activeDeadlineSeconds",
-        "ttlSecondsAfterFinished",
-        "jobTTLSecondsAfterFinished",
-        "output",
-        "qualityGate",
-    }
-)
+__all__ = ["OWNED_STATUS_FIELDS", "Decision", "Event", "decide", "event_name"]
+
 OWNED_STATUS_FIELDS = (
     "phase",
     "currentStage",
@@ -87,27 +68,7 @@ OWNED_STATUS_FIELDS = (
     "metrics",
     "acceptedSpec",
 )
-NOT_STARTED = "NotStarted"
 DEFAULTS = k8s.Defaults()
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-    key: str = ""  # the transition this Event reports; with the job's uid it names the Event (event_name)
-
-
-def _digest(text: str, n: int = 8) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
-
-
-def event_name(cr_name: str, uid: str, event: Event) -> str:
-    """A deterministic Event name from the job's uid and the transition: an operator that dies after a status
-    change but before its Event, or after the Event but before the status, posts it again under the same name
-    (a 409 for the second copy): at least once, never twice."""
-    return f"{cr_name[:200]}.{_digest(f'{uid}/{event.key or event.reason}/{event.message}', 16)}"
 
 
 @dataclass(frozen=True)
@@ -128,105 +89,50 @@ class Decision:
     stages: tuple[Stage, ...] = ()
 
 
-def _compact(value: Any) -> Any:
-    """Drop None values recursively: they mean 'absent' in a merge patch and in stored objects."""
-    if isinstance(value, dict):
-        return {k: _compact(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_compact(v) for v in value]
-    return value
+@dataclass(frozen=True)
+class _Observed:
+    """The DistillationJob as the last status described it (the inputs every step reads)."""
 
+    name: str
+    namespace: str
+    uid: str
+    generation: int | None
+    prev_raw: Mapping[str, Any]
+    prev: api.DistillationJobStatus
+    now: datetime
 
-def _leaf_diffs(a: Any, b: Any, path: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _leaf_diffs(a.get(key), b.get(key), f"{path}.{key}")
-        return out
-    return [] if a == b else [path]
+    @classmethod
+    def of(cls, cr: Mapping[str, Any], now: datetime) -> _Observed:
+        meta = cr.get("metadata") or {}
+        prev_raw = cr.get("status") or {}
+        return cls(
+            meta.get("name", ""),
+            meta.get("namespace", "default"),
+            meta.get("uid", ""),
+            meta.get("generation"),
+            prev_raw,
+            api.parse_status(prev_raw),
+            now,
+        )
 
-
-def unsafe_changes(accepted: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Field paths (spec.x.y) that changed between two normalized specs and may not change after start."""
-    out = []
-    for key in sorted(set(accepted) | set(current)):
-        if key in SAFE_FIELDS:
-            continue
-        out += _leaf_diffs(accepted.get(key), current.get(key), f"spec.{key}")
-    return out
-
-
-def _effective_spec(current: Mapping[str, Any], accepted: Mapping[str, Any]) -> dict[str, Any]:
-    """The accepted spec with the safe fields taken from the current one."""
-    merged = {k: v for k, v in accepted.items() if k not in SAFE_FIELDS}
-    merged.update({k: v for k, v in current.items() if k in SAFE_FIELDS})
-    return merged
-
-
-def _owned_by(job: Mapping[str, Any], uid: str) -> bool:
-    refs = (job.get("metadata") or {}).get("ownerReferences") or ()
-    return any(r.get("uid") == uid for r in refs)
+    @property
+    def prev_stages(self) -> dict[str, api.StageStatus]:
+        return dict(self.prev.stages)
 
 
 @dataclass
-class _StageState:
-    name: str
-    job_name: str
-    state: str
-    reason: str | None = None
-    message: str | None = None
-    start_time: str | None = None
-    completion_time: str | None = None
-    view: JobView | None = None
+class _Actions:
+    """What to do to the current stage's Job."""
 
-    def as_status(self) -> dict[str, Any]:
-        return {
-            "jobName": self.job_name,
-            "state": PENDING if self.state == NOT_STARTED else self.state,
-            "reason": self.reason,
-            "message": self.message,
-            "startTime": self.start_time,
-            "completionTime": self.completion_time,
-        }
+    create: list[dict[str, Any]] = field(default_factory=list)
+    suspend: list[str] = field(default_factory=list)
+    resume: list[str] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)
+    stalled: tuple[str, str] | None = None
 
-
-def _issue_for(stage: str, pods: Sequence[Mapping[str, Any]], failed: bool) -> PodIssue | None:
-    """A pending pod's problem; for a failed stage, the newest failed pod's problem."""
-    ordered = sorted(
-        pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True
-    )
-    if any((p.get("status") or {}).get("phase") == "Running" for p in ordered) and not failed:
-        return None
-    for pod in ordered:
-        phase = (pod.get("status") or {}).get("phase")
-        if phase == "Pending" or (failed and phase == "Failed") or (failed and phase is None):
-            issue = pod_issue(pod, stage)
-            if issue is not None:
-                return issue
-    return None
-
-
-def _await_verified_publish(
-    states: Sequence[_StageState], artifacts: Mapping[str, Any], previous: Mapping[str, Any]
-) -> None:
-    """The job succeeds only with a verified model: a succeeded publish Job counts once its pod's termination
-    message (or an earlier pass) has delivered the published URI and SHA-256; until then (pod events can lag
-    behind the Job's) the stage stays Running."""
-    for st in states:
-        if (
-            st.name == "publish"
-            and st.state == SUCCEEDED
-            and not (
-                (artifacts.get("uri") and artifacts.get("sha256"))
-                or (previous.get("uri") and previous.get("sha256"))
-            )
-        ):
-            st.state, st.reason = RUNNING, "AwaitingPublishResult"
-            st.message = (
-                f"Job {st.job_name} succeeded; waiting for its pod's result (the verified URI and "
-                "SHA-256 of the published model)"
-            )
-            st.completion_time = None
+    @property
+    def creating(self) -> bool:
+        return bool(self.create)
 
 
 def decide(
@@ -246,406 +152,40 @@ def decide(
     client's schema or the API server's validation refused it), naming the spec field; nothing is created and
     the job is Stalled until the spec changes.
     """
-    meta = cr.get("metadata") or {}
-    name, namespace, uid = meta.get("name", ""), meta.get("namespace", "default"), meta.get("uid", "")
-    generation = meta.get("generation")
-    prev_raw = cr.get("status") or {}
-    prev = api.parse_status(prev_raw)
-    prev_stages = {k: v for k, v in prev.stages.items()}
-
-    own_jobs = {s: j for s, j in jobs.items() if _owned_by(j, uid)}
+    obs = _Observed.of(cr, now)
+    own_jobs = {s: j for s, j in jobs.items() if owned_by(j, obs.uid)}
     foreign_jobs = {s: j for s, j in jobs.items() if s not in own_jobs}
     started = bool(own_jobs) or any(
-        st.job_name and st.reason not in _NO_JOB_REASONS for st in prev_stages.values()
+        st.job_name and st.reason not in NO_JOB_REASONS for st in obs.prev_stages.values()
     )
-
-    # ---- which spec to run
-    problems: list[str] = []
-    current: api.DistillationJobSpec | None
-    try:
-        current = api.parse_spec(cr.get("spec"))
-    except api.InvalidSpec as exc:
-        current, problems = None, exc.problems
-    accepted_raw = prev_raw.get("acceptedSpec")
-    accepted: api.DistillationJobSpec | None = None
-    if started and isinstance(accepted_raw, dict):
-        try:
-            accepted = api.parse_spec(accepted_raw)
-        except api.InvalidSpec:
-            accepted = None
-    stalled: tuple[str, str] | None = None
-    effective: api.DistillationJobSpec | None = current
-    if current is None:
-        stalled = ("InvalidSpec", "; ".join(problems))
-        effective = accepted if started else None
-    elif started and accepted is not None:
-        acc, cur = api.spec_to_dict(accepted), api.spec_to_dict(current)
-        changed = unsafe_changes(acc, cur)
-        if changed:
-            why = (
-                f"{', '.join(changed)} changed after the job started; a running job cannot change what "
-                "model it produces: revert the change, or create a new DistillationJob"
-            )
-            stalled = ("SpecChangeRejected", why)
-            effective = api.DistillationJobSpec.model_validate(_effective_spec(cur, acc))
-
-    events: list[Event] = []
-    prev_reason = prev_raw.get("reason")
-    prev_message = prev_raw.get("message")
-
+    choice = choose_spec(cr.get("spec"), obs.prev_raw.get("acceptedSpec"), started)
+    effective = choice.effective
     if effective is None:
-        # Never started and invalid: nothing to run, nothing to retry until the spec is fixed.
-        message = stalled[1] if stalled else "invalid spec"
-        status = {
-            "phase": FAILED,
-            "currentStage": None,
-            "observedGeneration": generation,
-            "conditions": merge_conditions(
-                prev_raw.get("conditions") or [],
-                kstatus_conditions(FAILED, "InvalidSpec", message, stalled, False),
-                now,
-                generation,
-            ),
-            "stages": {},
-            "startTime": prev_raw.get("startTime"),
-            "completionTime": None,
-            "reason": "InvalidSpec",
-            "message": message,
-        }
-        if (prev_reason, prev_message) != ("InvalidSpec", message):
-            events.append(Event("Warning", "InvalidSpec", message, f"job:InvalidSpec:{generation}"))
-        return Decision(status=status, status_patch=_status_patch(prev_raw, status), events=tuple(events))
+        return _invalid_spec_decision(obs, choice.stalled)
 
-    stages = plan(effective, name=name, paths=DataPaths.in_pod(name))
-    suspend_wanted = effective.suspend
-
-    # ---- observe each stage
-    states: list[_StageState] = []
-    for stage in stages:
-        jname = k8s.job_name(name, stage.name)
-        before = prev_stages.get(stage.name)
-        st = _StageState(stage.name, jname, NOT_STARTED)
-        if stage.name in own_jobs:
-            view = observe_job(own_jobs[stage.name])
-            st.view = view
-            st.state, st.reason, st.message = view.state, view.reason, view.message
-            st.start_time = view.start_time or (before.start_time if before else None)
-            st.completion_time = view.completion_time
-            if view.state not in TERMINAL:
-                issue = _issue_for(stage.name, pods.get(stage.name, ()), failed=False)
-                if issue is not None:
-                    st.reason, st.message = issue.reason, issue.message
-            elif view.state == FAILED:
-                issue = _issue_for(stage.name, pods.get(stage.name, ()), failed=True)
-                detail = (
-                    f"Job {jname} failed ({view.reason}" + (f": {view.message}" if view.message else "") + ")"
-                )
-                st.message = f"{detail}; {issue.reason}: {issue.message}" if issue else detail
-                if issue is not None and view.reason in ("BackoffLimitExceeded", "PodFailurePolicy"):
-                    st.reason = issue.reason
-                elif issue is None and before is not None and before.state == FAILED and before.message:
-                    # The failed pod is gone (deleted, garbage-collected): what it said still explains the failure.
-                    st.reason, st.message = before.reason, before.message
-        elif before is not None and before.state in TERMINAL:
-            st.state, st.reason, st.message = before.state, before.reason, before.message
-            st.start_time, st.completion_time = before.start_time, before.completion_time
-        elif stage.name in foreign_jobs:
-            st.state, st.reason = PENDING, "WaitingForOldJob"
-            st.message = (
-                f"Job {jname} belongs to an earlier DistillationJob of the same name; waiting for "
-                "the garbage collector to delete it"
-            )
-        states.append(st)
-
-    # ---- results from the termination messages of succeeded pods
-    summaries = []
-    for s in stages:
-        for pod in pods.get(s.name, ()):
-            if (pod.get("status") or {}).get("phase") == "Succeeded":
-                summaries.append(pod_summary(pod))
-    # The quality gate's figures count whatever its verdict: a blocked student's figures say why.
-    gate_stage = next((s for s in stages if s.name == GATE_STAGE), None)
-    gate_seen = newest_gate_summary(pods.get(GATE_STAGE, ())) if gate_stage is not None else None
-    verdict = gate_seen[1] if gate_seen else None
-    if gate_seen:
-        summaries.append({"metrics": gate_seen[0].get("metrics")})
-    artifacts, metrics = results_from_summaries(summaries)
-    _await_verified_publish(states, artifacts, prev_raw.get("artifacts") or {})
-
-    # ---- what to do
-    create: list[dict[str, Any]] = []
-    suspend: list[str] = []
-    resume: list[str] = []
-    release: list[str] = []
-    failed = next((s for s in states if s.state == FAILED), None)
-    current_state = next((s for s in states if s.state != SUCCEEDED), None)
-    owner = k8s.Owner(name, namespace, uid)
-    creating = False
-    if failed is None and current_state is not None:
-        stage = next(s for s in stages if s.name == current_state.name)
-        broken = (invalid or {}).get(stage.name)
-        manifest: dict[str, Any] | None = None
-        if (
-            current_state.view is None
-            and current_state.state == NOT_STARTED
-            and not suspend_wanted
-            and broken is None
-        ):
-            try:
-                manifest = k8s.job_for(
-                    stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name), defaults=defaults
-                )
-            except Exception as exc:  # noqa: BLE001 - a spec the Job cannot be built from: Stalled, not a crash
-                broken = "; ".join(f"{f}: {m}" for f, m in k8s.build_error_fields(exc, stage.name))
-        if broken is not None and current_state.view is None and current_state.state == NOT_STARTED:
-            current_state.state, current_state.reason = PENDING, "JobInvalid"
-            current_state.message = f"cannot create Job {current_state.job_name}: {broken}"
-            if stalled is None:
-                stalled = ("JobInvalid", current_state.message)
-        elif manifest is not None:
-            create.append(manifest)
-            current_state.state, current_state.reason = PENDING, "JobCreated"
-            # The same words observe_job() uses for a Job without pods, so the next pass changes nothing.
-            current_state.message = f"Job {current_state.job_name} has no running pod yet"
-            creating = True
-            refusal = (rejected or {}).get(stage.name)
-            if refusal is not None:
-                quota = "quota" in refusal.lower()
-                current_state.reason = "QuotaExceeded" if quota else "JobRejected"
-                current_state.message = f"the API server refused Job {current_state.job_name}: {refusal}"
-        elif current_state.view is not None and current_state.state not in TERMINAL:
-            view = current_state.view
-            if suspend_wanted and current_state.state != SUSPENDED:
-                suspend.append(view.name)
-                current_state.state, current_state.reason = SUSPENDED, "Suspended"
-                current_state.message = f"Job {view.name} suspended (spec.suspend)"
-            elif (
-                not suspend_wanted
-                and current_state.state == SUSPENDED
-                and view.suspended_by_operator
-                and view.queued
-            ):
-                # Never un-suspend a Kueue Job: whether it may run is Kueue's admission, not ours.
-                release.append(view.name)
-                current_state.state, current_state.reason = PENDING, "Queued"
-                current_state.message = (
-                    f"waiting for Kueue to admit the Job (queue {effective.scheduling.queue_name})"
-                )
-            elif not suspend_wanted and current_state.state == SUSPENDED and view.suspended_by_operator:
-                resume.append(view.name)
-                current_state.state, current_state.reason = PENDING, "Resumed"
-                current_state.message = f"Job {view.name} resumed"
-
-    # ---- quality gate
-    gate_cond = None
-    gate_blocked = False
-    if gate_stage is not None:
-        gate_st = next(s for s in states if s.name == GATE_STAGE)
-        gate_cond = gate_condition(
-            verdict,
-            prev_raw.get("conditions") or [],
-            description=gate_stage.description,
-            stage_state=gate_st.state,
-            stage_message=gate_st.message,
-        )
-        gate_blocked = gate_st.state == FAILED and (
-            gate_cond.reason == GATE_FAILED or gate_st.reason == GATE_FAILED
-        )
-
-    # ---- phase
-    done_count = sum(s.state == SUCCEEDED for s in states)
-    if failed is not None and gate_blocked and failed.name == GATE_STAGE:
-        phase, reason = FAILED, GATE_FAILED
-        package_dir = export_paths(DataPaths.in_pod(name))[2]
-        if verdict is not None:
-            message = gate_failure_message(verdict.message, verdict.student, package_dir)
-        elif prev_reason == GATE_FAILED and prev_message:
-            message = prev_message  # the gate pod is gone; what it said stays
-        else:
-            message = gate_failure_message(
-                gate_cond.message if gate_cond else "quality gate failed", None, package_dir
-            )
-        shown = failed
-    elif failed is not None:
-        phase, reason = FAILED, "StageFailed"
-        message = f"stage {failed.name} failed: {failed.message or failed.reason}"
-        shown = failed
-    elif current_state is None:
-        phase, reason = SUCCEEDED, "Succeeded"
-        message = f"all {len(states)} stages succeeded"
-        shown = states[-1] if states else None
-    elif suspend_wanted:
-        phase, reason = SUSPENDED, "Suspended"
-        message = f"suspended at stage {current_state.name} ({done_count}/{len(states)} stages done)"
-        shown = current_state
-    else:
-        running = current_state.state == RUNNING or done_count > 0
-        phase = RUNNING if running else PENDING
-        reason = current_state.reason or current_state.state
-        message = (
-            f"stage {current_state.name} ({done_count + 1}/{len(states)}): "
-            f"{current_state.message or current_state.state}"
-        )
-        shown = current_state
-
-    # ---- status
-    start_time = prev_raw.get("startTime")
-    if start_time is None and (creating or own_jobs):
-        start_time = rfc3339(now)
-    completion_time = prev_raw.get("completionTime") if prev.phase == phase else None
-    if phase in TERMINAL and completion_time is None:
-        completion_time = rfc3339(now)
-
-    conds = kstatus_conditions(phase, reason, message, stalled, phase == SUSPENDED)
-    for s in states:
-        conds.append(
-            Cond(
-                condition_type(s.name),
-                s.state == SUCCEEDED,
-                s.reason if s.state != NOT_STARTED else NOT_STARTED,
-                s.message or "",
-            )
-        )
-    if gate_cond is not None:
-        conds.append(gate_cond)
-    status: dict[str, Any] = {
-        "phase": phase,
-        "currentStage": shown.name if shown else None,
-        "observedGeneration": generation,
-        "conditions": merge_conditions(prev_raw.get("conditions") or [], conds, now, generation),
-        "stages": {s.name: s.as_status() for s in states if s.state != NOT_STARTED or s.name in prev_stages},
-        "startTime": start_time,
-        "completionTime": completion_time,
-        "reason": stalled[0] if stalled and phase != FAILED else (reason if phase == FAILED else None),
-        "message": stalled[1] if stalled and phase != FAILED else (message if phase == FAILED else None),
-    }
-    if artifacts:
-        status["artifacts"] = {**(prev_raw.get("artifacts") or {}), **artifacts}
-    if metrics:
-        status["metrics"] = {**(prev_raw.get("metrics") or {}), **metrics}
-
-    # ---- events (from transitions only, so a repeated decision emits nothing new)
-    finished: list[tuple[str, str, float]] = []
-    created_now = {m["metadata"]["labels"][k8s.LABEL_STAGE] for m in create}
-    for s in states:
-        before = prev_stages.get(s.name)
-        # A stage's Job exists (created now, or seen although the last status did not know it yet).
-        had_job = before is not None and before.reason not in _NO_JOB_REASONS
-        if s.name in created_now or (s.view is not None and not had_job):
-            events.append(
-                Event(
-                    "Normal",
-                    "StageStarted",
-                    f"created Job {s.job_name} for stage {s.name}",
-                    f"{s.name}:Started",
-                )
-            )
-        before_state = before.state if before else None
-        before_reason = before.reason if before else None
-        if s.state in TERMINAL and before_state != s.state:
-            start, end = parse_time(s.start_time), parse_time(s.completion_time)
-            seconds = (end - start).total_seconds() if start and end else 0.0
-            finished.append((s.name, s.state, seconds))
-            if s.state == SUCCEEDED:
-                events.append(
-                    Event(
-                        "Normal",
-                        "StageSucceeded",
-                        f"stage {s.name} succeeded" + (f" in {format_duration(seconds)}" if seconds else ""),
-                        f"{s.name}:Succeeded",
-                    )
-                )
-            elif not (s.name == GATE_STAGE and gate_blocked):  # a blocking gate has its own event below
-                events.append(
-                    Event(
-                        "Warning",
-                        "StageFailed",
-                        f"stage {s.name}: {s.message or s.reason}",
-                        f"{s.name}:Failed",
-                    )
-                )
-        elif s.state not in TERMINAL and s.reason != before_reason and s.reason in _WARNING_REASONS:
-            events.append(
-                Event("Warning", s.reason, s.message or s.reason, f"{s.name}:{s.reason}:{generation}")
-            )
-    if gate_cond is not None:
-        before_gate = next(
-            (c for c in prev_raw.get("conditions") or [] if c.get("type") == GATE_CONDITION), {}
-        )
-        if gate_cond.reason != before_gate.get("reason"):
-            if gate_cond.reason == GATE_PASSED:
-                events.append(Event("Normal", GATE_PASSED, gate_cond.message, f"gate:{GATE_PASSED}"))
-            elif gate_cond.reason == GATE_NOT_ENFORCED:
-                events.append(
-                    Event(
-                        "Warning",
-                        GATE_NOT_ENFORCED,
-                        gate_cond.message + "; publishing anyway (spec.qualityGate.enforce is false)",
-                        f"gate:{GATE_NOT_ENFORCED}",
-                    )
-                )
-            elif gate_cond.reason == GATE_FAILED:
-                events.append(
-                    Event(
-                        "Warning",
-                        GATE_FAILED,
-                        message if gate_blocked else gate_cond.message,
-                        f"gate:{GATE_FAILED}",
-                    )
-                )
-    if prev.phase != phase:
-        if phase == SUCCEEDED:
-            where = artifacts.get("uri") or (status.get("artifacts") or {}).get("uri")
-            events.append(
-                Event(
-                    "Normal",
-                    "Succeeded",
-                    "DistillationJob succeeded"
-                    + (f"; model published to {redact_uri(where)}" if where else ""),
-                    "job:Succeeded",
-                )
-            )
-        elif phase == SUSPENDED:
-            events.append(Event("Normal", "Suspended", message, f"job:Suspended:{generation}"))
-        elif prev.phase == SUSPENDED:
-            events.append(
-                Event(
-                    "Normal",
-                    "Resumed",
-                    f"resumed at stage {current_state.name if current_state else ''}",
-                    f"job:Resumed:{generation}",
-                )
-            )
-    if stalled is not None and (prev_reason, prev_message) != stalled:
-        events.append(Event("Warning", stalled[0], stalled[1], f"job:{stalled[0]}:{generation}"))
-
-    # ---- accepted spec and TTL
-    new_accepted = None
-    if creating or started:
-        new_accepted = api.spec_to_dict(effective)
-        status["acceptedSpec"] = new_accepted
-        if new_accepted == accepted_raw:
-            new_accepted = None
-    delete, requeue = False, None
-    ttl = effective.ttl_seconds_after_finished
-    if phase in TERMINAL and ttl is not None:
-        finished_at = parse_time(completion_time) or now
-        remaining = (finished_at - now).total_seconds() + ttl
-        if remaining <= 0:
-            delete = True
-        else:
-            requeue = remaining
-
-    identity = k8s.trainer_identity(owner, effective, defaults) if create else ()
+    stages = plan(effective, name=obs.name, paths=DataPaths.in_pod(obs.name))
+    states = observe_stages(stages, obs.name, own_jobs, foreign_jobs, obs.prev_stages, pods)
+    artifacts, metrics, verdict = _results(stages, pods)
+    await_verified_publish(states, artifacts, obs.prev_raw.get("artifacts") or {})
+    owner = k8s.Owner(obs.name, obs.namespace, obs.uid)
+    actions = _act(obs, stages, states, effective, owner, defaults, rejected or {}, invalid or {})
+    stalled = choice.stalled or actions.stalled
+    gate_cond, gate_blocked = gate(stages, states, verdict, obs.prev_raw)
+    phase = job_phase(obs.name, obs.prev_raw, states, effective.suspend, gate_blocked, verdict, gate_cond)
+    accepted = api.spec_to_dict(effective) if actions.creating or started else None
+    results = _result_fields(obs, artifacts, metrics, accepted)
+    status = _status(obs, states, phase, stalled, gate_cond, bool(actions.create or own_jobs), results)
+    events, finished = _events(obs, states, actions, phase, stalled, gate_cond, gate_blocked, status)
+    delete, requeue = _ttl(phase.phase, status.get("completionTime"), effective, now)
     return Decision(
-        identity=identity,
-        create=tuple(create),
-        suspend=tuple(suspend),
-        resume=tuple(resume),
-        release=tuple(release),
+        identity=k8s.trainer_identity(owner, effective, defaults) if actions.create else (),
+        create=tuple(actions.create),
+        suspend=tuple(actions.suspend),
+        resume=tuple(actions.resume),
+        release=tuple(actions.release),
         status=status,
-        status_patch=_status_patch(prev_raw, status),
-        accepted_spec=new_accepted,
+        status_patch=_status_patch(obs.prev_raw, status),
+        accepted_spec=accepted if accepted != obs.prev_raw.get("acceptedSpec") else None,
         events=tuple(events),
         finished_stages=tuple(finished),
         delete=delete,
@@ -654,42 +194,224 @@ def decide(
     )
 
 
-_NO_JOB_REASONS = frozenset(
-    {None, "JobInvalid", "JobRejected", "QuotaExceeded", "WaitingForOldJob", NOT_STARTED}
-)
-
-_WARNING_REASONS = frozenset(
-    {
-        "SecretMissing",
-        "SecretKeyMissing",
-        "JobRejected",
-        "QuotaExceeded",
-        "Unschedulable",
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "InvalidImageName",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-        "CrashLoopBackOff",
-        "OOMKilled",
-        "Evicted",
-        "Preempted",
-        "Disrupted",
-        "WaitingForOldJob",
-    }
-)
+def _result_fields(
+    obs: _Observed, artifacts: Mapping[str, Any], metrics: Mapping[str, Any], accepted: dict[str, Any] | None
+) -> dict[str, Any]:
+    """status.artifacts and .metrics (this pass's on top of the last status's), and .acceptedSpec."""
+    fields: dict[str, Any] = {}
+    if artifacts:
+        fields["artifacts"] = {**(obs.prev_raw.get("artifacts") or {}), **artifacts}
+    if metrics:
+        fields["metrics"] = {**(obs.prev_raw.get("metrics") or {}), **metrics}
+    if accepted is not None:
+        fields["accepted_spec"] = accepted
+    return fields
 
 
-def redact_uri(uri: str) -> str:
-    """A URI fit for status, Events and logs: no query string or fragment (signed URLs, SAS tokens) and no
-    user:password@ part."""
-    import re
+def _events(
+    obs: _Observed,
+    states: Sequence[StageState],
+    actions: _Actions,
+    phase: Phase,
+    stalled: tuple[str, str] | None,
+    gate_cond: Cond | None,
+    gate_blocked: bool,
+    status: Mapping[str, Any],
+) -> tuple[list[Event], list[tuple[str, str, float]]]:
+    """The Events of this pass's transitions (stages, gate, phase, stall), and the stages that finished."""
+    created_now = {m["metadata"]["labels"][k8s.LABEL_STAGE] for m in actions.create}
+    events, finished = stage_events(states, obs.prev_stages, created_now, gate_blocked, obs.generation)
+    events += gate_events(gate_cond, obs.prev_raw.get("conditions") or [], gate_blocked, phase.message)
+    current = next((s for s in states if s.state != SUCCEEDED), None)
+    published = (status.get("artifacts") or {}).get("uri")
+    current_name = current.name if current else None
+    events += phase_events(
+        obs.prev.phase, phase.phase, phase.message, published, current_name, obs.generation
+    )
+    if stalled is not None and (obs.prev_raw.get("reason"), obs.prev_raw.get("message")) != stalled:
+        events.append(Event("Warning", stalled[0], stalled[1], f"job:{stalled[0]}:{obs.generation}"))
+    return events, finished
 
-    uri = re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", uri)
-    for sep in ("?", "#"):
-        if sep in uri:
-            uri = uri.split(sep, 1)[0] + f"{sep}<redacted>"
-    return uri
+
+def _invalid_spec_decision(obs: _Observed, stalled: tuple[str, str] | None) -> Decision:
+    """Never started and invalid: nothing to run, nothing to retry until the spec is fixed."""
+    message = stalled[1] if stalled else "invalid spec"
+    status = build_status(
+        phase=FAILED,
+        current_stage=None,
+        observed_generation=obs.generation,
+        conditions=merge_conditions(
+            obs.prev_raw.get("conditions") or [],
+            kstatus_conditions(FAILED, "InvalidSpec", message, stalled, False),
+            obs.now,
+            obs.generation,
+        ),
+        stages={},
+        start_time=obs.prev_raw.get("startTime"),
+        completion_time=None,
+        reason="InvalidSpec",
+        message=message,
+    )
+    events: tuple[Event, ...] = ()
+    if (obs.prev_raw.get("reason"), obs.prev_raw.get("message")) != ("InvalidSpec", message):
+        events = (Event("Warning", "InvalidSpec", message, f"job:InvalidSpec:{obs.generation}"),)
+    return Decision(status=status, status_patch=_status_patch(obs.prev_raw, status), events=events)
+
+
+def _results(
+    stages: Sequence[Stage], pods: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> tuple[dict[str, Any], dict[str, Any], GateVerdict | None]:
+    """Artifacts and metrics from the termination messages of succeeded pods, and the gate's verdict. The
+    quality gate's figures count whatever its verdict: a blocked student's figures say why."""
+    summaries = [
+        pod_summary(pod)
+        for s in stages
+        for pod in pods.get(s.name, ())
+        if (pod.get("status") or {}).get("phase") == "Succeeded"
+    ]
+    has_gate = any(s.name == GATE_STAGE for s in stages)
+    gate_seen = newest_gate_summary(pods.get(GATE_STAGE, ())) if has_gate else None
+    if gate_seen:
+        summaries.append({"metrics": gate_seen[0].get("metrics")})
+    artifacts, metrics = results_from_summaries(summaries)
+    return artifacts, metrics, gate_seen[1] if gate_seen else None
+
+
+def _act(
+    obs: _Observed,
+    stages: Sequence[Stage],
+    states: Sequence[StageState],
+    effective: api.DistillationJobSpec,
+    owner: k8s.Owner,
+    defaults: k8s.Defaults,
+    rejected: Mapping[str, str],
+    invalid: Mapping[str, str],
+) -> _Actions:
+    """Create the current stage's Job (unless a stage failed), or suspend / resume / release it."""
+    actions = _Actions()
+    current = next((s for s in states if s.state != SUCCEEDED), None)
+    if any(s.state == FAILED for s in states) or current is None:
+        return actions
+    stage = next(s for s in stages if s.name == current.name)
+    if current.view is None and current.state == NOT_STARTED:
+        _create(actions, current, stage, obs.name, effective, owner, defaults, rejected, invalid)
+    elif current.view is not None and current.state not in TERMINAL:
+        _suspend_or_resume(actions, current, effective)
+    return actions
+
+
+def _create(
+    actions: _Actions,
+    current: StageState,
+    stage: Stage,
+    name: str,
+    effective: api.DistillationJobSpec,
+    owner: k8s.Owner,
+    defaults: k8s.Defaults,
+    rejected: Mapping[str, str],
+    invalid: Mapping[str, str],
+) -> None:
+    """The stage's Job manifest; JobInvalid (Stalled) when it cannot be built; nothing while suspended."""
+    broken = invalid.get(stage.name)
+    if not effective.suspend and broken is None:
+        try:
+            manifest = k8s.job_for(
+                stage, owner=owner, spec=effective, paths=DataPaths.in_pod(name), defaults=defaults
+            )
+        except Exception as exc:  # noqa: BLE001 - a spec the Job cannot be built from: Stalled, not a crash
+            broken = "; ".join(f"{f}: {m}" for f, m in build_error_fields(exc, stage.name))
+        else:
+            actions.create.append(manifest)
+            current.state, current.reason = PENDING, "JobCreated"
+            # The same words observe_job() uses for a Job without pods, so the next pass changes nothing.
+            current.message = f"Job {current.job_name} has no running pod yet"
+            refusal = rejected.get(stage.name)
+            if refusal is not None:
+                current.reason = "QuotaExceeded" if "quota" in refusal.lower() else "JobRejected"
+                current.message = f"the API server refused Job {current.job_name}: {refusal}"
+            return
+    if broken is not None:
+        current.state, current.reason = PENDING, "JobInvalid"
+        current.message = f"cannot create Job {current.job_name}: {broken}"
+        actions.stalled = ("JobInvalid", current.message)
+
+
+def _suspend_or_resume(actions: _Actions, current: StageState, effective: api.DistillationJobSpec) -> None:
+    """spec.suspend on a running Job suspends it; off again, the operator's own suspension is undone."""
+    view = current.view
+    assert view is not None
+    if effective.suspend:
+        if current.state != SUSPENDED:
+            actions.suspend.append(view.name)
+            current.state, current.reason = SUSPENDED, "Suspended"
+            current.message = f"Job {view.name} suspended (spec.suspend)"
+    elif current.state == SUSPENDED and view.suspended_by_operator and view.queued:
+        # Never un-suspend a Kueue Job: whether it may run is Kueue's admission, not ours.
+        actions.release.append(view.name)
+        current.state, current.reason = PENDING, "Queued"
+        current.message = f"waiting for Kueue to admit the Job (queue {effective.scheduling.queue_name})"
+    elif current.state == SUSPENDED and view.suspended_by_operator:
+        actions.resume.append(view.name)
+        current.state, current.reason = PENDING, "Resumed"
+        current.message = f"Job {view.name} resumed"
+
+
+def _status(
+    obs: _Observed,
+    states: Sequence[StageState],
+    phase: Phase,
+    stalled: tuple[str, str] | None,
+    gate_cond: Cond | None,
+    has_job: bool,
+    results: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The operator-owned status fields; `results`: artifacts, metrics and accepted_spec, when known."""
+    start_time = obs.prev_raw.get("startTime")
+    if start_time is None and has_job:
+        start_time = rfc3339(obs.now)
+    completion_time = obs.prev_raw.get("completionTime") if obs.prev.phase == phase.phase else None
+    if phase.phase in TERMINAL and completion_time is None:
+        completion_time = rfc3339(obs.now)
+    conds = kstatus_conditions(phase.phase, phase.reason, phase.message, stalled, phase.phase == SUSPENDED)
+    for s in states:
+        reason = s.reason if s.state != NOT_STARTED else NOT_STARTED
+        conds.append(Cond(condition_type(s.name), s.state == SUCCEEDED, reason, s.message or ""))
+    if gate_cond is not None:
+        conds.append(gate_cond)
+    failed = phase.phase == FAILED
+    prev_stages = obs.prev_stages
+    return build_status(
+        phase=phase.phase,
+        current_stage=phase.shown.name if phase.shown else None,
+        observed_generation=obs.generation,
+        conditions=merge_conditions(obs.prev_raw.get("conditions") or [], conds, obs.now, obs.generation),
+        stages={s.name: s.as_status() for s in states if s.state != NOT_STARTED or s.name in prev_stages},
+        start_time=start_time,
+        completion_time=completion_time,
+        reason=stalled[0] if stalled and not failed else (phase.reason if failed else None),
+        message=stalled[1] if stalled and not failed else (phase.message if failed else None),
+        **results,
+    )
+
+
+def _ttl(
+    phase: str, completion_time: str | None, effective: api.DistillationJobSpec, now: datetime
+) -> tuple[bool, float | None]:
+    """(delete now, look again in seconds): ttlSecondsAfterFinished counts from the completion time."""
+    ttl = effective.ttl_seconds_after_finished
+    if phase not in TERMINAL or ttl is None:
+        return False, None
+    remaining = ((parse_time(completion_time) or now) - now).total_seconds() + ttl
+    return (True, None) if remaining <= 0 else (False, remaining)
+
+
+def _compact(value: Any) -> Any:
+    """Drop None values recursively: they mean 'absent' in a merge patch and in stored objects."""
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    return value
 
 
 def _status_patch(prev: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -708,7 +430,3 @@ def _status_patch(prev: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
         if not unchanged:
             patch[key] = value
     return {"status": patch} if patch else None
-
-
-def stage_names(stages: Sequence[Stage]) -> list[str]:
-    return [s.name for s in stages]

@@ -9,8 +9,7 @@ functions fold all of it into one state, reason and message per stage, and into 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,17 +18,6 @@ PENDING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Pending", "Running", "Suspende
 TERMINAL = (SUCCEEDED, FAILED)
 ANNOTATION_SUSPENDED_BY_OPERATOR = "distillation.nnunet.io/suspended-by-operator"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-
-# Waiting reasons that mean "this pod will not start by itself".
-_WAITING_PROBLEMS = {
-    "ImagePullBackOff": "the trainer image cannot be pulled; check spec.image and spec.imagePullSecrets",
-    "ErrImagePull": "the trainer image cannot be pulled; check spec.image and spec.imagePullSecrets",
-    "InvalidImageName": "spec.image is not a valid image reference",
-    "CreateContainerConfigError": "the container cannot be configured (a missing Secret or key in "
-    "spec.output.secretRef?)",
-    "CreateContainerError": "the container cannot be created",
-    "CrashLoopBackOff": "the container keeps crashing",
-}
 
 
 def rfc3339(t: datetime) -> str:
@@ -65,216 +53,49 @@ class JobView:
 
 
 def observe_job(job: Mapping[str, Any]) -> JobView:
+    """A stage Job's state: Complete, Failed, suspended (by us, or queued for Kueue), running, or starting."""
     meta = job.get("metadata") or {}
-    spec = job.get("spec") or {}
     status = job.get("status") or {}
     name = meta.get("name", "")
     true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
     by_operator = (meta.get("annotations") or {}).get(ANNOTATION_SUSPENDED_BY_OPERATOR) == "true"
     queued = KUEUE_QUEUE_LABEL in (meta.get("labels") or {})
     start = status.get("startTime")
-    completions = spec.get("completions") or 1
+
+    def view(state: str, reason: str, message: str | None, completion: str | None = None) -> JobView:
+        return JobView(name, state, reason, message, start, completion, by_operator, queued)
+
     if "Complete" in true:
-        c = true["Complete"]
-        return JobView(
-            name,
-            SUCCEEDED,
-            "Succeeded",
-            None,
-            start,
-            status.get("completionTime") or c.get("lastTransitionTime"),
-            by_operator,
-            queued,
-        )
+        done = status.get("completionTime") or true["Complete"].get("lastTransitionTime")
+        return view(SUCCEEDED, "Succeeded", None, done)
     for kind in ("Failed", "FailureTarget"):
         if kind in true:
             c = true[kind]
-            return JobView(
-                name,
-                FAILED,
-                c.get("reason") or "Failed",
-                c.get("message"),
-                start,
-                c.get("lastTransitionTime"),
-                by_operator,
-                queued,
-            )
-    if spec.get("suspend"):
+            return view(FAILED, c.get("reason") or "Failed", c.get("message"), c.get("lastTransitionTime"))
+    if (job.get("spec") or {}).get("suspend"):
         if queued and not by_operator:
-            return JobView(
-                name,
-                PENDING,
-                "Queued",
-                f"waiting for Kueue to admit the Job "
-                f"(queue {(meta.get('labels') or {}).get(KUEUE_QUEUE_LABEL)})",
-                start,
-                None,
-                by_operator,
-                queued,
-            )
-        return JobView(name, SUSPENDED, "Suspended", None, start, None, by_operator, queued)
+            queue = (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+            return view(PENDING, "Queued", f"waiting for Kueue to admit the Job (queue {queue})")
+        return view(SUSPENDED, "Suspended", None)
+    return _running_or_starting(view, name, job.get("spec") or {}, status)
+
+
+def _running_or_starting(
+    view: Callable[[str, str, str | None], JobView],
+    name: str,
+    spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+) -> JobView:
+    completions = spec.get("completions") or 1
     active = status.get("active") or 0
     ready = status.get("ready")
     succeeded = status.get("succeeded") or 0
     progress = f" ({succeeded}/{completions} pods done)" if completions > 1 else ""
     if active and (ready is None or ready > 0):
-        return JobView(
-            name, RUNNING, "Running", f"Job {name} is running{progress}", start, None, by_operator, queued
-        )
+        return view(RUNNING, "Running", f"Job {name} is running{progress}")
     if active:
-        return JobView(
-            name,
-            PENDING,
-            "PodsStarting",
-            f"pods of Job {name} are starting{progress}",
-            start,
-            None,
-            by_operator,
-            queued,
-        )
-    return JobView(
-        name,
-        PENDING,
-        "JobCreated",
-        f"Job {name} has no running pod yet{progress}",
-        start,
-        None,
-        by_operator,
-        queued,
-    )
-
-
-@dataclass(frozen=True)
-class PodIssue:
-    """Why a stage's pod is not running or failed, in the user's terms."""
-
-    reason: str
-    message: str
-    pod: str
-
-
-def _memory_limit(pod: Mapping[str, Any], container: str) -> str | None:
-    for c in (pod.get("spec") or {}).get("containers", []) + (pod.get("spec") or {}).get(
-        "initContainers", []
-    ):
-        if c.get("name") == container:
-            return ((c.get("resources") or {}).get("limits") or {}).get("memory")
-    return None
-
-
-def _container_statuses(status: Mapping[str, Any]) -> Iterable[Mapping[str, Any]]:
-    yield from status.get("initContainerStatuses") or ()
-    yield from status.get("containerStatuses") or ()
-
-
-def pod_issue(pod: Mapping[str, Any], stage: str | None = None) -> PodIssue | None:
-    """The first thing a user must know about a pod that is stuck or failed; None when it is fine."""
-    meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    name = meta.get("name", "")
-    where = f"spec.resources.{stage}" if stage else "spec.resources"
-    if status.get("reason") == "Evicted":
-        return PodIssue(
-            "Evicted", f"pod {name} was evicted: {status.get('message') or 'node pressure'}", name
-        )
-    for cond in status.get("conditions") or ():
-        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
-            reason = cond.get("reason") or "Disrupted"
-            label = "Preempted" if "Preemption" in reason else "Disrupted"
-            return PodIssue(
-                label,
-                f"pod {name} was stopped by the cluster ({reason}): {cond.get('message') or ''}".rstrip(": "),
-                name,
-            )
-    for cs in _container_statuses(status):
-        for state_key in ("state", "lastState"):
-            term = (cs.get(state_key) or {}).get("terminated") or {}
-            if term.get("reason") == "OOMKilled":
-                limit = _memory_limit(pod, cs.get("name", ""))
-                return PodIssue(
-                    "OOMKilled",
-                    f"container {cs.get('name')} of pod {name} ran out of memory"
-                    + (f" (limit {limit})" if limit else "")
-                    + f"; raise {where}.memory",
-                    name,
-                )
-    phase = status.get("phase")
-    if phase == "Pending":
-        for cond in status.get("conditions") or ():
-            if (
-                cond.get("type") == "PodScheduled"
-                and cond.get("status") == "False"
-                and cond.get("reason") == "Unschedulable"
-            ):
-                return PodIssue(
-                    "Unschedulable", cond.get("message") or f"pod {name} cannot be scheduled", name
-                )
-        for cs in _container_statuses(status):
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            reason = waiting.get("reason")
-            secret = (
-                _missing_secret(waiting.get("message") or "")
-                if reason == "CreateContainerConfigError"
-                else None
-            )
-            if secret is not None:
-                return PodIssue(secret[0], secret[1], name)
-            if reason in _WAITING_PROBLEMS:
-                detail = waiting.get("message") or ""
-                return PodIssue(reason, f"{_WAITING_PROBLEMS[reason]}: {detail}".rstrip(": "), name)
-    if phase == "Failed":
-        for cs in _container_statuses(status):
-            term = (cs.get("state") or {}).get("terminated") or {}
-            code = term.get("exitCode")
-            if code not in (None, 0):
-                summary = parse_summary(term.get("message"))
-                err = summary.get("error") if isinstance(summary.get("error"), dict) else {}
-                if err.get("message"):
-                    text = f"{err.get('reason') or 'Error'}: {err['message']}"
-                else:
-                    text = _last_lines(term.get("message"))
-                # The stage's own reason (InvalidCredentials, BucketNotFound, TeacherUnavailable ...) is what a
-                # user acts on, so it becomes the condition's reason when it is a valid one.
-                reason = err.get("reason")
-                reason = reason if isinstance(reason, str) and _REASON.fullmatch(reason) else "Error"
-                return PodIssue(
-                    reason,
-                    f"container {cs.get('name')} of pod {name} exited with code {code}"
-                    + (f": {text}" if text else ""),
-                    name,
-                )
-    return None
-
-
-def _missing_secret(kubelet_message: str) -> tuple[str, str] | None:
-    """(reason, message) when the kubelet could not find the credentials Secret or one of its keys. The kubelet
-    names the Secret and the key, never a value."""
-    m = re.search(r'secret "([^"]+)" not found', kubelet_message)
-    if m:
-        why = (
-            f"spec.output.secretRef.name: Secret {m.group(1)!r} does not exist in the job's namespace; create "
-            "it with the storage credentials (see the README's credentials section)"
-        )
-        return ("SecretMissing", why)
-    m = re.search(r"couldn't find key (\S+) in Secret (\S+)", kubelet_message)
-    if m:
-        why = (
-            f"spec.output.secretRef: Secret {m.group(2).split('/')[-1]!r} has no key {m.group(1)}, which "
-            "publishing to this URI scheme requires"
-        )
-        return ("SecretKeyMissing", why)
-    return None
-
-
-_REASON = re.compile(r"[A-Z][A-Za-z0-9]{0,62}")  # metav1.Condition reasons are CamelCase
-
-
-def _last_lines(text: str | None, n: int = 3, limit: int = 400) -> str:
-    if not text:
-        return ""
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    out = " | ".join(lines[-n:])
-    return out[-limit:]
+        return view(PENDING, "PodsStarting", f"pods of Job {name} are starting{progress}")
+    return view(PENDING, "JobCreated", f"Job {name} has no running pod yet{progress}")
 
 
 # ---------------------------------------------------------------------------------- termination summary
@@ -351,7 +172,8 @@ GATE_NOT_ENFORCED = "QualityGateNotEnforced"
 GATE_NOT_EVALUATED = "NotEvaluated"
 GATE_VERDICT_UNAVAILABLE = "VerdictUnavailable"
 GATE_VERDICTS = (GATE_PASSED, GATE_FAILED, GATE_NOT_ENFORCED)
-# Exit code of `nnunet-distill gate` when the student fails an enforced gate (nnunet_distill.gate.EXIT_GATE_FAILED).
+# Exit code of `nnunet-distill gate` when the student fails an enforced gate
+# (nnunet_distill.gate.EXIT_GATE_FAILED).
 EXIT_CODE_GATE_FAILED = 3
 
 
@@ -422,8 +244,8 @@ def gate_condition(
     stage_state: str | None = None,
     stage_message: str | None = None,
 ) -> Cond:
-    """The QualityGate condition: True/QualityGatePassed, False/QualityGateFailed or QualityGateNotEnforced with
-    the verdict's figures and cases, or Unknown/NotEvaluated before the gate reached a verdict.
+    """The QualityGate condition: True/QualityGatePassed, False/QualityGateFailed or QualityGateNotEnforced
+    with the verdict's figures and cases, or Unknown/NotEvaluated before the gate reached a verdict.
 
     Without a verdict in view (the gate pod is gone), an earlier verdict in `previous` stands.
     """

@@ -32,8 +32,8 @@ def dj(
 
 
 def chart_operator_grants(values: dict[str, Any] | None = None) -> set[tuple[str, str, str]]:
-    """(group, resource, verb) the Helm chart grants the operator's ServiceAccount (cluster-wide mode by default),
-    rendered with the real chart through the Helm SDK."""
+    """(group, resource, verb) the Helm chart grants the operator's ServiceAccount (cluster-wide mode by
+    default), rendered with the real chart through the Helm SDK."""
     from tests.ship.conftest import CHART, NAMESPACE, RELEASE, load_all_strict
 
     key = repr(sorted((values or {}).items()))

@@ -150,56 +150,9 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
         dependents_of: str | None = None
         if request.resource is not None and isinstance(request.data, (dict, list)):
             if request.action == kmock.action.CREATE and isinstance(request.data, dict):
-                meta = request.data.setdefault("metadata", {})
-                if not meta.get("name") and meta.get("generateName"):
-                    meta["name"] = meta["generateName"] + secrets.token_hex(3)
-                self.creations[
-                    (request.resource.plural, request.namespace or meta.get("namespace"), meta["name"])
-                ] += 1
-                if request.namespace and not meta.get("namespace"):
-                    meta["namespace"] = request.namespace
-                meta["uid"] = str(uuid.uuid4())
-                meta["creationTimestamp"] = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
-                meta["resourceVersion"] = str(next(_rv))
-                meta["generation"] = 1
-                if self._has_status_subresource(request.resource):
-                    request.data.pop("status", None)
+                self._on_create(request)
             elif request.action == kmock.action.UPDATE:
-                stored = self._stored(request)
-                rv = str(next(_rv))
-                if isinstance(request.data, dict):
-                    meta = request.data.get("metadata") or {}
-                    if (
-                        stored is not None
-                        and meta.get("uid")
-                        and meta["uid"] != stored["metadata"].get("uid")
-                    ):
-                        raise KubernetesObjectConflictError(
-                            message="Precondition failed: UID in precondition does not match the object"
-                        )
-                    if self._has_status_subresource(request.resource):
-                        if request.subresource == "status":
-                            for k in [k for k in request.data if k != "status"]:
-                                if k != "metadata":
-                                    del request.data[k]
-                            request.data.pop("metadata", None)
-                        else:
-                            request.data.pop("status", None)
-                    if stored is not None and "spec" in request.data and request.subresource is None:
-                        merged = kmock_dicts.patch_dict(copy.deepcopy(stored), {"spec": request.data["spec"]})
-                        if merged.get("spec") != stored.get("spec"):
-                            gen = int(stored["metadata"].get("generation") or 1) + 1
-                            request.data.setdefault("metadata", {})["generation"] = gen
-                    request.data.setdefault("metadata", {})["resourceVersion"] = rv
-                else:  # JSON patch
-                    if self._has_status_subresource(request.resource):
-                        want_status = request.subresource == "status"
-                        request.data[:] = [
-                            op
-                            for op in request.data
-                            if str(op.get("path", "")).startswith("/status") == want_status
-                        ]
-                    request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
+                self._on_update(request)
         if request.resource is not None and request.action == kmock.action.DELETE and request.name:
             stored = self._stored(request)
             if stored is not None:
@@ -208,6 +161,57 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
         if dependents_of:
             await self._collect_garbage(dependents_of)
         return response
+
+    def _on_create(self, request: Any) -> None:
+        """Server-set metadata (name from generateName, uid, creationTimestamp, resourceVersion, generation);
+        a status subresource's status is not written by a create."""
+        meta = request.data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + secrets.token_hex(3)
+        self.creations[
+            (request.resource.plural, request.namespace or meta.get("namespace"), meta["name"])
+        ] += 1
+        if request.namespace and not meta.get("namespace"):
+            meta["namespace"] = request.namespace
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta["resourceVersion"] = str(next(_rv))
+        meta["generation"] = 1
+        if self._has_status_subresource(request.resource):
+            request.data.pop("status", None)
+
+    def _on_update(self, request: Any) -> None:
+        """A new resourceVersion; the uid precondition; status and the main resource written apart; a new
+        generation when spec changes."""
+        rv = str(next(_rv))
+        if not isinstance(request.data, dict):  # JSON patch
+            if self._has_status_subresource(request.resource):
+                want_status = request.subresource == "status"
+                request.data[:] = [
+                    op for op in request.data if str(op.get("path", "")).startswith("/status") == want_status
+                ]
+            request.data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
+            return
+        stored = self._stored(request)
+        meta = request.data.get("metadata") or {}
+        if stored is not None and meta.get("uid") and meta["uid"] != stored["metadata"].get("uid"):
+            raise KubernetesObjectConflictError(
+                message="Precondition failed: UID in precondition does not match the object"
+            )
+        if self._has_status_subresource(request.resource):
+            if request.subresource == "status":
+                for k in [k for k in request.data if k != "status"]:
+                    if k != "metadata":
+                        del request.data[k]
+                request.data.pop("metadata", None)
+            else:
+                request.data.pop("status", None)
+        if stored is not None and "spec" in request.data and request.subresource is None:
+            merged = kmock_dicts.patch_dict(copy.deepcopy(stored), {"spec": request.data["spec"]})
+            if merged.get("spec") != stored.get("spec"):
+                gen = int(stored["metadata"].get("generation") or 1) + 1
+                request.data.setdefault("metadata", {})["generation"] = gen
+        request.data.setdefault("metadata", {})["resourceVersion"] = rv
 
     async def _collect_garbage(self, owner_uid: str) -> None:
         """Delete (recursively) every object owned by `owner_uid`, emitting DELETED watch events."""

@@ -617,7 +617,8 @@ def test_status_parsing_tolerates_unknown_and_malformed_fields() -> None:
     ],
 )
 def test_output_errors_state_the_rule_and_never_echo_the_value(uri: str) -> None:
-    """Issue 12 (5): a key pasted into the bucket name, or a signed URL, must not reach status, Events, logs."""
+    """Issue 12 (5): a key pasted into the bucket name, or a signed URL, must not reach status, Events,
+    logs."""
     with pytest.raises(api.InvalidSpec) as info:
         api.parse_spec(_set(BASE, "output", {"uri": uri}))
     text = str(info.value)

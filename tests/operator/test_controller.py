@@ -33,8 +33,8 @@ COMPLETE = {
 }
 
 
-def status(kmock: Any, name: str) -> dict[str, Any]:
-    return get(kmock, dj_key(kmock, name)).get("status") or {}
+def status(kmock: Any, name: str, namespace: str = "default") -> dict[str, Any]:
+    return get(kmock, dj_key(kmock, name, namespace)).get("status") or {}
 
 
 def cond(kmock: Any, name: str, type_: str) -> dict[str, Any]:
@@ -130,8 +130,8 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(
             "passed": True,
             "enforced": True,
             "reason": "QualityGatePassed",
-            "message": "quality gate passed: retention 0.991 >= 0.970, worst label lesion 0.962 >= 0.900; evaluated on "
-            "test_set: 6 cases (imagesTs), teacher folds 0 1 2",
+            "message": "quality gate passed: retention 0.991 >= 0.970, worst label lesion 0.962 >= 0.900; "
+            "evaluated on test_set: 6 cases (imagesTs), teacher folds 0 1 2",
         },
         "metrics": {
             "finalDice": 0.91,
@@ -328,7 +328,7 @@ async def test_pod_causes_and_failure_reach_conditions_and_events(
     await wait_for(
         lambda: "StageFailed" in [r for _, r, _ in events(kmock, "kidney")], what="StageFailed event"
     )
-    await asyncio.sleep(0.3)
+    await handled_a_later_change(clients, kmock, "kidney")
     assert not exists(kmock, job_key(kmock, "kidney-export"))  # nothing runs after a failure
 
 
@@ -375,8 +375,7 @@ async def test_killed_and_restarted_operator_continues_without_duplicate_jobs(
 
     # While the operator is down the Job finishes.
     await clients.patch_job_status("colon-preprocess", COMPLETE)
-    await asyncio.sleep(0.2)
-    assert not exists(kmock, job_key(kmock, "colon-distill"))
+    assert not exists(kmock, job_key(kmock, "colon-distill"))  # no operator runs that could create it
 
     second = await OperatorRunner(operator_config).start()
     try:
@@ -387,7 +386,7 @@ async def test_killed_and_restarted_operator_continues_without_duplicate_jobs(
         st = status(kmock, "colon")
         assert st["stages"]["preprocess"]["state"] == "Succeeded"
         assert st["startTime"]  # kept from the first run
-        await asyncio.sleep(0.3)
+        await handled_a_later_change(clients, kmock, "colon")
         creations = job_creations(kmock)
         assert sorted(creations) == ["colon-distill", "colon-preprocess"], creations  # each POSTed once
         reasons = [r for _, r, _ in events(kmock, "colon")]
@@ -404,7 +403,7 @@ async def test_invalid_spec_stalls_without_jobs_until_fixed(
     st = status(kmock, "bad")
     assert st["phase"] == "Failed" and "spec.distillation.alpha" in st["message"]
     assert cond(kmock, "bad", "Stalled")["status"] == "True"
-    await asyncio.sleep(0.3)
+    await handled_a_later_change(clients, kmock, "bad")
     assert not any(n.startswith("bad-") for n in job_creations(kmock))
     assert [r for _, r, _ in events(kmock, "bad")].count("InvalidSpec") == 1  # reported, not retried
 
@@ -415,7 +414,7 @@ async def test_invalid_spec_stalls_without_jobs_until_fixed(
     await clients.patch_dj("bad", {"spec": {"teachers": {"folds": [0, 1]}}})
     await job_appears(kmock, "bad-preprocess")
     await wait_for(lambda: cond(kmock, "bad", "Stalled").get("status") == "False", what="not stalled")
-    assert status(kmock, "bad")["observedGeneration"] == 3
+    assert status(kmock, "bad")["observedGeneration"] == 4  # 3 spec changes (one by handled_a_later_change)
 
 
 async def test_unsafe_spec_change_after_start_is_reported_and_ignored(
@@ -493,7 +492,10 @@ async def test_namespaced_mode_watches_only_its_namespaces(
         await wait_for(
             lambda: exists(kmock, job_key(kmock, "inside-distill", "ml")), what="Job in the watched namespace"
         )
-        await asyncio.sleep(0.3)
+        # A DistillationJob created later in the watched namespace gets its Job: the operator has handled
+        # the events after "outside" was created, and never acted on it.
+        await clients.create_dj(dj("later", namespace="ml", preprocess={"mode": "Never"}), namespace="ml")
+        await wait_for(lambda: exists(kmock, job_key(kmock, "later-distill", "ml")), what="a later Job")
         assert not exists(kmock, job_key(kmock, "outside-distill"))
         # Issue 12 (8): with listed namespaces the operator makes no cluster-scoped call, and the chart's
         # watchNamespaces mode (Roles only) grants every call it makes.
@@ -814,11 +816,12 @@ async def test_events_are_posted_at_least_once_across_failures_and_restarts(
     one posted just before a failed status write is not duplicated (deterministic names: uid + transition)."""
     from kmock import KubernetesError
 
-    blocked = {"events": True, "status": 0}
+    blocked = {"events": True, "status": 0, "refused_events": 0}
 
     def admission(request: Any) -> Any:
         post = str(request.method).upper().endswith("POST")
         if request.resource.plural == "events" and post and blocked["events"]:
+            blocked["refused_events"] += 1
             return KubernetesError(status=503, reason="ServiceUnavailable", message="events are down")
         if (
             request.resource.plural == "distillationjobs"
@@ -835,7 +838,8 @@ async def test_events_are_posted_at_least_once_across_failures_and_restarts(
     first = await OperatorRunner(operator_config).start()
     await clients.create_dj(dj("ev", preprocess={"mode": "Never"}))
     await job_appears(kmock, "ev-distill")
-    await asyncio.sleep(0.2)
+    # A second refused Event is the retry's: the first pass, whose Event was refused, has ended.
+    await wait_for(lambda: blocked["refused_events"] >= 2, what="the Event's retry")
     assert "stages" not in status(kmock, "ev")  # the transition is not recorded before its Event
     await first.kill()
 
@@ -869,6 +873,18 @@ async def test_events_are_posted_at_least_once_across_failures_and_restarts(
         assert creations_of_jobs_are_unique(kmock)
     finally:
         await second.stop()
+
+
+async def handled_a_later_change(clients: Clients, kmock: Any, name: str, namespace: str = "default") -> None:
+    """Change a field that only shapes Jobs not created yet (spec.backoffLimit: a new generation) and wait
+    until the status reports that generation: the operator has reconciled a state newer than everything
+    before the call, so what it has not done by now, it did not do in response to any of it."""
+    generation = get(kmock, dj_key(kmock, name, namespace))["metadata"]["generation"]
+    await clients.patch_dj(name, {"spec": {"backoffLimit": 7}}, namespace)
+    await wait_for(
+        lambda: (status(kmock, name, namespace).get("observedGeneration") or 0) > generation,
+        what=f"the operator to handle generation {generation + 1} of {name}",
+    )
 
 
 def creations_of_jobs_are_unique(kmock: Any) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from nnunet_distill_operator import api, k8s, plan
+from nnunet_distill_operator import api, job_errors, k8s, plan
 
 OWNER = k8s.Owner("liver", "ml", "0b5e5a0e-1111-2222-3333-444455556666")
 
@@ -265,8 +265,8 @@ def test_manifests_carry_no_secret_values() -> None:
 
 
 def test_containers_keep_the_images_entrypoint() -> None:
-    """Stage argv goes to `args`: the trainer image's ENTRYPOINT (tini) stays PID 1, so the kubelet's SIGTERM reaches
-    the trainer (which checkpoints on it) and data-loader workers are reaped."""
+    """Stage argv goes to `args`: the trainer image's ENTRYPOINT (tini) stays PID 1, so the kubelet's SIGTERM
+    reaches the trainer (which checkpoints on it) and data-loader workers are reaped."""
     for job in _jobs(**FULL).values():
         pod = job["spec"]["template"]["spec"]
         for c in pod["containers"] + pod.get("initContainers", []):
@@ -274,8 +274,6 @@ def test_containers_keep_the_images_entrypoint() -> None:
 
 
 def test_job_fields_map_back_to_the_spec_fields_they_come_from() -> None:
-    from nnunet_distill_operator import k8s as k
-
     cases = {
         "spec.template.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution": (
             "spec.scheduling.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
@@ -291,13 +289,12 @@ def test_job_fields_map_back_to_the_spec_fields_they_come_from() -> None:
         "spec.completions": "spec",
     }
     for job_path, spec_path in cases.items():
-        assert k.spec_field_for(job_path, "distill") == spec_path, job_path
+        assert job_errors.spec_field_for(job_path, "distill") == spec_path, job_path
 
 
 def test_a_client_side_refusal_of_a_job_names_the_spec_field() -> None:
     """The kubernetes client validates bodies with its pydantic models; its error names Job fields."""
     from kubernetes.client import V1Job
-    from nnunet_distill_operator import k8s as k
     from pydantic import ValidationError
 
     body = {
@@ -315,7 +312,7 @@ def test_a_client_side_refusal_of_a_job_names_the_spec_field() -> None:
     }
     with pytest.raises(ValidationError) as info:
         V1Job.model_validate(body)
-    fields = k.build_error_fields(info.value, "distill")
+    fields = job_errors.build_error_fields(info.value, "distill")
     assert fields[0][0] == "spec.scheduling.affinity.nodeAffinity", fields
 
 
@@ -344,8 +341,8 @@ def test_stage_jobs_carry_ttl_recommended_labels_and_a_uid_selector() -> None:
 
 
 def test_teacher_folds_retry_per_index_with_a_scaled_total_for_older_clusters() -> None:
-    """Issue 12 (7): one bad fold no longer burns the others' retries (backoffLimitPerIndex, Kubernetes >= 1.29);
-    an older API server drops that field and keeps backoffLimit, scaled by the number of folds."""
+    """Issue 12 (7): one bad fold no longer burns the others' retries (backoffLimitPerIndex, Kubernetes >=
+    1.29); an older API server drops that field and keeps backoffLimit, scaled by the number of folds."""
     teachers = _jobs(teachers={"train": True, "folds": [0, 1, 2]}, backoffLimit=2)["teachers"]
     spec = teachers["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == 3

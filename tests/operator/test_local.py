@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
-from datetime import UTC, datetime
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from nnunet_distill_operator import local
+from nnunet_distill_operator import local, local_progress
 from nnunet_distill_operator.plan import Command, DataPaths, Stage, StageResources
 
 RES = StageResources(0, "1", "1Gi", 0)
@@ -42,14 +43,21 @@ def runner(tmp_path: Path, out: io.StringIO) -> local.LocalRunner:
     )
 
 
-NNUNET_EPOCHS = r"""
-import sys
+# A trainer as nnunet_distill.trainer writes its progress: progress.json in its output folder, replaced
+# atomically after every epoch, next to its console output.
+TRAINER_EPOCHS = r"""
+import json, os, pathlib, sys
+fold = pathlib.Path(os.environ["nnUNet_results"]) / "Dataset027_Liver" / "T__P__3d_fullres" / "fold_0"
+fold.mkdir(parents=True, exist_ok=True)
 for e in range(3):
     print(f"2026-03-01 10:00:0{e}.000000: Epoch {e}")
-    print(f"2026-03-01 10:00:0{e}.100000: train_loss -0.{e + 1}")
-    print(f"2026-03-01 10:00:0{e}.150000: train_loss_kd 0.0{e + 1} (T^2-scaled KL), train_loss_hard 0.5")
-    print(f"2026-03-01 10:00:0{e}.200000: Pseudo dice [np.float32(0.{e + 5}), np.float32(0.{e + 6})]")
-    print(f"2026-03-01 10:00:0{e}.300000: Epoch time: 2.0 s")
+    progress = {"epoch": e + 1, "totalEpochs": 10, "trainLoss": [-0.1, -0.2, -0.3][e],
+                "kdLoss": [0.01, 0.02, 0.03][e], "hardLoss": 0.5, "valLoss": None,
+                "pseudoDice": [0.55, 0.65, 0.75][e], "epochSeconds": 2.0, "lastEpochSeconds": 2.0,
+                "etaSeconds": [14.4, 12.4, 10.4][e], "updatedAt": f"2026-03-01T10:00:0{e}+00:00"}
+    tmp = fold / ".progress.json.tmp"
+    tmp.write_text(json.dumps(progress))
+    os.replace(tmp, fold / "progress.json")
 """
 
 
@@ -77,7 +85,7 @@ def test_stages_run_in_order_with_env_indices_progress_and_summaries(tmp_path: P
         Stage(
             "train",
             "prints nnU-Net epochs",
-            (Command("train", py(NNUNET_EPOCHS) + ("-e", "10")),),
+            (Command("train", py(TRAINER_EPOCHS)),),
             RES,
             reports_progress=True,
         ),
@@ -105,8 +113,8 @@ def test_stages_run_in_order_with_env_indices_progress_and_summaries(tmp_path: P
         "trainLoss": -0.3,
         "kdLoss": 0.03,
         "pseudoDice": 0.75,
-        "etaSeconds": 14,
-        "updatedAt": status["progress"]["updatedAt"],
+        "etaSeconds": 10,
+        "updatedAt": "2026-03-01T10:00:02Z",
     }
     assert status["artifacts"] == {"studentParameters": 1234, "onnx": "/x/model.onnx"}
     assert status["metrics"] == {"finalDice": 0.8, "teacherDice": 0.85}
@@ -117,7 +125,7 @@ def test_stages_run_in_order_with_env_indices_progress_and_summaries(tmp_path: P
     assert on_disk == json.loads((tmp_path / "work" / "status.json").read_text())
     assert on_disk["phase"] == "Succeeded"
     assert [c["type"] for c in on_disk["conditions"]][:3] == ["Ready", "Reconciling", "Stalled"]
-    assert "2026-03-01 10:00:02.300000: Epoch time" in (tmp_path / "work" / "logs" / "train.log").read_text()
+    assert "2026-03-01 10:00:02.000000: Epoch 2" in (tmp_path / "work" / "logs" / "train.log").read_text()
 
 
 def test_done_stages_and_indices_are_skipped(tmp_path: Path) -> None:
@@ -184,15 +192,26 @@ def test_missing_command_is_a_clear_error(tmp_path: Path) -> None:
         runner(tmp_path, io.StringIO()).run([stage])
 
 
-def test_progress_tracker_parses_nnunet_lines() -> None:
-    t = local.ProgressTracker("distill", total_epochs=4)
-    now = datetime(2026, 3, 1, tzinfo=UTC)
-    assert not t.feed("2026-03-01 10:00:00.000: Epoch 0", now)
-    t.feed("2026-03-01 10:00:00.000: Pseudo dice [np.float32(0.5), np.float32(nan)]", now)
-    assert t.feed("2026-03-01 10:00:00.000: Epoch time: 10.0 s", now)
-    assert t.as_status()["epoch"] == 1 and t.as_status()["pseudoDice"] == 0.5
-    assert t.as_status()["etaSeconds"] == 30
-    assert local.total_epochs(("x", "-e", "12")) == 12 and local.total_epochs(("x",)) is None
+def test_progress_comes_from_the_newest_progress_json_written_since_the_start(tmp_path: Path) -> None:
+    def write(model: str, doc: dict[str, object]) -> Path:
+        path = tmp_path / "Dataset001_X" / model / "fold_0" / "progress.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc))
+        return path
+
+    old = write("Old__P__2d", {"epoch": 50, "totalEpochs": 50})
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # an earlier run's: not this stage's
+    t = local_progress.ProgressTracker("distill", tmp_path)
+    assert not t.poll() and t.progress is None
+    write("Student__P__2d", {"epoch": 1, "totalEpochs": 4, "pseudoDice": None, "etaSeconds": 29.6})
+    assert t.poll()
+    assert t.progress == {"stage": "distill", "epoch": 1, "totalEpochs": 4, "etaSeconds": 30}
+    assert not t.poll()  # unchanged file: nothing new
+    path = write(
+        "Student__P__2d", {"epoch": 2, "totalEpochs": 4, "trainLoss": -0.4, "etaSeconds": float("nan")}
+    )
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    assert t.poll() and t.progress == {"stage": "distill", "epoch": 2, "totalEpochs": 4, "trainLoss": -0.4}
 
 
 def test_local_paths_from_flags_env_or_data_dir(tmp_path: Path) -> None:

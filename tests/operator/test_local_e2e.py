@@ -2,9 +2,9 @@
 
 Reuses the session's planned dataset and trained teacher folds (tests/conftest.py), so preprocessing and
 teacher training are skipped by the stages' own "outputs present" checks — the path a rerun takes — and
-the student is distilled (tiny budget), exported to ONNX, packaged, judged by the quality gate (reporting only:
-a student of two iterations is not expected to pass it; tests/operator/test_quality_gate.py covers blocking) and
-published to a file:// bucket.
+the student is distilled (tiny budget), exported to ONNX, packaged, judged by the quality gate (reporting
+only: a student of two iterations is not expected to pass it; tests/operator/test_quality_gate.py covers
+blocking) and published to a file:// bucket.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The built operator image, run with buildah (chroot isolation, the host's network): its entrypoint answers
---help, it runs as a non-root user, and from inside the container it reconciles one DistillationJob against the
-kmock API server this test serves on loopback.
+--help, it runs as a non-root user, and from inside the container it reconciles one DistillationJob against
+the kmock API server this test serves on loopback.
 
-Needs the image: `make test-images` builds it (`make image-operator`) and runs this file with OPERATOR_IMAGE set;
-`.ci/run` does so whenever the Dockerfiles, dependencies or the operator entrypoint changed. Without OPERATOR_IMAGE
-this file is skipped; with it set, a missing image or buildah fails.
+Needs the image: `make test-images` builds it (`make image-operator`) and runs this file with OPERATOR_IMAGE
+set; `.ci/run` does so whenever the Dockerfiles, dependencies or the operator entrypoint changed. Without
+OPERATOR_IMAGE this file is skipped; with it set, a missing image or buildah fails.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The operator's side of verified publishing: a job is Succeeded only with the published model's URI and SHA-256
-from the publish pod's termination message, and a failed publish shows the publisher's reason in the conditions."""
+"""The operator's side of verified publishing: a job is Succeeded only with the published model's URI and
+SHA-256 from the publish pod's termination message, and a failed publish shows the publisher's reason in the
+conditions."""
 
 from __future__ import annotations
 

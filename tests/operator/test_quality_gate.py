@@ -1,6 +1,6 @@
-"""The quality gate on the operator's side: the QualityGate condition, a blocking failure (phase Failed, reason
-QualityGateFailed, no publish, the student kept), a failure that is only reported (enforce: false), in the pure
-reconciliation, in the running operator against kmock, and in the local executor.
+"""The quality gate on the operator's side: the QualityGate condition, a blocking failure (phase Failed,
+reason QualityGateFailed, no publish, the student kept), a failure that is only reported (enforce: false), in
+the pure reconciliation, in the running operator against kmock, and in the local executor.
 
 Gate verdicts come from the real gate (`nnunet_distill.gate` / `nnunet-distill gate`) judging hand-written
 distillation summaries (schema 2, the distill stage's output); the tests play the kubelet, as elsewhere.
@@ -38,7 +38,8 @@ TEACHER = {"organ": 0.98, "lesion": 0.92, "vessel": 0.98}
 
 
 def distillation_summary(student: dict[str, float], *, model_folder: str = STUDENT_FOLDER) -> dict[str, Any]:
-    """A schema-2 distillation summary of a held-out evaluation on 6 imagesTs cases against teacher folds 0 1 2."""
+    """A schema-2 distillation summary of a held-out evaluation on 6 imagesTs cases against teacher folds 0 1
+    2."""
     per = {k: student[k] / TEACHER[k] for k in TEACHER}
     s_mean, t_mean = sum(student.values()) / 3, sum(TEACHER.values()) / 3
     worst = min(per, key=per.get)
@@ -323,15 +324,15 @@ async def test_operator_fails_the_job_on_the_gates_verdict_and_never_creates_pub
                     "type": "FailureTarget",
                     "status": "True",
                     "reason": "PodFailurePolicy",
-                    "message": "Container main for pod default/kidney-gate-0-abcde failed with exit code 3 matching FailJob rule "
-                    "at index 2",
+                    "message": "Container main for pod default/kidney-gate-0-abcde failed with exit code 3 "
+                    "matching FailJob rule at index 2",
                 },
                 {
                     "type": "Failed",
                     "status": "True",
                     "reason": "PodFailurePolicy",
-                    "message": "Container main for pod default/kidney-gate-0-abcde failed with exit code 3 matching FailJob rule "
-                    "at index 2",
+                    "message": "Container main for pod default/kidney-gate-0-abcde failed with exit code 3 "
+                    "matching FailJob rule at index 2",
                 },
             ],
         },

@@ -9,7 +9,8 @@ from typing import Any
 
 from nnunet_distill_operator import k8s
 from nnunet_distill_operator.reconcile import Decision, _compact, decide
-from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, observe_job, pod_issue
+from nnunet_distill_operator.pod_issues import pod_issue
+from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, observe_job
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 UID = "uid-1"
@@ -38,7 +39,8 @@ def cr(
 
 
 def applied(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
-    """The CR after the operator applied a decision (accepted spec, then the rest, merge-patched into status)."""
+    """The CR after the operator applied a decision (accepted spec, then the rest, merge-patched into
+    status)."""
     out = copy.deepcopy(body)
     if decision.accepted_spec:
         out.setdefault("status", {})["acceptedSpec"] = decision.accepted_spec

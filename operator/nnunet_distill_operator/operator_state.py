@@ -1,0 +1,142 @@
+"""The operator process's memory: its API clients and what it knows beyond the watch streams.
+
+kopf keeps the watched objects (in its indexes); this keeps what kopf cannot know: the status fields the
+operator itself last wrote, the Jobs it created whose ADDED event has not arrived yet, refusals and
+transient failures with their backoff. It lives in kopf's memo, so a restarted operator starts empty and
+rebuilds everything from the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nnunet_distill_operator import __version__
+
+COMPONENT = "nnunet-distill-operator"
+USER_AGENT = f"{COMPONENT}/{__version__}"
+Key = tuple[str, str, str]  # (namespace, name, uid) of a DistillationJob
+
+
+class Clients:
+    """kubernetes client APIs on a private configuration (never the process-wide default)."""
+
+    def __init__(self, kubeconfig: str | None = None, context: str | None = None):
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            path = kubeconfig or next(
+                (p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p), None
+            )
+            config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
+        self.api_client = client.ApiClient(cfg)
+        self.api_client.user_agent = USER_AGENT  # audit logs (and the RBAC test) tell our calls apart
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.batch = client.BatchV1Api(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
+        self.ApiException = client.exceptions.ApiException
+
+    def request(
+        self, method: str, path: str, body: Any, content_type: str = "application/json"
+    ) -> dict[str, Any]:
+        """One API call with a plain JSON body and a plain JSON answer; non-2xx raises ApiException.
+
+        For bodies the operator builds itself (status patches, Events, the trainer identity): the typed
+        methods would validate them into the client's models and serialize them back, which cost more CPU
+        than the request itself. Job manifests still go through the typed method: its models are what
+        names a malformed field (JobInvalid) before anything is sent.
+        """
+        request = self.api_client.param_serialize(
+            method=method,
+            resource_path=path,
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(*request)
+        data = response.read()
+        if not 200 <= response.status <= 299:
+            raise self.ApiException.from_response(http_resp=response, body=None, data=None)
+        return json.loads(data) if data else {}
+
+    def close(self) -> None:
+        self.api_client.close()
+
+
+@dataclass
+class State:
+    """Per-run memory of the operator (kept in kopf's memo: a restarted operator starts empty).
+
+    The per-object locks are ours because the handlers of a DistillationJob, of its Jobs and of its pods are
+    kopf handlers of three different resources, which kopf serialises per object, not per owner: two of them
+    could otherwise reconcile the same DistillationJob at once.
+    """
+
+    clients: Clients
+    retry_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    locks_guard: threading.Lock = field(default_factory=threading.Lock)
+    owned_status: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    created: dict[Key, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    rejected: dict[Key, dict[str, str]] = field(default_factory=dict)
+    # stage -> (generation, why its Job cannot be built): not retried until the spec changes.
+    invalid: dict[Key, dict[str, tuple[int | None, str]]] = field(default_factory=dict)
+    # Transient failures (API errors, refusals that may clear): (consecutive count, when to retry, why).
+    failures: dict[Key, tuple[int, float, str]] = field(default_factory=dict)
+    failed_generation: dict[Key, int | None] = field(default_factory=dict)
+    # The inputs of the last pass that had nothing to do (controller._fingerprint).
+    settled: dict[Key, str] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop | None = None
+    wakeup: asyncio.Event | None = None
+    deleted: set[Key] = field(default_factory=set)
+    jobs_index: Any = None
+    pods_index: Any = None
+    djs_index: Any = None
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self.locks_guard:
+            return self.locks.setdefault((namespace, name), threading.Lock())
+
+    def failed(self, key: Key, why: str, generation: int | None) -> float:
+        """Record a transient failure; returns the backoff (exponential, capped) before the next attempt."""
+        count = self.failures[key][0] + 1 if key in self.failures else 1
+        delay = min(self.retry_seconds * 2 ** (count - 1), self.retry_max_seconds)
+        self.failures[key] = (count, time.monotonic() + delay, why)
+        self.failed_generation[key] = generation
+        if self.loop is not None and self.wakeup is not None:  # let the resync loop plan the retry
+            self.loop.call_soon_threadsafe(self.wakeup.set)
+        return delay
+
+    def succeeded(self, key: Key) -> None:
+        self.failures.pop(key, None)
+        self.failed_generation.pop(key, None)
+
+    def backing_off(self, key: Key, generation: int | None) -> bool:
+        """A transient failure's retry is not due yet, and the spec has not changed since (a changed spec may
+        be the fix, so it is tried at once); the resync loop retries when the backoff has passed."""
+        failure = self.failures.get(key)
+        return (
+            failure is not None
+            and failure[1] > time.monotonic()
+            and self.failed_generation.get(key) == generation
+        )
+
+    def forget(self, key: Key) -> None:
+        """The DistillationJob is gone: drop everything remembered about it."""
+        self.owned_status.pop(key, None)
+        self.created.pop(key, None)
+        self.rejected.pop(key, None)
+        self.invalid.pop(key, None)
+        self.succeeded(key)
+        self.deleted.discard(key)
+        self.settled.pop(key, None)
