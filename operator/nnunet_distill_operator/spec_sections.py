@@ -247,7 +247,7 @@ class DistillationSpec(SpecModel):
         False, description="Disable mirroring test-time augmentation in validation."
     )
     kd_mode: Literal["pixel", "channel", "both"] = Field(
-        "both",
+        "pixel",
         description="KD term: pixel (KL of the class distributions per voxel), channel (channel-wise KD: "
         "per class, KL of where the class is, so small structures weigh as much as large "
         "ones) or both (their sum).",

@@ -140,7 +140,7 @@ def test_distillation_options_map_to_flags() -> None:
 
 def test_kd_method_and_held_out_cases_map_to_flags() -> None:
     default = _stage(_plan(), "distill").argv
-    assert _flag(default, "--kd_mode") == ["both"] and _flag(default, "--student_init") == ["teacher"]
+    assert _flag(default, "--kd_mode") == ["pixel"] and _flag(default, "--student_init") == ["teacher"]
     assert _flag(default, "--teacher_view") == ["augmented"] and "--test_cases" not in default
     argv = _stage(
         _plan(
