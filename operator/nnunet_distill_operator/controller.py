@@ -33,6 +33,7 @@ from typing import Any
 import kopf
 
 from nnunet_distill_operator import __version__, api, k8s, metrics
+from nnunet_distill_operator.distributed import rendezvous_service
 from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, Event, decide, event_name
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, parse_time
 
@@ -440,6 +441,18 @@ def _api_message(exc: Any) -> str:
     return str(_api_body(exc).get("message") or exc.reason or f"HTTP {exc.status}")
 
 
+def _create_rendezvous_service(state: State, namespace: str, job: dict[str, Any]) -> None:
+    """A multi-node Job's headless Service, before the Job (409: it exists, e.g. from an earlier pass)."""
+    service = rendezvous_service(job)
+    if service is None:
+        return
+    try:
+        state.clients.core.create_namespaced_service(namespace, service)
+    except state.clients.ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
 def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str, str, str]) -> None:
     """Perform a Decision's side effects, in an order that is safe to interrupt at any point."""
     c = state.clients
@@ -467,6 +480,7 @@ def _apply(state: State, cr: dict[str, Any], decision: Decision, key: tuple[str,
                 raise
     for manifest in decision.create:
         stage = manifest["metadata"]["labels"][k8s.LABEL_STAGE]
+        _create_rendezvous_service(state, namespace, manifest)
         try:
             created = c.batch.create_namespaced_job(namespace, manifest)
         except c.ApiException as exc:
