@@ -60,6 +60,18 @@ def launch_argv(argv: tuple[str, ...] | list[str], gpus: int, nodes: int) -> tup
     return (*head, "--no-python", *argv)
 
 
+#: Per-process worker counts in a stage's env, split between the ranks of a pod (they share its CPUs).
+PER_PROCESS_WORKERS = ("nnUNet_n_proc_DA", "nnUNet_def_n_proc")
+
+
+def per_rank_env(env: tuple[tuple[str, str], ...], gpus: int) -> tuple[tuple[str, str], ...]:
+    """A pod's nnU-Net worker counts divided between its ranks (each rank starts its own workers)."""
+    n = processes_per_node(gpus)
+    return tuple(
+        (k, str(max(1, int(v) // n))) if k in PER_PROCESS_WORKERS and v.isdigit() else (k, v) for k, v in env
+    )
+
+
 def trainer_argv(argv: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """The trainer's own command inside a torchrun command line (what ``--no-python`` executes)."""
     if not argv or argv[0] != TORCHRUN:

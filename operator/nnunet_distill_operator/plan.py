@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from nnunet_distill_operator import api
-from nnunet_distill_operator.distributed import launch_argv
+from nnunet_distill_operator.distributed import launch_argv, per_rank_env
 from nnunet_distill_operator.status import EXIT_CODE_GATE_FAILED
 
 # nnU-Net model folder naming, as in trainer_image/nnunet_distill/naming.py (duplicated on purpose: the
@@ -330,7 +330,7 @@ def _distill(spec: api.DistillationJobSpec, device: str | None) -> Stage:
         commands=(Command("distill", launch_argv(argv, res.gpus, res.nodes)),),
         resources=res,
         reports_progress=True,
-        env=_worker_env(res),
+        env=per_rank_env(_worker_env(res), res.gpus),
     )
 
 

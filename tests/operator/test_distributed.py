@@ -4,11 +4,15 @@ Kubernetes."""
 
 from __future__ import annotations
 
+import io
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-from nnunet_distill_operator import api, distributed, k8s, plan
+from nnunet_distill_operator import api, distributed, k8s, local, plan
 
 OWNER = k8s.Owner("liver", "ml", "0b5e5a0e-1111-2222-3333-444455556666")
 
@@ -60,6 +64,11 @@ def test_several_gpus_run_torchrun_standalone_in_one_pod() -> None:
     assert container["args"][-len(stage.argv) :] == list(stage.argv)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert job["spec"]["completions"] == 1 and distributed.rendezvous_service(job) is None
+    # The pod's 12 CPUs are shared by its 4 ranks: each starts a quarter of the workers.
+    stage, job = _distill(resources={"distill": {"gpus": 4, "cpu": "12"}})
+    assert (_env(job)["nnUNet_n_proc_DA"], _env(job)["nnUNet_def_n_proc"]) == ("2", "3")
+    _, single = _distill(resources={"distill": {"gpus": 1, "cpu": "12"}})
+    assert (_env(single)["nnUNet_n_proc_DA"], _env(single)["nnUNet_def_n_proc"]) == ("11", "12")
 
 
 def test_several_nodes_are_one_indexed_job_started_together_with_the_kubeflow_env() -> None:
@@ -136,3 +145,42 @@ def test_local_nodes_rendezvous_on_the_loopback_with_consecutive_ranks() -> None
         (e["PET_MASTER_ADDR"], e["PET_MASTER_PORT"], e["PET_NNODES"], e["PET_NPROC_PER_NODE"]) for e in envs
     } == {("127.0.0.1", "12345", "3", "2")}
     assert distributed.local_node_envs(4, 1, 12345) == [{}]
+
+
+ALL_REDUCE = r"""
+import json, os, pathlib
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1.0])
+dist.all_reduce(total)
+out = pathlib.Path(os.environ["nnUNet_results"]) / f"rank{dist.get_rank()}.json"
+record = {"world": dist.get_world_size(), "sum": total.item(), "node": os.environ["GROUP_RANK"]}
+out.write_text(json.dumps(record))
+dist.destroy_process_group()
+"""
+
+
+def test_run_local_starts_every_node_of_a_multi_node_stage_on_this_machine(tmp_path: Path) -> None:
+    """The local executor runs the planned torchrun line once per node, rendezvous on 127.0.0.1: a real gloo
+    all-reduce over 2 nodes x 1 rank."""
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE)
+    argv = distributed.launch_argv([sys.executable, str(script)], 1, 2)
+    stage = plan.Stage(
+        name="distill",
+        description="2 nodes",
+        commands=(plan.Command("distill", argv),),
+        resources=plan.StageResources(1, "1", "1Gi", 0, nodes=2),
+    )
+    p = plan.DataPaths(*(str(tmp_path / d) for d in ("raw", "pre", "res", "work")))
+    out = io.StringIO()
+    runner = local.LocalRunner(
+        name="t", paths=p, workdir=Path(p.work), env={"PATH": "/usr/bin:/bin"}, out=out
+    )
+    status = runner.run([stage])
+    assert status["phase"] == "Succeeded", out.getvalue()
+    ranks = [json.loads((tmp_path / "res" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"world": 2, "sum": 3.0, "node": "0"}, {"world": 2, "sum": 3.0, "node": "1"}]
+    assert (Path(p.work) / "logs" / "distill-node1.log").is_file()

@@ -147,6 +147,18 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when ``flag`` is true on any (a collective: every rank must call it)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 def shard(keys: Sequence[str], rank: int, world_size: int) -> list[str]:
     """Rank ``rank``'s disjoint share of the training cases (sorted, then every ``world_size``-th)."""
     ordered = sorted(keys)
@@ -176,15 +188,20 @@ def wrap_ddp(network, device):
     return DistributedDataParallel(network)
 
 
-def launch_local(nproc: int, entrypoint: Callable[..., Any], *args: Any) -> dict[int, Any]:
+def launch_local(
+    nproc: int, entrypoint: Callable[..., Any], *args: Any, log_dir: str | None = None
+) -> dict[int, Any]:
     """Run ``entrypoint(*args)`` in ``nproc`` ranks here, as ``torchrun --standalone --nproc_per_node``.
 
     Returns each rank's return value; a failing rank raises torch's ``ChildFailedError`` naming the rank
-    and its error after the other ranks were stopped.
+    and its error after the other ranks were stopped. With ``log_dir`` the ranks' output goes to files
+    there (torch's per-rank layout) instead of this process's terminal.
     """
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL) if log_dir else None,
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,

@@ -343,10 +343,7 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             )
         # SIGTERM outside an iteration (validation, epoch end): nnU-Net has just saved checkpoint_latest.pth. After
         # the last epoch it saves none; checkpoint_final.pth follows at once, so training simply ends then.
-        if (
-            getattr(self, "_preemption", {}).get("signal") is not None
-            and self.current_epoch < self.num_epochs
-        ):
+        if self.current_epoch < self.num_epochs and self._preemption_requested():
             self.print_to_log_file(
                 f"pre-empted after epoch {self.current_epoch - 1}: checkpoint_latest.pth is current"
             )
@@ -465,11 +462,17 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
                 out = inner(batch)
                 self.distillation_meta["optimizer_steps"] += 1
             state["outputs"].append(out)
-            if state["signal"] is not None:
+            if self._preemption_requested():
                 self._save_preempted_checkpoint()
             return out
 
         self.train_step = train_step  # instance attribute: nnU-Net's run_training calls self.train_step
+
+    def _preemption_requested(self) -> bool:
+        """SIGTERM seen here, or under DDP by any rank: all ranks stop at the same iteration (a collective),
+        so none is left waiting in an all-reduce for a rank that already stopped."""
+        asked = getattr(self, "_preemption", {}).get("signal") is not None
+        return distributed.any_rank(asked, self.device) if self.is_ddp else asked
 
     def _save_preempted_checkpoint(self) -> None:
         state = self._preemption
