@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teachers", type=int, default=5, help="teachers in the ensemble (5 folds)")
     parser.add_argument("-r", "--reduction_factor", type=int, default=2)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the results go")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv if argv is not None else (sys.argv[1:] if __name__ == "__main__" else []))
     for key, value in (("nnUNet_n_proc_DA", "0"), ("nnUNet_def_n_proc", "1"), ("nnUNet_compile", "false")):
         os.environ.setdefault(key, value)
 
