@@ -85,7 +85,7 @@ def test_distill_job_has_gpu_mounts_env_shm_owner_and_security() -> None:
         env["nnUNet_results"] == "/data/nnUNet_results"
         and env["nnUNet_preprocessed"] == "/data/nnUNet_preprocessed"
     )
-    assert env["nnUNet_n_proc_DA"] == "5" and env["DISTILLATIONJOB_STAGE"] == "distill"
+    assert env["nnUNet_n_proc_DA"] == "2" and env["DISTILLATIONJOB_STAGE"] == "distill"  # 5 for 2 ranks
     assert env["DISTILLATIONJOB_NAME"] == {
         "fieldRef": {"fieldPath": "metadata.annotations['distillation.nnunet.io/job-name']"}
     }
