@@ -290,8 +290,11 @@ class DistillationJobSpec(SpecModel):
     def _resource_rules(self, problem: Any) -> None:
         """/dev/shm is a memory-backed volume: it counts against the pod's memory limit. The training stages,
         whose data loaders pass batches through it (teachers, distill), need a limit above its size."""
+        from nnunet_distill_operator.distributed import spec_problems
         from nnunet_distill_operator.plan import DEFAULT_RESOURCES  # (plan imports this module)
 
+        for field, message in spec_problems(self.resources):
+            problem(field, message)
         shm = quantity_value(self.resources.shared_memory)
         for stage in ("teachers", "distill"):
             own = getattr(self.resources, stage).memory

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nnunet_distill_operator import api, k8s, metrics
+from nnunet_distill_operator.distributed import rendezvous_service
 from nnunet_distill_operator.job_errors import build_error_fields, status_causes
 from nnunet_distill_operator.operator_state import COMPONENT, Key, State
 from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, Event, event_name
@@ -107,6 +108,18 @@ def _create_identity(state: State, namespace: str, identity: tuple[dict[str, Any
                 raise
 
 
+def _create_rendezvous_service(state: State, namespace: str, job: dict[str, Any]) -> None:
+    """A multi-node Job's headless Service, before the Job (409: it exists, e.g. from an earlier pass)."""
+    service = rendezvous_service(job)
+    if service is None:
+        return
+    try:
+        state.clients.core.create_namespaced_service(namespace, service)
+    except state.clients.ApiException as exc:
+        if exc.status != 409:
+            raise
+
+
 def _create_job(
     state: State, cr: Mapping[str, Any], decision: Decision, key: Key, manifest: dict[str, Any]
 ) -> None:
@@ -114,6 +127,7 @@ def _create_job(
     c = state.clients
     namespace = key[0]
     stage = manifest["metadata"]["labels"][k8s.LABEL_STAGE]
+    _create_rendezvous_service(state, namespace, manifest)
     try:
         created = c.batch.create_namespaced_job(namespace, manifest, _preload_content=False)
     except c.ApiException as exc:

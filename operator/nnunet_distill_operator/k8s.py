@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nnunet_distill_operator import api
+from nnunet_distill_operator.distributed import with_rendezvous
 from nnunet_distill_operator.plan import DataPaths, Stage
 
 LABEL_PREFIX = "distillation.nnunet.io"
@@ -273,7 +274,7 @@ def job_for(
         # Kueue admits a queued Job by un-suspending it; it must be created suspended.
         job_spec["suspend"] = True
 
-    return {
+    job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
@@ -285,6 +286,8 @@ def job_for(
         },
         "spec": job_spec,
     }
+    # Several nodes: Indexed, all pods at once, a subdomain for the rendezvous Service (distributed.py).
+    return with_rendezvous(job, stage.resources.gpus, stage.resources.nodes)
 
 
 def _containers(

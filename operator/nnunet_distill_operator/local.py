@@ -36,6 +36,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from nnunet_distill_operator.distributed import free_port, local_node_envs
 from nnunet_distill_operator.local_progress import ProgressTracker
 from nnunet_distill_operator.plan import DataPaths, Stage, export_paths
 from nnunet_distill_operator.status import (
@@ -208,6 +209,7 @@ class LocalRunner:
     out: TextIO = sys.stdout
     on_progress: Callable[[dict[str, Any]], None] | None = None
     _proc: subprocess.Popen[str] | None = None
+    _peers: list[subprocess.Popen[str]] = field(default_factory=list)  # nodes 1.. of a multi-node stage
 
     def run(self, stages: list[Stage] | tuple[Stage, ...]) -> dict[str, Any]:
         stages = list(stages)
@@ -297,6 +299,12 @@ class LocalRunner:
         if index is not None:
             env["JOB_COMPLETION_INDEX"] = str(index)
         executable = resolve_executable(argv[0])
+        # A multi-node stage: node 0 runs here (output followed), nodes 1.. beside it; rendezvous 127.0.0.1.
+        node_envs = local_node_envs(stage.resources.gpus, stage.resources.nodes, free_port())
+        env.update(node_envs[0])
+        peers = [
+            self._start_peer(stage, executable, argv, {**env, **e}, i) for i, e in enumerate(node_envs[1:], 1)
+        ]
         self._say(label, f"$ {shlex.join(argv)}")
         tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         last_poll = 0.0
@@ -327,6 +335,12 @@ class LocalRunner:
                     self._report_progress(tracker, status)
             code = self._proc.wait()
             self._proc = None
+        for peer in peers:  # node 0 failed: the others would wait for it until their rendezvous times out
+            if code != 0 and peer.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(peer.pid, signal.SIGTERM)
+            code = code or peer.wait()
+        self._peers = []
         if tracker is not None:
             self._report_progress(tracker, status)
         summary = parse_summary(term_path.read_text()) if term_path.exists() else {}
@@ -388,12 +402,28 @@ class LocalRunner:
             if self.on_progress is not None:
                 self.on_progress(tracker.progress)
 
+    def _start_peer(
+        self, stage: Stage, executable: str, argv: tuple[str, ...], env: dict[str, str], node: int
+    ) -> subprocess.Popen[str]:
+        """Node ``node`` of a multi-node stage, its output in logs/<stage>-node<node>.log."""
+        log_path = self.workdir / "logs" / f"{stage.name}-node{node}.log"
+        env = {
+            **env,
+            "TERMINATION_MESSAGE_PATH": str(self.workdir / "termination" / f"{stage.name}-node{node}.json"),
+        }
+        with open(log_path, "a", encoding="utf-8") as log:
+            proc = subprocess.Popen(
+                [executable, *argv[1:]], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._peers = [*self._peers, proc]
+        return proc
+
     def interrupt(self) -> None:
-        """Stop the running command (Ctrl-C): its whole process group gets SIGTERM."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+        """Stop the running command (Ctrl-C): its whole process group (and its peer nodes) get SIGTERM."""
+        for proc in [self._proc, *self._peers]:
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
 
 
 def local_paths(

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 from nnunet_distill_operator import api
+from nnunet_distill_operator.distributed import launch_argv, per_rank_env
 from nnunet_distill_operator.status import EXIT_CODE_GATE_FAILED
 
 # nnU-Net model folder naming, as in trainer_image/nnunet_distill/naming.py (duplicated on purpose: the
@@ -82,6 +83,7 @@ class StageResources:
     cpu: str | None
     memory: str | None
     data_loader_workers: int
+    nodes: int = 1  # pods of one multi-node DDP run (distill only; see distributed.py)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class Stage:
 
     @property
     def completions(self) -> int:
-        return max(1, len(self.index_values))
+        return max(1, len(self.index_values), self.resources.nodes)
 
     @property
     def argv(self) -> tuple[str, ...]:
@@ -137,7 +139,9 @@ def stage_resources(spec: api.DistillationJobSpec, stage: str) -> StageResources
     workers = own.data_loader_workers
     if workers is None:
         workers = max(1, (_cpu_count(cpu) or 2) - 1)
-    return StageResources(gpus=gpus, cpu=cpu, memory=memory, data_loader_workers=workers)
+    return StageResources(
+        gpus=gpus, cpu=cpu, memory=memory, data_loader_workers=workers, nodes=own.nodes or 1
+    )
 
 
 def _device(resources: StageResources, override: str | None) -> str:
@@ -329,10 +333,11 @@ def _distill(spec: api.DistillationJobSpec, device: str | None) -> Stage:
         name="distill",
         description=f"distill {spec.student.architecture} student r={spec.student.reduction_factor} "
         f"(alpha {d.alpha}, T {d.temperature}, {d.epochs} epochs) on fold {d.fold}",
-        commands=(Command("distill", tuple(argv)),),
+        # torchrun when several GPUs or nodes train one student (distributed.launch_argv).
+        commands=(Command("distill", launch_argv(argv, res.gpus, res.nodes)),),
         resources=res,
         reports_progress=True,
-        env=_worker_env(res),
+        env=per_rank_env(_worker_env(res), res.gpus),
     )
 
 

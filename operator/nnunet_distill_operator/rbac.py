@@ -55,6 +55,12 @@ OPERATOR_RULES: tuple[Rule, ...] = (
         why="Kubernetes Events on transitions (deterministic names: a repeat is a 409)",
     ),
     Rule("", "serviceaccounts", ("create",), why="each job's trainer ServiceAccount"),
+    Rule(
+        "",
+        "services",
+        ("create",),
+        why="the headless Service of a multi-node distill Job (torchrun rendezvous; resources.distill.nodes)",
+    ),
     Rule("rbac.authorization.k8s.io", "roles", ("create",), why="each job's trainer Role"),
     Rule("rbac.authorization.k8s.io", "rolebindings", ("create",), why="each job's trainer RoleBinding"),
     Rule(

@@ -388,7 +388,21 @@ class OutputSpec(SpecModel):
 class StageResourcesSpec(SpecModel):
     """Resources of one stage's pods; omitted values use the stage's defaults."""
 
-    gpus: int | None = Field(None, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu limit).")
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description="GPUs per pod (nvidia.com/gpu limit). distill: more than 1 runs one DDP rank per GPU "
+        "under torchrun --nproc_per_node in the pod.",
+    )
+    nodes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="distill only: pods (nodes) of one DDP distillation, each with `gpus` GPUs and ranks. "
+        "More than 1 runs one Indexed Job with this many pods started together (Kueue admits them at once) "
+        "and a headless Service for torchrun's rendezvous on the index-0 pod; needs gpus >= 1. Default 1.",
+    )
     cpu: Quantity | None = Field(None, description="CPU request and limit, e.g. 8 or 7500m.")
     memory: Quantity | None = Field(None, description="Memory request and limit, e.g. 32Gi.")
     data_loader_workers: int | None = Field(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from nnunet_distill_operator import api, k8s, plan
+from nnunet_distill_operator import api, distributed, k8s, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 PATHS = plan.DataPaths.in_pod("job")
@@ -62,6 +62,11 @@ SPECS: dict[str, dict[str, Any]] = {
     },
     "standard-nnunet-format-2d": {"configuration": "2d", "export": {"nnUNetFormat": True}},
     "resenc-defaults": {"student": {"architecture": "resenc"}},
+    "ddp-one-pod": {"resources": {"distill": {"gpus": 4}}},
+    "ddp-multi-node-resenc": {
+        "student": {"architecture": "resenc"},
+        "resources": {"distill": {"gpus": 2, "nodes": 3}},
+    },
     "resenc-dynamic": {
         "student": {"architecture": "resenc", "blockStrategy": "reduce"},
         "export": {"dynamicShape": True},
@@ -107,6 +112,10 @@ def _nnunet_entry(entry: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) 
 def parse(argv: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
     """Parse a rendered command line with the parser of the program it invokes."""
     head, rest = argv[0], list(argv[1:])
+    if head == "torchrun":  # torch's own parser for the launcher, then the trainer's for what it runs
+        launcher = importlib.import_module("torch.distributed.run").get_args_parser().parse_args(rest)
+        assert launcher.no_python and launcher.training_script == distributed.trainer_argv(argv)[0]
+        return parse(distributed.trainer_argv(argv), monkeypatch)
     if head == "nnunet-distill":
         module = importlib.import_module(f"nnunet_distill.cli.{rest[0].replace('-', '_')}")
         parser = module.build_parser()
@@ -251,6 +260,41 @@ def test_pod_commands_are_the_planned_commands() -> None:
             "/data/nnUNet_preprocessed",
             "/data/nnUNet_results",
         )
+
+
+@pytest.mark.parametrize(("gpus", "nodes"), [(4, 1), (2, 3), (1, 2)])
+def test_the_pods_torchrun_line_and_env_make_the_planned_process_group(
+    gpus: int, nodes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's own parser reads the distill pod's command line with the pod's env (PET_* from the Job, the
+    node rank from the Indexed Job's completion index): nodes x GPUs ranks, a rendezvous on the index-0 pod,
+    and the trainer's own command after --no-python."""
+    spec = _spec({"resources": {"distill": {"gpus": gpus, "nodes": nodes}}})
+    stage = next(s for s in plan.plan(spec, name="job", paths=PATHS) if s.name == "distill")
+    job = k8s.job_for(stage, owner=k8s.Owner("job", "ns", "uid"), spec=spec, paths=PATHS)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    for item in container["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+        elif item["name"] == distributed.ENV_NODE_RANK:  # what the downward API gives pod index 1
+            assert "job-completion-index" in item["valueFrom"]["fieldRef"]["fieldPath"]
+            monkeypatch.setenv(item["name"], "1")
+    run = importlib.import_module("torch.distributed.run")
+    args = run.parse_args(container["args"][1:])
+    assert (str(args.nnodes), int(args.nproc_per_node)) == (str(nodes), gpus)
+    assert args.no_python and args.training_script == "nnUNetv2_distillation_train"
+    trainer = importlib.import_module("nnunet_distill.cli.train").build_parser_standard()
+    parsed = trainer.parse_args(args.training_script_args)
+    assert parsed.num_gpus == 1 and parsed.d_device == "cuda" and parsed.continue_training
+    if nodes == 1:
+        assert args.standalone
+    else:
+        assert (args.node_rank, args.master_addr, int(args.master_port)) == (
+            1,
+            "job-distill-0.job-distill.ns.svc",
+            distributed.RENDEZVOUS_PORT,
+        )
+        assert args.max_restarts == 0  # a failed rank fails the pod; Kubernetes restarts it (-c_continue)
 
 
 def test_student_folder_naming_agrees_with_the_trainer() -> None:

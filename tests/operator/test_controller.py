@@ -767,6 +767,39 @@ async def test_each_job_gets_its_own_least_privilege_trainer_identity(
     assert not obj("v1/serviceaccounts") and not obj("rbac.authorization.k8s.io/v1/rolebindings")
 
 
+async def test_a_multi_node_distill_is_one_indexed_job_with_its_headless_service(
+    kmock: Any, clients: Clients, operator: OperatorRunner
+) -> None:
+    """Issue 11: resources.distill.nodes runs one Indexed Job (all pods at once) and, before it, the headless
+    Service its pods rendezvous through, owned by the DistillationJob and collected with it."""
+    created = await clients.create_dj(
+        dj("multi", preprocess={"mode": "Never"}, resources={"distill": {"gpus": 2, "nodes": 2}})
+    )
+    uid = created["metadata"]["uid"]
+    job = await job_appears(kmock, "multi-distill")
+    assert (job["spec"]["completionMode"], job["spec"]["completions"], job["spec"]["parallelism"]) == (
+        "Indexed",
+        2,
+        2,
+    )
+    assert job["spec"]["template"]["spec"]["subdomain"] == "multi-distill"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][:3] == ["torchrun", "--nnodes", "2"]
+
+    def service() -> dict[str, Any]:
+        return get(kmock, (kmock.resource("v1/services"), "default", "multi-distill"))
+
+    svc = service()
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": "multi-distill"}
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert [n for (plural, _ns, n), count in kmock.creations.items() if plural == "services"] == [
+        "multi-distill"
+    ]
+
+    await clients.delete_dj("multi")
+    await wait_for(lambda: not service(), what="Service garbage-collected with the DistillationJob")
+
+
 async def test_the_chart_grants_exactly_the_calls_the_operator_makes(
     kmock: Any, clients: Clients, operator: OperatorRunner
 ) -> None:
@@ -776,7 +809,14 @@ async def test_the_chart_grants_exactly_the_calls_the_operator_makes(
     the trainer Roles. (Every other test checks the first direction: see conftest.)"""
     from tests.operator.conftest import chart_operator_grants
 
-    await clients.create_dj(dj("rbac", preprocess={"mode": "Never"}, ttlSecondsAfterFinished=0))
+    await clients.create_dj(
+        dj(
+            "rbac",
+            preprocess={"mode": "Never"},
+            ttlSecondsAfterFinished=0,
+            resources={"distill": {"gpus": 1, "nodes": 2}},  # a multi-node Job: its rendezvous Service too
+        )
+    )
     await job_appears(kmock, "rbac-distill")
     await clients.patch_job_status("rbac-distill", {"active": 1, "ready": 1})
     await wait_for(lambda: status(kmock, "rbac").get("phase") == "Running", what="Running")

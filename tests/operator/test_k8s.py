@@ -85,7 +85,7 @@ def test_distill_job_has_gpu_mounts_env_shm_owner_and_security() -> None:
         env["nnUNet_results"] == "/data/nnUNet_results"
         and env["nnUNet_preprocessed"] == "/data/nnUNet_preprocessed"
     )
-    assert env["nnUNet_n_proc_DA"] == "5" and env["DISTILLATIONJOB_STAGE"] == "distill"
+    assert env["nnUNet_n_proc_DA"] == "2" and env["DISTILLATIONJOB_STAGE"] == "distill"  # 5 for 2 ranks
     assert env["DISTILLATIONJOB_NAME"] == {
         "fieldRef": {"fieldPath": "metadata.annotations['distillation.nnunet.io/job-name']"}
     }
@@ -103,7 +103,9 @@ def test_distill_job_has_gpu_mounts_env_shm_owner_and_security() -> None:
         "runAsNonRoot": True,
         "capabilities": {"drop": ["ALL"]},
     }
-    assert main["args"][0] == "nnUNetv2_distillation_train"  # no guard: nothing to skip
+    # No guard (nothing to skip); 2 GPUs: one DDP rank each under torchrun in this pod (issue 11).
+    assert main["args"][:6] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
+    assert main["args"][main["args"].index("--no-python") + 1] == "nnUNetv2_distillation_train"
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "Ignore",

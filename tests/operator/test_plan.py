@@ -256,7 +256,8 @@ def test_resources_defaults_overrides_and_worker_env() -> None:
     stages = _plan(resources={"distill": {"gpus": 2, "cpu": "7500m", "memory": "64Gi"}})
     distill = _stage(stages, "distill")
     assert (distill.resources.gpus, distill.resources.cpu, distill.resources.memory) == (2, "7500m", "64Gi")
-    assert dict(distill.env) == {"nnUNet_n_proc_DA": "6", "nnUNet_def_n_proc": "7"}
+    # 7500m CPU: 6 data-augmentation workers and 7 processes per pod, split between its 2 DDP ranks (#11).
+    assert dict(distill.env) == {"nnUNet_n_proc_DA": "3", "nnUNet_def_n_proc": "3"}
     export = _stage(stages, "export")
     assert (export.resources.gpus, export.resources.cpu, export.resources.memory) == (0, "2", "8Gi")
 

@@ -185,12 +185,15 @@ def resolve_device(text: str | None):
     return torch.device(kind)
 
 
-def _configure_threads(device) -> None:
+def _configure_threads(device, ranks_on_node: int = 1) -> None:
     import torch
 
-    # nnU-Net's own convention (run_training): all cores on CPU, one thread when a GPU does the work.
+    from nnunet_distill.distributed import threads_per_rank
+
+    # nnU-Net's own convention (run_training): all cores on CPU (shared by the node's ranks), one thread
+    # when a GPU does the work.
     if device.type == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())
+        torch.set_num_threads(threads_per_rank(multiprocessing.cpu_count(), ranks_on_node))
     else:
         torch.set_num_threads(1)
         with_interop = getattr(torch, "set_num_interop_threads", None)
@@ -390,8 +393,26 @@ def _result(trainer, summary_path: Path | None, resumed_from: Path | None) -> Ru
 
 
 def run(config: DistillationConfig, log=print) -> RunResult:
-    """Train, validate and summarise one student fold. ``log`` receives the few lines meant for the user."""
-    device = resolve_device(config.device)
+    """Train, validate and summarise one student fold. ``log`` receives the few lines meant for the user.
+
+    Under torchrun (or ``-num_gpus``) every rank runs this; rank 0 alone logs, writes plans, progress,
+    checkpoints and the summary (see :mod:`nnunet_distill.distributed`).
+    """
+    from nnunet_distill import distributed
+
+    ranks = distributed.ranks_from_env()
+    device = distributed.rank_device(resolve_device(config.device), ranks)
+    if distributed.init_process_group(device, ranks):
+        try:
+            return _run(config, device, ranks, log if ranks.is_main else (lambda _msg: None))
+        finally:
+            distributed.destroy_process_group()
+    return _run(config, device, ranks, log)
+
+
+def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
+    from nnunet_distill import distributed
+
     run_ = prepare(config)
     check_test_cases(run_)
     resume_from = check_resume(run_) if config.continue_training else None
@@ -409,8 +430,10 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     from nnunet_distill.teachers import TeacherEnsemble, load_teacher, resolve_precision
     from nnunet_distill.trainer import trainer_class
 
-    _configure_threads(device)
-    student.write_student_plans(run_.preprocessed_dir, run_.student_plans)
+    _configure_threads(device, ranks.local_world_size)
+    if ranks.is_main:
+        student.write_student_plans(run_.preprocessed_dir, run_.student_plans)
+    distributed.barrier()
 
     plans = copy.deepcopy(run_.student_plans)
     plans["continue_training"] = resume_from is not None
@@ -426,6 +449,7 @@ def run(config: DistillationConfig, log=print) -> RunResult:
         precision=resolve_precision(config.teacher_precision, device),
     )
     meta = distillation_metadata(run_)
+    meta["world_size"] = ranks.world_size
     meta["student_parameters"] = None
     meta["teacher_parameters"] = student.count_parameters(teachers.teachers[0])
     trainer.configure_distillation(config, teachers, meta)
@@ -440,8 +464,10 @@ def run(config: DistillationConfig, log=print) -> RunResult:
             log(trainer.inherit_teacher_weights())
     trainer.distillation_meta["student_parameters"] = student.count_parameters(trainer.network)
 
-    reporter = ProgressReporter.from_env(
-        total_epochs=trainer.num_epochs, stage=os.environ.get("DISTILLATIONJOB_STAGE") or "distill"
+    reporter = ProgressReporter.from_env(  # inactive on ranks > 0: rank 0 alone reports status
+        os.environ if ranks.is_main else {},
+        total_epochs=trainer.num_epochs,
+        stage=os.environ.get("DISTILLATIONJOB_STAGE") or "distill",
     )
     trainer.reporter = reporter
     try:
@@ -450,7 +476,9 @@ def run(config: DistillationConfig, log=print) -> RunResult:
             reporter.on_checkpoint(trainer.current_epoch - 1)  # the loaded checkpoint completes this epoch
         reporter.start_heartbeat()
         trainer.run_training()
-        trainer.perform_actual_validation(False)
+        trainer.perform_actual_validation(False)  # DDP: nnU-Net splits the validation cases between ranks
+        if not ranks.is_main:
+            return _result(trainer, None, resume_from)
         raw = os.environ.get("nnUNet_raw")
         summary = write_distillation_summary(
             trainer,

@@ -37,7 +37,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 from torch._dynamo import OptimizedModule
 
-from nnunet_distill import rotation
+from nnunet_distill import distributed, rotation
 from nnunet_distill.atomic import atomic_write_json
 from nnunet_distill.augmentation import split_views, with_clean_teacher_view, with_da5_spatial
 from nnunet_distill.config import DistillationConfig
@@ -48,6 +48,8 @@ from nnunet_distill.teachers import TeacherEnsemble
 STOCK_TRAINER_NAME = "nnUNetTrainer"
 #: Extra per-epoch series in nnU-Net's logger (kept in checkpoints, so a resumed run continues the curves).
 KD_LOG_KEYS = ("train_kd_losses", "train_hard_losses")
+#: Written by rank 0 of a DDP run beside the checkpoints: world size, backend, each rank's batch and cases.
+DDP_RECORD = "ddp_ranks.json"
 
 
 def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
@@ -96,6 +98,11 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             self.device = device
             torch.cuda.set_device(device)
             self.print_to_log_file(f"Using device: {self.device}")
+        if (
+            self.is_ddp
+        ):  # nnU-Net assumes cuda:<global rank>; the caller passes cuda:<LOCAL_RANK> or cpu (gloo)
+            self.device = device
+        self._sampled_keys: set[str] = set()  # DDP: the training cases this rank drew (see DDP_RECORD)
         self.distillation_config: DistillationConfig | None = None
         self.distillation_meta: dict = {}
         self.teachers: TeacherEnsemble | None = None
@@ -171,7 +178,10 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
 
     def initialize(self):
         cfg = self._require_configured()
-        super().initialize()
+        if self.is_ddp and not self.was_initialized:
+            self._initialize_ddp()
+        else:
+            super().initialize()
         self.distillation_loss = DistillationLoss(
             self.loss,
             cfg.alpha,
@@ -180,6 +190,24 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             ignore_label=self.label_manager.ignore_label,
             kd_mode=cfg.kd_mode,
         )
+
+    def _initialize_ddp(self) -> None:
+        """nnU-Net's initialize with this rank's batch share, but our DDP wrapper (see distributed.wrap_ddp).
+
+        nnU-Net wraps with ``device_ids=[global rank]``, which gloo on CPUs refuses and which points past the
+        GPUs of every node but the first; so its wrapper is skipped (``is_ddp`` hidden while it runs), the
+        network is wrapped here, and the loss is rebuilt with ``is_ddp`` set (Dice gathered across ranks).
+        """
+        self._set_batch_size_and_oversample()
+        share = (self.batch_size, self.oversample_foreground_percent)
+        self.is_ddp = False
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = True
+        self.batch_size, self.oversample_foreground_percent = share
+        self.network = distributed.wrap_ddp(self.network, self.device)
+        self.loss = self._build_loss()
 
     def inherit_teacher_weights(self) -> str:
         """Initialise the student from one teacher's sliced weights (see :mod:`nnunet_distill.inherit`).
@@ -215,6 +243,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ training step
     def train_step(self, batch: dict) -> dict:
+        if self.is_ddp:
+            self._sampled_keys.update(str(k) for k in batch.get("keys", ()))
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = (
@@ -282,9 +312,16 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             series.extend([float("nan")] * (n - len(series)))
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        kd = float(np.mean([o["kd_loss"] for o in train_outputs]))
-        hard = float(np.mean([o["hard_loss"] for o in train_outputs]))
+        super().on_train_epoch_end(train_outputs)  # nnU-Net gathers the total loss across ranks
+        local = (
+            float(np.mean([o["kd_loss"] for o in train_outputs])),
+            float(np.mean([o["hard_loss"] for o in train_outputs])),
+        )
+        per_rank = distributed.gather(local) if self.is_ddp else [local]
+        kd = float(np.mean([r[0] for r in per_rank]))
+        hard = float(np.mean([r[1] for r in per_rank]))
+        if self.is_ddp:
+            self._write_ddp_record()
         self.logger.log("train_kd_losses", kd, self.current_epoch)
         self.logger.log("train_hard_losses", hard, self.current_epoch)
         self.print_to_log_file(
@@ -306,14 +343,29 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             )
         # SIGTERM outside an iteration (validation, epoch end): nnU-Net has just saved checkpoint_latest.pth. After
         # the last epoch it saves none; checkpoint_final.pth follows at once, so training simply ends then.
-        if (
-            getattr(self, "_preemption", {}).get("signal") is not None
-            and self.current_epoch < self.num_epochs
-        ):
+        if self.current_epoch < self.num_epochs and self._preemption_requested():
             self.print_to_log_file(
                 f"pre-empted after epoch {self.current_epoch - 1}: checkpoint_latest.pth is current"
             )
             raise TrainingPreempted(f"SIGTERM: epoch {self.current_epoch - 1} checkpointed")
+
+    def _write_ddp_record(self) -> None:
+        """Rank 0 writes what every rank did (all ranks call it: a collective); shows disjoint cases."""
+        import torch.distributed as dist
+
+        mine = {
+            "batch_size": self.batch_size,
+            "cases": sorted(self._sampled_keys),
+            "device": str(self.device),
+        }
+        ranks = distributed.gather(mine)
+        if self.local_rank == 0:
+            record = {
+                "world_size": dist.get_world_size(),
+                "backend": dist.get_backend(),
+                "ranks": [{"rank": i, **r} for i, r in enumerate(ranks)],
+            }
+            atomic_write_json(record, join(self.output_folder, DDP_RECORD))
 
     def _write_progress(self) -> dict:
         """``progress.json`` beside the checkpoints: what the pod reporter turns into DistillationJob status."""
@@ -410,11 +462,17 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
                 out = inner(batch)
                 self.distillation_meta["optimizer_steps"] += 1
             state["outputs"].append(out)
-            if state["signal"] is not None:
+            if self._preemption_requested():
                 self._save_preempted_checkpoint()
             return out
 
         self.train_step = train_step  # instance attribute: nnU-Net's run_training calls self.train_step
+
+    def _preemption_requested(self) -> bool:
+        """SIGTERM seen here, or under DDP by any rank: all ranks stop at the same iteration (a collective),
+        so none is left waiting in an all-reduce for a rank that already stopped."""
+        asked = getattr(self, "_preemption", {}).get("signal") is not None
+        return distributed.any_rank(asked, self.device) if self.is_ddp else asked
 
     def _save_preempted_checkpoint(self) -> None:
         state = self._preemption
@@ -463,7 +521,28 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         cfg = self.distillation_config
         return cfg is not None and cfg.rotate_folds
 
+    def get_tr_and_val_datasets(self):
+        """The training dataset of a DDP rank holds only its share of the fold's training cases.
+
+        nnU-Net lets every rank draw from the whole split, so ranks train on the same cases; here each rank
+        gets a disjoint shard (:func:`distributed.shard`). ``do_split`` itself stays the fold's split for
+        everyone else (the final validation, the held-out evaluation's "never trained on" checks).
+        """
+        self._shard_training = self.is_ddp
+        try:
+            return super().get_tr_and_val_datasets()
+        finally:
+            self._shard_training = False
+
     def do_split(self):
+        tr_keys, val_keys = self._fold_split()
+        if getattr(self, "_shard_training", False):
+            import torch.distributed as dist
+
+            tr_keys = distributed.shard(tr_keys, dist.get_rank(), dist.get_world_size())
+        return tr_keys, val_keys
+
+    def _fold_split(self):
         tr_keys, val_keys = super().do_split()
         if not self._rotation_enabled() or self._rotation_source is None:
             return tr_keys, val_keys

@@ -333,6 +333,16 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
         "the student nor any teacher fold trained on it",
     )
     p.add_argument(
+        "-num_gpus",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="train with N processes in one DDP process group on this machine (nnU-Net's flag; with "
+        "-d_device cpu they use gloo, for tests): each rank trains on its share of the batch and its own "
+        "cases, rank 0 writes checkpoints and logs. The same as torchrun --standalone --nproc_per_node N "
+        "<this command>; under torchrun leave it at 1 (default: %(default)s)",
+    )
+    p.add_argument(
         "--use_da5",
         action="store_true",
         help="DA5 strong augmentation for small datasets: nnU-Net's nnUNetTrainerDA5 pipeline plus elastic "
@@ -387,6 +397,7 @@ def config_from_args(args: argparse.Namespace, variant: Variant) -> Distillation
 def _user_errors() -> dict[type[BaseException], str]:
     """Errors a user fixes by changing flags or files, with the reason the termination message reports."""
     from nnunet_distill.distill import DistillationError
+    from nnunet_distill.distributed import DistributedError
     from nnunet_distill.evaluation import EvaluationError
     from nnunet_distill.rotation import RotationError
     from nnunet_distill.student import CompatibilityError, StudentPlansError
@@ -400,6 +411,7 @@ def _user_errors() -> dict[type[BaseException], str]:
         StudentPlansError: "InvalidStudentPlans",
         RotationError: "InvalidSplits",
         EvaluationError: "InvalidTestSet",
+        DistributedError: "InvalidLaunch",
     }
 
 
@@ -409,13 +421,44 @@ def _terminate(summary: dict) -> None:
     write_termination_message(summary)  # only inside a pod (or with $TERMINATION_MESSAGE_PATH); never raises
 
 
-def _main(variant: Variant, argv: Sequence[str] | None) -> int:
+def _no_termination_message(summary: dict) -> None:
+    """Ranks > 0 of a DDP run write none: the pod's termination message is rank 0's."""
+
+
+def _launch_ranks(variant: Variant, argv: Sequence[str] | None, nproc: int) -> int:
+    """-num_gpus N: N ranks of this command through torch's launcher (torchrun --standalone, in-process)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from nnunet_distill.distributed import launch_local
+
+    try:
+        codes = launch_local(nproc, _rank_main, variant.name, list(sys.argv[1:] if argv is None else argv))
+    except ChildFailedError as exc:
+        sys.stderr.write(f"{variant.prog}: error: a rank of -num_gpus {nproc} failed: {exc}\n")
+        return 1
+    return max(codes.values(), default=0)
+
+
+def _rank_main(variant_name: str, argv: list[str]) -> int:
+    """One rank started by :func:`_launch_ranks` (module level: the launcher pickles it into each process)."""
+    return _main(STANDARD if variant_name == STANDARD.name else RESENC, argv, launched=True)
+
+
+def _main(variant: Variant, argv: Sequence[str] | None, launched: bool = False) -> int:
+    from nnunet_distill.distributed import DistributedError, ranks_from_env
+
     parser = build_parser(variant)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args, variant)
-    except ConfigError as exc:
+        ranks = ranks_from_env()
+    except (ConfigError, DistributedError) as exc:
         parser.error(str(exc))
+    if args.num_gpus > 1 and not launched:
+        if ranks.distributed:
+            parser.error(f"-num_gpus {args.num_gpus} under torchrun (WORLD_SIZE={ranks.world_size}): use one")
+        return _launch_ranks(variant, argv, args.num_gpus)
+    terminate = _terminate if ranks.is_main else _no_termination_message  # the pod's message is rank 0's
     from nnunet_distill import distill
 
     user_errors = _user_errors()
@@ -424,13 +467,13 @@ def _main(variant: Variant, argv: Sequence[str] | None) -> int:
     except tuple(user_errors) as exc:
         sys.stderr.write(f"{variant.prog}: error: {exc}\n")
         reason = next(r for cls, r in user_errors.items() if isinstance(exc, cls))
-        _terminate({"stage": "distill", "ok": False, "error": {"reason": reason, "message": str(exc)}})
+        terminate({"stage": "distill", "ok": False, "error": {"reason": reason, "message": str(exc)}})
         return 1
     except KeyboardInterrupt:
         sys.stderr.write(f"{variant.prog}: interrupted; resume with -c_continue\n")
         return 130
     except Exception as exc:
-        _terminate(
+        terminate(
             {
                 "stage": "distill",
                 "ok": False,
@@ -438,12 +481,13 @@ def _main(variant: Variant, argv: Sequence[str] | None) -> int:
             }
         )
         raise  # a bug or an environment failure: keep the traceback
-    _terminate({"stage": "distill", "ok": True, "artifacts": result.artifacts, "metrics": result.metrics})
-    print(
-        f"{variant.prog}: student saved in {result.output_folder}"
-        + (f"; summary {result.summary}" if result.summary else ""),
-        flush=True,
-    )
+    terminate({"stage": "distill", "ok": True, "artifacts": result.artifacts, "metrics": result.metrics})
+    if ranks.is_main:
+        print(
+            f"{variant.prog}: student saved in {result.output_folder}"
+            + (f"; summary {result.summary}" if result.summary else ""),
+            flush=True,
+        )
     return 0
 
 
