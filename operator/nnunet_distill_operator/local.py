@@ -299,12 +299,7 @@ class LocalRunner:
         if index is not None:
             env["JOB_COMPLETION_INDEX"] = str(index)
         executable = resolve_executable(argv[0])
-        # A multi-node stage: node 0 runs here (output followed), nodes 1.. beside it; rendezvous 127.0.0.1.
-        node_envs = local_node_envs(stage.resources.gpus, stage.resources.nodes, free_port())
-        env.update(node_envs[0])
-        peers = [
-            self._start_peer(stage, executable, argv, {**env, **e}, i) for i, e in enumerate(node_envs[1:], 1)
-        ]
+        peers = self._start_peers(stage, executable, argv, env)
         self._say(label, f"$ {shlex.join(argv)}")
         tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         last_poll = 0.0
@@ -335,12 +330,7 @@ class LocalRunner:
                     self._report_progress(tracker, status)
             code = self._proc.wait()
             self._proc = None
-        for peer in peers:  # node 0 failed: the others would wait for it until their rendezvous times out
-            if code != 0 and peer.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(peer.pid, signal.SIGTERM)
-            code = code or peer.wait()
-        self._peers = []
+        code = self._wait_peers(peers, code)
         if tracker is not None:
             self._report_progress(tracker, status)
         summary = parse_summary(term_path.read_text()) if term_path.exists() else {}
@@ -401,6 +391,28 @@ class LocalRunner:
             status.progress(tracker.progress)
             if self.on_progress is not None:
                 self.on_progress(tracker.progress)
+
+    def _start_peers(
+        self, stage: Stage, executable: str, argv: tuple[str, ...], env: dict[str, str]
+    ) -> list[subprocess.Popen[str]]:
+        """A multi-node stage: node 0 runs in the foreground (``env`` gets its rendezvous settings),
+        nodes 1.. beside it; rendezvous on 127.0.0.1. No peers for a one-node stage."""
+        node_envs = local_node_envs(stage.resources.gpus, stage.resources.nodes, free_port())
+        env.update(node_envs[0])
+        return [
+            self._start_peer(stage, executable, argv, {**env, **e}, i) for i, e in enumerate(node_envs[1:], 1)
+        ]
+
+    def _wait_peers(self, peers: list[subprocess.Popen[str]], code: int) -> int:
+        """The stage's exit code over all nodes; if node 0 failed, the others are stopped (they would wait for
+        it until their rendezvous times out)."""
+        for peer in peers:
+            if code != 0 and peer.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(peer.pid, signal.SIGTERM)
+            code = code or peer.wait()
+        self._peers = []
+        return code
 
     def _start_peer(
         self, stage: Stage, executable: str, argv: tuple[str, ...], env: dict[str, str], node: int

@@ -163,7 +163,7 @@ def student_plans_identifier(base_plans: str, reduction_factor: int, block_strat
 
 
 def student_model_folder(spec: api.DistillationJobSpec) -> str:
-    """`<trainer>__<studentPlans>__<configuration>`: where the student lands under nnUNet_results/DatasetXXX_Name."""
+    """`<trainer>__<studentPlans>__<configuration>`: the student's folder in nnUNet_results/DatasetXXX."""
     trainer = DISTILL_TRAINER_DA5 if spec.distillation.use_da5 else DISTILL_TRAINER
     block = spec.student.block_strategy if spec.student.architecture == "resenc" else None
     plans = student_plans_identifier(spec.student_base_plans, spec.student.reduction_factor, block)
