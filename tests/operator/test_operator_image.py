@@ -27,7 +27,8 @@ from tests.operator.conftest import dj
 from tests.operator.harness import exists, get, job_key, wait_for
 
 IMAGE = os.environ.get("OPERATOR_IMAGE", "")
-ENV = {**os.environ, "STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
+# The Makefile's buildah storage (STORAGE_DRIVER, default vfs; CONTAINERS_STORAGE_CONF passes through).
+ENV = {**os.environ, "STORAGE_DRIVER": os.environ.get("STORAGE_DRIVER", "vfs"), "BUILDAH_ISOLATION": "chroot"}
 REPO = Path(__file__).resolve().parents[2]
 # The packages the operator wheel holds (pyproject.toml: packages.find over operator/ and trainer_image/).
 PACKAGES = {
