@@ -41,8 +41,8 @@ TRAINER_IMAGE ?= localhost/nnunet-distill-trainer:$(VERSION)
 # default base (pytorch/pytorch) already has torch and gets TORCH_INSTALL="".
 TORCH_INSTALL ?= torch==2.14.1 torchvision==0.29.1
 # vfs works everywhere (no kernel overlay needed) but stores every layer as a full copy; where overlay mounts work,
-# STORAGE_DRIVER=overlay (with CONTAINERS_STORAGE_CONF naming a store of that driver) needs a third of the disk for
-# the trainer image. The image tests read the same variable.
+# STORAGE_DRIVER=overlay (with CONTAINERS_STORAGE_CONF naming a store made with that driver) needs much less disk
+# for the trainer image. The image tests read the same variable.
 export STORAGE_DRIVER ?= vfs
 BUILDAH := STORAGE_DRIVER=$(STORAGE_DRIVER) BUILDAH_ISOLATION=chroot buildah
 BUD := $(BUILDAH) bud --layers --network host --build-arg VERSION=$(VERSION)
@@ -69,7 +69,7 @@ test-images: $(STAMP) image-operator
 	OPERATOR_IMAGE=$(OPERATOR_IMAGE) $(BIN)/python -m pytest -q -ra tests/operator/test_operator_image.py
 
 # The trainer image (every stage CLI's --help inside it, tini, UID 1000, torch and onnxruntime-gpu). Apart from
-# test-images because of its size: PyPI's torch is the CUDA build, about 7 GB installed (see README "Images").
+# test-images because of its size: PyPI's torch is the CUDA build, a 7.5 GB image (see README "Images").
 test-trainer-image: $(STAMP) image-trainer
 	TRAINER_IMAGE=$(TRAINER_IMAGE) $(BIN)/python -m pytest -q -ra tests/ship/test_trainer_image.py
 

@@ -75,7 +75,7 @@ def test_the_command_list_covers_every_stage_and_architecture() -> None:
 
 
 def _run(ctr: str, *argv: str) -> list[str]:
-    return ["buildah", "run", "--isolation", "chroot", "--network", "none", ctr, "--", *argv]
+    return ["buildah", "run", "--isolation", "chroot", "--network", "host", ctr, "--", *argv]
 
 
 @pytest.fixture(scope="module")
