@@ -33,9 +33,14 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     TMPDIR=/tmp
 # Installed from the wheels of the first stage only (--no-index): the runtime stage never reaches a registry,
-# and the version is pinned to the one just built. The last command fails the build if torch slipped in.
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
-    pip install --no-index --find-links /wheels "nnunet-distill[operator]==${VERSION}" \
+# and the version is pinned to the one just built. The python -c command fails the build if torch slipped in.
+# COPY, not `RUN --mount=type=bind,from=wheels`: buildah's layer cache keys such a RUN by its text alone, not by
+# the mounted stage's files (containers/buildah#4522, #6609), so a rebuild after a code change silently reused
+# the layer with the old operator in it. COPY is keyed by the files' digest. The cost: the wheels (~16 MB) stay
+# in the COPY layer below the RUN that deletes them.
+COPY --from=wheels /wheels /tmp/wheels
+RUN pip install --no-index --find-links /tmp/wheels "nnunet-distill[operator]==${VERSION}" \
+    && rm -rf /tmp/wheels \
     && python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'nnunetv2')))" \
     && nnunet-distill-operator --help > /dev/null \
     && groupadd --gid 10001 nnunet \

@@ -1,15 +1,17 @@
 """The built operator image, run with buildah (chroot isolation, the host's network): its entrypoint answers
---help, it runs as a non-root user, and from inside the container it reconciles one DistillationJob against
-the kmock API server this test serves on loopback.
+--help, it runs as a non-root user, it holds the code of this checkout, and from inside the container it
+reconciles one DistillationJob against the kmock API server this test serves on loopback.
 
 Needs the image: `make test-images` builds it (`make image-operator`) and runs this file with OPERATOR_IMAGE
-set; `.ci/run` does so whenever the Dockerfiles, dependencies or the operator entrypoint changed. Without
-OPERATOR_IMAGE this file is skipped; with it set, a missing image or buildah fails.
+set; `.ci/run` runs `make test-images` after `make test`, and `make test` leaves this file out (--ignore) for
+that reason. Without OPERATOR_IMAGE this file is skipped on a developer machine and fails where CI is set;
+with it set, a missing image or buildah fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -25,12 +27,23 @@ from tests.operator.conftest import dj
 from tests.operator.harness import exists, get, job_key, wait_for
 
 IMAGE = os.environ.get("OPERATOR_IMAGE", "")
-pytestmark = pytest.mark.skipif(not IMAGE, reason="OPERATOR_IMAGE not set: run `make test-images`")
-ENV = {**os.environ, "STORAGE_DRIVER": "vfs", "BUILDAH_ISOLATION": "chroot"}
+# The Makefile's buildah storage (STORAGE_DRIVER, default vfs; CONTAINERS_STORAGE_CONF passes through).
+ENV = {**os.environ, "STORAGE_DRIVER": os.environ.get("STORAGE_DRIVER", "vfs"), "BUILDAH_ISOLATION": "chroot"}
+REPO = Path(__file__).resolve().parents[2]
+# The packages the operator wheel holds (pyproject.toml: packages.find over operator/ and trainer_image/).
+PACKAGES = {
+    "nnunet_distill_operator": REPO / "operator" / "nnunet_distill_operator",
+    "nnunet_distill": REPO / "trainer_image" / "nnunet_distill",
+}
 
 
 @pytest.fixture(scope="module")
 def container() -> str:
+    if not IMAGE:
+        message = "OPERATOR_IMAGE not set: `make test-images` builds the operator image and runs this file"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI runs it through `make test-images`, never without the image)")
+        pytest.skip(message)
     buildah = require("buildah", "apt-get install buildah")
     ctr = subprocess.run(
         [buildah, "from", "--pull-never", IMAGE],
@@ -90,6 +103,55 @@ def test_entrypoint_help_and_non_root_user(container: str) -> None:
         check=True,
     ).stdout.strip()
     assert torch == "None", "the operator image must not contain torch"
+
+
+def _source_digests(roots: dict[str, Path]) -> dict[str, str]:
+    """sha256 of every .py file of the given packages, keyed by package-relative path."""
+    return {
+        f"{name}/{path.relative_to(root)}": hashlib.sha256(path.read_bytes()).hexdigest()
+        for name, root in roots.items()
+        for path in sorted(root.rglob("*.py"))
+        if "__pycache__" not in path.parts
+    }
+
+
+def test_the_image_holds_the_code_of_this_checkout(container: str) -> None:
+    """A stale image tests old code: buildah once reused a cached layer holding an older operator (a RUN
+    with a bind mount from another stage is cached by its text alone), and that old operator made API calls
+    the chart rightly does not grant. The installed packages must be byte-identical to the sources."""
+    where = subprocess.run(
+        _run(
+            container,
+            "python",
+            "-c",
+            f"import importlib; print(*(importlib.import_module(n).__file__ for n in {sorted(PACKAGES)!r}))",
+        ),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    rootfs = Path(
+        subprocess.run(
+            ["buildah", "mount", container], env=ENV, capture_output=True, text=True, timeout=60, check=True
+        ).stdout.strip()
+    )
+    try:
+        installed = {
+            name: rootfs / Path(init).parent.relative_to("/")
+            for name, init in zip(sorted(PACKAGES), where, strict=True)
+        }
+        in_image = _source_digests(installed)
+    finally:
+        subprocess.run(
+            ["buildah", "umount", container], env=ENV, capture_output=True, timeout=60, check=False
+        )
+    here = _source_digests(PACKAGES)
+    differ = sorted(k for k in here.keys() | in_image.keys() if here.get(k) != in_image.get(k))
+    assert not differ, (
+        f"{IMAGE} is not built from this checkout ({differ[:10]}): rebuild it, `make image-operator`"
+    )
 
 
 async def test_the_image_reconciles_a_distillationjob_against_kmock(

@@ -1,7 +1,7 @@
 """The Argo CD health check, run by a real Lua 5.1 interpreter (Argo CD embeds gopher-lua, a Lua 5.1).
 
-Cases live in Argo CD's own resource_customizations format (gitops/argocd/health_test.yaml + testdata/), so the
-check can be contributed upstream unchanged; on top, every phase the operator's API can report is mapped.
+Cases live in Argo CD's own resource_customizations format (gitops/argocd/health_test.yaml + testdata/), so
+the check can be contributed upstream unchanged; on top, every phase the operator's API can report is mapped.
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ def test_helm_lint_passes_with_defaults_and_all_toggles_on(helm, all_on_values) 
 
 def test_all_on_values_switch_on_every_boolean_of_values_yaml(default_values, all_on_values) -> None:
     """The 'every toggle on' render is only as good as this file: derive the toggles from values.yaml (every
-    boolean the schema declares; booleans inside pass-through objects such as securityContext are not toggles)."""
+    boolean the schema declares; booleans inside pass-through objects such as securityContext are not
+    toggles)."""
     import json
 
     schema = json.loads((CHART / "values.schema.json").read_text())

@@ -195,6 +195,10 @@ def test_trainer_image_installs_the_lock_apart_from_the_code_and_its_own_wheel_o
         if k == "RUN" and "nnunet-distill[trainer]" in rest
     ]
     assert own and "--no-index" in own[0], "install our own wheel with --no-index (dependency confusion)"
+    # --no-deps (onnxruntime-gpu stands in for the extra's onnxruntime), so the extra is checked explicitly.
+    assert (
+        "--no-deps" in own[0] and "m.requires('nnunet-distill')" in own[0] and "'extra': 'trainer'" in own[0]
+    )
     assert [json.loads(rest) for k, rest in final_stage(TRAINER_DOCKERFILE) if k == "ENTRYPOINT"] == [
         ["tini", "--"]
     ]
@@ -258,7 +262,8 @@ def test_trainer_image_env_matches_the_pods_the_operator_renders() -> None:
             writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
             for var in ("HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR"):
                 assert any(env[var] == w or env[var].startswith(w + "/") for w in writable), (
-                    f"{var}={env[var]} is not on a writable mount of {job['metadata']['name']} ({sorted(writable)})"
+                    f"{var}={env[var]} is not on a writable mount of {job['metadata']['name']} "
+                    f"({sorted(writable)})"
                 )
             assert "/dev/shm" in writable, "nnU-Net's loaders need a shared-memory volume"
 

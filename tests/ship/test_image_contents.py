@@ -1,9 +1,9 @@
 """What each image installs is enough for the commands it runs.
 
 The operator image installs only the `operator` extra and the trainer image only the `trainer` extra (see the
-Dockerfiles). Without a container engine, the next best check runs each image's console scripts here with every
-module the image would *not* have made unimportable: the sets are derived from the installed distributions'
-own requirement metadata, not listed by hand.
+Dockerfiles). Without a container engine, the next best check runs each image's console scripts here with
+every module the image would *not* have made unimportable: the sets are derived from the installed
+distributions' own requirement metadata, not listed by hand.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def top_level_modules(dists: set[str]) -> set[str]:
 
 
 def run_blocked(blocked: set[str], script: str, args: list[str]) -> subprocess.CompletedProcess:
-    """Run a console script's entry point in a fresh interpreter where `blocked` modules cannot be imported."""
+    """Run a console script's entry point in a fresh interpreter where `blocked` modules cannot be
+    imported."""
     module, _, func = SCRIPTS[script].partition(":")
     code = f"""
 import importlib.abc, sys

@@ -199,8 +199,8 @@ def test_service_and_pod_monitor_shape(render, all_on_values, podmonitor_values)
 
 @pytest.mark.parametrize("kind", ["serviceMonitor", "podMonitor"])
 def test_default_monitors_keep_each_jobs_namespace_label(render, kind) -> None:
-    """The operator exports per-job series labelled with the DistillationJob's namespace; the monitor must not let
-    Prometheus overwrite it with the operator's own (honor_labels: false would)."""
+    """The operator exports per-job series labelled with the DistillationJob's namespace; the monitor must
+    not let Prometheus overwrite it with the operator's own (honor_labels: false would)."""
     (monitor,) = [
         d for d in render({"metrics": {kind: {"enabled": True}}}) if d["kind"] == kind[0].upper() + kind[1:]
     ]
@@ -221,8 +221,8 @@ def test_service_and_pod_monitor_exclude_each_other(chart, helm) -> None:
 
 
 def test_rare_event_panels_count_over_the_whole_range() -> None:
-    """Stages finish hours apart: a rate over a few minutes shows nothing most of the time, so the stage panels
-    count with increase() over the dashboard's range, as instant queries."""
+    """Stages finish hours apart: a rate over a few minutes shows nothing most of the time, so the stage
+    panels count with increase() over the dashboard's range, as instant queries."""
     dashboard = json.loads(DASHBOARD_FILES[0].read_text())
     stage_targets = [
         t
@@ -237,7 +237,8 @@ def test_rare_event_panels_count_over_the_whole_range() -> None:
 
 
 def test_gpu_joins_match_names_exactly() -> None:
-    """Long DistillationJob names give hashed Job names; no `$job-.*` pattern may stand in for the ownership join."""
+    """Long DistillationJob names give hashed Job names; no `$job-.*` pattern may stand in for the ownership
+    join."""
     dashboard = json.loads(DASHBOARD_FILES[0].read_text())
     for _, expr in dashboard_queries(dashboard):
         assert "$job-" not in expr and "$job." not in expr, expr

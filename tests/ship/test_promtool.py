@@ -1,9 +1,9 @@
 """The chart's alert rules and the dashboard's PromQL, evaluated by Prometheus' own `promtool test rules`.
 
-The rules come from the real chart render (Helm SDK); the dashboard queries from the JSON the chart ships, with
-Grafana's variables filled in. Input series are written the way the operator, kube-state-metrics and dcgm-exporter
-export them; the Job names come from the operator's own naming code, so a long DistillationJob name produces the
-hashed Job name a cluster would see.
+The rules come from the real chart render (Helm SDK); the dashboard queries from the JSON the chart ships,
+with Grafana's variables filled in. Input series are written the way the operator, kube-state-metrics and
+dcgm-exporter export them; the Job names come from the operator's own naming code, so a long DistillationJob
+name produces the hashed Job name a cluster would see.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def test_alerts_fire_with_the_jobs_namespace_and_only_when_due(rule_groups, tmp_
                     "values": "0.95x45",
                 },
                 {
-                    "series": f'nnunet_distill_dice_retention{{job="{JOB}", namespace="ml-a", name="spleen"}}',
+                    "series": f'nnunet_distill_dice_retention{{job="{JOB}", namespace="ml-a", '
+                    'name="spleen"}',
                     "values": "0.99x45",
                 },
                 {"series": f'up{{job="{JOB}", namespace="nnunet-system", pod="op-0"}}', "values": "1x45"},
@@ -175,12 +176,14 @@ def test_gpu_panel_joins_long_hashed_job_names_to_their_distillationjob(tmp_path
         {"series": 'DCGM_FI_DEV_GPU_UTIL{gpu="0", namespace="ml", pod="p-long"}', "values": "80x10"},
         {"series": 'DCGM_FI_DEV_GPU_UTIL{gpu="1", namespace="ml", pod="p-other"}', "values": "10x10"},
         {
-            "series": f'kube_pod_owner{{namespace="ml", pod="p-long", owner_kind="Job", owner_name="{job_name}", '
+            "series": f'kube_pod_owner{{namespace="ml", pod="p-long", owner_kind="Job", '
+            f'owner_name="{job_name}", '
             'owner_is_controller="true"}',
             "values": "1x10",
         },
         {
-            "series": f'kube_pod_owner{{namespace="ml", pod="p-other", owner_kind="Job", owner_name="{other_job}", '
+            "series": f'kube_pod_owner{{namespace="ml", pod="p-other", owner_kind="Job", '
+            f'owner_name="{other_job}", '
             'owner_is_controller="true"}',
             "values": "1x10",
         },
@@ -190,7 +193,8 @@ def test_gpu_panel_joins_long_hashed_job_names_to_their_distillationjob(tmp_path
             "values": "1x10",
         },
         {
-            "series": f'kube_job_owner{{namespace="ml", job_name="{other_job}", owner_kind="DistillationJob", '
+            "series": f'kube_job_owner{{namespace="ml", job_name="{other_job}", '
+            'owner_kind="DistillationJob", '
             'owner_name="spleen", owner_is_controller="true"}',
             "values": "1x10",
         },
@@ -223,8 +227,9 @@ def test_gpu_panel_joins_long_hashed_job_names_to_their_distillationjob(tmp_path
 
 
 def test_stage_panels_show_a_stage_that_finished_hours_ago(tmp_path) -> None:
-    """One distill stage finished at 2h (600 s, in the 300-900 s bucket); at 6h the 6h-range panels still show it.
-    The operator exports every known stage at 0 from its start, which is what lets increase() see the first one."""
+    """One distill stage finished at 2h (600 s, in the 300-900 s bucket); at 6h the 6h-range panels still show
+    it. The operator exports every known stage at 0 from its start, which is what lets increase() see the
+    first one."""
     labels = f'job="{JOB}", stage="distill", result="Succeeded"'
     bucket = "nnunet_distill_stage_duration_seconds_bucket"
     series = [

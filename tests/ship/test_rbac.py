@@ -1,7 +1,7 @@
 """The chart's RBAC grants exactly the API calls the operator makes: the list lives in
-nnunet_distill_operator.rbac (tests/operator records the calls the running operator makes and compares them with
-the rendered chart both ways); here the rendered Roles/ClusterRoles are compared with it both ways, in both watch
-modes. Trainer pods get no chart-made identity: the operator creates one per DistillationJob."""
+nnunet_distill_operator.rbac (tests/operator records the calls the running operator makes and compares them
+with the rendered chart both ways); here the rendered Roles/ClusterRoles are compared with it both ways, in
+both watch modes. Trainer pods get no chart-made identity: the operator creates one per DistillationJob."""
 
 from __future__ import annotations
 
