@@ -1,7 +1,7 @@
 """External programs some tests need (promtool, buildah, Azurite, ...): found on PATH, or the test cannot run.
 
-`.ci/run` installs every one of them, so in CI (CI set) a missing program fails the test; on a developer machine
-without it the test is skipped with the command that installs it.
+`.ci/run` installs every one of them, so in CI (CI set) a missing program fails the test; on a developer
+machine without it the test is skipped with the command that installs it.
 """
 
 from __future__ import annotations

@@ -334,8 +334,8 @@ def test_pod_env_contract_matches_the_trainers_reporter() -> None:
 
 
 def test_quality_gate_constants_agree_with_the_trainer() -> None:
-    """The operator renders the gate's command, reads its exit code and termination message, and names the file
-    the distill stage writes: every one of those names is the trainer's."""
+    """The operator renders the gate's command, reads its exit code and termination message, and names the
+    file the distill stage writes: every one of those names is the trainer's."""
     from nnunet_distill_operator import status
 
     gate = importlib.import_module("nnunet_distill.gate")
@@ -366,8 +366,8 @@ def test_quality_gate_constants_agree_with_the_trainer() -> None:
 def test_gate_termination_message_becomes_status_metrics_and_the_condition(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The real gate CLI on a summary laid out where the plan's glob looks; its termination message read by the
-    operator's own functions: every figure the trainer reports lands in status.metrics (the API model)."""
+    """The real gate CLI on a summary laid out where the plan's glob looks; its termination message read by
+    the operator's own functions: every figure the trainer reports lands in status.metrics (the API model)."""
     import json
 
     from nnunet_distill_operator import status

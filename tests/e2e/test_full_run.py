@@ -1,14 +1,15 @@
-"""The project's end-to-end proof: a DistillationJob goes from `apply` to `Succeeded` with a verified model in a bucket.
+"""The project's end-to-end proof: a DistillationJob goes from `apply` to `Succeeded`, a verified model in S3.
 
-Real parts only: the operator (kopf, in-process), the kmock API server, a moto S3 server, and the trainer's own
-commands. The test plays the Job controller and the kubelet (`Kubelet` below): for every Job the operator creates
-it runs the pod template's containers (init containers first, then `main`) as local processes with the Job's env
-— the volume mount paths mapped to a private copy of the session's nnU-Net workspace, downward-API env from the
-pod's metadata, `secretKeyRef` env from the Secret in kmock — then records what a kubelet would: a Pod whose
-`main` container terminated with the termination message the stage wrote, and the Job's completion.
+Real parts only: the operator (kopf, in-process), the kmock API server, a moto S3 server, and the trainer's
+own commands. The test plays the Job controller and the kubelet (`Kubelet` below): for every Job the operator
+creates it runs the pod template's containers (init containers first, then `main`) as local processes with the
+Job's env — the volume mount paths mapped to a private copy of the session's nnU-Net workspace, downward-API
+env from the pod's metadata, `secretKeyRef` env from the Secret in kmock — then records what a kubelet would:
+a Pod whose `main` container terminated with the termination message the stage wrote, and the Job's
+completion.
 
-The session fixtures' preprocessed dataset and trained teachers are reused (`preprocess.mode: Never`, no teacher
-training), and the student trains for a tiny budget on the CPU.
+The session fixtures' preprocessed dataset and trained teachers are reused (`preprocess.mode: Never`, no
+teacher training), and the student trains for a tiny budget on the CPU.
 """
 
 from __future__ import annotations
@@ -320,7 +321,7 @@ async def _run_to_the_end(
 async def test_an_undertrained_student_is_stopped_by_the_quality_gate(
     kmock, tmp_path, workspace, moto_endpoint, monkeypatch
 ):
-    """One iteration of training: the gate fails it, nothing is published, and the job says why with figures."""
+    """One iteration of training: the gate fails it, nothing is published, the job says why with figures."""
     spec = _spec(f"s3://{BUCKET}/spleen", {"minRetention": 0.97, "minLabelRetention": 0.9, "enforce": True})
     spec["distillation"].update(epochs=1, iterationsPerEpoch=1)
     kubelet, finished = await _run_to_the_end(kmock, tmp_path, workspace, moto_endpoint, monkeypatch, spec)
