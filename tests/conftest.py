@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from nnunet_distill import contract
 
 DATASET_ID = 901
 DATASET_NAME = "Synth"
@@ -38,11 +39,7 @@ TEACHER_PLANS = "nnUNetPlans"
 TEACHER_FOLDS = (0, 1)
 TEACHER_BUDGET = ("-e", "2", "--iterations_per_epoch", "4", "--val_iterations", "2")
 RESENC_PLANS = ("nnUNetResEncUNetMPlans", "nnUNetResEncUNetLPlans", "nnUNetResEncUNetXLPlans")
-RESENC_PLANNERS = {
-    "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
-    "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
-    "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
-}
+RESENC_PLANNERS = contract.RESENC_PLANNERS
 RESENC_CPU_BATCH = 2
 LARGE_ID = 902
 LARGE_NAME = "Large"
@@ -127,7 +124,7 @@ class Teachers:
 
     @property
     def folder(self) -> Path:
-        from nnunet_distill.naming import model_folder_name
+        from nnunet_distill.contract import model_folder_name
 
         return self.dataset.results_dataset / model_folder_name(self.trainer, self.plans, self.configuration)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KD_MODES = ("pixel", "channel", "both")  # = loss.KD_MODES (kept torch-free here)
@@ -29,17 +29,19 @@ class ConfigError(ValueError):
 class DistillationConfig:
     dataset: str  # -d: ID ("901") or full name ("Dataset901_Synth")
     fold: int  # -f: the student's fold (its validation cases)
-    configuration: str = naming.DEFAULT_CONFIGURATION
+    configuration: str = contract.DEFAULT_CONFIGURATION
     alpha: float = 0.3  # -a: weight of the KD term
     temperature: float = 3.0  # -temp
     reduction_factor: int = 2  # -r
     teacher_folds: tuple[int, ...] | None = None  # -tf; None = every complete fold found
-    teacher_trainer: str = naming.DEFAULT_TEACHER_TRAINER  # -tr
-    teacher_plans: str = naming.DEFAULT_PLANS  # -p (standard) / -tpl (ResEnc)
+    teacher_trainer: str = contract.DEFAULT_TEACHER_TRAINER  # -tr
+    teacher_plans: str = contract.DEFAULT_PLANS  # -p (standard) / -tpl (ResEnc)
     teacher_folder: str | None = None  # -t; None = $nnUNet_results/<Dataset>/<tr>__<plans>__<cfg>
     teacher_checkpoint: str = DEFAULT_CHECKPOINT  # -tcp
     teacher_precision: str = "auto"  # --teacher_precision: auto | fp32 | bf16 | fp16
-    student_base_plans: str = naming.DEFAULT_PLANS  # the plans the student is derived from (-spl for ResEnc)
+    student_base_plans: str = (
+        contract.DEFAULT_PLANS
+    )  # the plans the student is derived from (-spl for ResEnc)
     block_strategy: str | None = None  # -bs (ResEnc students); None for the standard CLI
     epochs: int | None = None  # -e; None = nnU-Net's default (1000)
     iterations_per_epoch: int | None = None  # None = nnU-Net's default (250)
@@ -61,13 +63,13 @@ class DistillationConfig:
 
     @property
     def student_plans_identifier(self) -> str:
-        return naming.student_plans_identifier(
+        return contract.student_plans_identifier(
             self.student_base_plans, self.reduction_factor, self.block_strategy
         )
 
     @property
     def trainer_name(self) -> str:
-        return naming.distill_trainer_name(self.use_da5)
+        return contract.distill_trainer_name(self.use_da5)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -102,9 +104,9 @@ def validate(cfg: DistillationConfig) -> None:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if cfg.rotate_freq < 1:
         raise ConfigError(f"-rotate_freq must be >= 1 epoch, got {cfg.rotate_freq}")
-    if cfg.block_strategy is not None and cfg.block_strategy not in naming.BLOCK_STRATEGIES:
+    if cfg.block_strategy is not None and cfg.block_strategy not in contract.BLOCK_STRATEGIES:
         raise ConfigError(
-            f"-bs/--block_strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
+            f"-bs/--block_strategy must be one of {', '.join(contract.BLOCK_STRATEGIES)}, "
             f"got {cfg.block_strategy!r}"
         )
     if cfg.device is not None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 from nnunet_distill.config import ConfigError, DistillationConfig, parse_device_string
 
 
@@ -285,7 +285,7 @@ def prepare(config: DistillationConfig) -> PreparedRun:
         )
 
     output_folder = (
-        naming.student_model_folder(
+        contract.student_model_folder(
             results_dir / dataset_name, student_plans["plans_name"], config.configuration, config.use_da5
         )
         / f"fold_{config.fold}"

@@ -32,15 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nnunet_distill import contract
 from nnunet_distill.gate import result_metrics  # noqa: F401 - status.metrics: one definition, in gate
 
 #: Where the summary goes, beside nnU-Net's summary.json.
-SUMMARY_NAME = "distillation_summary.json"
-SCHEMA_VERSION = 2
+SUMMARY_NAME = contract.SUMMARY_NAME
+SCHEMA_VERSION = contract.SUMMARY_SCHEMA_VERSION
 
-TEST_SET = "test_set"
-VALIDATION_UNSEEN = "validation_unseen_teachers"
-NO_HONEST_BASELINE = "none"
+TEST_SET = contract.SUMMARY_TEST_SET
+VALIDATION_UNSEEN = contract.SUMMARY_VALIDATION_UNSEEN
+NO_HONEST_BASELINE = contract.SUMMARY_NO_HONEST_BASELINE
 
 
 class EvaluationError(ValueError):

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from nnunet_distill import metadata as md
-from nnunet_distill import naming
+from nnunet_distill import contract
 from nnunet_distill.verify import Comparison, Tolerance
 
 DEFAULT_OPSET = 17
@@ -94,7 +94,7 @@ def describe_students(dataset_dir: Path) -> str:
     """One line listing every student model folder, its folds and their checkpoints (for not-found errors)."""
     entries = []
     for folder in sorted(dataset_dir.iterdir()) if dataset_dir.is_dir() else []:
-        if not folder.is_dir() or not folder.name.startswith(naming.DISTILL_TRAINER):
+        if not folder.is_dir() or not folder.name.startswith(contract.DISTILL_TRAINER):
             continue
         folds = []
         for fold in sorted(folder.glob("fold_*")):
@@ -115,12 +115,12 @@ def find_student_fold_dir(
 ) -> Path:
     """The fold folder of the student trained with these arguments, or an error listing what does exist."""
     dataset_dir = resolve_dataset_dir(root, dataset)
-    model_dir = naming.student_model_folder(dataset_dir, plans_identifier, configuration, use_da5)
+    model_dir = contract.student_model_folder(dataset_dir, plans_identifier, configuration, use_da5)
     fold_dir = model_dir / f"fold_{fold}"
     if (fold_dir / checkpoint_name).is_file():
         return fold_dir
     raise StudentNotFoundError(
-        f"no student at {fold_dir / checkpoint_name} (trainer {naming.distill_trainer_name(use_da5)}, plans "
+        f"no student at {fold_dir / checkpoint_name} (trainer {contract.distill_trainer_name(use_da5)}, plans "
         f"{plans_identifier}, configuration {configuration}, fold {fold}); students in {dataset_dir.name}: "
         f"{describe_students(dataset_dir)}; pass the -r/-c/-f/-da5 (and -p/-spl/-bs) used for training"
     )
@@ -453,7 +453,7 @@ class ExportRequest:
 
     dataset: str
     plans_identifier: str
-    configuration: str = naming.DEFAULT_CONFIGURATION
+    configuration: str = contract.DEFAULT_CONFIGURATION
     fold: str = "0"
     use_da5: bool = False
     checkpoint_name: str = "checkpoint_final.pth"

@@ -23,10 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 2  # evaluation.SCHEMA_VERSION: the summary layout this gate reads
-TEST_SET = "test_set"
-VALIDATION_UNSEEN = "validation_unseen_teachers"
-NO_HONEST_BASELINE = "none"
+from nnunet_distill import contract
+
+SCHEMA_VERSION = contract.SUMMARY_SCHEMA_VERSION  # the summary layout this gate reads
+TEST_SET = contract.SUMMARY_TEST_SET
+VALIDATION_UNSEEN = contract.SUMMARY_VALIDATION_UNSEEN
+NO_HONEST_BASELINE = contract.SUMMARY_NO_HONEST_BASELINE
 EVALUATIONS = (TEST_SET, VALIDATION_UNSEEN, NO_HONEST_BASELINE)
 
 DEFAULT_MIN_RETENTION = 0.97
@@ -34,14 +36,13 @@ DEFAULT_MIN_LABEL_RETENTION = 0.90
 MAX_THRESHOLD = 1.5  # a student may beat its teachers, but a threshold above 1.5 is a typo
 
 # Condition / termination-message reasons (CamelCase, as metav1.Condition wants them).
-PASSED = "QualityGatePassed"
-FAILED = "QualityGateFailed"
-NOT_ENFORCED = "QualityGateNotEnforced"
+PASSED = contract.GATE_PASSED
+FAILED = contract.GATE_FAILED
+NOT_ENFORCED = contract.GATE_NOT_ENFORCED
 
 # Exit code of `nnunet-distill gate` for an enforced failure: deterministic, so the operator's Job fails at once
-# (podFailurePolicy FailJob) instead of retrying. Mirrored in nnunet_distill_operator.status; the contract test
-# checks that both agree.
-EXIT_GATE_FAILED = 3
+# (podFailurePolicy FailJob) instead of retrying. The operator reads the same contract constant.
+EXIT_GATE_FAILED = contract.EXIT_CODE_GATE_FAILED
 
 MAX_LISTED_LABELS = (
     8  # labels named in messages and the termination message (the full table is in the summary)

@@ -17,17 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-# One process per pool and no augmentation workers: on small CPUs spawning nnU-Net's default 8 workers
-# costs more than the work (see README "Performance knobs"); on GPUs the image overrides these.
-CPU_FRIENDLY_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
-
-_RESENC_PLANNERS = {
-    "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
-    "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
-    "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
-    "nnUNetResEncUNetPlans": "ResEncUNetPlanner",
-}
+from nnunet_distill.contract import CPU_FRIENDLY_ENV as CPU_FRIENDLY_ENV
+from nnunet_distill.contract import NNUNET_FOLDER_VARS as ENV_VARS
+from nnunet_distill.contract import RESENC_PLANNERS
 
 
 class NnUNetSetupError(RuntimeError):
@@ -100,7 +92,7 @@ def resolve_dataset_name(dataset: str | int, environ: Mapping[str, str] | None =
 
 def planner_for(plans_identifier: str) -> str | None:
     """The experiment planner that makes a given stock plans identifier (None for the default planner)."""
-    return _RESENC_PLANNERS.get(plans_identifier)
+    return RESENC_PLANNERS.get(plans_identifier)
 
 
 def plan_command(dataset_id: int, plans_identifier: str, configuration: str) -> str:

@@ -37,23 +37,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from nnunet_distill import contract
+
 log = logging.getLogger(__name__)
 
-GROUP = "distillation.nnunet.io"
-VERSION = "v1alpha1"
-PLURAL = "distillationjobs"
+GROUP, VERSION, PLURAL = contract.GROUP, contract.VERSION, contract.PLURAL
 
-ENV_NAME = "DISTILLATIONJOB_NAME"
-ENV_NAMESPACE = "DISTILLATIONJOB_NAMESPACE"
-ENV_UID = "DISTILLATIONJOB_UID"
-ENV_STAGE = "DISTILLATIONJOB_STAGE"  # optional: the stage name the operator gave this Job
-ENV_INTERVAL = "NNUNET_DISTILL_PROGRESS_INTERVAL_S"
-ENV_HEARTBEAT = "NNUNET_DISTILL_PROGRESS_HEARTBEAT_S"
-ENV_TERMINATION_PATH = "TERMINATION_MESSAGE_PATH"
+ENV_NAME = contract.ENV_JOB_NAME
+ENV_NAMESPACE = contract.ENV_JOB_NAMESPACE
+ENV_UID = contract.ENV_JOB_UID
+ENV_STAGE = contract.ENV_JOB_STAGE  # optional: the stage name the operator gave this Job
+ENV_INTERVAL = contract.ENV_PROGRESS_INTERVAL
+ENV_HEARTBEAT = contract.ENV_PROGRESS_HEARTBEAT
+ENV_TERMINATION_PATH = contract.ENV_TERMINATION_PATH
 
 DEFAULT_INTERVAL_S = 30.0
 DEFAULT_HEARTBEAT_S = 180.0
-DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+DEFAULT_TERMINATION_PATH = contract.DEFAULT_TERMINATION_PATH
 TERMINATION_LIMIT = 4096  # the kubelet keeps at most 4096 bytes of a container's termination message
 REQUEST_TIMEOUT = (5, 10)  # (connect, read) seconds: a slow API server must not stall training for long
 ETA_WINDOW = 5  # epochs averaged for the ETA

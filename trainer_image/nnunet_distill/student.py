@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 from nnunet_distill.atomic import atomic_write_json
 
 MIN_FEATURES = 8
@@ -124,7 +124,7 @@ def block_counts(
         return [max(min(n + 1, max_blocks), n) for n in blocks]
     if strategy != "adaptive":
         raise ValueError(
-            f"block strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, got {strategy!r}"
+            f"block strategy must be one of {', '.join(contract.BLOCK_STRATEGIES)}, got {strategy!r}"
         )
     if teacher_features is None or len(teacher_features) != len(blocks):
         raise ValueError(
@@ -282,9 +282,9 @@ def derive_student_plans(
     """
     if reduction_factor < 1:
         raise StudentPlansError(f"reduction factor (-r) must be >= 1, got {reduction_factor}")
-    if block_strategy is not None and block_strategy not in naming.BLOCK_STRATEGIES:
+    if block_strategy is not None and block_strategy not in contract.BLOCK_STRATEGIES:
         raise StudentPlansError(
-            f"block strategy (-bs) must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
+            f"block strategy (-bs) must be one of {', '.join(contract.BLOCK_STRATEGIES)}, "
             f"got {block_strategy!r}"
         )
     plans = copy.deepcopy(student_base_plans)
@@ -295,7 +295,7 @@ def derive_student_plans(
             f"configuration {configuration!r} not found in plans "
             f"{plans.get('plans_name')!r} (available: {available})"
         )
-    base_name = plans.get("plans_name", naming.DEFAULT_PLANS)
+    base_name = plans.get("plans_name", contract.DEFAULT_PLANS)
     resenc = is_residual_encoder(_resolved_architecture(configurations, configuration))
     strategy = block_strategy if resenc else (None if block_strategy in (None, "keep") else block_strategy)
 
@@ -307,7 +307,7 @@ def derive_student_plans(
         if "architecture" in cfg:
             cfg["architecture"] = _reduce_architecture(cfg["architecture"], reduction_factor, strategy)
 
-    plans["plans_name"] = plans_name or naming.student_plans_identifier(
+    plans["plans_name"] = plans_name or contract.student_plans_identifier(
         base_name, reduction_factor, (strategy or "keep") if resenc else None
     )
     plans["distillation"] = {

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
@@ -52,12 +52,12 @@ class TeacherFold:
 def default_teacher_folder(
     results_dir: str | Path,
     dataset_name: str,
-    trainer: str = naming.DEFAULT_TEACHER_TRAINER,
-    plans: str = naming.DEFAULT_PLANS,
-    configuration: str = naming.DEFAULT_CONFIGURATION,
+    trainer: str = contract.DEFAULT_TEACHER_TRAINER,
+    plans: str = contract.DEFAULT_PLANS,
+    configuration: str = contract.DEFAULT_CONFIGURATION,
 ) -> Path:
     """``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>``: where ``nnUNetv2_train`` puts folds."""
-    return Path(results_dir) / dataset_name / naming.model_folder_name(trainer, plans, configuration)
+    return Path(results_dir) / dataset_name / contract.model_folder_name(trainer, plans, configuration)
 
 
 def available_folds(teacher_folder: str | Path, checkpoint_name: str = DEFAULT_CHECKPOINT) -> list[int]:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 
 _PROG_STANDARD = "nnUNetv2_distillation_export_onnx"
 _PROG_RESENC = "nnUNetv2_resenc_distillation_export_onnx"
@@ -29,7 +29,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c",
         "--configuration",
-        default=naming.DEFAULT_CONFIGURATION,
+        default=contract.DEFAULT_CONFIGURATION,
         help="nnU-Net configuration the student was trained with (default: %(default)s)",
     )
     parser.add_argument("-f", "--fold", default="0", help="student fold (default: %(default)s)")
@@ -103,7 +103,7 @@ def build_parser_standard() -> argparse.ArgumentParser:
         "--plans",
         "--teacher_plans",
         dest="plans",
-        default=naming.DEFAULT_PLANS,
+        default=contract.DEFAULT_PLANS,
         help="teacher plans the student plans were derived from, as nnUNetv2_distillation_train -p "
         "(default: %(default)s)",
     )
@@ -154,21 +154,21 @@ def build_parser_resenc() -> argparse.ArgumentParser:
         "--plans",
         "--teacher_plans",
         dest="plans",
-        default=naming.DEFAULT_RESENC_TEACHER_PLANS,
+        default=contract.DEFAULT_RESENC_TEACHER_PLANS,
         help="teacher plans identifier used for training (-tpl of the training CLI; recorded in "
         "the metadata) (default: %(default)s)",
     )
     parser.add_argument(
         "-spl",
         "--student_plans",
-        default=naming.DEFAULT_PLANS,
+        default=contract.DEFAULT_PLANS,
         help="student base plans used for training, as nnUNetv2_resenc_distillation_train -spl "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "-bs",
         "--block_strategy",
-        choices=naming.BLOCK_STRATEGIES,
+        choices=contract.BLOCK_STRATEGIES,
         default="keep",
         help="block strategy used for training (default: %(default)s)",
     )
@@ -198,9 +198,9 @@ def _tolerance(args):
 
 
 def _student_plans(parser: argparse.ArgumentParser, base: str, r: int, block_strategy: str | None) -> str:
-    """The student's plans identifier exactly as the training CLIs derive it (naming.student_plans_identifier)."""
+    """The student's plans identifier exactly as the training CLIs derive it (contract.student_plans_identifier)."""
     try:
-        return naming.student_plans_identifier(base, r, block_strategy)
+        return contract.student_plans_identifier(base, r, block_strategy)
     except ValueError as exc:
         parser.error(str(exc))
 

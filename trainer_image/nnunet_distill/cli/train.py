@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 from nnunet_distill.config import TEACHER_PRECISIONS, ConfigError, DistillationConfig, parse_device_string
 
 
@@ -36,7 +36,7 @@ STANDARD = Variant(
     "standard",
     "nnUNetv2_distillation_train",
     ("-p", "--teacher_plans"),
-    naming.DEFAULT_PLANS,
+    contract.DEFAULT_PLANS,
     400,
     student_plans_flag=False,
     block_strategy_flag=False,
@@ -45,7 +45,7 @@ RESENC = Variant(
     "resenc",
     "nnUNetv2_resenc_distillation_train",
     ("-tpl", "--teacher_plans", "-p"),
-    naming.DEFAULT_RESENC_TEACHER_PLANS,
+    contract.DEFAULT_RESENC_TEACHER_PLANS,
     5,
     student_plans_flag=True,
     block_strategy_flag=True,
@@ -109,7 +109,7 @@ def _device(text: str) -> str:
 def _block_strategy_help() -> str:
     from nnunet_distill.student import BLOCK_STRATEGY_HELP
 
-    rules = "; ".join(f"{name}: {BLOCK_STRATEGY_HELP[name]}" for name in naming.BLOCK_STRATEGIES)
+    rules = "; ".join(f"{name}: {BLOCK_STRATEGY_HELP[name]}" for name in contract.BLOCK_STRATEGIES)
     return (
         f"residual blocks per encoder stage of a ResEnc student (a plain student accepts only keep). "
         f"{rules}. Default: %(default)s"
@@ -151,7 +151,7 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
     p.add_argument(
         "-c",
         "--configuration",
-        default=naming.DEFAULT_CONFIGURATION,
+        default=contract.DEFAULT_CONFIGURATION,
         help="nnU-Net configuration of teachers and student (default: %(default)s)",
     )
     p.add_argument(
@@ -230,7 +230,7 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
     p.add_argument(
         "-tr",
         "--teacher_trainer",
-        default=naming.DEFAULT_TEACHER_TRAINER,
+        default=contract.DEFAULT_TEACHER_TRAINER,
         help="trainer the teachers were trained with; only used to find the default teacher folder "
         "(default: %(default)s)",
     )
@@ -246,7 +246,7 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
         p.add_argument(
             "-spl",
             "--student_plans",
-            default=naming.DEFAULT_PLANS,
+            default=contract.DEFAULT_PLANS,
             help="plans the student is derived from (in $nnUNet_preprocessed/<Dataset>/): plain U-Net "
             "plans (nnUNetPlans) give a plain student, ResEnc plans (nnUNetResEncUNetMPlans...) a "
             "ResEnc student; they must share the teachers' preprocessed data (default: %(default)s)",
@@ -255,7 +255,7 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
         p.add_argument(
             "-bs",
             "--block_strategy",
-            choices=naming.BLOCK_STRATEGIES,
+            choices=contract.BLOCK_STRATEGIES,
             default="keep",
             help=_block_strategy_help(),
         )

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 from nnunet_distill.nnunet_env import (
     NnUNetSetupError,
     load_dataset_json,
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-c",
         "--configuration",
-        default=naming.DEFAULT_CONFIGURATION,
-        help=f"nnU-Net configuration (default {naming.DEFAULT_CONFIGURATION})",
+        default=contract.DEFAULT_CONFIGURATION,
+        help=f"nnU-Net configuration (default {contract.DEFAULT_CONFIGURATION})",
     )
     folds = parser.add_mutually_exclusive_group(required=True)
     folds.add_argument("-f", "--fold", type=_fold, help="fold to train (0..4 or 'all')")
@@ -81,15 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-tr",
         "--trainer",
-        default=naming.DEFAULT_TEACHER_TRAINER,
-        help=f"nnU-Net trainer class (default {naming.DEFAULT_TEACHER_TRAINER}; external trainers "
+        default=contract.DEFAULT_TEACHER_TRAINER,
+        help=f"nnU-Net trainer class (default {contract.DEFAULT_TEACHER_TRAINER}; external trainers "
         "via nnUNet_extTrainer)",
     )
     parser.add_argument(
         "-p",
         "--plans",
-        default=naming.DEFAULT_PLANS,
-        help=f"plans identifier (default {naming.DEFAULT_PLANS}; e.g. nnUNetResEncUNetMPlans)",
+        default=contract.DEFAULT_PLANS,
+        help=f"plans identifier (default {contract.DEFAULT_PLANS}; e.g. nnUNetResEncUNetMPlans)",
     )
     parser.add_argument(
         "-e",
