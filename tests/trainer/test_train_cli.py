@@ -234,7 +234,7 @@ def _workspace_env(root: Path) -> dict:
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["-d", "977", "-f", "0", "-d_device", "cpu"], "unknown dataset 977 (-d)"),
+        (["-d", "977", "-f", "0", "-d_device", "cpu"], "dataset 977 not found in nnUNet_raw="),
         (["-d", "901", "-f", "0", "-a", "2"], "-a/--alpha: must be in [0, 1], got 2"),
     ],
 )

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from nnunet_distill import metadata as md
-from nnunet_distill import contract
+from nnunet_distill import contract, nnunet_env
 from nnunet_distill.verify import Comparison, Tolerance
 
 DEFAULT_OPSET = 17
@@ -56,13 +56,12 @@ class CheckpointError(ExportError):
 
 
 def results_root() -> Path:
-    value = os.environ.get("nnUNet_results")
-    if not value:
+    try:
+        return nnunet_env.env_dir("nnUNet_results")
+    except nnunet_env.NnUNetSetupError as exc:
         raise ExportError(
-            "nnUNet_results is not set; export it as the folder that holds DatasetXXX_Name/ with "
-            "the distilled student"
-        )
-    return Path(value)
+            f"{exc} - the folder that holds DatasetXXX_Name/ with the distilled student"
+        ) from None
 
 
 def resolve_dataset_dir(root: Path, dataset: str) -> Path:
@@ -70,24 +69,12 @@ def resolve_dataset_dir(root: Path, dataset: str) -> Path:
 
     Looked up in nnUNet_results only, so exporting never needs the raw or preprocessed data on disk.
     """
-    if (root / dataset).is_dir() and dataset.startswith("Dataset"):
-        return root / dataset
-    candidates = []
-    if dataset.isdigit():
-        prefix = f"Dataset{int(dataset):03d}_"
-        candidates = sorted(p for p in root.glob(prefix + "*") if p.is_dir())
-    if len(candidates) == 1:
-        return candidates[0]
-    present = sorted(p.name for p in root.glob("Dataset*") if p.is_dir()) if root.is_dir() else []
-    if len(candidates) > 1:
-        raise StudentNotFoundError(
-            f"dataset {dataset!r} is ambiguous under {root}: {[c.name for c in candidates]}; "
-            "pass the full dataset name with -d"
-        )
-    raise StudentNotFoundError(
-        f"dataset {dataset!r} not found under nnUNet_results={root} (present: "
-        f"{', '.join(present) or 'none'}); check -d and nnUNet_results"
-    )
+    try:
+        name = nnunet_env.resolve_dataset_name(dataset, {"nnUNet_results": str(root)}, ("nnUNet_results",))
+    except nnunet_env.NnUNetSetupError as exc:
+        present = sorted(p.name for p in root.glob("Dataset*") if p.is_dir()) if root.is_dir() else []
+        raise StudentNotFoundError(f"{exc} (present: {', '.join(present) or 'none'})") from None
+    return root / name
 
 
 def describe_students(dataset_dir: Path) -> str:
@@ -189,7 +176,6 @@ def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> Lo
     """Rebuild the student exactly as `nnUNetv2_predict` would: plans.json + the checkpoint's trainer class."""
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     model_dir = fold_dir.parent
@@ -202,9 +188,8 @@ def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> Lo
             f"checkpoint was trained with configuration {trained_cfg!r}, not {configuration!r}; "
             "pass -c " + trained_cfg
         )
-    plans_manager = PlansManager(plans)
     try:
-        configuration_manager = plans_manager.get_configuration(configuration)
+        PlansManager(plans).get_configuration(configuration)
     except (RuntimeError, ValueError) as exc:
         raise ExportError(
             f"plans.json of {model_dir.name} has no usable configuration {configuration!r}: {exc}"
@@ -217,10 +202,8 @@ def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> Lo
             f"checkpoint names trainer class {trainer_name!r}, which nnU-Net cannot find; set "
             "nnUNet_extTrainer to the folder that defines it"
         ) from None
-    num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    network = trainer_class.build_network_architecture(
-        plans_manager, configuration_manager, num_inputs, num_outputs, enable_deep_supervision=False
+    network = nnunet_env.network_from_plans(
+        plans, configuration, dataset_json, deep_supervision=False, trainer_class=trainer_class
     )
     try:
         network.load_state_dict(checkpoint["network_weights"])

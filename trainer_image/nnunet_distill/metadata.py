@@ -24,6 +24,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from nnunet_distill.nnunet_env import PlansError, resolved_configuration, total_stride
+
 FORMAT = "nnunet-distill-inference"
 FORMAT_VERSION = 1
 SIDECAR_NAME = "nnunet_inference.json"
@@ -60,16 +62,10 @@ def plans_for_inference(plans: Mapping[str, Any], configuration: str) -> dict:
             f"configuration {configuration!r} is not in the plans (available: "
             f"{sorted(configurations)}); pass the configuration the student was trained with (-c)"
         )
-    resolved: dict = {}
-    chain, name = [], configuration
-    while name is not None:
-        if name in chain:
-            raise MetadataError(f"circular 'inherits_from' in plans configurations: {chain + [name]}")
-        chain.append(name)
-        name = configurations[name].get("inherits_from")
-    for name in reversed(chain):
-        resolved.update(deepcopy(configurations[name]))
-    resolved.pop("inherits_from", None)
+    try:
+        resolved = resolved_configuration(configurations, configuration)
+    except PlansError as exc:
+        raise MetadataError(str(exc)) from None
     out = {k: deepcopy(v) for k, v in plans.items() if k != "configurations"}
     out["configurations"] = {configuration: resolved}
     return out
@@ -88,14 +84,7 @@ def spatial_divisor(configuration: Mapping[str, Any]) -> list[int]:
     """
     arch = configuration.get("architecture", {}).get("arch_kwargs", {})
     strides = arch.get("strides") or configuration.get("pool_op_kernel_sizes")
-    ndim = len(configuration["patch_size"])
-    if not strides:
-        return [1] * ndim
-    divisor = [1] * ndim
-    for stage in strides:
-        stage = [stage] * ndim if isinstance(stage, int) else list(stage)
-        divisor = [d * int(s) for d, s in zip(divisor, stage, strict=False)]
-    return divisor
+    return total_stride(strides, len(configuration["patch_size"]))
 
 
 def sha256_file(path: str | Path) -> str:

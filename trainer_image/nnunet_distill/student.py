@@ -18,11 +18,11 @@ import json
 import math
 import os
 import pydoc
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nnunet_distill import contract
+from nnunet_distill import contract, nnunet_env
 from nnunet_distill.atomic import atomic_write_json
 
 MIN_FEATURES = 8
@@ -208,26 +208,16 @@ def _configuration_descendants(configurations: dict, configuration: str) -> list
 
 
 def _resolved_architecture(configurations: dict, configuration: str) -> dict:
-    seen: list[str] = []
-    name = configuration
-    while True:
-        if name not in configurations:
-            raise StudentPlansError(
-                f"configuration {name!r} not found in the student plans "
-                f"(available: {', '.join(configurations)})"
-            )
-        if name in seen:
-            raise StudentPlansError(f"circular inherits_from in plans: {' -> '.join(seen + [name])}")
-        seen.append(name)
-        cfg = configurations[name]
-        if "architecture" in cfg:
-            return cfg["architecture"]
-        if "inherits_from" not in cfg:
-            raise StudentPlansError(
-                f"configuration {configuration!r} has no architecture in the plans "
-                "(re-plan it with nnUNetv2_plan_experiment)"
-            )
-        name = cfg["inherits_from"]
+    try:
+        cfg = nnunet_env.resolved_configuration(configurations, configuration)
+    except nnunet_env.PlansError as exc:
+        raise StudentPlansError(f"student plans: {exc}") from None
+    if "architecture" not in cfg:
+        raise StudentPlansError(
+            f"configuration {configuration!r} has no architecture in the plans "
+            "(re-plan it with nnUNetv2_plan_experiment)"
+        )
+    return cfg["architecture"]
 
 
 def _reduce_architecture(architecture: dict, r: int, block_strategy: str | None) -> dict:
@@ -342,14 +332,6 @@ def _labels_key(dataset_json: dict) -> list:
     return sorted((str(k), json.dumps(v, sort_keys=True)) for k, v in labels.items())
 
 
-def _total_stride(strides: Iterable[Sequence[int]], dim: int) -> list[int]:
-    total = [1] * dim
-    for stride in strides:
-        stride = [stride] * dim if isinstance(stride, int) else list(stride)
-        total = [t * int(s) for t, s in zip(total, stride, strict=False)]
-    return total
-
-
 def check_compatible(
     teacher_plans: dict,
     teacher_dataset_json: dict,
@@ -425,7 +407,7 @@ def check_compatible(
                 "planners share nnUNetPlans_3d_fullres data)"
             )
     dim = len(s_cm.patch_size)
-    total = _total_stride(s_cm.network_arch_init_kwargs.get("strides", []), dim)
+    total = nnunet_env.total_stride(s_cm.network_arch_init_kwargs.get("strides", []), dim)
     if any(int(p) % t for p, t in zip(s_cm.patch_size, total, strict=False)):
         raise CompatibilityError(
             f"student patch size {list(s_cm.patch_size)} is not divisible by its total "
@@ -475,17 +457,7 @@ def write_student_plans(preprocessed_dataset_dir: str | os.PathLike, plans: dict
 
 def build_network(plans: dict, configuration: str, dataset_json: dict, deep_supervision: bool = True):
     """The network stock nnU-Net builds from these plans (same classes, same calls, same init)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(configuration)
-    num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    return nnUNetTrainer.build_network_architecture(
-        plans_manager, configuration_manager, num_inputs, num_outputs, deep_supervision
-    )
+    return nnunet_env.network_from_plans(plans, configuration, dataset_json, deep_supervision)
 
 
 def count_parameters(module) -> int:

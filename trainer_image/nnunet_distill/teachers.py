@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnunet_distill import contract
+from nnunet_distill import contract, nnunet_env
 
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
@@ -143,20 +143,12 @@ def read_teacher_json(teacher_folder: str | Path) -> tuple[dict, dict]:
 def build_teacher_network(plans: dict, configuration: str, dataset_json: dict) -> nn.Module:
     """The architecture nnU-Net builds from the teacher's plans; deep supervision off (only the full-res head
     is distilled, and skipping the other heads saves work)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    pm = PlansManager(plans)
     if configuration not in plans.get("configurations", {}):
         raise TeacherError(
-            f"configuration {configuration!r} is not in the teacher plans {pm.plans_name!r} "
+            f"configuration {configuration!r} is not in the teacher plans {plans.get('plans_name')!r} "
             f"(available: {', '.join(plans.get('configurations', {}))})"
         )
-    cm = pm.get_configuration(configuration)
-    n_in = determine_num_input_channels(pm, cm, dataset_json)
-    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    return nnUNetTrainer.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=False)
+    return nnunet_env.network_from_plans(plans, configuration, dataset_json, deep_supervision=False)
 
 
 def _clean_state_dict(state: dict) -> dict:
