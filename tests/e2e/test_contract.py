@@ -286,7 +286,8 @@ def test_pod_env_contract_matches_the_trainers_reporter() -> None:
     names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert {report.ENV_NAME, report.ENV_NAMESPACE, report.ENV_UID, report.ENV_STAGE} <= names
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["terminationMessagePath"] == report.DEFAULT_TERMINATION_PATH
+    termination = importlib.import_module("nnunet_distill.termination")
+    assert container["terminationMessagePath"] == termination.DEFAULT_TERMINATION_PATH
 
 
 def test_quality_gate_constants_agree_with_the_trainer() -> None:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 from nnunet_distill import publish as pub
-from nnunet_distill.publish import PublishError, Reason, RetryPolicy
+from nnunet_distill import storage
+from nnunet_distill.storage import PublishError, Reason, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 AZURITE = Path(
@@ -280,12 +281,12 @@ def test_operator_secret_mapping_publishes_to_azurite(azurite, container, packag
 def test_gcs_configuration_mapping():
     """gs:// has no working emulator here (README): the configuration obstore receives is checked instead."""
     key = json.dumps({"type": "service_account", "client_email": "p@x.iam.gserviceaccount.com"})
-    target = pub.parse_uri("gs://models/liver")
-    cfg, client = pub.store_options(
+    target = storage.parse_uri("gs://models/liver")
+    cfg, client = storage.store_options(
         target, {"GOOGLE_SERVICE_ACCOUNT_KEY": key, "AWS_REGION": "ignored"}, FAST
     )
     assert cfg == {"google_service_account_key": key} and "allow_http" not in client
-    cfg, client = pub.store_options(
+    cfg, client = storage.store_options(
         target,
         {
             "GOOGLE_SERVICE_ACCOUNT_KEY": key,
@@ -296,7 +297,7 @@ def test_gcs_configuration_mapping():
     )
     assert cfg["google_base_url"] == "http://gcs.test:4443" and client["allow_http"] is True
     with pytest.raises(PublishError) as info:
-        pub.store_options(target, {"GOOGLE_BASE_URL": "http://gcs.test:4443"}, FAST)
+        storage.store_options(target, {"GOOGLE_BASE_URL": "http://gcs.test:4443"}, FAST)
     assert info.value.reason == Reason.INSECURE_ENDPOINT
     from nnunet_distill_operator import k8s
 
@@ -305,5 +306,5 @@ def test_gcs_configuration_mapping():
     # every key the operator maps is one publish reads (the allow-http switch is read on its own)
     for scheme in ("s3", "gs", "az"):
         for var, _ in k8s.CREDENTIAL_ENV[scheme]:
-            assert var == pub.ALLOW_HTTP_ENV or var in pub._ENV_KEYS[scheme], (scheme, var)
-        assert pub.ENDPOINT_NAME[scheme] in {v for v, _ in k8s.CREDENTIAL_ENV[scheme]}
+            assert var == storage.ALLOW_HTTP_ENV or var in storage._ENV_KEYS[scheme], (scheme, var)
+        assert storage.ENDPOINT_NAME[scheme] in {v for v, _ in k8s.CREDENTIAL_ENV[scheme]}

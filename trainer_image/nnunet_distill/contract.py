@@ -61,6 +61,10 @@ SUMMARY_TEST_SET = "test_set"
 SUMMARY_VALIDATION_UNSEEN = "validation_unseen_teachers"
 SUMMARY_NO_HONEST_BASELINE = "none"
 ONNX_FILENAME = "model.onnx"
+#: Live training progress, beside the checkpoints of every trained fold (teachers and student), rewritten
+#: atomically at each epoch end: epoch, totalEpochs, trainLoss, kdLoss, hardLoss, valLoss, pseudoDice,
+#: emaPseudoDice, dicePerClass, epochSeconds, lastEpochSeconds, etaSeconds, updatedAt.
+PROGRESS_NAME = "progress.json"
 
 # ---- the quality gate's verdicts (condition reasons) and its exit code
 

@@ -346,7 +346,7 @@ def run(config: DistillationConfig, log=print) -> RunResult:
 
     from nnunet_distill import student
     from nnunet_distill.evaluation import write_distillation_summary
-    from nnunet_distill.report import ProgressReporter
+    from nnunet_distill import progress_hooks
     from nnunet_distill.teachers import TeacherEnsemble, load_teacher, resolve_precision
     from nnunet_distill.trainer import trainer_class
 
@@ -381,15 +381,9 @@ def run(config: DistillationConfig, log=print) -> RunResult:
             log(trainer.inherit_teacher_weights())
     trainer.distillation_meta["student_parameters"] = student.count_parameters(trainer.network)
 
-    reporter = ProgressReporter.from_env(
-        total_epochs=trainer.num_epochs, stage=os.environ.get("DISTILLATIONJOB_STAGE") or "distill"
-    )
-    trainer.reporter = reporter
+    # the same hooks as the teachers': progress.json, live status, restart count, resume checkpoint
+    reporter = progress_hooks.start_reporting(trainer, stage="distill", resumed=resume_from is not None)
     try:
-        if resume_from is not None:
-            reporter.mark_restart()
-            reporter.on_checkpoint(trainer.current_epoch - 1)  # the loaded checkpoint completes this epoch
-        reporter.start_heartbeat()
         trainer.run_training()
         trainer.perform_actual_validation(False)
         raw = os.environ.get("nnUNet_raw")

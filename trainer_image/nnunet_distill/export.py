@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from nnunet_distill import metadata as md
-from nnunet_distill import contract, nnunet_env
+from nnunet_distill import checksums, contract, nnunet_env
+from nnunet_distill.atomic import atomic_write_bytes
 from nnunet_distill.verify import Comparison, Tolerance
 
 DEFAULT_OPSET = 17
@@ -467,7 +467,7 @@ def _fingerprint_sha256(model_dir: Path, dataset_name: str) -> str | None:
         candidates.append(Path(os.environ["nnUNet_preprocessed"]) / dataset_name / "dataset_fingerprint.json")
     for path in candidates:
         if path.is_file():
-            return md.sha256_file(path)
+            return checksums.sha256_file(path)
     return None
 
 
@@ -631,9 +631,9 @@ def export_student(
 
     out = Path(req.output) if req.output else default_output(fold_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, model.SerializeToString())
+    atomic_write_bytes(model.SerializeToString(), out, mode=0o644)  # shared volumes: others read it
     sidecar = out.parent / md.SIDECAR_NAME
-    _atomic_write(sidecar, md.dumps(meta).encode())
+    atomic_write_bytes(md.dumps(meta).encode(), sidecar, mode=0o644)
     return ExportResult(out, sidecar, meta, comparisons)
 
 
@@ -673,17 +673,3 @@ def _simplify(model, quiet: bool):
             raise ExportError(
                 f"-sim: onnxslim failed ({type(exc).__name__}: {exc}); export without -sim"
             ) from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write beside the target and rename, so a crash never leaves a truncated model where a good one was."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the model from other users of a shared volume
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

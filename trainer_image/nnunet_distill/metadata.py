@@ -14,14 +14,12 @@ resampling need (``nnunet.plans`` / ``nnunet.dataset_json``), so the ONNX Runtim
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 from collections.abc import Mapping
 from copy import deepcopy
 from importlib import metadata as importlib_metadata
-from pathlib import Path
 from typing import Any
 
 from nnunet_distill.nnunet_env import PlansError, resolved_configuration, total_stride
@@ -85,14 +83,6 @@ def spatial_divisor(configuration: Mapping[str, Any]) -> list[int]:
     arch = configuration.get("architecture", {}).get("arch_kwargs", {})
     strides = arch.get("strides") or configuration.get("pool_op_kernel_sizes")
     return total_stride(strides, len(configuration["patch_size"]))
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str | None]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from nnunet_distill import checksums
 from nnunet_distill import metadata as md
 
 
@@ -64,7 +65,7 @@ def locate_model(path: str | Path) -> tuple[Path, dict]:
         model = onnx.load(str(onnx_file), load_external_data=False)
         meta = md.from_metadata_props({p.key: p.value for p in model.metadata_props})
     expected = (meta.get("package") or {}).get("model_sha256")
-    if expected and md.sha256_file(onnx_file) != expected:
+    if expected and checksums.sha256_file(onnx_file) != expected:
         raise PredictorError(
             f"{onnx_file} does not match the sha256 recorded in {md.SIDECAR_NAME}; the package is "
             "corrupted or mixes models (check it with sha256sum -c SHA256SUMS)"

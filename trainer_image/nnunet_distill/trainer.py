@@ -21,12 +21,7 @@ optimiser, poly LR, validation, export of the final validation) is nnU-Net's own
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import tempfile
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +33,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5
 from torch._dynamo import OptimizedModule
 
 from nnunet_distill import rotation
-from nnunet_distill.atomic import atomic_write_json
+from nnunet_distill.atomic import atomic_torch_save
 from nnunet_distill.augmentation import split_views, with_clean_teacher_view, with_da5_spatial
 from nnunet_distill.config import DistillationConfig
 from nnunet_distill.loss import DistillationLoss
@@ -50,33 +45,10 @@ STOCK_TRAINER_NAME = "nnUNetTrainer"
 KD_LOG_KEYS = ("train_kd_losses", "train_hard_losses")
 
 
-def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: readers see old or new."""
-    path = Path(filename)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class TrainingPreempted(KeyboardInterrupt):
     """SIGTERM (pod pre-emption, eviction, node drain) arrived and a checkpoint of every completed iteration was
     saved; the same command line with -c_continue resumes inside the interrupted epoch. A KeyboardInterrupt so that
     no ``except Exception`` on the way up swallows it and the CLI exits as for Ctrl-C."""
-
-
-def _finite_or_none(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if np.isfinite(v) else None
 
 
 class nnUNetDistillationTrainer(nnUNetTrainer):
@@ -102,7 +74,6 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         self.distillation_loss: DistillationLoss | None = None
         self.save_every = 1  # checkpoint_latest every epoch (atomic), see save_checkpoint
         self._rotation_source: int | None = None
-        self.reporter = None  # optional report.ProgressReporter: live DistillationJob status in a pod
         self._ensure_kd_log_keys()
 
     # ------------------------------------------------------------------ configuration
@@ -293,17 +264,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         )
 
     def on_epoch_end(self):
+        # progress.json and the pod's status report come from progress_hooks.start_reporting (as for teachers)
         super().on_epoch_end()  # logs, checkpoints, progress.png, then current_epoch += 1
-        progress = self._write_progress()
-        if self.reporter is not None:
-            self.reporter.on_epoch_end(
-                self.current_epoch - 1,
-                train_loss=progress["trainLoss"],
-                kd_loss=progress["kdLoss"],
-                pseudo_dice=progress["pseudoDice"],
-                epoch_seconds=progress["lastEpochSeconds"],
-                total_epochs=self.num_epochs,
-            )
         # SIGTERM outside an iteration (validation, epoch end): nnU-Net has just saved checkpoint_latest.pth. After
         # the last epoch it saves none; checkpoint_final.pth follows at once, so training simply ends then.
         if (
@@ -314,33 +276,6 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
                 f"pre-empted after epoch {self.current_epoch - 1}: checkpoint_latest.pth is current"
             )
             raise TrainingPreempted(f"SIGTERM: epoch {self.current_epoch - 1} checkpointed")
-
-    def _write_progress(self) -> dict:
-        """``progress.json`` beside the checkpoints: what the pod reporter turns into DistillationJob status."""
-        log = self.logger.local_logger.my_fantastic_logging
-        epoch = self.current_epoch - 1
-        starts, ends = log["epoch_start_timestamps"], log["epoch_end_timestamps"]
-        durations = [e - s for s, e in zip(starts, ends, strict=False)][-5:]
-        epoch_seconds = float(np.mean(durations)) if durations else None
-        remaining = max(self.num_epochs - self.current_epoch, 0)
-        progress = {
-            "epoch": self.current_epoch,  # epochs completed
-            "totalEpochs": self.num_epochs,
-            "trainLoss": _finite_or_none(log["train_losses"][epoch]),
-            "kdLoss": _finite_or_none(log["train_kd_losses"][epoch]),
-            "hardLoss": _finite_or_none(log["train_hard_losses"][epoch]),
-            "valLoss": _finite_or_none(log["val_losses"][epoch]),
-            "pseudoDice": _finite_or_none(log["mean_fg_dice"][epoch]),
-            "emaPseudoDice": _finite_or_none(log["ema_fg_dice"][epoch]),
-            "dicePerClass": [_finite_or_none(d) for d in log["dice_per_class_or_region"][epoch]],
-            "epochSeconds": epoch_seconds,
-            "lastEpochSeconds": durations[-1] if durations else None,
-            "etaSeconds": epoch_seconds * remaining if epoch_seconds is not None else None,
-            "updatedAt": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        if self.local_rank == 0:
-            atomic_write_json(progress, join(self.output_folder, "progress.json"))
-        return progress
 
     # ------------------------------------------------------------------ checkpoints
     def _unwrapped_network(self) -> torch.nn.Module:
@@ -369,11 +304,6 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
         atomic_torch_save(self.checkpoint_dict(), filename)
-        if self.reporter is not None and Path(filename).name in (
-            "checkpoint_latest.pth",
-            "checkpoint_final.pth",
-        ):
-            self.reporter.on_checkpoint(self.current_epoch)  # 0-based epoch this checkpoint completes
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         super().load_checkpoint(filename_or_checkpoint)  # nnU-Net 2.8.1 only reads a file name correctly

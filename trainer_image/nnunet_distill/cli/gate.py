@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from nnunet_distill import gate
-from nnunet_distill.report import write_termination_message
+from nnunet_distill.termination import write_termination_message
 
 PROG = "nnunet-distill gate"
 EXIT_USAGE = 2

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from nnunet_distill.metadata import MetadataError
     from nnunet_distill.package import PackageError, build_package
-    from nnunet_distill.report import write_termination_message
+    from nnunet_distill.termination import write_termination_message
 
     try:
         out = build_package(args.onnx, args.output, args.name, args.license_text, args.max_batch_size)

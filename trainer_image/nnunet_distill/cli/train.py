@@ -403,7 +403,7 @@ def _user_errors() -> dict[type[BaseException], str]:
 
 
 def _terminate(summary: dict) -> None:
-    from nnunet_distill.report import write_termination_message
+    from nnunet_distill.termination import write_termination_message
 
     write_termination_message(summary)  # only inside a pod (or with $TERMINATION_MESSAGE_PATH); never raises
 

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({trainer.num_val_iterations_per_epoch} validation iterations), device {device}"
     )
     from nnunet_distill import progress_hooks
-    from nnunet_distill.report import write_termination_message
+    from nnunet_distill.termination import write_termination_message
 
     trainer.save_every = 1  # checkpoint_latest every epoch (nnU-Net: 50), so a restarted pod loses <= 1 epoch
     progress_hooks.make_checkpoints_atomic(trainer)
