@@ -188,4 +188,3 @@ def test_load_ensemble_in_one_call(nnunet_teachers):
     )
     assert ensemble.folds == (1,) and len(ensemble.teachers) == 1
     assert plans["plans_name"] == "nnUNetPlans" and "labels" in dataset_json
-    assert T.teacher_mirroring_axes(T.select_folds(nnunet_teachers.folder, [1])[0]) == (0, 1, 2)

@@ -25,6 +25,20 @@ class ConfigError(ValueError):
     """A value of the run configuration is invalid; the message names the flag and the valid range."""
 
 
+def alpha_problem(alpha: float, shown: str | None = None) -> str | None:
+    """What is wrong with a KD weight α (None when it is valid): the one α check of the CLI, config and loss."""
+    if 0.0 <= alpha <= 1.0:
+        return None
+    return f"must be in [0, 1], got {alpha if shown is None else shown}"
+
+
+def temperature_problem(temperature: float, shown: str | None = None) -> str | None:
+    """What is wrong with a KD temperature T (None when it is valid): the one T check of CLI, config and loss."""
+    if temperature > 0.0:
+        return None
+    return f"must be > 0, got {temperature if shown is None else shown}"
+
+
 @dataclass(frozen=True)
 class DistillationConfig:
     dataset: str  # -d: ID ("901") or full name ("Dataset901_Synth")
@@ -80,10 +94,10 @@ class DistillationConfig:
 
 def validate(cfg: DistillationConfig) -> None:
     """Range checks with messages that name the flag: the CLIs and the Python API share them."""
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ConfigError(f"-a/--alpha must be in [0, 1], got {cfg.alpha}")
-    if not cfg.temperature > 0.0:
-        raise ConfigError(f"-temp/--temperature must be > 0, got {cfg.temperature}")
+    if problem := alpha_problem(cfg.alpha):
+        raise ConfigError(f"-a/--alpha {problem}")
+    if problem := temperature_problem(cfg.temperature):
+        raise ConfigError(f"-temp/--temperature {problem}")
     if cfg.reduction_factor < 1:
         raise ConfigError(f"-r/--reduction_factor must be an integer >= 1, got {cfg.reduction_factor}")
     if cfg.fold < 0:

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_distill.config import alpha_problem, temperature_problem
+
 
 class LossTerms(NamedTuple):
     """The three numbers we log every iteration; ``total`` is the one to backpropagate."""
@@ -125,8 +127,8 @@ def kd_loss(
 
     ``mask`` is a (B, 1, *spatial) boolean tensor, True where a voxel counts (see :func:`kd_mask`).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if problem := temperature_problem(temperature):
+        raise ValueError(f"temperature {problem}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -166,13 +168,6 @@ def kd_mask(target_fullres: torch.Tensor, *, regions: bool, ignore_label: int | 
     return target_fullres != ignore_label
 
 
-def mean_teacher_logits(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Multi-teacher target: the arithmetic mean of the teachers' raw logits, as nnU-Net ensembles its folds."""
-    if len(teacher_logits) == 0:
-        raise ValueError("at least one teacher is needed")
-    return torch.stack([t.float() for t in teacher_logits]).mean(0)
-
-
 class DistillationLoss(nn.Module):
     """Wraps nnU-Net's hard loss (deep supervision included) and adds the KD term on the full-res head."""
 
@@ -187,10 +182,10 @@ class DistillationLoss(nn.Module):
         kd_mode: str = "pixel",
     ):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if problem := alpha_problem(alpha):
+            raise ValueError(f"alpha {problem}")
+        if problem := temperature_problem(temperature):
+            raise ValueError(f"temperature {problem}")
         self.hard_loss = hard_loss
         self.alpha = float(alpha)
         self.temperature = float(temperature)

@@ -206,12 +206,6 @@ def load_teacher(
     return net
 
 
-def teacher_mirroring_axes(fold: TeacherFold) -> tuple[int, ...] | None:
-    """The mirroring axes the teacher was trained with (what nnU-Net's predictor uses for its TTA)."""
-    axes = load_checkpoint_file(fold.checkpoint).get("inference_allowed_mirroring_axes")
-    return tuple(axes) if axes is not None else None
-
-
 # ---------------------------------------------------------------------------------------------
 # The ensemble
 # ---------------------------------------------------------------------------------------------
