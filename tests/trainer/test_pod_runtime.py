@@ -121,6 +121,12 @@ def _completed_epochs(fold: Path) -> int:
         return 0
 
 
+def _epoch_started(log: Path, epoch: int) -> bool:
+    """nnU-Net's on_train_epoch_start prints `Epoch N` (0-based) and then the learning rate it trains with."""
+    pattern = rf"^.*: Epoch {epoch}\s*\n.*: Current learning rate"
+    return re.search(pattern, log.read_text(errors="replace"), re.M) is not None
+
+
 async def test_distill_killed_mid_training_resumes_and_reports(workspace, kubeconfig, tmp_path):
     job = await _create_job(kubeconfig)
     termination = tmp_path / "termination-log"
@@ -162,7 +168,13 @@ async def test_distill_killed_mid_training_resumes_and_reports(workspace, kubeco
         )
         assert time.monotonic() < deadline, "no progress within 10 minutes"
         await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)  # into the next epoch
+    # into the next epoch: nnU-Net has logged its start (and the learning rate it trains with), so the kill lands
+    # after the checkpoint of epoch 2 and before the next one
+    started = _completed_epochs(fold)
+    while not _epoch_started(log, started):
+        assert first.returncode is None, f"the first run ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"epoch {started} did not start within 10 minutes"
+        await asyncio.sleep(0.1)
     first.send_signal(signal.SIGKILL)
     assert await first.wait() == -signal.SIGKILL
     first_out = log.read_text()

@@ -20,7 +20,8 @@ TEMP_SUFFIX = ".tmp"
 
 
 def temp_path(target: str | os.PathLike) -> Path:
-    """Beside the target, hidden, unique per call: `.<name>.<random>.tmp` (never a checkpoint or JSON name)."""
+    """Beside the target, hidden, unique per call: `.<name>.<random>.tmp` (never a checkpoint or JSON
+    name)."""
     target = Path(target)
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
 

@@ -26,14 +26,16 @@ class ConfigError(ValueError):
 
 
 def alpha_problem(alpha: float, shown: str | None = None) -> str | None:
-    """What is wrong with a KD weight α (None when it is valid): the one α check of the CLI, config and loss."""
+    """What is wrong with a KD weight α (None when it is valid): the one α check of the CLI, config and
+    loss."""
     if 0.0 <= alpha <= 1.0:
         return None
     return f"must be in [0, 1], got {alpha if shown is None else shown}"
 
 
 def temperature_problem(temperature: float, shown: str | None = None) -> str | None:
-    """What is wrong with a KD temperature T (None when it is valid): the one T check of CLI, config and loss."""
+    """What is wrong with a KD temperature T (None when it is valid): the one T check of CLI, config and
+    loss."""
     if temperature > 0.0:
         return None
     return f"must be > 0, got {temperature if shown is None else shown}"
@@ -145,7 +147,8 @@ def validate(cfg: DistillationConfig) -> None:
 
 
 def parse_device_string(text: str) -> tuple[str, int | None]:
-    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> (type, index). Pure, so the CLI can reject typos before torch loads."""
+    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> (type, index). Pure, so the CLI can reject typos before torch
+    loads."""
     t = text.strip().lower()
     if t in ("cpu", "cuda", "mps"):
         return t, None

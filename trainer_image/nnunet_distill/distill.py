@@ -246,7 +246,8 @@ def prepare(config: DistillationConfig) -> PreparedRun:
 
 
 def check_test_cases(run: PreparedRun) -> None:
-    """Fail before training, not after it, when --test_cases names a missing case or one a model trained on."""
+    """Fail before training, not after it, when --test_cases names a missing case or one a model trained
+    on."""
     from nnunet_distill.evaluation import check_unseen, find_test_cases
 
     if run.config.test_cases is None:

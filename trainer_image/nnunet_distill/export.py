@@ -7,7 +7,8 @@ Why it differs from the original tool:
 - Export is not done until ONNX Runtime reproduces the torch logits within a tolerance (verify.py): a failure
   exits non-zero and writes no file.
 - Shapes mean what the docs say: static by default, `-da` dynamic batch and spatial axes (spatial sizes are
-  multiples of the encoder's total stride, which the graph and the metadata state), `-nn`/ResEnc `-b 0` dynamic
+  multiples of the encoder's total stride, which the graph and the metadata state), `-nn`/ResEnc `-b 0`
+  dynamic
   batch only.
 - The file carries its inference metadata (metadata.py) and gets an `nnunet_inference.json` beside it.
 
@@ -155,7 +156,8 @@ def read_checkpoint(path: Path) -> dict:
             f"checkpoint missing: {path} (folder holds: {', '.join(siblings) or 'nothing'})"
         )
     try:
-        # nnU-Net checkpoints pickle numpy scalars and logging state, so weights_only loading cannot read them.
+        # nnU-Net checkpoints pickle numpy scalars and logging state, so weights_only loading cannot read
+        # them.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
         raise CheckpointError(
@@ -173,7 +175,8 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> LoadedStudent:
-    """Rebuild the student exactly as `nnUNetv2_predict` would: plans.json + the checkpoint's trainer class."""
+    """Rebuild the student exactly as `nnUNetv2_predict` would: plans.json + the checkpoint's trainer
+    class."""
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -432,7 +435,8 @@ def io_description(
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """What both CLIs resolve their flags to. `plans_identifier` is the student's own plans (e.g. nnUNetPlans_r2)."""
+    """What both CLIs resolve their flags to. `plans_identifier` is the student's own plans (e.g.
+    nnUNetPlans_r2)."""
 
     dataset: str
     plans_identifier: str

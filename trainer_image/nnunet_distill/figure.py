@@ -1,8 +1,11 @@
-"""One picture of a distillation: a held-out slice (image, ground truth, teacher ensemble, student) and the curves.
+"""One picture of a distillation: a held-out slice (image, ground truth, teacher ensemble, student) and the
+curves.
 
-Drawn from what the distill stage already wrote, nothing recomputed: the held-out predictions of both models and
+Drawn from what the distill stage already wrote, nothing recomputed: the held-out predictions of both models
+and
 the case files named in ``distillation_summary.json``, and nnU-Net's training logs stored in each model's
-``checkpoint_final.pth``. The slice is the one of all test cases where the smallest structure is largest, because
+``checkpoint_final.pth``. The slice is the one of all test cases where the smallest structure is largest,
+because
 that is where a thinner network fails first.
 """
 
@@ -23,7 +26,8 @@ def _read(path: str | Path) -> np.ndarray:
 
 
 def pick_slice(labels: dict[str, np.ndarray]) -> tuple[str, int]:
-    """(case, axial index) showing the most labels, and among those the most voxels of the rarest one (pure)."""
+    """(case, axial index) showing the most labels, and among those the most voxels of the rarest one
+    (pure)."""
     counts: dict[int, int] = {}
     for arr in labels.values():
         for value, n in zip(*np.unique(arr, return_counts=True), strict=False):

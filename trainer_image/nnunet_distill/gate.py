@@ -4,15 +4,18 @@ The input is the distill stage's ``distillation_summary.json`` (schema 2, writte
 student's and the teacher ensemble's Dice on cases neither trained on, and their ratio, *retention* (mean over
 labels, per label, and the worst label). The gate passes when
 
-- there is an honest retention at all (``retention`` is null when there is no labelled test set and every teacher
+- there is an honest retention at all (``retention`` is null when there is no labelled test set and every
+teacher
   fold trained on the student's validation cases: a leaky ratio is never retention, so it cannot pass a gate),
 - ``retention.mean >= min_retention``, and
 - every label's retention ``>= min_label_retention`` (the worst label is named when it is not).
 
-A label the teacher ensemble itself never finds (Dice 0) has no ratio (``retention.undefined``): it cannot fail the
+A label the teacher ensemble itself never finds (Dice 0) has no ratio (``retention.undefined``): it cannot
+fail the
 per-label check, and the verdict names it so nobody mistakes silence for a pass on that label.
 
-Nothing here reads files, prints or exits: ``nnunet_distill.cli.gate`` does that. Standard library only, so the
+Nothing here reads files, prints or exits: ``nnunet_distill.cli.gate`` does that. Standard library only, so
+the
 gate needs neither torch nor nnU-Net.
 """
 
@@ -40,7 +43,8 @@ PASSED = contract.GATE_PASSED
 FAILED = contract.GATE_FAILED
 NOT_ENFORCED = contract.GATE_NOT_ENFORCED
 
-# Exit code of `nnunet-distill gate` for an enforced failure: deterministic, so the operator's Job fails at once
+# Exit code of `nnunet-distill gate` for an enforced failure: deterministic, so the operator's Job fails at
+# once
 # (podFailurePolicy FailJob) instead of retrying. The operator reads the same contract constant.
 EXIT_GATE_FAILED = contract.EXIT_CODE_GATE_FAILED
 
@@ -50,7 +54,8 @@ MAX_LISTED_LABELS = (
 
 
 class SummaryError(ValueError):
-    """The summary cannot be judged (missing, ambiguous, unreadable, another layout); `reason` is CamelCase."""
+    """The summary cannot be judged (missing, ambiguous, unreadable, another layout); `reason` is
+    CamelCase."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -77,7 +82,8 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the gate decided, and every figure it decided on (with the cases and teacher folds behind them)."""
+    """What the gate decided, and every figure it decided on (with the cases and teacher folds behind
+    them)."""
 
     passed: bool
     thresholds: Thresholds

@@ -9,16 +9,19 @@ total = (1 - alpha) * hard + alpha * T^2 * KD
   silently weakened distillation for datasets with many labels (a 61-class model got a 61x smaller KD signal).
 * ``T^2`` keeps the gradient magnitude of the soft term roughly independent of T (Hinton et al., 2015): the
   gradient of ``T^2 * KL`` w.r.t. the student logits is ``T * (q - p)``, which tends to a T-free limit.
-* Region-based datasets (sigmoid outputs, possibly overlapping regions) get a per-region Bernoulli KL; a channel
+* Region-based datasets (sigmoid outputs, possibly overlapping regions) get a per-region Bernoulli KL; a
+channel
   softmax over overlapping regions would be the wrong probability model.
 * Voxels carrying the ignore label carry no supervision in nnU-Net's hard loss; they are masked out of KD too.
-* ``kd_mode="channel"`` is channel-wise distillation (Shu et al., ICCV 2021): for every class channel, a softmax
+* ``kd_mode="channel"`` is channel-wise distillation (Shu et al., ICCV 2021): for every class channel, a
+softmax
   over the *spatial* positions of the patch turns the logits into a distribution over where that class is, and
   the KL of those distributions is averaged over channels. A lesion of 100 voxels then weighs as much as an
   organ of 5,000, whereas the pixel-wise KL averaged over all voxels gives it almost no weight: that is why
   pixel-wise KD transferred nothing of small structures (see ``bench quality``). It needs no class softmax, so
   it is also correct for region (sigmoid) outputs. Ignored voxels are excluded from every channel's softmax.
-* ``kd_mode="both"`` (the default) adds the two: the channel term keeps small and thin structures, the pixel term
+* ``kd_mode="both"`` (the default) adds the two: the channel term keeps small and thin structures, the pixel
+term
   the exact class boundaries voxel by voxel. In ``bench quality`` pixel-wise KD alone lost a 1.5 mm vessel
   entirely at r=4 while the sum kept it, and at r=2 the two were within run-to-run noise.
 * The KD arithmetic always runs in float32: under fp16 autocast, ``log_softmax(z / T)`` of teacher-ensemble
@@ -47,7 +50,8 @@ class LossTerms(NamedTuple):
 
 
 def _fp32_region(device: torch.device) -> contextlib.AbstractContextManager:
-    # Autocast must be switched off explicitly on CUDA; on CPU/MPS we never enable it (and MPS rejects the call).
+    # Autocast must be switched off explicitly on CUDA; on CPU/MPS we never enable it (and MPS rejects the
+    # call).
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", enabled=False)
     return contextlib.nullcontext()
@@ -91,7 +95,8 @@ def channel_kl(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Channel-wise KL: per (sample, channel), KL of the spatial softmax of t/T against that of s/T; mean over
-    samples and channels. ``mask`` (B, 1, *spatial), True where a voxel counts, removes voxels from the softmax."""
+    samples and channels. ``mask`` (B, 1, *spatial), True where a voxel counts, removes voxels from the
+    softmax."""
     b, c = student_logits.shape[:2]
     s = (student_logits / temperature).reshape(b, c, -1)
     t = (teacher_logits / temperature).reshape(b, c, -1)
@@ -102,7 +107,8 @@ def channel_kl(
     log_q = F.log_softmax(s, dim=-1)
     log_p = F.log_softmax(t, dim=-1)
     p = log_p.exp()
-    # 0 * log 0 = 0 for masked voxels (both -inf): where() keeps the -inf - -inf NaN out of the sum and the gradient
+    # 0 * log 0 = 0 for masked voxels (both -inf): where() keeps the -inf - -inf NaN out of the sum and the
+    # gradient
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
     per_channel = terms.sum(-1)
     if mask is not None:  # a sample whose voxels are all ignored contributes nothing
@@ -156,7 +162,8 @@ def kd_loss(
 def kd_mask(target_fullres: torch.Tensor, *, regions: bool, ignore_label: int | None) -> torch.Tensor | None:
     """Voxels that carry supervision, in the layout nnU-Net's dataloader produces.
 
-    Label targets are (B, 1, *spatial) label maps holding ``ignore_label`` where unannotated. Region targets are
+    Label targets are (B, 1, *spatial) label maps holding ``ignore_label`` where unannotated. Region targets
+    are
     one-hot (B, R + 1, *spatial) with the ignore region appended as the last channel (nnU-Net's
     ``ConvertSegmentationToRegionsTransform`` with ``regions + [ignore_label]``).
     """

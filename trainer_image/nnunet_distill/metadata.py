@@ -1,10 +1,13 @@
 """What an exported student carries so that it can run without its training folders.
 
 An ONNX graph of an nnU-Net network is useless on its own: inference also needs the target spacing, the axis
-transposition, the per-channel normalisation and its intensity statistics, the patch size, the labels or regions
-and the tile step. The original tool left all of that out of its ONNX files, so every deployment copied numbers
+transposition, the per-channel normalisation and its intensity statistics, the patch size, the labels or
+regions
+and the tile step. The original tool left all of that out of its ONNX files, so every deployment copied
+numbers
 by hand. Here one dict (built by the pure :func:`build_inference_metadata`) is written twice with the same
-content: as ONNX ``metadata_props`` (one JSON-encoded value per top-level key, so the graph is self-describing)
+content: as ONNX ``metadata_props`` (one JSON-encoded value per top-level key, so the graph is
+self-describing)
 and as ``nnunet_inference.json`` beside the file (for people and tools that do not parse ONNX).
 
 The dict also holds the subsets of ``plans.json`` and ``dataset.json`` that nnU-Net's own preprocessing and
@@ -97,14 +100,16 @@ def package_versions() -> dict[str, str | None]:
 
 
 def default_model_name(dataset_name: str, plans_identifier: str, configuration: str, fold: int | str) -> str:
-    """A Triton-safe model name that says which student it is: dataset, student plans (with r), config, fold."""
+    """A Triton-safe model name that says which student it is: dataset, student plans (with r), config,
+    fold."""
     return _MODEL_NAME_UNSAFE.sub("_", f"{dataset_name}__{plans_identifier}__{configuration}__fold{fold}")
 
 
 def _label_summary(
     plans: Mapping[str, Any], dataset_json: Mapping[str, Any], configuration: str
 ) -> tuple[bool, int | None, int, int]:
-    """(has_regions, ignore_label, input channels, output heads) exactly as nnU-Net's own managers define them."""
+    """(has_regions, ignore_label, input channels, output heads) exactly as nnU-Net's own managers define
+    them."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -152,7 +157,8 @@ def build_inference_metadata(
         "foreground_intensity_properties_per_channel",
         plans.get("foreground_intensity_properties_by_modality", {}),
     )
-    # The checkpoint's record wins; the student plans' own `distillation` entry (written when they were derived)
+    # The checkpoint's record wins; the student plans' own `distillation` entry (written when they were
+    # derived)
     # fills what an older or foreign checkpoint lacks, so r and the block strategy are never lost.
     d = {k: v for k, v in dict(plans.get("distillation") or {}).items() if v is not None}
     d.update({k: v for k, v in dict(distillation or {}).items() if v is not None})
@@ -247,18 +253,23 @@ def check_metadata(meta: Mapping[str, Any]) -> None:
 
 
 def dumps(meta: Mapping[str, Any]) -> str:
-    """Canonical JSON text (sorted keys, fixed indent, trailing newline) so identical metadata gives identical bytes."""
+    """Canonical JSON text (sorted keys, fixed indent, trailing newline) so identical metadata gives identical
+    bytes."""
     return json.dumps(meta, sort_keys=True, indent=2) + "\n"
 
 
 def metrics_from_summaries(
     distillation_summary: Mapping[str, Any] | None, nnunet_summary: Mapping[str, Any] | None
 ) -> dict[str, Any] | None:
-    """Student and teacher-ensemble Dice for the model card, saying which cases and models produced each number.
+    """Student and teacher-ensemble Dice for the model card, saying which cases and models produced each
+    number.
 
-    The distill stage's `validation/distillation_summary.json` (schema 2, see `evaluation.py`) scores student and
-    ensemble on held-out cases (`evaluation` says how) and carries `retention` only when that comparison is honest.
-    Without it, only nnU-Net's own `summary.json` of the student's validation cases exists: the card then shows the
+    The distill stage's `validation/distillation_summary.json` (schema 2, see `evaluation.py`) scores student
+    and
+    ensemble on held-out cases (`evaluation` says how) and carries `retention` only when that comparison is
+    honest.
+    Without it, only nnU-Net's own `summary.json` of the student's validation cases exists: the card then
+    shows the
     student's figure alone, with its source, and no teacher figure or retention.
     """
 

@@ -175,7 +175,8 @@ def _card_header(meta: Mapping[str, Any], name: str, license_text: str | None) -
 
 
 def _metric_table(metrics: Mapping[str, Any]) -> str:
-    """Rows of the held-out Dice table (per label, then the mean) and the line that says where they come from."""
+    """Rows of the held-out Dice table (per label, then the mean) and the line that says where they come
+    from."""
     if not metrics:
         return (
             "| student | n/a | n/a | n/a |\n\nNo validation summary was found beside the student checkpoint."

@@ -3,7 +3,8 @@
 Everything that makes an nnU-Net prediction correct stays nnU-Net's own code: reading the image with the
 plans' reader, cropping, resampling to the target spacing, per-channel normalisation, padding, the sliding
 window with Gaussian weighting, mirroring test-time augmentation, resampling back and export. Only the forward
-pass changes: `nnUNetPredictor.network` becomes :class:`OnnxNetwork`, a torch module whose forward runs an ONNX
+pass changes: `nnUNetPredictor.network` becomes :class:`OnnxNetwork`, a torch module whose forward runs an
+ONNX
 Runtime session. Nothing here is a second sliding window.
 
 The predictor needs only what `nnunet-distill package` ships (the ONNX file and its metadata): plans,
@@ -32,8 +33,10 @@ class PredictorError(RuntimeError):
 def locate_model(path: str | Path) -> tuple[Path, dict]:
     """(ONNX file, metadata) for a package directory, an export directory or an .onnx file.
 
-    A package holds `<name>/1/model.onnx` (Triton layout) and `nnunet_inference.json`; an export directory holds
-    the .onnx file beside its `nnunet_inference.json`. Without a sidecar the metadata embedded in the ONNX file
+    A package holds `<name>/1/model.onnx` (Triton layout) and `nnunet_inference.json`; an export directory
+    holds
+    the .onnx file beside its `nnunet_inference.json`. Without a sidecar the metadata embedded in the ONNX
+    file
     is used, so a bare exported file is enough.
     """
     path = Path(path)
@@ -98,7 +101,8 @@ def onnxruntime_providers(device: torch.device) -> list[str]:
 
 
 class OnnxNetwork(torch.nn.Module):
-    """A torch module whose forward is an ONNX Runtime session, so nnU-Net's predictor can call it as its network.
+    """A torch module whose forward is an ONNX Runtime session, so nnU-Net's predictor can call it as its
+    network.
 
     It has no parameters; `.to()`/`.eval()` (which the predictor calls) are harmless. The session runs on the
     provider chosen for the predictor's device; inputs are handed over as host arrays and outputs moved back

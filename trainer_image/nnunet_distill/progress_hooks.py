@@ -8,12 +8,14 @@ them. So for teachers the hooks wrap two bound methods of the one trainer instan
 everything nnU-Net writes) stays stock.
 
 One way for both: ``start_reporting`` hooks the student (distill.py) and the teachers (cli/train_teacher.py)
-alike. At every epoch end it writes ``progress.json`` (contract.PROGRESS_NAME: losses, pseudo Dice, ETA) beside
+alike. At every epoch end it writes ``progress.json`` (contract.PROGRESS_NAME: losses, pseudo Dice, ETA)
+beside
 the checkpoints, which local runs read, and reports the same epoch to the DistillationJob.
 
 Two promises:
 - a checkpoint file is always complete: nnU-Net's own ``save_checkpoint`` writes to a temp file in the same
-  folder, which is fsynced and ``os.replace``d over the target, so a kill mid-write leaves the old file (the temp
+  folder, which is fsynced and ``os.replace``d over the target, so a kill mid-write leaves the old file (the
+  temp
   file's name is never one that nnU-Net or ``-c_continue`` loads);
 - reporting never stops training: every reporter call is guarded here as well as inside the reporter.
 """
@@ -54,7 +56,8 @@ def _at(series: Any, index: int) -> Any:
 
 
 def epoch_values(logging_dict: Mapping[str, Any], epoch: int) -> dict[str, float | None]:
-    """What ``status.progress`` shows for 0-based ``epoch``, read from nnU-Net's logger (``my_fantastic_logging``).
+    """What ``status.progress`` shows for 0-based ``epoch``, read from nnU-Net's logger
+    (``my_fantastic_logging``).
 
     ``kd_loss`` exists only for distillation trainers (``train_kd_losses``); NaN (nnU-Net's pseudo Dice of a
     class never predicted) becomes None, which the reporter leaves out of the patch.
@@ -110,7 +113,8 @@ def write_progress(trainer: Any) -> dict[str, Any]:
 
 
 def logged_series(logger: Any) -> Mapping[str, Any]:
-    """nnU-Net's per-epoch series: 2.8's MetaLogger keeps them in ``local_logger``, older loggers on themselves."""
+    """nnU-Net's per-epoch series: 2.8's MetaLogger keeps them in ``local_logger``, older loggers on
+    themselves."""
     local = getattr(logger, "local_logger", logger)
     return getattr(local, "my_fantastic_logging", {})
 
@@ -131,7 +135,8 @@ def make_checkpoints_atomic(trainer: Any) -> None:
     save = trainer.save_checkpoint
 
     def atomic_save_checkpoint(filename: str) -> None:
-        # nothing is written on other DDP ranks or with checkpointing disabled: `replacing` then keeps the target
+        # nothing is written on other DDP ranks or with checkpointing disabled: `replacing` then keeps the
+        # target
         with replacing(filename) as tmp:
             save(str(tmp))
 

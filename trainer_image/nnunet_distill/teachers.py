@@ -1,7 +1,8 @@
 """Find, load and run the teacher folds: a frozen ensemble that returns the mean full-resolution logits.
 
 The original went through ``nnUNetPredictor.initialize_from_trained_model_folder`` once per fold, which looks
-the teacher's trainer class up by name (teachers from custom trainers could not load) and, on nnunetv2 < 2.5.2,
+the teacher's trainer class up by name (teachers from custom trainers could not load) and, on nnunetv2 <
+2.5.2,
 silently left the weights random. Here each fold's network is built from the teacher folder's *own*
 ``plans.json``/``dataset.json`` with nnU-Net's builder and its checkpoint is loaded with ``strict=True``, so a
 teacher either really is the trained network or loading fails with a message that says why.
@@ -56,12 +57,14 @@ def default_teacher_folder(
     plans: str = contract.DEFAULT_PLANS,
     configuration: str = contract.DEFAULT_CONFIGURATION,
 ) -> Path:
-    """``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>``: where ``nnUNetv2_train`` puts folds."""
+    """``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>``: where ``nnUNetv2_train`` puts
+    folds."""
     return Path(results_dir) / dataset_name / contract.model_folder_name(trainer, plans, configuration)
 
 
 def available_folds(teacher_folder: str | Path, checkpoint_name: str = DEFAULT_CHECKPOINT) -> list[int]:
-    """Integer folds ``fold_N`` that hold ``checkpoint_name``, ascending (``fold_all`` is not a CV teacher)."""
+    """Integer folds ``fold_N`` that hold ``checkpoint_name``, ascending (``fold_all`` is not a CV
+    teacher)."""
     folder = Path(teacher_folder)
     if not folder.is_dir():
         return []
@@ -121,7 +124,8 @@ def select_folds(
 
 
 def read_teacher_json(teacher_folder: str | Path) -> tuple[dict, dict]:
-    """The teacher folder's own ``plans.json`` and ``dataset.json`` (copied there by nnU-Net at train start)."""
+    """The teacher folder's own ``plans.json`` and ``dataset.json`` (copied there by nnU-Net at train
+    start)."""
     folder = Path(teacher_folder)
     out = []
     for name in ("plans.json", "dataset.json"):
@@ -163,7 +167,8 @@ def _clean_state_dict(state: dict) -> dict:
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
-    # weights_only=False: nnU-Net checkpoints hold numpy scalars and the logger's dict (trusted: our own folds).
+    # weights_only=False: nnU-Net checkpoints hold numpy scalars and the logger's dict (trusted: our own
+    # folds).
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError as exc:
@@ -226,7 +231,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_precision(device: torch.device) -> torch.dtype | None:
-    """Teacher autocast dtype: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16; else fp32."""
+    """Teacher autocast dtype: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16; else
+    fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
@@ -246,9 +252,11 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 class TeacherEnsemble(nn.Module):
     """Frozen teachers; ``forward(x)`` returns the mean of their full-resolution logits in float32.
 
-    The teachers are held in an ``nn.ModuleList`` so ``.to()`` moves them with the ensemble, but they are never
+    The teachers are held in an ``nn.ModuleList`` so ``.to()`` moves them with the ensemble, but they are
+    never
     registered with the student's optimizer and have ``requires_grad=False``; ``forward`` runs under
-    ``torch.inference_mode`` so no graph is kept. ``train()`` is overridden: the teachers stay in eval mode even
+    ``torch.inference_mode`` so no graph is kept. ``train()`` is overridden: the teachers stay in eval mode
+    even
     when a trainer flips every module to train mode.
     """
 
@@ -329,7 +337,8 @@ def load_ensemble(
     checkpoint_name: str = DEFAULT_CHECKPOINT,
     **ensemble_kwargs,
 ) -> tuple[TeacherEnsemble, dict, dict]:
-    """Select folds, load each with the folder's own plans/dataset.json; returns (ensemble, plans, dataset_json)."""
+    """Select folds, load each with the folder's own plans/dataset.json; returns (ensemble, plans,
+    dataset_json)."""
     plans, dataset_json = read_teacher_json(teacher_folder)
     selected = select_folds(teacher_folder, folds, checkpoint_name)
     nets = [load_teacher(f, plans, configuration, dataset_json, device) for f in selected]

@@ -46,8 +46,10 @@ KD_LOG_KEYS = ("train_kd_losses", "train_hard_losses")
 
 
 class TrainingPreempted(KeyboardInterrupt):
-    """SIGTERM (pod pre-emption, eviction, node drain) arrived and a checkpoint of every completed iteration was
-    saved; the same command line with -c_continue resumes inside the interrupted epoch. A KeyboardInterrupt so that
+    """SIGTERM (pod pre-emption, eviction, node drain) arrived and a checkpoint of every completed iteration
+    was
+    saved; the same command line with -c_continue resumes inside the interrupted epoch. A KeyboardInterrupt so
+    that
     no ``except Exception`` on the way up swallows it and the CLI exits as for Ctrl-C."""
 
 
@@ -155,7 +157,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
     def inherit_teacher_weights(self) -> str:
         """Initialise the student from one teacher's sliced weights (see :mod:`nnunet_distill.inherit`).
 
-        The teacher of the student's own fold when it is in the ensemble (it trained on the same cases), else the
+        The teacher of the student's own fold when it is in the ensemble (it trained on the same cases), else
+        the
         first one. Only for a fresh run: a resumed run loads its own checkpoint.
         """
         from nnunet_distill.inherit import inherit_from_teacher
@@ -166,7 +169,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         index = folds.index(self.fold) if self.fold in folds else 0
         student_net, teacher_net = self._unwrapped_network(), teachers.teachers[index]
         if type(student_net) is not type(teacher_net):
-            # e.g. a plain student of ResEnc teachers: the encoders share no layers, and a half-inherited network
+            # e.g. a plain student of ResEnc teachers: the encoders share no layers, and a half-inherited
+            # network
             # (decoder from the teacher, encoder random) is worse than nnU-Net's own initialisation.
             self.distillation_meta["init_teacher_fold"] = None
             message = (
@@ -194,7 +198,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         )
 
-        # Online KD: the teachers label this very batch, either as augmented for the student or, with the clean
+        # Online KD: the teachers label this very batch, either as augmented for the student or, with the
+        # clean
         # teacher view, before the intensity-only augmentations (see augmentation.py); float32 mean logits.
         if self._clean_teacher_view():
             data, teacher_data = split_views(data, self.num_input_channels)
@@ -266,7 +271,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
     def on_epoch_end(self):
         # progress.json and the pod's status report come from progress_hooks.start_reporting (as for teachers)
         super().on_epoch_end()  # logs, checkpoints, progress.png, then current_epoch += 1
-        # SIGTERM outside an iteration (validation, epoch end): nnU-Net has just saved checkpoint_latest.pth. After
+        # SIGTERM outside an iteration (validation, epoch end): nnU-Net has just saved checkpoint_latest.pth.
+        # After
         # the last epoch it saves none; checkpoint_final.pth follows at once, so training simply ends then.
         if (
             getattr(self, "_preemption", {}).get("signal") is not None
@@ -283,7 +289,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     def checkpoint_dict(self) -> dict:
-        """nnU-Net's checkpoint layout, a stock-resolvable ``trainer_name``, plus our ``distillation`` record."""
+        """nnU-Net's checkpoint layout, a stock-resolvable ``trainer_name``, plus our ``distillation``
+        record."""
         return {
             "network_weights": self._unwrapped_network().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -314,10 +321,14 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         self._load_preemption_state(checkpoint)
 
     # ------------------------------------------------------------------ pre-emption (SIGTERM)
-    # nnU-Net checkpoints once per epoch. On SIGTERM the iteration in flight finishes, then checkpoint_latest.pth is
-    # written with the epoch still open plus the outputs of its completed iterations; the resumed run replays those
-    # outputs instead of training them again (their batches are drawn and dropped) and trains the rest. Nothing is
-    # repeated and no completed iteration is lost. ``optimizer_steps`` counts every trained iteration across resumes.
+    # nnU-Net checkpoints once per epoch. On SIGTERM the iteration in flight finishes, then
+    # checkpoint_latest.pth is
+    # written with the epoch still open plus the outputs of its completed iterations; the resumed run replays
+    # those
+    # outputs instead of training them again (their batches are drawn and dropped) and trains the rest.
+    # Nothing is
+    # repeated and no completed iteration is lost. ``optimizer_steps`` counts every trained iteration across
+    # resumes.
     def _install_preemption_handler(self) -> None:
         state = self.__dict__.setdefault(
             "_preemption", {"signal": None, "epoch": None, "outputs": [], "replay": []}
@@ -445,7 +456,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         """nnU-Net's final validation on the fold's validation cases, with mirroring TTA off if requested.
 
         nnU-Net's augmentation setup rewrites ``inference_allowed_mirroring_axes`` at every train start (which
-        is why the original's ``-disable_mirroring`` did nothing); we switch it off only around the validation,
+        is why the original's ``-disable_mirroring`` did nothing); we switch it off only around the
+        validation,
         so checkpoints still record the axes the student was trained to be invariant to.
         """
         saved = self.inference_allowed_mirroring_axes
@@ -465,8 +477,10 @@ class nnUNetDistillationTrainerDA5(nnUNetDistillationTrainer, nnUNetTrainerDA5):
     """Distillation with DA5 as the seed describes it: nnU-Net's DA5 plus elastic deformation and order-0
     segmentation resampling (see :mod:`nnunet_distill.augmentation`).
 
-    MRO: this class -> nnUNetDistillationTrainer -> nnUNetTrainerDA5 -> nnUNetTrainer, so nnU-Net's DA5 rotation,
-    mirroring and initial patch size apply, and ``super()`` in the KD trainer's transform builder reaches DA5's.
+    MRO: this class -> nnUNetDistillationTrainer -> nnUNetTrainerDA5 -> nnUNetTrainer, so nnU-Net's DA5
+    rotation,
+    mirroring and initial patch size apply, and ``super()`` in the KD trainer's transform builder reaches
+    DA5's.
     """
 
     def _base_training_transforms(self, *args, **kwargs):

@@ -1,7 +1,8 @@
 """Make an exported student graph one that TensorRT's ONNX parser accepts, and prove it.
 
 TensorRT builds engines from static shapes, knows a fixed list of ONNX ops, rejects data-dependent control
-flow, and wants InstanceNormalization's scale and bias as constant weights (initializers), not tensors computed
+flow, and wants InstanceNormalization's scale and bias as constant weights (initializers), not tensors
+computed
 by other nodes. The original `-fix` looked such biases up by name and, when the lookup failed, inserted zeros
 with only a warning, silently changing the model. Here constants are folded from what the graph itself
 computes (Constant nodes, Identity chains over initializers); anything that cannot be folded is an error, and
@@ -17,7 +18,8 @@ import onnx
 from onnx import numpy_helper
 
 # Ops the TensorRT ONNX parser (onnx-tensorrt, TensorRT 8.6 and 10) implements for the default domain.
-# Control flow (If/Loop/Scan) and data-dependent-shape ops (NonZero, Unique, NonMaxSuppression) are left out on
+# Control flow (If/Loop/Scan) and data-dependent-shape ops (NonZero, Unique, NonMaxSuppression) are left out
+# on
 # purpose: a U-Net never needs them and they defeat static engine building.
 TENSORRT_OPS = frozenset(
     [
@@ -148,7 +150,8 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def _constant_value(
     name: str, inits: Mapping[str, onnx.TensorProto], producers: Mapping[str, onnx.NodeProto]
 ) -> np.ndarray | None:
-    """The value of tensor `name` if the graph fixes it: an initializer, a Constant node, or Identity of those."""
+    """The value of tensor `name` if the graph fixes it: an initializer, a Constant node, or Identity of
+    those."""
     seen = set()
     while name not in inits:
         node = producers.get(name)
@@ -170,7 +173,8 @@ def fold_instance_norm_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProt
     """Rewire every InstanceNormalization scale/bias that is a graph-computed constant to an initializer.
 
     Returns the (copied) model and how many inputs were folded. Raises when a scale or bias depends on the
-    input data: such a graph has no constant weights to give TensorRT, and inventing them would change the model.
+    input data: such a graph has no constant weights to give TensorRT, and inventing them would change the
+    model.
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph

@@ -1,8 +1,10 @@
-"""`nnUNetv2_distillation_export_onnx` and `nnUNetv2_resenc_distillation_export_onnx`: one exporter, two flag sets.
+"""`nnUNetv2_distillation_export_onnx` and `nnUNetv2_resenc_distillation_export_onnx`: one exporter, two flag
+sets.
 
 Both keep every flag of the original tools, with the semantics their docs promised (the original inverted
 `-da` and crashed on `-nn`). The student is found from the same arguments it was trained with; the only new
-flags are optional (`-p` on the standard CLI and `-bs` on the ResEnc CLI, so that students trained with them can
+flags are optional (`-p` on the standard CLI and `-bs` on the ResEnc CLI, so that students trained with them
+can
 be found, `-chk`, `--opset` and the verification tolerances).
 """
 
@@ -198,7 +200,8 @@ def _tolerance(args):
 
 
 def _student_plans(parser: argparse.ArgumentParser, base: str, r: int, block_strategy: str | None) -> str:
-    """The student's plans identifier exactly as the training CLIs derive it (contract.student_plans_identifier)."""
+    """The student's plans identifier exactly as the training CLIs derive it
+    (contract.student_plans_identifier)."""
     try:
         return contract.student_plans_identifier(base, r, block_strategy)
     except ValueError as exc:

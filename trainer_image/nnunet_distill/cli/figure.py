@@ -1,4 +1,5 @@
-"""`nnunet-distill figure`: draw a held-out slice of teacher ensemble and student, and their training curves."""
+"""`nnunet-distill figure`: draw a held-out slice of teacher ensemble and student, and their training
+curves."""
 
 from __future__ import annotations
 

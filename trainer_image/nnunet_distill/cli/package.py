@@ -1,4 +1,5 @@
-"""`nnunet-distill package --onnx FILE -o DIR [--name NAME]`: the servable, publishable package of a student."""
+"""`nnunet-distill package --onnx FILE -o DIR [--name NAME]`: the servable, publishable package of a
+student."""
 
 from __future__ import annotations
 

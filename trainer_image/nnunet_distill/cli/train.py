@@ -1,6 +1,8 @@
-"""``nnUNetv2_distillation_train`` and ``nnUNetv2_resenc_distillation_train``: one parser factory, one code path.
+"""``nnUNetv2_distillation_train`` and ``nnUNetv2_resenc_distillation_train``: one parser factory, one code
+path.
 
-The two commands differ only in configuration (:class:`Variant`): which flags name the teacher and student plans,
+The two commands differ only in configuration (:class:`Variant`): which flags name the teacher and student
+plans,
 their defaults and the default rotation frequency. Both map their flags onto one
 :class:`~nnunet_distill.config.DistillationConfig` and call :func:`nnunet_distill.distill.run`.
 
@@ -318,7 +320,8 @@ _FLAGS_AFTER_PLANS = (
 
 
 def build_parser(variant: Variant) -> argparse.ArgumentParser:
-    """Both commands' parser: the shared flags (`_FLAGS_BEFORE_PLANS`, `_FLAGS_AFTER_PLANS`), defined once, plus
+    """Both commands' parser: the shared flags (`_FLAGS_BEFORE_PLANS`, `_FLAGS_AFTER_PLANS`), defined once,
+    plus
     the variant's plans flags."""
     p = _OneLineParser(
         prog=variant.prog,
