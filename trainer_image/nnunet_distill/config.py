@@ -8,6 +8,7 @@ through the values they put in it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from nnunet_distill import contract
@@ -94,6 +95,15 @@ class DistillationConfig:
         return d
 
 
+def _validate_teacher_folds(folds: Sequence[int]) -> None:
+    if len(folds) == 0:
+        raise ConfigError("-tf/--teacher_folds needs at least one fold (omit it to use every fold found)")
+    if any(f < 0 for f in folds):
+        raise ConfigError(f"-tf/--teacher_folds must be fold indices >= 0, got {list(folds)}")
+    if len(set(folds)) != len(folds):
+        raise ConfigError(f"-tf/--teacher_folds lists a fold twice: {list(folds)}")
+
+
 def validate(cfg: DistillationConfig) -> None:
     """Range checks with messages that name the flag: the CLIs and the Python API share them."""
     if problem := alpha_problem(cfg.alpha):
@@ -105,12 +115,7 @@ def validate(cfg: DistillationConfig) -> None:
     if cfg.fold < 0:
         raise ConfigError(f"-f/--fold must be a fold index >= 0, got {cfg.fold}")
     if cfg.teacher_folds is not None:
-        if len(cfg.teacher_folds) == 0:
-            raise ConfigError("-tf/--teacher_folds needs at least one fold (omit it to use every fold found)")
-        if any(f < 0 for f in cfg.teacher_folds):
-            raise ConfigError(f"-tf/--teacher_folds must be fold indices >= 0, got {list(cfg.teacher_folds)}")
-        if len(set(cfg.teacher_folds)) != len(cfg.teacher_folds):
-            raise ConfigError(f"-tf/--teacher_folds lists a fold twice: {list(cfg.teacher_folds)}")
+        _validate_teacher_folds(cfg.teacher_folds)
     for flag, value in (
         ("-e/--epochs", cfg.epochs),
         ("--iterations_per_epoch", cfg.iterations_per_epoch),
@@ -127,16 +132,13 @@ def validate(cfg: DistillationConfig) -> None:
         )
     if cfg.device is not None:
         parse_device_string(cfg.device)
-    if cfg.kd_mode not in KD_MODES:
-        raise ConfigError(f"--kd_mode must be one of {', '.join(KD_MODES)}, got {cfg.kd_mode!r}")
-    if cfg.student_init not in STUDENT_INITS:
-        raise ConfigError(
-            f"--student_init must be one of {', '.join(STUDENT_INITS)}, got {cfg.student_init!r}"
-        )
-    if cfg.teacher_view not in TEACHER_VIEWS:
-        raise ConfigError(
-            f"--teacher_view must be one of {', '.join(TEACHER_VIEWS)}, got {cfg.teacher_view!r}"
-        )
+    for flag, value, choices in (
+        ("--kd_mode", cfg.kd_mode, KD_MODES),
+        ("--student_init", cfg.student_init, STUDENT_INITS),
+        ("--teacher_view", cfg.teacher_view, TEACHER_VIEWS),
+    ):
+        if value not in choices:
+            raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     if cfg.test_cases is not None and (not cfg.test_cases or len(set(cfg.test_cases)) != len(cfg.test_cases)):
         raise ConfigError(f"--test_cases needs distinct case identifiers, got {list(cfg.test_cases)}")
     if cfg.teacher_precision not in TEACHER_PRECISIONS:

@@ -8,6 +8,7 @@ CLIs print it and exit non-zero. Pure checks are separate functions so they are 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import multiprocessing
@@ -80,7 +81,8 @@ def check_teacher_accepts_patch(teacher_plans: dict, student_plans: dict, config
     if any(p % s for p, s in zip(patch, stride, strict=False)):
         raise DistillationError(
             f"the student patch size {patch} ({student_plans.get('plans_name')}) is not divisible by the "
-            f"teacher's total stride {stride} ({teacher_plans.get('plans_name')}): the teachers cannot run on the "
+            f"teacher's total stride {stride} ({teacher_plans.get('plans_name')}): the teachers cannot run "
+            "on the "
             f"student's batches; use student plans whose patch is a multiple of {stride}"
         )
 
@@ -136,10 +138,8 @@ def _configure_threads(device) -> None:
         torch.set_num_threads(1)
         with_interop = getattr(torch, "set_num_interop_threads", None)
         if with_interop is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # already set once in this process
                 with_interop(1)
-            except RuntimeError:
-                pass  # already set once in this process
 
 
 def _load_json(path: Path, what: str, fix: str) -> dict:
@@ -252,7 +252,7 @@ def check_test_cases(run: PreparedRun) -> None:
 
     if run.config.test_cases is None:
         return
-    raw = os.environ.get("nnUNet_raw")
+    raw = os.environ.get(contract.ENV_NNUNET_RAW)
     if not raw or not (Path(raw) / run.dataset_name).is_dir():
         raise DistillationError(
             f"--test_cases needs the raw dataset: {raw or '$nnUNet_raw'}/{run.dataset_name} "
@@ -374,7 +374,8 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     if resume_from is not None:
         trainer.load_checkpoint(str(resume_from))
         log(
-            f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of {trainer.num_epochs}"
+            f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of "
+            f"{trainer.num_epochs}"
         )
     else:
         trainer.initialize()
@@ -387,7 +388,7 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     try:
         trainer.run_training()
         trainer.perform_actual_validation(False)
-        raw = os.environ.get("nnUNet_raw")
+        raw = os.environ.get(contract.ENV_NNUNET_RAW)
         summary = write_distillation_summary(
             trainer,
             run_.teacher_plans,

@@ -547,7 +547,8 @@ def write_distillation_summary(
         ensemble_folds, student_src, teacher_src = unseen, str(student_summary_file.parent), str(teacher_pred)
         timing = None
         note = (
-            f"no labelled test set (imagesTs+labelsTs): the student's validation cases, against only the teacher "
+            "no labelled test set (imagesTs+labelsTs): the student's validation cases, against only the "
+            "teacher "
             f"folds {unseen} that never trained on them"
             + (f"; folds {leaky} did, and are left out" if leaky else "")
         )
@@ -564,7 +565,8 @@ def write_distillation_summary(
         ensemble_folds, student_src, teacher_src = [], str(student_summary_file.parent), None
         timing = None
         note = (
-            "no honest baseline: there is no labelled test set (add imagesTs+labelsTs or pass --test_cases) and "
+            "no honest baseline: there is no labelled test set (add imagesTs+labelsTs or pass --test_cases) "
+            "and "
             f"every teacher fold {list(teacher_folds)} trained on the student's validation cases, so no "
             "retention is reported (include the student's fold in -tf to get one)"
         )
@@ -627,6 +629,7 @@ def write_distillation_summary(
         f"distillation summary ({kind}, {case_record['count']} cases): student mean Dice "
         f"{summary['student']['mean_dice']}, teacher ensemble {ensemble_folds} "
         f"{(summary['teacher_ensemble'] or {}).get('mean_dice')}, retention "
-        f"{(ret or {}).get('mean')} (worst label {(ret or {}).get('worst_label')}: {(ret or {}).get('worst')}) -> {path}"
+        f"{(ret or {}).get('mean')} (worst label {(ret or {}).get('worst_label')}: "
+        f"{(ret or {}).get('worst')}) -> {path}"
     )
     return path

@@ -52,7 +52,7 @@ class CheckpointError(ExportError):
     pass
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # finding the student
 
 
@@ -108,13 +108,14 @@ def find_student_fold_dir(
     if (fold_dir / checkpoint_name).is_file():
         return fold_dir
     raise StudentNotFoundError(
-        f"no student at {fold_dir / checkpoint_name} (trainer {contract.distill_trainer_name(use_da5)}, plans "
+        f"no student at {fold_dir / checkpoint_name} (trainer {contract.distill_trainer_name(use_da5)}, "
+        "plans "
         f"{plans_identifier}, configuration {configuration}, fold {fold}); students in {dataset_dir.name}: "
         f"{describe_students(dataset_dir)}; pass the -r/-c/-f/-da5 (and -p/-spl/-bs) used for training"
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # loading it with stock nnU-Net
 
 
@@ -240,7 +241,7 @@ def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> Lo
     )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shapes
 
 
@@ -306,7 +307,7 @@ def verification_shapes(spec: ShapeSpec, divisor: Sequence[int]) -> list[tuple[i
     return shapes
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # graph export
 
 
@@ -429,7 +430,7 @@ def io_description(
     }
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the whole export
 
 
@@ -467,8 +468,9 @@ class ExportResult:
 
 def _fingerprint_sha256(model_dir: Path, dataset_name: str) -> str | None:
     candidates = [model_dir / "dataset_fingerprint.json"]
-    if os.environ.get("nnUNet_preprocessed"):
-        candidates.append(Path(os.environ["nnUNet_preprocessed"]) / dataset_name / "dataset_fingerprint.json")
+    preprocessed = os.environ.get(contract.ENV_NNUNET_PREPROCESSED)
+    if preprocessed:
+        candidates.append(Path(preprocessed) / dataset_name / "dataset_fingerprint.json")
     for path in candidates:
         if path.is_file():
             return checksums.sha256_file(path)
@@ -491,7 +493,7 @@ def _metrics(fold_dir: Path) -> dict | None:
 def _real_patch(student: LoadedStudent, spatial: Sequence[int]) -> tuple[np.ndarray, str] | None:
     from nnunet_distill.verify import load_preprocessed_patch
 
-    root = os.environ.get("nnUNet_preprocessed")
+    root = os.environ.get(contract.ENV_NNUNET_PREPROCESSED)
     if not root:
         return None
     data_identifier = student.plans["configurations"].get(student.configuration, {}).get("data_identifier")

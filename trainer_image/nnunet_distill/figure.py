@@ -162,7 +162,8 @@ def render(
         f"teacher folds: {', '.join(map(str, teacher.get('folds') or []))}",
         f"retention (mean): {ret.get('mean', float('nan')):.3f}" if ret else "retention: n/a",
         f"worst label: {ret.get('worst_label')} {ret.get('worst', float('nan')):.3f}" if ret else "",
-        f"parameters: {student.get('parameters') or 0:,} vs {teacher.get('parameters_per_fold') or 0:,} per fold",
+        f"parameters: {student.get('parameters') or 0:,} vs {teacher.get('parameters_per_fold') or 0:,} per "
+        "fold",
         f"inference speed-up: {inference.get('speedup')}x" if inference.get("speedup") else "",
         f"slice: {case}, z={z}",
     ]

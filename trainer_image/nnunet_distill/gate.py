@@ -288,7 +288,8 @@ def _no_retention_failure(summary: Mapping[str, Any], fold: Any) -> str:
         return (
             "no honest baseline: the dataset has no labelled test set and every teacher fold trained on the "
             f"student's validation cases, so no retention can be measured; add imagesTs + labelsTs to the "
-            f"dataset (or name held-out test cases), or include the student's fold {fold} in the teacher folds"
+            f"dataset (or name held-out test cases), or include the student's fold {fold} in the teacher "
+            "folds"
         )
     teacher = (summary.get("teacher_ensemble") or {}).get("dice") or {}
     student = (summary.get("student") or {}).get("dice") or {}

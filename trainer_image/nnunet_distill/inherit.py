@@ -56,7 +56,8 @@ class InheritanceReport:
 
     def describe(self) -> str:
         return (
-            f"{len(self.inherited)} tensors ({self.fraction:.1%} of the student's parameters) inherited from the "
+            f"{len(self.inherited)} tensors ({self.fraction:.1%} of the student's parameters) inherited from "
+            "the "
             f"teacher, {len(self.random)} left random"
         )
 

@@ -249,7 +249,8 @@ def configuration_chain(configurations: Mapping[str, Any], configuration: str) -
     while name is not None:
         if name not in configurations:
             raise PlansError(
-                f"configuration {name!r} is not in the plans (available: {', '.join(configurations) or 'none'})"
+                f"configuration {name!r} is not in the plans (available: "
+                f"{', '.join(configurations) or 'none'})"
             )
         if name in chain:
             raise PlansError(f"circular inherits_from in plans configurations: {' -> '.join([*chain, name])}")

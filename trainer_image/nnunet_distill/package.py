@@ -194,7 +194,8 @@ def _metric_table(metrics: Mapping[str, Any]) -> str:
     folds = metrics.get("teacher_folds")
     return "\n".join(rows) + (
         f"\n\nCases: {metrics.get('num_cases')} ({metrics.get('case_source')}; evaluation "
-        f"`{metrics.get('evaluation')}`); teacher ensemble: folds {', '.join(map(str, folds)) if folds else 'none'}"
+        f"`{metrics.get('evaluation')}`); teacher ensemble: folds "
+        f"{', '.join(map(str, folds)) if folds else 'none'}"
         f"; source: {metrics.get('source')}." + (f" {metrics['note']}." if metrics.get("note") else "")
     )
 

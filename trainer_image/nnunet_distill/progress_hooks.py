@@ -37,7 +37,8 @@ from nnunet_distill.report import ETA_WINDOW, ProgressReporter
 
 log = logging.getLogger(__name__)
 
-#: Checkpoints whose arrival is reported as ``lastCheckpointEpoch`` (``checkpoint_best`` is not a resume point).
+#: Checkpoints whose arrival is reported as ``lastCheckpointEpoch`` (``checkpoint_best`` is not a resume
+#: point).
 RESUME_CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_final.pth")
 
 

@@ -359,7 +359,8 @@ def check_compatible(
         raise CompatibilityError(
             f"teacher plans {t_name} are for {teacher_plans.get('dataset_name')} but student "
             f"plans {s_name} for {student_plans.get('dataset_name')}: use student plans of the "
-            f"teacher's dataset ({_fix_command({**student_plans, 'dataset_name': teacher_plans.get('dataset_name')})})"
+            "teacher's dataset "
+            f"({_fix_command({**student_plans, 'dataset_name': teacher_plans.get('dataset_name')})})"
         )
     t_pm, s_pm = PlansManager(teacher_plans), PlansManager(student_plans)
     t_cm, s_cm = t_pm.get_configuration(configuration), s_pm.get_configuration(configuration)

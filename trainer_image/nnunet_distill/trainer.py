@@ -62,8 +62,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         configuration: str,
         fold: int,
         dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):  # noqa: B008 - nnU-Net's exact signature
+        device: torch.device = torch.device("cuda"),  # noqa: B008 - nnU-Net's exact signature
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         # nnU-Net pins every CUDA run to cuda:0 and leaves the choice to CUDA_VISIBLE_DEVICES; honour cuda:N.
         if not self.is_ddp and device.type == "cuda" and device.index is not None:
@@ -462,9 +462,9 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         """
         saved = self.inference_allowed_mirroring_axes
         self.inference_allowed_mirroring_axes = self.validation_mirroring_axes()
+        axes = self.inference_allowed_mirroring_axes
         self.print_to_log_file(
-            f"final validation: mirroring TTA "
-            f"{'off' if self.inference_allowed_mirroring_axes is None else 'on, axes ' + str(self.inference_allowed_mirroring_axes)}"
+            f"final validation: mirroring TTA {'off' if axes is None else 'on, axes ' + str(axes)}"
             f"; cases: this fold's validation split only"
         )
         try:

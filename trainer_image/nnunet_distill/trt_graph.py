@@ -192,8 +192,10 @@ def fold_instance_norm_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProt
             if value is None:
                 what = "scale" if slot == 1 else "bias"
                 raise TensorRTGraphError(
-                    f"InstanceNormalization {node.name or node.output[0]!r}: {what} {name!r} is computed from "
-                    "the input, not a constant; refusing to substitute values (the original tool zero-filled here)"
+                    f"InstanceNormalization {node.name or node.output[0]!r}: {what} {name!r} is computed "
+                    "from "
+                    "the input, not a constant; refusing to substitute values (the original tool zero-filled "
+                    "here)"
                 )
             new_name = f"{name}__folded"
             tensor = numpy_helper.from_array(np.ascontiguousarray(value), new_name)
@@ -232,10 +234,16 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
     InstanceNormalization weights as initializers.
     """
     problems: list[str] = []
-    graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset > TENSORRT_MAX_OPSET:
         problems.append(f"default-domain opset {opset} is newer than {TENSORRT_MAX_OPSET}")
+    return (
+        problems + _op_problems(model.graph) + _shape_problems(model) + _instance_norm_problems(model.graph)
+    )
+
+
+def _op_problems(graph: onnx.GraphProto) -> list[str]:
+    problems = []
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"node {node.name!r} uses custom domain {node.domain!r} ({node.op_type})")
@@ -243,6 +251,12 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
             problems.append(f"node {node.name!r} is control flow ({node.op_type})")
         elif node.op_type not in TENSORRT_OPS:
             problems.append(f"node {node.name!r}: op {node.op_type} is not supported by TensorRT")
+    return problems
+
+
+def _shape_problems(model: onnx.ModelProto) -> list[str]:
+    problems = []
+    graph = model.graph
     for kind, values in (("input", graph.input), ("output", graph.output)):
         for v in values:
             dims = _dims(v)
@@ -257,6 +271,11 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
             dims = _dims(v)
             if any(not isinstance(d, int) or d <= 0 for d in dims):
                 problems.append(f"intermediate tensor {v.name!r} has a non-static shape {dims}")
+    return problems
+
+
+def _instance_norm_problems(graph: onnx.GraphProto) -> list[str]:
+    problems = []
     inits = {t.name for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "InstanceNormalization":

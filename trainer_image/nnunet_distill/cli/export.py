@@ -280,7 +280,8 @@ def _run(prog: str, request, default_output) -> int:
         return 1
     v = result.metadata["verification"]
     print(
-        f"wrote {result.onnx_path} and {result.sidecar_path.name} (input {result.metadata['io']['input_shape']}, "
+        f"wrote {result.onnx_path} and {result.sidecar_path.name} (input "
+        f"{result.metadata['io']['input_shape']}, "
         f"verified on {len(result.comparisons)} inputs: max|Δlogit|={v['max_abs_diff']:.2e}, "
         f"agreement={100 * v['min_agreement']:.3f}%)"
     )

@@ -14,7 +14,8 @@ PROG = "nnunet-distill package"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Build a Triton model repository with nnunet_inference.json, a model card (README.md) and "
+        description="Build a Triton model repository with nnunet_inference.json, a model card (README.md) "
+        "and "
         "SHA256SUMS from an exported student (nnUNetv2_distillation_export_onnx). Deterministic: the "
         "same ONNX file gives byte-identical packages.",
     )

@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     resumed = trainer.current_epoch > 0
     if resumed:
         print(
-            f"{PROG}: resuming fold {fold} at epoch {trainer.current_epoch} (checkpoint in {trainer.output_folder})"
+            f"{PROG}: resuming fold {fold} at epoch {trainer.current_epoch} (checkpoint in "
+            f"{trainer.output_folder})"
         )
     reporter = progress_hooks.start_reporting(trainer, stage="teachers", resumed=resumed)
     try:
