@@ -1,24 +1,21 @@
 """Training augmentation for distillation: DA5 as the seed describes it, and the teachers' view of each patch.
 
 **DA5.** nnU-Net's ``nnUNetTrainerDA5`` is the strong augmentation for small datasets, but its spatial
-transform has
-elastic deformation switched off (``p_elastic_deform=0``) and interpolates segmentations linearly (a one-hot
-interpolation then argmax, which erodes structures one or two voxels thin). The seed's DA5 promises elastic
-deformation and a reduced interpolation order "for better preservation of fine details". We keep every DA5
-transform and swap only the ``SpatialTransform``, the way nnU-Net's own ``nnUNetTrainerDA5ord0`` variant does:
-elastic deformation with probability :data:`DA5_P_ELASTIC` and nearest-neighbour (order 0) resampling of the
-segmentation; images keep linear interpolation (order 1, already below the cubic order of nnU-Net v1's DA5).
+transform has elastic deformation switched off (``p_elastic_deform=0``) and interpolates segmentations
+linearly (a one-hot interpolation then argmax, which erodes structures one or two voxels thin). The seed's DA5
+promises elastic deformation and a reduced interpolation order "for better preservation of fine details". We
+keep every DA5 transform and swap only the ``SpatialTransform``, the way nnU-Net's own
+``nnUNetTrainerDA5ord0`` variant does: elastic deformation with probability :data:`DA5_P_ELASTIC` and
+nearest-neighbour (order 0) resampling of the segmentation; images keep linear interpolation (order 1, already
+below the cubic order of nnU-Net v1's DA5).
 
 **Teacher view.** In online KD the teachers label the very patch the student sees. Intensity-only
-augmentations
-(noise, blur, gamma, contrast, low resolution, blank rectangles, local gamma and brightness gradients) produce
-images the teachers were never trained on (nnU-Net's default augmentation has no blank rectangles or local
-gamma),
-so their soft labels there can be wrong exactly where the student needs them. With ``teacher_view="clean"``
-the
-teachers see the patch after the spatial transforms (which the label follows) but before the intensity-only
-ones:
-the clean patch travels as extra image channels through the pipeline and is split off in the train step.
+augmentations (noise, blur, gamma, contrast, low resolution, blank rectangles, local gamma and brightness
+gradients) produce images the teachers were never trained on (nnU-Net's default augmentation has no blank
+rectangles or local gamma), so their soft labels there can be wrong exactly where the student needs them. With
+``teacher_view="clean"`` the teachers see the patch after the spatial transforms (which the label follows) but
+before the intensity-only ones: the clean patch travels as extra image channels through the pipeline and is
+split off in the train step.
 """
 
 from __future__ import annotations

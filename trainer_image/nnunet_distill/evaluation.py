@@ -2,28 +2,21 @@
 them.
 
 The only figure worth reporting as *retention* compares student and teacher ensemble on cases that none of
-them
-trained on:
+them trained on:
 
 1. **A held-out test set** (the default whenever there is one): nnU-Net's own convention, ``imagesTs`` with
-labels
-   in ``labelsTs`` beside them in ``$nnUNet_raw/<Dataset>``, or the cases named by ``--test_cases``. Both
-   models go
-   through nnU-Net's own predictor from the raw images (preprocessing, sliding window, Gaussian weighting, the
-   same
-   mirroring decision) and nnU-Net's own metric code (``compute_metrics_on_folder``). A ``--test_cases`` entry
-   that
-   lives in ``imagesTr`` is accepted only when ``splits_final.json`` proves that neither the student nor any
-   teacher fold trained on it.
+   labels in ``labelsTs`` beside them in ``$nnUNet_raw/<Dataset>``, or the cases named by ``--test_cases``.
+   Both models go through nnU-Net's own predictor from the raw images (preprocessing, sliding window, Gaussian
+   weighting, the same mirroring decision) and nnU-Net's own metric code (``compute_metrics_on_folder``). A
+   ``--test_cases`` entry that lives in ``imagesTr`` is accepted only when ``splits_final.json`` proves that
+   neither the student nor any teacher fold trained on it.
 2. **No test set:** the student's validation cases, scored against an ensemble of only the teacher folds whose
    training split excludes them. In nnU-Net's 5-fold CV that is at most the student's own fold, so with
    ``-tf`` lacking it there is no honest teacher figure at all and no retention is reported.
 
 An ensemble that includes folds trained on the scored cases is optimistic, and a ratio against it flatters
-nobody
-in particular: it is simply not a measurement of retention, so it is never written as one. Every figure
-records
-the case identifiers, the teacher folds and the checkpoint that produced it. The result goes to
+nobody in particular: it is simply not a measurement of retention, so it is never written as one. Every figure
+records the case identifiers, the teacher folds and the checkpoint that produced it. The result goes to
 ``<student fold>/validation/distillation_summary.json``; the quality gate, the operator's status, Prometheus
 and the model card read it from there.
 """
@@ -114,8 +107,7 @@ def retention(
     """Student / ensemble Dice: the mean over labels, per label, and the worst label. None if not computable.
 
     A label the ensemble itself never finds (Dice 0) has no ratio; it is listed in ``undefined`` and left out
-    of
-    the worst-label search, but still counts in both means. A missing student or teacher figure means no
+    of the worst-label search, but still counts in both means. A missing student or teacher figure means no
     ratio.
     """
     if not teacher or any(student.get(k) is None or v is None for k, v in teacher.items()):
@@ -141,10 +133,8 @@ def find_test_cases(
     """Labelled held-out cases in nnU-Net's raw layout; ``requested`` may also name cases of imagesTr.
 
     Without ``requested``: every ``imagesTs`` case that has its label in ``labelsTs`` (unlabelled test images
-    are
-    ignored: they cannot be scored). With it: each identifier must exist, with its label, in imagesTs/labelsTs
-    or
-    imagesTr/labelsTr, or the error names what is missing.
+    are ignored: they cannot be scored). With it: each identifier must exist, with its label, in
+    imagesTs/labelsTs or imagesTr/labelsTr, or the error names what is missing.
     """
     ending = dataset_json.get("file_ending", ".nii.gz")
     channels = sorted(
@@ -298,8 +288,7 @@ def predict_cases(predictor, cases: Sequence[HeldOutCase], out_dir: Path) -> tup
     """Segment every case from its raw images into ``out_dir`` (replaced), without worker processes.
 
     Returns the folder and the wall-clock seconds nnU-Net's whole pipeline took (read, preprocess, sliding
-    window,
-    resample, write): the same work for student and ensemble, so their ratio is an honest speed-up.
+    window, resample, write): the same work for student and ensemble, so their ratio is an honest speed-up.
     """
     import time
 

@@ -8,8 +8,7 @@ Why it differs from the original tool:
   exits non-zero and writes no file.
 - Shapes mean what the docs say: static by default, `-da` dynamic batch and spatial axes (spatial sizes are
   multiples of the encoder's total stride, which the graph and the metadata state), `-nn`/ResEnc `-b 0`
-  dynamic
-  batch only.
+  dynamic batch only.
 - The file carries its inference metadata (metadata.py) and gets an `nnunet_inference.json` beside it.
 
 Export and verification run on the CPU on purpose: the graph does not depend on the device it was traced on,

@@ -2,11 +2,9 @@
 curves.
 
 Drawn from what the distill stage already wrote, nothing recomputed: the held-out predictions of both models
-and
-the case files named in ``distillation_summary.json``, and nnU-Net's training logs stored in each model's
+and the case files named in ``distillation_summary.json``, and nnU-Net's training logs stored in each model's
 ``checkpoint_final.pth``. The slice is the one of all test cases where the smallest structure is largest,
-because
-that is where a thinner network fails first.
+because that is where a thinner network fails first.
 """
 
 from __future__ import annotations

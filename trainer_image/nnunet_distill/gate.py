@@ -11,12 +11,10 @@ teacher
 - every label's retention ``>= min_label_retention`` (the worst label is named when it is not).
 
 A label the teacher ensemble itself never finds (Dice 0) has no ratio (``retention.undefined``): it cannot
-fail the
-per-label check, and the verdict names it so nobody mistakes silence for a pass on that label.
+fail the per-label check, and the verdict names it so nobody mistakes silence for a pass on that label.
 
 Nothing here reads files, prints or exits: ``nnunet_distill.cli.gate`` does that. Standard library only, so
-the
-gate needs neither torch nor nnU-Net.
+the gate needs neither torch nor nnU-Net.
 """
 
 from __future__ import annotations

@@ -163,8 +163,7 @@ def kd_mask(target_fullres: torch.Tensor, *, regions: bool, ignore_label: int | 
     """Voxels that carry supervision, in the layout nnU-Net's dataloader produces.
 
     Label targets are (B, 1, *spatial) label maps holding ``ignore_label`` where unannotated. Region targets
-    are
-    one-hot (B, R + 1, *spatial) with the ignore region appended as the last channel (nnU-Net's
+    are one-hot (B, R + 1, *spatial) with the ignore region appended as the last channel (nnU-Net's
     ``ConvertSegmentationToRegionsTransform`` with ``regions + [ignore_label]``).
     """
     if ignore_label is None:

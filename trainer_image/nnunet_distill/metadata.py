@@ -2,13 +2,11 @@
 
 An ONNX graph of an nnU-Net network is useless on its own: inference also needs the target spacing, the axis
 transposition, the per-channel normalisation and its intensity statistics, the patch size, the labels or
-regions
-and the tile step. The original tool left all of that out of its ONNX files, so every deployment copied
-numbers
-by hand. Here one dict (built by the pure :func:`build_inference_metadata`) is written twice with the same
-content: as ONNX ``metadata_props`` (one JSON-encoded value per top-level key, so the graph is
-self-describing)
-and as ``nnunet_inference.json`` beside the file (for people and tools that do not parse ONNX).
+regions and the tile step. The original tool left all of that out of its ONNX files, so every deployment
+copied numbers by hand. Here one dict (built by the pure :func:`build_inference_metadata`) is written twice
+with the same content: as ONNX ``metadata_props`` (one JSON-encoded value per top-level key, so the graph is
+self-describing) and as ``nnunet_inference.json`` beside the file (for people and tools that do not parse
+ONNX).
 
 The dict also holds the subsets of ``plans.json`` and ``dataset.json`` that nnU-Net's own preprocessing and
 resampling need (``nnunet.plans`` / ``nnunet.dataset_json``), so the ONNX Runtime predictor can rebuild a
@@ -265,12 +263,9 @@ def metrics_from_summaries(
     number.
 
     The distill stage's `validation/distillation_summary.json` (schema 2, see `evaluation.py`) scores student
-    and
-    ensemble on held-out cases (`evaluation` says how) and carries `retention` only when that comparison is
-    honest.
-    Without it, only nnU-Net's own `summary.json` of the student's validation cases exists: the card then
-    shows the
-    student's figure alone, with its source, and no teacher figure or retention.
+    and ensemble on held-out cases (`evaluation` says how) and carries `retention` only when that comparison
+    is honest. Without it, only nnU-Net's own `summary.json` of the student's validation cases exists: the
+    card then shows the student's figure alone, with its source, and no teacher figure or retention.
     """
 
     def finite(value: Any) -> float | None:

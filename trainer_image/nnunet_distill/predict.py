@@ -4,8 +4,7 @@ Everything that makes an nnU-Net prediction correct stays nnU-Net's own code: re
 plans' reader, cropping, resampling to the target spacing, per-channel normalisation, padding, the sliding
 window with Gaussian weighting, mirroring test-time augmentation, resampling back and export. Only the forward
 pass changes: `nnUNetPredictor.network` becomes :class:`OnnxNetwork`, a torch module whose forward runs an
-ONNX
-Runtime session. Nothing here is a second sliding window.
+ONNX Runtime session. Nothing here is a second sliding window.
 
 The predictor needs only what `nnunet-distill package` ships (the ONNX file and its metadata): plans,
 configuration and dataset.json are rebuilt from `nnunet.plans` / `nnunet.dataset_json` in the metadata.
@@ -34,10 +33,8 @@ def locate_model(path: str | Path) -> tuple[Path, dict]:
     """(ONNX file, metadata) for a package directory, an export directory or an .onnx file.
 
     A package holds `<name>/1/model.onnx` (Triton layout) and `nnunet_inference.json`; an export directory
-    holds
-    the .onnx file beside its `nnunet_inference.json`. Without a sidecar the metadata embedded in the ONNX
-    file
-    is used, so a bare exported file is enough.
+    holds the .onnx file beside its `nnunet_inference.json`. Without a sidecar the metadata embedded in the
+    ONNX file is used, so a bare exported file is enough.
     """
     path = Path(path)
     if path.is_file():

@@ -9,14 +9,12 @@ everything nnU-Net writes) stays stock.
 
 One way for both: ``start_reporting`` hooks the student (distill.py) and the teachers (cli/train_teacher.py)
 alike. At every epoch end it writes ``progress.json`` (contract.PROGRESS_NAME: losses, pseudo Dice, ETA)
-beside
-the checkpoints, which local runs read, and reports the same epoch to the DistillationJob.
+beside the checkpoints, which local runs read, and reports the same epoch to the DistillationJob.
 
 Two promises:
 - a checkpoint file is always complete: nnU-Net's own ``save_checkpoint`` writes to a temp file in the same
   folder, which is fsynced and ``os.replace``d over the target, so a kill mid-write leaves the old file (the
-  temp
-  file's name is never one that nnU-Net or ``-c_continue`` loads);
+  temp file's name is never one that nnU-Net or ``-c_continue`` loads);
 - reporting never stops training: every reporter call is guarded here as well as inside the reporter.
 """
 

@@ -14,9 +14,8 @@ obstore, whose per-request retries (exponential backoff with jitter) absorb shor
 retry re-sends whole files when a transfer or a read-back still fails after that.
 
 Storage access, credentials and error classification live in `storage.py`, checksums in `checksums.py`.
-The least privilege that suffices is
-put + get on the prefix (delete is used, best effort, only to clean up after a failed publish); listing
-the bucket is never needed.
+The least privilege that suffices is put + get on the prefix (delete is used, best effort, only to clean up
+after a failed publish); listing the bucket is never needed.
 """
 
 from __future__ import annotations

@@ -100,11 +100,10 @@ def block_counts(
       block per halving of its width, ceil(log2(teacher/student width)), capped at `max_blocks`; the
       budget is the encoder's residual parameters of the teacher divided by r^2 (what `keep` costs,
       counted at width f/r where the min-8 floor made a stage wider), so the student never grows past
-      the size the user asked for with r.
-      Blocks are assigned round-robin, shallow stages first, starting from `reduce`'s counts: a block
-      at the shallowest stages costs a small fraction of one at the deepest (parameters grow with
-      channels^2), so depth moves to the high-resolution stages, where small structures are resolved,
-      and the deepest, widest stages pay for it. Unlike the seed's rule (a no-op below r=4) this
+      the size the user asked for with r. Blocks are assigned round-robin, shallow stages first, starting from
+      `reduce`'s counts: a block at the shallowest stages costs a small fraction of one at the deepest
+      (parameters grow with channels^2), so depth moves to the high-resolution stages, where small structures
+      are resolved, and the deepest, widest stages pay for it. Unlike the seed's rule (a no-op below r=4) this
       changes the network for every r >= 2; r=1 returns the teacher's counts. Compute (FLOPs) grows
       a little because shallow stages run at high resolution.
 

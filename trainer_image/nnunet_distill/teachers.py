@@ -2,8 +2,7 @@
 
 The original went through ``nnUNetPredictor.initialize_from_trained_model_folder`` once per fold, which looks
 the teacher's trainer class up by name (teachers from custom trainers could not load) and, on nnunetv2 <
-2.5.2,
-silently left the weights random. Here each fold's network is built from the teacher folder's *own*
+2.5.2, silently left the weights random. Here each fold's network is built from the teacher folder's *own*
 ``plans.json``/``dataset.json`` with nnU-Net's builder and its checkpoint is loaded with ``strict=True``, so a
 teacher either really is the trained network or loading fails with a message that says why.
 
@@ -253,11 +252,9 @@ class TeacherEnsemble(nn.Module):
     """Frozen teachers; ``forward(x)`` returns the mean of their full-resolution logits in float32.
 
     The teachers are held in an ``nn.ModuleList`` so ``.to()`` moves them with the ensemble, but they are
-    never
-    registered with the student's optimizer and have ``requires_grad=False``; ``forward`` runs under
+    never registered with the student's optimizer and have ``requires_grad=False``; ``forward`` runs under
     ``torch.inference_mode`` so no graph is kept. ``train()`` is overridden: the teachers stay in eval mode
-    even
-    when a trainer flips every module to train mode.
+    even when a trainer flips every module to train mode.
     """
 
     def __init__(

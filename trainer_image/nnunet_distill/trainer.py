@@ -47,10 +47,9 @@ KD_LOG_KEYS = ("train_kd_losses", "train_hard_losses")
 
 class TrainingPreempted(KeyboardInterrupt):
     """SIGTERM (pod pre-emption, eviction, node drain) arrived and a checkpoint of every completed iteration
-    was
-    saved; the same command line with -c_continue resumes inside the interrupted epoch. A KeyboardInterrupt so
-    that
-    no ``except Exception`` on the way up swallows it and the CLI exits as for Ctrl-C."""
+    was saved; the same command line with -c_continue resumes inside the interrupted epoch. A
+    KeyboardInterrupt so that no ``except Exception`` on the way up swallows it and the CLI exits as for
+    Ctrl-C."""
 
 
 class nnUNetDistillationTrainer(nnUNetTrainer):
@@ -158,8 +157,7 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         """Initialise the student from one teacher's sliced weights (see :mod:`nnunet_distill.inherit`).
 
         The teacher of the student's own fold when it is in the ensemble (it trained on the same cases), else
-        the
-        first one. Only for a fresh run: a resumed run loads its own checkpoint.
+        the first one. Only for a fresh run: a resumed run loads its own checkpoint.
         """
         from nnunet_distill.inherit import inherit_from_teacher
 
@@ -457,8 +455,7 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
 
         nnU-Net's augmentation setup rewrites ``inference_allowed_mirroring_axes`` at every train start (which
         is why the original's ``-disable_mirroring`` did nothing); we switch it off only around the
-        validation,
-        so checkpoints still record the axes the student was trained to be invariant to.
+        validation, so checkpoints still record the axes the student was trained to be invariant to.
         """
         saved = self.inference_allowed_mirroring_axes
         self.inference_allowed_mirroring_axes = self.validation_mirroring_axes()
@@ -478,9 +475,8 @@ class nnUNetDistillationTrainerDA5(nnUNetDistillationTrainer, nnUNetTrainerDA5):
     segmentation resampling (see :mod:`nnunet_distill.augmentation`).
 
     MRO: this class -> nnUNetDistillationTrainer -> nnUNetTrainerDA5 -> nnUNetTrainer, so nnU-Net's DA5
-    rotation,
-    mirroring and initial patch size apply, and ``super()`` in the KD trainer's transform builder reaches
-    DA5's.
+    rotation, mirroring and initial patch size apply, and ``super()`` in the KD trainer's transform builder
+    reaches DA5's.
     """
 
     def _base_training_transforms(self, *args, **kwargs):

@@ -2,11 +2,11 @@
 
 TensorRT builds engines from static shapes, knows a fixed list of ONNX ops, rejects data-dependent control
 flow, and wants InstanceNormalization's scale and bias as constant weights (initializers), not tensors
-computed
-by other nodes. The original `-fix` looked such biases up by name and, when the lookup failed, inserted zeros
-with only a warning, silently changing the model. Here constants are folded from what the graph itself
-computes (Constant nodes, Identity chains over initializers); anything that cannot be folded is an error, and
-the folded values are then compared with the checkpoint's own tensors (:func:`instance_norm_weight_check`).
+computed by other nodes. The original `-fix` looked such biases up by name and, when the lookup failed,
+inserted zeros with only a warning, silently changing the model. Here constants are folded from what the graph
+itself computes (Constant nodes, Identity chains over initializers); anything that cannot be folded is an
+error, and the folded values are then compared with the checkpoint's own tensors
+(:func:`instance_norm_weight_check`).
 """
 
 from __future__ import annotations

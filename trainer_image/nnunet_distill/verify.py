@@ -4,8 +4,7 @@ The original exporter compared onnxruntime with torch on one random tensor and o
 warning, whatever the difference. A wrong graph then reached production silently. Here the comparison is a
 gate: logits must agree within a tolerance and the resulting segmentation (argmax, or thresholded regions for
 region-based models) must agree voxel-wise, on random inputs of every shape the graph promises to accept and
-on
-a real preprocessed patch of the dataset when one is on disk (random noise exercises no learned features).
+on a real preprocessed patch of the dataset when one is on disk (random noise exercises no learned features).
 """
 
 from __future__ import annotations

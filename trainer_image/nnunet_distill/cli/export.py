@@ -4,8 +4,7 @@ sets.
 Both keep every flag of the original tools, with the semantics their docs promised (the original inverted
 `-da` and crashed on `-nn`). The student is found from the same arguments it was trained with; the only new
 flags are optional (`-p` on the standard CLI and `-bs` on the ResEnc CLI, so that students trained with them
-can
-be found, `-chk`, `--opset` and the verification tolerances).
+can be found, `-chk`, `--opset` and the verification tolerances).
 """
 
 from __future__ import annotations

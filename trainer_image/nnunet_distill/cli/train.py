@@ -2,8 +2,7 @@
 path.
 
 The two commands differ only in configuration (:class:`Variant`): which flags name the teacher and student
-plans,
-their defaults and the default rotation frequency. Both map their flags onto one
+plans, their defaults and the default rotation frequency. Both map their flags onto one
 :class:`~nnunet_distill.config.DistillationConfig` and call :func:`nnunet_distill.distill.run`.
 
 Errors a user can fix (a bad value, a missing fold, an unknown dataset, incompatible plans) print one line to
@@ -321,8 +320,7 @@ _FLAGS_AFTER_PLANS = (
 
 def build_parser(variant: Variant) -> argparse.ArgumentParser:
     """Both commands' parser: the shared flags (`_FLAGS_BEFORE_PLANS`, `_FLAGS_AFTER_PLANS`), defined once,
-    plus
-    the variant's plans flags."""
+    plus the variant's plans flags."""
     p = _OneLineParser(
         prog=variant.prog,
         allow_abbrev=False,
