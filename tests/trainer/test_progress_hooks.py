@@ -84,7 +84,7 @@ def test_progress_record_is_the_progress_json_schema_for_teachers_and_students()
         "updatedAt": "2026-01-02T03:04:05+00:00",
     }
     student = ph.progress_record(
-        {**log, "train_kd_losses": [0.3, 0.2, 0.1], "train_hard_losses": [1.0, 0.9, 0.8]}, 2, 2, now
+        {**log, "train_kd_losses": [0.3, 0.2, 0.1], "train_hard_losses": [1.0, 0.9, 0.8]}, 3, 3, now
     )
-    assert (student["kdLoss"], student["hardLoss"], student["pseudoDice"]) == (0.2, 0.9, None)
-    assert student["etaSeconds"] == 0.0 and student["epochSeconds"] == 15.0
+    assert (student["kdLoss"], student["hardLoss"], student["pseudoDice"]) == (0.1, 0.8, 0.5)
+    assert student["etaSeconds"] == 0.0 and student["epochSeconds"] == 20.0
