@@ -346,7 +346,7 @@ def run(config: DistillationConfig, log=print) -> RunResult:
         )
 
     from nnunet_distill import student
-    from nnunet_distill.evaluation import write_distillation_summary
+    from nnunet_distill.held_out import write_distillation_summary
     from nnunet_distill import progress_hooks
     from nnunet_distill.teachers import TeacherEnsemble, load_teacher, resolve_precision
     from nnunet_distill.trainer import trainer_class
