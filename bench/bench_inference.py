@@ -312,7 +312,7 @@ class Bench:
         flips = [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
         teacher_net = teacher.network.to(device).eval()
         teacher_weights = teacher.list_of_parameters
-        from nnunet_distill.export import load_student
+        from nnunet_distill.trained_student import load_student
 
         student_torch = load_student(
             self.student_dir / "fold_0", "checkpoint_final.pth", CONFIGURATION
