@@ -1,22 +1,23 @@
 """Inference cost and quality: stock nnU-Net teacher ensemble vs our ONNX predictor with the r=2 student.
 
-Everything is built here, for real, in a temporary nnU-Net workspace: a synthetic dataset with a labelled held-out
-case, K stock nnU-Net teacher folds (`nnunet-distill train-teacher`), an r=2 student distilled from them
-(`nnUNetv2_distillation_train`), exported and verified (`nnUNetv2_distillation_export_onnx -nn`) and packaged
-(`nnunet-distill package`). Then, side by side on the same held-out case:
+Everything is built here, for real, in a temporary nnU-Net workspace: a synthetic dataset with a labelled
+held-out case, K stock nnU-Net teacher folds (`nnunet-distill train-teacher`), an r=2 student distilled from
+them (`nnUNetv2_distillation_train`), exported and verified (`nnUNetv2_distillation_export_onnx -nn`) and
+packaged (`nnunet-distill package`). Then, side by side on the same held-out case:
 
 * end to end (command line, as a user runs it): `nnUNetv2_predict` with all K teacher folds and mirroring vs
   `nnUNetv2_distillation_predict` on the package, with and without mirroring;
 * end to end in process (no interpreter start-up, no worker spawning): nnU-Net's sequential pipeline
   (`predict_from_files_sequential`: read, preprocess, sliding window, resample, write) for both predictors;
 * network only, per patch: the teacher ensemble's K folds x 8 mirror passes (torch) vs one student pass (ONNX
-  Runtime); plus single passes of teacher and student in torch, which isolate what the thinner network alone buys.
-  K < 5 trained folds are extrapolated linearly to 5 folds, and the table says so;
+  Runtime); plus single passes of teacher and student in torch, which isolate what the thinner network alone
+  buys. K < 5 trained folds are extrapolated linearly to 5 folds, and the table says so;
 * Dice of both segmentations against the held-out labels.
 
-Speed-up goals (issue 4): >= 30x end to end and >= 100x network only, against a 5-fold ensemble with mirroring.
-Tiny CPU-trained models segment poorly; the Dice rows show agreement with the labels honestly, not a quality claim.
-Run: `python -m bench inference` or `python -m bench.bench_inference [--folds 2] [--repeats 5] [--keep DIR]`.
+Speed-up goals (issue 4): >= 30x end to end and >= 100x network only, against a 5-fold ensemble with
+mirroring. Tiny CPU-trained models segment poorly; the Dice rows show agreement with the labels honestly, not
+a quality claim. Run: `python -m bench inference` or
+`python -m bench.bench_inference [--folds 2] [--repeats 5] [--keep DIR]`.
 """
 
 from __future__ import annotations
@@ -245,8 +246,8 @@ class Bench:
             ],
         }
         env = self.env
-        # nnU-Net caps torch at nnUNet_def_n_proc threads while predicting; give the teacher every core, as ONNX
-        # Runtime gets for the student (pools stay at one process through -npp/-nps)
+        # nnU-Net caps torch at nnUNet_def_n_proc threads while predicting; give the teacher every core, as
+        # ONNX Runtime gets for the student (pools stay at one process through -npp/-nps)
         self.env = {**env, "nnUNet_def_n_proc": str(os.cpu_count() or 1)}
         try:
             return {name: self.run(argv) for name, argv in runs.items()}
@@ -419,7 +420,8 @@ def _report(bench: Bench, cli: dict, seq: dict, net: dict, dice_teacher: dict, d
     ]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"\ndevice: {bench.device_name}; same held-out case(s) for every row; {os.cpu_count()} CPU threads for "
+        f"\ndevice: {bench.device_name}; same held-out case(s) for every row; {os.cpu_count()} CPU threads "
+        "for "
         f"torch and ONNX Runtime alike; load average {load} (timings on a shared CPU vary 3-4x)"
     )
     print(f"{'measure':36} {'baseline':26} {'seconds':>9}   {'ours':22} {'seconds':>9} {'speed-up':>9}")
@@ -441,7 +443,8 @@ def _report(bench: Bench, cli: dict, seq: dict, net: dict, dice_teacher: dict, d
         f"{med['student']:.2f} s -> {e2e5 / med['student']:.1f}x (goal >= 30x)"
     )
     print(
-        f"  architecture alone (one torch pass each): {med['net_teacher_1pass'] / med['net_student_torch_1pass']:.1f}x; "
+        "  architecture alone (one torch pass each): "
+        f"{med['net_teacher_1pass'] / med['net_student_torch_1pass']:.1f}x; "
         f"ONNX Runtime vs torch for the student: "
         f"{med['net_student_torch_1pass'] / med['net_student_onnx_1pass']:.1f}x"
     )

@@ -42,8 +42,7 @@ FAILED = contract.GATE_FAILED
 NOT_ENFORCED = contract.GATE_NOT_ENFORCED
 
 # Exit code of `nnunet-distill gate` for an enforced failure: deterministic, so the operator's Job fails at
-# once
-# (podFailurePolicy FailJob) instead of retrying. The operator reads the same contract constant.
+# once (podFailurePolicy FailJob) instead of retrying. The operator reads the same contract constant.
 EXIT_GATE_FAILED = contract.EXIT_CODE_GATE_FAILED
 
 MAX_LISTED_LABELS = (

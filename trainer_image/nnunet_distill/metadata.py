@@ -156,8 +156,7 @@ def build_inference_metadata(
         plans.get("foreground_intensity_properties_by_modality", {}),
     )
     # The checkpoint's record wins; the student plans' own `distillation` entry (written when they were
-    # derived)
-    # fills what an older or foreign checkpoint lacks, so r and the block strategy are never lost.
+    # derived) fills what an older or foreign checkpoint lacks, so r and the block strategy are never lost.
     d = {k: v for k, v in dict(plans.get("distillation") or {}).items() if v is not None}
     d.update({k: v for k, v in dict(distillation or {}).items() if v is not None})
     plans_identifier = plans.get("plans_name")

@@ -19,8 +19,7 @@ from onnx import numpy_helper
 
 # Ops the TensorRT ONNX parser (onnx-tensorrt, TensorRT 8.6 and 10) implements for the default domain.
 # Control flow (If/Loop/Scan) and data-dependent-shape ops (NonZero, Unique, NonMaxSuppression) are left out
-# on
-# purpose: a U-Net never needs them and they defeat static engine building.
+# on purpose: a U-Net never needs them and they defeat static engine building.
 TENSORRT_OPS = frozenset(
     [
         "Abs",
