@@ -2,19 +2,21 @@
 
 Nothing here is faked: a synthetic raw dataset is planned and preprocessed by `nnUNetv2_plan_and_preprocess`,
 teachers are trained by stock nnU-Net through `nnunet-distill train-teacher`, ResEnc plans come from nnU-Net's
-own planners. Every fixture is lazy (built only when a test asks for it) and shared by every test of the session.
+own planners. Every fixture is lazy (built only when a test asks for it) and shared by every test of the
+session.
 
 - `nnunet_dataset`  -> NnUNetDataset: Dataset901_Synth (16 training cases of 48^3 plus 4 labelled test cases),
                        planned and preprocessed for 3d_fullres (~20 s).
 - `nnunet_teachers` -> Teachers: two tiny nnUNetTrainer/nnUNetPlans teacher folds (0, 1) on it, 2 epochs x 4
                        iterations, 2 validation iterations, with nnU-Net's final validation (~35 s per fold).
 - `resenc_plans`    -> dict plans identifier -> plans: nnUNetResEncUNet{M,L,XL}Plans made by nnU-Net's
-                       nnUNetPlannerResEnc{M,L,XL} for the same dataset (a few seconds); their 3d_fullres batch
-                       size (16+, sized for 8-40 GB GPUs) is set to 2 so they train on a CPU.
+                       nnUNetPlannerResEnc{M,L,XL} for the same dataset (a few seconds); their 3d_fullres
+                       batch size (16+, sized for 8-40 GB GPUs) is set to 2 so they train on a CPU.
 - `resenc_teachers` -> Teachers: one tiny nnUNetResEncUNetMPlans teacher fold (0), same budget.
-- `realistic_plans` -> RealisticPlans: plans for Dataset902_Large (2 cases of 192^3), fingerprinted and planned
-                       (no preprocessing, no training) by the default and the ResEnc M planners: 6 stages of up
-                       to 320 channels and 128^3 patches, the size class of real CT/MR data (~40 s).
+- `realistic_plans` -> RealisticPlans: plans for Dataset902_Large (2 cases of 192^3), fingerprinted and
+                       planned (no preprocessing, no training) by the default and the ResEnc M planners: 6
+                       stages of up to 320 channels and 128^3 patches, the size class of real CT/MR data
+                       (~40 s).
 
 Subprocess output goes to `<tmp>/nnunet/fixtures.log`; a failing step raises with the tail of that log.
 Tests pass `dataset.env` to their own subprocesses (nnUNet_* folders plus nnUNet_n_proc_DA=0,
@@ -226,9 +228,9 @@ def nnunet_teachers(nnunet_dataset) -> Teachers:
 def resenc_plans(nnunet_dataset) -> dict[str, dict]:
     """nnUNetResEncUNet{M,L,XL}Plans of Dataset901 from nnU-Net's ResEnc planners, batch size set to 2.
 
-    The planners size the batch for an 8/24/40 GB GPU (16 and more for 48^3 patches); the 3d_fullres batch size
-    is set to 2 in each plans file right after planning (the only change, made before any test reads them) so
-    that teachers and students train on a CPU. They share nnUNetPlans_3d_fullres preprocessed data.
+    The planners size the batch for an 8/24/40 GB GPU (16 and more for 48^3 patches); the 3d_fullres batch
+    size is set to 2 in each plans file right after planning (the only change, made before any test reads
+    them) so that teachers and students train on a CPU. They share nnUNetPlans_3d_fullres preprocessed data.
     """
     for identifier in RESENC_PLANS:
         path = nnunet_dataset.preprocessed_dataset / f"{identifier}.json"

@@ -291,8 +291,8 @@ def test_pod_env_contract_matches_the_trainers_reporter() -> None:
 
 
 def test_quality_gate_constants_agree_with_the_trainer() -> None:
-    """The operator renders the gate's command, reads its exit code and termination message, and names the file
-    the distill stage writes: every one of those names is the trainer's."""
+    """The operator renders the gate's command, reads its exit code and termination message, and names the
+    file the distill stage writes: every one of those names is the trainer's."""
     from nnunet_distill_operator import status
 
     gate = importlib.import_module("nnunet_distill.gate")
@@ -323,8 +323,8 @@ def test_quality_gate_constants_agree_with_the_trainer() -> None:
 def test_gate_termination_message_becomes_status_metrics_and_the_condition(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The real gate CLI on a summary laid out where the plan's glob looks; its termination message read by the
-    operator's own functions: every figure the trainer reports lands in status.metrics (the API model)."""
+    """The real gate CLI on a summary laid out where the plan's glob looks; its termination message read by
+    the operator's own functions: every figure the trainer reports lands in status.metrics (the API model)."""
     import json
 
     from nnunet_distill_operator import status
@@ -377,8 +377,9 @@ def test_gate_termination_message_becomes_status_metrics_and_the_condition(
 
 
 def test_contract_module_imports_only_the_standard_library() -> None:
-    """The operator image installs none of the trainer's dependencies: a fresh interpreter imports the contract,
-    and every module that import loaded belongs to the standard library (or to the contract's own package)."""
+    """The operator image installs none of the trainer's dependencies: a fresh interpreter imports the
+    contract, and every module that import loaded belongs to the standard library (or to the contract's own
+    package)."""
     import json
     import subprocess
     import sys
@@ -395,8 +396,8 @@ def test_contract_module_imports_only_the_standard_library() -> None:
 
 
 def test_resenc_planners_are_nnunets_own() -> None:
-    """Each plans identifier the contract maps to a planner is that nnU-Net planner's default `plans_name`, and the
-    operator picks the same planner for it (the two copies of this table had drifted by one entry)."""
+    """Each plans identifier the contract maps to a planner is that nnU-Net planner's default `plans_name`,
+    and the operator picks the same planner for it (the two copies of this table had drifted by one entry)."""
     import inspect
 
     from nnunet_distill import contract

@@ -1,10 +1,11 @@
-"""The in-pod runtime of the training stages, for real: nnU-Net training processes reporting to the kmock API server.
+"""The in-pod runtime of the training stages, for real: nnU-Net training processes reporting to the kmock API
+server.
 
-- distill: a run is SIGKILLed mid-training after its first checkpoints, a half-written checkpoint temp file is left
-  beside them, and the very same command line (the operator's, with ``-c_continue``) is started again: it resumes
-  from the newest checkpoint (losing at most one epoch), finishes with the right epoch count, and the
-  DistillationJob's ``status.progress`` shows epochs, losses, pseudo Dice, ``lastCheckpointEpoch`` and one restart;
-  the termination message holds the final summary.
+- distill: a run is SIGKILLed mid-training after its first checkpoints, a half-written checkpoint temp file is
+  left beside them, and the very same command line (the operator's, with ``-c_continue``) is started again: it
+  resumes from the newest checkpoint (losing at most one epoch), finishes with the right epoch count, and the
+  DistillationJob's ``status.progress`` shows epochs, losses, pseudo Dice, ``lastCheckpointEpoch`` and one
+  restart; the termination message holds the final summary.
 - teachers: ``nnunet-distill train-teacher`` reports its progress the same way and leaves its summary.
 
 Each test works on a private copy of the session's trained workspace, so no other test sees its students.
@@ -99,7 +100,8 @@ def _pod_env(
             "KUBECONFIG": str(kubeconfig),
             "TERMINATION_MESSAGE_PATH": str(termination),
             "NNUNET_DISTILL_PROGRESS_INTERVAL_S": "0",
-            "PYTHONUNBUFFERED": "1",  # as k8s.py sets it in every stage container: a SIGKILL must not eat the log
+            # as k8s.py sets it in every stage container: a SIGKILL must not eat the log
+            "PYTHONUNBUFFERED": "1",
         }
     )
 
@@ -168,8 +170,8 @@ async def test_distill_killed_mid_training_resumes_and_reports(workspace, kubeco
         )
         assert time.monotonic() < deadline, "no progress within 10 minutes"
         await asyncio.sleep(0.1)
-    # into the next epoch: nnU-Net has logged its start (and the learning rate it trains with), so the kill lands
-    # after the checkpoint of epoch 2 and before the next one
+    # into the next epoch: nnU-Net has logged its start (and the learning rate it trains with), so the kill
+    # lands after the checkpoint of epoch 2 and before the next one
     started = _completed_epochs(fold)
     while not _epoch_started(log, started):
         assert first.returncode is None, f"the first run ended early:\n{log.read_text()[-3000:]}"

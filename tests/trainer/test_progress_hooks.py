@@ -1,4 +1,5 @@
-"""Fast checks of the trainer-side glue: values read from nnU-Net's logger, and the atomic checkpoint wrapper."""
+"""Fast checks of the trainer-side glue: values read from nnU-Net's logger, and the atomic checkpoint
+wrapper."""
 
 from __future__ import annotations
 

@@ -141,7 +141,10 @@ class FaultProxy:
                     if reject:
                         proxy.rejected += 1
                 if reject:
-                    err = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Slow down</Message></Error>"
+                    err = (
+                        b"<?xml version='1.0'?><Error><Code>SlowDown</Code>"
+                        b"<Message>Slow down</Message></Error>"
+                    )
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(err)))

@@ -1,14 +1,16 @@
 """az:// publishing end to end against Azurite, Microsoft's Azure Storage emulator, started here from npm.
 
-Azurite is pinned in tools/azurite/package.json (3.35.0, the newest release that runs on Node 20) and installed by
-`make tools` / `.ci/run` (`npm ci --prefix tools/azurite`). It checks SharedKey signatures like Azure does, so a
-wrong account key gets Azure's own 403, and a missing container Azure's own ContainerNotFound.
+Azurite is pinned in tools/azurite/package.json (3.35.0, the newest release that runs on Node 20) and
+installed by `make tools` / `.ci/run` (`npm ci --prefix tools/azurite`). It checks SharedKey signatures like
+Azure does, so a wrong account key gets Azure's own 403, and a missing container Azure's own
+ContainerNotFound.
 
-The operator side is exercised too: the publish Job the operator renders for an az:// output names the Secret keys
-it reads; the test fills exactly those keys, resolves them the way the kubelet does, and runs the publish CLI with
-the result as its whole storage environment.
+The operator side is exercised too: the publish Job the operator renders for an az:// output names the Secret
+keys it reads; the test fills exactly those keys, resolves them the way the kubelet does, and runs the publish
+CLI with the result as its whole storage environment.
 
-gs:// has no such test: no GCS emulator available here accepts obstore's uploads (see README, "Object storage").
+gs:// has no such test: no GCS emulator available here accepts obstore's uploads (see README, "Object
+storage").
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def azurite(tmp_path_factory) -> str:
                     proc.kill()
                     raise AssertionError(
                         f"Azurite did not start: {(workspace / 'azurite.log').read_text()[-2000:]}"
-                    )
+                    ) from None
                 time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
         proc.terminate()
@@ -107,7 +109,8 @@ def azurite(tmp_path_factory) -> str:
 def _signed(
     method: str, endpoint: str, path: str, query: dict[str, str], body: bytes = b""
 ) -> urllib.request.Request:
-    """A request signed with Azure's SharedKey scheme (what the Azure SDKs send), for test setup and checks."""
+    """A request signed with Azure's SharedKey scheme (what the Azure SDKs send), for test setup and
+    checks."""
     headers = {"x-ms-date": email.utils.formatdate(usegmt=True), "x-ms-version": "2021-08-06"}
     canon_headers = "".join(f"{k}:{v}\n" for k, v in sorted(headers.items()))
     canon_resource = f"/{ACCOUNT}/{ACCOUNT}/{path}" + "".join(f"\n{k}:{v}" for k, v in sorted(query.items()))
@@ -229,7 +232,8 @@ def test_plain_http_azurite_is_refused_without_the_opt_in(azurite, container, pa
 
 
 def test_emulator_mode_works_too(azurite, container, package, monkeypatch):
-    """AZURE_STORAGE_USE_EMULATOR: obstore's own Azurite mode (account and key implied, URL from the process env)."""
+    """AZURE_STORAGE_USE_EMULATOR: obstore's own Azurite mode (account and key implied, URL from the process
+    env)."""
     monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", azurite)
     env = {"AZURE_STORAGE_USE_EMULATOR": "true", "STORAGE_ALLOW_HTTP": "true"}
     result = pub.publish(package, f"az://{container}/emu", env=env, policy=FAST)
@@ -237,7 +241,8 @@ def test_emulator_mode_works_too(azurite, container, package, monkeypatch):
 
 
 def test_operator_secret_mapping_publishes_to_azurite(azurite, container, package, tmp_path):
-    """The publish Job the operator renders for an az:// output, its Secret keys resolved like the kubelet does."""
+    """The publish Job the operator renders for an az:// output, its Secret keys resolved like the kubelet
+    does."""
     from nnunet_distill_operator import api, k8s, plan
 
     owner = k8s.Owner("liver", "ml", "0b5e5a0e-1111-2222-3333-444455556666")

@@ -45,7 +45,8 @@ class ManualClock:
 
 @pytest.fixture()
 def api_server(kmock):
-    """kmock's own fixture, i.e. the project's ApiServerLikeEmulator (`kmock_cls`), serving DistillationJobs."""
+    """kmock's own fixture, i.e. the project's ApiServerLikeEmulator (`kmock_cls`), serving
+    DistillationJobs."""
     assert type(kmock).__name__ == "ApiServerLikeEmulator"  # status isolation + uid preconditions are needed
     declare_resources(kmock)
     return kmock

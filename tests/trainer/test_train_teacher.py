@@ -216,7 +216,8 @@ def test_teacher_folds_are_normal_nnunet_models(nnunet_teachers):
 
 @pytest.mark.slow
 def test_continue_resumes_from_the_checkpoint(nnunet_teachers, tmp_path):
-    """`--c` with a larger -e trains on from the saved epoch instead of starting over (on a copy of fold 0)."""
+    """`--c` with a larger -e trains on from the saved epoch instead of starting over (on a copy of fold
+    0)."""
     source = nnunet_teachers.dataset
     workspace = Workspace(tmp_path).create()
     shutil.copytree(source.preprocessed_dataset, workspace.preprocessed / source.dataset_name)
