@@ -16,8 +16,8 @@ packaged (`nnunet-distill package`). Then, side by side on the same held-out cas
 
 Speed-up goals (issue 4): >= 30x end to end and >= 100x network only, against a 5-fold ensemble with
 mirroring. Tiny CPU-trained models segment poorly; the Dice rows show agreement with the labels honestly, not
-a quality claim. Run: `python -m bench inference` or `python -m bench.bench_inference [--folds 2] [--repeats
-5] [--keep DIR]`.
+a quality claim. Run: `python -m bench inference` or
+`python -m bench.bench_inference [--folds 2] [--repeats 5] [--keep DIR]`.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ class Bench(BenchWorkspace):
         flips = [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
         teacher_net = teacher.network.to(device).eval()
         teacher_weights = teacher.list_of_parameters
-        from nnunet_distill.export import load_student
+        from nnunet_distill.trained_student import load_student
 
         student_torch = load_student(
             self.student_dir / "fold_0", "checkpoint_final.pth", CONFIGURATION

@@ -15,7 +15,8 @@ session.
 - `resenc_teachers` -> Teachers: one tiny nnUNetResEncUNetMPlans teacher fold (0), same budget.
 - `realistic_plans` -> RealisticPlans: plans for Dataset902_Large (2 cases of 192^3), fingerprinted and
                        planned (no preprocessing, no training) by the default and the ResEnc M planners: 6
-                       stages of up to 320 channels and 128^3 patches, the size of real CT/MR data (~40 s).
+                       stages of up to 320 channels and 128^3 patches, the size class of real CT/MR data
+                       (~40 s).
 
 Subprocess output goes to `<tmp>/nnunet/fixtures.log`; a failing step raises with the tail of that log.
 Tests pass `dataset.env` to their own subprocesses (nnUNet_* folders plus nnUNet_n_proc_DA=0,
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from nnunet_distill import contract
 
 DATASET_ID = 901
 DATASET_NAME = "Synth"
@@ -39,11 +41,7 @@ TEACHER_PLANS = "nnUNetPlans"
 TEACHER_FOLDS = (0, 1)
 TEACHER_BUDGET = ("-e", "2", "--iterations_per_epoch", "4", "--val_iterations", "2")
 RESENC_PLANS = ("nnUNetResEncUNetMPlans", "nnUNetResEncUNetLPlans", "nnUNetResEncUNetXLPlans")
-RESENC_PLANNERS = {
-    "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
-    "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
-    "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
-}
+RESENC_PLANNERS = contract.RESENC_PLANNERS
 RESENC_CPU_BATCH = 2
 LARGE_ID = 902
 LARGE_NAME = "Large"
@@ -128,7 +126,7 @@ class Teachers:
 
     @property
     def folder(self) -> Path:
-        from nnunet_distill.naming import model_folder_name
+        from nnunet_distill.contract import model_folder_name
 
         return self.dataset.results_dataset / model_folder_name(self.trainer, self.plans, self.configuration)
 

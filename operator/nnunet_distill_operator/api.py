@@ -54,23 +54,24 @@ from nnunet_distill_operator.status_model import (  # noqa: F401 - the API's sta
     parse_status,
 )
 
-GROUP = "distillation.nnunet.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "DistillationJob"
-PLURAL = "distillationjobs"
+# The names the trainer shares: one definition, in the contract (`X as X`: re-exported as api.X).
+from nnunet_distill.contract import (
+    API_VERSION as API_VERSION,
+    DEFAULT_PLANS,
+    DEFAULT_RESENC_STUDENT_PLANS,
+    DEFAULT_RESENC_TEACHER_PLANS,
+    GROUP as GROUP,
+    KIND as KIND,
+    PLURAL as PLURAL,
+    RESENC_PLANNERS,
+    VERSION as VERSION,
+)
+
 SINGULAR = "distillationjob"
 SHORT_NAMES = ("dj", "distill")
 CATEGORIES = ("nnunet",)
 
-RESENC_PLANNERS = {
-    "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
-    "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
-    "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
-}
-DEFAULT_STANDARD_TEACHER_PLANS = "nnUNetPlans"
-DEFAULT_RESENC_TEACHER_PLANS = "nnUNetResEncUNetLPlans"
-DEFAULT_RESENC_STUDENT_PLANS = "nnUNetPlans"
+DEFAULT_STANDARD_TEACHER_PLANS = DEFAULT_PLANS
 
 # Mount points inside trainer pods; the trainer image sets the same nnUNet_* defaults.
 MOUNT_RAW = "/data/nnUNet_raw"

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nnunet_distill.contract import CPU_FRIENDLY_ENV
+
 from nnunet_distill_operator import api
 from nnunet_distill_operator.plan import (
     Command,
@@ -30,9 +32,8 @@ from nnunet_distill_operator.plan import (
 
 DEMO_JOB = Path(__file__).with_name("demo.yaml")
 DEMO_DATASET_NAME = "DemoOrgan"
-CPU_FRIENDLY_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
-#: An organ, a small lesion in it and a thin vessel (32^3 voxels): small enough to train well on 2 CPU cores
-#: in minutes, with the two kinds of structure a thinner student loses first. 6 labelled held-out test cases.
+#: An organ, a small lesion in it and a thin vessel (32^3 voxels): small enough to train well on 2 CPU cores in
+#: minutes, with the two kinds of structure a thinner student loses first. 6 labelled held-out test cases.
 SYNTHETIC_ARGS = (
     "--layout",
     "organ",

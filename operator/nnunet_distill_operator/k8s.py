@@ -15,6 +15,15 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from nnunet_distill.contract import (  # shared with the trainer: one definition, in the contract
+    DEFAULT_TERMINATION_PATH,
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
+    ENV_JOB_STAGE,
+    ENV_JOB_UID,
+    KUEUE_QUEUE_LABEL,
+)
+
 from nnunet_distill_operator import api
 from nnunet_distill_operator.distributed import with_rendezvous
 from nnunet_distill_operator.plan import DataPaths, Stage
@@ -25,13 +34,12 @@ LABEL_STAGE = f"{LABEL_PREFIX}/stage"
 LABEL_JOB_UID = f"{LABEL_PREFIX}/job-uid"  # the DistillationJob's uid: a selector for any name length
 ANNOTATION_JOB_NAME = f"{LABEL_PREFIX}/job-name"  # full DistillationJob name, read by the downward API
 ANNOTATION_JOB_UID = f"{LABEL_PREFIX}/job-uid"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "nnunet-distill-operator"
 
 MAX_JOB_NAME = 52  # leaves room for "-<index>" in indexed pods' hostnames (63) and pod-name suffixes
 EXIT_CODE_USAGE = 2  # argparse / configuration errors: retrying cannot help
 CONTAINER_MAIN = "main"
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_PATH = DEFAULT_TERMINATION_PATH
 
 # Credentials the publish pod gets from spec.output.secretRef: (env var, required?) per URI scheme. Required
 # keys make a missing Secret or key stop the pod before it starts (CreateContainerConfigError), which the
@@ -157,15 +165,15 @@ def _env(owner: Owner, stage: Stage, paths: DataPaths, spec: api.DistillationJob
     env += [{"name": k, "value": v} for k, v in stage.required_env]
     env += [
         {
-            "name": "DISTILLATIONJOB_NAME",
+            "name": ENV_JOB_NAME,
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_NAME}']"}},
         },
-        {"name": "DISTILLATIONJOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": ENV_JOB_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {
-            "name": "DISTILLATIONJOB_UID",
+            "name": ENV_JOB_UID,
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_JOB_UID}']"}},
         },
-        {"name": "DISTILLATIONJOB_STAGE", "value": stage.name},
+        {"name": ENV_JOB_STAGE, "value": stage.name},
         {"name": "HOME", "value": "/tmp"},
         {"name": "TMPDIR", "value": "/tmp"},
         {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},

@@ -35,6 +35,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from nnunet_distill.contract import (
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
+    ENV_JOB_STAGE,
+    ENV_JOB_UID,
+    ENV_TERMINATION_PATH,
+)
 
 from nnunet_distill_operator.distributed import free_port, local_node_envs
 from nnunet_distill_operator.local_progress import ProgressTracker
@@ -240,8 +247,8 @@ class LocalRunner:
             env.setdefault(key, value)  # the user's env (e.g. nnUNet_n_proc_DA=0 on a laptop) wins
         env.update(stage.required_env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        env["DISTILLATIONJOB_STAGE"] = stage.name
-        for key in ("DISTILLATIONJOB_NAME", "DISTILLATIONJOB_NAMESPACE", "DISTILLATIONJOB_UID"):
+        env[ENV_JOB_STAGE] = stage.name
+        for key in (ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_JOB_UID):
             env.pop(key, None)  # no cluster to report to: the trainer's reporter stays a no-op
         return env
 
@@ -295,7 +302,7 @@ class LocalRunner:
         log_path = self.workdir / "logs" / f"{stage.name}{suffix}.log"
         term_path = self.workdir / "termination" / f"{stage.name}{suffix}-{command_name}.json"
         term_path.unlink(missing_ok=True)
-        env["TERMINATION_MESSAGE_PATH"] = str(term_path)
+        env[ENV_TERMINATION_PATH] = str(term_path)
         if index is not None:
             env["JOB_COMPLETION_INDEX"] = str(index)
         executable = resolve_executable(argv[0])

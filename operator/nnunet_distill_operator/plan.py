@@ -16,19 +16,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+# nnU-Net model folder naming, the ONNX file name and the distill stage's held-out evaluation (which the
+# quality gate judges) are the trainer's: one definition, in the standard-library-only contract module.
+from nnunet_distill.contract import (
+    DISTILL_TRAINER as DISTILL_TRAINER,
+    DISTILL_TRAINER_DA5 as DISTILL_TRAINER_DA5,
+    ONNX_FILENAME,
+    student_model_folder_name,
+    student_plans_identifier as student_plans_identifier,
+)
+from nnunet_distill.contract import SUMMARY_NAME as DISTILLATION_SUMMARY
+
 from nnunet_distill_operator import api
 from nnunet_distill_operator.distributed import launch_argv, per_rank_env
 from nnunet_distill_operator.status import EXIT_CODE_GATE_FAILED
 
-# nnU-Net model folder naming, as in trainer_image/nnunet_distill/naming.py (duplicated on purpose: the
-# operator package must not import the trainer package; tests check that both agree).
-DISTILL_TRAINER = "nnUNetDistillationTrainer"
-DISTILL_TRAINER_DA5 = "nnUNetDistillationTrainerDA5"
-
-ONNX_FILENAME = "model.onnx"
-# Where the distill stage leaves its held-out evaluation (nnunet_distill.evaluation.SUMMARY_NAME), which the
-# quality gate judges; the contract test checks the name against the trainer's.
-DISTILLATION_SUMMARY = "distillation_summary.json"
 GATE_STAGE = "gate"
 
 DEFAULT_RESOURCES: dict[str, tuple[int, str, str]] = {
@@ -154,20 +156,16 @@ def _num(x: float) -> str:
     return repr(float(x))
 
 
-def student_plans_identifier(base_plans: str, reduction_factor: int, block_strategy: str | None) -> str:
-    """Mirror of nnunet_distill.naming.student_plans_identifier (the contract test checks they agree)."""
-    name = f"{base_plans}_r{reduction_factor}"
-    if block_strategy is not None and block_strategy != "keep":
-        name += f"_bs{block_strategy}"
-    return name
-
-
 def student_model_folder(spec: api.DistillationJobSpec) -> str:
     """`<trainer>__<studentPlans>__<configuration>`: the student's folder in nnUNet_results/DatasetXXX."""
-    trainer = DISTILL_TRAINER_DA5 if spec.distillation.use_da5 else DISTILL_TRAINER
     block = spec.student.block_strategy if spec.student.architecture == "resenc" else None
-    plans = student_plans_identifier(spec.student_base_plans, spec.student.reduction_factor, block)
-    return f"{trainer}__{plans}__{spec.configuration}"
+    return student_model_folder_name(
+        spec.student_base_plans,
+        spec.student.reduction_factor,
+        block,
+        spec.configuration,
+        spec.distillation.use_da5,
+    )
 
 
 def teacher_model_folder(spec: api.DistillationJobSpec) -> str:

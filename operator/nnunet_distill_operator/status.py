@@ -14,10 +14,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from nnunet_distill.contract import (  # shared with the trainer: one definition, in the contract
+    EXIT_CODE_GATE_FAILED as EXIT_CODE_GATE_FAILED,
+    GATE_FAILED,
+    GATE_NOT_ENFORCED,
+    GATE_PASSED,
+    KUEUE_QUEUE_LABEL,
+)
+
 PENDING, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "Pending", "Running", "Suspended", "Succeeded", "Failed"
 TERMINAL = (SUCCEEDED, FAILED)
 ANNOTATION_SUSPENDED_BY_OPERATOR = "distillation.nnunet.io/suspended-by-operator"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 def rfc3339(t: datetime) -> str:
@@ -166,15 +173,11 @@ def results_from_summaries(summaries: Sequence[Mapping[str, Any]]) -> tuple[dict
 
 GATE_STAGE = "gate"
 GATE_CONDITION = "QualityGate"
-GATE_PASSED = "QualityGatePassed"
-GATE_FAILED = "QualityGateFailed"
-GATE_NOT_ENFORCED = "QualityGateNotEnforced"
 GATE_NOT_EVALUATED = "NotEvaluated"
 GATE_VERDICT_UNAVAILABLE = "VerdictUnavailable"
 GATE_VERDICTS = (GATE_PASSED, GATE_FAILED, GATE_NOT_ENFORCED)
-# Exit code of `nnunet-distill gate` when the student fails an enforced gate
-# (nnunet_distill.gate.EXIT_GATE_FAILED).
-EXIT_CODE_GATE_FAILED = 3
+# GATE_PASSED/FAILED/NOT_ENFORCED and EXIT_CODE_GATE_FAILED (`nnunet-distill gate` failing an enforced gate) come
+# from nnunet_distill.contract.
 
 
 @dataclass(frozen=True)

@@ -298,7 +298,7 @@ def test_the_pods_torchrun_line_and_env_make_the_planned_process_group(
 
 
 def test_student_folder_naming_agrees_with_the_trainer() -> None:
-    naming = importlib.import_module("nnunet_distill.naming")
+    naming = importlib.import_module("nnunet_distill.contract")
     assert (plan.DISTILL_TRAINER, plan.DISTILL_TRAINER_DA5) == (
         naming.DISTILL_TRAINER,
         naming.DISTILL_TRAINER_DA5,
@@ -330,7 +330,8 @@ def test_pod_env_contract_matches_the_trainers_reporter() -> None:
     names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert {report.ENV_NAME, report.ENV_NAMESPACE, report.ENV_UID, report.ENV_STAGE} <= names
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["terminationMessagePath"] == report.DEFAULT_TERMINATION_PATH
+    termination = importlib.import_module("nnunet_distill.termination")
+    assert container["terminationMessagePath"] == termination.DEFAULT_TERMINATION_PATH
 
 
 def test_quality_gate_constants_agree_with_the_trainer() -> None:
@@ -417,3 +418,39 @@ def test_gate_termination_message_becomes_status_metrics_and_the_condition(
         [0, 1, 2],
         "test_set: 3 cases (imagesTs)",
     )
+
+
+def test_contract_module_imports_only_the_standard_library() -> None:
+    """The operator image installs none of the trainer's dependencies: a fresh interpreter imports the
+    contract, and every module that import loaded belongs to the standard library (or to the contract's own
+    package)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, json; before = set(sys.modules); import nnunet_distill.contract; "
+        "print(json.dumps(sorted(set(sys.modules) - before)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    loaded = {name.split(".")[0] for name in json.loads(out)}
+    assert "nnunet_distill" in loaded
+    foreign = sorted(loaded - set(sys.stdlib_module_names) - {"nnunet_distill"})
+    assert foreign == []
+
+
+def test_resenc_planners_are_nnunets_own() -> None:
+    """Each plans identifier the contract maps to a planner is that nnU-Net planner's default `plans_name`,
+    and the operator picks the same planner for it (the two copies of this table had drifted by one entry)."""
+    import inspect
+
+    from nnunet_distill import contract
+
+    planners = importlib.import_module(
+        "nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners"
+    )
+    for plans, planner in contract.RESENC_PLANNERS.items():
+        default = inspect.signature(getattr(planners, planner).__init__).parameters["plans_name"].default
+        assert default == plans
+        spec = _spec({"student": {"architecture": "resenc"}, "teachers": {"plans": plans}})
+        assert spec.planner == planner

@@ -1,7 +1,7 @@
-"""The quality gate: the pure verdict on a distillation summary (nnunet_distill.gate) and the `nnunet-distill gate`
-stage around it (glob, exit codes, termination message).
+"""The quality gate: the pure verdict on a distillation summary (nnunet_distill.gate) and the
+`nnunet-distill gate` stage around it (glob, exit codes, termination message).
 
-The summaries are hand-written in the layout evaluation.write_distillation_summary produces (schema 2): they are
+The summaries are hand-written in the layout held_out.write_distillation_summary produces (schema 2): they are
 the gate's input, not a stand-in for it. Nothing here trains or imports torch.
 """
 

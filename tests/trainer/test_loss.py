@@ -1,5 +1,5 @@
-"""Behaviour of the KD loss: exact values against a hand-written reference, T^2 scaling, regions, ignore label,
-gradient flow, float32 under reduced precision, and the mix with nnU-Net's real hard loss."""
+"""Behaviour of the KD loss: exact values against a hand-written reference, T^2 scaling, regions, ignore
+label, gradient flow, float32 under reduced precision, and the mix with nnU-Net's real hard loss."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from nnunet_distill.loss import DistillationLoss, kd_loss, kd_mask, mean_teacher_logits
+from nnunet_distill.loss import DistillationLoss, kd_loss, kd_mask
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
@@ -50,11 +50,11 @@ def _reference_bernoulli_kd(s: np.ndarray, t: np.ndarray, temp: float) -> float:
 @pytest.mark.parametrize("regions", [False, True])
 def test_zero_when_student_equals_teacher_ensemble(regions):
     teachers = [_logits(2, 4, 5, 6, 3, seed=k) for k in range(5)]
-    ensemble = mean_teacher_logits(teachers)
-    assert torch.allclose(ensemble, torch.stack(teachers).mean(0))
+    ensemble = torch.stack(teachers).mean(0)  # the ensemble target: the mean of the teachers' logits
     loss = kd_loss(ensemble.clone(), ensemble, 3.0, regions=regions)
     assert abs(loss.item()) < 1e-6
-    # ... and strictly positive as soon as the student differs from the *ensemble* (even if equal to one teacher)
+    # ... and strictly positive as soon as the student differs from the *ensemble* (even if equal to one
+    # teacher)
     assert kd_loss(teachers[0].clone(), ensemble, 3.0, regions=regions).item() > 1e-3
 
 
@@ -205,7 +205,8 @@ def test_total_mixes_nnunet_hard_loss_and_kd(alpha):
         (1 - alpha) * terms.hard.item() + alpha * terms.kd.item(), rel=1e-6
     )
     terms.total.backward()
-    # The KD term touches only the full-resolution head; lower heads get the hard DS loss (weight 0 at the bottom).
+    # The KD term touches only the full-resolution head; lower heads get the hard DS loss (weight 0 at the
+    # bottom).
     assert outputs[0].grad.abs().sum() > 0
     assert (outputs[1].grad.abs().sum() > 0) == (alpha < 1.0)
 
@@ -263,7 +264,8 @@ def test_shape_mismatch_names_the_problem():
 
 
 def _reference_channel_kd(s: np.ndarray, t: np.ndarray, temp: float) -> float:
-    """Shu et al. 2021, written out: per (sample, channel) KL of spatial softmaxes, mean over both, times T^2."""
+    """Shu et al. 2021, written out: per (sample, channel) KL of spatial softmaxes, mean over both, times
+    T^2."""
     b, c = s.shape[:2]
     vals = []
     for i in range(b):
@@ -286,7 +288,8 @@ def test_channel_kd_matches_the_written_out_formula(temp):
 
 
 def test_channel_kd_weighs_a_small_structure_like_a_large_one():
-    """A student that misses a 4-voxel lesion: pixel KD barely notices, channel KD sees a whole channel wrong."""
+    """A student that misses a 4-voxel lesion: pixel KD barely notices, channel KD sees a whole channel
+    wrong."""
     shape = (1, 3, 16, 16, 16)
     teacher = torch.full(shape, -4.0)
     teacher[:, 0] = 4.0  # background everywhere ...

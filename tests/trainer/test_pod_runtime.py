@@ -1,10 +1,11 @@
-"""The in-pod runtime of the training stages, for real: nnU-Net training processes reporting to the kmock API server.
+"""The in-pod runtime of the training stages, for real: nnU-Net training processes reporting to the kmock API
+server.
 
-- distill: a run is SIGKILLed mid-training after its first checkpoints, a half-written checkpoint temp file is left
-  beside them, and the very same command line (the operator's, with ``-c_continue``) is started again: it resumes
-  from the newest checkpoint (losing at most one epoch), finishes with the right epoch count, and the
-  DistillationJob's ``status.progress`` shows epochs, losses, pseudo Dice, ``lastCheckpointEpoch`` and one restart;
-  the termination message holds the final summary.
+- distill: a run is SIGKILLed mid-training after its first checkpoints, a half-written checkpoint temp file is
+  left beside them, and the very same command line (the operator's, with ``-c_continue``) is started again: it
+  resumes from the newest checkpoint (losing at most one epoch), finishes with the right epoch count, and the
+  DistillationJob's ``status.progress`` shows epochs, losses, pseudo Dice, ``lastCheckpointEpoch`` and one
+  restart; the termination message holds the final summary.
 - teachers: ``nnunet-distill train-teacher`` reports its progress the same way and leaves its summary.
 
 Each test works on a private copy of the session's trained workspace, so no other test sees its students.
@@ -99,7 +100,8 @@ def _pod_env(
             "KUBECONFIG": str(kubeconfig),
             "TERMINATION_MESSAGE_PATH": str(termination),
             "NNUNET_DISTILL_PROGRESS_INTERVAL_S": "0",
-            "PYTHONUNBUFFERED": "1",  # as k8s.py sets it in every stage container: a SIGKILL must not eat the log
+            # as k8s.py sets it in every stage container: a SIGKILL must not eat the log
+            "PYTHONUNBUFFERED": "1",
         }
     )
 
@@ -119,6 +121,12 @@ def _completed_epochs(fold: Path) -> int:
         return int(json.loads((fold / "progress.json").read_text())["epoch"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def _epoch_started(log: Path, epoch: int) -> bool:
+    """nnU-Net's on_train_epoch_start prints `Epoch N` (0-based) and then the learning rate it trains with."""
+    pattern = rf"^.*: Epoch {epoch}\s*\n.*: Current learning rate"
+    return re.search(pattern, log.read_text(errors="replace"), re.M) is not None
 
 
 async def test_distill_killed_mid_training_resumes_and_reports(workspace, kubeconfig, tmp_path):
@@ -162,7 +170,13 @@ async def test_distill_killed_mid_training_resumes_and_reports(workspace, kubeco
         )
         assert time.monotonic() < deadline, "no progress within 10 minutes"
         await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)  # into the next epoch
+    # into the next epoch: nnU-Net has logged its start (and the learning rate it trains with), so the kill
+    # lands after the checkpoint of epoch 2 and before the next one
+    started = _completed_epochs(fold)
+    while not _epoch_started(log, started):
+        assert first.returncode is None, f"the first run ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"epoch {started} did not start within 10 minutes"
+        await asyncio.sleep(0.1)
     first.send_signal(signal.SIGKILL)
     assert await first.wait() == -signal.SIGKILL
     first_out = log.read_text()

@@ -31,7 +31,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 from nnunet_distill import publish as pub
 from nnunet_distill.cli import publish as cli
-from nnunet_distill.publish import PublishError, Reason, RetryPolicy
+from nnunet_distill import checksums, storage
+from nnunet_distill.storage import PublishError, Reason, RetryPolicy
 
 FAST = RetryPolicy(
     max_retries=2,
@@ -140,7 +141,10 @@ class FaultProxy:
                     if reject:
                         proxy.rejected += 1
                 if reject:
-                    err = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Slow down</Message></Error>"
+                    err = (
+                        b"<?xml version='1.0'?><Error><Code>SlowDown</Code>"
+                        b"<Message>Slow down</Message></Error>"
+                    )
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(err)))
@@ -467,13 +471,13 @@ def test_file_uri_publish(package, tmp_path):
 
 def test_sha256sums_parsing():
     a, b = "a" * 64, "B" * 64
-    assert pub.parse_sha256sums(f"{a}  dir/x.onnx\n{b} *./y.json\n\n") == [
+    assert checksums.parse_sha256sums(f"{a}  dir/x.onnx\n{b} *./y.json\n\n") == [
         (a, "dir/x.onnx"),
         (b.lower(), "y.json"),
     ]
     for bad in ("nonsense\n", f"{a}  /etc/passwd\n", f"{a}  x\n{a}  x\n", ""):
-        with pytest.raises(PublishError):
-            pub.parse_sha256sums(bad)
+        with pytest.raises(checksums.ChecksumError):
+            checksums.parse_sha256sums(bad)
 
 
 def test_version_name_is_deterministic_and_sortable():
@@ -484,24 +488,24 @@ def test_version_name_is_deterministic_and_sortable():
 
 
 def test_part_size_respects_s3_limits():
-    assert pub.part_size(10) >= pub.MIN_PART_BYTES
+    assert storage.part_size(10) >= storage.MIN_PART_BYTES
     huge = 200 * 1024**3
-    assert -(-huge // pub.part_size(huge)) <= pub.MAX_PARTS
+    assert -(-huge // storage.part_size(huge)) <= storage.MAX_PARTS
 
 
 def test_uri_parsing_and_store_options():
-    t = pub.parse_uri("s3://bkt/a/b/")
+    t = storage.parse_uri("s3://bkt/a/b/")
     assert (t.bucket, t.prefix, t.base) == ("bkt", "a/b", "s3://bkt/a/b")
     for bad in ("bkt/a", "http://x/y", "s3:///a", "file://relative/x", "s3://b/p?x=1"):
         with pytest.raises(PublishError) as info:
-            pub.parse_uri(bad)
+            storage.parse_uri(bad)
         assert info.value.reason == Reason.INVALID_URI
-    cfg, client = pub.store_options(t, {**_env("http://minio:9000"), "AWS_PROFILE": "ignored"}, FAST)
+    cfg, client = storage.store_options(t, {**_env("http://minio:9000"), "AWS_PROFILE": "ignored"}, FAST)
     assert cfg["aws_virtual_hosted_style_request"] == "false" and client["allow_http"] is True
     assert "aws_profile" not in cfg
-    cfg, client = pub.store_options(t, {"AWS_REGION": "eu-west-1"}, FAST)
+    cfg, client = storage.store_options(t, {"AWS_REGION": "eu-west-1"}, FAST)
     assert "allow_http" not in client and "aws_virtual_hosted_style_request" not in cfg
-    cfg, client = pub.store_options(t, {"AWS_ENDPOINT_URL": "https://minio:9000"}, FAST)
+    cfg, client = storage.store_options(t, {"AWS_ENDPOINT_URL": "https://minio:9000"}, FAST)
     assert "allow_http" not in client and cfg["aws_endpoint_url"] == "https://minio:9000"
 
 
@@ -519,7 +523,7 @@ def test_plain_http_endpoints_need_the_explicit_opt_in(uri, env, package):
     with pytest.raises(PublishError) as info:
         pub.publish(package, uri, env=env, policy=FAST)
     assert info.value.reason == Reason.INSECURE_ENDPOINT and "STORAGE_ALLOW_HTTP=true" in str(info.value)
-    _, client = pub.store_options(pub.parse_uri(uri), {**env, "STORAGE_ALLOW_HTTP": "true"}, FAST)
+    _, client = storage.store_options(storage.parse_uri(uri), {**env, "STORAGE_ALLOW_HTTP": "true"}, FAST)
     assert client["allow_http"] is True
 
 

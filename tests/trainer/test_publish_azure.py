@@ -1,14 +1,16 @@
 """az:// publishing end to end against Azurite, Microsoft's Azure Storage emulator, started here from npm.
 
-Azurite is pinned in tools/azurite/package.json (3.35.0, the newest release that runs on Node 20) and installed by
-`make tools` / `.ci/run` (`npm ci --prefix tools/azurite`). It checks SharedKey signatures like Azure does, so a
-wrong account key gets Azure's own 403, and a missing container Azure's own ContainerNotFound.
+Azurite is pinned in tools/azurite/package.json (3.35.0, the newest release that runs on Node 20) and
+installed by `make tools` / `.ci/run` (`npm ci --prefix tools/azurite`). It checks SharedKey signatures like
+Azure does, so a wrong account key gets Azure's own 403, and a missing container Azure's own
+ContainerNotFound.
 
-The operator side is exercised too: the publish Job the operator renders for an az:// output names the Secret keys
-it reads; the test fills exactly those keys, resolves them the way the kubelet does, and runs the publish CLI with
-the result as its whole storage environment.
+The operator side is exercised too: the publish Job the operator renders for an az:// output names the Secret
+keys it reads; the test fills exactly those keys, resolves them the way the kubelet does, and runs the publish
+CLI with the result as its whole storage environment.
 
-gs:// has no such test: no GCS emulator available here accepts obstore's uploads (see README, "Object storage").
+gs:// has no such test: no GCS emulator available here accepts obstore's uploads (see README, "Object
+storage").
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pathlib import Path
 
 import pytest
 from nnunet_distill import publish as pub
-from nnunet_distill.publish import PublishError, Reason, RetryPolicy
+from nnunet_distill import storage
+from nnunet_distill.storage import PublishError, Reason, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 AZURITE = Path(
@@ -96,7 +99,7 @@ def azurite(tmp_path_factory) -> str:
                     proc.kill()
                     raise AssertionError(
                         f"Azurite did not start: {(workspace / 'azurite.log').read_text()[-2000:]}"
-                    )
+                    ) from None
                 time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
         proc.terminate()
@@ -106,7 +109,8 @@ def azurite(tmp_path_factory) -> str:
 def _signed(
     method: str, endpoint: str, path: str, query: dict[str, str], body: bytes = b""
 ) -> urllib.request.Request:
-    """A request signed with Azure's SharedKey scheme (what the Azure SDKs send), for test setup and checks."""
+    """A request signed with Azure's SharedKey scheme (what the Azure SDKs send), for test setup and
+    checks."""
     headers = {"x-ms-date": email.utils.formatdate(usegmt=True), "x-ms-version": "2021-08-06"}
     canon_headers = "".join(f"{k}:{v}\n" for k, v in sorted(headers.items()))
     canon_resource = f"/{ACCOUNT}/{ACCOUNT}/{path}" + "".join(f"\n{k}:{v}" for k, v in sorted(query.items()))
@@ -228,7 +232,8 @@ def test_plain_http_azurite_is_refused_without_the_opt_in(azurite, container, pa
 
 
 def test_emulator_mode_works_too(azurite, container, package, monkeypatch):
-    """AZURE_STORAGE_USE_EMULATOR: obstore's own Azurite mode (account and key implied, URL from the process env)."""
+    """AZURE_STORAGE_USE_EMULATOR: obstore's own Azurite mode (account and key implied, URL from the process
+    env)."""
     monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", azurite)
     env = {"AZURE_STORAGE_USE_EMULATOR": "true", "STORAGE_ALLOW_HTTP": "true"}
     result = pub.publish(package, f"az://{container}/emu", env=env, policy=FAST)
@@ -236,7 +241,8 @@ def test_emulator_mode_works_too(azurite, container, package, monkeypatch):
 
 
 def test_operator_secret_mapping_publishes_to_azurite(azurite, container, package, tmp_path):
-    """The publish Job the operator renders for an az:// output, its Secret keys resolved like the kubelet does."""
+    """The publish Job the operator renders for an az:// output, its Secret keys resolved like the kubelet
+    does."""
     from nnunet_distill_operator import api, k8s, plan
 
     owner = k8s.Owner("liver", "ml", "0b5e5a0e-1111-2222-3333-444455556666")
@@ -280,12 +286,12 @@ def test_operator_secret_mapping_publishes_to_azurite(azurite, container, packag
 def test_gcs_configuration_mapping():
     """gs:// has no working emulator here (README): the configuration obstore receives is checked instead."""
     key = json.dumps({"type": "service_account", "client_email": "p@x.iam.gserviceaccount.com"})
-    target = pub.parse_uri("gs://models/liver")
-    cfg, client = pub.store_options(
+    target = storage.parse_uri("gs://models/liver")
+    cfg, client = storage.store_options(
         target, {"GOOGLE_SERVICE_ACCOUNT_KEY": key, "AWS_REGION": "ignored"}, FAST
     )
     assert cfg == {"google_service_account_key": key} and "allow_http" not in client
-    cfg, client = pub.store_options(
+    cfg, client = storage.store_options(
         target,
         {
             "GOOGLE_SERVICE_ACCOUNT_KEY": key,
@@ -296,7 +302,7 @@ def test_gcs_configuration_mapping():
     )
     assert cfg["google_base_url"] == "http://gcs.test:4443" and client["allow_http"] is True
     with pytest.raises(PublishError) as info:
-        pub.store_options(target, {"GOOGLE_BASE_URL": "http://gcs.test:4443"}, FAST)
+        storage.store_options(target, {"GOOGLE_BASE_URL": "http://gcs.test:4443"}, FAST)
     assert info.value.reason == Reason.INSECURE_ENDPOINT
     from nnunet_distill_operator import k8s
 
@@ -305,5 +311,5 @@ def test_gcs_configuration_mapping():
     # every key the operator maps is one publish reads (the allow-http switch is read on its own)
     for scheme in ("s3", "gs", "az"):
         for var, _ in k8s.CREDENTIAL_ENV[scheme]:
-            assert var == pub.ALLOW_HTTP_ENV or var in pub._ENV_KEYS[scheme], (scheme, var)
-        assert pub.ENDPOINT_NAME[scheme] in {v for v, _ in k8s.CREDENTIAL_ENV[scheme]}
+            assert var == storage.ALLOW_HTTP_ENV or var in storage._ENV_KEYS[scheme], (scheme, var)
+        assert storage.ENDPOINT_NAME[scheme] in {v for v, _ in k8s.CREDENTIAL_ENV[scheme]}

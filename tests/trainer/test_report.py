@@ -1,6 +1,7 @@
 """The progress reporter against a real (in-process) Kubernetes API emulator, kmock with the project's
-ApiServerLikeEmulator (tests/operator/kmock_ext.py, set up by tests/operator/harness.py): patches land in `status.progress` through the status subresource, the rate limit
-holds, API failures never reach training. Plus the termination message's size limit.
+ApiServerLikeEmulator (tests/operator/kmock_ext.py, set up by tests/operator/harness.py): patches land in
+`status.progress` through the status subresource, the rate limit holds, API failures never reach training.
+(The termination message: test_termination.py.)
 
 The reporter uses the synchronous kubernetes client, so every call runs in a thread (`asyncio.to_thread`):
 kmock serves on the test's event loop and a blocking call from that loop would deadlock it.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 import socket
 import subprocess
@@ -45,7 +45,8 @@ class ManualClock:
 
 @pytest.fixture()
 def api_server(kmock):
-    """kmock's own fixture, i.e. the project's ApiServerLikeEmulator (`kmock_cls`), serving DistillationJobs."""
+    """kmock's own fixture, i.e. the project's ApiServerLikeEmulator (`kmock_cls`), serving
+    DistillationJobs."""
     assert type(kmock).__name__ == "ApiServerLikeEmulator"  # status isolation + uid preconditions are needed
     declare_resources(kmock)
     return kmock
@@ -294,62 +295,3 @@ def test_eta_and_patch_body():
     assert report.eta_seconds([10.0], 12, 10) == 0
     body = report.progress_patch({"epoch": 1, "kdLoss": None}, uid="u-1")
     assert body == {"status": {"progress": {"epoch": 1}}, "metadata": {"uid": "u-1"}}
-
-
-def test_fit_json_keeps_small_summaries_verbatim():
-    summary = {
-        "stage": "export",
-        "ok": True,
-        "metrics": {"finalDice": 0.91, "retention": 0.98},
-        "artifacts": {"onnxPath": "/results/student.onnx", "studentParameters": 1234567},
-    }
-    assert json.loads(report.fit_json(summary)) == summary
-
-
-def test_fit_json_truncates_safely_to_the_limit():
-    summary = {
-        "stage": "publish",
-        "ok": False,
-        "error": {"reason": "VerificationFailed", "message": "x" * 10_000},
-        "artifacts": {
-            "uri": "s3://models/liver/20261125T131834Z-abcdef012345",
-            "sha256": "a" * 64,
-            "sizeBytes": 123456789,
-            "files": [{"path": f"f{i}" * 20, "sha256": "b" * 64} for i in range(500)],
-        },
-        "metrics": {"finalDice": float("nan"), "retention": 0.97, "perClass": list(range(2000))},
-        "log": "y" * 5000,
-    }
-    text = report.fit_json(summary, 4096)
-    assert len(text.encode()) <= 4096
-    doc = json.loads(text)
-    assert doc["truncated"] is True
-    assert doc["error"]["reason"] == "VerificationFailed" and doc["error"]["message"].startswith("xxx")
-    assert doc["artifacts"]["uri"] == summary["artifacts"]["uri"] and doc["artifacts"]["sha256"] == "a" * 64
-    assert doc["artifacts"]["sizeBytes"] == 123456789
-    assert doc["metrics"]["retention"] == 0.97 and doc["metrics"]["finalDice"] is None
-    # a tiny limit still yields valid JSON
-    assert len(report.fit_json(summary, 300).encode()) <= 300
-    json.loads(report.fit_json(summary, 300))
-
-
-def test_termination_message_paths(tmp_path, monkeypatch):
-    summary = {"stage": "publish", "ok": True, "artifacts": {"uri": "s3://b/p/v", "sha256": "c" * 64}}
-    explicit = tmp_path / "explicit"
-    assert report.write_termination_message(summary, explicit, env={}) == explicit
-    assert report.read_termination_message(explicit.read_text()) == summary
-
-    by_env = tmp_path / "by-env"
-    assert report.write_termination_message(summary, env={"TERMINATION_MESSAGE_PATH": str(by_env)}) == by_env
-    assert json.loads(by_env.read_text())["artifacts"]["sha256"] == "c" * 64
-
-    # outside a pod the default path does not exist: nothing is created there
-    absent_default = tmp_path / "dev" / "termination-log"
-    monkeypatch.setattr(report, "DEFAULT_TERMINATION_PATH", str(absent_default))
-    assert report.write_termination_message(summary, env={}) is None and not absent_default.exists()
-    absent_default.parent.mkdir()
-    absent_default.touch()  # the kubelet's file
-    assert report.write_termination_message(summary, env={}) == absent_default
-    # an unwritable target is logged, not raised
-    assert report.write_termination_message(summary, tmp_path / "no" / "such" / "dir", env={}) is None
-    assert report.read_termination_message("Traceback (most recent call last): ...") == {}

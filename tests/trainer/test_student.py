@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from nnunet_distill import naming
+from nnunet_distill import contract
 from nnunet_distill.student import (
     BLOCK_STRATEGY_HELP,
     CompatibilityError,
@@ -68,7 +68,7 @@ def test_fixed_block_strategies_follow_their_rules():
     assert block_counts(teacher, "reduce", 4) == [1, 1, 2, 3, 3, 3]
     assert block_counts(teacher, "increase", 4) == [2, 4, 5, 7, 7, 7]
     assert block_counts([8, 9], "increase", 2) == [8, 9]  # capped at 8, never reduced
-    assert set(BLOCK_STRATEGY_HELP) == set(naming.BLOCK_STRATEGIES)
+    assert set(BLOCK_STRATEGY_HELP) == set(contract.BLOCK_STRATEGIES)
 
 
 def test_block_counts_rejects_bad_input():
@@ -267,7 +267,7 @@ def test_stock_nnunet_builds_the_same_student_from_the_written_plans(
         monkeypatch.setenv(var, str(folder))
     plans = nnunet_dataset.plans(base)
     student_plans = derive_student_plans(
-        plans, CFG, 4, strategy, plans_name=f"{naming.student_plans_identifier(base, 4, strategy)}_stock"
+        plans, CFG, 4, strategy, plans_name=f"{contract.student_plans_identifier(base, 4, strategy)}_stock"
     )
     path = write_student_plans(nnunet_dataset.preprocessed_dataset, student_plans)
     assert path == nnunet_dataset.preprocessed_dataset / f"{student_plans['plans_name']}.json"

@@ -1,5 +1,6 @@
-"""The two training CLIs: every command line of the product description parses into the one DistillationConfig,
-defaults differ only where the variants say so, and bad input exits non-zero with one line and no traceback."""
+"""The two training CLIs: every command line of the product description parses into the one
+DistillationConfig, defaults differ only where the variants say so, and bad input exits non-zero with one line
+and no traceback."""
 
 from __future__ import annotations
 
@@ -234,7 +235,7 @@ def _workspace_env(root: Path) -> dict:
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["-d", "977", "-f", "0", "-d_device", "cpu"], "unknown dataset 977 (-d)"),
+        (["-d", "977", "-f", "0", "-d_device", "cpu"], "dataset 977 not found in nnUNet_raw="),
         (["-d", "901", "-f", "0", "-a", "2"], "-a/--alpha: must be in [0, 1], got 2"),
     ],
 )
@@ -253,7 +254,8 @@ def test_console_script_errors_are_one_line_without_traceback(tmp_path, argv, ne
 
 
 def test_runtime_errors_name_the_problem(nnunet_teachers, monkeypatch, capsys):
-    """Against the real fixture workspace: a missing teacher fold, a missing plans file, an impossible device."""
+    """Against the real fixture workspace: a missing teacher fold, a missing plans file, an impossible
+    device."""
     for key, value in nnunet_teachers.dataset.env.items():
         if key.startswith("nnUNet"):
             monkeypatch.setenv(key, value)

@@ -205,6 +205,10 @@ def test_teacher_folds_are_normal_nnunet_models(nnunet_teachers):
         )
         assert summary["foreground_mean"]["Dice"] > 0.1  # it learned something in 8 steps
         assert not (nnunet_teachers.folder / f"fold_{fold}" / "checkpoint_latest.pth").exists()
+        progress = json.loads((nnunet_teachers.folder / f"fold_{fold}" / "progress.json").read_text())
+        assert (
+            progress["epoch"] == progress["totalEpochs"] == 2
+        )  # the student's progress.json, for teachers too
     # the budget shows in nnU-Net's own training log
     log = next((nnunet_teachers.folder / "fold_0").glob("training_log_*.txt")).read_text()
     assert "2 epochs x 4 iterations (2 validation iterations), device cpu" in log
@@ -212,7 +216,8 @@ def test_teacher_folds_are_normal_nnunet_models(nnunet_teachers):
 
 @pytest.mark.slow
 def test_continue_resumes_from_the_checkpoint(nnunet_teachers, tmp_path):
-    """`--c` with a larger -e trains on from the saved epoch instead of starting over (on a copy of fold 0)."""
+    """`--c` with a larger -e trains on from the saved epoch instead of starting over (on a copy of fold
+    0)."""
     source = nnunet_teachers.dataset
     workspace = Workspace(tmp_path).create()
     shutil.copytree(source.preprocessed_dataset, workspace.preprocessed / source.dataset_name)

@@ -1,16 +1,48 @@
 """Atomic file writes: a reader (or a pod restarted mid-write) sees the old file or the new one, never half.
 
-Used for every JSON the trainer leaves for others (student plans, progress, summaries): parallel folds write
-the same plans file, and a pod can be killed at any instant.
+Every file the trainer leaves for others goes through `replacing`: JSON (student plans, progress, summaries,
+metadata), checkpoints (ours and, wrapped, nnU-Net's own `save_checkpoint` for teachers) and exported models.
+Parallel folds write the same plans file, and a pod can be killed at any instant. The temp file sits in the
+target's folder (`os.replace` must not cross file systems) under a name no loader looks for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_path(target: str | os.PathLike) -> Path:
+    """Beside the target, hidden, unique per call: `.<name>.<random>.tmp` (never a checkpoint or JSON
+    name)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def replacing(filename: str | os.PathLike, *, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temp path to write; when the block succeeds and wrote it, fsync it and `os.replace` it over
+    `filename`. A block that writes nothing (e.g. a DDP rank that does not save) leaves `filename` alone; a
+    block that raises leaves the old file and no temp file behind. `mode`: chmod before the rename."""
+    target = Path(filename)
+    tmp = temp_path(target)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            if mode is not None:
+                os.chmod(tmp, mode)
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _json_default(o: Any) -> Any:
@@ -25,14 +57,24 @@ def _json_default(o: Any) -> Any:
 
 
 def atomic_write_json(obj: Any, filename: str | os.PathLike, *, indent: int = 2) -> Path:
-    """Write JSON to a temp file in the same folder, then ``os.replace`` it over ``filename``."""
+    """JSON (numpy values and paths allowed) written through `replacing`."""
     path = Path(filename)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=indent, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=indent, default=_json_default)
     return path
+
+
+def atomic_write_bytes(data: bytes, filename: str | os.PathLike, *, mode: int | None = None) -> Path:
+    """Bytes written through `replacing` (`mode`: e.g. 0o644 so a shared volume's other users can read)."""
+    path = Path(filename)
+    with replacing(path, mode=mode) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
+    """`torch.save` through `replacing`: readers (and -c_continue) see the old checkpoint or the new one."""
+    import torch
+
+    with replacing(filename) as tmp:
+        torch.save(obj, tmp)

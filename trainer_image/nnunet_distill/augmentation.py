@@ -1,19 +1,21 @@
 """Training augmentation for distillation: DA5 as the seed describes it, and the teachers' view of each patch.
 
-**DA5.** nnU-Net's ``nnUNetTrainerDA5`` is the strong augmentation for small datasets, but its spatial transform has
-elastic deformation switched off (``p_elastic_deform=0``) and interpolates segmentations linearly (a one-hot
-interpolation then argmax, which erodes structures one or two voxels thin). The seed's DA5 promises elastic
-deformation and a reduced interpolation order "for better preservation of fine details". We keep every DA5
-transform and swap only the ``SpatialTransform``, the way nnU-Net's own ``nnUNetTrainerDA5ord0`` variant does:
-elastic deformation with probability :data:`DA5_P_ELASTIC` and nearest-neighbour (order 0) resampling of the
-segmentation; images keep linear interpolation (order 1, already below the cubic order of nnU-Net v1's DA5).
+**DA5.** nnU-Net's ``nnUNetTrainerDA5`` is the strong augmentation for small datasets, but its spatial
+transform has elastic deformation switched off (``p_elastic_deform=0``) and interpolates segmentations
+linearly (a one-hot interpolation then argmax, which erodes structures one or two voxels thin). The seed's DA5
+promises elastic deformation and a reduced interpolation order "for better preservation of fine details". We
+keep every DA5 transform and swap only the ``SpatialTransform``, the way nnU-Net's own
+``nnUNetTrainerDA5ord0`` variant does: elastic deformation with probability :data:`DA5_P_ELASTIC` and
+nearest-neighbour (order 0) resampling of the segmentation; images keep linear interpolation (order 1, already
+below the cubic order of nnU-Net v1's DA5).
 
-**Teacher view.** In online KD the teachers label the very patch the student sees. Intensity-only augmentations
-(noise, blur, gamma, contrast, low resolution, blank rectangles, local gamma and brightness gradients) produce
-images the teachers were never trained on (nnU-Net's default augmentation has no blank rectangles or local gamma),
-so their soft labels there can be wrong exactly where the student needs them. With ``teacher_view="clean"`` the
-teachers see the patch after the spatial transforms (which the label follows) but before the intensity-only ones:
-the clean patch travels as extra image channels through the pipeline and is split off in the train step.
+**Teacher view.** In online KD the teachers label the very patch the student sees. Intensity-only
+augmentations (noise, blur, gamma, contrast, low resolution, blank rectangles, local gamma and brightness
+gradients) produce images the teachers were never trained on (nnU-Net's default augmentation has no blank
+rectangles or local gamma), so their soft labels there can be wrong exactly where the student needs them. With
+``teacher_view="clean"`` the teachers see the patch after the spatial transforms (which the label follows) but
+before the intensity-only ones: the clean patch travels as extra image channels through the pipeline and is
+split off in the train step.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ _LABEL_SIDE = (
 
 
 def da5_spatial_transform(template: SpatialTransform) -> SpatialTransform:
-    """DA5's SpatialTransform with elastic deformation on and order-0 segmentation resampling; all else kept."""
+    """DA5's SpatialTransform with elastic deformation on and order-0 segmentation resampling; all else
+    kept."""
     return SpatialTransform(
         template.patch_size,
         template.patch_center_dist_from_border,
@@ -153,7 +156,8 @@ class StudentOnly(BasicTransform):
 
 
 def with_clean_teacher_view(transforms: ComposeTransforms, num_channels: int) -> ComposeTransforms:
-    """Reorder into [spatial..., StudentOnly(intensity...), label-side...] so the teachers get the clean patch.
+    """Reorder into [spatial..., StudentOnly(intensity...), label-side...] so the teachers get the clean
+    patch.
 
     Mirroring moves in front of the intensity transforms; they are spatially random, so the distribution of
     augmented patches is unchanged. A MaskImageTransform (nonzero-mask normalisation) masks both copies.

@@ -8,9 +8,10 @@ through the values they put in it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KD_MODES = ("pixel", "channel", "both")  # = loss.KD_MODES (kept torch-free here)
@@ -25,21 +26,39 @@ class ConfigError(ValueError):
     """A value of the run configuration is invalid; the message names the flag and the valid range."""
 
 
+def alpha_problem(alpha: float, shown: str | None = None) -> str | None:
+    """What is wrong with a KD weight α (None when it is valid): the one α check of the CLI, config and
+    loss."""
+    if 0.0 <= alpha <= 1.0:
+        return None
+    return f"must be in [0, 1], got {alpha if shown is None else shown}"
+
+
+def temperature_problem(temperature: float, shown: str | None = None) -> str | None:
+    """What is wrong with a KD temperature T (None when it is valid): the one T check of CLI, config and
+    loss."""
+    if temperature > 0.0:
+        return None
+    return f"must be > 0, got {temperature if shown is None else shown}"
+
+
 @dataclass(frozen=True)
 class DistillationConfig:
     dataset: str  # -d: ID ("901") or full name ("Dataset901_Synth")
     fold: int  # -f: the student's fold (its validation cases)
-    configuration: str = naming.DEFAULT_CONFIGURATION
+    configuration: str = contract.DEFAULT_CONFIGURATION
     alpha: float = 0.3  # -a: weight of the KD term
     temperature: float = 3.0  # -temp
     reduction_factor: int = 2  # -r
     teacher_folds: tuple[int, ...] | None = None  # -tf; None = every complete fold found
-    teacher_trainer: str = naming.DEFAULT_TEACHER_TRAINER  # -tr
-    teacher_plans: str = naming.DEFAULT_PLANS  # -p (standard) / -tpl (ResEnc)
+    teacher_trainer: str = contract.DEFAULT_TEACHER_TRAINER  # -tr
+    teacher_plans: str = contract.DEFAULT_PLANS  # -p (standard) / -tpl (ResEnc)
     teacher_folder: str | None = None  # -t; None = $nnUNet_results/<Dataset>/<tr>__<plans>__<cfg>
     teacher_checkpoint: str = DEFAULT_CHECKPOINT  # -tcp
     teacher_precision: str = "auto"  # --teacher_precision: auto | fp32 | bf16 | fp16
-    student_base_plans: str = naming.DEFAULT_PLANS  # the plans the student is derived from (-spl for ResEnc)
+    student_base_plans: str = (
+        contract.DEFAULT_PLANS
+    )  # the plans the student is derived from (-spl for ResEnc)
     block_strategy: str | None = None  # -bs (ResEnc students); None for the standard CLI
     epochs: int | None = None  # -e; None = nnU-Net's default (1000)
     iterations_per_epoch: int | None = None  # None = nnU-Net's default (250)
@@ -61,13 +80,13 @@ class DistillationConfig:
 
     @property
     def student_plans_identifier(self) -> str:
-        return naming.student_plans_identifier(
+        return contract.student_plans_identifier(
             self.student_base_plans, self.reduction_factor, self.block_strategy
         )
 
     @property
     def trainer_name(self) -> str:
-        return naming.distill_trainer_name(self.use_da5)
+        return contract.distill_trainer_name(self.use_da5)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -76,23 +95,27 @@ class DistillationConfig:
         return d
 
 
+def _validate_teacher_folds(folds: Sequence[int]) -> None:
+    if len(folds) == 0:
+        raise ConfigError("-tf/--teacher_folds needs at least one fold (omit it to use every fold found)")
+    if any(f < 0 for f in folds):
+        raise ConfigError(f"-tf/--teacher_folds must be fold indices >= 0, got {list(folds)}")
+    if len(set(folds)) != len(folds):
+        raise ConfigError(f"-tf/--teacher_folds lists a fold twice: {list(folds)}")
+
+
 def validate(cfg: DistillationConfig) -> None:
     """Range checks with messages that name the flag: the CLIs and the Python API share them."""
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ConfigError(f"-a/--alpha must be in [0, 1], got {cfg.alpha}")
-    if not cfg.temperature > 0.0:
-        raise ConfigError(f"-temp/--temperature must be > 0, got {cfg.temperature}")
+    if problem := alpha_problem(cfg.alpha):
+        raise ConfigError(f"-a/--alpha {problem}")
+    if problem := temperature_problem(cfg.temperature):
+        raise ConfigError(f"-temp/--temperature {problem}")
     if cfg.reduction_factor < 1:
         raise ConfigError(f"-r/--reduction_factor must be an integer >= 1, got {cfg.reduction_factor}")
     if cfg.fold < 0:
         raise ConfigError(f"-f/--fold must be a fold index >= 0, got {cfg.fold}")
     if cfg.teacher_folds is not None:
-        if len(cfg.teacher_folds) == 0:
-            raise ConfigError("-tf/--teacher_folds needs at least one fold (omit it to use every fold found)")
-        if any(f < 0 for f in cfg.teacher_folds):
-            raise ConfigError(f"-tf/--teacher_folds must be fold indices >= 0, got {list(cfg.teacher_folds)}")
-        if len(set(cfg.teacher_folds)) != len(cfg.teacher_folds):
-            raise ConfigError(f"-tf/--teacher_folds lists a fold twice: {list(cfg.teacher_folds)}")
+        _validate_teacher_folds(cfg.teacher_folds)
     for flag, value in (
         ("-e/--epochs", cfg.epochs),
         ("--iterations_per_epoch", cfg.iterations_per_epoch),
@@ -102,23 +125,20 @@ def validate(cfg: DistillationConfig) -> None:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     if cfg.rotate_freq < 1:
         raise ConfigError(f"-rotate_freq must be >= 1 epoch, got {cfg.rotate_freq}")
-    if cfg.block_strategy is not None and cfg.block_strategy not in naming.BLOCK_STRATEGIES:
+    if cfg.block_strategy is not None and cfg.block_strategy not in contract.BLOCK_STRATEGIES:
         raise ConfigError(
-            f"-bs/--block_strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
+            f"-bs/--block_strategy must be one of {', '.join(contract.BLOCK_STRATEGIES)}, "
             f"got {cfg.block_strategy!r}"
         )
     if cfg.device is not None:
         parse_device_string(cfg.device)
-    if cfg.kd_mode not in KD_MODES:
-        raise ConfigError(f"--kd_mode must be one of {', '.join(KD_MODES)}, got {cfg.kd_mode!r}")
-    if cfg.student_init not in STUDENT_INITS:
-        raise ConfigError(
-            f"--student_init must be one of {', '.join(STUDENT_INITS)}, got {cfg.student_init!r}"
-        )
-    if cfg.teacher_view not in TEACHER_VIEWS:
-        raise ConfigError(
-            f"--teacher_view must be one of {', '.join(TEACHER_VIEWS)}, got {cfg.teacher_view!r}"
-        )
+    for flag, value, choices in (
+        ("--kd_mode", cfg.kd_mode, KD_MODES),
+        ("--student_init", cfg.student_init, STUDENT_INITS),
+        ("--teacher_view", cfg.teacher_view, TEACHER_VIEWS),
+    ):
+        if value not in choices:
+            raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     if cfg.test_cases is not None and (not cfg.test_cases or len(set(cfg.test_cases)) != len(cfg.test_cases)):
         raise ConfigError(f"--test_cases needs distinct case identifiers, got {list(cfg.test_cases)}")
     if cfg.teacher_precision not in TEACHER_PRECISIONS:
@@ -129,7 +149,8 @@ def validate(cfg: DistillationConfig) -> None:
 
 
 def parse_device_string(text: str) -> tuple[str, int | None]:
-    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> (type, index). Pure, so the CLI can reject typos before torch loads."""
+    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> (type, index). Pure, so the CLI can reject typos before torch
+    loads."""
     t = text.strip().lower()
     if t in ("cpu", "cuda", "mps"):
         return t, None

@@ -8,16 +8,17 @@ CLIs print it and exit non-zero. Pure checks are separate functions so they are 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import multiprocessing
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nnunet_distill import naming
-from nnunet_distill.config import ConfigError, DistillationConfig, parse_device_string
+from nnunet_distill import contract
+from nnunet_distill import nnunet_env
+from nnunet_distill.config import DistillationConfig
 
 
 class DistillationError(RuntimeError):
@@ -70,40 +71,27 @@ def pick_resume_checkpoint(fold_folder: Path) -> Path | None:
     return None
 
 
-def total_stride(strides: Sequence, dim: int) -> list[int]:
-    total = [1] * dim
-    for s in strides:
-        s = [s] * dim if isinstance(s, int) else list(s)
-        total = [t * int(x) for t, x in zip(total, s, strict=False)]
-    return total
-
-
 def check_teacher_accepts_patch(teacher_plans: dict, student_plans: dict, configuration: str) -> None:
     """Teachers run on the student's patch: it must be divisible by the teacher's total stride too, or the
     teacher's skip connections do not line up (student and teacher patch sizes may differ, e.g. ResEnc)."""
     t_cfg = _resolved_configuration(teacher_plans, configuration)
     s_cfg = _resolved_configuration(student_plans, configuration)
     patch = [int(p) for p in s_cfg["patch_size"]]
-    stride = total_stride(t_cfg["architecture"]["arch_kwargs"].get("strides", []), len(patch))
+    stride = nnunet_env.total_stride(t_cfg["architecture"]["arch_kwargs"].get("strides", []), len(patch))
     if any(p % s for p, s in zip(patch, stride, strict=False)):
         raise DistillationError(
             f"the student patch size {patch} ({student_plans.get('plans_name')}) is not divisible by the "
-            f"teacher's total stride {stride} ({teacher_plans.get('plans_name')}): the teachers cannot run on the "
+            f"teacher's total stride {stride} ({teacher_plans.get('plans_name')}): the teachers cannot run "
+            "on the "
             f"student's batches; use student plans whose patch is a multiple of {stride}"
         )
 
 
 def _resolved_configuration(plans: dict, configuration: str) -> dict:
-    configs = plans["configurations"]
-    cfg: dict = {}
-    chain = []
-    name = configuration
-    while name is not None and name not in chain:
-        chain.append(name)
-        entry = configs[name]
-        cfg = {**entry, **cfg}
-        name = entry.get("inherits_from")
-    return cfg
+    try:
+        return nnunet_env.resolved_configuration(plans["configurations"], configuration)
+    except nnunet_env.PlansError as exc:
+        raise DistillationError(f"{plans.get('plans_name')}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,77 +100,32 @@ def _resolved_configuration(plans: dict, configuration: str) -> dict:
 
 
 def _env_dir(name: str) -> Path:
-    value = os.environ.get(name)
-    if not value:
-        raise DistillationError(f"{name} is not set: export {name}=<folder> (nnU-Net's data/results folders)")
-    return Path(value)
+    try:
+        return nnunet_env.env_dir(name)
+    except nnunet_env.NnUNetSetupError as exc:
+        raise DistillationError(str(exc)) from None
 
 
 def resolve_dataset(dataset: str) -> str:
-    """'901' / 901 / 'Dataset901_Synth' -> 'Dataset901_Synth', with a one-line error naming what exists."""
-    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
-
-    text = str(dataset).strip()
-    if text.startswith("Dataset"):
-        name = text
-    else:
-        try:
-            ident = int(text)
-        except ValueError:
-            raise DistillationError(
-                f"-d/--dataset_id must be a dataset ID (e.g. 901) or a name like "
-                f"Dataset901_Synth, got {dataset!r}"
-            ) from None
-        candidates = list(find_candidate_datasets(ident))
-        if len(candidates) > 1:
-            raise DistillationError(
-                f"dataset ID {ident} is ambiguous: {', '.join(candidates)}; pass the full name"
-            )
-        if not candidates:
-            pre = os.environ.get("nnUNet_preprocessed")
-            known = (
-                sorted(p.name for p in Path(pre).iterdir() if p.is_dir())
-                if pre and Path(pre).is_dir()
-                else []
-            )
-            raise DistillationError(
-                f"unknown dataset {ident} (-d): no Dataset{ident:03d}_* in nnUNet_preprocessed, "
-                f"nnUNet_raw or nnUNet_results (preprocessed datasets: "
-                f"{', '.join(known) or 'none'})"
-            )
-        name = candidates[0]
+    """'901' / 901 / 'Dataset901_Synth' -> 'Dataset901_Synth' (nnunet_env's lookup), preprocessed here."""
+    try:
+        name = nnunet_env.resolve_dataset_name(dataset)
+    except nnunet_env.NnUNetSetupError as exc:
+        raise DistillationError(f"{exc} (-d)") from None
     if not (_env_dir("nnUNet_preprocessed") / name).is_dir():
         raise DistillationError(
             f"{_env_dir('nnUNet_preprocessed') / name} does not exist: run "
-            f"nnUNetv2_plan_and_preprocess -d {name[7:10].lstrip('0') or '0'} first"
+            f"nnUNetv2_plan_and_preprocess -d {nnunet_env.dataset_id_of(name)} first"
         )
     return name
 
 
 def resolve_device(text: str | None):
     """cpu | cuda | cuda:N | mps; default cuda when available. Never assumes CUDA exists."""
-    import torch
-
-    if text is None:
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:
-        kind, index = parse_device_string(text)
-    except ConfigError as exc:
+        return nnunet_env.select_device(text, flag="-d_device")
+    except nnunet_env.NnUNetSetupError as exc:
         raise DistillationError(str(exc)) from None
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise DistillationError(
-                f"-d_device {text}: CUDA is not available on this machine; use -d_device cpu"
-            )
-        if index is not None and index >= torch.cuda.device_count():
-            raise DistillationError(
-                f"-d_device {text}: only {torch.cuda.device_count()} CUDA device(s) visible "
-                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
-            )
-        return torch.device("cuda", index) if index is not None else torch.device("cuda")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise DistillationError(f"-d_device {text}: MPS is not available on this machine; use -d_device cpu")
-    return torch.device(kind)
 
 
 def _configure_threads(device, ranks_on_node: int = 1) -> None:
@@ -198,10 +141,8 @@ def _configure_threads(device, ranks_on_node: int = 1) -> None:
         torch.set_num_threads(1)
         with_interop = getattr(torch, "set_num_interop_threads", None)
         if with_interop is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # already set once in this process
                 with_interop(1)
-            except RuntimeError:
-                pass  # already set once in this process
 
 
 def _load_json(path: Path, what: str, fix: str) -> dict:
@@ -288,7 +229,7 @@ def prepare(config: DistillationConfig) -> PreparedRun:
         )
 
     output_folder = (
-        naming.student_model_folder(
+        contract.student_model_folder(
             results_dir / dataset_name, student_plans["plans_name"], config.configuration, config.use_da5
         )
         / f"fold_{config.fold}"
@@ -308,12 +249,13 @@ def prepare(config: DistillationConfig) -> PreparedRun:
 
 
 def check_test_cases(run: PreparedRun) -> None:
-    """Fail before training, not after it, when --test_cases names a missing case or one a model trained on."""
+    """Fail before training, not after it, when --test_cases names a missing case or one a model trained
+    on."""
     from nnunet_distill.evaluation import check_unseen, find_test_cases
 
     if run.config.test_cases is None:
         return
-    raw = os.environ.get("nnUNet_raw")
+    raw = os.environ.get(contract.ENV_NNUNET_RAW)
     if not raw or not (Path(raw) / run.dataset_name).is_dir():
         raise DistillationError(
             f"--test_cases needs the raw dataset: {raw or '$nnUNet_raw'}/{run.dataset_name} "
@@ -425,8 +367,8 @@ def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
         )
 
     from nnunet_distill import student
-    from nnunet_distill.evaluation import write_distillation_summary
-    from nnunet_distill.report import ProgressReporter
+    from nnunet_distill.held_out import write_distillation_summary
+    from nnunet_distill import progress_hooks
     from nnunet_distill.teachers import TeacherEnsemble, load_teacher, resolve_precision
     from nnunet_distill.trainer import trainer_class
 
@@ -456,7 +398,8 @@ def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
     if resume_from is not None:
         trainer.load_checkpoint(str(resume_from))
         log(
-            f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of {trainer.num_epochs}"
+            f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of "
+            f"{trainer.num_epochs}"
         )
     else:
         trainer.initialize()
@@ -464,22 +407,17 @@ def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
             log(trainer.inherit_teacher_weights())
     trainer.distillation_meta["student_parameters"] = student.count_parameters(trainer.network)
 
-    reporter = ProgressReporter.from_env(  # inactive on ranks > 0: rank 0 alone reports status
-        os.environ if ranks.is_main else {},
-        total_epochs=trainer.num_epochs,
-        stage=os.environ.get("DISTILLATIONJOB_STAGE") or "distill",
+    # the same hooks as the teachers': progress.json, live status, restart count, resume checkpoint; rank 0
+    # alone reports status (the other ranks' reporters get no pod env and stay inactive)
+    reporter = progress_hooks.start_reporting(
+        trainer, stage="distill", resumed=resume_from is not None, env=os.environ if ranks.is_main else {}
     )
-    trainer.reporter = reporter
     try:
-        if resume_from is not None:
-            reporter.mark_restart()
-            reporter.on_checkpoint(trainer.current_epoch - 1)  # the loaded checkpoint completes this epoch
-        reporter.start_heartbeat()
         trainer.run_training()
         trainer.perform_actual_validation(False)  # DDP: nnU-Net splits the validation cases between ranks
         if not ranks.is_main:
             return _result(trainer, None, resume_from)
-        raw = os.environ.get("nnUNet_raw")
+        raw = os.environ.get(contract.ENV_NNUNET_RAW)
         summary = write_distillation_summary(
             trainer,
             run_.teacher_plans,

@@ -7,8 +7,8 @@ Why it differs from the original tool:
 - Export is not done until ONNX Runtime reproduces the torch logits within a tolerance (verify.py): a failure
   exits non-zero and writes no file.
 - Shapes mean what the docs say: static by default, `-da` dynamic batch and spatial axes (spatial sizes are
-  multiples of the encoder's total stride, which the graph and the metadata state), `-nn`/ResEnc `-b 0` dynamic
-  batch only.
+  multiples of the encoder's total stride, which the graph and the metadata state), `-nn`/ResEnc `-b 0`
+  dynamic batch only.
 - The file carries its inference metadata (metadata.py) and gets an `nnunet_inference.json` beside it.
 
 Export and verification run on the CPU on purpose: the graph does not depend on the device it was traced on,
@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,229 +31,24 @@ from typing import Any
 import numpy as np
 
 from nnunet_distill import metadata as md
-from nnunet_distill import naming
+from nnunet_distill import checksums, contract
+from nnunet_distill.atomic import atomic_write_bytes
+from nnunet_distill.trained_student import (  # the first half: find and rebuild the student
+    CHECKPOINT_NAMES as CHECKPOINT_NAMES,
+    CheckpointError as CheckpointError,
+    ExportError,
+    LoadedStudent,
+    StudentNotFoundError as StudentNotFoundError,
+    find_student_fold_dir,
+    load_student,
+    results_root,
+)
 from nnunet_distill.verify import Comparison, Tolerance
 
 DEFAULT_OPSET = 17
-CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
 
 
-class ExportError(RuntimeError):
-    """An export that cannot proceed; the message names the cause and the fix."""
-
-
-class StudentNotFoundError(ExportError):
-    pass
-
-
-class CheckpointError(ExportError):
-    pass
-
-
-# --------------------------------------------------------------------------------------------------------------
-# finding the student
-
-
-def results_root() -> Path:
-    value = os.environ.get("nnUNet_results")
-    if not value:
-        raise ExportError(
-            "nnUNet_results is not set; export it as the folder that holds DatasetXXX_Name/ with "
-            "the distilled student"
-        )
-    return Path(value)
-
-
-def resolve_dataset_dir(root: Path, dataset: str) -> Path:
-    """`-d` as nnU-Net accepts it: a numeric id (`901`) or a full name (`Dataset901_Synthetic`).
-
-    Looked up in nnUNet_results only, so exporting never needs the raw or preprocessed data on disk.
-    """
-    if (root / dataset).is_dir() and dataset.startswith("Dataset"):
-        return root / dataset
-    candidates = []
-    if dataset.isdigit():
-        prefix = f"Dataset{int(dataset):03d}_"
-        candidates = sorted(p for p in root.glob(prefix + "*") if p.is_dir())
-    if len(candidates) == 1:
-        return candidates[0]
-    present = sorted(p.name for p in root.glob("Dataset*") if p.is_dir()) if root.is_dir() else []
-    if len(candidates) > 1:
-        raise StudentNotFoundError(
-            f"dataset {dataset!r} is ambiguous under {root}: {[c.name for c in candidates]}; "
-            "pass the full dataset name with -d"
-        )
-    raise StudentNotFoundError(
-        f"dataset {dataset!r} not found under nnUNet_results={root} (present: "
-        f"{', '.join(present) or 'none'}); check -d and nnUNet_results"
-    )
-
-
-def describe_students(dataset_dir: Path) -> str:
-    """One line listing every student model folder, its folds and their checkpoints (for not-found errors)."""
-    entries = []
-    for folder in sorted(dataset_dir.iterdir()) if dataset_dir.is_dir() else []:
-        if not folder.is_dir() or not folder.name.startswith(naming.DISTILL_TRAINER):
-            continue
-        folds = []
-        for fold in sorted(folder.glob("fold_*")):
-            checkpoints = [c for c in CHECKPOINT_NAMES if (fold / c).is_file()]
-            folds.append(f"{fold.name}: {', '.join(checkpoints) or 'no checkpoint'}")
-        entries.append(f"{folder.name} ({'; '.join(folds) or 'no folds'})")
-    return " | ".join(entries) if entries else "none"
-
-
-def find_student_fold_dir(
-    root: Path,
-    dataset: str,
-    plans_identifier: str,
-    configuration: str,
-    fold: str,
-    use_da5: bool,
-    checkpoint_name: str,
-) -> Path:
-    """The fold folder of the student trained with these arguments, or an error listing what does exist."""
-    dataset_dir = resolve_dataset_dir(root, dataset)
-    model_dir = naming.student_model_folder(dataset_dir, plans_identifier, configuration, use_da5)
-    fold_dir = model_dir / f"fold_{fold}"
-    if (fold_dir / checkpoint_name).is_file():
-        return fold_dir
-    raise StudentNotFoundError(
-        f"no student at {fold_dir / checkpoint_name} (trainer {naming.distill_trainer_name(use_da5)}, plans "
-        f"{plans_identifier}, configuration {configuration}, fold {fold}); students in {dataset_dir.name}: "
-        f"{describe_students(dataset_dir)}; pass the -r/-c/-f/-da5 (and -p/-spl/-bs) used for training"
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# loading it with stock nnU-Net
-
-
-@dataclass
-class LoadedStudent:
-    network: Any  # torch.nn.Module, eval mode, deep supervision off, on CPU
-    state_dict: dict
-    plans: dict
-    dataset_json: dict
-    configuration: str
-    fold_dir: Path
-    checkpoint_name: str
-    trainer_name: str
-    mirror_axes: list[int] | None
-    distillation: dict | None
-    parameters: int
-    affine_norms: int
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{what} missing: {path} (a student model folder holds plans.json and dataset.json "
-            "beside its fold_X folders; re-run the distillation or copy them back)"
-        ) from None
-    except ValueError as exc:
-        raise CheckpointError(f"{what} is not valid JSON: {path} ({exc})") from None
-
-
-def read_checkpoint(path: Path) -> dict:
-    """torch.load with the failure modes of real clusters (truncated upload, wrong file) made readable."""
-    import torch
-
-    if not path.is_file():
-        siblings = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
-        raise CheckpointError(
-            f"checkpoint missing: {path} (folder holds: {', '.join(siblings) or 'nothing'})"
-        )
-    try:
-        # nnU-Net checkpoints pickle numpy scalars and logging state, so weights_only loading cannot read them.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors...
-        raise CheckpointError(
-            f"checkpoint unreadable (corrupted or truncated?): {path}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(
-            f"checkpoint {path} holds a {type(checkpoint).__name__}, not an nnU-Net checkpoint"
-        )
-    missing = [k for k in ("network_weights", "trainer_name") if k not in checkpoint]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}: not an nnU-Net training checkpoint")
-    return checkpoint
-
-
-def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> LoadedStudent:
-    """Rebuild the student exactly as `nnUNetv2_predict` would: plans.json + the checkpoint's trainer class."""
-    import torch
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    model_dir = fold_dir.parent
-    plans = _read_json(model_dir / "plans.json", "plans.json")
-    dataset_json = _read_json(model_dir / "dataset.json", "dataset.json")
-    checkpoint = read_checkpoint(fold_dir / checkpoint_name)
-    trained_cfg = checkpoint.get("init_args", {}).get("configuration", configuration)
-    if trained_cfg != configuration:
-        raise ExportError(
-            f"checkpoint was trained with configuration {trained_cfg!r}, not {configuration!r}; "
-            "pass -c " + trained_cfg
-        )
-    plans_manager = PlansManager(plans)
-    try:
-        configuration_manager = plans_manager.get_configuration(configuration)
-    except (RuntimeError, ValueError) as exc:
-        raise ExportError(
-            f"plans.json of {model_dir.name} has no usable configuration {configuration!r}: {exc}"
-        ) from None
-    trainer_name = checkpoint["trainer_name"]
-    try:
-        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
-    except RuntimeError:
-        raise ExportError(
-            f"checkpoint names trainer class {trainer_name!r}, which nnU-Net cannot find; set "
-            "nnUNet_extTrainer to the folder that defines it"
-        ) from None
-    num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    network = trainer_class.build_network_architecture(
-        plans_manager, configuration_manager, num_inputs, num_outputs, enable_deep_supervision=False
-    )
-    try:
-        network.load_state_dict(checkpoint["network_weights"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()
-        raise CheckpointError(
-            f"checkpoint {fold_dir / checkpoint_name} does not fit the network its plans.json "
-            f"describes ({' '.join(first[:2])[:300]}); the folder mixes files of different "
-            "models"
-        ) from None
-    network.eval()
-    mirror = checkpoint.get("inference_allowed_mirroring_axes")
-    affine = sum(
-        1
-        for m in network.modules()
-        if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.affine
-    )
-    return LoadedStudent(
-        network=network,
-        state_dict=checkpoint["network_weights"],
-        plans=plans,
-        dataset_json=dataset_json,
-        configuration=configuration,
-        fold_dir=fold_dir,
-        checkpoint_name=checkpoint_name,
-        trainer_name=trainer_name,
-        mirror_axes=None if mirror is None else [int(a) for a in mirror],
-        distillation=checkpoint.get("distillation"),
-        parameters=sum(p.numel() for p in network.parameters()),
-        affine_norms=affine,
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shapes
 
 
@@ -320,7 +114,7 @@ def verification_shapes(spec: ShapeSpec, divisor: Sequence[int]) -> list[tuple[i
     return shapes
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # graph export
 
 
@@ -443,17 +237,18 @@ def io_description(
     }
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the whole export
 
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """What both CLIs resolve their flags to. `plans_identifier` is the student's own plans (e.g. nnUNetPlans_r2)."""
+    """What both CLIs resolve their flags to. `plans_identifier` is the student's own plans (e.g.
+    nnUNetPlans_r2)."""
 
     dataset: str
     plans_identifier: str
-    configuration: str = naming.DEFAULT_CONFIGURATION
+    configuration: str = contract.DEFAULT_CONFIGURATION
     fold: str = "0"
     use_da5: bool = False
     checkpoint_name: str = "checkpoint_final.pth"
@@ -480,11 +275,12 @@ class ExportResult:
 
 def _fingerprint_sha256(model_dir: Path, dataset_name: str) -> str | None:
     candidates = [model_dir / "dataset_fingerprint.json"]
-    if os.environ.get("nnUNet_preprocessed"):
-        candidates.append(Path(os.environ["nnUNet_preprocessed"]) / dataset_name / "dataset_fingerprint.json")
+    preprocessed = os.environ.get(contract.ENV_NNUNET_PREPROCESSED)
+    if preprocessed:
+        candidates.append(Path(preprocessed) / dataset_name / "dataset_fingerprint.json")
     for path in candidates:
         if path.is_file():
-            return md.sha256_file(path)
+            return checksums.sha256_file(path)
     return None
 
 
@@ -504,7 +300,7 @@ def _metrics(fold_dir: Path) -> dict | None:
 def _real_patch(student: LoadedStudent, spatial: Sequence[int]) -> tuple[np.ndarray, str] | None:
     from nnunet_distill.verify import load_preprocessed_patch
 
-    root = os.environ.get("nnUNet_preprocessed")
+    root = os.environ.get(contract.ENV_NNUNET_PREPROCESSED)
     if not root:
         return None
     data_identifier = student.plans["configurations"].get(student.configuration, {}).get("data_identifier")
@@ -648,9 +444,9 @@ def export_student(
 
     out = Path(req.output) if req.output else default_output(fold_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, model.SerializeToString())
+    atomic_write_bytes(model.SerializeToString(), out, mode=0o644)  # shared volumes: others read it
     sidecar = out.parent / md.SIDECAR_NAME
-    _atomic_write(sidecar, md.dumps(meta).encode())
+    atomic_write_bytes(md.dumps(meta).encode(), sidecar, mode=0o644)
     return ExportResult(out, sidecar, meta, comparisons)
 
 
@@ -690,17 +486,3 @@ def _simplify(model, quiet: bool):
             raise ExportError(
                 f"-sim: onnxslim failed ({type(exc).__name__}: {exc}); export without -sim"
             ) from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write beside the target and rename, so a crash never leaves a truncated model where a good one was."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the model from other users of a shared volume
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -1,9 +1,10 @@
-"""One picture of a distillation: a held-out slice (image, ground truth, teacher ensemble, student) and the curves.
+"""One picture of a distillation: a held-out slice (image, ground truth, teacher ensemble, student) and the
+curves.
 
-Drawn from what the distill stage already wrote, nothing recomputed: the held-out predictions of both models and
-the case files named in ``distillation_summary.json``, and nnU-Net's training logs stored in each model's
-``checkpoint_final.pth``. The slice is the one of all test cases where the smallest structure is largest, because
-that is where a thinner network fails first.
+Drawn from what the distill stage already wrote, nothing recomputed: the held-out predictions of both models
+and the case files named in ``distillation_summary.json``, and nnU-Net's training logs stored in each model's
+``checkpoint_final.pth``. The slice is the one of all test cases where the smallest structure is largest,
+because that is where a thinner network fails first.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def _read(path: str | Path) -> np.ndarray:
 
 
 def pick_slice(labels: dict[str, np.ndarray]) -> tuple[str, int]:
-    """(case, axial index) showing the most labels, and among those the most voxels of the rarest one (pure)."""
+    """(case, axial index) showing the most labels, and among those the most voxels of the rarest one
+    (pure)."""
     counts: dict[int, int] = {}
     for arr in labels.values():
         for value, n in zip(*np.unique(arr, return_counts=True), strict=False):
@@ -158,7 +160,8 @@ def render(
         f"teacher folds: {', '.join(map(str, teacher.get('folds') or []))}",
         f"retention (mean): {ret.get('mean', float('nan')):.3f}" if ret else "retention: n/a",
         f"worst label: {ret.get('worst_label')} {ret.get('worst', float('nan')):.3f}" if ret else "",
-        f"parameters: {student.get('parameters') or 0:,} vs {teacher.get('parameters_per_fold') or 0:,} per fold",
+        f"parameters: {student.get('parameters') or 0:,} vs {teacher.get('parameters_per_fold') or 0:,} per "
+        "fold",
         f"inference speed-up: {inference.get('speedup')}x" if inference.get("speedup") else "",
         f"slice: {case}, z={z}",
     ]

@@ -4,16 +4,17 @@ The input is the distill stage's ``distillation_summary.json`` (schema 2, writte
 student's and the teacher ensemble's Dice on cases neither trained on, and their ratio, *retention* (mean over
 labels, per label, and the worst label). The gate passes when
 
-- there is an honest retention at all (``retention`` is null when there is no labelled test set and every teacher
+- there is an honest retention at all (``retention`` is null when there is no labelled test set and every
+teacher
   fold trained on the student's validation cases: a leaky ratio is never retention, so it cannot pass a gate),
 - ``retention.mean >= min_retention``, and
 - every label's retention ``>= min_label_retention`` (the worst label is named when it is not).
 
-A label the teacher ensemble itself never finds (Dice 0) has no ratio (``retention.undefined``): it cannot fail the
-per-label check, and the verdict names it so nobody mistakes silence for a pass on that label.
+A label the teacher ensemble itself never finds (Dice 0) has no ratio (``retention.undefined``): it cannot
+fail the per-label check, and the verdict names it so nobody mistakes silence for a pass on that label.
 
-Nothing here reads files, prints or exits: ``nnunet_distill.cli.gate`` does that. Standard library only, so the
-gate needs neither torch nor nnU-Net.
+Nothing here reads files, prints or exits: ``nnunet_distill.cli.gate`` does that. Standard library only, so
+the gate needs neither torch nor nnU-Net.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 2  # evaluation.SCHEMA_VERSION: the summary layout this gate reads
-TEST_SET = "test_set"
-VALIDATION_UNSEEN = "validation_unseen_teachers"
-NO_HONEST_BASELINE = "none"
+from nnunet_distill import contract
+
+SCHEMA_VERSION = contract.SUMMARY_SCHEMA_VERSION  # the summary layout this gate reads
+TEST_SET = contract.SUMMARY_TEST_SET
+VALIDATION_UNSEEN = contract.SUMMARY_VALIDATION_UNSEEN
+NO_HONEST_BASELINE = contract.SUMMARY_NO_HONEST_BASELINE
 EVALUATIONS = (TEST_SET, VALIDATION_UNSEEN, NO_HONEST_BASELINE)
 
 DEFAULT_MIN_RETENTION = 0.97
@@ -34,14 +37,13 @@ DEFAULT_MIN_LABEL_RETENTION = 0.90
 MAX_THRESHOLD = 1.5  # a student may beat its teachers, but a threshold above 1.5 is a typo
 
 # Condition / termination-message reasons (CamelCase, as metav1.Condition wants them).
-PASSED = "QualityGatePassed"
-FAILED = "QualityGateFailed"
-NOT_ENFORCED = "QualityGateNotEnforced"
+PASSED = contract.GATE_PASSED
+FAILED = contract.GATE_FAILED
+NOT_ENFORCED = contract.GATE_NOT_ENFORCED
 
-# Exit code of `nnunet-distill gate` for an enforced failure: deterministic, so the operator's Job fails at once
-# (podFailurePolicy FailJob) instead of retrying. Mirrored in nnunet_distill_operator.status; the contract test
-# checks that both agree.
-EXIT_GATE_FAILED = 3
+# Exit code of `nnunet-distill gate` for an enforced failure: deterministic, so the operator's Job fails at
+# once (podFailurePolicy FailJob) instead of retrying. The operator reads the same contract constant.
+EXIT_GATE_FAILED = contract.EXIT_CODE_GATE_FAILED
 
 MAX_LISTED_LABELS = (
     8  # labels named in messages and the termination message (the full table is in the summary)
@@ -49,7 +51,8 @@ MAX_LISTED_LABELS = (
 
 
 class SummaryError(ValueError):
-    """The summary cannot be judged (missing, ambiguous, unreadable, another layout); `reason` is CamelCase."""
+    """The summary cannot be judged (missing, ambiguous, unreadable, another layout); `reason` is
+    CamelCase."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -76,7 +79,8 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the gate decided, and every figure it decided on (with the cases and teacher folds behind them)."""
+    """What the gate decided, and every figure it decided on (with the cases and teacher folds behind
+    them)."""
 
     passed: bool
     thresholds: Thresholds
@@ -281,7 +285,8 @@ def _no_retention_failure(summary: Mapping[str, Any], fold: Any) -> str:
         return (
             "no honest baseline: the dataset has no labelled test set and every teacher fold trained on the "
             f"student's validation cases, so no retention can be measured; add imagesTs + labelsTs to the "
-            f"dataset (or name held-out test cases), or include the student's fold {fold} in the teacher folds"
+            f"dataset (or name held-out test cases), or include the student's fold {fold} in the teacher "
+            "folds"
         )
     teacher = (summary.get("teacher_ensemble") or {}).get("dice") or {}
     student = (summary.get("student") or {}).get("dice") or {}

@@ -1,21 +1,22 @@
 """Start the student from a teacher's weights instead of from random ones ("weight inheritance").
 
-A student of reduction factor r has the teacher's stages, kernels, strides and blocks, with every stage's channel
-count divided by r. Every student tensor is therefore a slice of the teacher tensor of the same name: the first
-``c`` output channels of each convolution, the first ``c`` input channels, the matching instance-norm scales and
-biases. Slicing the *leading* channels of every channel space keeps the spaces consistent wherever two layers
-share one (a residual addition in a ResEnc stage, the skip into the decoder, a transposed convolution feeding the
-next decoder stage) without knowing the architecture. The one place that needs knowing is nnU-Net's decoder,
-whose first convolution of every stage reads ``cat(upsampled, skip)``: its input is two spaces, so the student's
-input channels are the first ``c`` of each half.
+A student of reduction factor r has the teacher's stages, kernels, strides and blocks, with every stage's
+channel count divided by r. Every student tensor is therefore a slice of the teacher tensor of the same name:
+the first
+``c`` output channels of each convolution, the first ``c`` input channels, the matching instance-norm scales
+and biases. Slicing the *leading* channels of every channel space keeps the spaces consistent wherever two
+layers share one (a residual addition in a ResEnc stage, the skip into the decoder, a transposed convolution
+feeding the next decoder stage) without knowing the architecture. The one place that needs knowing is
+nnU-Net's decoder, whose first convolution of every stage reads ``cat(upsampled, skip)``: its input is two
+spaces, so the student's input channels are the first ``c`` of each half.
 
-Why it matters: a thinner network trained from scratch learns small and thin structures far more slowly than the
-teacher did (measured by ``bench quality``), so for the same budget it loses them entirely. Inherited filters
-already detect what the teacher detects; instance normalisation after every convolution re-standardises the
-activations that dropping channels rescales, so the sliced network starts close to a working segmenter and KD
-only has to close the remaining gap. Tensors the teacher does not have (extra ResEnc blocks of ``-bs increase``)
-keep their random initialisation, and tensors of different rank are never forced: the report says what was
-inherited.
+Why it matters: a thinner network trained from scratch learns small and thin structures far more slowly than
+the teacher did (measured by ``bench quality``), so for the same budget it loses them entirely. Inherited
+filters already detect what the teacher detects; instance normalisation after every convolution
+re-standardises the activations that dropping channels rescales, so the sliced network starts close to a
+working segmenter and KD only has to close the remaining gap. Tensors the teacher does not have (extra ResEnc
+blocks of ``-bs increase``) keep their random initialisation, and tensors of different rank are never forced:
+the report says what was inherited.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class InheritanceReport:
 
     def describe(self) -> str:
         return (
-            f"{len(self.inherited)} tensors ({self.fraction:.1%} of the student's parameters) inherited from the "
+            f"{len(self.inherited)} tensors ({self.fraction:.1%} of the student's parameters) inherited from "
+            "the "
             f"teacher, {len(self.random)} left random"
         )
 
@@ -69,8 +71,8 @@ def _concat_halves(teacher_in: int, student_in: int) -> torch.Tensor | None:
 def sliced(name: str, teacher: torch.Tensor, student_shape: torch.Size) -> torch.Tensor | None:
     """The teacher tensor cut to ``student_shape``, or None where no consistent slice exists.
 
-    Pure function of (name, tensor, shape), so it is tested on its own. Only channel dimensions (dim 0 and 1) may
-    shrink; kernel dimensions must match.
+    Pure function of (name, tensor, shape), so it is tested on its own. Only channel dimensions (dim 0 and 1)
+    may shrink; kernel dimensions must match.
     """
     if teacher.dim() != len(student_shape):
         return None
@@ -92,7 +94,8 @@ def sliced(name: str, teacher: torch.Tensor, student_shape: torch.Size) -> torch
 
 @torch.no_grad()
 def inherit_from_teacher(student: nn.Module, teacher: nn.Module) -> InheritanceReport:
-    """Copy every sliceable teacher tensor into the student in place (both plain nn.Modules, same key names)."""
+    """Copy every sliceable teacher tensor into the student in place (both plain nn.Modules, same key
+    names)."""
     report = InheritanceReport()
     teacher_state = teacher.state_dict()
     seen: set[int] = set()  # state_dict lists shared tensors under several names (conv / all_modules.0)

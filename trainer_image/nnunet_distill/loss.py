@@ -9,10 +9,12 @@ total = (1 - alpha) * hard + alpha * T^2 * KD
   silently weakened distillation for datasets with many labels (a 61-class model got a 61x smaller KD signal).
 * ``T^2`` keeps the gradient magnitude of the soft term roughly independent of T (Hinton et al., 2015): the
   gradient of ``T^2 * KL`` w.r.t. the student logits is ``T * (q - p)``, which tends to a T-free limit.
-* Region-based datasets (sigmoid outputs, possibly overlapping regions) get a per-region Bernoulli KL; a channel
+* Region-based datasets (sigmoid outputs, possibly overlapping regions) get a per-region Bernoulli KL; a
+channel
   softmax over overlapping regions would be the wrong probability model.
 * Voxels carrying the ignore label carry no supervision in nnU-Net's hard loss; they are masked out of KD too.
-* ``kd_mode="channel"`` is channel-wise distillation (Shu et al., ICCV 2021): for every class channel, a softmax
+* ``kd_mode="channel"`` is channel-wise distillation (Shu et al., ICCV 2021): for every class channel, a
+softmax
   over the *spatial* positions of the patch turns the logits into a distribution over where that class is, and
   the KL of those distributions is averaged over channels. A lesion of 100 voxels then weighs as much as an
   organ of 5,000, whereas the pixel-wise KL averaged over all voxels gives it almost no weight: that is why
@@ -37,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_distill.config import alpha_problem, temperature_problem
+
 
 class LossTerms(NamedTuple):
     """The three numbers we log every iteration; ``total`` is the one to backpropagate."""
@@ -47,7 +51,8 @@ class LossTerms(NamedTuple):
 
 
 def _fp32_region(device: torch.device) -> contextlib.AbstractContextManager:
-    # Autocast must be switched off explicitly on CUDA; on CPU/MPS we never enable it (and MPS rejects the call).
+    # Autocast must be switched off explicitly on CUDA; on CPU/MPS we never enable it (and MPS rejects the
+    # call).
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", enabled=False)
     return contextlib.nullcontext()
@@ -91,7 +96,8 @@ def channel_kl(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Channel-wise KL: per (sample, channel), KL of the spatial softmax of t/T against that of s/T; mean over
-    samples and channels. ``mask`` (B, 1, *spatial), True where a voxel counts, removes voxels from the softmax."""
+    samples and channels. ``mask`` (B, 1, *spatial), True where a voxel counts, removes voxels from the
+    softmax."""
     b, c = student_logits.shape[:2]
     s = (student_logits / temperature).reshape(b, c, -1)
     t = (teacher_logits / temperature).reshape(b, c, -1)
@@ -102,7 +108,8 @@ def channel_kl(
     log_q = F.log_softmax(s, dim=-1)
     log_p = F.log_softmax(t, dim=-1)
     p = log_p.exp()
-    # 0 * log 0 = 0 for masked voxels (both -inf): where() keeps the -inf - -inf NaN out of the sum and the gradient
+    # 0 * log 0 = 0 for masked voxels (both -inf): where() keeps the -inf - -inf NaN out of the sum and the
+    # gradient
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
     per_channel = terms.sum(-1)
     if mask is not None:  # a sample whose voxels are all ignored contributes nothing
@@ -127,8 +134,8 @@ def kd_loss(
 
     ``mask`` is a (B, 1, *spatial) boolean tensor, True where a voxel counts (see :func:`kd_mask`).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if problem := temperature_problem(temperature):
+        raise ValueError(f"temperature {problem}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -156,8 +163,8 @@ def kd_loss(
 def kd_mask(target_fullres: torch.Tensor, *, regions: bool, ignore_label: int | None) -> torch.Tensor | None:
     """Voxels that carry supervision, in the layout nnU-Net's dataloader produces.
 
-    Label targets are (B, 1, *spatial) label maps holding ``ignore_label`` where unannotated. Region targets are
-    one-hot (B, R + 1, *spatial) with the ignore region appended as the last channel (nnU-Net's
+    Label targets are (B, 1, *spatial) label maps holding ``ignore_label`` where unannotated. Region targets
+    are one-hot (B, R + 1, *spatial) with the ignore region appended as the last channel (nnU-Net's
     ``ConvertSegmentationToRegionsTransform`` with ``regions + [ignore_label]``).
     """
     if ignore_label is None:
@@ -166,13 +173,6 @@ def kd_mask(target_fullres: torch.Tensor, *, regions: bool, ignore_label: int | 
         ignore = target_fullres[:, -1:]
         return ~ignore if ignore.dtype == torch.bool else ignore == 0
     return target_fullres != ignore_label
-
-
-def mean_teacher_logits(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Multi-teacher target: the arithmetic mean of the teachers' raw logits, as nnU-Net ensembles its folds."""
-    if len(teacher_logits) == 0:
-        raise ValueError("at least one teacher is needed")
-    return torch.stack([t.float() for t in teacher_logits]).mean(0)
 
 
 class DistillationLoss(nn.Module):
@@ -189,10 +189,10 @@ class DistillationLoss(nn.Module):
         kd_mode: str = "pixel",
     ):
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if problem := alpha_problem(alpha):
+            raise ValueError(f"alpha {problem}")
+        if problem := temperature_problem(temperature):
+            raise ValueError(f"temperature {problem}")
         self.hard_loss = hard_loss
         self.alpha = float(alpha)
         self.temperature = float(temperature)

@@ -1,11 +1,12 @@
 """What an exported student carries so that it can run without its training folders.
 
 An ONNX graph of an nnU-Net network is useless on its own: inference also needs the target spacing, the axis
-transposition, the per-channel normalisation and its intensity statistics, the patch size, the labels or regions
-and the tile step. The original tool left all of that out of its ONNX files, so every deployment copied numbers
-by hand. Here one dict (built by the pure :func:`build_inference_metadata`) is written twice with the same
-content: as ONNX ``metadata_props`` (one JSON-encoded value per top-level key, so the graph is self-describing)
-and as ``nnunet_inference.json`` beside the file (for people and tools that do not parse ONNX).
+transposition, the per-channel normalisation and its intensity statistics, the patch size, the labels or
+regions and the tile step. The original tool left all of that out of its ONNX files, so every deployment
+copied numbers by hand. Here one dict (built by the pure :func:`build_inference_metadata`) is written twice
+with the same content: as ONNX ``metadata_props`` (one JSON-encoded value per top-level key, so the graph is
+self-describing) and as ``nnunet_inference.json`` beside the file (for people and tools that do not parse
+ONNX).
 
 The dict also holds the subsets of ``plans.json`` and ``dataset.json`` that nnU-Net's own preprocessing and
 resampling need (``nnunet.plans`` / ``nnunet.dataset_json``), so the ONNX Runtime predictor can rebuild a
@@ -14,15 +15,15 @@ resampling need (``nnunet.plans`` / ``nnunet.dataset_json``), so the ONNX Runtim
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 from collections.abc import Mapping
 from copy import deepcopy
 from importlib import metadata as importlib_metadata
-from pathlib import Path
 from typing import Any
+
+from nnunet_distill.nnunet_env import PlansError, resolved_configuration, total_stride
 
 FORMAT = "nnunet-distill-inference"
 FORMAT_VERSION = 1
@@ -60,16 +61,10 @@ def plans_for_inference(plans: Mapping[str, Any], configuration: str) -> dict:
             f"configuration {configuration!r} is not in the plans (available: "
             f"{sorted(configurations)}); pass the configuration the student was trained with (-c)"
         )
-    resolved: dict = {}
-    chain, name = [], configuration
-    while name is not None:
-        if name in chain:
-            raise MetadataError(f"circular 'inherits_from' in plans configurations: {chain + [name]}")
-        chain.append(name)
-        name = configurations[name].get("inherits_from")
-    for name in reversed(chain):
-        resolved.update(deepcopy(configurations[name]))
-    resolved.pop("inherits_from", None)
+    try:
+        resolved = resolved_configuration(configurations, configuration)
+    except PlansError as exc:
+        raise MetadataError(str(exc)) from None
     out = {k: deepcopy(v) for k, v in plans.items() if k != "configurations"}
     out["configurations"] = {configuration: resolved}
     return out
@@ -88,22 +83,7 @@ def spatial_divisor(configuration: Mapping[str, Any]) -> list[int]:
     """
     arch = configuration.get("architecture", {}).get("arch_kwargs", {})
     strides = arch.get("strides") or configuration.get("pool_op_kernel_sizes")
-    ndim = len(configuration["patch_size"])
-    if not strides:
-        return [1] * ndim
-    divisor = [1] * ndim
-    for stage in strides:
-        stage = [stage] * ndim if isinstance(stage, int) else list(stage)
-        divisor = [d * int(s) for d, s in zip(divisor, stage, strict=False)]
-    return divisor
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return total_stride(strides, len(configuration["patch_size"]))
 
 
 def package_versions() -> dict[str, str | None]:
@@ -118,14 +98,16 @@ def package_versions() -> dict[str, str | None]:
 
 
 def default_model_name(dataset_name: str, plans_identifier: str, configuration: str, fold: int | str) -> str:
-    """A Triton-safe model name that says which student it is: dataset, student plans (with r), config, fold."""
+    """A Triton-safe model name that says which student it is: dataset, student plans (with r), config,
+    fold."""
     return _MODEL_NAME_UNSAFE.sub("_", f"{dataset_name}__{plans_identifier}__{configuration}__fold{fold}")
 
 
 def _label_summary(
     plans: Mapping[str, Any], dataset_json: Mapping[str, Any], configuration: str
 ) -> tuple[bool, int | None, int, int]:
-    """(has_regions, ignore_label, input channels, output heads) exactly as nnU-Net's own managers define them."""
+    """(has_regions, ignore_label, input channels, output heads) exactly as nnU-Net's own managers define
+    them."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -173,8 +155,8 @@ def build_inference_metadata(
         "foreground_intensity_properties_per_channel",
         plans.get("foreground_intensity_properties_by_modality", {}),
     )
-    # The checkpoint's record wins; the student plans' own `distillation` entry (written when they were derived)
-    # fills what an older or foreign checkpoint lacks, so r and the block strategy are never lost.
+    # The checkpoint's record wins; the student plans' own `distillation` entry (written when they were
+    # derived) fills what an older or foreign checkpoint lacks, so r and the block strategy are never lost.
     d = {k: v for k, v in dict(plans.get("distillation") or {}).items() if v is not None}
     d.update({k: v for k, v in dict(distillation or {}).items() if v is not None})
     plans_identifier = plans.get("plans_name")
@@ -268,19 +250,21 @@ def check_metadata(meta: Mapping[str, Any]) -> None:
 
 
 def dumps(meta: Mapping[str, Any]) -> str:
-    """Canonical JSON text (sorted keys, fixed indent, trailing newline) so identical metadata gives identical bytes."""
+    """Canonical JSON text (sorted keys, fixed indent, trailing newline) so identical metadata gives identical
+    bytes."""
     return json.dumps(meta, sort_keys=True, indent=2) + "\n"
 
 
 def metrics_from_summaries(
     distillation_summary: Mapping[str, Any] | None, nnunet_summary: Mapping[str, Any] | None
 ) -> dict[str, Any] | None:
-    """Student and teacher-ensemble Dice for the model card, saying which cases and models produced each number.
+    """Student and teacher-ensemble Dice for the model card, saying which cases and models produced each
+    number.
 
-    The distill stage's `validation/distillation_summary.json` (schema 2, see `evaluation.py`) scores student and
-    ensemble on held-out cases (`evaluation` says how) and carries `retention` only when that comparison is honest.
-    Without it, only nnU-Net's own `summary.json` of the student's validation cases exists: the card then shows the
-    student's figure alone, with its source, and no teacher figure or retention.
+    The distill stage's `validation/distillation_summary.json` (schema 2, see `evaluation.py`) scores student
+    and ensemble on held-out cases (`evaluation` says how) and carries `retention` only when that comparison
+    is honest. Without it, only nnU-Net's own `summary.json` of the student's validation cases exists: the
+    card then shows the student's figure alone, with its source, and no teacher figure or retention.
     """
 
     def finite(value: Any) -> float | None:

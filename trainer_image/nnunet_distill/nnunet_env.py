@@ -1,11 +1,13 @@
-"""nnU-Net's folders, dataset names, plans and devices, with errors that say what to run.
+"""The one nnU-Net helper layer: folders, dataset names, plans, devices, with errors that say what to run.
 
 nnU-Net itself answers a missing `nnUNet_preprocessed` or an unknown dataset id with a multi-line
 RuntimeError (or by scanning the current directory); in a pod that surfaces as a traceback in the
 termination message. These helpers check the same things up front and raise `NnUNetSetupError` with
 one line naming the variable, flag or command that fixes it. They also describe an nnU-Net workspace
 (the three folders plus the CPU-friendly process settings) for the demo, the tests and the benchmarks,
-and run nnU-Net's own commands in it.
+and run nnU-Net's own commands in it. Distill, export, student, teachers, metadata and the CLIs use these
+helpers (wrapping `NnUNetSetupError` / `PlansError` in their own error types where their callers expect one),
+so each idea - dataset lookup, device choice, `inherits_from`, total stride - has one implementation.
 """
 
 from __future__ import annotations
@@ -16,22 +18,19 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-# One process per pool and no augmentation workers: on small CPUs spawning nnU-Net's default 8 workers
-# costs more than the work (see README "Performance knobs"); on GPUs the image overrides these.
-CPU_FRIENDLY_ENV = {"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
-
-_RESENC_PLANNERS = {
-    "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
-    "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
-    "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
-    "nnUNetResEncUNetPlans": "ResEncUNetPlanner",
-}
+from nnunet_distill.contract import CPU_FRIENDLY_ENV as CPU_FRIENDLY_ENV
+from nnunet_distill.contract import NNUNET_FOLDER_VARS as ENV_VARS
+from nnunet_distill.contract import RESENC_PLANNERS
 
 
 class NnUNetSetupError(RuntimeError):
     """Environment, dataset or plans are not ready; the message is one line with the fix."""
+
+
+class PlansError(ValueError):
+    """A plans' configurations cannot be resolved (missing or circular `inherits_from`)."""
 
 
 def env_dir(var: str, environ: Mapping[str, str] | None = None) -> Path:
@@ -61,14 +60,19 @@ def dataset_id_of(dataset: str | int) -> int:
     return value
 
 
-def resolve_dataset_name(dataset: str | int, environ: Mapping[str, str] | None = None) -> str:
-    """The `DatasetXXX_Name` folder name for an id, looked up in nnU-Net's three folders."""
-    text = str(dataset)
+def resolve_dataset_name(
+    dataset: str | int,
+    environ: Mapping[str, str] | None = None,
+    folders: Sequence[str] = ENV_VARS,
+) -> str:
+    """The `DatasetXXX_Name` folder name for an id, looked up in nnU-Net's folders (`folders`: which of the
+    three; the exporter looks only in nnUNet_results so it never needs the raw or preprocessed data)."""
+    text = str(dataset).strip()
     dataset_id = dataset_id_of(text)
     environ = os.environ if environ is None else environ
     searched = []
     found: set[str] = set()
-    for var in ENV_VARS:
+    for var in folders:
         value = environ.get(var)
         if not value:
             continue
@@ -89,18 +93,17 @@ def resolve_dataset_name(dataset: str | int, environ: Mapping[str, str] | None =
         )
     if not searched:
         raise NnUNetSetupError(
-            "none of nnUNet_raw, nnUNet_preprocessed, nnUNet_results is set: export them "
-            "so dataset ids can be resolved"
+            f"none of {', '.join(folders)} is set: export them so dataset ids can be resolved"
         )
-    raise NnUNetSetupError(
-        f"dataset {text} not found in {', '.join(searched)}: check -d, or create it "
-        f"(nnunet-distill synthetic -d {dataset_id} --name NAME) and preprocess it"
-    )
+    fix = "check -d"
+    if "nnUNet_raw" in folders:
+        fix += f", or create it (nnunet-distill synthetic -d {dataset_id} --name NAME) and preprocess it"
+    raise NnUNetSetupError(f"dataset {text} not found in {', '.join(searched)}: {fix}")
 
 
 def planner_for(plans_identifier: str) -> str | None:
     """The experiment planner that makes a given stock plans identifier (None for the default planner)."""
-    return _RESENC_PLANNERS.get(plans_identifier)
+    return RESENC_PLANNERS.get(plans_identifier)
 
 
 def plan_command(dataset_id: int, plans_identifier: str, configuration: str) -> str:
@@ -176,33 +179,106 @@ def load_dataset_json(dataset_name: str, environ: Mapping[str, str] | None = Non
     return json.loads(path.read_text())
 
 
-def select_device(spec: str | None):
+def select_device(spec: str | None, flag: str = "-device"):
     """`None` -> cuda when available, else cpu; `cpu`, `cuda`, `cuda:N` or `mps` as given, checked.
 
-    Code never assumes CUDA: CPU runs the tests and the demo, the image's GPU runs real jobs.
+    Code never assumes CUDA: CPU runs the tests and the demo, the image's GPU runs real jobs. `flag` is the
+    command-line flag the user set, named in every error.
     """
     import torch
+
+    from nnunet_distill.config import ConfigError, parse_device_string
 
     if spec is None or spec == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise NnUNetSetupError(f"device {spec!r} is not valid: use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
+        kind, index = parse_device_string(spec)
+    except ConfigError:
+        raise NnUNetSetupError(
+            f"device {spec!r} is not valid ({flag}): use cpu, cuda, cuda:N or mps"
+        ) from None
+    if kind == "cuda":
         if not torch.cuda.is_available():
-            raise NnUNetSetupError(f"device {spec} requested but CUDA is not available here: use -device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise NnUNetSetupError(f"{flag} {spec}: CUDA is not available here: use {flag} cpu")
+        if index is not None and index >= torch.cuda.device_count():
             raise NnUNetSetupError(
-                f"device {spec} does not exist ({torch.cuda.device_count()} CUDA devices "
+                f"{flag} {spec}: device does not exist ({torch.cuda.device_count()} CUDA devices "
                 "visible): use a smaller index or check CUDA_VISIBLE_DEVICES"
             )
-    elif device.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise NnUNetSetupError("device mps requested but not available here: use -device cpu")
-    elif device.type != "cpu":
-        raise NnUNetSetupError(f"device {spec!r} is not supported: use cpu, cuda, cuda:N or mps")
-    return device
+        return torch.device("cuda", index) if index is not None else torch.device("cuda")
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise NnUNetSetupError(f"{flag} mps: MPS is not available here: use {flag} cpu")
+    return torch.device(kind)
+
+
+def network_from_plans(
+    plans: dict,
+    configuration: str,
+    dataset_json: dict,
+    deep_supervision: bool,
+    trainer_class: type | None = None,
+):
+    """The network stock nnU-Net builds from these plans: the trainer class's `build_network_architecture`
+    (nnUNetTrainer's unless a checkpoint names another), with nnU-Net's own input-channel and head counts, so
+    teachers, students and exported graphs are exactly what `nnUNetv2_predict` would rebuild."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if trainer_class is None:
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as trainer_class
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    return trainer_class.build_network_architecture(
+        plans_manager,
+        configuration_manager,
+        num_inputs,
+        num_outputs,
+        enable_deep_supervision=deep_supervision,
+    )
+
+
+# ---- plans: nnU-Net's configuration inheritance and the network's total stride
+
+
+def configuration_chain(configurations: Mapping[str, Any], configuration: str) -> list[str]:
+    """`configuration`, its parent, its grandparent...: nnU-Net's `inherits_from` chain, checked."""
+    chain: list[str] = []
+    name: str | None = configuration
+    while name is not None:
+        if name not in configurations:
+            raise PlansError(
+                f"configuration {name!r} is not in the plans (available: "
+                f"{', '.join(configurations) or 'none'})"
+            )
+        if name in chain:
+            raise PlansError(f"circular inherits_from in plans configurations: {' -> '.join([*chain, name])}")
+        chain.append(name)
+        name = configurations[name].get("inherits_from")
+    return chain
+
+
+def resolved_configuration(configurations: Mapping[str, Any], configuration: str) -> dict:
+    """One configuration with its `inherits_from` chain merged (a child's keys win, as in nnU-Net's
+    PlansManager), as a deep copy without the `inherits_from` key."""
+    import copy
+
+    resolved: dict = {}
+    for name in reversed(configuration_chain(configurations, configuration)):
+        resolved.update(copy.deepcopy(configurations[name]))
+    resolved.pop("inherits_from", None)
+    return resolved
+
+
+def total_stride(strides: Sequence[int | Sequence[int]] | None, dim: int) -> list[int]:
+    """Per-axis product of the encoder strides: every spatial size must be a multiple of it, or a U-Net's
+    skip connections do not line up (an int stride applies to every axis)."""
+    total = [1] * dim
+    for stride in strides or []:
+        per_axis = [stride] * dim if isinstance(stride, int) else list(stride)
+        total = [t * int(s) for t, s in zip(total, per_axis, strict=False)]
+    return total
 
 
 @dataclass(frozen=True)

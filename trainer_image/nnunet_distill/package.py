@@ -20,16 +20,19 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import string
 import tempfile
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from nnunet_distill import metadata as md
+from nnunet_distill.checksums import SUMS_FILE, sha256_file, sha256sums
 
-SUMS_NAME = "SHA256SUMS"
+SUMS_NAME = SUMS_FILE
 CARD_NAME = "README.md"
 DEFAULT_MAX_BATCH = 8
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -129,165 +132,130 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def model_card(meta: Mapping[str, Any], name: str, license_text: str | None = None) -> str:
-    """README.md: a Hugging Face model card (YAML header + body) generated from the metadata alone."""
+MODEL_CARD_TEMPLATE = "model_card.md"  # package data under nnunet_distill/templates/
+
+
+def _card_header(meta: Mapping[str, Any], name: str, license_text: str | None) -> str:
+    """The model card's YAML header: license, Hugging Face tags and the held-out Dice as model-index."""
     dataset = meta["student"]["dataset"]
     license_id, license_name = hf_license(
         license_text
         or meta["nnunet"]["dataset_json"].get("licence")
         or meta["nnunet"]["dataset_json"].get("license")
     )
-    d = meta["distillation"]
     metrics = meta.get("metrics") or {}
     ndim = len(meta["patch_size"])
     header: dict[str, Any] = {"license": license_id}
     if license_name:
         header["license_name"] = license_name
-    header.update(
+    header["library_name"] = "onnx"
+    header["pipeline_tag"] = "image-segmentation"
+    header["tags"] = [
+        *("medical-imaging", "image-segmentation", f"{ndim}d", "nnunet", "knowledge-distillation"),
+        *("onnx", "triton", f"nnunet-{meta['configuration']}"),
+    ]
+    cases = f"({metrics.get('evaluation')}, {metrics.get('num_cases')} cases)"
+    results = [
         {
-            "library_name": "onnx",
-            "pipeline_tag": "image-segmentation",
-            "tags": [
-                "medical-imaging",
-                "image-segmentation",
-                f"{ndim}d",
-                "nnunet",
-                "knowledge-distillation",
-                "onnx",
-                "triton",
-                f"nnunet-{meta['configuration']}",
-            ],
+            "type": "dice",
+            "value": round(metrics[key], 4),
+            "verified": False,
+            "name": f"{what} mean Dice {cases}",
         }
-    )
-    results = []
-    if metrics.get("student_dice") is not None:
-        results.append(
-            {
-                "type": "dice",
-                "value": round(metrics["student_dice"], 4),
-                "verified": False,
-                "name": f"Student mean Dice ({metrics.get('evaluation')}, {metrics.get('num_cases')} cases)",
-            }
-        )
-    if metrics.get("teacher_ensemble_dice") is not None:
-        results.append(
-            {
-                "type": "dice",
-                "value": round(metrics["teacher_ensemble_dice"], 4),
-                "verified": False,
-                "name": f"Teacher ensemble mean Dice ({metrics.get('evaluation')}, "
-                f"{metrics.get('num_cases')} cases)",
-            }
-        )
+        for key, what in (("student_dice", "Student"), ("teacher_ensemble_dice", "Teacher ensemble"))
+        if metrics.get(key) is not None
+    ]
     if results:
+        task = {"type": "image-segmentation", "name": f"{ndim}D medical image segmentation"}
+        dataset_ref = {"type": dataset, "name": dataset}
         header["model-index"] = [
-            {
-                "name": name,
-                "results": [
-                    {
-                        "task": {"type": "image-segmentation", "name": f"{ndim}D medical image segmentation"},
-                        "dataset": {"type": dataset, "name": dataset},
-                        "metrics": results,
-                    }
-                ],
-            }
+            {"name": name, "results": [{"task": task, "dataset": dataset_ref, "metrics": results}]}
         ]
-    yaml_text = yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=1000)
+    return yaml.safe_dump(header, sort_keys=False, allow_unicode=True, width=1000)
 
-    io = meta["io"]
-    labels = meta["labels"]
-    label_rows = "\n".join(f"| {k} | {v} |" for k, v in labels.items())
-    channel_rows = "\n".join(
-        f"| {c} | {n} | {meta['normalization_schemes'][i] if i < len(meta['normalization_schemes']) else ''} | "
+
+def _metric_table(metrics: Mapping[str, Any]) -> str:
+    """Rows of the held-out Dice table (per label, then the mean) and the line that says where they come
+    from."""
+    if not metrics:
+        return (
+            "| student | n/a | n/a | n/a |\n\nNo validation summary was found beside the student checkpoint."
+        )
+    per_label = metrics.get("per_label") or {}
+    rows = [
+        f"| {name} | {_fmt(v.get('student_dice'))} | {_fmt(v.get('teacher_ensemble_dice'))} | "
+        f"{_fmt(v.get('retention'), 3)} |"
+        for name, v in per_label.items()
+    ]
+    rows.append(
+        f"| **mean** | {_fmt(metrics.get('student_dice'))} | {_fmt(metrics.get('teacher_ensemble_dice'))} "
+        f"| {_fmt(metrics.get('retention'), 3)} |"
+    )
+    folds = metrics.get("teacher_folds")
+    return "\n".join(rows) + (
+        f"\n\nCases: {metrics.get('num_cases')} ({metrics.get('case_source')}; evaluation "
+        f"`{metrics.get('evaluation')}`); teacher ensemble: folds "
+        f"{', '.join(map(str, folds)) if folds else 'none'}"
+        f"; source: {metrics.get('source')}." + (f" {metrics['note']}." if metrics.get("note") else "")
+    )
+
+
+def _channel_rows(meta: Mapping[str, Any]) -> str:
+    schemes = meta["normalization_schemes"]
+    return "\n".join(
+        f"| {c} | {n} | {schemes[i] if i < len(schemes) else ''} | "
         f"{_intensity(meta['intensity_properties'].get(str(c)))} |"
         for i, (c, n) in enumerate(meta["channel_names"].items())
     )
-    v = meta.get("verification") or {}
-    if metrics:
-        per_label = metrics.get("per_label") or {}
-        rows = [
-            f"| {name} | {_fmt(v.get('student_dice'))} | {_fmt(v.get('teacher_ensemble_dice'))} | "
-            f"{_fmt(v.get('retention'), 3)} |"
-            for name, v in per_label.items()
-        ]
-        rows.append(
-            f"| **mean** | {_fmt(metrics.get('student_dice'))} | {_fmt(metrics.get('teacher_ensemble_dice'))} "
-            f"| {_fmt(metrics.get('retention'), 3)} |"
-        )
-        folds = metrics.get("teacher_folds")
-        metric_text = "\n".join(rows) + (
-            f"\n\nCases: {metrics.get('num_cases')} ({metrics.get('case_source')}; evaluation "
-            f"`{metrics.get('evaluation')}`); teacher ensemble: folds {', '.join(map(str, folds)) if folds else 'none'}"
-            f"; source: {metrics.get('source')}." + (f" {metrics['note']}." if metrics.get("note") else "")
-        )
-    else:
-        metric_text = (
-            "| student | n/a | n/a | n/a |\n\nNo validation summary was found beside the student checkpoint."
-        )
+
+
+def model_card(meta: Mapping[str, Any], name: str, license_text: str | None = None) -> str:
+    """README.md: a Hugging Face model card (YAML header + body) generated from the metadata alone.
+
+    The body is `templates/model_card.md` (`string.Template`: prose stays readable and editable as Markdown);
+    this function only computes the values it shows.
+    """
+    d, io, v = meta["distillation"], meta["io"], meta.get("verification") or {}
     teacher_folds = d.get("teacher_folds")
-    return f"""---
-{yaml_text}---
-
-# {name}
-
-A small nnU-Net student distilled from a teacher ensemble with nnunet-distill, exported to ONNX and verified
-against the PyTorch model. Dataset `{dataset}`, configuration `{meta["configuration"]}`, fold {meta["student"]["fold"]}.
-
-## Model
-
-| | |
-|---|---|
-| architecture | `{meta["student"]["architecture"]}` |
-| parameters | {meta["student"]["parameters"]:,} |
-| student plans | `{meta["student"]["plans_identifier"]}` |
-| reduction factor r | {d.get("reduction_factor")} |
-| KD weight α / temperature T | {d.get("alpha")} / {d.get("temperature")} |
-| teacher plans / folds | `{d.get("teacher_plans")}` / {", ".join(map(str, teacher_folds)) if teacher_folds else "n/a"} |
-| DA5 augmentation | {d.get("da5")} |
-
-## Held-out Dice
-
-Retention is the student's Dice over the teacher ensemble's on cases that none of them trained on; it is left
-out (n/a) when no such comparison exists.
-
-| label | student | teacher ensemble | retention |
-|---|---|---|---|
-{metric_text}
-
-## Input and output
-
-- input `{io["input_name"]}`: float32 {io["input_shape"]}, an nnU-Net-preprocessed patch (see below)
-- output `{io["output_name"]}`: float32 {io["output_shape"]}, logits ({"sigmoid per region" if meta["has_regions"] else "softmax over labels"})
-- patch size {meta["patch_size"]}, spacing {meta["spacing"]}, transpose forward {meta["transpose_forward"]}
-- sliding window: tile step {meta["tile_step_size"]}, Gaussian weighting, mirroring axes {meta["mirror_axes"]}
-- ONNX opset {io["opset"]}, TensorRT-ready graph: {io["tensorrt_ready"]}
-
-| channel | name | normalization | foreground intensity statistics |
-|---|---|---|---|
-{channel_rows}
-
-| label | value |
-|---|---|
-{label_rows}
-
-## Use
-
-```
-nnUNetv2_distillation_predict -i images/ -o segmentations/ -m <this directory>
-tritonserver --model-repository <this directory>
-```
-
-The predictor runs nnU-Net's own preprocessing, sliding window and resampling with ONNX Runtime in place of
-PyTorch; `nnunet_inference.json` holds everything it needs. Check the files with `sha256sum -c SHA256SUMS`.
-
-## Verification
-
-ONNX Runtime vs PyTorch on {len(v.get("inputs", []))} inputs (random and a real preprocessed patch
-`{v.get("real_patch_case")}`): max |Δlogit| = {v.get("max_abs_diff")}, segmentation agreement = {v.get("min_agreement")}.
-
-Versions: {", ".join(f"{k} {val}" for k, val in sorted(meta["versions"].items()) if val)}.
-Dataset fingerprint sha256: `{meta.get("dataset_fingerprint_sha256")}`.
-"""
+    fields = {
+        "yaml_header": _card_header(meta, name, license_text),
+        "name": name,
+        "dataset": meta["student"]["dataset"],
+        "configuration": meta["configuration"],
+        "fold": meta["student"]["fold"],
+        "architecture": meta["student"]["architecture"],
+        "parameters": f"{meta['student']['parameters']:,}",
+        "plans_identifier": meta["student"]["plans_identifier"],
+        "reduction_factor": d.get("reduction_factor"),
+        "alpha": d.get("alpha"),
+        "temperature": d.get("temperature"),
+        "teacher_plans": d.get("teacher_plans"),
+        "teacher_folds": ", ".join(map(str, teacher_folds)) if teacher_folds else "n/a",
+        "da5": d.get("da5"),
+        "metric_table": _metric_table(meta.get("metrics") or {}),
+        "input_name": io["input_name"],
+        "input_shape": io["input_shape"],
+        "output_name": io["output_name"],
+        "output_shape": io["output_shape"],
+        "output_activation": "sigmoid per region" if meta["has_regions"] else "softmax over labels",
+        "patch_size": meta["patch_size"],
+        "spacing": meta["spacing"],
+        "transpose_forward": meta["transpose_forward"],
+        "tile_step_size": meta["tile_step_size"],
+        "mirror_axes": meta["mirror_axes"],
+        "opset": io["opset"],
+        "tensorrt_ready": io["tensorrt_ready"],
+        "channel_rows": _channel_rows(meta),
+        "label_rows": "\n".join(f"| {k} | {val} |" for k, val in meta["labels"].items()),
+        "verified_inputs": len(v.get("inputs", [])),
+        "real_patch_case": v.get("real_patch_case"),
+        "max_abs_diff": v.get("max_abs_diff"),
+        "min_agreement": v.get("min_agreement"),
+        "versions": ", ".join(f"{k} {val}" for k, val in sorted(meta["versions"].items()) if val),
+        "fingerprint": meta.get("dataset_fingerprint_sha256"),
+    }
+    template = resources.files("nnunet_distill").joinpath("templates", MODEL_CARD_TEMPLATE).read_text("utf-8")
+    return string.Template(template).substitute(fields)
 
 
 def _intensity(props: Mapping[str, Any] | None) -> str:
@@ -295,12 +263,6 @@ def _intensity(props: Mapping[str, Any] | None) -> str:
         return "n/a"
     keys = ("mean", "std", "percentile_00_5", "percentile_99_5")
     return ", ".join(f"{k} {props[k]:.4g}" for k in keys if isinstance(props.get(k), (int, float)))
-
-
-def sha256sums(root: Path) -> str:
-    """`sha256sum` output for every file under root (sorted, relative paths), SHA256SUMS itself excluded."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != SUMS_NAME)
-    return "".join(f"{md.sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
 
 
 def read_model_metadata(onnx_file: Path) -> dict:
@@ -348,7 +310,7 @@ def build_package(
         sidecar["package"] = {
             "name": name,
             "model_file": f"{name}/1/model.onnx",
-            "model_sha256": md.sha256_file(onnx_file),
+            "model_sha256": sha256_file(onnx_file),
         }
         (staging / md.SIDECAR_NAME).write_text(md.dumps(sidecar))
         (staging / CARD_NAME).write_text(model_card(meta, name, license_text))

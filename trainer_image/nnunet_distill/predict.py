@@ -3,8 +3,8 @@
 Everything that makes an nnU-Net prediction correct stays nnU-Net's own code: reading the image with the
 plans' reader, cropping, resampling to the target spacing, per-channel normalisation, padding, the sliding
 window with Gaussian weighting, mirroring test-time augmentation, resampling back and export. Only the forward
-pass changes: `nnUNetPredictor.network` becomes :class:`OnnxNetwork`, a torch module whose forward runs an ONNX
-Runtime session. Nothing here is a second sliding window.
+pass changes: `nnUNetPredictor.network` becomes :class:`OnnxNetwork`, a torch module whose forward runs an
+ONNX Runtime session. Nothing here is a second sliding window.
 
 The predictor needs only what `nnunet-distill package` ships (the ONNX file and its metadata): plans,
 configuration and dataset.json are rebuilt from `nnunet.plans` / `nnunet.dataset_json` in the metadata.
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from nnunet_distill import checksums
 from nnunet_distill import metadata as md
 
 
@@ -31,9 +32,9 @@ class PredictorError(RuntimeError):
 def locate_model(path: str | Path) -> tuple[Path, dict]:
     """(ONNX file, metadata) for a package directory, an export directory or an .onnx file.
 
-    A package holds `<name>/1/model.onnx` (Triton layout) and `nnunet_inference.json`; an export directory holds
-    the .onnx file beside its `nnunet_inference.json`. Without a sidecar the metadata embedded in the ONNX file
-    is used, so a bare exported file is enough.
+    A package holds `<name>/1/model.onnx` (Triton layout) and `nnunet_inference.json`; an export directory
+    holds the .onnx file beside its `nnunet_inference.json`. Without a sidecar the metadata embedded in the
+    ONNX file is used, so a bare exported file is enough.
     """
     path = Path(path)
     if path.is_file():
@@ -64,7 +65,7 @@ def locate_model(path: str | Path) -> tuple[Path, dict]:
         model = onnx.load(str(onnx_file), load_external_data=False)
         meta = md.from_metadata_props({p.key: p.value for p in model.metadata_props})
     expected = (meta.get("package") or {}).get("model_sha256")
-    if expected and md.sha256_file(onnx_file) != expected:
+    if expected and checksums.sha256_file(onnx_file) != expected:
         raise PredictorError(
             f"{onnx_file} does not match the sha256 recorded in {md.SIDECAR_NAME}; the package is "
             "corrupted or mixes models (check it with sha256sum -c SHA256SUMS)"
@@ -97,7 +98,8 @@ def onnxruntime_providers(device: torch.device) -> list[str]:
 
 
 class OnnxNetwork(torch.nn.Module):
-    """A torch module whose forward is an ONNX Runtime session, so nnU-Net's predictor can call it as its network.
+    """A torch module whose forward is an ONNX Runtime session, so nnU-Net's predictor can call it as its
+    network.
 
     It has no parameters; `.to()`/`.eval()` (which the predictor calls) are harmless. The session runs on the
     provider chosen for the predictor's device; inputs are handed over as host arrays and outputs moved back

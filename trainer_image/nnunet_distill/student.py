@@ -18,11 +18,11 @@ import json
 import math
 import os
 import pydoc
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nnunet_distill import naming
+from nnunet_distill import contract, nnunet_env
 from nnunet_distill.atomic import atomic_write_json
 
 MIN_FEATURES = 8
@@ -100,11 +100,10 @@ def block_counts(
       block per halving of its width, ceil(log2(teacher/student width)), capped at `max_blocks`; the
       budget is the encoder's residual parameters of the teacher divided by r^2 (what `keep` costs,
       counted at width f/r where the min-8 floor made a stage wider), so the student never grows past
-      the size the user asked for with r.
-      Blocks are assigned round-robin, shallow stages first, starting from `reduce`'s counts: a block
-      at the shallowest stages costs a small fraction of one at the deepest (parameters grow with
-      channels^2), so depth moves to the high-resolution stages, where small structures are resolved,
-      and the deepest, widest stages pay for it. Unlike the seed's rule (a no-op below r=4) this
+      the size the user asked for with r. Blocks are assigned round-robin, shallow stages first, starting from
+      `reduce`'s counts: a block at the shallowest stages costs a small fraction of one at the deepest
+      (parameters grow with channels^2), so depth moves to the high-resolution stages, where small structures
+      are resolved, and the deepest, widest stages pay for it. Unlike the seed's rule (a no-op below r=4) this
       changes the network for every r >= 2; r=1 returns the teacher's counts. Compute (FLOPs) grows
       a little because shallow stages run at high resolution.
 
@@ -124,7 +123,7 @@ def block_counts(
         return [max(min(n + 1, max_blocks), n) for n in blocks]
     if strategy != "adaptive":
         raise ValueError(
-            f"block strategy must be one of {', '.join(naming.BLOCK_STRATEGIES)}, got {strategy!r}"
+            f"block strategy must be one of {', '.join(contract.BLOCK_STRATEGIES)}, got {strategy!r}"
         )
     if teacher_features is None or len(teacher_features) != len(blocks):
         raise ValueError(
@@ -208,26 +207,16 @@ def _configuration_descendants(configurations: dict, configuration: str) -> list
 
 
 def _resolved_architecture(configurations: dict, configuration: str) -> dict:
-    seen: list[str] = []
-    name = configuration
-    while True:
-        if name not in configurations:
-            raise StudentPlansError(
-                f"configuration {name!r} not found in the student plans "
-                f"(available: {', '.join(configurations)})"
-            )
-        if name in seen:
-            raise StudentPlansError(f"circular inherits_from in plans: {' -> '.join(seen + [name])}")
-        seen.append(name)
-        cfg = configurations[name]
-        if "architecture" in cfg:
-            return cfg["architecture"]
-        if "inherits_from" not in cfg:
-            raise StudentPlansError(
-                f"configuration {configuration!r} has no architecture in the plans "
-                "(re-plan it with nnUNetv2_plan_experiment)"
-            )
-        name = cfg["inherits_from"]
+    try:
+        cfg = nnunet_env.resolved_configuration(configurations, configuration)
+    except nnunet_env.PlansError as exc:
+        raise StudentPlansError(f"student plans: {exc}") from None
+    if "architecture" not in cfg:
+        raise StudentPlansError(
+            f"configuration {configuration!r} has no architecture in the plans "
+            "(re-plan it with nnUNetv2_plan_experiment)"
+        )
+    return cfg["architecture"]
 
 
 def _reduce_architecture(architecture: dict, r: int, block_strategy: str | None) -> dict:
@@ -282,9 +271,9 @@ def derive_student_plans(
     """
     if reduction_factor < 1:
         raise StudentPlansError(f"reduction factor (-r) must be >= 1, got {reduction_factor}")
-    if block_strategy is not None and block_strategy not in naming.BLOCK_STRATEGIES:
+    if block_strategy is not None and block_strategy not in contract.BLOCK_STRATEGIES:
         raise StudentPlansError(
-            f"block strategy (-bs) must be one of {', '.join(naming.BLOCK_STRATEGIES)}, "
+            f"block strategy (-bs) must be one of {', '.join(contract.BLOCK_STRATEGIES)}, "
             f"got {block_strategy!r}"
         )
     plans = copy.deepcopy(student_base_plans)
@@ -295,7 +284,7 @@ def derive_student_plans(
             f"configuration {configuration!r} not found in plans "
             f"{plans.get('plans_name')!r} (available: {available})"
         )
-    base_name = plans.get("plans_name", naming.DEFAULT_PLANS)
+    base_name = plans.get("plans_name", contract.DEFAULT_PLANS)
     resenc = is_residual_encoder(_resolved_architecture(configurations, configuration))
     strategy = block_strategy if resenc else (None if block_strategy in (None, "keep") else block_strategy)
 
@@ -307,7 +296,7 @@ def derive_student_plans(
         if "architecture" in cfg:
             cfg["architecture"] = _reduce_architecture(cfg["architecture"], reduction_factor, strategy)
 
-    plans["plans_name"] = plans_name or naming.student_plans_identifier(
+    plans["plans_name"] = plans_name or contract.student_plans_identifier(
         base_name, reduction_factor, (strategy or "keep") if resenc else None
     )
     plans["distillation"] = {
@@ -342,14 +331,6 @@ def _labels_key(dataset_json: dict) -> list:
     return sorted((str(k), json.dumps(v, sort_keys=True)) for k, v in labels.items())
 
 
-def _total_stride(strides: Iterable[Sequence[int]], dim: int) -> list[int]:
-    total = [1] * dim
-    for stride in strides:
-        stride = [stride] * dim if isinstance(stride, int) else list(stride)
-        total = [t * int(s) for t, s in zip(total, stride, strict=False)]
-    return total
-
-
 def check_compatible(
     teacher_plans: dict,
     teacher_dataset_json: dict,
@@ -377,7 +358,8 @@ def check_compatible(
         raise CompatibilityError(
             f"teacher plans {t_name} are for {teacher_plans.get('dataset_name')} but student "
             f"plans {s_name} for {student_plans.get('dataset_name')}: use student plans of the "
-            f"teacher's dataset ({_fix_command({**student_plans, 'dataset_name': teacher_plans.get('dataset_name')})})"
+            "teacher's dataset "
+            f"({_fix_command({**student_plans, 'dataset_name': teacher_plans.get('dataset_name')})})"
         )
     t_pm, s_pm = PlansManager(teacher_plans), PlansManager(student_plans)
     t_cm, s_cm = t_pm.get_configuration(configuration), s_pm.get_configuration(configuration)
@@ -425,7 +407,7 @@ def check_compatible(
                 "planners share nnUNetPlans_3d_fullres data)"
             )
     dim = len(s_cm.patch_size)
-    total = _total_stride(s_cm.network_arch_init_kwargs.get("strides", []), dim)
+    total = nnunet_env.total_stride(s_cm.network_arch_init_kwargs.get("strides", []), dim)
     if any(int(p) % t for p, t in zip(s_cm.patch_size, total, strict=False)):
         raise CompatibilityError(
             f"student patch size {list(s_cm.patch_size)} is not divisible by its total "
@@ -475,17 +457,7 @@ def write_student_plans(preprocessed_dataset_dir: str | os.PathLike, plans: dict
 
 def build_network(plans: dict, configuration: str, dataset_json: dict, deep_supervision: bool = True):
     """The network stock nnU-Net builds from these plans (same classes, same calls, same init)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans_manager = PlansManager(plans)
-    configuration_manager = plans_manager.get_configuration(configuration)
-    num_inputs = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
-    num_outputs = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    return nnUNetTrainer.build_network_architecture(
-        plans_manager, configuration_manager, num_inputs, num_outputs, deep_supervision
-    )
+    return nnunet_env.network_from_plans(plans, configuration, dataset_json, deep_supervision)
 
 
 def count_parameters(module) -> int:

@@ -1,8 +1,8 @@
 """Find, load and run the teacher folds: a frozen ensemble that returns the mean full-resolution logits.
 
 The original went through ``nnUNetPredictor.initialize_from_trained_model_folder`` once per fold, which looks
-the teacher's trainer class up by name (teachers from custom trainers could not load) and, on nnunetv2 < 2.5.2,
-silently left the weights random. Here each fold's network is built from the teacher folder's *own*
+the teacher's trainer class up by name (teachers from custom trainers could not load) and, on nnunetv2 <
+2.5.2, silently left the weights random. Here each fold's network is built from the teacher folder's *own*
 ``plans.json``/``dataset.json`` with nnU-Net's builder and its checkpoint is loaded with ``strict=True``, so a
 teacher either really is the trained network or loading fails with a message that says why.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnunet_distill import naming
+from nnunet_distill import contract, nnunet_env
 
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 _FOLD_DIR = re.compile(r"^fold_(\d+)$")
@@ -52,16 +52,18 @@ class TeacherFold:
 def default_teacher_folder(
     results_dir: str | Path,
     dataset_name: str,
-    trainer: str = naming.DEFAULT_TEACHER_TRAINER,
-    plans: str = naming.DEFAULT_PLANS,
-    configuration: str = naming.DEFAULT_CONFIGURATION,
+    trainer: str = contract.DEFAULT_TEACHER_TRAINER,
+    plans: str = contract.DEFAULT_PLANS,
+    configuration: str = contract.DEFAULT_CONFIGURATION,
 ) -> Path:
-    """``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>``: where ``nnUNetv2_train`` puts folds."""
-    return Path(results_dir) / dataset_name / naming.model_folder_name(trainer, plans, configuration)
+    """``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>``: where ``nnUNetv2_train`` puts
+    folds."""
+    return Path(results_dir) / dataset_name / contract.model_folder_name(trainer, plans, configuration)
 
 
 def available_folds(teacher_folder: str | Path, checkpoint_name: str = DEFAULT_CHECKPOINT) -> list[int]:
-    """Integer folds ``fold_N`` that hold ``checkpoint_name``, ascending (``fold_all`` is not a CV teacher)."""
+    """Integer folds ``fold_N`` that hold ``checkpoint_name``, ascending (``fold_all`` is not a CV
+    teacher)."""
     folder = Path(teacher_folder)
     if not folder.is_dir():
         return []
@@ -121,7 +123,8 @@ def select_folds(
 
 
 def read_teacher_json(teacher_folder: str | Path) -> tuple[dict, dict]:
-    """The teacher folder's own ``plans.json`` and ``dataset.json`` (copied there by nnU-Net at train start)."""
+    """The teacher folder's own ``plans.json`` and ``dataset.json`` (copied there by nnU-Net at train
+    start)."""
     folder = Path(teacher_folder)
     out = []
     for name in ("plans.json", "dataset.json"):
@@ -143,20 +146,12 @@ def read_teacher_json(teacher_folder: str | Path) -> tuple[dict, dict]:
 def build_teacher_network(plans: dict, configuration: str, dataset_json: dict) -> nn.Module:
     """The architecture nnU-Net builds from the teacher's plans; deep supervision off (only the full-res head
     is distilled, and skipping the other heads saves work)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    pm = PlansManager(plans)
     if configuration not in plans.get("configurations", {}):
         raise TeacherError(
-            f"configuration {configuration!r} is not in the teacher plans {pm.plans_name!r} "
+            f"configuration {configuration!r} is not in the teacher plans {plans.get('plans_name')!r} "
             f"(available: {', '.join(plans.get('configurations', {}))})"
         )
-    cm = pm.get_configuration(configuration)
-    n_in = determine_num_input_channels(pm, cm, dataset_json)
-    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    return nnUNetTrainer.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=False)
+    return nnunet_env.network_from_plans(plans, configuration, dataset_json, deep_supervision=False)
 
 
 def _clean_state_dict(state: dict) -> dict:
@@ -171,7 +166,8 @@ def _clean_state_dict(state: dict) -> dict:
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
-    # weights_only=False: nnU-Net checkpoints hold numpy scalars and the logger's dict (trusted: our own folds).
+    # weights_only=False: nnU-Net checkpoints hold numpy scalars and the logger's dict (trusted: our own
+    # folds).
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError as exc:
@@ -214,12 +210,6 @@ def load_teacher(
     return net
 
 
-def teacher_mirroring_axes(fold: TeacherFold) -> tuple[int, ...] | None:
-    """The mirroring axes the teacher was trained with (what nnU-Net's predictor uses for its TTA)."""
-    axes = load_checkpoint_file(fold.checkpoint).get("inference_allowed_mirroring_axes")
-    return tuple(axes) if axes is not None else None
-
-
 # ---------------------------------------------------------------------------------------------
 # The ensemble
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +230,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_precision(device: torch.device) -> torch.dtype | None:
-    """Teacher autocast dtype: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16; else fp32."""
+    """Teacher autocast dtype: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16; else
+    fp32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
@@ -260,10 +251,10 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 class TeacherEnsemble(nn.Module):
     """Frozen teachers; ``forward(x)`` returns the mean of their full-resolution logits in float32.
 
-    The teachers are held in an ``nn.ModuleList`` so ``.to()`` moves them with the ensemble, but they are never
-    registered with the student's optimizer and have ``requires_grad=False``; ``forward`` runs under
-    ``torch.inference_mode`` so no graph is kept. ``train()`` is overridden: the teachers stay in eval mode even
-    when a trainer flips every module to train mode.
+    The teachers are held in an ``nn.ModuleList`` so ``.to()`` moves them with the ensemble, but they are
+    never registered with the student's optimizer and have ``requires_grad=False``; ``forward`` runs under
+    ``torch.inference_mode`` so no graph is kept. ``train()`` is overridden: the teachers stay in eval mode
+    even when a trainer flips every module to train mode.
     """
 
     def __init__(
@@ -343,7 +334,8 @@ def load_ensemble(
     checkpoint_name: str = DEFAULT_CHECKPOINT,
     **ensemble_kwargs,
 ) -> tuple[TeacherEnsemble, dict, dict]:
-    """Select folds, load each with the folder's own plans/dataset.json; returns (ensemble, plans, dataset_json)."""
+    """Select folds, load each with the folder's own plans/dataset.json; returns (ensemble, plans,
+    dataset_json)."""
     plans, dataset_json = read_teacher_json(teacher_folder)
     selected = select_folds(teacher_folder, folds, checkpoint_name)
     nets = [load_teacher(f, plans, configuration, dataset_json, device) for f in selected]

@@ -21,12 +21,7 @@ optimiser, poly LR, validation, export of the final validation) is nnU-Net's own
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import tempfile
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +33,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5
 from torch._dynamo import OptimizedModule
 
 from nnunet_distill import distributed, rotation
-from nnunet_distill.atomic import atomic_write_json
+from nnunet_distill.atomic import atomic_torch_save, atomic_write_json
 from nnunet_distill.augmentation import split_views, with_clean_teacher_view, with_da5_spatial
 from nnunet_distill.config import DistillationConfig
 from nnunet_distill.loss import DistillationLoss
@@ -52,33 +47,11 @@ KD_LOG_KEYS = ("train_kd_losses", "train_hard_losses")
 DDP_RECORD = "ddp_ranks.json"
 
 
-def atomic_torch_save(obj: Any, filename: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: readers see old or new."""
-    path = Path(filename)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class TrainingPreempted(KeyboardInterrupt):
-    """SIGTERM (pod pre-emption, eviction, node drain) arrived and a checkpoint of every completed iteration was
-    saved; the same command line with -c_continue resumes inside the interrupted epoch. A KeyboardInterrupt so that
-    no ``except Exception`` on the way up swallows it and the CLI exits as for Ctrl-C."""
-
-
-def _finite_or_none(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if np.isfinite(v) else None
+    """SIGTERM (pod pre-emption, eviction, node drain) arrived and a checkpoint of every completed iteration
+    was saved; the same command line with -c_continue resumes inside the interrupted epoch. A
+    KeyboardInterrupt so that no ``except Exception`` on the way up swallows it and the CLI exits as for
+    Ctrl-C."""
 
 
 class nnUNetDistillationTrainer(nnUNetTrainer):
@@ -90,8 +63,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         configuration: str,
         fold: int,
         dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):  # noqa: B008 - nnU-Net's exact signature
+        device: torch.device = torch.device("cuda"),  # noqa: B008 - nnU-Net's exact signature
+    ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         # nnU-Net pins every CUDA run to cuda:0 and leaves the choice to CUDA_VISIBLE_DEVICES; honour cuda:N.
         if not self.is_ddp and device.type == "cuda" and device.index is not None:
@@ -109,7 +82,6 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         self.distillation_loss: DistillationLoss | None = None
         self.save_every = 1  # checkpoint_latest every epoch (atomic), see save_checkpoint
         self._rotation_source: int | None = None
-        self.reporter = None  # optional report.ProgressReporter: live DistillationJob status in a pod
         self._ensure_kd_log_keys()
 
     # ------------------------------------------------------------------ configuration
@@ -212,8 +184,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
     def inherit_teacher_weights(self) -> str:
         """Initialise the student from one teacher's sliced weights (see :mod:`nnunet_distill.inherit`).
 
-        The teacher of the student's own fold when it is in the ensemble (it trained on the same cases), else the
-        first one. Only for a fresh run: a resumed run loads its own checkpoint.
+        The teacher of the student's own fold when it is in the ensemble (it trained on the same cases), else
+        the first one. Only for a fresh run: a resumed run loads its own checkpoint.
         """
         from nnunet_distill.inherit import inherit_from_teacher
 
@@ -223,7 +195,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         index = folds.index(self.fold) if self.fold in folds else 0
         student_net, teacher_net = self._unwrapped_network(), teachers.teachers[index]
         if type(student_net) is not type(teacher_net):
-            # e.g. a plain student of ResEnc teachers: the encoders share no layers, and a half-inherited network
+            # e.g. a plain student of ResEnc teachers: the encoders share no layers, and a half-inherited
+            # network
             # (decoder from the teacher, encoder random) is worse than nnU-Net's own initialisation.
             self.distillation_meta["init_teacher_fold"] = None
             message = (
@@ -253,7 +226,8 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         )
 
-        # Online KD: the teachers label this very batch, either as augmented for the student or, with the clean
+        # Online KD: the teachers label this very batch, either as augmented for the student or, with the
+        # clean
         # teacher view, before the intensity-only augmentations (see augmentation.py); float32 mean logits.
         if self._clean_teacher_view():
             data, teacher_data = split_views(data, self.num_input_channels)
@@ -330,18 +304,10 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         )
 
     def on_epoch_end(self):
+        # progress.json and the pod's status report come from progress_hooks.start_reporting (as for teachers)
         super().on_epoch_end()  # logs, checkpoints, progress.png, then current_epoch += 1
-        progress = self._write_progress()
-        if self.reporter is not None:
-            self.reporter.on_epoch_end(
-                self.current_epoch - 1,
-                train_loss=progress["trainLoss"],
-                kd_loss=progress["kdLoss"],
-                pseudo_dice=progress["pseudoDice"],
-                epoch_seconds=progress["lastEpochSeconds"],
-                total_epochs=self.num_epochs,
-            )
-        # SIGTERM outside an iteration (validation, epoch end): nnU-Net has just saved checkpoint_latest.pth. After
+        # SIGTERM outside an iteration (validation, epoch end): nnU-Net has just saved checkpoint_latest.pth.
+        # After
         # the last epoch it saves none; checkpoint_final.pth follows at once, so training simply ends then.
         if self.current_epoch < self.num_epochs and self._preemption_requested():
             self.print_to_log_file(
@@ -367,40 +333,14 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             }
             atomic_write_json(record, join(self.output_folder, DDP_RECORD))
 
-    def _write_progress(self) -> dict:
-        """``progress.json`` beside the checkpoints: what the pod reporter turns into DistillationJob status."""
-        log = self.logger.local_logger.my_fantastic_logging
-        epoch = self.current_epoch - 1
-        starts, ends = log["epoch_start_timestamps"], log["epoch_end_timestamps"]
-        durations = [e - s for s, e in zip(starts, ends, strict=False)][-5:]
-        epoch_seconds = float(np.mean(durations)) if durations else None
-        remaining = max(self.num_epochs - self.current_epoch, 0)
-        progress = {
-            "epoch": self.current_epoch,  # epochs completed
-            "totalEpochs": self.num_epochs,
-            "trainLoss": _finite_or_none(log["train_losses"][epoch]),
-            "kdLoss": _finite_or_none(log["train_kd_losses"][epoch]),
-            "hardLoss": _finite_or_none(log["train_hard_losses"][epoch]),
-            "valLoss": _finite_or_none(log["val_losses"][epoch]),
-            "pseudoDice": _finite_or_none(log["mean_fg_dice"][epoch]),
-            "emaPseudoDice": _finite_or_none(log["ema_fg_dice"][epoch]),
-            "dicePerClass": [_finite_or_none(d) for d in log["dice_per_class_or_region"][epoch]],
-            "epochSeconds": epoch_seconds,
-            "lastEpochSeconds": durations[-1] if durations else None,
-            "etaSeconds": epoch_seconds * remaining if epoch_seconds is not None else None,
-            "updatedAt": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        if self.local_rank == 0:
-            atomic_write_json(progress, join(self.output_folder, "progress.json"))
-        return progress
-
     # ------------------------------------------------------------------ checkpoints
     def _unwrapped_network(self) -> torch.nn.Module:
         mod = self.network.module if self.is_ddp else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     def checkpoint_dict(self) -> dict:
-        """nnU-Net's checkpoint layout, a stock-resolvable ``trainer_name``, plus our ``distillation`` record."""
+        """nnU-Net's checkpoint layout, a stock-resolvable ``trainer_name``, plus our ``distillation``
+        record."""
         return {
             "network_weights": self._unwrapped_network().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -421,11 +361,6 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
         atomic_torch_save(self.checkpoint_dict(), filename)
-        if self.reporter is not None and Path(filename).name in (
-            "checkpoint_latest.pth",
-            "checkpoint_final.pth",
-        ):
-            self.reporter.on_checkpoint(self.current_epoch)  # 0-based epoch this checkpoint completes
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         super().load_checkpoint(filename_or_checkpoint)  # nnU-Net 2.8.1 only reads a file name correctly
@@ -436,10 +371,14 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         self._load_preemption_state(checkpoint)
 
     # ------------------------------------------------------------------ pre-emption (SIGTERM)
-    # nnU-Net checkpoints once per epoch. On SIGTERM the iteration in flight finishes, then checkpoint_latest.pth is
-    # written with the epoch still open plus the outputs of its completed iterations; the resumed run replays those
-    # outputs instead of training them again (their batches are drawn and dropped) and trains the rest. Nothing is
-    # repeated and no completed iteration is lost. ``optimizer_steps`` counts every trained iteration across resumes.
+    # nnU-Net checkpoints once per epoch. On SIGTERM the iteration in flight finishes, then
+    # checkpoint_latest.pth is
+    # written with the epoch still open plus the outputs of its completed iterations; the resumed run replays
+    # those
+    # outputs instead of training them again (their batches are drawn and dropped) and trains the rest.
+    # Nothing is
+    # repeated and no completed iteration is lost. ``optimizer_steps`` counts every trained iteration across
+    # resumes.
     def _install_preemption_handler(self) -> None:
         state = self.__dict__.setdefault(
             "_preemption", {"signal": None, "epoch": None, "outputs": [], "replay": []}
@@ -594,14 +533,14 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
         """nnU-Net's final validation on the fold's validation cases, with mirroring TTA off if requested.
 
         nnU-Net's augmentation setup rewrites ``inference_allowed_mirroring_axes`` at every train start (which
-        is why the original's ``-disable_mirroring`` did nothing); we switch it off only around the validation,
-        so checkpoints still record the axes the student was trained to be invariant to.
+        is why the original's ``-disable_mirroring`` did nothing); we switch it off only around the
+        validation, so checkpoints still record the axes the student was trained to be invariant to.
         """
         saved = self.inference_allowed_mirroring_axes
         self.inference_allowed_mirroring_axes = self.validation_mirroring_axes()
+        axes = self.inference_allowed_mirroring_axes
         self.print_to_log_file(
-            f"final validation: mirroring TTA "
-            f"{'off' if self.inference_allowed_mirroring_axes is None else 'on, axes ' + str(self.inference_allowed_mirroring_axes)}"
+            f"final validation: mirroring TTA {'off' if axes is None else 'on, axes ' + str(axes)}"
             f"; cases: this fold's validation split only"
         )
         try:
@@ -614,8 +553,9 @@ class nnUNetDistillationTrainerDA5(nnUNetDistillationTrainer, nnUNetTrainerDA5):
     """Distillation with DA5 as the seed describes it: nnU-Net's DA5 plus elastic deformation and order-0
     segmentation resampling (see :mod:`nnunet_distill.augmentation`).
 
-    MRO: this class -> nnUNetDistillationTrainer -> nnUNetTrainerDA5 -> nnUNetTrainer, so nnU-Net's DA5 rotation,
-    mirroring and initial patch size apply, and ``super()`` in the KD trainer's transform builder reaches DA5's.
+    MRO: this class -> nnUNetDistillationTrainer -> nnUNetTrainerDA5 -> nnUNetTrainer, so nnU-Net's DA5
+    rotation, mirroring and initial patch size apply, and ``super()`` in the KD trainer's transform builder
+    reaches DA5's.
     """
 
     def _base_training_transforms(self, *args, **kwargs):

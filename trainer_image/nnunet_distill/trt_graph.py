@@ -1,11 +1,12 @@
 """Make an exported student graph one that TensorRT's ONNX parser accepts, and prove it.
 
 TensorRT builds engines from static shapes, knows a fixed list of ONNX ops, rejects data-dependent control
-flow, and wants InstanceNormalization's scale and bias as constant weights (initializers), not tensors computed
-by other nodes. The original `-fix` looked such biases up by name and, when the lookup failed, inserted zeros
-with only a warning, silently changing the model. Here constants are folded from what the graph itself
-computes (Constant nodes, Identity chains over initializers); anything that cannot be folded is an error, and
-the folded values are then compared with the checkpoint's own tensors (:func:`instance_norm_weight_check`).
+flow, and wants InstanceNormalization's scale and bias as constant weights (initializers), not tensors
+computed by other nodes. The original `-fix` looked such biases up by name and, when the lookup failed,
+inserted zeros with only a warning, silently changing the model. Here constants are folded from what the graph
+itself computes (Constant nodes, Identity chains over initializers); anything that cannot be folded is an
+error, and the folded values are then compared with the checkpoint's own tensors
+(:func:`instance_norm_weight_check`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import onnx
 from onnx import numpy_helper
 
 # Ops the TensorRT ONNX parser (onnx-tensorrt, TensorRT 8.6 and 10) implements for the default domain.
-# Control flow (If/Loop/Scan) and data-dependent-shape ops (NonZero, Unique, NonMaxSuppression) are left out on
-# purpose: a U-Net never needs them and they defeat static engine building.
+# Control flow (If/Loop/Scan) and data-dependent-shape ops (NonZero, Unique, NonMaxSuppression) are left out
+# on purpose: a U-Net never needs them and they defeat static engine building.
 TENSORRT_OPS = frozenset(
     [
         "Abs",
@@ -148,7 +149,8 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def _constant_value(
     name: str, inits: Mapping[str, onnx.TensorProto], producers: Mapping[str, onnx.NodeProto]
 ) -> np.ndarray | None:
-    """The value of tensor `name` if the graph fixes it: an initializer, a Constant node, or Identity of those."""
+    """The value of tensor `name` if the graph fixes it: an initializer, a Constant node, or Identity of
+    those."""
     seen = set()
     while name not in inits:
         node = producers.get(name)
@@ -170,7 +172,8 @@ def fold_instance_norm_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProt
     """Rewire every InstanceNormalization scale/bias that is a graph-computed constant to an initializer.
 
     Returns the (copied) model and how many inputs were folded. Raises when a scale or bias depends on the
-    input data: such a graph has no constant weights to give TensorRT, and inventing them would change the model.
+    input data: such a graph has no constant weights to give TensorRT, and inventing them would change the
+    model.
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
@@ -188,8 +191,10 @@ def fold_instance_norm_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProt
             if value is None:
                 what = "scale" if slot == 1 else "bias"
                 raise TensorRTGraphError(
-                    f"InstanceNormalization {node.name or node.output[0]!r}: {what} {name!r} is computed from "
-                    "the input, not a constant; refusing to substitute values (the original tool zero-filled here)"
+                    f"InstanceNormalization {node.name or node.output[0]!r}: {what} {name!r} is computed "
+                    "from "
+                    "the input, not a constant; refusing to substitute values (the original tool zero-filled "
+                    "here)"
                 )
             new_name = f"{name}__folded"
             tensor = numpy_helper.from_array(np.ascontiguousarray(value), new_name)
@@ -228,10 +233,16 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
     InstanceNormalization weights as initializers.
     """
     problems: list[str] = []
-    graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset > TENSORRT_MAX_OPSET:
         problems.append(f"default-domain opset {opset} is newer than {TENSORRT_MAX_OPSET}")
+    return (
+        problems + _op_problems(model.graph) + _shape_problems(model) + _instance_norm_problems(model.graph)
+    )
+
+
+def _op_problems(graph: onnx.GraphProto) -> list[str]:
+    problems = []
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"node {node.name!r} uses custom domain {node.domain!r} ({node.op_type})")
@@ -239,6 +250,12 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
             problems.append(f"node {node.name!r} is control flow ({node.op_type})")
         elif node.op_type not in TENSORRT_OPS:
             problems.append(f"node {node.name!r}: op {node.op_type} is not supported by TensorRT")
+    return problems
+
+
+def _shape_problems(model: onnx.ModelProto) -> list[str]:
+    problems = []
+    graph = model.graph
     for kind, values in (("input", graph.input), ("output", graph.output)):
         for v in values:
             dims = _dims(v)
@@ -253,6 +270,11 @@ def tensorrt_problems(model: onnx.ModelProto) -> list[str]:
             dims = _dims(v)
             if any(not isinstance(d, int) or d <= 0 for d in dims):
                 problems.append(f"intermediate tensor {v.name!r} has a non-static shape {dims}")
+    return problems
+
+
+def _instance_norm_problems(graph: onnx.GraphProto) -> list[str]:
+    problems = []
     inits = {t.name for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "InstanceNormalization":

@@ -3,8 +3,8 @@
 The original exporter compared onnxruntime with torch on one random tensor and only printed "good" or a
 warning, whatever the difference. A wrong graph then reached production silently. Here the comparison is a
 gate: logits must agree within a tolerance and the resulting segmentation (argmax, or thresholded regions for
-region-based models) must agree voxel-wise, on random inputs of every shape the graph promises to accept and on
-a real preprocessed patch of the dataset when one is on disk (random noise exercises no learned features).
+region-based models) must agree voxel-wise, on random inputs of every shape the graph promises to accept and
+on a real preprocessed patch of the dataset when one is on disk (random noise exercises no learned features).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class VerificationError(RuntimeError):
 
 @dataclass(frozen=True)
 class Tolerance:
-    """max|Δlogit| must be <= atol + rtol·max|torch logit|; segmentations must agree on >= min_agreement voxels."""
+    """max|Δlogit| must be <= atol + rtol·max|torch logit|; segmentations must agree on >= min_agreement
+    voxels."""
 
     atol: float = 1e-3
     rtol: float = 1e-3
@@ -82,7 +83,8 @@ def random_inputs(shapes: Sequence[tuple[int, ...]], seed: int = 0) -> dict[str,
 
 
 def crop_or_pad(image: np.ndarray, patch_size: Sequence[int], center: Sequence[int]) -> np.ndarray:
-    """A (C, *patch_size) window of a (C, *spatial) image around `center`, zero-padded where the image is smaller.
+    """A (C, *patch_size) window of a (C, *spatial) image around `center`, zero-padded where the image is
+    smaller.
 
     Zero padding matches what nnU-Net's sliding window does with images smaller than the patch.
     """

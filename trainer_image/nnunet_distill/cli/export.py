@@ -1,9 +1,10 @@
-"""`nnUNetv2_distillation_export_onnx` and `nnUNetv2_resenc_distillation_export_onnx`: one exporter, two flag sets.
+"""`nnUNetv2_distillation_export_onnx` and `nnUNetv2_resenc_distillation_export_onnx`: one exporter, two flag
+sets.
 
 Both keep every flag of the original tools, with the semantics their docs promised (the original inverted
 `-da` and crashed on `-nn`). The student is found from the same arguments it was trained with; the only new
-flags are optional (`-p` on the standard CLI and `-bs` on the ResEnc CLI, so that students trained with them can
-be found, `-chk`, `--opset` and the verification tolerances).
+flags are optional (`-p` on the standard CLI and `-bs` on the ResEnc CLI, so that students trained with them
+can be found, `-chk`, `--opset` and the verification tolerances).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 
 _PROG_STANDARD = "nnUNetv2_distillation_export_onnx"
 _PROG_RESENC = "nnUNetv2_resenc_distillation_export_onnx"
@@ -29,7 +30,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c",
         "--configuration",
-        default=naming.DEFAULT_CONFIGURATION,
+        default=contract.DEFAULT_CONFIGURATION,
         help="nnU-Net configuration the student was trained with (default: %(default)s)",
     )
     parser.add_argument("-f", "--fold", default="0", help="student fold (default: %(default)s)")
@@ -103,7 +104,7 @@ def build_parser_standard() -> argparse.ArgumentParser:
         "--plans",
         "--teacher_plans",
         dest="plans",
-        default=naming.DEFAULT_PLANS,
+        default=contract.DEFAULT_PLANS,
         help="teacher plans the student plans were derived from, as nnUNetv2_distillation_train -p "
         "(default: %(default)s)",
     )
@@ -154,21 +155,21 @@ def build_parser_resenc() -> argparse.ArgumentParser:
         "--plans",
         "--teacher_plans",
         dest="plans",
-        default=naming.DEFAULT_RESENC_TEACHER_PLANS,
+        default=contract.DEFAULT_RESENC_TEACHER_PLANS,
         help="teacher plans identifier used for training (-tpl of the training CLI; recorded in "
         "the metadata) (default: %(default)s)",
     )
     parser.add_argument(
         "-spl",
         "--student_plans",
-        default=naming.DEFAULT_PLANS,
+        default=contract.DEFAULT_PLANS,
         help="student base plans used for training, as nnUNetv2_resenc_distillation_train -spl "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "-bs",
         "--block_strategy",
-        choices=naming.BLOCK_STRATEGIES,
+        choices=contract.BLOCK_STRATEGIES,
         default="keep",
         help="block strategy used for training (default: %(default)s)",
     )
@@ -198,9 +199,10 @@ def _tolerance(args):
 
 
 def _student_plans(parser: argparse.ArgumentParser, base: str, r: int, block_strategy: str | None) -> str:
-    """The student's plans identifier exactly as the training CLIs derive it (naming.student_plans_identifier)."""
+    """The student's plans identifier exactly as the training CLIs derive it
+    (contract.student_plans_identifier)."""
     try:
-        return naming.student_plans_identifier(base, r, block_strategy)
+        return contract.student_plans_identifier(base, r, block_strategy)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -277,7 +279,8 @@ def _run(prog: str, request, default_output) -> int:
         return 1
     v = result.metadata["verification"]
     print(
-        f"wrote {result.onnx_path} and {result.sidecar_path.name} (input {result.metadata['io']['input_shape']}, "
+        f"wrote {result.onnx_path} and {result.sidecar_path.name} (input "
+        f"{result.metadata['io']['input_shape']}, "
         f"verified on {len(result.comparisons)} inputs: max|Δlogit|={v['max_abs_diff']:.2e}, "
         f"agreement={100 * v['min_agreement']:.3f}%)"
     )

@@ -1,4 +1,5 @@
-"""`nnunet-distill figure`: draw a held-out slice of teacher ensemble and student, and their training curves."""
+"""`nnunet-distill figure`: draw a held-out slice of teacher ensemble and student, and their training
+curves."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nnunet-distill figure",
-        description="Write a PNG from a distillation summary: image, ground truth, teacher-ensemble and student "
+        description="Write a PNG from a distillation summary: image, ground truth, teacher-ensemble and "
+        "student "
         "segmentations on the held-out slice where the smallest structure is largest, and the "
         "training curves of the teacher folds and the student (from their checkpoints).",
     )

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from nnunet_distill import gate
-from nnunet_distill.report import write_termination_message
+from nnunet_distill.termination import write_termination_message
 
 PROG = "nnunet-distill gate"
 EXIT_USAGE = 2
@@ -31,7 +31,8 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Pass or block a distilled student: its held-out Dice retention (student / teacher ensemble, "
+        description="Pass or block a distilled student: its held-out Dice retention (student / teacher "
+        "ensemble, "
         "from distillation_summary.json) must reach --min-retention, and every label's retention "
         "--min-label-retention. A summary without an honest baseline (no labelled test set and every teacher "
         "fold trained on the student's validation cases) fails.",
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     print(verdict.message, flush=True)
     if verdict.blocks:
         print(
-            f"{PROG}: the student is not published; it stays at {verdict.student or path.parent} for inspection",
+            f"{PROG}: the student is not published; it stays at {verdict.student or path.parent} for "
+            "inspection",
             file=sys.stderr,
         )
         return gate.EXIT_GATE_FAILED

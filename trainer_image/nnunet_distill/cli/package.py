@@ -1,4 +1,5 @@
-"""`nnunet-distill package --onnx FILE -o DIR [--name NAME]`: the servable, publishable package of a student."""
+"""`nnunet-distill package --onnx FILE -o DIR [--name NAME]`: the servable, publishable package of a
+student."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ PROG = "nnunet-distill package"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Build a Triton model repository with nnunet_inference.json, a model card (README.md) and "
+        description="Build a Triton model repository with nnunet_inference.json, a model card (README.md) "
+        "and "
         "SHA256SUMS from an exported student (nnUNetv2_distillation_export_onnx). Deterministic: the "
         "same ONNX file gives byte-identical packages.",
     )
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from nnunet_distill.metadata import MetadataError
     from nnunet_distill.package import PackageError, build_package
-    from nnunet_distill.report import write_termination_message
+    from nnunet_distill.termination import write_termination_message
 
     try:
         out = build_package(args.onnx, args.output, args.name, args.license_text, args.max_batch_size)

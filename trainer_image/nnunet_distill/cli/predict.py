@@ -25,7 +25,8 @@ def _default_processes(env: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Segment images with a distilled nnU-Net student served by ONNX Runtime, using nnU-Net's own "
+        description="Segment images with a distilled nnU-Net student served by ONNX Runtime, using nnU-Net's "
+        "own "
         "preprocessing, sliding window (Gaussian weighting, mirroring) and resampling/export.",
     )
     parser.add_argument(

@@ -13,8 +13,9 @@ import logging
 import os
 import sys
 
-from nnunet_distill.publish import PublishError, RetryPolicy, publish
-from nnunet_distill.report import write_termination_message
+from nnunet_distill.publish import publish
+from nnunet_distill.storage import PublishError, RetryPolicy
+from nnunet_distill.termination import write_termination_message
 
 PROG = "nnunet-distill publish"
 

@@ -21,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="nnunet-distill synthetic",
-        description="Write $nnUNet_raw/DatasetXXX_NAME: imagesTr/labelsTr (training cases), imagesTs/labelsTs "
+        description="Write $nnUNet_raw/DatasetXXX_NAME: imagesTr/labelsTr (training cases), "
+        "imagesTs/labelsTs "
         "(a labelled held-out test set no teacher sees) and dataset.json. Labels (--layout spheres): bright "
         "and dark ellipsoids and a small sphere; (--layout organ): an organ, a small lesion in it and "
         "a thin vessel. Gaussian noise and a smooth bias field on top. Deterministic "
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"wrote {folder} ({spec.cases} training + {spec.test_cases} test cases, "
-        f"{'x'.join(map(str, spec.size))} voxels, {spec.channels} channel(s)) in {time.perf_counter() - start:.2f} s"
+        f"{'x'.join(map(str, spec.size))} voxels, {spec.channels} channel(s)) in "
+        f"{time.perf_counter() - start:.2f} s"
     )
     return 0
 

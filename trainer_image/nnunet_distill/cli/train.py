@@ -1,7 +1,8 @@
-"""``nnUNetv2_distillation_train`` and ``nnUNetv2_resenc_distillation_train``: one parser factory, one code path.
+"""``nnUNetv2_distillation_train`` and ``nnUNetv2_resenc_distillation_train``: one parser factory, one code
+path.
 
-The two commands differ only in configuration (:class:`Variant`): which flags name the teacher and student plans,
-their defaults and the default rotation frequency. Both map their flags onto one
+The two commands differ only in configuration (:class:`Variant`): which flags name the teacher and student
+plans, their defaults and the default rotation frequency. Both map their flags onto one
 :class:`~nnunet_distill.config.DistillationConfig` and call :func:`nnunet_distill.distill.run`.
 
 Errors a user can fix (a bad value, a missing fold, an unknown dataset, incompatible plans) print one line to
@@ -15,10 +16,17 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from nnunet_distill import naming
-from nnunet_distill.config import TEACHER_PRECISIONS, ConfigError, DistillationConfig, parse_device_string
+from nnunet_distill import contract
+from nnunet_distill.config import (
+    TEACHER_PRECISIONS,
+    ConfigError,
+    DistillationConfig,
+    alpha_problem,
+    parse_device_string,
+    temperature_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ STANDARD = Variant(
     "standard",
     "nnUNetv2_distillation_train",
     ("-p", "--teacher_plans"),
-    naming.DEFAULT_PLANS,
+    contract.DEFAULT_PLANS,
     400,
     student_plans_flag=False,
     block_strategy_flag=False,
@@ -45,7 +53,7 @@ RESENC = Variant(
     "resenc",
     "nnUNetv2_resenc_distillation_train",
     ("-tpl", "--teacher_plans", "-p"),
-    naming.DEFAULT_RESENC_TEACHER_PLANS,
+    contract.DEFAULT_RESENC_TEACHER_PLANS,
     5,
     student_plans_flag=True,
     block_strategy_flag=True,
@@ -60,17 +68,17 @@ class _OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _unit_interval(text: str) -> float:
+def _alpha(text: str) -> float:
     v = _float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    if problem := alpha_problem(v, text):
+        raise argparse.ArgumentTypeError(problem)
     return v
 
 
-def _positive_float(text: str) -> float:
+def _temperature(text: str) -> float:
     v = _float(text)
-    if not v > 0.0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if problem := temperature_problem(v, text):
+        raise argparse.ArgumentTypeError(problem)
     return v
 
 
@@ -109,14 +117,221 @@ def _device(text: str) -> str:
 def _block_strategy_help() -> str:
     from nnunet_distill.student import BLOCK_STRATEGY_HELP
 
-    rules = "; ".join(f"{name}: {BLOCK_STRATEGY_HELP[name]}" for name in naming.BLOCK_STRATEGIES)
+    rules = "; ".join(f"{name}: {BLOCK_STRATEGY_HELP[name]}" for name in contract.BLOCK_STRATEGIES)
     return (
         f"residual blocks per encoder stage of a ResEnc student (a plain student accepts only keep). "
         f"{rules}. Default: %(default)s"
     )
 
 
+def _flag(*names: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return names, kwargs
+
+
+def _add_flags(
+    parser: argparse.ArgumentParser, flags: Sequence[tuple[tuple[str, ...], dict[str, Any]]]
+) -> None:
+    for names, kwargs in flags:
+        parser.add_argument(*names, **kwargs)
+
+
+#: Flags both commands share, in --help order: before the variant's plans flags ...
+_FLAGS_BEFORE_PLANS = (
+    _flag(
+        "-d",
+        "--dataset_id",
+        required=True,
+        metavar="ID",
+        help="dataset ID (e.g. 901) or full name (Dataset901_Name), as for nnUNetv2_train",
+    ),
+    _flag(
+        "-f",
+        "--fold",
+        required=True,
+        type=_int_at_least(0),
+        help="the student's fold: it trains on this fold's training split of splits_final.json and is "
+        "validated on its validation split",
+    ),
+    _flag(
+        "-c",
+        "--configuration",
+        default=contract.DEFAULT_CONFIGURATION,
+        help="nnU-Net configuration of teachers and student (default: %(default)s)",
+    ),
+    _flag(
+        "-tf",
+        "--teacher_folds",
+        nargs="+",
+        type=_int_at_least(0),
+        metavar="FOLD",
+        help="teacher folds to distil from (default: every fold_N in the teacher folder that holds the "
+        "teacher checkpoint); a listed fold that is missing is an error",
+    ),
+    _flag(
+        "-a",
+        "--alpha",
+        type=_alpha,
+        default=0.3,
+        help="weight of the KD term in [0, 1]; 1-alpha weights nnU-Net's Dice+CE (default: %(default)s)",
+    ),
+    _flag(
+        "-temp",
+        "--temperature",
+        type=_temperature,
+        default=3.0,
+        help="softmax/sigmoid temperature T > 0 of the KD term, which is scaled by T^2 "
+        "(default: %(default)s)",
+    ),
+    _flag(
+        "-r",
+        "--reduction_factor",
+        type=_int_at_least(1),
+        default=2,
+        help="divide every stage's channels by r (floor, at least 8 channels); r=2/4/8 give about "
+        "1/4, 1/16, 1/64 of the teacher's parameters (default: %(default)s)",
+    ),
+    _flag(
+        "-c_continue",
+        "--continue_training",
+        action="store_true",
+        help="resume from the student's checkpoint_latest.pth (or checkpoint_final.pth, to train on with "
+        "a larger -e); refused if alpha, T, r, the teacher folds or folder differ from the "
+        "checkpoint's; starts fresh (and says so) when there is no checkpoint",
+    ),
+    _flag(
+        "-disable_mirroring",
+        action="store_true",
+        help="no mirroring test-time augmentation in the final validation (student and teachers); "
+        "training augmentation is unchanged",
+    ),
+    _flag(
+        "-e",
+        "--epochs",
+        type=_int_at_least(1),
+        default=None,
+        help="number of epochs (default: nnU-Net's 1000)",
+    ),
+    _flag(
+        "--iterations_per_epoch",
+        type=_int_at_least(1),
+        default=None,
+        help="training iterations per epoch (default: nnU-Net's 250)",
+    ),
+    _flag(
+        "--val_iterations",
+        type=_int_at_least(1),
+        default=None,
+        help="validation iterations per epoch for the pseudo Dice (default: nnU-Net's 50)",
+    ),
+    _flag(
+        "-t",
+        "--teacher_model_folder",
+        default=None,
+        metavar="PATH",
+        help="teacher model folder holding plans.json, dataset.json and fold_N/ (default: "
+        "$nnUNet_results/<Dataset>/<-tr>__<teacher plans>__<-c>)",
+    ),
+    _flag(
+        "-tr",
+        "--teacher_trainer",
+        default=contract.DEFAULT_TEACHER_TRAINER,
+        help="trainer the teachers were trained with; only used to find the default teacher folder "
+        "(default: %(default)s)",
+    ),
+)
+#: ... and after them (-rotate_freq's default is the variant's).
+_FLAGS_AFTER_PLANS = (
+    _flag(
+        "-tcp",
+        "--teacher_checkpoint",
+        default="checkpoint_final.pth",
+        help="checkpoint file of each teacher fold (default: %(default)s; checkpoint_best.pth also works)",
+    ),
+    _flag(
+        "--teacher_precision",
+        choices=TEACHER_PRECISIONS,
+        default="auto",
+        help="autocast dtype of the teachers' forward passes: auto = bf16 on CUDA (fp16 without bf16) "
+        "and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp32 for bit-exact teacher "
+        "logits. The KD loss itself is always computed in fp32 (default: %(default)s)",
+    ),
+    _flag(
+        "-rotate_folds",
+        action="store_true",
+        help="every -rotate_freq epochs, train on the next fold's training split of splits_final.json, "
+        "always without this fold's validation cases, so the validation Dice never covers cases "
+        "the student trained on",
+    ),
+    _flag("-rotate_freq", type=_int_at_least(1), help="epochs between fold rotations (default: %(default)s)"),
+    _flag(
+        "-d_device",
+        type=_device,
+        default=None,
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu); teachers run on the same "
+        "device; mixed precision only on CUDA",
+    ),
+    _flag(
+        "--kd_mode",
+        choices=("pixel", "channel", "both"),
+        default="pixel",
+        help="KD term: pixel = KL of the class distributions at every voxel, averaged over voxels "
+        "(Hinton-style); channel = channel-wise KD (Shu et al. 2021): per class, KL of where "
+        "the class is (a softmax over the patch), so small structures weigh as much as large "
+        "ones; both = the sum of the two. With teachers trained as long as the student, pixel kept "
+        "more held-out Dice than both in bench quality (r=2 1.002 vs 0.986, r=4 0.996 vs 0.981) "
+        "(default: %(default)s)",
+    ),
+    _flag(
+        "--student_init",
+        choices=("teacher", "random"),
+        default="teacher",
+        help="teacher = start the student from a teacher's weights cut to the student's width (the "
+        "leading channels of every layer; the teacher of the student's fold, else the first; "
+        "needs the teacher's architecture, else random); random = nnU-Net's initialisation. "
+        "On held-out data teacher init kept a thin vessel that a randomly initialised student "
+        "lost in the same budget (bench quality) (default: %(default)s)",
+    ),
+    _flag(
+        "--teacher_view",
+        choices=("augmented", "clean"),
+        default="augmented",
+        help="what the teachers label: augmented = the student's augmented patch; clean = the same "
+        "patch after the spatial transforms but before the intensity-only ones (noise, blur, "
+        "gamma, blank rectangles...) the teachers never trained on (default: %(default)s)",
+    ),
+    _flag(
+        "--test_cases",
+        nargs="+",
+        metavar="CASE",
+        default=None,
+        help="held-out cases to score student and teacher ensemble on (default: every case of "
+        "imagesTs that has a label in labelsTs). A case from imagesTr is accepted only if neither "
+        "the student nor any teacher fold trained on it",
+    ),
+    _flag(
+        "-num_gpus",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="train with N processes in one DDP process group on this machine (nnU-Net's flag; with "
+        "-d_device cpu they use gloo, for tests): each rank trains on its share of the batch and its own "
+        "cases, rank 0 writes checkpoints and logs. The same as torchrun --standalone --nproc_per_node N "
+        "<this command>; under torchrun leave it at 1 (default: %(default)s)",
+    ),
+    _flag(
+        "--use_da5",
+        action="store_true",
+        help="DA5 strong augmentation for small datasets: nnU-Net's nnUNetTrainerDA5 pipeline plus elastic "
+        "deformation (p 0.2) and order-0 (nearest) segmentation resampling that keeps thin "
+        "structures; the model folder is nnUNetDistillationTrainerDA5__...",
+    ),
+)
+
+
 def build_parser(variant: Variant) -> argparse.ArgumentParser:
+    """Both commands' parser: the shared flags (`_FLAGS_BEFORE_PLANS`, `_FLAGS_AFTER_PLANS`), defined once,
+    plus the variant's plans flags."""
     p = _OneLineParser(
         prog=variant.prog,
         allow_abbrev=False,
@@ -133,107 +348,7 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
             )
         ),
     )
-    p.add_argument(
-        "-d",
-        "--dataset_id",
-        required=True,
-        metavar="ID",
-        help="dataset ID (e.g. 901) or full name (Dataset901_Name), as for nnUNetv2_train",
-    )
-    p.add_argument(
-        "-f",
-        "--fold",
-        required=True,
-        type=_int_at_least(0),
-        help="the student's fold: it trains on this fold's training split of splits_final.json and is "
-        "validated on its validation split",
-    )
-    p.add_argument(
-        "-c",
-        "--configuration",
-        default=naming.DEFAULT_CONFIGURATION,
-        help="nnU-Net configuration of teachers and student (default: %(default)s)",
-    )
-    p.add_argument(
-        "-tf",
-        "--teacher_folds",
-        nargs="+",
-        type=_int_at_least(0),
-        metavar="FOLD",
-        help="teacher folds to distil from (default: every fold_N in the teacher folder that holds the "
-        "teacher checkpoint); a listed fold that is missing is an error",
-    )
-    p.add_argument(
-        "-a",
-        "--alpha",
-        type=_unit_interval,
-        default=0.3,
-        help="weight of the KD term in [0, 1]; 1-alpha weights nnU-Net's Dice+CE (default: %(default)s)",
-    )
-    p.add_argument(
-        "-temp",
-        "--temperature",
-        type=_positive_float,
-        default=3.0,
-        help="softmax/sigmoid temperature T > 0 of the KD term, which is scaled by T^2 "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "-r",
-        "--reduction_factor",
-        type=_int_at_least(1),
-        default=2,
-        help="divide every stage's channels by r (floor, at least 8 channels); r=2/4/8 give about "
-        "1/4, 1/16, 1/64 of the teacher's parameters (default: %(default)s)",
-    )
-    p.add_argument(
-        "-c_continue",
-        "--continue_training",
-        action="store_true",
-        help="resume from the student's checkpoint_latest.pth (or checkpoint_final.pth, to train on with "
-        "a larger -e); refused if alpha, T, r, the teacher folds or folder differ from the "
-        "checkpoint's; starts fresh (and says so) when there is no checkpoint",
-    )
-    p.add_argument(
-        "-disable_mirroring",
-        action="store_true",
-        help="no mirroring test-time augmentation in the final validation (student and teachers); "
-        "training augmentation is unchanged",
-    )
-    p.add_argument(
-        "-e",
-        "--epochs",
-        type=_int_at_least(1),
-        default=None,
-        help="number of epochs (default: nnU-Net's 1000)",
-    )
-    p.add_argument(
-        "--iterations_per_epoch",
-        type=_int_at_least(1),
-        default=None,
-        help="training iterations per epoch (default: nnU-Net's 250)",
-    )
-    p.add_argument(
-        "--val_iterations",
-        type=_int_at_least(1),
-        default=None,
-        help="validation iterations per epoch for the pseudo Dice (default: nnU-Net's 50)",
-    )
-    p.add_argument(
-        "-t",
-        "--teacher_model_folder",
-        default=None,
-        metavar="PATH",
-        help="teacher model folder holding plans.json, dataset.json and fold_N/ (default: "
-        "$nnUNet_results/<Dataset>/<-tr>__<teacher plans>__<-c>)",
-    )
-    p.add_argument(
-        "-tr",
-        "--teacher_trainer",
-        default=naming.DEFAULT_TEACHER_TRAINER,
-        help="trainer the teachers were trained with; only used to find the default teacher folder "
-        "(default: %(default)s)",
-    )
+    _add_flags(p, _FLAGS_BEFORE_PLANS)
     p.add_argument(
         *variant.teacher_plans_flags,
         dest="teacher_plans",
@@ -246,7 +361,7 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
         p.add_argument(
             "-spl",
             "--student_plans",
-            default=naming.DEFAULT_PLANS,
+            default=contract.DEFAULT_PLANS,
             help="plans the student is derived from (in $nnUNet_preprocessed/<Dataset>/): plain U-Net "
             "plans (nnUNetPlans) give a plain student, ResEnc plans (nnUNetResEncUNetMPlans...) a "
             "ResEnc student; they must share the teachers' preprocessed data (default: %(default)s)",
@@ -255,100 +370,12 @@ def build_parser(variant: Variant) -> argparse.ArgumentParser:
         p.add_argument(
             "-bs",
             "--block_strategy",
-            choices=naming.BLOCK_STRATEGIES,
+            choices=contract.BLOCK_STRATEGIES,
             default="keep",
             help=_block_strategy_help(),
         )
-    p.add_argument(
-        "-tcp",
-        "--teacher_checkpoint",
-        default="checkpoint_final.pth",
-        help="checkpoint file of each teacher fold (default: %(default)s; checkpoint_best.pth also works)",
-    )
-    p.add_argument(
-        "--teacher_precision",
-        choices=TEACHER_PRECISIONS,
-        default="auto",
-        help="autocast dtype of the teachers' forward passes: auto = bf16 on CUDA (fp16 without bf16) "
-        "and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32; fp32 for bit-exact teacher "
-        "logits. The KD loss itself is always computed in fp32 (default: %(default)s)",
-    )
-    p.add_argument(
-        "-rotate_folds",
-        action="store_true",
-        help="every -rotate_freq epochs, train on the next fold's training split of splits_final.json, "
-        "always without this fold's validation cases, so the validation Dice never covers cases "
-        "the student trained on",
-    )
-    p.add_argument(
-        "-rotate_freq",
-        type=_int_at_least(1),
-        default=variant.rotate_freq_default,
-        help="epochs between fold rotations (default: %(default)s)",
-    )
-    p.add_argument(
-        "-d_device",
-        type=_device,
-        default=None,
-        metavar="DEVICE",
-        help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu); teachers run on the same "
-        "device; mixed precision only on CUDA",
-    )
-    p.add_argument(
-        "--kd_mode",
-        choices=("pixel", "channel", "both"),
-        default="pixel",
-        help="KD term: pixel = KL of the class distributions at every voxel, averaged over voxels "
-        "(Hinton-style); channel = channel-wise KD (Shu et al. 2021): per class, KL of where "
-        "the class is (a softmax over the patch), so small structures weigh as much as large "
-        "ones; both = the sum of the two. With teachers trained as long as the student, pixel kept "
-        "more held-out Dice than both in bench quality (r=2 1.002 vs 0.986, r=4 0.996 vs 0.981) "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--student_init",
-        choices=("teacher", "random"),
-        default="teacher",
-        help="teacher = start the student from a teacher's weights cut to the student's width (the "
-        "leading channels of every layer; the teacher of the student's fold, else the first; "
-        "needs the teacher's architecture, else random); random = nnU-Net's initialisation. "
-        "On held-out data teacher init kept a thin vessel that a randomly initialised student "
-        "lost in the same budget (bench quality) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--teacher_view",
-        choices=("augmented", "clean"),
-        default="augmented",
-        help="what the teachers label: augmented = the student's augmented patch; clean = the same "
-        "patch after the spatial transforms but before the intensity-only ones (noise, blur, "
-        "gamma, blank rectangles...) the teachers never trained on (default: %(default)s)",
-    )
-    p.add_argument(
-        "--test_cases",
-        nargs="+",
-        metavar="CASE",
-        default=None,
-        help="held-out cases to score student and teacher ensemble on (default: every case of "
-        "imagesTs that has a label in labelsTs). A case from imagesTr is accepted only if neither "
-        "the student nor any teacher fold trained on it",
-    )
-    p.add_argument(
-        "-num_gpus",
-        type=_int_at_least(1),
-        default=1,
-        metavar="N",
-        help="train with N processes in one DDP process group on this machine (nnU-Net's flag; with "
-        "-d_device cpu they use gloo, for tests): each rank trains on its share of the batch and its own "
-        "cases, rank 0 writes checkpoints and logs. The same as torchrun --standalone --nproc_per_node N "
-        "<this command>; under torchrun leave it at 1 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--use_da5",
-        action="store_true",
-        help="DA5 strong augmentation for small datasets: nnU-Net's nnUNetTrainerDA5 pipeline plus elastic "
-        "deformation (p 0.2) and order-0 (nearest) segmentation resampling that keeps thin "
-        "structures; the model folder is nnUNetDistillationTrainerDA5__...",
-    )
+    _add_flags(p, _FLAGS_AFTER_PLANS)
+    p.set_defaults(rotate_freq=variant.rotate_freq_default)
     return p
 
 
@@ -416,7 +443,7 @@ def _user_errors() -> dict[type[BaseException], str]:
 
 
 def _terminate(summary: dict) -> None:
-    from nnunet_distill.report import write_termination_message
+    from nnunet_distill.termination import write_termination_message
 
     write_termination_message(summary)  # only inside a pod (or with $TERMINATION_MESSAGE_PATH); never raises
 

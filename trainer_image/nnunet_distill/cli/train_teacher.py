@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from nnunet_distill import naming
+from nnunet_distill import contract
 from nnunet_distill.nnunet_env import (
     NnUNetSetupError,
     load_dataset_json,
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-c",
         "--configuration",
-        default=naming.DEFAULT_CONFIGURATION,
-        help=f"nnU-Net configuration (default {naming.DEFAULT_CONFIGURATION})",
+        default=contract.DEFAULT_CONFIGURATION,
+        help=f"nnU-Net configuration (default {contract.DEFAULT_CONFIGURATION})",
     )
     folds = parser.add_mutually_exclusive_group(required=True)
     folds.add_argument("-f", "--fold", type=_fold, help="fold to train (0..4 or 'all')")
@@ -81,15 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-tr",
         "--trainer",
-        default=naming.DEFAULT_TEACHER_TRAINER,
-        help=f"nnU-Net trainer class (default {naming.DEFAULT_TEACHER_TRAINER}; external trainers "
+        default=contract.DEFAULT_TEACHER_TRAINER,
+        help=f"nnU-Net trainer class (default {contract.DEFAULT_TEACHER_TRAINER}; external trainers "
         "via nnUNet_extTrainer)",
     )
     parser.add_argument(
         "-p",
         "--plans",
-        default=naming.DEFAULT_PLANS,
-        help=f"plans identifier (default {naming.DEFAULT_PLANS}; e.g. nnUNetResEncUNetMPlans)",
+        default=contract.DEFAULT_PLANS,
+        help=f"plans identifier (default {contract.DEFAULT_PLANS}; e.g. nnUNetResEncUNetMPlans)",
     )
     parser.add_argument(
         "-e",
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({trainer.num_val_iterations_per_epoch} validation iterations), device {device}"
     )
     from nnunet_distill import progress_hooks
-    from nnunet_distill.report import write_termination_message
+    from nnunet_distill.termination import write_termination_message
 
     trainer.save_every = 1  # checkpoint_latest every epoch (nnU-Net: 50), so a restarted pod loses <= 1 epoch
     progress_hooks.make_checkpoints_atomic(trainer)
@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     resumed = trainer.current_epoch > 0
     if resumed:
         print(
-            f"{PROG}: resuming fold {fold} at epoch {trainer.current_epoch} (checkpoint in {trainer.output_folder})"
+            f"{PROG}: resuming fold {fold} at epoch {trainer.current_epoch} (checkpoint in "
+            f"{trainer.output_folder})"
         )
     reporter = progress_hooks.start_reporting(trainer, stage="teachers", resumed=resumed)
     try:

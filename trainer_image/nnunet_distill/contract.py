@@ -1,0 +1,137 @@
+"""The names the operator and the trainer must agree on, in one place (standard library only).
+
+The operator renders command lines, pod env and globs; the trainer parses, reads and writes them. Both
+packages import this module, so a name changed here changes on both sides at once. It must stay importable
+without torch, nnU-Net, pydantic or kopf: the operator image installs none of the trainer's dependencies
+(a test imports it in a fresh interpreter and checks that only the standard library was loaded).
+
+Why the student gets a plans identifier of its own: the original tool wrote every reduction factor into the
+same results folder and left the teacher's plans.json beside the student, so artifacts were not
+self-describing. Here the identifier encodes r (and the ResEnc block strategy), so the folder name alone says
+which student it holds and stock nnU-Net tools rebuild the right network from its plans.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# ---- the DistillationJob API
+
+GROUP = "distillation.nnunet.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DistillationJob"
+PLURAL = "distillationjobs"
+
+#: Kueue admits a Job to the LocalQueue named by this label.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+# ---- pod environment (set by the operator through the downward API, read by the trainer's reporter)
+
+ENV_JOB_NAME = "DISTILLATIONJOB_NAME"
+ENV_JOB_NAMESPACE = "DISTILLATIONJOB_NAMESPACE"
+ENV_JOB_UID = "DISTILLATIONJOB_UID"
+ENV_JOB_STAGE = "DISTILLATIONJOB_STAGE"  # optional: the stage name the operator gave this Job
+ENV_PROGRESS_INTERVAL = "NNUNET_DISTILL_PROGRESS_INTERVAL_S"
+ENV_PROGRESS_HEARTBEAT = "NNUNET_DISTILL_PROGRESS_HEARTBEAT_S"
+ENV_TERMINATION_PATH = "TERMINATION_MESSAGE_PATH"
+#: Where the kubelet reads a container's termination message (the pod spec's terminationMessagePath).
+DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+
+# ---- nnU-Net's environment
+
+ENV_NNUNET_RAW = "nnUNet_raw"
+ENV_NNUNET_PREPROCESSED = "nnUNet_preprocessed"
+ENV_NNUNET_RESULTS = "nnUNet_results"
+NNUNET_FOLDER_VARS = (ENV_NNUNET_RAW, ENV_NNUNET_PREPROCESSED, ENV_NNUNET_RESULTS)
+ENV_NNUNET_N_PROC_DA = "nnUNet_n_proc_DA"
+ENV_NNUNET_DEF_N_PROC = "nnUNet_def_n_proc"
+ENV_NNUNET_COMPILE = "nnUNet_compile"
+# One process per pool and no augmentation workers: on small CPUs spawning nnU-Net's default 8 workers
+# costs more than the work (see README "Performance knobs"); on GPUs the image overrides these.
+CPU_FRIENDLY_ENV = {ENV_NNUNET_N_PROC_DA: "0", ENV_NNUNET_DEF_N_PROC: "1", ENV_NNUNET_COMPILE: "false"}
+
+# ---- files one stage writes and another (or the operator) reads
+
+#: The distill stage's held-out evaluation, beside nnU-Net's summary.json in the student's validation folder.
+SUMMARY_NAME = "distillation_summary.json"
+SUMMARY_SCHEMA_VERSION = 2
+#: Summary `evaluation` values: which cases the student and teachers were scored on.
+SUMMARY_TEST_SET = "test_set"
+SUMMARY_VALIDATION_UNSEEN = "validation_unseen_teachers"
+SUMMARY_NO_HONEST_BASELINE = "none"
+ONNX_FILENAME = "model.onnx"
+#: Live training progress, beside the checkpoints of every trained fold (teachers and student), rewritten
+#: atomically at each epoch end: epoch, totalEpochs, trainLoss, kdLoss, hardLoss, valLoss, pseudoDice,
+#: emaPseudoDice, dicePerClass, epochSeconds, lastEpochSeconds, etaSeconds, updatedAt.
+PROGRESS_NAME = "progress.json"
+
+# ---- the quality gate's verdicts (condition reasons) and its exit code
+
+GATE_PASSED = "QualityGatePassed"
+GATE_FAILED = "QualityGateFailed"
+GATE_NOT_ENFORCED = "QualityGateNotEnforced"
+EXIT_CODE_GATE_FAILED = 3
+
+# ---- nnU-Net names: trainers, plans, planners
+
+DISTILL_TRAINER = "nnUNetDistillationTrainer"
+DISTILL_TRAINER_DA5 = "nnUNetDistillationTrainerDA5"
+DEFAULT_CONFIGURATION = "3d_fullres"
+DEFAULT_TEACHER_TRAINER = "nnUNetTrainer"
+DEFAULT_PLANS = "nnUNetPlans"
+DEFAULT_RESENC_TEACHER_PLANS = "nnUNetResEncUNetLPlans"
+DEFAULT_RESENC_STUDENT_PLANS = "nnUNetPlans"
+BLOCK_STRATEGIES = ("reduce", "keep", "increase", "adaptive")
+#: Stock ResEnc plans identifier -> the nnU-Net experiment planner that writes it: nnU-Net 2.x's own
+#: planners (`experiment_planners/residual_unets/residual_encoder_unet_planners.py`) and their default
+#: `plans_name`, the base `ResEncUNetPlanner` included.
+RESENC_PLANNERS = {
+    "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
+    "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL",
+    "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL",
+    "nnUNetResEncUNetPlans": "ResEncUNetPlanner",
+}
+
+
+def student_plans_identifier(
+    base_plans: str, reduction_factor: int, block_strategy: str | None = None
+) -> str:
+    """`nnUNetPlans` + r=2 -> `nnUNetPlans_r2`; ResEnc students add the block strategy unless it is `keep`."""
+    if reduction_factor < 1:
+        raise ValueError(f"reduction factor must be >= 1, got {reduction_factor}")
+    name = f"{base_plans}_r{reduction_factor}"
+    if block_strategy is not None and block_strategy != "keep":
+        if block_strategy not in BLOCK_STRATEGIES:
+            raise ValueError(f"block strategy must be one of {BLOCK_STRATEGIES}, got {block_strategy!r}")
+        name += f"_bs{block_strategy}"
+    return name
+
+
+def distill_trainer_name(use_da5: bool) -> str:
+    return DISTILL_TRAINER_DA5 if use_da5 else DISTILL_TRAINER
+
+
+def model_folder_name(trainer: str, plans: str, configuration: str) -> str:
+    """nnU-Net's own `<trainer>__<plans>__<configuration>` convention."""
+    return f"{trainer}__{plans}__{configuration}"
+
+
+def student_model_folder_name(
+    base_plans: str,
+    reduction_factor: int,
+    block_strategy: str | None,
+    configuration: str,
+    use_da5: bool,
+) -> str:
+    """The student's model folder name under `nnUNet_results/DatasetXXX_Name`."""
+    plans = student_plans_identifier(base_plans, reduction_factor, block_strategy)
+    return model_folder_name(distill_trainer_name(use_da5), plans, configuration)
+
+
+def student_model_folder(
+    results_dataset_dir: str | Path, plans_identifier: str, configuration: str, use_da5: bool
+) -> Path:
+    return Path(results_dataset_dir) / model_folder_name(
+        distill_trainer_name(use_da5), plans_identifier, configuration
+    )
