@@ -32,8 +32,8 @@ from nnunet_distill_operator.plan import (
 
 DEMO_JOB = Path(__file__).with_name("demo.yaml")
 DEMO_DATASET_NAME = "DemoOrgan"
-#: An organ, a small lesion in it and a thin vessel (32^3 voxels): small enough to train well on 2 CPU cores in
-#: minutes, with the two kinds of structure a thinner student loses first. 6 labelled held-out test cases.
+# : An organ, a small lesion in it and a thin vessel (32^3 voxels): small enough to train well on 2 CPU cores
+# in : minutes, with the two kinds of structure a thinner student loses first. 6 labelled held-out test cases.
 SYNTHETIC_ARGS = (
     "--layout",
     "organ",

@@ -176,8 +176,8 @@ GATE_CONDITION = "QualityGate"
 GATE_NOT_EVALUATED = "NotEvaluated"
 GATE_VERDICT_UNAVAILABLE = "VerdictUnavailable"
 GATE_VERDICTS = (GATE_PASSED, GATE_FAILED, GATE_NOT_ENFORCED)
-# GATE_PASSED/FAILED/NOT_ENFORCED and EXIT_CODE_GATE_FAILED (`nnunet-distill gate` failing an enforced gate) come
-# from nnunet_distill.contract.
+# GATE_PASSED/FAILED/NOT_ENFORCED and EXIT_CODE_GATE_FAILED (`nnunet-distill gate` failing an enforced gate)
+# come from nnunet_distill.contract.
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-# Run as a script by `stock_predict`: nnU-Net's own nnUNetv2_predict entry point, with every import of our package
-# refused, so the student must load from its plans.json and a stock trainer name alone.
+# Run as a script by `stock_predict`: nnU-Net's own nnUNetv2_predict entry point, with every import of our
+# package refused, so the student must load from its plans.json and a stock trainer name alone.
 _BLOCKED_PREDICT = r"""
 import sys
 

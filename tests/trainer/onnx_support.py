@@ -1,9 +1,9 @@
 """A real distilled student for the export, package and predictor tests, built once per test session.
 
-The student is trained by `nnUNetv2_distillation_train` itself (teachers: the session's two stock nnU-Net folds)
-with a tiny budget, into a results folder of its own: other tests may distil students of the same name into the
-shared workspace, and a student that changed under these tests would make them flaky. The teachers and the
-preprocessed data are shared read-only (`-t` names the teacher folder).
+The student is trained by `nnUNetv2_distillation_train` itself (teachers: the session's two stock nnU-Net
+folds) with a tiny budget, into a results folder of its own: other tests may distil students of the same name
+into the shared workspace, and a student that changed under these tests would make them flaky. The teachers
+and the preprocessed data are shared read-only (`-t` names the teacher folder).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class Student:
         return {**self.dataset.env, "nnUNet_results": str(self.results)}
 
     def copy_to(self, results_root: Path) -> Path:
-        """A private copy of the student's model folder (for tests that damage it); returns the fold folder."""
+        """A private copy of the student's model folder (for tests that damage it); returns the fold
+        folder."""
         target = results_root / self.dataset.dataset_name / STUDENT_FOLDER
         shutil.copytree(self.model_dir, target, ignore=shutil.ignore_patterns("validation*", "*.png"))
         return target / f"fold_{STUDENT_FOLD}"

@@ -1,4 +1,5 @@
-"""End to end on CPU with real nnU-Net: two trained teacher folds (session fixture) -> nnUNetv2_distillation_train
+"""End to end on CPU with real nnU-Net: two trained teacher folds (session fixture) ->
+nnUNetv2_distillation_train
 for a tiny budget -> -c_continue (refused on a changed alpha, then resumed) -> validation summary -> stock
 nnUNetv2_predict runs the student on the held-out test images without our package importable.
 
@@ -218,7 +219,8 @@ def test_summary_scores_student_and_ensemble_on_the_held_out_test_set(standard_r
 
 
 def test_without_a_test_set_only_unseen_teacher_folds_are_compared(standard_run):
-    """No imagesTs: retention against teacher fold 0 alone (fold 1 trained on the student's validation cases)."""
+    """No imagesTs: retention against teacher fold 0 alone (fold 1 trained on the student's validation
+    cases)."""
     from nnunet_distill.evaluation import VALIDATION_UNSEEN
 
     text = (standard_run.fold / "validation" / "distillation_summary.json").read_text()

@@ -1,4 +1,5 @@
-"""Both export CLIs on a real distilled student: verification, shapes, TensorRT graphs, metadata, clear errors."""
+"""Both export CLIs on a real distilled student: verification, shapes, TensorRT graphs, metadata, clear
+errors."""
 
 from __future__ import annotations
 
@@ -151,7 +152,8 @@ def test_resenc_cli_trt_graph_is_static_with_checkpoint_norm_weights(student, en
     import torch
     from nnunet_distill.trt_graph import CONTROL_FLOW_OPS, TENSORRT_OPS, tensorrt_problems
 
-    # the student was derived from plain nnUNetPlans (-spl default), as nnUNetv2_resenc_distillation_train does
+    # the student was derived from plain nnUNetPlans (-spl default), as nnUNetv2_resenc_distillation_train
+    # does
     assert cli.main_resenc(["-d", "901", "-f", "0", "-r", "2", "-fix", "-sim", "-o", str(tmp_path)]) == 0
     model = onnx.load(str(tmp_path / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)

@@ -1,4 +1,5 @@
-"""Pure parts of the exporter: shapes, metadata, verification arithmetic, TensorRT graph checks (no training)."""
+"""Pure parts of the exporter: shapes, metadata, verification arithmetic, TensorRT graph checks (no
+training)."""
 
 from __future__ import annotations
 
@@ -296,7 +297,8 @@ def test_crop_or_pad_centres_and_zero_pads():
 
 
 def _conv_in_graph(bias_from: str, dynamic: bool = False, extra_node: onnx.NodeProto | None = None):
-    """x -> Conv -> InstanceNormalization(scale, bias) -> y with bias an initializer, a Constant or computed."""
+    """x -> Conv -> InstanceNormalization(scale, bias) -> y with bias an initializer, a Constant or
+    computed."""
     c = 2
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n" if dynamic else 1, 1, 4, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n" if dynamic else 1, c, 4, 4])

@@ -1,4 +1,5 @@
-"""`nnunet-distill package`: Triton repository, nnunet_inference.json, model card and SHA256SUMS of a real export."""
+"""`nnunet-distill package`: Triton repository, nnunet_inference.json, model card and SHA256SUMS of a real
+export."""
 
 from __future__ import annotations
 

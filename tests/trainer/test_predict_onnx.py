@@ -1,4 +1,5 @@
-"""export -> verify -> package -> predict on the held-out cases; the ONNX predictor matches stock nnUNetv2_predict."""
+"""export -> verify -> package -> predict on the held-out cases; the ONNX predictor matches stock
+nnUNetv2_predict."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def student(nnunet_dataset, nnunet_teachers, tmp_path_factory) -> support.Studen
 
 @pytest.fixture(scope="module")
 def pipeline(student, tmp_path_factory) -> dict[str, Path]:
-    """The operator's stages as commands: export (-da, and a static file) -> package; then stock prediction."""
+    """The operator's stages as commands: export (-da, and a static file) -> package; then stock
+    prediction."""
     root = tmp_path_factory.mktemp("predict")
     env = student.env
     dynamic, static = root / "export" / "student.onnx", root / "static" / "student.onnx"
@@ -121,7 +123,8 @@ def test_static_batch_graph_gives_the_same_segmentations(student, pipeline, tmp_
 
 
 def test_predictor_matches_in_process_on_logits(student, pipeline):
-    """Sliding-window logits of the ONNX predictor equal stock nnU-Net's (in process, one preprocessed case)."""
+    """Sliding-window logits of the ONNX predictor equal stock nnU-Net's (in process, one preprocessed
+    case)."""
     import numpy as np
     import torch
     from nnunet_distill.predict import OnnxRuntimePredictor
@@ -140,8 +143,8 @@ def test_predictor_matches_in_process_on_logits(student, pipeline):
     ours = onnx_predictor.predict_logits_from_preprocessed_data(data).float().numpy()
     theirs = stock.predict_logits_from_preprocessed_data(data).float().numpy()
     assert ours.shape == theirs.shape
-    # nnU-Net's sliding window accumulates Gaussian-weighted logits in fp16, so single voxels differ by a few fp16
-    # steps of the accumulator; on average the two are the same to well below that
+    # nnU-Net's sliding window accumulates Gaussian-weighted logits in fp16, so single voxels differ by a few
+    # fp16 steps of the accumulator; on average the two are the same to well below that
     assert np.abs(ours - theirs).max() < 0.1
     assert np.abs(ours - theirs).mean() < 1e-3
     assert (ours.argmax(0) == theirs.argmax(0)).mean() > 0.999

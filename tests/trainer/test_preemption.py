@@ -1,10 +1,11 @@
-"""Pod pre-emption: SIGTERM a real distillation process mid-epoch, resume it with the same command line, and check
+"""Pod pre-emption: SIGTERM a real distillation process mid-epoch, resume it with the same command line, and
+check
 that no completed iteration was lost or trained twice.
 
-The run is the real console script on the session's nnU-Net dataset and teachers. SIGTERM is sent as soon as the
-training log shows epoch 0 starting, so it lands inside the epoch's iterations. The trainer counts every optimizer
-step it takes in its checkpoints (``distillation.optimizer_steps``, carried across resumes): after the resume the
-final checkpoint must hold exactly epochs x iterations steps.
+The run is the real console script on the session's nnU-Net dataset and teachers. SIGTERM is sent as soon as
+the training log shows epoch 0 starting, so it lands inside the epoch's iterations. The trainer counts every
+optimizer step it takes in its checkpoints (``distillation.optimizer_steps``, carried across resumes): after
+the resume the final checkpoint must hold exactly epochs x iterations steps.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ STUDENT_FOLDER = f"nnUNetDistillationTrainer__nnUNetPlans_r2__{CONFIGURATION}"
 
 @pytest.fixture()
 def workspace(nnunet_teachers, tmp_path) -> Workspace:
-    """A private copy of the session workspace (preprocessed data + trained teachers), without other students."""
+    """A private copy of the session workspace (preprocessed data + trained teachers), without other
+    students."""
     root = tmp_path / "ws"
     shutil.copytree(
         nnunet_teachers.dataset.root,

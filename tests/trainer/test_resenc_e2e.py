@@ -1,4 +1,5 @@
-"""ResEnc distillation end to end on CPU with real nnU-Net: a tiny ResEnc M teacher (session fixture) distilled
+"""ResEnc distillation end to end on CPU with real nnU-Net: a tiny ResEnc M teacher (session fixture)
+distilled
 into (a) a plain U-Net student and (b) a ResEnc student with -bs reduce, which is then continued from its
 checkpoint and run by stock nnUNetv2_predict without our package importable. Same code path as the standard
 command; only the flags differ."""
@@ -48,7 +49,8 @@ def resenc_run(resenc_teachers, tmp_path_factory) -> ResEncRun:
     tmp = tmp_path_factory.mktemp("resenc_distill")
     log = tmp / "commands.log"
     exe = console_script("nnUNetv2_resenc_distillation_train")
-    # (a) plain student (-spl defaults to nnUNetPlans) on fold 1: the standard e2e test owns fold 0 of that folder
+    # (a) plain student (-spl defaults to nnUNetPlans) on fold 1: the standard e2e test owns fold 0 of that
+    # folder
     require_ok(
         run_cli([exe, "-d", "901", "-f", "1", "-tpl", TEACHER_PLANS, "-e", "1", *BUDGET], ds.env, log), log
     )

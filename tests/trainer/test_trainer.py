@@ -1,6 +1,8 @@
-"""The distillation trainers in-process on real nnU-Net data and teachers (session fixture): DA5 really supplies
+"""The distillation trainers in-process on real nnU-Net data and teachers (session fixture): DA5 really
+supplies
 the augmentation, teachers and student see the same batch, checkpoints are atomic and stock-loadable, fold
-rotation keeps validation cases out of training, and -disable_mirroring really removes mirroring from the final
+rotation keeps validation cases out of training, and -disable_mirroring really removes mirroring from the
+final
 validation. Results go to a temporary nnUNet_results."""
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _make_trainer(nnunet_teachers, results: Path, **config_kwargs):
     plans = S.derive_student_plans(ds.plans("nnUNetPlans"), "3d_fullres", cfg.reduction_factor)
     plans["continue_training"] = False
     ensemble, _, _ = T.load_ensemble(nnunet_teachers.folder, "3d_fullres", torch.device("cpu"))
-    assert str(results) == os.environ["nnUNet_results"]  # set by the module's `env` fixture
+    assert str(results) == os.environ["nnUNet_results"]  # noqa: SIM112 - set by the module's `env` fixture
     trainer = trainer_class(cfg.use_da5)(
         copy.deepcopy(plans), "3d_fullres", 0, ds.dataset_json(), torch.device("cpu")
     )
@@ -54,7 +56,8 @@ def _make_trainer(nnunet_teachers, results: Path, **config_kwargs):
 
 
 def _transform_names(transform) -> set[str]:
-    """Class names of every transform in a batchgeneratorsv2 pipeline, looking inside Random/OneOf wrappers."""
+    """Class names of every transform in a batchgeneratorsv2 pipeline, looking inside Random/OneOf
+    wrappers."""
     names = {type(transform).__name__}
     for child in [
         getattr(transform, "transform", None),
@@ -87,14 +90,16 @@ def da5_trainer(nnunet_teachers, env):
 def test_keeps_nnunets_init_signature_and_da5_mro():
     import inspect
 
-    # nnU-Net rebuilds trainers from the init args it records by parameter name: names and defaults must match.
+    # nnU-Net rebuilds trainers from the init args it records by parameter name: names and defaults must
+    # match.
     ours = inspect.signature(nnUNetDistillationTrainer.__init__).parameters
     theirs = inspect.signature(nnUNetTrainer.__init__).parameters
     assert list(ours) == list(theirs)
     assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
     mro = nnUNetDistillationTrainerDA5.__mro__
     assert mro.index(nnUNetDistillationTrainer) < mro.index(nnUNetTrainerDA5) < mro.index(nnUNetTrainer)
-    # Rotation, mirroring and initial patch size are DA5's own; the transforms are DA5's, modified (see below).
+    # Rotation, mirroring and initial patch size are DA5's own; the transforms are DA5's, modified (see
+    # below).
     assert (
         nnUNetDistillationTrainerDA5.configure_rotation_dummyDA_mirroring_and_inital_patch_size
         is nnUNetTrainerDA5.configure_rotation_dummyDA_mirroring_and_inital_patch_size
