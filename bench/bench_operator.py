@@ -13,10 +13,13 @@ Scenarios (each on a fresh API server and a fresh operator):
   is marked Complete while it is down, and a new operator process is started: catch-up is the time from
   its start until every DistillationJob has its next stage's Job.
 
-Printed: p50/p95/max per scenario with the goal beside it, the CPU share (CPU seconds / wall seconds) of
-the operator and of the emulator during each scenario, so a reader can tell the operator's cost from the
-emulator's, and the machine's load (`uptime`). Every DistillationJob must get exactly one Job (no
-duplicates), or the benchmark fails.
+Printed: p50/p95/max per scenario (>= 200 samples each, pooled over `--repeat N` runs) with the goal
+beside it, each figure's run-to-run spread (min/median/max over runs), the burst/sequential p95 ratio, the
+CPU share (CPU seconds / wall seconds) of the operator and of the emulator during each scenario, so a reader
+can tell the operator's cost from the emulator's, and the machine's load (`uptime`) before and after. While
+waiting, the client asks the server only for the Jobs still missing (a poll that copied every record every
+10 ms cost the server more than the operator's own requests, and grew with the number of jobs). Every
+DistillationJob must get exactly one Job (no duplicates), or the benchmark fails.
 
 `--profile DIR` runs the operator under yappi (CPU clock, all threads) and writes its top functions there.
 """
@@ -106,14 +109,25 @@ class ApiServerProcess:
         assert self._process.pid is not None
         return self._process.pid
 
-    def records(self) -> tuple[dict[str, float], list[int], int]:
-        """(Job name -> stored at, create requests per Job, DistillationJobs with a status phase)."""
-        self._conn.send("records")
+    def job_times(self, names: list[str]) -> dict[str, float]:
+        """Job name -> when the server stored it, for those of `names` stored so far (one small answer:
+        the poll must not cost the server more than the operator's own requests do)."""
+        self._conn.send(("jobs", names))
+        return self._conn.recv()
+
+    def with_status(self) -> int:
+        """DistillationJobs whose status has a phase."""
+        self._conn.send(("status", None))
+        return self._conn.recv()
+
+    def duplicate_posts(self) -> int:
+        """Job create requests beyond the first per Job (409s included): 0 unless a Job was made twice."""
+        self._conn.send(("duplicates", None))
         return self._conn.recv()
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self._conn.send("stop")
+            self._conn.send(("stop", None))
             self._conn.poll(10)
         finally:
             self._process.join(10)
@@ -148,10 +162,15 @@ def _serve(conn: Any) -> None:
             conn.send(str(emulator.url).rstrip("/"))
             loop = asyncio.get_running_loop()
             while True:
-                command = await loop.run_in_executor(None, conn.recv)
-                if command == "records":
+                command, arg = await loop.run_in_executor(None, conn.recv)
+                if command == "jobs":
+                    stored = emulator.job_created_at
+                    conn.send({n: stored[n] for n in arg if n in stored})
+                elif command == "status":
+                    conn.send(with_status())
+                elif command == "duplicates":
                     jobs = [n for (plural, _, _), n in emulator.creations.items() if plural == "jobs"]
-                    conn.send((dict(emulator.job_created_at), jobs, with_status()))
+                    conn.send(sum(jobs) - len(jobs))
                 else:
                     conn.send("stopping")
                     return
@@ -296,42 +315,45 @@ class Bench:
         return t0
 
     def wait_jobs(self, names: list[str], stage: str, timeout: float) -> dict[str, float]:
+        """DistillationJob name -> when its `stage` Job was stored. Polls for the missing ones only."""
         from nnunet_distill_operator import k8s
 
         deadline = time.monotonic() + timeout
+        wanted = {k8s.job_name(n, stage): n for n in names}
+        stored: dict[str, float] = {}
         while True:
-            created, _, _ = self.server.records()
-            missing = [n for n in names if k8s.job_name(n, stage) not in created]
-            if not missing:
-                return created
+            missing = [j for j in wanted if j not in stored]
+            stored.update(self.server.job_times(missing))
+            if len(stored) == len(wanted):
+                return {wanted[j]: at for j, at in stored.items()}
             if time.monotonic() > deadline:
-                raise AssertionError(f"{len(missing)} DistillationJobs got no {stage} Job within {timeout}s")
+                raise AssertionError(
+                    f"{len(wanted) - len(stored)} DistillationJobs got no {stage} Job within {timeout}s"
+                )
             time.sleep(0.01)
 
     def wait_status(self, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self.server.records()[2] < count:
+        while self.server.with_status() < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"fewer than {count} DistillationJobs got a status within {timeout}s")
-            time.sleep(0.05)
+            time.sleep(0.25)
 
     def burst(self, namespace: str, n: int) -> list[float]:
         """n DistillationJobs created at once; their CR -> Job latencies (seconds)."""
-        from nnunet_distill_operator import k8s
 
         names = [f"b-{i:04d}" for i in range(n)]
         starts = list(self.pool.map(lambda name: self.create(namespace, name), names))
         created = self.wait_jobs(names, FIRST, 600)
-        return [created[k8s.job_name(name, FIRST)] - t0 for name, t0 in zip(names, starts, strict=True)]
+        return [created[name] - t0 for name, t0 in zip(names, starts, strict=True)]
 
     def sequential(self, n: int) -> list[float]:
-        from nnunet_distill_operator import k8s
 
         out = []
         for i in range(n):
             name = f"s-{i:04d}"
             t0 = self.create("seq", name)
-            out.append(self.wait_jobs([name], FIRST, 30)[k8s.job_name(name, FIRST)] - t0)
+            out.append(self.wait_jobs([name], FIRST, 30)[name] - t0)
         return out
 
     def complete_first_stage(self, namespace: str, n: int) -> None:
@@ -390,8 +412,7 @@ def _run(scenario: str, workdir: Path, profile: Path | None, n: int, keep: Path 
             else:
                 _scenario_large(bench, out, n)
             bench.operator.stop()
-            _, creations, _ = server.records()
-            out["duplicate_posts"] = sum(creations) - len(creations)
+            out["duplicate_posts"] = server.duplicate_posts()
         finally:
             bench.close()
             if keep is not None:
@@ -400,84 +421,124 @@ def _run(scenario: str, workdir: Path, profile: Path | None, n: int, keep: Path 
     return out
 
 
-def _row(label: str, values: list[float], goal: float | None) -> str:
-    ms = [v * 1000 for v in values]
+def _spread(values: list[float]) -> str:
+    """min / median / max over runs, and the range as a share of the median (the run-to-run noise)."""
+    if len(values) < 2:
+        return "1 run: no spread (--repeat N)"
+    mid = statistics.median(values)
+    rel = (max(values) - min(values)) / mid * 100 if mid else float("nan")
+    return (
+        f"runs min/median/max {min(values):.1f} / {mid:.1f} / {max(values):.1f} (range {rel:.0f}% of median)"
+    )
+
+
+def _row(label: str, runs: list[list[float]], goal: float | None) -> list[str]:
+    """Pooled p50/p95/max over every run's samples, then the spread of each run's p95."""
+    ms = [v * 1000 for run in runs for v in run]
     target = f"< {goal * 1000:.0f}" if goal else "-"
     p95 = percentile(ms, 95)
     verdict = "" if goal is None else ("ok" if p95 < goal * 1000 else "MISSED")
-    return (
+    return [
         f"{label:<24}{len(ms):>6}{statistics.median(ms):>10.1f}{p95:>10.1f}{max(ms):>10.1f}"
-        f"{target:>12}  {verdict}"
-    )
+        f"{target:>12}  {verdict}",
+        f"{'':<24}p95 per run: {_spread([percentile([v * 1000 for v in run], 95) for run in runs])}",
+    ]
 
 
-def _cpu(shares: dict[str, float], jobs: int) -> str:
-    per_job = shares["operator_s"] / jobs * 1000
+def _cpu(shares: list[dict[str, float]], jobs: int) -> str:
+    """Means over runs: the operator's and the emulator's CPU share, and the operator's CPU per job."""
+    per_job = statistics.mean(s["operator_s"] for s in shares) / jobs * 1000
+    operator = statistics.mean(s["operator"] for s in shares)
+    emulator = statistics.mean(s["emulator"] for s in shares)
     return (
-        f"operator {shares['operator']:.2f} CPU ({per_job:.1f} ms CPU per DistillationJob), "
-        f"emulator {shares['emulator']:.2f} CPU"
+        f"operator {operator:.2f} CPU ({per_job:.1f} ms CPU per DistillationJob), emulator {emulator:.2f} CPU"
     )
 
 
-def report(result: dict[str, Any], n: int) -> list[str]:
+def report(runs: list[dict[str, Any]], n: int, load: tuple[str, str]) -> list[str]:
+    """The table: pooled latencies with their run-to-run spread, CPU shares, RSS and catch-up."""
     lines = [
         "CR -> first Job latency: nnunet-distill-operator process (resync 60 s, INFO logs) vs kmock",
-        f"load before: {result['load_before']}",
+        f"runs: {len(runs)}; load before: {load[0]}",
         f"{'scenario':<24}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'goal p95':>12}",
     ]
-    if "sequential" in result:
-        lines.append(_row("sequential (1 at once)", result["sequential"], None))
-        lines.append(_row("burst (200 at once)", result["burst_200"], GOALS["p95_200"]))
-    if f"burst_{n}" in result:
-        lines.append(_row(f"burst ({n} at once)", result[f"burst_{n}"], GOALS["p95_1000"]))
+
+    def each(key: str) -> list[Any]:
+        return [r[key] for r in runs if key in r]
+
+    rows = (
+        ("sequential", "sequential (1 at once)", None),
+        ("burst_200", "burst (200 at once)", GOALS["p95_200"]),
+        (f"burst_{n}", f"burst ({n} at once)", GOALS["p95_1000"]),
+    )
+    for key, label, goal in rows:
+        if each(key):
+            lines += _row(label, each(key), goal)
+    pairs = [(r["burst_200"], r["sequential"]) for r in runs if "sequential" in r]
+    if pairs:
+        ratios = [percentile(b, 95) / percentile(q, 95) for b, q in pairs]
+        lines.append(f"burst 200 / sequential p95 ratio: {_spread(ratios)}")
     lines.append("CPU share during each scenario (CPU seconds per wall second; 2 cores = 2.00):")
     jobs = {"sequential": SEQUENTIAL, "burst_200": 200, f"burst_{n}": n, f"catch_up_{n}": n}
     for key, count in jobs.items():
-        if f"{key}_cpu" in result:
-            lines.append(f"  {key:<16} {_cpu(result[f'{key}_cpu'], count)}")
-    if f"rss_{n}_mib" in result:
-        rss, peak = result[f"rss_{n}_mib"]
-        ok = "ok" if rss < GOALS["rss_1000_mib"] else "MISSED"
-        lines.append(f"operator RSS with {n} jobs: {rss:.0f} MiB (peak {peak:.0f}); goal < 150 MiB  {ok}")
-    if f"catch_up_{n}" in result:
-        t = result[f"catch_up_{n}"]
+        if each(f"{key}_cpu"):
+            lines.append(f"  {key:<16} {_cpu(each(f'{key}_cpu'), count)}")
+    if each(f"rss_{n}_mib"):
+        rss = [r for r, _peak in each(f"rss_{n}_mib")]
+        peak = max(p for _r, p in each(f"rss_{n}_mib"))
+        ok = "ok" if statistics.median(rss) < GOALS["rss_1000_mib"] else "MISSED"
+        lines.append(
+            f"operator RSS with {n} jobs: median {statistics.median(rss):.0f} MiB (peak {peak:.0f}); "
+            f"goal < 150 MiB  {ok}; {_spread(rss)}"
+        )
+    if each(f"catch_up_{n}"):
+        t = statistics.median(each(f"catch_up_{n}"))
         ok = "ok" if t < GOALS["catch_up_1000"] else "MISSED"
         lines.append(
-            f"catch-up after a restart with {n} jobs (process start -> every next-stage Job): {t:.2f} s; "
-            f"goal < 5 s  {ok}"
+            f"catch-up after a restart with {n} jobs (process start -> every next-stage Job): median "
+            f"{t:.2f} s; goal < 5 s  {ok}; {_spread(each(f'catch_up_{n}'))}"
         )
-    lines.append(f"duplicate Job creations: {result['duplicate_posts']}")
-    lines.append(f"load after: {result['load_after']}")
+    lines.append(f"duplicate Job creations: {sum(r['duplicate_posts'] for r in runs)}")
+    lines.append(f"load after: {load[1]}")
     return lines
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenario", choices=("small", "large", "all"), default="all")
     p.add_argument("--jobs", type=int, default=1000, help="DistillationJobs in the large scenario")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each scenario (for the run-to-run spread)")
     p.add_argument("--profile", type=Path, help="directory for yappi profiles of the operator")
     p.add_argument("--keep-logs", type=Path, help="directory to copy the operator's logs to")
     args = p.parse_args(argv if argv is not None else [])  # `python -m bench` calls main() without flags
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # tests.operator.* (the emulator and the harness)
-    result: dict[str, Any] = {"load_before": os.getloadavg(), "duplicate_posts": 0}
+    load_before = _uptime()
     scenarios = ["small", "large"] if args.scenario == "all" else [args.scenario]
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
-        for scenario in scenarios:
-            workdir = Path(tmp) / scenario
-            workdir.mkdir()
-            profile = None
-            if args.profile is not None:
-                args.profile.mkdir(parents=True, exist_ok=True)
-                profile = args.profile / scenario
-            out = _run(scenario, workdir, profile, args.jobs, args.keep_logs)
-            result["duplicate_posts"] += out.pop("duplicate_posts")
-            result.update(out)
-    result["load_after"] = os.getloadavg()
-    print("\n".join(report(result, args.jobs)))
-    if result["duplicate_posts"]:
-        raise RuntimeError(f"{result['duplicate_posts']} duplicate Job creations")
-    return result
+        for i in range(args.repeat):
+            result: dict[str, Any] = {"duplicate_posts": 0}
+            for scenario in scenarios:
+                workdir = Path(tmp) / f"{scenario}-{i}"
+                workdir.mkdir()
+                profile = None
+                if args.profile is not None:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    profile = args.profile / f"{scenario}-{i}"
+                out = _run(scenario, workdir, profile, args.jobs, args.keep_logs)
+                result["duplicate_posts"] += out.pop("duplicate_posts")
+                result.update(out)
+            runs.append(result)
+    print("\n".join(report(runs, args.jobs, (load_before, _uptime()))))
+    duplicates = sum(r["duplicate_posts"] for r in runs)
+    if duplicates:
+        raise RuntimeError(f"{duplicates} duplicate Job creations")
+    return runs
 
 
 if __name__ == "__main__":
