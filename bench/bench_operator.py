@@ -424,7 +424,7 @@ def _run(scenario: str, workdir: Path, profile: Path | None, n: int, keep: Path 
 def _spread(values: list[float]) -> str:
     """min / median / max over runs, and the range as a share of the median (the run-to-run noise)."""
     if len(values) < 2:
-        return "1 run: no spread (--repeat N)"
+        return f"{values[0]:.1f} (1 run: no spread; --repeat N)" if values else "-"
     mid = statistics.median(values)
     rel = (max(values) - min(values)) / mid * 100 if mid else float("nan")
     return (

@@ -45,7 +45,7 @@ import kopf
 
 from nnunet_distill_operator import api, k8s, metrics
 from nnunet_distill_operator.effects import JobInvalid, JobRejected, apply_decision
-from nnunet_distill_operator.operator_state import Clients, Key, State
+from nnunet_distill_operator.operator_state import Clients, Key, State, kept_job
 from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, decide
 
 log = logging.getLogger("nnunet_distill_operator")
@@ -86,6 +86,23 @@ def configure(config: OperatorConfig) -> None:
 # --------------------------------------------------------------------------------------------- kopf
 
 
+class WatchOnlyDiffBase(kopf.DiffBaseStorage):
+    """No essence, no last-handled state: this operator has no change-detecting handlers (on.create/update/
+    field), only `on.event` and indexes, so kopf never diffs. kopf still builds each event's essence (a deep
+    copy of the whole body, Jobs with their pod templates) and diffs it; under a burst that was a quarter of
+    the operator's CPU for a result nothing reads. Storing nothing also keeps kopf's last-handled annotation
+    off the objects, as before."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.login(registry=REGISTRY)
 def login(**kwargs: Any) -> Any:
     """In-cluster service account first, else the kubeconfig ($KUBECONFIG read at call time)."""
@@ -105,6 +122,7 @@ async def startup(
     **_: Any,
 ) -> None:
     settings.posting.enabled = False  # Events are posted by us (effects.post_event: deterministic names)
+    settings.persistence.diffbase_storage = WatchOnlyDiffBase()
     settings.execution.max_workers = max(settings.execution.max_workers or 0, 8)
     state = State(
         clients=Clients(CONFIG.kubeconfig, CONFIG.context),
@@ -156,7 +174,7 @@ def _by_owning_job(
     owner = annotations.get(k8s.ANNOTATION_JOB_NAME)
     if not owner:
         return None
-    return {(namespace, owner): (labels[k8s.LABEL_STAGE], _plain(body))}
+    return {(namespace, owner): (labels[k8s.LABEL_STAGE], body)}
 
 
 @kopf.index(
@@ -169,7 +187,7 @@ def _by_owning_job(
 def stage_jobs_idx(
     namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body, **_: Any
 ) -> dict[Any, Any] | None:
-    return _by_owning_job(namespace, annotations, labels, body)
+    return _by_owning_job(namespace, annotations, labels, _plain(kept_job(body)))
 
 
 @kopf.index(
@@ -178,7 +196,7 @@ def stage_jobs_idx(
 def stage_pods_idx(
     namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body, **_: Any
 ) -> dict[Any, Any] | None:
-    return _by_owning_job(namespace, annotations, labels, body)
+    return _by_owning_job(namespace, annotations, labels, _plain(body))
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=REGISTRY)
@@ -189,7 +207,9 @@ def on_distillationjob(
     if type == "DELETED" or (body.get("metadata") or {}).get("deletionTimestamp"):
         _forget(state, namespace, name, uid)
         return
-    reconcile_one(state, _plain(body), trigger="distillationjob")
+    # kopf updates the indexes before it calls the handlers: the index holds this event's body, copied.
+    indexed = list(state.djs_index.get((namespace, name), ())) if state.djs_index is not None else []
+    reconcile_one(state, indexed[-1] if indexed else _plain(body), trigger="distillationjob")
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={k8s.LABEL_JOB: kopf.PRESENT}, registry=REGISTRY)

@@ -24,7 +24,7 @@ from typing import Any
 from nnunet_distill_operator import api, k8s, metrics
 from nnunet_distill_operator.distributed import rendezvous_service
 from nnunet_distill_operator.job_errors import build_error_fields, status_causes
-from nnunet_distill_operator.operator_state import COMPONENT, Key, State
+from nnunet_distill_operator.operator_state import COMPONENT, Key, State, kept_job
 from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, Event, event_name
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, parse_time
 
@@ -138,11 +138,11 @@ def _create_job(
         if exc.status != 409:
             raise
         log.info("Job %s already exists (created concurrently); adopting it", manifest["metadata"]["name"])
-        created_body = manifest
+        created_body = kept_job(manifest)
     except (ValueError, TypeError) as exc:  # the client's models refused the body (pydantic)
         raise JobInvalid(stage, build_error_fields(exc, stage)) from None
     else:
-        created_body = json.loads(created.data)
+        created_body = kept_job(json.loads(created.data))
         metrics.JOBS_CREATED.labels(stage).inc()
         if decision.stages and stage == decision.stages[0].name:
             created_at = parse_time((cr.get("metadata") or {}).get("creationTimestamp"))

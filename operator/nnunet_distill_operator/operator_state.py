@@ -13,12 +13,18 @@ import json
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from nnunet_distill_operator import __version__
 
 COMPONENT = "nnunet-distill-operator"
+# How often the client may re-check its token. The kubernetes client calls its refresh hook before every
+# request, and the kubeconfig loader's hook re-sets the host each time, which re-reads the proxy environment:
+# a large share of the operator's CPU under a burst. Both loaders refresh well ahead of expiry (the in-cluster
+# one every minute, the kubeconfig one 5 minutes before `expiry`), so checking every 10 s loses nothing.
+TOKEN_CHECK_SECONDS = 10.0
 USER_AGENT = f"{COMPONENT}/{__version__}"
 Key = tuple[str, str, str]  # (namespace, name, uid) of a DistillationJob
 
@@ -37,6 +43,8 @@ class Clients:
                 (p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p), None
             )
             config.load_kube_config(config_file=path, context=context, client_configuration=cfg)
+        if cfg.refresh_api_key_hook is not None:
+            cfg.refresh_api_key_hook = _at_most_every(TOKEN_CHECK_SECONDS, cfg.refresh_api_key_hook)
         self.api_client = client.ApiClient(cfg)
         self.api_client.user_agent = USER_AGENT  # audit logs (and the RBAC test) tell our calls apart
         self.custom = client.CustomObjectsApi(self.api_client)
@@ -70,6 +78,34 @@ class Clients:
 
     def close(self) -> None:
         self.api_client.close()
+
+
+def kept_job(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the operator keeps of a stage Job: everything `reconcile.decide` reads (metadata, status, and the
+    spec's scalars such as suspend and completions) without the pod template, most of a Job's size. The Jobs
+    of a thousand DistillationJobs would otherwise keep tens of MiB of templates no decision reads."""
+    spec = body.get("spec") or {}
+    return {
+        "metadata": body.get("metadata") or {},
+        "spec": {k: v for k, v in spec.items() if k != "template"},
+        "status": body.get("status") or {},
+    }
+
+
+def _at_most_every(seconds: float, hook: Any) -> Any:
+    """`hook(configuration)`, skipped when it last ran less than `seconds` ago."""
+    last = [-float("inf")]
+    guard = threading.Lock()
+
+    def throttled(configuration: Any) -> None:
+        with guard:
+            now = time.monotonic()
+            if now - last[0] < seconds:
+                return
+            last[0] = now
+            hook(configuration)
+
+    return throttled
 
 
 @dataclass
