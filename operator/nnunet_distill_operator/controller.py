@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -385,13 +386,14 @@ def _fingerprint(
     pods: Mapping[str, list[dict[str, Any]]],
     invalid: Mapping[str, str],
     rejected: Mapping[str, str] | None,
-) -> str:
-    """Everything `decide` reads, except the time: the DistillationJob without its resourceVersion (its
-    status is already overlaid with the operator's own writes), and the versions of its Jobs and pods."""
+) -> bytes:
+    """A digest of everything `decide` reads, except the time: the DistillationJob without its
+    resourceVersion (its status is already overlaid with the operator's own writes), and the versions of its
+    Jobs and pods. A digest, not the text: one is remembered per settled DistillationJob."""
     meta = {
         k: v for k, v in (cr.get("metadata") or {}).items() if k not in ("resourceVersion", "managedFields")
     }
-    return json.dumps(
+    text = json.dumps(
         [
             meta,
             cr.get("spec"),
@@ -404,6 +406,7 @@ def _fingerprint(
         sort_keys=True,
         default=str,
     )
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def _without_creations(decision: Decision) -> Decision:
@@ -418,11 +421,19 @@ def _without_creations(decision: Decision) -> Decision:
 
 def _with_own_writes(state: State, body: dict[str, Any], key: Key) -> dict[str, Any]:
     """The body with the operator-owned status fields it last wrote. Shallow: `decide` never mutates its
-    input, and neither the index's snapshot nor `owned_status` is changed in place."""
+    input, and neither the index's snapshot nor `owned_status` is changed in place.
+
+    Once the watch stream has caught up (the body holds exactly what was written), the remembered write is
+    re-pointed at the body's own values: the same content, held once instead of twice per job."""
     cr = dict(body)
     owned = state.owned_status.get(key)
     if owned is not None:
-        status = {f: v for f, v in (cr.get("status") or {}).items() if f not in OWNED_STATUS_FIELDS}
+        watched = cr.get("status") or {}
+        caught_up = {f: v for f, v in watched.items() if f in OWNED_STATUS_FIELDS}
+        if caught_up == owned:
+            state.owned_status[key] = caught_up
+            return cr
+        status = {f: v for f, v in watched.items() if f not in OWNED_STATUS_FIELDS}
         status.update(owned)
         cr["status"] = status
     return cr

@@ -130,8 +130,8 @@ class State:
     # Transient failures (API errors, refusals that may clear): (consecutive count, when to retry, why).
     failures: dict[Key, tuple[int, float, str]] = field(default_factory=dict)
     failed_generation: dict[Key, int | None] = field(default_factory=dict)
-    # The inputs of the last pass that had nothing to do (controller._fingerprint).
-    settled: dict[Key, str] = field(default_factory=dict)
+    # The digest of the inputs of the last pass that had nothing to do (controller._fingerprint).
+    settled: dict[Key, bytes] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop | None = None
     wakeup: asyncio.Event | None = None
     deleted: set[Key] = field(default_factory=set)
