@@ -14,7 +14,8 @@ Design (see reconcile.py for the logic, effects.py for the side effects):
   `kubectl delete`.
 
 What is kopf's and what is ours:
-- kopf: watching, indexes, the thread pool, login, liveness probe, settings (`startup`), startup/cleanup.
+- kopf: watching, indexes, the thread pool, login, liveness probe, settings (`startup`; its diff base stores
+  and builds nothing, `WatchOnlyDiffBase`, as no handler here detects changes), startup/cleanup.
 - Ours, because kopf's does not fit:
   - retries with backoff (`State.failed`): kopf retries (`kopf.TemporaryError`, backoff) only change
     handlers (on.create/update/resume), which persist their progress in annotations on every object;
@@ -46,7 +47,7 @@ import kopf
 
 from nnunet_distill_operator import api, k8s, metrics
 from nnunet_distill_operator.effects import JobInvalid, JobRejected, apply_decision
-from nnunet_distill_operator.operator_state import Clients, Key, State, kept_job
+from nnunet_distill_operator.operator_state import Clients, Key, State, WatchOnlyDiffBase, kept_job
 from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, decide
 
 log = logging.getLogger("nnunet_distill_operator")
@@ -85,23 +86,6 @@ def configure(config: OperatorConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------- kopf
-
-
-class WatchOnlyDiffBase(kopf.DiffBaseStorage):
-    """No essence, no last-handled state: this operator has no change-detecting handlers (on.create/update/
-    field), only `on.event` and indexes, so kopf never diffs. kopf still builds each event's essence (a deep
-    copy of the whole body, Jobs with their pod templates) and diffs it; under a burst that was a quarter of
-    the operator's CPU for a result nothing reads. Storing nothing also keeps kopf's last-handled annotation
-    off the objects, as before."""
-
-    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
-        return kopf.BodyEssence()
-
-    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
-        return None
-
-    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
-        return None
 
 
 @kopf.on.login(registry=REGISTRY)

@@ -3,7 +3,8 @@
 kopf keeps the watched objects (in its indexes); this keeps what kopf cannot know: the status fields the
 operator itself last wrote, the Jobs it created whose ADDED event has not arrived yet, refusals and
 transient failures with their backoff. It lives in kopf's memo, so a restarted operator starts empty and
-rebuilds everything from the cluster.
+rebuilds everything from the cluster. Also here: what is kept of a Job (`kept_job`) and what kopf keeps of
+each object (`WatchOnlyDiffBase`: nothing).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import kopf
 
 from nnunet_distill_operator import __version__
 
@@ -78,6 +81,23 @@ class Clients:
 
     def close(self) -> None:
         self.api_client.close()
+
+
+class WatchOnlyDiffBase(kopf.DiffBaseStorage):
+    """No essence, no last-handled state: this operator has no change-detecting handlers (on.create/update/
+    field), only `on.event` and indexes, so kopf never diffs. kopf still builds each event's essence (a deep
+    copy of the whole body, Jobs with their pod templates) and diffs it; under a burst that was a quarter of
+    the operator's CPU for a result nothing reads. Storing nothing also keeps kopf's last-handled annotation
+    off the objects, as before."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 def kept_job(body: Mapping[str, Any]) -> dict[str, Any]:
