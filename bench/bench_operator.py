@@ -371,14 +371,19 @@ class Bench:
         list(self.pool.map(complete, range(n)))
 
 
+def _usage(bench: Bench) -> Usage:
+    """The operator, the emulator, and this process (the client playing the users and the Job controller)."""
+    return Usage({"operator": bench.operator.pid, "emulator": bench.server.pid, "client": os.getpid()})
+
+
 def _scenario_small(bench: Bench, out: dict[str, Any]) -> None:
     bench.operator.start()
     bench.create("warmup", "w")
     bench.wait_jobs(["w"], FIRST, 120)
-    usage = Usage({"operator": bench.operator.pid, "emulator": bench.server.pid})
+    usage = _usage(bench)
     out["sequential"] = bench.sequential(SEQUENTIAL)
     out["sequential_cpu"] = usage.shares()
-    usage = Usage({"operator": bench.operator.pid, "emulator": bench.server.pid})
+    usage = _usage(bench)
     out["burst_200"] = bench.burst("b200", 200)
     out["burst_200_cpu"] = usage.shares()
     bench.wait_status(1 + SEQUENTIAL + 200, 300)
@@ -388,7 +393,7 @@ def _scenario_large(bench: Bench, out: dict[str, Any], n: int) -> None:
     bench.operator.start()
     bench.create("warmup", "w")
     bench.wait_jobs(["w"], FIRST, 120)
-    usage = Usage({"operator": bench.operator.pid, "emulator": bench.server.pid})
+    usage = _usage(bench)
     out[f"burst_{n}"] = bench.burst(f"b{n}", n)
     out[f"burst_{n}_cpu"] = usage.shares()
     bench.wait_status(1 + n, 600)
@@ -396,7 +401,7 @@ def _scenario_large(bench: Bench, out: dict[str, Any], n: int) -> None:
     bench.operator.stop()
     bench.complete_first_stage(f"b{n}", n)
     bench.operator.start()
-    usage = Usage({"operator": bench.operator.pid, "emulator": bench.server.pid})
+    usage = _usage(bench)
     bench.wait_jobs([f"b-{i:04d}" for i in range(n)], NEXT, 600)
     out[f"catch_up_{n}"] = time.time() - bench.operator.started_at
     out[f"catch_up_{n}_cpu"] = usage.shares()
@@ -446,13 +451,13 @@ def _row(label: str, runs: list[list[float]], goal: float | None) -> list[str]:
 
 
 def _cpu(shares: list[dict[str, float]], jobs: int) -> str:
-    """Means over runs: the operator's and the emulator's CPU share, and the operator's CPU per job."""
-    per_job = statistics.mean(s["operator_s"] for s in shares) / jobs * 1000
-    operator = statistics.mean(s["operator"] for s in shares)
-    emulator = statistics.mean(s["emulator"] for s in shares)
-    return (
-        f"operator {operator:.2f} CPU ({per_job:.1f} ms CPU per DistillationJob), emulator {emulator:.2f} CPU"
-    )
+    """Means over runs: each process's CPU share and its CPU per DistillationJob."""
+
+    def share(name: str) -> str:
+        per_job = statistics.mean(s[f"{name}_s"] for s in shares) / jobs * 1000
+        return f"{name} {statistics.mean(s[name] for s in shares):.2f} CPU ({per_job:.1f} ms/job)"
+
+    return ", ".join(share(name) for name in ("operator", "emulator", "client"))
 
 
 def report(runs: list[dict[str, Any]], n: int, load: tuple[str, str]) -> list[str]:

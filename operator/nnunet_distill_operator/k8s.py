@@ -8,7 +8,6 @@ retries, a non-root pod without privilege escalation, Kueue admission, credentia
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import re
 import shlex
@@ -294,7 +293,10 @@ def job_for(
         },
         "spec": job_spec,
     }
-    # Several nodes: Indexed, all pods at once, a subdomain for the rendezvous Service (distributed.py).
+    # Several nodes: Indexed, all pods at once, a subdomain for the rendezvous Service (distributed.py). One
+    # node: the Job as built (`with_rendezvous` returns a deep copy, needless for a dict made just above).
+    if stage.resources.nodes <= 1:
+        return job
     return with_rendezvous(job, stage.resources.gpus, stage.resources.nodes)
 
 
@@ -437,24 +439,27 @@ def trainer_identity(
     if spec.service_account_name or defaults.service_account:
         return ()
     name = identity_name(owner.name)
-    meta = {
-        "name": name,
-        "namespace": owner.namespace,
-        "labels": labels(owner, "trainer"),
-        "annotations": {ANNOTATION_JOB_NAME: owner.name, ANNOTATION_JOB_UID: owner.uid},
-        "ownerReferences": [owner_reference(owner)],
-    }
+
+    def meta() -> dict[str, Any]:  # a fresh one per object: they must not share dicts
+        return {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": labels(owner, "trainer"),
+            "annotations": {ANNOTATION_JOB_NAME: owner.name, ANNOTATION_JOB_UID: owner.uid},
+            "ownerReferences": [owner_reference(owner)],
+        }
+
     return (
         {
             "apiVersion": "v1",
             "kind": "ServiceAccount",
-            "metadata": copy.deepcopy(meta),
+            "metadata": meta(),
             "automountServiceAccountToken": False,
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
-            "metadata": copy.deepcopy(meta),
+            "metadata": meta(),
             "rules": [
                 {
                     "apiGroups": [api.GROUP],
@@ -467,7 +472,7 @@ def trainer_identity(
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
-            "metadata": copy.deepcopy(meta),
+            "metadata": meta(),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
         },

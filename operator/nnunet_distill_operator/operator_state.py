@@ -124,6 +124,8 @@ def _at_most_every(seconds: float, hook: Any) -> Any:
                 return
             last[0] = now
             hook(configuration)
+            # The kubeconfig loader's hook installs a new hook of its own on every call: keep this one.
+            configuration.refresh_api_key_hook = throttled
 
     return throttled
 
