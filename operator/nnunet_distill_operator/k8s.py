@@ -293,10 +293,8 @@ def job_for(
         },
         "spec": job_spec,
     }
-    # Several nodes: Indexed, all pods at once, a subdomain for the rendezvous Service (distributed.py). One
-    # node: the Job as built (`with_rendezvous` returns a deep copy, needless for a dict made just above).
-    if stage.resources.nodes <= 1:
-        return job
+    # Several nodes: Indexed, all pods at once, a subdomain for the rendezvous Service (distributed.py). Its
+    # deep copy also un-shares the dicts the containers share (env, mounts): `render` prints no YAML aliases.
     return with_rendezvous(job, stage.resources.gpus, stage.resources.nodes)
 
 
