@@ -321,69 +321,112 @@ def _redact(text: str) -> str:
     return _URL_RE.sub(r"\1?…", text)
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """What an exception says, parsed once: the service's error code and HTTP status, where it happened."""
+
+    text: str
+    type_name: str
+    code: str | None
+    status: int | None
+    family: str
+    where: str
+    hint: str
+    endpoint: str | None
+
+    @property
+    def detail(self) -> str:
+        if self.status and self.code:
+            return f"{self.status} {self.code}"
+        return self.code or (str(self.status) if self.status else "")
+
+
+def _failure_of(
+    exc: BaseException, target: Target, env: Mapping[str, str], action: str, key: str
+) -> _Failure:
+    text = str(exc)
+    code_m, status_m = _CODE_RE.search(text), _STATUS_RE.search(text)
+    family = _FAMILY.get(target.scheme, target.scheme)
+    return _Failure(
+        text=text,
+        type_name=type(exc).__name__,
+        code=code_m.group(1) if code_m else None,
+        status=int(status_m.group(1)) if status_m else None,
+        family=family,
+        where=f"{action} {target.uri_of(key)}",
+        hint=_CREDENTIAL_HINT.get(family, ""),
+        endpoint=endpoint_of(env, family),
+    )
+
+
+def _service_refusal(f: _Failure, target: Target) -> PublishError | None:
+    """The service answered and refused: no such bucket, bad credentials, access denied."""
+    code, status, where, detail = f.code, f.status, f.where, f.detail
+    if code in _BUCKET_CODES or (
+        status == 404 and "bucket" in f.text.lower() and "does not exist" in f.text.lower()
+    ):
+        return PublishError(
+            Reason.BUCKET_NOT_FOUND,
+            f"bucket {target.bucket!r} does not exist{' at ' + f.endpoint if f.endpoint else ''} "
+            f"({where}: {detail}); "
+            "create it or fix the URI",
+            http_status=status,
+        )
+    if code in _CREDENTIAL_CODES or f.type_name == "UnauthenticatedError" or status == 401:
+        return PublishError(
+            Reason.INVALID_CREDENTIALS,
+            f"the storage service rejected the credentials ({where}: {detail}); {f.hint}",
+            http_status=status,
+        )
+    if code in _PERMISSION_CODES or f.type_name == "PermissionDeniedError" or status == 403:
+        return PublishError(
+            Reason.INVALID_CREDENTIALS if f.family != "file" else Reason.PERMISSION_DENIED,
+            f"access denied ({where}: {detail or 'forbidden'}); {f.hint} and that they may put and get "
+            "objects under the prefix",
+            http_status=status,
+        )
+    return None
+
+
+def _no_answer(f: _Failure, exc: BaseException, target: Target) -> PublishError | None:
+    """No service answer: a local permission error, no credentials found, or an endpoint out of reach."""
+    if isinstance(exc, PermissionError):
+        return PublishError(Reason.PERMISSION_DENIED, f"permission denied ({f.where}); {f.hint}")
+    lowered = f.text.lower()
+    if f.status is None and any(
+        h in lowered for h in ("credential", "imds", "missing secretaccesskey", "missing accesskey")
+    ):
+        return PublishError(
+            Reason.INVALID_CREDENTIALS,
+            f"no usable credentials for {target.base} ({f.where}); {f.hint}",
+        )
+    if f.status is None and any(h in lowered for h in _UNREACHABLE_HINTS):
+        target_host = f.endpoint or f"the {f.family} service"
+        return PublishError(
+            Reason.ENDPOINT_UNREACHABLE,
+            f"cannot reach {target_host} ({f.where}); check {ENDPOINT_NAME[f.family]} and the network path"
+            if f.family in ENDPOINT_NAME
+            else f"cannot reach {target_host} ({f.where}); check the network path",
+        )
+    return None
+
+
 def classify(
     exc: BaseException, *, target: Target, env: Mapping[str, str], action: str, key: str
 ) -> PublishError:
     """Map an obstore/OS exception to a PublishError with a reason and a one-line, secret-free message."""
     if isinstance(exc, PublishError):
         return exc
-    text = str(exc)
-    code_m, status_m = _CODE_RE.search(text), _STATUS_RE.search(text)
-    code = code_m.group(1) if code_m else None
-    status = int(status_m.group(1)) if status_m else None
-    family = _FAMILY.get(target.scheme, target.scheme)
-    where = f"{action} {target.uri_of(key)}"
-    hint = _CREDENTIAL_HINT.get(family, "")
-    endpoint = endpoint_of(env, family)
-    detail = f"{status} {code}" if status and code else (code or (str(status) if status else ""))
-    type_name = type(exc).__name__
-
-    if code in _BUCKET_CODES or (
-        status == 404 and "bucket" in text.lower() and "does not exist" in text.lower()
-    ):
-        return PublishError(
-            Reason.BUCKET_NOT_FOUND,
-            f"bucket {target.bucket!r} does not exist{' at ' + endpoint if endpoint else ''} "
-            f"({where}: {detail}); "
-            "create it or fix the URI",
-            http_status=status,
-        )
-    if code in _CREDENTIAL_CODES or type_name == "UnauthenticatedError" or status == 401:
-        return PublishError(
-            Reason.INVALID_CREDENTIALS,
-            f"the storage service rejected the credentials ({where}: {detail}); {hint}",
-            http_status=status,
-        )
-    if code in _PERMISSION_CODES or type_name == "PermissionDeniedError" or status == 403:
-        return PublishError(
-            Reason.INVALID_CREDENTIALS if family != "file" else Reason.PERMISSION_DENIED,
-            f"access denied ({where}: {detail or 'forbidden'}); {hint} and that they may put and get objects "
-            "under the prefix",
-            http_status=status,
-        )
-    if isinstance(exc, PermissionError):
-        return PublishError(Reason.PERMISSION_DENIED, f"permission denied ({where}); {hint}")
-    lowered = text.lower()
-    if status is None and any(
-        h in lowered for h in ("credential", "imds", "missing secretaccesskey", "missing accesskey")
-    ):
-        return PublishError(
-            Reason.INVALID_CREDENTIALS,
-            f"no usable credentials for {target.base} ({where}); {hint}",
-        )
-    if status is None and any(h in lowered for h in _UNREACHABLE_HINTS):
-        target_host = endpoint or f"the {family} service"
-        return PublishError(
-            Reason.ENDPOINT_UNREACHABLE,
-            f"cannot reach {target_host} ({where}); check {ENDPOINT_NAME[family]} and the network path"
-            if family in ENDPOINT_NAME
-            else f"cannot reach {target_host} ({where}); check the network path",
-        )
+    f = _failure_of(exc, target, env, action, key)
+    known = _service_refusal(f, target) or _no_answer(f, exc, target)
+    if known is not None:
+        return known
+    status = f.status
     transient = status is None or status >= 500 or status in (408, 429)
-    first_line = _redact(text.splitlines()[0] if text else type_name)[:200]
+    first_line = _redact(f.text.splitlines()[0] if f.text else f.type_name)[:200]
     return PublishError(
         Reason.UPLOAD_FAILED,
-        f"{where} failed: {detail or type_name} ({first_line})",
+        f"{f.where} failed: {f.detail or f.type_name} ({first_line})",
         transient=transient,
         http_status=status,
     )
