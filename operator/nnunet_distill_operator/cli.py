@@ -83,9 +83,14 @@ def parse_job(path: str) -> tuple[str, Any]:
 
 
 def detect_device(choice: str) -> str:
-    """auto -> cuda when an NVIDIA GPU answers nvidia-smi, else cpu (never assume CUDA)."""
-    if choice != "auto":
-        return choice
+    """auto -> cuda when an NVIDIA GPU answers nvidia-smi, else cpu (the contract's one device rule, with
+    nvidia-smi as the probe: the operator never imports torch)."""
+    from nnunet_distill.contract import choose_device
+
+    return choose_device(None if choice == "auto" else choice, _nvidia_gpu_answers)
+
+
+def _nvidia_gpu_answers() -> bool:
     import shutil
     import subprocess
 
@@ -93,10 +98,10 @@ def detect_device(choice: str) -> str:
     if smi:
         try:
             if subprocess.run([smi, "-L"], capture_output=True, timeout=10, check=False).returncode == 0:
-                return "cuda"
+                return True
         except (OSError, subprocess.SubprocessError):
             pass
-    return "cpu"
+    return False
 
 
 # -------------------------------------------------------------------------------------------- commands

@@ -41,6 +41,7 @@ from nnunet_distill.contract import (
     ENV_JOB_STAGE,
     ENV_JOB_UID,
     ENV_TERMINATION_PATH,
+    replacing,
 )
 
 from nnunet_distill_operator.distributed import free_port, local_node_envs
@@ -170,9 +171,10 @@ class LocalStatus:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Through the contract's one atomic replace: a reader (a user watching the file, the tests) may read the
+    status while the run rewrites it."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def _now() -> datetime:

@@ -454,3 +454,26 @@ def test_resenc_planners_are_nnunets_own() -> None:
         assert default == plans
         spec = _spec({"student": {"architecture": "resenc"}, "teachers": {"plans": plans}})
         assert spec.planner == planner
+
+
+def test_one_device_rule_for_the_trainer_and_the_operator(monkeypatch, tmp_path) -> None:
+    """No device asked for means cuda when a GPU answers, else cpu, on both sides: the trainer probes with
+    torch, the operator (which never imports torch) with nvidia-smi; explicit choices are checked alike."""
+    import torch
+    from nnunet_distill import contract
+    from nnunet_distill.config import ConfigError, parse_device_string
+    from nnunet_distill.nnunet_env import select_device
+    from nnunet_distill_operator import cli
+
+    assert contract.choose_device(None, lambda: True) == "cuda"
+    assert contract.choose_device("", lambda: False) == "cpu"
+    assert contract.choose_device("cuda:1", lambda: False) == "cuda:1"  # explicit: kept, not probed
+    assert contract.parse_device(" CUDA:2 ") == ("cuda", 2)
+    with pytest.raises(ValueError, match="cpu, cuda, cuda:N or mps"):
+        contract.choose_device("gpu", lambda: True)
+    with pytest.raises(ConfigError, match="-d_device must be cpu, cuda, cuda:N or mps, got 'gpu'"):
+        parse_device_string("gpu")
+    assert str(select_device(None)) == contract.choose_device(None, torch.cuda.is_available)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi on the PATH
+    assert cli.detect_device("auto") == "cpu"
+    assert cli.detect_device("cuda") == "cuda" and cli.detect_device("cpu") == "cpu"

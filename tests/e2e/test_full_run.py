@@ -40,6 +40,7 @@ from tests.operator.harness import (
     dj_key,
     get,
     pod_for,
+    terminated_status,
     wait_for,
     write_kubeconfig,
 )
@@ -173,26 +174,9 @@ class Kubelet:
                     failed_container = container["name"]
                     break
             await self.clients.create_pod(pod)
-            terminated = {
-                "exitCode": code,
-                "reason": "Completed" if code == 0 else "Error",
-                "message": message,
-            }
             await self.clients.patch_pod_status(
                 pod["metadata"]["name"],
-                {
-                    "phase": "Succeeded" if code == 0 else "Failed",
-                    "containerStatuses": [
-                        {
-                            "name": "main",
-                            "ready": False,
-                            "restartCount": 0,
-                            "image": "x",
-                            "imageID": "",
-                            "state": {"terminated": terminated},
-                        }
-                    ],
-                },
+                terminated_status(code, message, reason="Completed" if code == 0 else "Error"),
             )
             ok = ok and code == 0
             if failed_container:

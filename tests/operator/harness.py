@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -265,3 +266,36 @@ def pod_for(job: dict[str, Any], index: int = 0, suffix: str = "abcde") -> dict[
         },
         "spec": template["spec"],
     }
+
+
+def terminated_status(
+    exit_code: int, message: Any = None, *, reason: str | None = None, phase: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The status the kubelet leaves on a pod whose `main` container ended: what tests patch into the API
+    server (and feed to the pure reconcile). `message` is the termination message: a dict or list is written
+    as JSON, as the trainer writes it, a string as given. `phase` defaults to Succeeded for exit code 0,
+    else Failed; `extra` adds other status fields (e.g. conditions)."""
+    terminated: dict[str, Any] = {"exitCode": exit_code}
+    if reason is not None:
+        terminated["reason"] = reason
+    if message is not None:
+        terminated["message"] = message if isinstance(message, str) else json.dumps(message)
+    return {
+        "phase": phase or ("Succeeded" if exit_code == 0 else "Failed"),
+        **extra,
+        "containerStatuses": [
+            {
+                "name": "main",
+                "ready": False,
+                "restartCount": 0,
+                "image": "x",
+                "imageID": "",
+                "state": {"terminated": terminated},
+            }
+        ],
+    }
+
+
+def ended_pod(name: str, exit_code: int, message: Any = None, **status: Any) -> dict[str, Any]:
+    """A pod of a finished stage as the reconcile reads it: its name and :func:`terminated_status`."""
+    return {"metadata": {"name": name}, "status": terminated_status(exit_code, message, **status)}

@@ -22,6 +22,7 @@ from tests.operator.harness import (
     get,
     job_key,
     pod_for,
+    terminated_status,
     wait_for,
 )
 
@@ -145,21 +146,7 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(
     }
     await clients.patch_pod_status(
         gate_pod["metadata"]["name"],
-        {
-            "phase": "Succeeded",
-            "containerStatuses": [
-                {
-                    "name": "main",
-                    "ready": False,
-                    "restartCount": 0,
-                    "image": "x",
-                    "imageID": "",
-                    "state": {
-                        "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(verdict)}
-                    },
-                }
-            ],
-        },
+        terminated_status(0, verdict, reason="Completed"),
     )
     await asyncio.sleep(0.1)
     await complete(clients, kmock, "liver", "gate")
@@ -186,21 +173,7 @@ async def test_stages_run_in_order_with_gpus_mounts_env_and_owner(
     }
     await clients.patch_pod_status(
         pod["metadata"]["name"],
-        {
-            "phase": "Succeeded",
-            "containerStatuses": [
-                {
-                    "name": "main",
-                    "ready": False,
-                    "restartCount": 0,
-                    "image": "x",
-                    "imageID": "",
-                    "state": {
-                        "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)}
-                    },
-                }
-            ],
-        },
+        terminated_status(0, summary, reason="Completed"),
     )
     await asyncio.sleep(0.1)
     await complete(clients, kmock, "liver", "publish")
@@ -290,20 +263,7 @@ async def test_pod_causes_and_failure_reach_conditions_and_events(
 
     await clients.patch_pod_status(
         pod["metadata"]["name"],
-        {
-            "phase": "Failed",
-            "conditions": [],
-            "containerStatuses": [
-                {
-                    "name": "main",
-                    "ready": False,
-                    "restartCount": 0,
-                    "image": "x",
-                    "imageID": "",
-                    "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
-                }
-            ],
-        },
+        terminated_status(137, reason="OOMKilled", conditions=[]),
     )
     await clients.patch_job_status(
         "kidney-distill",

@@ -14,7 +14,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.external import promtool
 from tests.operator.conftest import dj
-from tests.operator.harness import OperatorRunner, dj_key, exists, get, job_key, pod_for, wait_for
+from tests.operator.harness import (
+    OperatorRunner,
+    dj_key,
+    exists,
+    get,
+    job_key,
+    pod_for,
+    terminated_status,
+    wait_for,
+)
 
 
 async def scrape_text(port: int) -> str:
@@ -125,21 +134,7 @@ async def test_metrics_are_served_parsed_and_follow_the_jobs(
     }
     await clients.patch_pod_status(
         pod["metadata"]["name"],
-        {
-            "phase": "Succeeded",
-            "containerStatuses": [
-                {
-                    "name": "main",
-                    "ready": False,
-                    "restartCount": 0,
-                    "image": "x",
-                    "imageID": "",
-                    "state": {
-                        "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(summary)}
-                    },
-                }
-            ],
-        },
+        terminated_status(0, summary, reason="Completed"),
     )
 
     # Finished jobs drop out of the per-job series (bounded cardinality).
@@ -158,21 +153,7 @@ async def test_metrics_are_served_parsed_and_follow_the_jobs(
     }
     await clients.patch_pod_status(
         gate_pod["metadata"]["name"],
-        {
-            "phase": "Succeeded",
-            "containerStatuses": [
-                {
-                    "name": "main",
-                    "ready": False,
-                    "restartCount": 0,
-                    "image": "x",
-                    "imageID": "",
-                    "state": {
-                        "terminated": {"exitCode": 0, "reason": "Completed", "message": json.dumps(verdict)}
-                    },
-                }
-            ],
-        },
+        terminated_status(0, verdict, reason="Completed"),
     )
     await asyncio.sleep(0.1)
     await clients.patch_job_status("heart-gate", complete)

@@ -10,6 +10,7 @@ from typing import Any
 from nnunet_distill_operator import k8s
 from nnunet_distill_operator.reconcile import decide
 
+from tests.operator.harness import terminated_status
 from tests.operator.test_reconcile import NOW, applied, cond, cr, done, failed, job
 
 SPEC = {"dataset": {"id": 27}, "storage": {"claimName": "data"}, "output": {"uri": "s3://models/liver"}}
@@ -27,12 +28,7 @@ RESULT = {
 def _pod(phase: str, code: int, message: str, created: str = "2026-03-01T11:50:00Z") -> dict[str, Any]:
     return {
         "metadata": {"name": f"liver-publish-{code}", "creationTimestamp": created},
-        "status": {
-            "phase": phase,
-            "containerStatuses": [
-                {"name": "main", "state": {"terminated": {"exitCode": code, "message": message}}}
-            ],
-        },
+        "status": terminated_status(code, message, phase=phase),
     }
 
 

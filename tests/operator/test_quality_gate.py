@@ -21,7 +21,15 @@ from nnunet_distill_operator import api, k8s, local, metrics, plan
 from nnunet_distill_operator.reconcile import decide
 
 from tests.operator.conftest import dj
-from tests.operator.harness import Clients, OperatorRunner, get, job_key, pod_for, wait_for
+from tests.operator.harness import (
+    Clients,
+    OperatorRunner,
+    get,
+    job_key,
+    pod_for,
+    terminated_status,
+    wait_for,
+)
 from tests.operator.test_controller import COMPLETE, cond, events, job_appears, job_creations, status
 from tests.operator.test_metrics import scrape, value
 from tests.operator.test_reconcile import NOW, _progress_to, applied, cr, done, failed, job
@@ -75,12 +83,7 @@ def gate_message(summary: dict[str, Any], enforce: bool = True) -> dict[str, Any
 def gate_pod(message: dict[str, Any], code: int, name: str = "liver-gate-abcde") -> dict[str, Any]:
     return {
         "metadata": {"name": name, "creationTimestamp": "2026-03-01T11:55:00Z"},
-        "status": {
-            "phase": "Succeeded" if code == 0 else "Failed",
-            "containerStatuses": [
-                {"name": "main", "state": {"terminated": {"exitCode": code, "message": json.dumps(message)}}}
-            ],
-        },
+        "status": terminated_status(code, message),
     }
 
 
@@ -297,21 +300,7 @@ async def test_operator_fails_the_job_on_the_gates_verdict_and_never_creates_pub
     )
     await clients.patch_pod_status(
         pod["metadata"]["name"],
-        {
-            "phase": "Failed",
-            "containerStatuses": [
-                {
-                    "name": "main",
-                    "ready": False,
-                    "restartCount": 0,
-                    "image": "x",
-                    "imageID": "",
-                    "state": {
-                        "terminated": {"exitCode": 3, "reason": "Error", "message": json.dumps(message)}
-                    },
-                }
-            ],
-        },
+        terminated_status(3, message, reason="Error"),
     )
     await asyncio.sleep(0.1)  # separate watch events, as in a cluster: the pod ends before its Job does
     await clients.patch_job_status(

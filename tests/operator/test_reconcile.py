@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import copy
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nnunet_distill_operator import k8s
-from nnunet_distill_operator.reconcile import Decision, _compact, decide
 from nnunet_distill_operator.pod_issues import pod_issue
+from nnunet_distill_operator.reconcile import Decision, _compact, decide
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, observe_job
+
+from tests.operator.harness import ended_pod, terminated_status
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 UID = "uid-1"
@@ -127,69 +128,11 @@ def test_stages_advance_one_at_a_time_and_finish_with_events() -> None:
         jobs[stage] = done(manifest)
         pods = {}
         if stage == "gate":
-            pods = {
-                "gate": [
-                    {
-                        "metadata": {"name": "g"},
-                        "status": {
-                            "phase": "Succeeded",
-                            "containerStatuses": [
-                                {
-                                    "name": "main",
-                                    "state": {
-                                        "terminated": {
-                                            "exitCode": 0,
-                                            "message": json.dumps(
-                                                {
-                                                    "stage": "gate",
-                                                    "ok": True,
-                                                    "gate": {
-                                                        "passed": True,
-                                                        "enforced": True,
-                                                        "message": "quality gate passed: retention 0.990",
-                                                    },
-                                                }
-                                            ),
-                                        }
-                                    },
-                                }
-                            ],
-                        },
-                    }
-                ]
-            }
+            verdict = {"passed": True, "enforced": True, "message": "quality gate passed: retention 0.990"}
+            pods = {"gate": [ended_pod("g", 0, {"stage": "gate", "ok": True, "gate": verdict})]}
         if stage == "publish":
-            pods = {
-                "publish": [
-                    {
-                        "metadata": {"name": "p"},
-                        "status": {
-                            "phase": "Succeeded",
-                            "containerStatuses": [
-                                {
-                                    "name": "main",
-                                    "state": {
-                                        "terminated": {
-                                            "exitCode": 0,
-                                            "message": json.dumps(
-                                                {
-                                                    "stage": "publish",
-                                                    "ok": True,
-                                                    "artifacts": {
-                                                        "uri": "s3://models/liver/v1",
-                                                        "sha256": "ab" * 32,
-                                                        "sizeBytes": 123,
-                                                    },
-                                                }
-                                            ),
-                                        }
-                                    },
-                                }
-                            ],
-                        },
-                    }
-                ]
-            }
+            artifacts = {"uri": "s3://models/liver/v1", "sha256": "ab" * 32, "sizeBytes": 123}
+            pods = {"publish": [ended_pod("p", 0, {"stage": "publish", "ok": True, "artifacts": artifacts})]}
         d = decide(body, jobs, pods, NOW)
         assert "StageSucceeded" in [e.reason for e in d.events]
         assert d.finished_stages and d.finished_stages[0][:2] == (stage, "Succeeded")
@@ -231,12 +174,7 @@ def test_oom_killed_stage_fails_the_job_with_the_field_to_change() -> None:
     pod = {
         "metadata": {"name": "liver-distill-x", "creationTimestamp": "2026-03-01T11:30:00Z"},
         "spec": manifest["spec"]["template"]["spec"],
-        "status": {
-            "phase": "Failed",
-            "containerStatuses": [
-                {"name": "main", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
-            ],
-        },
+        "status": terminated_status(137, reason="OOMKilled"),
     }
     d = decide(body, jobs, {"distill": [pod]}, NOW)
     assert d.create == ()
@@ -324,28 +262,9 @@ def test_pod_issues_in_user_terms() -> None:
         },
     }
     assert "secretRef" in pod_issue(secret).message  # type: ignore[union-attr]
-    crashed = {
-        "metadata": {"name": "p"},
-        "status": {
-            "phase": "Failed",
-            "containerStatuses": [
-                {
-                    "name": "main",
-                    "state": {
-                        "terminated": {
-                            "exitCode": 1,
-                            "message": json.dumps(
-                                {
-                                    "ok": False,
-                                    "error": {"reason": "TeacherError", "message": "fold 3 not found"},
-                                }
-                            ),
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    crashed = ended_pod(
+        "p", 1, {"ok": False, "error": {"reason": "TeacherError", "message": "fold 3 not found"}}
+    )
     assert "TeacherError: fold 3 not found" in pod_issue(crashed).message  # type: ignore[union-attr]
     running = {"metadata": {"name": "p"}, "status": {"phase": "Running"}}
     assert pod_issue(running) is None

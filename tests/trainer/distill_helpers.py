@@ -3,11 +3,18 @@ stock predictor in a process where importing ``nnunet_distill`` is impossible.""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from nnunet_distill.nnunet_env import Workspace
+
+from tests.conftest import CONFIGURATION
+
+#: The r=2 student of the default plans that the resumable runs below train.
+STUDENT_FOLDER = f"nnUNetDistillationTrainer__nnUNetPlans_r2__{CONFIGURATION}"
 
 # Run as a script by `stock_predict`: nnU-Net's own nnUNetv2_predict entry point, with every import of our
 # package refused, so the student must load from its plans.json and a stock trainer name alone.
@@ -33,6 +40,28 @@ if __name__ == "__main__":  # nnU-Net's spawn workers re-import this file
 
 def console_script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
+
+
+def private_workspace(nnunet_teachers, root: Path) -> Workspace:
+    """A private copy of the session workspace (preprocessed data + trained teachers) at ``root``, without the
+    raw data and without the students other tests distilled into it: a pod that starts with none."""
+    shutil.copytree(
+        nnunet_teachers.dataset.root,
+        root,
+        ignore=shutil.ignore_patterns("nnUNet_raw", "fixtures.log", "nnUNetDistillationTrainer*"),
+    )
+    return Workspace(root)
+
+
+def resumable_distill_argv(epochs: int, iterations: int) -> list[str]:
+    """The student's command in a pod that may be killed and restarted: fold 0, r=2 on the CPU, -c_continue
+    (a fresh start when there is no checkpoint yet)."""
+    return [
+        console_script("nnUNetv2_distillation_train"),
+        *("-d", "901", "-c", CONFIGURATION, "-f", "0", "-a", "0.3", "-temp", "3.0", "-r", "2"),
+        *("-e", str(epochs), "--iterations_per_epoch", str(iterations), "--val_iterations", "1"),
+        *("-d_device", "cpu", "-disable_mirroring", "-c_continue"),
+    ]
 
 
 def run_cli(argv: list[str], env: dict, log: Path, timeout: float = 900) -> subprocess.CompletedProcess:

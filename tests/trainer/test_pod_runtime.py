@@ -31,29 +31,29 @@ from nnunet_distill.report import GROUP, PLURAL, VERSION
 
 from tests.conftest import CONFIGURATION, python_module
 from tests.operator.harness import declare_resources, write_kubeconfig
-from tests.trainer.distill_helpers import console_script, load_checkpoint
+from tests.trainer.distill_helpers import (
+    STUDENT_FOLDER,
+    load_checkpoint,
+    private_workspace,
+    resumable_distill_argv,
+)
 
 pytestmark = pytest.mark.slow
 
 NS, NAME = "ml", "spleen-r2"
 EPOCHS = 6
-STUDENT_FOLDER = f"nnUNetDistillationTrainer__nnUNetPlans_r2__{CONFIGURATION}"
 
 
 @pytest.fixture()
 def workspace(nnunet_teachers, tmp_path) -> Workspace:
     """A private copy of the session workspace (preprocessed data + trained teachers)."""
     root = tmp_path / "ws"
-    src = nnunet_teachers.dataset.root
-    # Students other tests distilled into the session workspace stay behind: this pod starts with none.
-    shutil.copytree(
-        src, root, ignore=shutil.ignore_patterns("nnUNet_raw", "fixtures.log", "nnUNetDistillationTrainer*")
-    )
+    workspace = private_workspace(nnunet_teachers, root)
     (root / "nnUNet_raw").mkdir()
     shutil.copytree(
         nnunet_teachers.dataset.raw_dataset, root / "nnUNet_raw" / nnunet_teachers.dataset.dataset_name
     )
-    return Workspace(root)
+    return workspace
 
 
 @pytest.fixture()
@@ -133,31 +133,7 @@ async def test_distill_killed_mid_training_resumes_and_reports(workspace, kubeco
     job = await _create_job(kubeconfig)
     termination = tmp_path / "termination-log"
     env = _pod_env(workspace, kubeconfig, job["metadata"]["uid"], "distill", termination)
-    argv = [
-        console_script("nnUNetv2_distillation_train"),
-        "-d",
-        "901",
-        "-c",
-        CONFIGURATION,
-        "-f",
-        "0",
-        "-a",
-        "0.3",
-        "-temp",
-        "3.0",
-        "-r",
-        "2",
-        "-e",
-        str(EPOCHS),
-        "--iterations_per_epoch",
-        "2",
-        "--val_iterations",
-        "1",
-        "-d_device",
-        "cpu",
-        "-disable_mirroring",
-        "-c_continue",
-    ]
+    argv = resumable_distill_argv(EPOCHS, 2)
     fold = workspace.results / "Dataset901_Synth" / STUDENT_FOLDER / "fold_0"
     log = tmp_path / "distill.log"
 

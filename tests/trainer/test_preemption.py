@@ -11,7 +11,6 @@ the resume the final checkpoint must hold exactly epochs x iterations steps.
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -20,26 +19,23 @@ from pathlib import Path
 import pytest
 from nnunet_distill.nnunet_env import Workspace
 
-from tests.conftest import CONFIGURATION
-from tests.trainer.distill_helpers import console_script, load_checkpoint
+from tests.trainer.distill_helpers import (
+    STUDENT_FOLDER,
+    load_checkpoint,
+    private_workspace,
+    resumable_distill_argv,
+)
 
 pytestmark = pytest.mark.slow
 
 EPOCHS, ITERATIONS = 2, 3
-STUDENT_FOLDER = f"nnUNetDistillationTrainer__nnUNetPlans_r2__{CONFIGURATION}"
 
 
 @pytest.fixture()
 def workspace(nnunet_teachers, tmp_path) -> Workspace:
     """A private copy of the session workspace (preprocessed data + trained teachers), without other
     students."""
-    root = tmp_path / "ws"
-    shutil.copytree(
-        nnunet_teachers.dataset.root,
-        root,
-        ignore=shutil.ignore_patterns("nnUNet_raw", "fixtures.log", "nnUNetDistillationTrainer*"),
-    )
-    return Workspace(root)
+    return private_workspace(nnunet_teachers, tmp_path / "ws")
 
 
 def _epochs_started(fold: Path) -> list[int]:
@@ -51,31 +47,7 @@ def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_loses_no_iteration(wo
     import os
 
     env = workspace.env({**os.environ, "PYTHONUNBUFFERED": "1"})
-    argv = [
-        console_script("nnUNetv2_distillation_train"),
-        "-d",
-        "901",
-        "-c",
-        CONFIGURATION,
-        "-f",
-        "0",
-        "-a",
-        "0.3",
-        "-temp",
-        "3.0",
-        "-r",
-        "2",
-        "-e",
-        str(EPOCHS),
-        "--iterations_per_epoch",
-        str(ITERATIONS),
-        "--val_iterations",
-        "1",
-        "-d_device",
-        "cpu",
-        "-disable_mirroring",
-        "-c_continue",
-    ]
+    argv = resumable_distill_argv(EPOCHS, ITERATIONS)
     fold = workspace.results / "Dataset901_Synth" / STUDENT_FOLDER / "fold_0"
     log = tmp_path / "first.log"
 

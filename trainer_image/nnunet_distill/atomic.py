@@ -8,41 +8,24 @@ target's folder (`os.replace` must not cross file systems) under a name no loade
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-TEMP_SUFFIX = ".tmp"
+from nnunet_distill.contract import atomic_temp_path, replacing
 
+__all__ = [
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "replacing",
+    "temp_path",
+]
 
-def temp_path(target: str | os.PathLike) -> Path:
-    """Beside the target, hidden, unique per call: `.<name>.<random>.tmp` (never a checkpoint or JSON
-    name)."""
-    target = Path(target)
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
-
-
-@contextlib.contextmanager
-def replacing(filename: str | os.PathLike, *, mode: int | None = None) -> Iterator[Path]:
-    """Yield a temp path to write; when the block succeeds and wrote it, fsync it and `os.replace` it over
-    `filename`. A block that writes nothing (e.g. a DDP rank that does not save) leaves `filename` alone; a
-    block that raises leaves the old file and no temp file behind. `mode`: chmod before the rename."""
-    target = Path(filename)
-    tmp = temp_path(target)
-    try:
-        yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            if mode is not None:
-                os.chmod(tmp, mode)
-            os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+# The one atomic replace (temp file beside the target, fsync, os.replace) is the contract's, standard library
+# only, so the operator writes its local status files the same way.
+temp_path = atomic_temp_path
 
 
 def _json_default(o: Any) -> Any:

@@ -149,11 +149,10 @@ def validate(cfg: DistillationConfig) -> None:
 
 
 def parse_device_string(text: str) -> tuple[str, int | None]:
-    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> (type, index). Pure, so the CLI can reject typos before torch
-    loads."""
-    t = text.strip().lower()
-    if t in ("cpu", "cuda", "mps"):
-        return t, None
-    if t.startswith("cuda:") and t[5:].isdigit():
-        return "cuda", int(t[5:])
-    raise ConfigError(f"-d_device must be cpu, cuda, cuda:N or mps, got {text!r}")
+    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> (type, index) by the contract's one rule
+    (:func:`nnunet_distill.contract.parse_device`), as a ConfigError naming -d_device. Pure, so the CLI can
+    reject typos before torch loads."""
+    try:
+        return contract.parse_device(text)
+    except ValueError:
+        raise ConfigError(f"-d_device must be {contract.DEVICE_SPELLINGS}, got {text!r}") from None

@@ -13,6 +13,10 @@ which student it holds and stock nnU-Net tools rebuild the right network from it
 
 from __future__ import annotations
 
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # ---- the DistillationJob API
@@ -135,3 +139,69 @@ def student_model_folder(
     return Path(results_dataset_dir) / model_folder_name(
         distill_trainer_name(use_da5), plans_identifier, configuration
     )
+
+
+# ---- device choice: one rule for the trainer's -device/-d_device and the operator's --device auto
+
+DEVICE_SPELLINGS = "cpu, cuda, cuda:N or mps"
+
+
+def parse_device(text: str) -> tuple[str, int | None]:
+    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> (type, index); ValueError naming the valid spellings otherwise.
+
+    Pure, so a command line is checked before torch loads (and in the operator, which never loads it).
+    """
+    t = text.strip().lower()
+    if t in ("cpu", "cuda", "mps"):
+        return t, None
+    if t.startswith("cuda:") and t[5:].isdigit():
+        return "cuda", int(t[5:])
+    raise ValueError(f"must be {DEVICE_SPELLINGS}, got {text!r}")
+
+
+def choose_device(spec: str | None, cuda_available: Callable[[], bool]) -> str:
+    """The device a run uses: no choice (None or '') -> cuda when ``cuda_available()`` finds a GPU, else
+    cpu, never assuming CUDA; an explicit choice is checked (:func:`parse_device`) and kept as given.
+
+    The probe is the caller's: torch in the trainer, nvidia-smi in the operator, which never imports torch.
+    """
+    if not spec:
+        return "cuda" if cuda_available() else "cpu"
+    parse_device(spec)
+    return spec
+
+
+# ---- atomic files: what one side writes while the other may read it
+
+#: Ends every temp file of an atomic write; no reader's name or glob ends so.
+ATOMIC_TEMP_SUFFIX = ".tmp"
+
+
+def atomic_temp_path(target: str | os.PathLike) -> Path:
+    """Beside the target, hidden, unique per call: `.<name>.<random>.tmp` (never a checkpoint, JSON or YAML
+    name a reader looks for)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{ATOMIC_TEMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def replacing(filename: str | os.PathLike, *, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temp path to write; when the block succeeds and wrote it, fsync it and `os.replace` it over
+    `filename`, so a reader (or a pod restarted mid-write) sees the old file or the new one, never half.
+
+    A block that writes nothing (e.g. a DDP rank that does not save) leaves `filename` alone; a block that
+    raises leaves the old file and no temp file behind. `mode`: chmod before the rename. The temp file sits
+    in the target's folder: `os.replace` must not cross file systems.
+    """
+    target = Path(filename)
+    tmp = atomic_temp_path(target)
+    try:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            if mode is not None:
+                os.chmod(tmp, mode)
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

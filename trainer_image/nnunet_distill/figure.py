@@ -54,20 +54,24 @@ def training_curves(checkpoint: str | Path) -> dict[str, list[float]]:
     return {k: [float(v) for v in logging.get(k, [])] for k in ("train_losses", "val_losses", "mean_fg_dice")}
 
 
-def render(
-    summary_path: str | Path,
-    out_png: str | Path,
-    teacher_checkpoints: Sequence[str | Path] = (),
-    title: str | None = None,
-) -> Path:
-    """Write the PNG; returns its path."""
-    import matplotlib
+_COLOURS = (
+    (0, 0, 0, 0),
+    (0.2, 0.6, 1.0, 0.55),
+    (1.0, 0.25, 0.2, 0.8),
+    (1.0, 0.85, 0.1, 0.8),
+    (0.4, 1.0, 0.4, 0.8),
+    (0.8, 0.4, 1.0, 0.8),
+)
+_CURVES = (
+    ("train_losses", "training loss (student: mixed with KD)"),
+    ("val_losses", "validation loss (nnU-Net Dice+CE)"),
+    ("mean_fg_dice", "pseudo Dice (validation patches)"),
+)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
 
-    summary = json.loads(Path(summary_path).read_text())
+def _held_out_slice(summary_path: str | Path, summary: dict) -> tuple[str, int, Any, Any, dict[str, Any]]:
+    """(case, z, image, label, {panel name: prediction}) of the slice to draw, read from the summary's
+    held-out test-set predictions."""
     files: dict[str, Any] = (summary.get("cases") or {}).get("files") or {}
     student = summary.get("student") or {}
     teacher = summary.get("teacher_ensemble") or {}
@@ -88,22 +92,19 @@ def render(
         "teacher ensemble": _read(Path(teacher["predictions"]) / f"{case}{ending}"),
         "student": _read(Path(student["predictions"]) / f"{case}{ending}"),
     }
-    names = list((student.get("dice") or {}).keys())
-    colours = ListedColormap(
-        [
-            (0, 0, 0, 0),
-            (0.2, 0.6, 1.0, 0.55),
-            (1.0, 0.25, 0.2, 0.8),
-            (1.0, 0.85, 0.1, 0.8),
-            (0.4, 1.0, 0.4, 0.8),
-            (0.8, 0.4, 1.0, 0.8),
-        ]
-    )
-    n_labels = max(int(labels[case].max()), 1)
+    return case, z, image, labels[case], predictions
 
-    fig = plt.figure(figsize=(16, 7.5))
-    grid = fig.add_gridspec(2, 4, height_ratios=[1.15, 1.0])
-    panels = [("image", None), ("ground truth", labels[case]), *predictions.items()]
+
+def _draw_segmentations(plt, fig, grid, summary: dict, z: int, image, label, predictions: dict) -> None:
+    """Top row: the image, the ground truth, the teachers' and the student's segmentation, with their Dice."""
+    from matplotlib.colors import ListedColormap
+
+    student = summary.get("student") or {}
+    teacher = summary.get("teacher_ensemble") or {}
+    names = list((student.get("dice") or {}).keys())
+    colours = ListedColormap(list(_COLOURS))
+    n_labels = max(int(label.max()), 1)
+    panels = [("image", None), ("ground truth", label), *predictions.items()]
     for i, (name, seg) in enumerate(panels):
         ax = fig.add_subplot(grid[0, i])
         ax.imshow(image[z], cmap="gray")
@@ -121,6 +122,9 @@ def render(
     ]
     fig.legend(handles, names[: len(handles)], loc="upper right", fontsize=9, ncol=len(handles))
 
+
+def _curves(teacher_checkpoints: Sequence[str | Path], student: dict) -> dict[str, dict[str, list[float]]]:
+    """Training curves of every teacher checkpoint that exists and of the student's final checkpoint."""
     curves = {
         f"teacher fold {Path(c).parent.name.removeprefix('fold_')}": training_curves(c)
         for c in teacher_checkpoints
@@ -131,13 +135,12 @@ def render(
     )
     if student_ckpt.is_file():
         curves[f"student ({student.get('plans')})"] = training_curves(student_ckpt)
-    for col, (key, label) in enumerate(
-        (
-            ("train_losses", "training loss (student: mixed with KD)"),
-            ("val_losses", "validation loss (nnU-Net Dice+CE)"),
-            ("mean_fg_dice", "pseudo Dice (validation patches)"),
-        )
-    ):
+    return curves
+
+
+def _draw_curves(fig, grid, curves: dict[str, dict[str, list[float]]]) -> None:
+    """Bottom row, first three panels: training loss, validation loss and pseudo Dice per epoch."""
+    for col, (key, label) in enumerate(_CURVES):
         ax = fig.add_subplot(grid[1, col])
         for name, series in curves.items():
             values = series.get(key) or []
@@ -150,8 +153,12 @@ def render(
         ax.grid(alpha=0.3)
         if col == 0 and curves:
             ax.legend(fontsize=7)
-    ax = fig.add_subplot(grid[1, 3])
-    ax.axis("off")
+
+
+def _numbers(summary: dict, case: str, z: int) -> list[str]:
+    """The text panel: cases, folds, retention, sizes, speed-up and which slice is drawn."""
+    student = summary.get("student") or {}
+    teacher = summary.get("teacher_ensemble") or {}
     ret = summary.get("retention") or {}
     inference = summary.get("inference") or {}
     cases = summary.get("cases") or {}
@@ -165,7 +172,31 @@ def render(
         f"inference speed-up: {inference.get('speedup')}x" if inference.get("speedup") else "",
         f"slice: {case}, z={z}",
     ]
-    ax.text(0, 1, "\n".join(t for t in text if t), va="top", fontsize=10, family="monospace")
+    return [t for t in text if t]
+
+
+def render(
+    summary_path: str | Path,
+    out_png: str | Path,
+    teacher_checkpoints: Sequence[str | Path] = (),
+    title: str | None = None,
+) -> Path:
+    """Write the PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = json.loads(Path(summary_path).read_text())
+    case, z, image, label, predictions = _held_out_slice(summary_path, summary)
+
+    fig = plt.figure(figsize=(16, 7.5))
+    grid = fig.add_gridspec(2, 4, height_ratios=[1.15, 1.0])
+    _draw_segmentations(plt, fig, grid, summary, z, image, label, predictions)
+    _draw_curves(fig, grid, _curves(teacher_checkpoints, summary.get("student") or {}))
+    ax = fig.add_subplot(grid[1, 3])
+    ax.axis("off")
+    ax.text(0, 1, "\n".join(_numbers(summary, case, z)), va="top", fontsize=10, family="monospace")
     fig.suptitle(title or "nnunet-distill: teacher ensemble vs student on held-out data", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     out = Path(out_png)

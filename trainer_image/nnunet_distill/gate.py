@@ -303,6 +303,61 @@ def _no_retention_failure(summary: Mapping[str, Any], fold: Any) -> str:
     return f"no retention could be computed from the {summary.get('evaluation')} figures{detail}"
 
 
+def _teacher_folds(teacher: Mapping[str, Any]) -> tuple[int, ...] | None:
+    folds_raw = teacher.get("folds")
+    if isinstance(folds_raw, Sequence) and not isinstance(folds_raw, str):
+        return tuple(int(f) for f in folds_raw)
+    return None
+
+
+@dataclass(frozen=True)
+class _Retention:
+    """What the summary's `retention` block says against the thresholds (None fields: no figure)."""
+
+    failures: tuple[str, ...] = ()
+    labels_below: tuple[tuple[str, float], ...] = ()
+    mean: float | None = None
+    worst: float | None = None
+    worst_label: str | None = None
+    undefined: tuple[str, ...] = ()
+
+
+def _judge_retention(ret: Mapping[str, Any], thresholds: Thresholds) -> _Retention:
+    """Mean and worst-label retention against the thresholds, each miss one failure line."""
+    failures: list[str] = []
+    worst: float | None = None
+    worst_label: str | None = None
+    mean = float(ret["mean"])
+    labels_below = sorted(
+        (
+            (str(k), float(v))
+            for k, v in ret["per_label"].items()
+            if float(v) < thresholds.min_label_retention
+        ),
+        key=lambda kv: kv[1],
+    )
+    if mean < thresholds.min_retention:
+        failures.append(f"retention {_f(mean)} < {_f(thresholds.min_retention)}")
+    if not ret["per_label"]:
+        failures.append("no label has a retention (the teacher ensemble's Dice is 0 for every label)")
+    else:
+        worst, worst_label = float(ret["worst"]), str(ret["worst_label"])
+    if worst is not None and worst < thresholds.min_label_retention:
+        named = ", ".join(f"{n} {_f(v)}" for n, v in labels_below[:MAX_LISTED_LABELS])
+        more = f" (labels below: {named})" if len(labels_below) > 1 else ""
+        failures.append(
+            f"worst label {worst_label} retention {_f(worst)} < {_f(thresholds.min_label_retention)}" + more
+        )
+    return _Retention(
+        failures=tuple(failures),
+        labels_below=tuple(labels_below),
+        mean=mean,
+        worst=worst,
+        worst_label=worst_label,
+        undefined=tuple(str(x) for x in ret.get("undefined") or ()),
+    )
+
+
 def evaluate(summary: Any, thresholds: Thresholds) -> Verdict:
     """The gate's verdict on a distillation summary. Raises SummaryError when the summary cannot be judged."""
     _check(summary)
@@ -312,63 +367,30 @@ def evaluate(summary: Any, thresholds: Thresholds) -> Verdict:
     cases = summary["cases"]
     student = summary["student"]
     teacher = summary.get("teacher_ensemble") if isinstance(summary.get("teacher_ensemble"), Mapping) else {}
-    folds_raw = teacher.get("folds")
-    teacher_folds = (
-        tuple(int(f) for f in folds_raw)
-        if isinstance(folds_raw, Sequence) and not isinstance(folds_raw, str)
-        else None
-    )
     ret = summary.get("retention")
-    failures: list[str] = []
-    labels_below: list[tuple[str, float]] = []
-    mean: float | None = None
-    worst: float | None = None
-    worst_label: str | None = None
-    undefined: tuple[str, ...] = ()
     if ret is None:
-        failures.append(_no_retention_failure(summary, student.get("fold")))
+        judged = _Retention(failures=(_no_retention_failure(summary, student.get("fold")),))
     else:
-        mean = float(ret["mean"])
-        undefined = tuple(str(x) for x in ret.get("undefined") or ())
-        labels_below = sorted(
-            (
-                (str(k), float(v))
-                for k, v in ret["per_label"].items()
-                if float(v) < thresholds.min_label_retention
-            ),
-            key=lambda kv: kv[1],
-        )
-        if mean < thresholds.min_retention:
-            failures.append(f"retention {_f(mean)} < {_f(thresholds.min_retention)}")
-        if not ret["per_label"]:
-            failures.append("no label has a retention (the teacher ensemble's Dice is 0 for every label)")
-        else:
-            worst, worst_label = float(ret["worst"]), str(ret["worst_label"])
-        if worst is not None and worst < thresholds.min_label_retention:
-            named = ", ".join(f"{n} {_f(v)}" for n, v in labels_below[:MAX_LISTED_LABELS])
-            more = f" (labels below: {named})" if len(labels_below) > 1 else ""
-            failures.append(
-                f"worst label {worst_label} retention {_f(worst)} < {_f(thresholds.min_label_retention)}"
-                + more
-            )
+        judged = _judge_retention(ret, thresholds)
+    failures = judged.failures
     model_folder = student.get("model_folder")
     return Verdict(
         passed=not failures,
         thresholds=thresholds,
-        failures=tuple(failures),
+        failures=failures,
         evaluation=summary["evaluation"],
         cases=dict(cases),
-        teacher_folds=teacher_folds,
-        retention=mean,
-        worst_label=worst_label,
-        worst_label_retention=worst,
-        labels_below=tuple(labels_below),
+        teacher_folds=_teacher_folds(teacher),
+        retention=judged.mean,
+        worst_label=judged.worst_label,
+        worst_label_retention=judged.worst,
+        labels_below=judged.labels_below,
         final_dice=_number(student.get("mean_dice")),
         teacher_dice=_number(teacher.get("mean_dice")),
         note=summary.get("note") if isinstance(summary.get("note"), str) else None,
         student=(f"{model_folder}/fold_{student.get('fold')}" if model_folder else None),
         metrics=result_metrics(summary),
-        undefined=undefined,
+        undefined=judged.undefined,
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nnunet_distill import contract
 from nnunet_distill.contract import CPU_FRIENDLY_ENV as CPU_FRIENDLY_ENV
 from nnunet_distill.contract import NNUNET_FOLDER_VARS as ENV_VARS
 from nnunet_distill.contract import RESENC_PLANNERS
@@ -187,13 +188,11 @@ def select_device(spec: str | None, flag: str = "-device"):
     """
     import torch
 
-    from nnunet_distill.config import ConfigError, parse_device_string
-
     if spec is None or spec == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(contract.choose_device(spec, torch.cuda.is_available))
     try:
-        kind, index = parse_device_string(spec)
-    except ConfigError:
+        kind, index = contract.parse_device(spec)
+    except ValueError:
         raise NnUNetSetupError(
             f"device {spec!r} is not valid ({flag}): use cpu, cuda, cuda:N or mps"
         ) from None

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +37,11 @@ from nnunet_distill.storage import (
     Reason,
     RetryPolicy,
     is_missing_object,
-    StoreSession,
     classify,
     open_store,
     parse_uri,
 )
+from nnunet_distill.store_session import StoreSession
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,93 @@ def _utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
 
+def _bytes(files: list[PackageFile]) -> int:
+    return sum(f.size for f in files)
+
+
+@dataclass
+class _Progress:
+    """What earlier attempts of one publish achieved, so a retry repeats only what failed."""
+
+    uploaded: set[str] = field(default_factory=set)  # package paths whose PUT succeeded
+    verified: set[str] = field(default_factory=set)  # package paths whose read-back matched
+    touched: set[str] = field(default_factory=set)  # package paths stored at least once (cleanup on failure)
+    marker_written: bool = False
+
+
+def _upload_missing(
+    session: StoreSession, version: str, root: Path, to_send: list[PackageFile], done: _Progress
+) -> None:
+    for f in to_send:
+        if f.path not in done.uploaded:
+            session.put_file(f"{version}/{f.path}", root / f.path, f.size)
+            done.uploaded.add(f.path)
+            done.touched.add(f.path)
+            log.info("uploaded %s (%d bytes)", f.path, f.size)
+
+
+def _verify_uploads(
+    session: StoreSession, version: str, version_uri: str, to_send: list[PackageFile], done: _Progress
+) -> None:
+    """Read every unverified object back; a mismatch is sent again on the next attempt (transient)."""
+    mismatched: list[str] = []
+    for f in to_send:
+        if f.path in done.verified:
+            continue
+        size, digest = session.read_back(f"{version}/{f.path}")
+        if size == f.size and digest == f.sha256:
+            done.verified.add(f.path)
+        else:
+            done.uploaded.discard(f.path)  # send it again on the next attempt
+            got = "missing" if size < 0 else f"{size} bytes, sha256 {digest[:12]}…"
+            mismatched.append(f"{f.path} ({got}; expected {f.size} bytes, sha256 {f.sha256[:12]}…)")
+    if mismatched:
+        raise PublishError(
+            Reason.VERIFICATION_FAILED,
+            f"read-back of {version_uri} does not match {SUMS_FILE}: " + "; ".join(mismatched[:3]),
+            transient=True,
+        )
+
+
+def _give_up(
+    err: PublishError,
+    attempt: int,
+    session: StoreSession,
+    version: str,
+    to_send: list[PackageFile],
+    done: _Progress,
+) -> PublishError:
+    """The error to raise after the last attempt; the partial upload removed when no marker was written."""
+    if err.reason in (Reason.VERIFICATION_FAILED, Reason.UPLOAD_FAILED) and attempt > 1:
+        err = PublishError(err.reason, f"{err.message} (gave up after {attempt} attempts)")
+    if not done.marker_written:  # tidy up; without the marker nothing here counts as a model anyway
+        session.delete_quietly([f"{version}/{f.path}" for f in to_send if f.path in done.touched])
+    return err
+
+
+def _mark_published(
+    session: StoreSession,
+    version: str,
+    version_uri: str,
+    files: list[PackageFile],
+    sums_bytes: bytes,
+    started: _dt.datetime,
+    done: _Progress,
+) -> None:
+    """The `_PUBLISHED` marker (only once every object verified), then `LATEST` pointing at this version."""
+    marker = marker_document(
+        version=version,
+        uri=version_uri,
+        files=files,
+        sums_bytes=sums_bytes,
+        model=pick_model_file(files),
+        created=started,
+    )
+    session.put_bytes(f"{version}/{MARKER_FILE}", json.dumps(marker, indent=1).encode(), "application/json")
+    done.marker_written = True
+    session.put_bytes(LATEST_FILE, f"{version}\n".encode(), "text/plain")
+
+
 def publish(
     package_dir: str | os.PathLike[str],
     uri: str,
@@ -217,66 +304,19 @@ def publish(
 
     sums_sha = hashlib.sha256(sums_bytes).hexdigest()
     to_send = files + [PackageFile(SUMS_FILE, len(sums_bytes), sums_sha)]
-    uploaded: set[str] = set()  # package paths whose PUT succeeded
-    verified: set[str] = set()  # package paths whose read-back matched
-    touched: set[str] = set()  # package paths stored at least once (to clean up after a failure)
-    marker_written = False
+    done = _Progress()
     attempt = 0
-    log.info(
-        "publishing %d files (%d bytes) from %s to %s",
-        len(to_send),
-        sum(f.size for f in to_send),
-        root,
-        version_uri,
-    )
+    log.info("publishing %d files (%d bytes) from %s to %s", len(to_send), _bytes(to_send), root, version_uri)
     while True:
         attempt += 1
         try:
-            for f in to_send:
-                if f.path not in uploaded:
-                    session.put_file(f"{version}/{f.path}", root / f.path, f.size)
-                    uploaded.add(f.path)
-                    touched.add(f.path)
-                    log.info("uploaded %s (%d bytes)", f.path, f.size)
-            mismatched: list[str] = []
-            for f in to_send:
-                if f.path in verified:
-                    continue
-                size, digest = session.read_back(f"{version}/{f.path}")
-                if size == f.size and digest == f.sha256:
-                    verified.add(f.path)
-                else:
-                    uploaded.discard(f.path)  # send it again on the next attempt
-                    got = "missing" if size < 0 else f"{size} bytes, sha256 {digest[:12]}…"
-                    mismatched.append(f"{f.path} ({got}; expected {f.size} bytes, sha256 {f.sha256[:12]}…)")
-            if mismatched:
-                raise PublishError(
-                    Reason.VERIFICATION_FAILED,
-                    f"read-back of {version_uri} does not match {SUMS_FILE}: " + "; ".join(mismatched[:3]),
-                    transient=True,
-                )
-            model = pick_model_file(files)
-            marker = marker_document(
-                version=version,
-                uri=version_uri,
-                files=files,
-                sums_bytes=sums_bytes,
-                model=model,
-                created=started,
-            )
-            session.put_bytes(
-                f"{version}/{MARKER_FILE}", json.dumps(marker, indent=1).encode(), "application/json"
-            )
-            marker_written = True
-            session.put_bytes(LATEST_FILE, f"{version}\n".encode(), "text/plain")
+            _upload_missing(session, version, root, to_send, done)
+            _verify_uploads(session, version, version_uri, to_send, done)
+            _mark_published(session, version, version_uri, files, sums_bytes, started, done)
             break
         except PublishError as err:
             if not err.transient or attempt >= policy.attempts:
-                if err.reason in (Reason.VERIFICATION_FAILED, Reason.UPLOAD_FAILED) and attempt > 1:
-                    err = PublishError(err.reason, f"{err.message} (gave up after {attempt} attempts)")
-                if not marker_written:  # tidy up; without the marker nothing here counts as a model anyway
-                    session.delete_quietly([f"{version}/{f.path}" for f in to_send if f.path in touched])
-                raise err from None
+                raise _give_up(err, attempt, session, version, to_send, done) from None
             delay = policy.attempt_backoff_s * (2 ** (attempt - 1))
             log.warning(
                 "publish attempt %d/%d failed (%s); retrying in %.1fs", attempt, policy.attempts, err, delay
@@ -291,7 +331,7 @@ def publish(
         sha256sums_sha256=sums_sha,
         model_path=model.path if model else None,
         model_sha256=model.sha256 if model else None,
-        total_bytes=sum(f.size for f in to_send),
+        total_bytes=_bytes(to_send),
         attempts=attempt,
         latest_uri=target.uri_of(LATEST_FILE),
     )

@@ -1,5 +1,6 @@
 """Object storage for the publisher: destination URIs, obstore configuration from the standard environment
-variables, error classification (one line, never a secret) and the store access of one publish.
+variables, error classification (one line, never a secret) and opening the store; the puts, read-backs
+and deletes of one publish are in :mod:`nnunet_distill.store_session`.
 
 Credentials come only from the standard environment variables (for S3: `AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`; `GOOGLE_*` for `gs://`,
@@ -12,18 +13,12 @@ unencrypted because of a typo in a URL.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import logging
-import mimetypes
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-log = logging.getLogger(__name__)
 
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3's smallest allowed multipart part (except the last)
 MAX_PARTS = 10_000  # S3's largest number of parts in one multipart upload
@@ -321,75 +316,115 @@ def _redact(text: str) -> str:
     return _URL_RE.sub(r"\1?…", text)
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """What an exception says, parsed once: the service's error code and HTTP status, where it happened."""
+
+    text: str
+    type_name: str
+    code: str | None
+    status: int | None
+    family: str
+    where: str
+    hint: str
+    endpoint: str | None
+
+    @property
+    def detail(self) -> str:
+        if self.status and self.code:
+            return f"{self.status} {self.code}"
+        return self.code or (str(self.status) if self.status else "")
+
+
+def _failure_of(
+    exc: BaseException, target: Target, env: Mapping[str, str], action: str, key: str
+) -> _Failure:
+    text = str(exc)
+    code_m, status_m = _CODE_RE.search(text), _STATUS_RE.search(text)
+    family = _FAMILY.get(target.scheme, target.scheme)
+    return _Failure(
+        text=text,
+        type_name=type(exc).__name__,
+        code=code_m.group(1) if code_m else None,
+        status=int(status_m.group(1)) if status_m else None,
+        family=family,
+        where=f"{action} {target.uri_of(key)}",
+        hint=_CREDENTIAL_HINT.get(family, ""),
+        endpoint=endpoint_of(env, family),
+    )
+
+
+def _service_refusal(f: _Failure, target: Target) -> PublishError | None:
+    """The service answered and refused: no such bucket, bad credentials, access denied."""
+    code, status, where, detail = f.code, f.status, f.where, f.detail
+    if code in _BUCKET_CODES or (
+        status == 404 and "bucket" in f.text.lower() and "does not exist" in f.text.lower()
+    ):
+        return PublishError(
+            Reason.BUCKET_NOT_FOUND,
+            f"bucket {target.bucket!r} does not exist{' at ' + f.endpoint if f.endpoint else ''} "
+            f"({where}: {detail}); "
+            "create it or fix the URI",
+            http_status=status,
+        )
+    if code in _CREDENTIAL_CODES or f.type_name == "UnauthenticatedError" or status == 401:
+        return PublishError(
+            Reason.INVALID_CREDENTIALS,
+            f"the storage service rejected the credentials ({where}: {detail}); {f.hint}",
+            http_status=status,
+        )
+    if code in _PERMISSION_CODES or f.type_name == "PermissionDeniedError" or status == 403:
+        return PublishError(
+            Reason.INVALID_CREDENTIALS if f.family != "file" else Reason.PERMISSION_DENIED,
+            f"access denied ({where}: {detail or 'forbidden'}); {f.hint} and that they may put and get "
+            "objects under the prefix",
+            http_status=status,
+        )
+    return None
+
+
+def _no_answer(f: _Failure, exc: BaseException, target: Target) -> PublishError | None:
+    """No service answer: a local permission error, no credentials found, or an endpoint out of reach."""
+    if isinstance(exc, PermissionError):
+        return PublishError(Reason.PERMISSION_DENIED, f"permission denied ({f.where}); {f.hint}")
+    lowered = f.text.lower()
+    if f.status is None and any(
+        h in lowered for h in ("credential", "imds", "missing secretaccesskey", "missing accesskey")
+    ):
+        return PublishError(
+            Reason.INVALID_CREDENTIALS,
+            f"no usable credentials for {target.base} ({f.where}); {f.hint}",
+        )
+    if f.status is None and any(h in lowered for h in _UNREACHABLE_HINTS):
+        target_host = f.endpoint or f"the {f.family} service"
+        return PublishError(
+            Reason.ENDPOINT_UNREACHABLE,
+            f"cannot reach {target_host} ({f.where}); check {ENDPOINT_NAME[f.family]} and the network path"
+            if f.family in ENDPOINT_NAME
+            else f"cannot reach {target_host} ({f.where}); check the network path",
+        )
+    return None
+
+
 def classify(
     exc: BaseException, *, target: Target, env: Mapping[str, str], action: str, key: str
 ) -> PublishError:
     """Map an obstore/OS exception to a PublishError with a reason and a one-line, secret-free message."""
     if isinstance(exc, PublishError):
         return exc
-    text = str(exc)
-    code_m, status_m = _CODE_RE.search(text), _STATUS_RE.search(text)
-    code = code_m.group(1) if code_m else None
-    status = int(status_m.group(1)) if status_m else None
-    family = _FAMILY.get(target.scheme, target.scheme)
-    where = f"{action} {target.uri_of(key)}"
-    hint = _CREDENTIAL_HINT.get(family, "")
-    endpoint = endpoint_of(env, family)
-    detail = f"{status} {code}" if status and code else (code or (str(status) if status else ""))
-    type_name = type(exc).__name__
-
-    if code in _BUCKET_CODES or (
-        status == 404 and "bucket" in text.lower() and "does not exist" in text.lower()
-    ):
-        return PublishError(
-            Reason.BUCKET_NOT_FOUND,
-            f"bucket {target.bucket!r} does not exist{' at ' + endpoint if endpoint else ''} "
-            f"({where}: {detail}); "
-            "create it or fix the URI",
-            http_status=status,
-        )
-    if code in _CREDENTIAL_CODES or type_name == "UnauthenticatedError" or status == 401:
-        return PublishError(
-            Reason.INVALID_CREDENTIALS,
-            f"the storage service rejected the credentials ({where}: {detail}); {hint}",
-            http_status=status,
-        )
-    if code in _PERMISSION_CODES or type_name == "PermissionDeniedError" or status == 403:
-        return PublishError(
-            Reason.INVALID_CREDENTIALS if family != "file" else Reason.PERMISSION_DENIED,
-            f"access denied ({where}: {detail or 'forbidden'}); {hint} and that they may put and get objects "
-            "under the prefix",
-            http_status=status,
-        )
-    if isinstance(exc, PermissionError):
-        return PublishError(Reason.PERMISSION_DENIED, f"permission denied ({where}); {hint}")
-    lowered = text.lower()
-    if status is None and any(
-        h in lowered for h in ("credential", "imds", "missing secretaccesskey", "missing accesskey")
-    ):
-        return PublishError(
-            Reason.INVALID_CREDENTIALS,
-            f"no usable credentials for {target.base} ({where}); {hint}",
-        )
-    if status is None and any(h in lowered for h in _UNREACHABLE_HINTS):
-        target_host = endpoint or f"the {family} service"
-        return PublishError(
-            Reason.ENDPOINT_UNREACHABLE,
-            f"cannot reach {target_host} ({where}); check {ENDPOINT_NAME[family]} and the network path"
-            if family in ENDPOINT_NAME
-            else f"cannot reach {target_host} ({where}); check the network path",
-        )
+    f = _failure_of(exc, target, env, action, key)
+    known = _service_refusal(f, target) or _no_answer(f, exc, target)
+    if known is not None:
+        return known
+    status = f.status
     transient = status is None or status >= 500 or status in (408, 429)
-    first_line = _redact(text.splitlines()[0] if text else type_name)[:200]
+    first_line = _redact(f.text.splitlines()[0] if f.text else f.type_name)[:200]
     return PublishError(
         Reason.UPLOAD_FAILED,
-        f"{where} failed: {detail or type_name} ({first_line})",
+        f"{f.where} failed: {f.detail or f.type_name} ({first_line})",
         transient=transient,
         http_status=status,
     )
-
-
-# ------------------------------------------------------------------------------------------- side effects
 
 
 def open_store(target: Target, env: Mapping[str, str], policy: RetryPolicy) -> Any:
@@ -414,79 +449,3 @@ def open_store(target: Target, env: Mapping[str, str], policy: RetryPolicy) -> A
             Reason.INVALID_CREDENTIALS,
             f"cannot configure {target.base}: {first[:200]}; {_CREDENTIAL_HINT[family]}",
         ) from None
-
-
-class StoreSession:
-    """One publish's store access: classifies errors and remembers whether the endpoint ever answered."""
-
-    def __init__(self, store: Any, target: Target, env: Mapping[str, str], policy: RetryPolicy):
-        self.store, self.target, self.env, self.policy = store, target, env, policy
-        self.reached = False  # any response at all (even an error status) proves the endpoint exists
-
-    def _fail(self, exc: BaseException, action: str, key: str) -> PublishError:
-        err = classify(exc, target=self.target, env=self.env, action=action, key=key)
-        if err.http_status is not None:
-            self.reached = True
-        if err.reason == Reason.ENDPOINT_UNREACHABLE and self.reached:
-            err.transient = True  # the endpoint worked a moment ago: a blip, worth another attempt
-        return err
-
-    def put_file(self, key: str, local: Path, size: int) -> None:
-        import obstore
-
-        kwargs: dict[str, Any] = {"chunk_size": part_size(size), "max_concurrency": 4}
-        if self.target.scheme != "file":
-            kwargs["attributes"] = {
-                "Content-Type": mimetypes.guess_type(local.name)[0] or "application/octet-stream"
-            }
-        try:
-            with open(local, "rb") as fh:
-                obstore.put(self.store, key, fh, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - classified below
-            raise self._fail(exc, "PUT", key) from None
-        self.reached = True
-
-    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
-        import obstore
-
-        attributes = {"Content-Type": content_type} if self.target.scheme != "file" else None
-        try:
-            obstore.put(self.store, key, data, attributes=attributes, use_multipart=False)
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(exc, "PUT", key) from None
-        self.reached = True
-
-    def read_back(self, key: str) -> tuple[int, str]:
-        """(size, sha256) of the stored object, streamed so large files never sit in memory."""
-        import obstore
-
-        h, n = hashlib.sha256(), 0
-        try:
-            result = obstore.get(self.store, key)
-            for chunk in result.stream(min_chunk_size=1024 * 1024):
-                h.update(chunk)
-                n += len(chunk)
-        except FileNotFoundError as exc:
-            if not is_missing_object(exc):
-                raise self._fail(exc, "GET", key) from None
-            self.reached = True
-            return -1, ""
-        except Exception as exc:  # noqa: BLE001
-            raise self._fail(exc, "GET", key) from None
-        self.reached = True
-        return n, h.hexdigest()
-
-    def delete_quietly(self, keys: list[str]) -> None:
-        import obstore
-
-        if not keys:
-            return
-        try:
-            obstore.delete(self.store, keys)
-        except Exception as exc:  # noqa: BLE001 - best effort; the missing marker already marks it unusable
-            log.warning(
-                "could not remove %d partial objects under %s (%s); they carry no publish marker",
-                len(keys),
-                self.target.base,
-                type(exc).__name__,
-            )

@@ -21,13 +21,10 @@ optimiser, poly LR, validation, export of the final validation) is nnU-Net's own
 from __future__ import annotations
 
 import contextlib
-import signal
 
 import numpy as np
 import torch
-from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
+from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 from torch._dynamo import OptimizedModule
@@ -38,6 +35,8 @@ from nnunet_distill.augmentation import split_views, with_clean_teacher_view, wi
 from nnunet_distill.config import DistillationConfig
 from nnunet_distill.loss import DistillationLoss
 from nnunet_distill.teachers import TeacherEnsemble
+from nnunet_distill.trainer_folds import FoldSplitMixin
+from nnunet_distill.trainer_preemption import PreemptionMixin, TrainingPreempted
 
 #: What checkpoints name as their trainer, so stock nnU-Net rebuilds the student from plans alone.
 STOCK_TRAINER_NAME = "nnUNetTrainer"
@@ -47,15 +46,13 @@ KD_LOG_KEYS = ("train_kd_losses", "train_hard_losses")
 DDP_RECORD = "ddp_ranks.json"
 
 
-class TrainingPreempted(KeyboardInterrupt):
-    """SIGTERM (pod pre-emption, eviction, node drain) arrived and a checkpoint of every completed iteration
-    was saved; the same command line with -c_continue resumes inside the interrupted epoch. A
-    KeyboardInterrupt so that no ``except Exception`` on the way up swallows it and the CLI exits as for
-    Ctrl-C."""
+class nnUNetDistillationTrainer(PreemptionMixin, FoldSplitMixin, nnUNetTrainer):
+    """Student trainer: nnU-Net's hard loss mixed with KD from a frozen teacher ensemble on the same batch.
 
-
-class nnUNetDistillationTrainer(nnUNetTrainer):
-    """Student trainer: nnU-Net's hard loss mixed with KD from a frozen teacher ensemble on the same batch."""
+    Pre-emption (SIGTERM) lives in :mod:`nnunet_distill.trainer_preemption`, fold rotation and DDP sharding
+    of the training split in :mod:`nnunet_distill.trainer_folds`; both mixins sit before nnU-Net's trainer
+    in the MRO.
+    """
 
     def __init__(
         self,
@@ -370,138 +367,7 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
         self._load_preemption_state(checkpoint)
 
-    # ------------------------------------------------------------------ pre-emption (SIGTERM)
-    # nnU-Net checkpoints once per epoch. On SIGTERM the iteration in flight finishes, then
-    # checkpoint_latest.pth is
-    # written with the epoch still open plus the outputs of its completed iterations; the resumed run replays
-    # those
-    # outputs instead of training them again (their batches are drawn and dropped) and trains the rest.
-    # Nothing is
-    # repeated and no completed iteration is lost. ``optimizer_steps`` counts every trained iteration across
-    # resumes.
-    def _install_preemption_handler(self) -> None:
-        state = self.__dict__.setdefault(
-            "_preemption", {"signal": None, "epoch": None, "outputs": [], "replay": []}
-        )
-        self.distillation_meta.setdefault("optimizer_steps", 0)
-
-        def on_sigterm(signum, _frame):
-            state["signal"] = signum  # acted on between iterations, never inside one
-
-        with contextlib.suppress(ValueError):  # not the main thread (embedded use): no handler, as before
-            signal.signal(signal.SIGTERM, on_sigterm)
-        inner = self.train_step
-
-        def train_step(batch: dict) -> dict:
-            if state["epoch"] != self.current_epoch:
-                state["epoch"], state["outputs"] = self.current_epoch, []
-            if state["replay"]:  # completed before the pre-emption: keep its result, do not train it twice
-                out = state["replay"].pop(0)
-            else:
-                out = inner(batch)
-                self.distillation_meta["optimizer_steps"] += 1
-            state["outputs"].append(out)
-            if self._preemption_requested():
-                self._save_preempted_checkpoint()
-            return out
-
-        self.train_step = train_step  # instance attribute: nnU-Net's run_training calls self.train_step
-
-    def _preemption_requested(self) -> bool:
-        """SIGTERM seen here, or under DDP by any rank: all ranks stop at the same iteration (a collective),
-        so none is left waiting in an all-reduce for a rank that already stopped."""
-        asked = getattr(self, "_preemption", {}).get("signal") is not None
-        return distributed.any_rank(asked, self.device) if self.is_ddp else asked
-
-    def _save_preempted_checkpoint(self) -> None:
-        state = self._preemption
-        done = len(state["outputs"]) if state["epoch"] == self.current_epoch else 0
-        checkpoint = self.checkpoint_dict()
-        checkpoint["current_epoch"] = (
-            self.current_epoch
-        )  # the epoch is still open: the resumed run re-enters it
-        checkpoint["preempted"] = {
-            "epoch": self.current_epoch,
-            "iterations_done": done,
-            "train_outputs": [
-                {k: np.asarray(v).tolist() for k, v in o.items()} for o in state["outputs"][:done]
-            ],
-        }
-        if self.local_rank == 0 and not self.disable_checkpointing:
-            atomic_torch_save(checkpoint, join(self.output_folder, "checkpoint_latest.pth"))
-        self.print_to_log_file(
-            f"pre-empted: checkpoint_latest.pth saved after {done} of "
-            f"{self.num_iterations_per_epoch} iterations of epoch {self.current_epoch} "
-            f"({self.distillation_meta['optimizer_steps']} optimizer steps in all)"
-        )
-        raise TrainingPreempted(f"SIGTERM: checkpointed epoch {self.current_epoch} after {done} iterations")
-
-    def _load_preemption_state(self, checkpoint: dict) -> None:
-        steps = (checkpoint.get("distillation") or {}).get("optimizer_steps")
-        if steps is not None:
-            self.distillation_meta["optimizer_steps"] = steps
-        preempted = checkpoint.get("preempted")
-        if preempted and preempted["epoch"] == self.current_epoch:
-            replay = [{k: np.asarray(v) for k, v in o.items()} for o in preempted["train_outputs"]]
-            self.__dict__["_preemption"] = {"signal": None, "epoch": None, "outputs": [], "replay": replay}
-            self.print_to_log_file(
-                f"resuming epoch {self.current_epoch} after iteration "
-                f"{preempted['iterations_done']} (pre-empted run)"
-            )
-
-    # ------------------------------------------------------------------ fold rotation
-    def _splits(self) -> list[dict]:
-        splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
-        if not isfile(splits_file):
-            super().do_split()  # nnU-Net creates its seeded 5-fold split file on first use
-        return load_json(splits_file)
-
-    def _rotation_enabled(self) -> bool:
-        cfg = self.distillation_config
-        return cfg is not None and cfg.rotate_folds
-
-    def get_tr_and_val_datasets(self):
-        """The training dataset of a DDP rank holds only its share of the fold's training cases.
-
-        nnU-Net lets every rank draw from the whole split, so ranks train on the same cases; here each rank
-        gets a disjoint shard (:func:`distributed.shard`). ``do_split`` itself stays the fold's split for
-        everyone else (the final validation, the held-out evaluation's "never trained on" checks).
-        """
-        self._shard_training = self.is_ddp
-        try:
-            return super().get_tr_and_val_datasets()
-        finally:
-            self._shard_training = False
-
-    def do_split(self):
-        tr_keys, val_keys = self._fold_split()
-        if getattr(self, "_shard_training", False):
-            import torch.distributed as dist
-
-            tr_keys = distributed.shard(tr_keys, dist.get_rank(), dist.get_world_size())
-        return tr_keys, val_keys
-
-    def _fold_split(self):
-        tr_keys, val_keys = super().do_split()
-        if not self._rotation_enabled() or self._rotation_source is None:
-            return tr_keys, val_keys
-        splits = self._splits()
-        rot_train, rot_val = rotation.rotated_split(splits, self.fold, self._rotation_source)
-        if sorted(rot_val) != sorted(val_keys):  # pragma: no cover - guards a future nnU-Net change
-            raise RuntimeError("fold rotation and nnU-Net disagree about this fold's validation cases")
-        return rot_train, val_keys
-
-    def _set_rotation_for_epoch(self, epoch: int) -> bool:
-        """Pick the rotation source for ``epoch``; True if it changed (the dataloaders must be rebuilt)."""
-        cfg = self.distillation_config
-        splits = self._splits()
-        source = rotation.rotation_source_fold(epoch, cfg.rotate_freq, self.fold, len(splits))
-        changed = source != self._rotation_source
-        if changed:
-            self._rotation_source = source
-            self.print_to_log_file(f"epoch {epoch}: " + rotation.describe(splits, self.fold, source))
-        return changed
-
+    # ------------------------------------------------------------------ train start (pre-emption, rotation)
     def on_train_start(self):
         self._install_preemption_handler()
         if self._rotation_enabled():
@@ -510,17 +376,6 @@ class nnUNetDistillationTrainer(nnUNetTrainer):
             )  # fails early if the fold is not in it
             self._set_rotation_for_epoch(self.current_epoch)
         super().on_train_start()
-
-    def on_train_epoch_start(self):
-        if self._rotation_enabled() and self._set_rotation_for_epoch(self.current_epoch):
-            self._shutdown_dataloaders()
-            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
-        super().on_train_epoch_start()
-
-    def _shutdown_dataloaders(self) -> None:
-        for dl in (self.dataloader_train, self.dataloader_val):
-            if isinstance(dl, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
-                dl._finish()
 
     # ------------------------------------------------------------------ final validation
     def validation_mirroring_axes(self) -> tuple[int, ...] | None:

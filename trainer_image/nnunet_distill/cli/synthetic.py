@@ -8,18 +8,12 @@ import time
 from pathlib import Path
 
 from nnunet_distill import synthetic
+from nnunet_distill.cli.flags import OneLineParser
 from nnunet_distill.nnunet_env import NnUNetSetupError, env_dir
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), like every other error of this CLI."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="nnunet-distill synthetic",
         description="Write $nnUNet_raw/DatasetXXX_NAME: imagesTr/labelsTr (training cases), "
         "imagesTs/labelsTs "

@@ -15,6 +15,7 @@ import os
 import sys
 
 from nnunet_distill import contract
+from nnunet_distill.cli.flags import OneLineParser, add_flags, flag
 from nnunet_distill.nnunet_env import (
     NnUNetSetupError,
     load_dataset_json,
@@ -24,13 +25,6 @@ from nnunet_distill.nnunet_env import (
 )
 
 PROG = "nnunet-distill train-teacher"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), like every other error of this CLI."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _fold(value: str) -> int | str:
@@ -55,77 +49,85 @@ def _positive(value: str) -> int:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=PROG,
-        description="Train one nnU-Net teacher fold (a normal nnU-Net model in "
-        "$nnUNet_results/DatasetXXX/<trainer>__<plans>__<cfg>/fold_<f>), then run nnU-Net's final "
-        "validation. Needs preprocessed data (nnUNetv2_plan_and_preprocess).",
-    )
-    parser.add_argument("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name")
-    parser.add_argument(
+_FLAGS_BEFORE_FOLDS = (
+    flag("-d", "--dataset", required=True, help="dataset id or DatasetXXX_Name"),
+    flag(
         "-c",
         "--configuration",
         default=contract.DEFAULT_CONFIGURATION,
         help=f"nnU-Net configuration (default {contract.DEFAULT_CONFIGURATION})",
-    )
-    folds = parser.add_mutually_exclusive_group(required=True)
-    folds.add_argument("-f", "--fold", type=_fold, help="fold to train (0..4 or 'all')")
-    folds.add_argument(
+    ),
+)
+_FOLD_FLAGS = (
+    flag("-f", "--fold", type=_fold, help="fold to train (0..4 or 'all')"),
+    flag(
         "--folds-by-index",
         type=_fold,
         nargs="+",
         metavar="FOLD",
         help="train folds[$JOB_COMPLETION_INDEX] (one Kubernetes Indexed Job trains all folds)",
-    )
-    parser.add_argument(
+    ),
+)
+_FLAGS_AFTER_FOLDS = (
+    flag(
         "-tr",
         "--trainer",
         default=contract.DEFAULT_TEACHER_TRAINER,
         help=f"nnU-Net trainer class (default {contract.DEFAULT_TEACHER_TRAINER}; external trainers "
         "via nnUNet_extTrainer)",
-    )
-    parser.add_argument(
+    ),
+    flag(
         "-p",
         "--plans",
         default=contract.DEFAULT_PLANS,
         help=f"plans identifier (default {contract.DEFAULT_PLANS}; e.g. nnUNetResEncUNetMPlans)",
-    )
-    parser.add_argument(
+    ),
+    flag(
         "-e",
         "--epochs",
         type=_positive,
         default=None,
         help="epochs (default: the trainer's, 1000 for nnUNetTrainer)",
-    )
-    parser.add_argument(
+    ),
+    flag(
         "--iterations_per_epoch",
         type=_positive,
         default=None,
         help="training iterations per epoch (default: the trainer's, 250)",
-    )
-    parser.add_argument(
+    ),
+    flag(
         "--val_iterations",
         type=_positive,
         default=None,
         help="validation iterations per epoch (default: the trainer's, 50)",
-    )
-    parser.add_argument(
+    ),
+    flag(
         "-device",
         "--device",
         default=None,
         help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)",
-    )
-    parser.add_argument(
+    ),
+    flag(
         "--c",
         "--continue",
         dest="continue_training",
         action="store_true",
         help="continue from this fold's latest checkpoint when there is one",
+    ),
+    flag("--npz", action="store_true", help="also save softmax probabilities of the final validation"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog=PROG,
+        description="Train one nnU-Net teacher fold (a normal nnU-Net model in "
+        "$nnUNet_results/DatasetXXX/<trainer>__<plans>__<cfg>/fold_<f>), then run nnU-Net's final "
+        "validation. Needs preprocessed data (nnUNetv2_plan_and_preprocess).",
     )
-    parser.add_argument(
-        "--npz", action="store_true", help="also save softmax probabilities of the final validation"
-    )
+    add_flags(parser, _FLAGS_BEFORE_FOLDS)
+    add_flags(parser.add_mutually_exclusive_group(required=True), _FOLD_FLAGS)
+    add_flags(parser, _FLAGS_AFTER_FOLDS)
     return parser
 
 
@@ -180,21 +182,19 @@ def apply_budget(
         trainer.num_val_iterations_per_epoch = val_iterations
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        fold = pick_fold(args.fold, args.folds_by_index)
-        dataset_name = resolve_dataset_name(args.dataset)
-        load_plans(dataset_name, args.plans, args.configuration, require_data=True)
-        load_dataset_json(dataset_name)
-        device = select_device(args.device)
-        _find_trainer_class(args.trainer)
-    except NnUNetSetupError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+def _check_setup(args: argparse.Namespace):
+    """(fold, dataset name, device), every setup mistake raised as NnUNetSetupError before torch loads."""
+    fold = pick_fold(args.fold, args.folds_by_index)
+    dataset_name = resolve_dataset_name(args.dataset)
+    load_plans(dataset_name, args.plans, args.configuration, require_data=True)
+    load_dataset_json(dataset_name)
+    device = select_device(args.device)
+    _find_trainer_class(args.trainer)
+    return fold, dataset_name, device
 
+
+def _configure_device(device) -> None:
     import torch
-    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     if device.type == "cpu":
         torch.set_num_threads(
@@ -206,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
         if device.index is not None:
             torch.cuda.set_device(device)
+
+
+def _build_trainer(args: argparse.Namespace, fold: int | str, dataset_name: str, device):
+    """nnU-Net's trainer for the fold, on ``device``, with the requested budget."""
+    from nnunetv2.run.run_training import get_trainer_from_args
 
     trainer = get_trainer_from_args(
         dataset_name,
@@ -226,12 +231,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{trainer.num_iterations_per_epoch} iterations "
         f"({trainer.num_val_iterations_per_epoch} validation iterations), device {device}"
     )
+    return trainer
+
+
+def _train(trainer, fold: int | str, continue_training: bool, npz: bool) -> None:
+    """Resume if asked, train with progress reporting and atomic checkpoints, then the final validation."""
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+
     from nnunet_distill import progress_hooks
+    from nnunet_distill.student import count_parameters
     from nnunet_distill.termination import write_termination_message
 
     trainer.save_every = 1  # checkpoint_latest every epoch (nnU-Net: 50), so a restarted pod loses <= 1 epoch
     progress_hooks.make_checkpoints_atomic(trainer)
-    maybe_load_checkpoint(trainer, args.continue_training, False)
+    maybe_load_checkpoint(trainer, continue_training, False)
     resumed = trainer.current_epoch > 0
     if resumed:
         print(
@@ -241,14 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     reporter = progress_hooks.start_reporting(trainer, stage="teachers", resumed=resumed)
     try:
         trainer.run_training()
-        trainer.perform_actual_validation(args.npz)
+        trainer.perform_actual_validation(npz)
     finally:
         reporter.close()
-    from nnunet_distill.student import count_parameters
-
     write_termination_message(
         progress_hooks.teacher_summary(trainer, fold, count_parameters(trainer.network))
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        fold, dataset_name, device = _check_setup(args)
+    except NnUNetSetupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    _configure_device(device)
+    trainer = _build_trainer(args, fold, dataset_name, device)
+    _train(trainer, fold, args.continue_training, args.npz)
     print(f"teacher fold {fold} done: {trainer.output_folder}")
     return 0
 
