@@ -139,7 +139,7 @@ def export_student(
         verification["tensorrt"] = trt_report
     io = io_description(model, spec, divisor, req.opset, tensorrt=req.tensorrt, simplified=req.simplify)
     meta = _inference_metadata(student, req, io, verification)
-    _annotate(model, meta)
+    annotate_graph(model, meta)
     out = Path(req.output) if req.output else default_output(student.fold_dir)
     sidecar = write_export(model, meta, out)
     return ExportResult(out, sidecar, meta, comparisons)
@@ -315,7 +315,7 @@ def _inference_metadata(student: LoadedStudent, req: ExportRequest, io: dict, ve
     )
 
 
-def _annotate(model, meta: dict) -> None:
+def annotate_graph(model, meta: dict) -> None:
     """Embed the metadata in the graph, so the file alone is enough to serve it."""
     import onnx
 
