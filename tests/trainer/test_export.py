@@ -86,7 +86,7 @@ def test_default_export_is_static_verified_and_self_describing(student, env, tmp
     assert _dims(model.graph.output[0]) == [1, 4, *cfg["patch_size"]]
 
     meta = _props(model)
-    assert json.loads((tmp_path / "nnunet_inference.json").read_text()) == meta
+    assert json.loads((tmp_path / "student.nnunet_inference.json").read_text()) == meta
     assert meta["configuration"] == "3d_fullres" and meta["patch_size"] == cfg["patch_size"]
     assert meta["spacing"] == cfg["spacing"] and meta["normalization_schemes"] == cfg["normalization_schemes"]
     assert meta["transpose_forward"] == plans["transpose_forward"]
@@ -157,7 +157,7 @@ def test_resenc_cli_trt_graph_is_static_with_checkpoint_norm_weights(student, en
     assert cli.main_resenc(["-d", "901", "-f", "0", "-r", "2", "-fix", "-sim", "-o", str(tmp_path)]) == 0
     model = onnx.load(str(tmp_path / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
-    assert (tmp_path / "nnunet_inference.json").is_file()
+    assert json.loads((tmp_path / "model.nnunet_inference.json").read_text()) == _props(model)
     for value in (*model.graph.input, *model.graph.output):
         assert all(isinstance(d, int) and d > 0 for d in _dims(value)), _dims(value)
     ops = {n.op_type for n in model.graph.node}
@@ -190,6 +190,19 @@ def test_resenc_cli_dynamic_batch_by_default(student, env, tmp_path):
     assert _dims(onnx.load(str(tmp_path / "model.onnx")).graph.input[0]) == ["batch", 1, 48, 48, 48]
     assert cli.main_resenc(["-d", "901", "-r", "2", "-b", "3", "-o", str(tmp_path / "b3")]) == 0
     assert _dims(onnx.load(str(tmp_path / "b3" / "model.onnx")).graph.input[0]) == [3, 1, 48, 48, 48]
+
+
+def test_resenc_teacher_plans_flag_is_checked_against_the_student(student, env, tmp_path, capsys):
+    """-p/-tpl names the teachers the student was distilled from: another value is refused, not ignored."""
+    args = ["-d", "901", "-r", "2", "-o", str(tmp_path)]
+    assert cli.main_resenc([*args, "-p", "nnUNetResEncUNetLPlans"]) == 1
+    err = _error_line(capsys)
+    assert (
+        "distilled from nnUNetPlans teachers, not nnUNetResEncUNetLPlans" in err and "-tpl nnUNetPlans" in err
+    )
+    assert list(tmp_path.iterdir()) == []
+    assert cli.main_resenc([*args, "-tpl", "nnUNetPlans"]) == 0
+    assert _props(onnx.load(str(tmp_path / "model.onnx")))["distillation"]["teacher_plans"] == "nnUNetPlans"
 
 
 def _error_line(capsys) -> str:
@@ -261,7 +274,7 @@ def test_a_graph_that_disagrees_with_torch_fails_the_export(student, env, tmp_pa
     assert cli.main_standard(["-d", "901", "-r", "2", "-o", str(out)]) == 1
     err = _error_line(capsys)
     assert "differs from the torch student" in err and "max|Δlogit|" in err
-    assert not out.exists() and not (tmp_path / "nnunet_inference.json").exists()
+    assert list(tmp_path.iterdir()) == []  # neither the graph nor its metadata
 
 
 def test_usage_errors_exit_2(capsys):

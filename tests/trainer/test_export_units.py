@@ -4,10 +4,12 @@ training)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from nnunet_distill import contract
 from nnunet_distill import metadata as md
 from nnunet_distill.export import ExportError, ShapeSpec, resolve_shape, verification_shapes
 from nnunet_distill.trt_graph import (
@@ -235,6 +237,60 @@ def test_foreign_metadata_is_rejected():
         md.from_metadata_props({"format": json.dumps("something-else")})
 
 
+# ---------------------------------------------------------------- one metadata file per exported graph
+
+
+def _graph() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 16, 64, 64])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 16, 64, 64])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_sidecar_is_named_after_its_graph():
+    assert contract.sidecar_path("/out/liver_3d.onnx") == Path("/out/liver_3d.nnunet_inference.json")
+    assert contract.sidecar_path(Path("export") / contract.ONNX_FILENAME) == Path(
+        "export/model.nnunet_inference.json"
+    )
+
+
+def test_exports_sharing_a_folder_each_keep_and_read_their_own_metadata(tmp_path):
+    """Two students exported into one folder: each graph is served with its own metadata, never the
+    other's (the old shared `nnunet_inference.json` made the last export describe every graph)."""
+    from nnunet_distill.export import annotate_graph, write_export
+    from nnunet_distill.predict import PredictorError, locate_model
+
+    out = tmp_path / "exports"
+    metas = {"a": _meta(configuration="3d_fullres"), "b": _meta(configuration="3d_fullres_bs4")}
+    for name, meta in metas.items():
+        model = _graph()
+        annotate_graph(model, meta)
+        sidecar = write_export(model, meta, out / f"{name}.onnx")
+        assert sidecar == out / f"{name}.nnunet_inference.json"
+        assert json.loads(sidecar.read_text()) == json.loads(md.dumps(meta))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.nnunet_inference.json",
+        "a.onnx",
+        "b.nnunet_inference.json",
+        "b.onnx",
+    ]
+    for name, meta in metas.items():
+        onnx_file, found = locate_model(out / f"{name}.onnx")
+        assert onnx_file == out / f"{name}.onnx" and found == json.loads(md.dumps(meta))
+    assert locate_model(out / "a.onnx")[1]["configuration"] == "3d_fullres"
+    assert locate_model(out / "b.onnx")[1]["configuration"] == "3d_fullres_bs4"
+
+    # a folder-wide file left by older exports (here: b's) is never taken for a's metadata; without its
+    # own sidecar, a's embedded metadata is used
+    (out / contract.PACKAGE_SIDECAR_NAME).write_text(md.dumps(metas["b"]))
+    (out / "a.nnunet_inference.json").unlink()
+    assert locate_model(out / "a.onnx")[1]["model_name"] == metas["a"]["model_name"]
+    with pytest.raises(PredictorError, match="expected exactly one model"):
+        locate_model(out)
+    (out / "b.onnx").unlink()
+    assert locate_model(out)[1]["configuration"] == "3d_fullres"  # the folder's one graph, its own metadata
+
+
 def test_metrics_prefer_the_distillation_summary():
     summary = {
         "schema_version": 2,
@@ -395,3 +451,53 @@ def test_verify_rejects_a_graph_that_computes_something_else():
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.5, init.name))
     with pytest.raises(VerificationError, match="differs from the torch student"):
         verify(model.SerializeToString(), net, inputs, input_name="input", has_regions=False, tol=Tolerance())
+
+
+# ---------------------------------------------------------------- the ResEnc CLI's teacher plans
+
+
+def test_resenc_teacher_plans_flag_selects_the_student_and_is_optional():
+    from nnunet_distill.cli import export as cli
+
+    def request(*flags: str):
+        parser = cli.build_parser_resenc()
+        return cli.request_resenc(parser.parse_args(["-d", "1", "-r", "2", *flags]), parser)
+
+    # -p and -tpl are one flag (as in nnUNetv2_resenc_distillation_train); what it names must be the student's
+    for flag in ("-p", "-tpl"):
+        req = request(flag, "nnUNetResEncUNetMPlans", "-spl", "nnUNetResEncUNetMPlans")
+        assert req.expected_teacher_plans == req.teacher_plans == "nnUNetResEncUNetMPlans"
+        assert req.plans_identifier == "nnUNetResEncUNetMPlans_r2"
+    # without it any student found by -spl/-r/-bs is exported, its checkpoint saying which teachers it had
+    req = request()
+    assert req.expected_teacher_plans is None and req.teacher_plans is None
+
+
+def test_a_student_of_other_teachers_is_refused_naming_the_flag(tmp_path):
+    from nnunet_distill.export import ExportError, check_teacher_plans
+    from nnunet_distill.trained_student import LoadedStudent
+
+    student = LoadedStudent(
+        network=None,
+        state_dict={},
+        plans=_plans(),
+        dataset_json=_dataset_json(),
+        configuration="3d_fullres",
+        fold_dir=tmp_path / "fold_0",
+        checkpoint_name="checkpoint_final.pth",
+        trainer_name="nnUNetTrainer",
+        mirror_axes=None,
+        distillation={"teacher_plans": "nnUNetResEncUNetLPlans"},
+        parameters=0,
+        affine_norms=0,
+    )
+    check_teacher_plans(student, "nnUNetResEncUNetLPlans")
+    check_teacher_plans(student, None)
+    with pytest.raises(
+        ExportError, match=r"from nnUNetResEncUNetLPlans teachers, not nnUNetResEncUNetMPlans"
+    ):
+        check_teacher_plans(student, "nnUNetResEncUNetMPlans")
+    with pytest.raises(ExportError, match="-tpl nnUNetResEncUNetLPlans"):
+        check_teacher_plans(student, "nnUNetResEncUNetMPlans")
+    student.distillation = None  # not trained by this tool: nothing to check against
+    check_teacher_plans(student, "nnUNetResEncUNetMPlans")

@@ -4,6 +4,7 @@ nnUNetv2_predict."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,13 +40,19 @@ def pipeline(student, tmp_path_factory) -> dict[str, Path]:
     )
     assert done.returncode == 0, done.stderr
     stock = root / "stock"
+    _stock_predict(student, env, "nnUNetPlans_r2", stock)
+    return {"root": root, "package": package, "static": static, "stock": stock}
+
+
+def _stock_predict(student, env: dict[str, str], plans_identifier: str, out: Path) -> None:
+    """Stock `nnUNetv2_predict` on the student's training folder: what every ONNX run must match."""
     done = support.run_cli(
         [
             support.console("nnUNetv2_predict"),
             "-i",
             str(student.dataset.raw_dataset / "imagesTs"),
             "-o",
-            str(stock),
+            str(out),
             "-d",
             "901",
             "-c",
@@ -53,7 +60,7 @@ def pipeline(student, tmp_path_factory) -> dict[str, Path]:
             "-tr",
             "nnUNetDistillationTrainer",
             "-p",
-            "nnUNetPlans_r2",
+            plans_identifier,
             "-f",
             "0",
             "-device",
@@ -67,7 +74,6 @@ def pipeline(student, tmp_path_factory) -> dict[str, Path]:
         env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"root": root, "package": package, "static": static, "stock": stock}
 
 
 def _predict(student, model: Path, out: Path, *extra: str):
@@ -151,8 +157,6 @@ def test_predictor_matches_in_process_on_logits(student, pipeline):
 
 
 def test_tampered_or_missing_model_is_refused(student, pipeline, tmp_path):
-    import shutil
-
     broken = tmp_path / "broken"
     shutil.copytree(pipeline["package"], broken)
     model = next(broken.glob("*/1/model.onnx"))
@@ -164,3 +168,63 @@ def test_tampered_or_missing_model_is_refused(student, pipeline, tmp_path):
     empty.mkdir()
     done = _predict(student, empty, tmp_path / "out")
     assert done.returncode == 1 and "expected exactly one model" in done.stderr
+
+
+SMALL_PATCH_PLANS = "nnUNetSmallPatchPlans"
+
+
+def _small_patch_student(student, results: Path) -> Path:
+    """A second student beside the first in one results folder: the same weights under student plans of
+    their own (`nnUNetSmallPatchPlans_r2`) with a 32³ patch, as a student distilled from other teacher plans
+    would have. Its graph takes other shapes than the first's, so the wrong metadata cannot go unnoticed."""
+    model_dir = (
+        results
+        / student.dataset.dataset_name
+        / f"nnUNetDistillationTrainer__{SMALL_PATCH_PLANS}_r2__3d_fullres"
+    )
+    shutil.copytree(student.model_dir, model_dir, ignore=shutil.ignore_patterns("validation*", "*.png"))
+    plans = json.loads((model_dir / "plans.json").read_text())
+    plans["plans_name"] = f"{SMALL_PATCH_PLANS}_r2"
+    plans["configurations"]["3d_fullres"]["patch_size"] = [32, 32, 32]
+    (model_dir / "plans.json").write_text(json.dumps(plans, indent=2))
+    return model_dir
+
+
+def test_exports_of_two_students_in_one_folder_predict_with_their_own_metadata(student, pipeline, tmp_path):
+    """Issue 11: every export into one folder shared one `nnunet_inference.json`, so predicting with the
+    first export read the second's metadata and failed. Each graph now has its own, and both predict what
+    stock nnU-Net predicts with their training folders."""
+    results = tmp_path / "results"
+    student.copy_to(results)
+    _small_patch_student(student, results)
+    env = {**student.env, "nnUNet_results": str(results)}
+    out = tmp_path / "exports"
+    for plans, name in (("nnUNetPlans", "p48"), (SMALL_PATCH_PLANS, "p32")):
+        done = support.run_cli(
+            [support.console("nnUNetv2_distillation_export_onnx"), "-d", "901", "-r", "2", "-p", plans]
+            + ["-o", str(out / f"{name}.onnx")],
+            env,
+        )
+        assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "p32.nnunet_inference.json",
+        "p32.onnx",
+        "p48.nnunet_inference.json",
+        "p48.onnx",
+    ]
+    for name, patch, plans in (("p48", 48, "nnUNetPlans_r2"), ("p32", 32, f"{SMALL_PATCH_PLANS}_r2")):
+        meta = json.loads((out / f"{name}.nnunet_inference.json").read_text())
+        assert meta["patch_size"] == [patch] * 3 and meta["student"]["plans_identifier"] == plans
+        assert meta["io"]["input_shape"] == [1, 1, patch, patch, patch]
+
+    done = _predict(student, out / "p48.onnx", tmp_path / "p48")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_segmentations(pipeline["stock"], tmp_path / "p48")
+    done = _predict(student, out / "p32.onnx", tmp_path / "p32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    stock_small = tmp_path / "stock_p32"
+    _stock_predict(student, env, f"{SMALL_PATCH_PLANS}_r2", stock_small)
+    _assert_same_segmentations(stock_small, tmp_path / "p32")
+    assert (
+        json.loads((tmp_path / "p32" / "plans.json").read_text())["plans_name"] == f"{SMALL_PATCH_PLANS}_r2"
+    )

@@ -205,3 +205,22 @@ def replacing(filename: str | os.PathLike, *, mode: int | None = None) -> Iterat
             os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+# ---- an exported model's metadata file
+
+#: The metadata file beside an exported graph is named after it: `liver_3d.onnx` -> `liver_3d` + this suffix.
+SIDECAR_SUFFIX = ".nnunet_inference.json"
+#: The one metadata file at the root of a package directory (`nnunet-distill package`), which holds exactly
+#: one model; its `package.model_file` names the graph it describes.
+PACKAGE_SIDECAR_NAME = "nnunet_inference.json"
+
+
+def sidecar_path(onnx_file: str | Path) -> Path:
+    """Where the metadata of an exported graph lives: beside it, under the graph's own stem.
+
+    One sidecar per model, never one per folder: exports of several students (2d and 3d_fullres, two r) may
+    share an output folder, and a shared name let the last export's metadata describe every graph there.
+    Naming it after the graph follows nnU-Net's own habit of pairing files by name (a segmentation's
+    `CASE.npz`/`CASE.pkl` beside `CASE.nii.gz`), so the pair survives being copied together.
+    """
+    path = Path(onnx_file)
+    return path.with_name(path.stem + SIDECAR_SUFFIX)

@@ -6,10 +6,9 @@ Why it differs from the original tool:
   cannot silently build a different architecture than was trained. Weights load strictly.
 - Export is not done until ONNX Runtime reproduces the torch logits within a tolerance (verify.py): a failure
   exits non-zero and writes no file.
-- Shapes mean what the docs say: static by default, `-da` dynamic batch and spatial axes (spatial sizes are
-  multiples of the encoder's total stride, which the graph and the metadata state), `-nn`/ResEnc `-b 0`
-  dynamic batch only.
-- The file carries its inference metadata (metadata.py) and gets an `nnunet_inference.json` beside it.
+- Shapes mean what the docs say (onnx_graph.py: the traced shapes and torch's exporter).
+- The file carries its inference metadata (metadata.py) and gets its own sidecar beside it,
+  `<stem>.nnunet_inference.json` (contract.sidecar_path), so exports sharing a folder never share metadata.
 
 Export and verification run on the CPU on purpose: the graph does not depend on the device it was traced on,
 and fp32 CPU is the reference the ONNX graph is held against.
@@ -17,12 +16,8 @@ and fp32 CPU is the reference the ONNX graph is held against.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,202 +38,17 @@ from nnunet_distill.trained_student import (  # the first half: find and rebuild
     load_student,
     results_root,
 )
+from nnunet_distill.onnx_graph import (  # the graph itself: shapes and torch's exporter
+    DEFAULT_OPSET,
+    ShapeSpec,
+    export_graph,
+    io_description,
+    quiet,
+    resolve_shape as resolve_shape,
+    verification_shapes,
+)
 from nnunet_distill.verify import Comparison, Tolerance
-
-DEFAULT_OPSET = 17
-
-
-# ------------------------------------------------------------------------------------------------------------
-# shapes
-
-
-@dataclass(frozen=True)
-class ShapeSpec:
-    """The traced example shape and which axes stay symbolic in the graph."""
-
-    example: tuple[int, ...]
-    dynamic_batch: bool
-    dynamic_spatial: bool
-
-    @property
-    def static(self) -> bool:
-        return not (self.dynamic_batch or self.dynamic_spatial)
-
-
-def resolve_shape(
-    num_channels: int,
-    patch_size: Sequence[int],
-    divisor: Sequence[int],
-    *,
-    dynamic: bool = False,
-    dynamic_batch: bool = False,
-    input_shape: Sequence[int] | None = None,
-    batch: int = 1,
-) -> ShapeSpec:
-    """Pure: turn the CLI's shape options into a ShapeSpec, rejecting shapes the network cannot take."""
-    ndim = len(patch_size)
-    if input_shape is not None:
-        shape = tuple(int(s) for s in input_shape)
-        if len(shape) != 2 + ndim:
-            raise ExportError(
-                f"-is needs {2 + ndim} numbers (b c {' '.join('xyz'[:ndim])}) for this "
-                f"{ndim}D model, got {len(shape)}"
-            )
-        if shape[1] != num_channels:
-            raise ExportError(
-                f"-is channel count {shape[1]} does not match the model's {num_channels} input channel(s)"
-            )
-        if any(s < 1 for s in shape):
-            raise ExportError(f"-is sizes must be positive, got {list(shape)}")
-        bad = [(s, d) for s, d in zip(shape[2:], divisor, strict=False) if s % d]
-        if bad:
-            raise ExportError(
-                f"-is spatial sizes {list(shape[2:])} must be multiples of {list(divisor)} (the "
-                "network's total stride per axis)"
-            )
-    else:
-        if batch < 1:
-            raise ExportError(f"batch size must be >= 1, got {batch}")
-        shape = (batch, num_channels, *[int(p) for p in patch_size])
-    return ShapeSpec(example=shape, dynamic_batch=dynamic or dynamic_batch, dynamic_spatial=dynamic)
-
-
-def verification_shapes(spec: ShapeSpec, divisor: Sequence[int]) -> list[tuple[int, ...]]:
-    """Random-input shapes that exercise every axis the graph leaves dynamic, besides the example itself."""
-    shapes = [spec.example]
-    b, c, *spatial = spec.example
-    if spec.dynamic_batch:
-        shapes.append((2 if b == 1 else 1, c, *spatial))
-    if spec.dynamic_spatial:
-        shapes.append((b, c, *[s + d for s, d in zip(spatial, divisor, strict=False)]))
-    return shapes
-
-
-# ------------------------------------------------------------------------------------------------------------
-# graph export
-
-
-@contextlib.contextmanager
-def _quiet(enabled: bool):
-    """Silence the exporter's chatter (opset conversion notes, deprecation warnings) unless -v."""
-    if not enabled:
-        yield
-        return
-    loggers = [
-        logging.getLogger(n)
-        for n in (
-            "torch.onnx",
-            "torch.export",
-            "torch._dynamo",
-            "onnxscript",
-            "onnx_ir",
-            "torch.fx.experimental.symbolic_shapes",
-        )
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=False):
-            lg.setLevel(level)
-
-
-def _single_output(network):
-    """The network itself when it returns one tensor; else a wrapper returning the full-resolution output."""
-    import torch
-
-    class FullResolution(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x)[0]
-
-    return FullResolution(network)
-
-
-def export_graph(
-    network, spec: ShapeSpec, divisor: Sequence[int], opset: int = DEFAULT_OPSET, quiet: bool = True
-) -> onnx.ModelProto:  # noqa: F821
-    """Trace with torch's (dynamo) ONNX exporter; dynamic spatial dims are declared as multiples of `divisor`.
-
-    Input and output are named `input` and `output` (raw logits, no softmax in the graph), as the original
-    tool did, so existing serving code keeps working.
-    """
-    import onnx
-    import torch
-    from torch.export import Dim
-
-    example = torch.zeros(spec.example, dtype=torch.float32)
-    with torch.inference_mode():
-        probe = network(example)
-    module = _single_output(network) if isinstance(probe, (list, tuple)) else network
-    axes: dict[int, Any] = {}
-    if spec.dynamic_batch:
-        axes[0] = Dim("batch", min=1, max=1024)
-    if spec.dynamic_spatial:
-        for i, d in enumerate(divisor):
-            blocks = Dim(f"{'xyz'[i]}_blocks", min=1, max=max(2, 4096 // d))
-            axes[2 + i] = blocks * d if d > 1 else blocks
-    kwargs = {"dynamic_shapes": (axes,)} if axes else {}
-    with _quiet(quiet):
-        program = torch.onnx.export(
-            module,
-            (torch.randn(spec.example),),
-            dynamo=True,
-            opset_version=opset,
-            input_names=[md.INPUT_NAME],
-            output_names=[md.OUTPUT_NAME],
-            external_data=False,
-            verbose=False,
-            **kwargs,
-        )
-    model = program.model_proto
-    _name_dynamic_dims(model, spec)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def _name_dynamic_dims(model, spec: ShapeSpec) -> None:
-    """Give graph input/output dims readable names: `batch`, `x`, `y`, `z` (instead of `8*x_blocks`)."""
-    for value in (*model.graph.input, *model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        for i, dim in enumerate(dims):
-            if dim.HasField("dim_value"):
-                continue
-            dim.dim_param = "batch" if i == 0 else "xyz"[i - 2]
-
-
-def io_description(
-    model, spec: ShapeSpec, divisor: Sequence[int], opset: int, *, tensorrt: bool, simplified: bool
-) -> dict:
-    def dims(v):
-        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
-
-    return {
-        "input_name": md.INPUT_NAME,
-        "output_name": md.OUTPUT_NAME,
-        "input_shape": dims(model.graph.input[0]),
-        "output_shape": dims(model.graph.output[0]),
-        "dtype": "float32",
-        "output_kind": "logits",
-        "dynamic_batch": spec.dynamic_batch,
-        "dynamic_spatial": spec.dynamic_spatial,
-        "spatial_multiple_of": list(divisor) if spec.dynamic_spatial else None,
-        "opset": opset,
-        "tensorrt_ready": tensorrt,
-        "simplified": simplified,
-        "exporter": "torch.onnx.export(dynamo=True)",
-    }
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the whole export
+from nnunet_distill.verify import report as verification_report
 
 
 @dataclass(frozen=True)
@@ -261,7 +71,10 @@ class ExportRequest:
     simplify: bool = False
     opset: int = DEFAULT_OPSET
     tolerance: Tolerance = field(default_factory=Tolerance)
+    #: Recorded in the metadata when the checkpoint does not say which teacher plans it was distilled from.
     teacher_plans: str | None = None
+    #: The student must have been distilled from these teacher plans (ResEnc `-p`/`-tpl`); None: any.
+    expected_teacher_plans: str | None = None
     verbose: bool = False
 
 
@@ -316,12 +129,25 @@ def export_student(
     req: ExportRequest, default_output: Callable[[Path], Path], log: Callable[[str], None] = print
 ) -> ExportResult:
     """Find, rebuild, export, (fix for TensorRT), (simplify), verify, annotate and write one student."""
-    import onnx
-
-    from nnunet_distill import trt_graph
-    from nnunet_distill.verify import random_inputs, report, run_torch, verify
-
     vlog = log if req.verbose else (lambda _msg: None)
+    student = _find_student(req, vlog)
+    spec, divisor = _export_shape(student, req, vlog)
+    inputs, real_case = _verification_inputs(student, spec, divisor, log, vlog)
+    model, comparisons, trt_report = _verified_graph(student, req, spec, divisor, inputs, vlog)
+    verification = verification_report(comparisons, req.tolerance, real_case)
+    if trt_report:
+        verification["tensorrt"] = trt_report
+    io = io_description(model, spec, divisor, req.opset, tensorrt=req.tensorrt, simplified=req.simplify)
+    meta = _inference_metadata(student, req, io, verification)
+    annotate_graph(model, meta)
+    out = Path(req.output) if req.output else default_output(student.fold_dir)
+    sidecar = write_export(model, meta, out)
+    return ExportResult(out, sidecar, meta, comparisons)
+
+
+def _find_student(req: ExportRequest, vlog: Callable[[str], None]) -> LoadedStudent:
+    """The student trained with the request's arguments, rebuilt by stock nnU-Net, of the teachers asked
+    for."""
     fold_dir = find_student_fold_dir(
         results_root(),
         req.dataset,
@@ -333,12 +159,33 @@ def export_student(
     )
     vlog(f"student: {fold_dir / req.checkpoint_name}")
     student = load_student(fold_dir, req.checkpoint_name, req.configuration)
+    check_teacher_plans(student, req.expected_teacher_plans)
+    return student
+
+
+def check_teacher_plans(student: LoadedStudent, expected: str | None) -> None:
+    """Refuse a student distilled from other teachers than the export asked for (ResEnc `-p`/`-tpl`).
+
+    The student's folder name does not say which teacher plans it came from, so the checkpoint's own record
+    decides; a checkpoint without one (not trained by this tool) cannot be checked and is accepted.
+    """
+    recorded = (student.distillation or {}).get("teacher_plans")
+    if expected is None or recorded is None or recorded == expected:
+        return
+    raise ExportError(
+        f"the student at {student.fold_dir} was distilled from {recorded} teachers, not {expected} "
+        f"(-p/-tpl); pass -tpl {recorded}, or the -spl/-bs/-r of the student distilled from {expected}"
+    )
+
+
+def _export_shape(
+    student: LoadedStudent, req: ExportRequest, vlog: Callable[[str], None]
+) -> tuple[ShapeSpec, list[int]]:
+    """The traced shape and the per-axis stride its dynamic spatial sizes must be multiples of."""
     plans_cfg = md.plans_for_inference(student.plans, req.configuration)["configurations"][req.configuration]
     divisor = md.spatial_divisor(plans_cfg)
-    has_regions = _has_regions(student)
-    num_channels = _num_input_channels(student)
     spec = resolve_shape(
-        num_channels,
+        _num_input_channels(student),
         plans_cfg["patch_size"],
         divisor,
         dynamic=req.dynamic,
@@ -356,11 +203,18 @@ def export_student(
         f"{student.parameters:,} parameters; export shape {list(spec.example)} (dynamic batch "
         f"{spec.dynamic_batch}, dynamic spatial {spec.dynamic_spatial}, multiples of {divisor})"
     )
+    return spec, divisor
 
-    model = export_graph(student.network, spec, divisor, req.opset, quiet=not req.verbose)
-    if req.tensorrt:
-        model, folded = trt_graph.fold_instance_norm_constants(model)
-        vlog(f"tensorrt: folded {folded} InstanceNormalization scale/bias input(s) into initializers")
+
+def _verification_inputs(
+    student: LoadedStudent,
+    spec: ShapeSpec,
+    divisor: Sequence[int],
+    log: Callable[[str], None],
+    vlog: Callable[[str], None],
+) -> tuple[dict[str, np.ndarray], str | None]:
+    """Random inputs for every dynamic axis, plus one real preprocessed patch when the dataset is at hand."""
+    from nnunet_distill.verify import random_inputs
 
     inputs = random_inputs(verification_shapes(spec, divisor))
     try:
@@ -371,55 +225,78 @@ def export_student(
             "verifying on random inputs only"
         )
         real = None
-    if real is not None:
-        patch, case = real
-        inputs[f"preprocessed:{case}"] = np.repeat(patch[None], spec.example[0], axis=0)
-    else:
+    if real is None:
         vlog("verify: no preprocessed case found under $nnUNet_preprocessed; verifying on random inputs only")
+        return inputs, None
+    patch, case = real
+    inputs[f"preprocessed:{case}"] = np.repeat(patch[None], spec.example[0], axis=0)
+    return inputs, case
+
+
+def _verified_graph(
+    student: LoadedStudent,
+    req: ExportRequest,
+    spec: ShapeSpec,
+    divisor: Sequence[int],
+    inputs: dict[str, np.ndarray],
+    vlog: Callable[[str], None],
+) -> tuple[Any, list[Comparison], dict | None]:
+    """(graph, comparisons, TensorRT report): the graph as written, checked against torch after each
+    rewrite."""
+    from nnunet_distill import trt_graph
+    from nnunet_distill.verify import run_torch
+
+    model = export_graph(student.network, spec, divisor, req.opset, silent=not req.verbose)
+    if req.tensorrt:
+        model, folded = trt_graph.fold_instance_norm_constants(model)
+        vlog(f"tensorrt: folded {folded} InstanceNormalization scale/bias input(s) into initializers")
     reference = run_torch(student.network, inputs)
+    comparisons = _compare(model, student, inputs, reference, req.tolerance, vlog, "")
+    if req.simplify:
+        model = _simplify(model, silent=not req.verbose)
+        comparisons = _compare(model, student, inputs, reference, req.tolerance, vlog, "after -sim: ")
+    trt_report = _tensorrt_report(model, student, vlog) if req.tensorrt else None
+    return model, comparisons, trt_report
+
+
+def _compare(model, student, inputs, reference, tol: Tolerance, vlog, prefix: str) -> list[Comparison]:
+    """ONNX Runtime on the graph against the torch reference; raises VerificationError beyond `tol`."""
+    from nnunet_distill.verify import verify
+
     comparisons = verify(
         model.SerializeToString(),
         student.network,
         inputs,
         input_name=md.INPUT_NAME,
-        has_regions=has_regions,
-        tol=req.tolerance,
+        has_regions=_has_regions(student),
+        tol=tol,
         reference=reference,
     )
     for c in comparisons:
-        vlog(c.line(req.tolerance))
+        vlog(prefix + c.line(tol))
+    return comparisons
 
-    if req.simplify:
-        model = _simplify(model, quiet=not req.verbose)
-        comparisons = verify(
-            model.SerializeToString(),
-            student.network,
-            inputs,
-            input_name=md.INPUT_NAME,
-            has_regions=has_regions,
-            tol=req.tolerance,
-            reference=reference,
-        )
-        for c in comparisons:
-            vlog("after -sim: " + c.line(req.tolerance))
 
-    trt_report = None
-    if req.tensorrt:
-        problems = trt_graph.tensorrt_problems(model)
-        if problems:
-            raise trt_graph.TensorRTGraphError("graph is not TensorRT-parsable: " + "; ".join(problems))
-        trt_report = trt_graph.instance_norm_weight_check(model, student.state_dict, student.affine_norms)
-        vlog(
-            f"tensorrt: static shapes, {len({n.op_type for n in model.graph.node})} op types all supported, "
-            f"{trt_report['instance_norm_matched_to_checkpoint']}/{trt_report['instance_norm_nodes']} "
-            "InstanceNorm scale/bias initializers equal to the checkpoint"
-        )
+def _tensorrt_report(model, student: LoadedStudent, vlog: Callable[[str], None]) -> dict:
+    """Refuse a graph TensorRT cannot parse; report the InstanceNorm weights matched to the checkpoint."""
+    from nnunet_distill import trt_graph
 
-    verification = report(comparisons, req.tolerance, real[1] if real else None)
-    if trt_report:
-        verification["tensorrt"] = trt_report
-    model_dir = fold_dir.parent
-    meta = md.build_inference_metadata(
+    problems = trt_graph.tensorrt_problems(model)
+    if problems:
+        raise trt_graph.TensorRTGraphError("graph is not TensorRT-parsable: " + "; ".join(problems))
+    trt_report = trt_graph.instance_norm_weight_check(model, student.state_dict, student.affine_norms)
+    vlog(
+        f"tensorrt: static shapes, {len({n.op_type for n in model.graph.node})} op types all supported, "
+        f"{trt_report['instance_norm_matched_to_checkpoint']}/{trt_report['instance_norm_nodes']} "
+        "InstanceNorm scale/bias initializers equal to the checkpoint"
+    )
+    return trt_report
+
+
+def _inference_metadata(student: LoadedStudent, req: ExportRequest, io: dict, verification: dict) -> dict:
+    """metadata.build_inference_metadata fed from the student, its folder and the request."""
+    model_dir = student.fold_dir.parent
+    return md.build_inference_metadata(
         plans=student.plans,
         dataset_json=student.dataset_json,
         configuration=req.configuration,
@@ -429,25 +306,37 @@ def export_student(
         checkpoint_trainer=student.trainer_name,
         mirror_axes=student.mirror_axes,
         distillation=_distillation_info(student, req),
-        io=io_description(model, spec, divisor, req.opset, tensorrt=req.tensorrt, simplified=req.simplify),
+        io=io,
         versions=md.package_versions(),
         fingerprint_sha256=_fingerprint_sha256(model_dir, student.plans["dataset_name"]),
         parameters=student.parameters,
-        metrics=_metrics(fold_dir),
+        metrics=_metrics(student.fold_dir),
         verification=verification,
     )
+
+
+def annotate_graph(model, meta: dict) -> None:
+    """Embed the metadata in the graph, so the file alone is enough to serve it."""
+    import onnx
+
     onnx.helper.set_model_props(model, md.to_metadata_props(meta))
     model.doc_string = (
         f"nnU-Net distilled student {meta['model_name']}: input {meta['io']['input_shape']} "
         f"float32 (nnU-Net-preprocessed patch), output logits {meta['io']['output_shape']}"
     )
 
-    out = Path(req.output) if req.output else default_output(fold_dir)
+
+def write_export(model, meta: dict, out: Path) -> Path:
+    """Write the graph to `out` and its own sidecar beside it (contract.sidecar_path); returns the sidecar.
+
+    The sidecar is named after the graph, not after the folder, so several exports in one folder each keep
+    their own metadata. Both files are world-readable: serving pods on shared volumes read them.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(model.SerializeToString(), out, mode=0o644)  # shared volumes: others read it
-    sidecar = out.parent / md.SIDECAR_NAME
+    atomic_write_bytes(model.SerializeToString(), out, mode=0o644)
+    sidecar = contract.sidecar_path(out)
     atomic_write_bytes(md.dumps(meta).encode(), sidecar, mode=0o644)
-    return ExportResult(out, sidecar, meta, comparisons)
+    return sidecar
 
 
 def _has_regions(student: LoadedStudent) -> bool:
@@ -476,10 +365,10 @@ def _distillation_info(student: LoadedStudent, req: ExportRequest) -> dict:
     return info
 
 
-def _simplify(model, quiet: bool):
+def _simplify(model, silent: bool):
     import onnxslim
 
-    with _quiet(quiet):
+    with quiet(silent):
         try:
             return onnxslim.slim(model)
         except Exception as exc:  # noqa: BLE001 - onnxslim surfaces onnx/onnxruntime errors of any type

@@ -5,8 +5,8 @@ transposition, the per-channel normalisation and its intensity statistics, the p
 regions and the tile step. The original tool left all of that out of its ONNX files, so every deployment
 copied numbers by hand. Here one dict (built by the pure :func:`build_inference_metadata`) is written twice
 with the same content: as ONNX ``metadata_props`` (one JSON-encoded value per top-level key, so the graph is
-self-describing) and as ``nnunet_inference.json`` beside the file (for people and tools that do not parse
-ONNX).
+self-describing) and as a sidecar beside the file, named after it (``<stem>.nnunet_inference.json``, see
+``contract.sidecar_path``), for people and tools that do not parse ONNX.
 
 The dict also holds the subsets of ``plans.json`` and ``dataset.json`` that nnU-Net's own preprocessing and
 resampling need (``nnunet.plans`` / ``nnunet.dataset_json``), so the ONNX Runtime predictor can rebuild a
@@ -27,7 +27,6 @@ from nnunet_distill.nnunet_env import PlansError, resolved_configuration, total_
 
 FORMAT = "nnunet-distill-inference"
 FORMAT_VERSION = 1
-SIDECAR_NAME = "nnunet_inference.json"
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
@@ -146,7 +145,43 @@ def build_inference_metadata(
     """
     inf_plans = plans_for_inference(plans, configuration)
     cfg = inf_plans["configurations"][configuration]
-    inf_dataset = dataset_json_for_inference(dataset_json)
+    plans_identifier = plans.get("plans_name")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name
+        or default_model_name(plans.get("dataset_name", "dataset"), plans_identifier, configuration, fold),
+        **_preprocessing(plans, cfg, dataset_json, configuration),
+        "mirror_axes": None if mirror_axes is None else [int(a) for a in mirror_axes],
+        "tile_step_size": float(tile_step_size),
+        "use_gaussian": True,
+        "spatial_divisor": spatial_divisor(cfg),
+        "distillation": _distillation_record(plans, distillation),
+        "student": {
+            "dataset": plans.get("dataset_name"),
+            "plans_identifier": plans_identifier,
+            "model_folder": student_folder,
+            "fold": fold,
+            "checkpoint": checkpoint_name,
+            "checkpoint_trainer": checkpoint_trainer,
+            "architecture": cfg.get("architecture", {}).get("network_class_name"),
+            "parameters": int(parameters),
+        },
+        "dataset_fingerprint_sha256": fingerprint_sha256,
+        "versions": dict(versions),
+        "io": deepcopy(dict(io)),
+        "metrics": deepcopy(dict(metrics)) if metrics else None,
+        "verification": deepcopy(dict(verification)) if verification else None,
+        "nnunet": {"plans": inf_plans, "dataset_json": dataset_json_for_inference(dataset_json)},
+    }
+
+
+def _preprocessing(
+    plans: Mapping[str, Any], cfg: Mapping[str, Any], dataset_json: Mapping[str, Any], configuration: str
+) -> dict[str, Any]:
+    """What turns an image into the network's input and its output back into labels: geometry,
+    normalisation, channels, labels/regions and the heads, from the plans (`cfg`: the resolved
+    configuration) and dataset.json."""
     channel_names = dataset_json.get("channel_names", dataset_json.get("modality"))
     if channel_names is None:
         raise MetadataError("dataset.json has neither 'channel_names' nor 'modality'")
@@ -155,16 +190,7 @@ def build_inference_metadata(
         "foreground_intensity_properties_per_channel",
         plans.get("foreground_intensity_properties_by_modality", {}),
     )
-    # The checkpoint's record wins; the student plans' own `distillation` entry (written when they were
-    # derived) fills what an older or foreign checkpoint lacks, so r and the block strategy are never lost.
-    d = {k: v for k, v in dict(plans.get("distillation") or {}).items() if v is not None}
-    d.update({k: v for k, v in dict(distillation or {}).items() if v is not None})
-    plans_identifier = plans.get("plans_name")
     return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_name": model_name
-        or default_model_name(plans.get("dataset_name", "dataset"), plans_identifier, configuration, fold),
         "configuration": configuration,
         "patch_size": list(cfg["patch_size"]),
         "spacing": list(cfg["spacing"]),
@@ -181,38 +207,28 @@ def build_inference_metadata(
         "num_input_channels": channels,
         "num_segmentation_heads": heads,
         "file_ending": dataset_json.get("file_ending"),
-        "mirror_axes": None if mirror_axes is None else [int(a) for a in mirror_axes],
-        "tile_step_size": float(tile_step_size),
-        "use_gaussian": True,
-        "spatial_divisor": spatial_divisor(cfg),
-        "distillation": {
-            "reduction_factor": d.get("reduction_factor"),
-            "alpha": d.get("alpha"),
-            "temperature": d.get("temperature"),
-            "teacher_folds": d.get("teacher_folds"),
-            "block_strategy": d.get("block_strategy"),
-            "da5": d.get("da5"),
-            "student_plans": d.get("student_plans", plans_identifier),
-            "student_base_plans": d.get("base_plans", d.get("student_base_plans")),
-            "teacher_plans": d.get("teacher_plans"),
-            "teacher_trainer": d.get("teacher_trainer"),
-        },
-        "student": {
-            "dataset": plans.get("dataset_name"),
-            "plans_identifier": plans_identifier,
-            "model_folder": student_folder,
-            "fold": fold,
-            "checkpoint": checkpoint_name,
-            "checkpoint_trainer": checkpoint_trainer,
-            "architecture": cfg.get("architecture", {}).get("network_class_name"),
-            "parameters": int(parameters),
-        },
-        "dataset_fingerprint_sha256": fingerprint_sha256,
-        "versions": dict(versions),
-        "io": deepcopy(dict(io)),
-        "metrics": deepcopy(dict(metrics)) if metrics else None,
-        "verification": deepcopy(dict(verification)) if verification else None,
-        "nnunet": {"plans": inf_plans, "dataset_json": inf_dataset},
+    }
+
+
+def _distillation_record(plans: Mapping[str, Any], distillation: Mapping[str, Any] | None) -> dict[str, Any]:
+    """How the student was distilled: only the keys the contract names, None for absent ones.
+
+    The checkpoint's record wins; the student plans' own `distillation` entry (written when they were
+    derived) fills what an older or foreign checkpoint lacks, so r and the block strategy are never lost.
+    """
+    d = {k: v for k, v in dict(plans.get("distillation") or {}).items() if v is not None}
+    d.update({k: v for k, v in dict(distillation or {}).items() if v is not None})
+    return {
+        "reduction_factor": d.get("reduction_factor"),
+        "alpha": d.get("alpha"),
+        "temperature": d.get("temperature"),
+        "teacher_folds": d.get("teacher_folds"),
+        "block_strategy": d.get("block_strategy"),
+        "da5": d.get("da5"),
+        "student_plans": d.get("student_plans", plans.get("plans_name")),
+        "student_base_plans": d.get("base_plans", d.get("student_base_plans")),
+        "teacher_plans": d.get("teacher_plans"),
+        "teacher_trainer": d.get("teacher_trainer"),
     }
 
 
@@ -267,63 +283,72 @@ def metrics_from_summaries(
     card then shows the student's figure alone, with its source, and no teacher figure or retention.
     """
 
-    def finite(value: Any) -> float | None:
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
     if distillation_summary and distillation_summary.get("schema_version", 1) >= 2:
-        student = distillation_summary.get("student") or {}
-        teacher = distillation_summary.get("teacher_ensemble") or {}
-        ret = distillation_summary.get("retention") or {}
-        cases = distillation_summary.get("cases") or {}
-        return {
-            "source": "distillation_summary.json",
-            "evaluation": distillation_summary.get("evaluation"),
-            "student_dice": finite(student.get("mean_dice")),
-            "teacher_ensemble_dice": finite(teacher.get("mean_dice")),
-            "teacher_folds": teacher.get("folds"),
-            "retention": finite(ret.get("mean")),
-            "worst_label": ret.get("worst_label"),
-            "worst_label_retention": finite(ret.get("worst")),
-            "per_label": {
-                row["name"]: {
-                    "student_dice": finite(row.get("student_dice")),
-                    "teacher_ensemble_dice": finite(row.get("teacher_dice")),
-                    "retention": finite(row.get("retention")),
-                }
-                for row in distillation_summary.get("per_label") or []
-                if isinstance(row, Mapping)
-            }
-            or None,
-            "num_cases": cases.get("count"),
-            "case_source": cases.get("source"),
-            "case_ids": cases.get("ids"),
-            "note": distillation_summary.get("note"),
-        }
+        return _metrics_from_distillation_summary(distillation_summary)
     if nnunet_summary and isinstance(nnunet_summary.get("foreground_mean"), Mapping):
-        student = finite(nnunet_summary["foreground_mean"].get("Dice"))
-        if student is not None:
-            per_label = {
-                str(k): {
-                    "student_dice": finite(v.get("Dice")),
-                    "teacher_ensemble_dice": None,
-                    "retention": None,
-                }
-                for k, v in sorted((nnunet_summary.get("mean") or {}).items())
-                if isinstance(v, Mapping)
-            }
-            return {
-                "source": "nnU-Net validation summary.json, student only",
-                "evaluation": "validation (student only)",
-                "student_dice": student,
-                "teacher_ensemble_dice": None,
-                "teacher_folds": None,
-                "retention": None,
-                "worst_label": None,
-                "worst_label_retention": None,
-                "per_label": per_label or None,
-                "num_cases": len(nnunet_summary.get("metric_per_case", [])) or None,
-                "case_source": "the student's validation split",
-                "case_ids": None,
-                "note": "no distillation summary: no teacher figure and no retention",
-            }
+        return _metrics_from_nnunet_summary(nnunet_summary)
     return None
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number as a float; None for missing, non-numeric, NaN or infinite values."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _metrics_from_distillation_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Student and teacher-ensemble Dice on the held-out cases the distill stage scored both on."""
+    student = summary.get("student") or {}
+    teacher = summary.get("teacher_ensemble") or {}
+    ret = summary.get("retention") or {}
+    cases = summary.get("cases") or {}
+    return {
+        "source": "distillation_summary.json",
+        "evaluation": summary.get("evaluation"),
+        "student_dice": _finite(student.get("mean_dice")),
+        "teacher_ensemble_dice": _finite(teacher.get("mean_dice")),
+        "teacher_folds": teacher.get("folds"),
+        "retention": _finite(ret.get("mean")),
+        "worst_label": ret.get("worst_label"),
+        "worst_label_retention": _finite(ret.get("worst")),
+        "per_label": {
+            row["name"]: {
+                "student_dice": _finite(row.get("student_dice")),
+                "teacher_ensemble_dice": _finite(row.get("teacher_dice")),
+                "retention": _finite(row.get("retention")),
+            }
+            for row in summary.get("per_label") or []
+            if isinstance(row, Mapping)
+        }
+        or None,
+        "num_cases": cases.get("count"),
+        "case_source": cases.get("source"),
+        "case_ids": cases.get("ids"),
+        "note": summary.get("note"),
+    }
+
+
+def _metrics_from_nnunet_summary(summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The student's own Dice on its validation split (nnU-Net's summary.json): no teacher, no retention."""
+    student = _finite(summary["foreground_mean"].get("Dice"))
+    if student is None:
+        return None
+    per_label = {
+        str(k): {"student_dice": _finite(v.get("Dice")), "teacher_ensemble_dice": None, "retention": None}
+        for k, v in sorted((summary.get("mean") or {}).items())
+        if isinstance(v, Mapping)
+    }
+    return {
+        "source": "nnU-Net validation summary.json, student only",
+        "evaluation": "validation (student only)",
+        "student_dice": student,
+        "teacher_ensemble_dice": None,
+        "teacher_folds": None,
+        "retention": None,
+        "worst_label": None,
+        "worst_label_retention": None,
+        "per_label": per_label or None,
+        "num_cases": len(summary.get("metric_per_case", [])) or None,
+        "case_source": "the student's validation split",
+        "case_ids": None,
+        "note": "no distillation summary: no teacher figure and no retention",
+    }

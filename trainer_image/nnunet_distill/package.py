@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from nnunet_distill import contract
 from nnunet_distill import metadata as md
 from nnunet_distill.checksums import SUMS_FILE, sha256_file, sha256sums
 
@@ -312,7 +313,7 @@ def build_package(
             "model_file": f"{name}/1/model.onnx",
             "model_sha256": sha256_file(onnx_file),
         }
-        (staging / md.SIDECAR_NAME).write_text(md.dumps(sidecar))
+        (staging / contract.PACKAGE_SIDECAR_NAME).write_text(md.dumps(sidecar))
         (staging / CARD_NAME).write_text(model_card(meta, name, license_text))
         (staging / SUMS_NAME).write_text(sha256sums(staging))
         for path in staging.rglob("*"):

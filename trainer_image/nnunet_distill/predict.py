@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_distill import checksums
+from nnunet_distill import checksums, contract
 from nnunet_distill import metadata as md
 
 
@@ -32,45 +32,56 @@ class PredictorError(RuntimeError):
 def locate_model(path: str | Path) -> tuple[Path, dict]:
     """(ONNX file, metadata) for a package directory, an export directory or an .onnx file.
 
-    A package holds `<name>/1/model.onnx` (Triton layout) and `nnunet_inference.json`; an export directory
-    holds the .onnx file beside its `nnunet_inference.json`. Without a sidecar the metadata embedded in the
-    ONNX file is used, so a bare exported file is enough.
+    A package holds one model, `<name>/1/model.onnx` (Triton layout), and `nnunet_inference.json` at its root;
+    an exported graph has its own sidecar beside it, named after it (`contract.sidecar_path`), so exports of
+    several models in one folder never read each other's metadata. Without a sidecar the metadata embedded in
+    the ONNX file is used, so a bare exported file is enough (and a folder-wide `nnunet_inference.json` left
+    by older exports, which may describe another graph, is never taken for an exported file's own).
     """
     path = Path(path)
     if path.is_file():
-        onnx_file = path
-        sidecar = path.parent / md.SIDECAR_NAME
+        onnx_file, sidecar = path, contract.sidecar_path(path)
     elif path.is_dir():
-        candidates = sorted({*path.glob("*.onnx"), *path.glob("*/1/model.onnx")})
-        if len(candidates) != 1:
-            raise PredictorError(
-                f"-m {path}: expected exactly one model (*.onnx or <name>/1/model.onnx), found "
-                f"{[str(c.relative_to(path)) for c in candidates] or 'none'}; pass the .onnx file"
-            )
-        onnx_file = candidates[0]
-        sidecar = path / md.SIDECAR_NAME
-        if not sidecar.is_file():
-            sidecar = onnx_file.parent / md.SIDECAR_NAME
+        onnx_file = _the_one_model(path)
+        in_package = onnx_file.parent != path
+        sidecar = path / contract.PACKAGE_SIDECAR_NAME if in_package else contract.sidecar_path(onnx_file)
     else:
         raise PredictorError(f"-m {path} does not exist; pass a package directory or an .onnx file")
-    if sidecar.is_file():
-        try:
-            meta = json.loads(sidecar.read_text())
-        except ValueError as exc:
-            raise PredictorError(f"{sidecar} is not valid JSON ({exc})") from None
-        md.check_metadata(meta)
-    else:
-        import onnx
-
-        model = onnx.load(str(onnx_file), load_external_data=False)
-        meta = md.from_metadata_props({p.key: p.value for p in model.metadata_props})
+    meta = _read_sidecar(sidecar) if sidecar.is_file() else _embedded_metadata(onnx_file)
     expected = (meta.get("package") or {}).get("model_sha256")
     if expected and checksums.sha256_file(onnx_file) != expected:
         raise PredictorError(
-            f"{onnx_file} does not match the sha256 recorded in {md.SIDECAR_NAME}; the package is "
+            f"{onnx_file} does not match the sha256 recorded in {sidecar.name}; the package is "
             "corrupted or mixes models (check it with sha256sum -c SHA256SUMS)"
         )
     return onnx_file, meta
+
+
+def _the_one_model(directory: Path) -> Path:
+    """The model of an export or package directory; several models there are ambiguous, so refused."""
+    candidates = sorted({*directory.glob("*.onnx"), *directory.glob("*/1/model.onnx")})
+    if len(candidates) != 1:
+        raise PredictorError(
+            f"-m {directory}: expected exactly one model (*.onnx or <name>/1/model.onnx), found "
+            f"{[str(c.relative_to(directory)) for c in candidates] or 'none'}; pass the .onnx file"
+        )
+    return candidates[0]
+
+
+def _read_sidecar(sidecar: Path) -> dict:
+    try:
+        meta = json.loads(sidecar.read_text())
+    except ValueError as exc:
+        raise PredictorError(f"{sidecar} is not valid JSON ({exc})") from None
+    md.check_metadata(meta)
+    return meta
+
+
+def _embedded_metadata(onnx_file: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    return md.from_metadata_props({p.key: p.value for p in model.metadata_props})
 
 
 def managers_from_metadata(meta: dict[str, Any]):

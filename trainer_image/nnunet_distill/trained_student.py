@@ -155,53 +155,18 @@ def read_checkpoint(path: Path) -> dict:
 def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> LoadedStudent:
     """Rebuild the student exactly as `nnUNetv2_predict` would: plans.json + the checkpoint's trainer
     class."""
-    import torch
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     model_dir = fold_dir.parent
     plans = _read_json(model_dir / "plans.json", "plans.json")
     dataset_json = _read_json(model_dir / "dataset.json", "dataset.json")
     checkpoint = read_checkpoint(fold_dir / checkpoint_name)
-    trained_cfg = checkpoint.get("init_args", {}).get("configuration", configuration)
-    if trained_cfg != configuration:
-        raise ExportError(
-            f"checkpoint was trained with configuration {trained_cfg!r}, not {configuration!r}; "
-            "pass -c " + trained_cfg
-        )
-    try:
-        PlansManager(plans).get_configuration(configuration)
-    except (RuntimeError, ValueError) as exc:
-        raise ExportError(
-            f"plans.json of {model_dir.name} has no usable configuration {configuration!r}: {exc}"
-        ) from None
+    check_configuration(checkpoint, plans, configuration, model_dir.name)
     trainer_name = checkpoint["trainer_name"]
-    try:
-        trainer_class = recursive_find_trainer_class_by_name(trainer_name)
-    except RuntimeError:
-        raise ExportError(
-            f"checkpoint names trainer class {trainer_name!r}, which nnU-Net cannot find; set "
-            "nnUNet_extTrainer to the folder that defines it"
-        ) from None
     network = nnunet_env.network_from_plans(
-        plans, configuration, dataset_json, deep_supervision=False, trainer_class=trainer_class
+        plans, configuration, dataset_json, deep_supervision=False, trainer_class=_trainer_class(trainer_name)
     )
-    try:
-        network.load_state_dict(checkpoint["network_weights"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()
-        raise CheckpointError(
-            f"checkpoint {fold_dir / checkpoint_name} does not fit the network its plans.json "
-            f"describes ({' '.join(first[:2])[:300]}); the folder mixes files of different "
-            "models"
-        ) from None
+    _load_weights(network, checkpoint["network_weights"], fold_dir / checkpoint_name)
     network.eval()
     mirror = checkpoint.get("inference_allowed_mirroring_axes")
-    affine = sum(
-        1
-        for m in network.modules()
-        if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.affine
-    )
     return LoadedStudent(
         network=network,
         state_dict=checkpoint["network_weights"],
@@ -214,5 +179,60 @@ def load_student(fold_dir: Path, checkpoint_name: str, configuration: str) -> Lo
         mirror_axes=None if mirror is None else [int(a) for a in mirror],
         distillation=checkpoint.get("distillation"),
         parameters=sum(p.numel() for p in network.parameters()),
-        affine_norms=affine,
+        affine_norms=_affine_instance_norms(network),
+    )
+
+
+def check_configuration(checkpoint: dict, plans: dict, configuration: str, model_folder: str) -> None:
+    """The checkpoint was trained with `configuration` (-c), and the model's plans.json defines it."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    trained_cfg = checkpoint.get("init_args", {}).get("configuration", configuration)
+    if trained_cfg != configuration:
+        raise ExportError(
+            f"checkpoint was trained with configuration {trained_cfg!r}, not {configuration!r}; "
+            "pass -c " + trained_cfg
+        )
+    try:
+        PlansManager(plans).get_configuration(configuration)
+    except (RuntimeError, ValueError) as exc:
+        raise ExportError(
+            f"plans.json of {model_folder} has no usable configuration {configuration!r}: {exc}"
+        ) from None
+
+
+def _trainer_class(trainer_name: str):
+    """The trainer class the checkpoint names, found the way nnU-Net finds it (nnUNet_extTrainer too)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        return recursive_find_trainer_class_by_name(trainer_name)
+    except RuntimeError:
+        raise ExportError(
+            f"checkpoint names trainer class {trainer_name!r}, which nnU-Net cannot find; set "
+            "nnUNet_extTrainer to the folder that defines it"
+        ) from None
+
+
+def _load_weights(network, weights: dict, checkpoint_path: Path) -> None:
+    """Strict loading: weights of another architecture are an error, never a partial load."""
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path} does not fit the network its plans.json "
+            f"describes ({' '.join(first[:2])[:300]}); the folder mixes files of different "
+            "models"
+        ) from None
+
+
+def _affine_instance_norms(network) -> int:
+    """InstanceNorm layers with learned scale/bias (what a TensorRT graph must carry as initializers)."""
+    import torch
+
+    return sum(
+        1
+        for m in network.modules()
+        if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.affine
     )

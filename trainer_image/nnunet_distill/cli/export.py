@@ -4,7 +4,12 @@ sets.
 Both keep every flag of the original tools, with the semantics their docs promised (the original inverted
 `-da` and crashed on `-nn`). The student is found from the same arguments it was trained with; the only new
 flags are optional (`-p` on the standard CLI and `-bs` on the ResEnc CLI, so that students trained with them
-can be found, `-chk`, `--opset` and the verification tolerances).
+can be found, `-chk`, `--opset` and the verification tolerances). The ResEnc `-p`/`-tpl` is honoured: the
+student's folder name does not say which teachers it was distilled from, so the checkpoint's record is checked
+against it and a student of other teachers is refused (without the flag, any is exported).
+
+Each export writes its metadata beside its graph under the graph's own name (`contract.sidecar_path`), so
+exports of several students into one folder never describe each other.
 """
 
 from __future__ import annotations
@@ -21,6 +26,14 @@ _PROG_RESENC = "nnUNetv2_resenc_distillation_export_onnx"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    """The flags both CLIs share: which student, what to do to its graph, how strictly to verify it."""
+    _student_flags(parser)
+    _graph_flags(parser)
+    _verification_flags(parser)
+
+
+def _student_flags(parser: argparse.ArgumentParser) -> None:
+    """The training arguments that find the student (its plans flags are each CLI's own)."""
     parser.add_argument(
         "-d",
         "--dataset_id",
@@ -47,6 +60,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the student was trained with DA5 augmentation (nnUNetDistillationTrainerDA5 folder)",
     )
+
+
+def _graph_flags(parser: argparse.ArgumentParser) -> None:
+    """Which checkpoint becomes the graph, and how the graph is written."""
     parser.add_argument(
         "-sim",
         "--simplify",
@@ -69,6 +86,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="checkpoint file in the fold folder (default: %(default)s)",
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+
+
+def _verification_flags(parser: argparse.ArgumentParser) -> None:
+    """How closely ONNX Runtime must reproduce the torch student, and how much of it to print."""
     parser.add_argument(
         "--atol",
         type=float,
@@ -96,7 +117,8 @@ def build_parser_standard() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG_STANDARD,
         description="Export a distilled nnU-Net student to ONNX, verify it against the torch model with ONNX "
-        "Runtime, and write nnunet_inference.json beside it. Static shape by default.",
+        "Runtime, and write its metadata beside it (FILE.onnx -> FILE.nnunet_inference.json). Static shape "
+        "by default.",
     )
     _common(parser)
     parser.add_argument(
@@ -113,7 +135,8 @@ def build_parser_standard() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         default=None,
-        help="output .onnx file (default: <student fold folder>/model.onnx)",
+        help="output .onnx file; its metadata goes beside it as <name>.nnunet_inference.json, so several "
+        "exports may share a folder (default: <student fold folder>/model.onnx)",
     )
     parser.add_argument(
         "-da",
@@ -145,8 +168,8 @@ def build_parser_standard() -> argparse.ArgumentParser:
 def build_parser_resenc() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_PROG_RESENC,
-        description="Export a distilled ResEnc nnU-Net student to DIR/model.onnx (+ nnunet_inference.json), "
-        "verified against the torch model with ONNX Runtime.",
+        description="Export a distilled ResEnc nnU-Net student to DIR/model.onnx (+ "
+        "DIR/model.nnunet_inference.json), verified against the torch model with ONNX Runtime.",
     )
     _common(parser)
     parser.add_argument(
@@ -155,9 +178,10 @@ def build_parser_resenc() -> argparse.ArgumentParser:
         "--plans",
         "--teacher_plans",
         dest="plans",
-        default=contract.DEFAULT_RESENC_TEACHER_PLANS,
-        help="teacher plans identifier used for training (-tpl of the training CLI; recorded in "
-        "the metadata) (default: %(default)s)",
+        default=None,
+        help="teacher plans the student was distilled from (-tpl/-p of the training CLI, e.g. "
+        f"{contract.DEFAULT_RESENC_TEACHER_PLANS}): a student distilled from other teachers is refused "
+        "(default: whichever the found student's checkpoint records)",
     )
     parser.add_argument(
         "-spl",
@@ -186,7 +210,7 @@ def build_parser_resenc() -> argparse.ArgumentParser:
         "--output_dir",
         type=Path,
         default=None,
-        help="output directory for model.onnx and nnunet_inference.json "
+        help="output directory for model.onnx and model.nnunet_inference.json "
         "(default: <student fold folder>/onnx)",
     )
     return parser
@@ -246,7 +270,7 @@ def request_resenc(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error(f"-b must be >= 0 (0 = dynamic batch), got {args.batch_size}")
     plans_identifier = _student_plans(parser, args.student_plans, args.reduction_factor, args.block_strategy)
     dynamic_batch = args.batch_size == 0 and not args.trt
-    output = args.output_dir / "model.onnx" if args.output_dir else None
+    output = args.output_dir / contract.ONNX_FILENAME if args.output_dir else None
     return ExportRequest(
         dataset=args.dataset_id,
         plans_identifier=plans_identifier,
@@ -262,6 +286,7 @@ def request_resenc(args: argparse.Namespace, parser: argparse.ArgumentParser):
         opset=args.opset,
         tolerance=_tolerance(args),
         teacher_plans=args.plans,
+        expected_teacher_plans=args.plans,
         verbose=args.verbose,
     )
 
@@ -290,13 +315,19 @@ def _run(prog: str, request, default_output) -> int:
 def main_standard(argv: Sequence[str] | None = None) -> int:
     parser = build_parser_standard()
     args = parser.parse_args(argv)
-    return _run(_PROG_STANDARD, request_standard(args, parser), lambda fold_dir: fold_dir / "model.onnx")
+    return _run(
+        _PROG_STANDARD, request_standard(args, parser), lambda fold_dir: fold_dir / contract.ONNX_FILENAME
+    )
 
 
 def main_resenc(argv: Sequence[str] | None = None) -> int:
     parser = build_parser_resenc()
     args = parser.parse_args(argv)
-    return _run(_PROG_RESENC, request_resenc(args, parser), lambda fold_dir: fold_dir / "onnx" / "model.onnx")
+    return _run(
+        _PROG_RESENC,
+        request_resenc(args, parser),
+        lambda fold_dir: fold_dir / "onnx" / contract.ONNX_FILENAME,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

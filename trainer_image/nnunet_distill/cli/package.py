@@ -71,9 +71,9 @@ def termination_summary(package_dir: Path) -> dict:
     """What the export stage reports to the DistillationJob status (the package is its last command)."""
     import json
 
-    from nnunet_distill.metadata import SIDECAR_NAME
+    from nnunet_distill.contract import PACKAGE_SIDECAR_NAME
 
-    meta = json.loads((package_dir / SIDECAR_NAME).read_text())
+    meta = json.loads((package_dir / PACKAGE_SIDECAR_NAME).read_text())
     metrics = meta.get("metrics") or {}
     return {
         "stage": "export",

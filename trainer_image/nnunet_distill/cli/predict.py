@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
         "own "
         "preprocessing, sliding window (Gaussian weighting, mirroring) and resampling/export.",
     )
+    _io_flags(parser)
+    _inference_flags(parser)
+    _process_flags(parser)
+    return parser
+
+
+def _io_flags(parser: argparse.ArgumentParser) -> None:
+    """What is read and written: images, segmentations, the model (and a cascade's previous stage)."""
     parser.add_argument(
         "-i",
         "--input",
@@ -47,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="package directory (nnunet-distill package) or exported .onnx file",
     )
     parser.add_argument(
+        "--save_probabilities", action="store_true", help="also write class probabilities (.npz)"
+    )
+    parser.add_argument("--continue_prediction", action="store_true", help="skip cases already predicted")
+    parser.add_argument(
+        "-prev_stage_predictions",
+        default=None,
+        help="segmentations of the previous stage (cascade configurations only)",
+    )
+
+
+def _inference_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the network runs and how nnU-Net's sliding window drives it."""
+    parser.add_argument(
         "-device", "--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)"
     )
     parser.add_argument(
@@ -63,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no mirroring test-time augmentation (faster, slightly less accurate)",
     )
-    parser.add_argument(
-        "--save_probabilities", action="store_true", help="also write class probabilities (.npz)"
-    )
-    parser.add_argument("--continue_prediction", action="store_true", help="skip cases already predicted")
+
+
+def _process_flags(parser: argparse.ArgumentParser) -> None:
+    """Worker processes and threads, and how much the run prints."""
     parser.add_argument(
         "-npp",
         type=int,
@@ -80,16 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="segmentation export processes (default: $nnUNet_nps or 3)",
     )
     parser.add_argument(
-        "-prev_stage_predictions",
-        default=None,
-        help="segmentations of the previous stage (cascade configurations only)",
-    )
-    parser.add_argument(
         "--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)"
     )
     parser.add_argument("--disable_progress_bar", action="store_true")
     parser.add_argument("--verbose", action="store_true")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
