@@ -160,11 +160,12 @@ def student_model_folder(spec: api.DistillationJobSpec) -> str:
     """`<trainer>__<studentPlans>__<configuration>`: the student's folder in nnUNet_results/DatasetXXX."""
     block = spec.student.block_strategy if spec.student.architecture == "resenc" else None
     return student_model_folder_name(
-        spec.student_base_plans,
+        spec.teacher_plans,
         spec.student.reduction_factor,
         block,
         spec.configuration,
         spec.distillation.use_da5,
+        student_base_plans=spec.student_base_plans,
     )
 
 

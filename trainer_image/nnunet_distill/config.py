@@ -80,8 +80,13 @@ class DistillationConfig:
 
     @property
     def student_plans_identifier(self) -> str:
+        """The student's plans name (and folder): says its teacher plans, r, and base and block strategy
+        where they are not the default (contract.student_plans_identifier)."""
         return contract.student_plans_identifier(
-            self.student_base_plans, self.reduction_factor, self.block_strategy
+            self.teacher_plans,
+            self.reduction_factor,
+            self.block_strategy,
+            student_base_plans=self.student_base_plans,
         )
 
     @property

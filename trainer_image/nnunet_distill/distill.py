@@ -173,7 +173,7 @@ class PreparedRun:
 
 
 def prepare(config: DistillationConfig) -> PreparedRun:
-    from nnunet_distill import student
+    """Resolve the dataset, the teachers and the student plans, and check they fit, before any training."""
     from nnunet_distill.teachers import TeacherError, default_teacher_folder, read_teacher_json, select_folds
 
     dataset_name = resolve_dataset(config.dataset)
@@ -197,37 +197,12 @@ def prepare(config: DistillationConfig) -> PreparedRun:
             f"{teacher_folder / 'plans.json'} (available: "
             f"{', '.join(teacher_plans.get('configurations', {}))})"
         )
-
-    base_plans = _load_json(
-        preprocessed_dir / f"{config.student_base_plans}.json",
-        "student base plans",
-        f"plan them with nnUNetv2_plan_experiment -d {dataset_name[7:10].lstrip('0')} "
-        f"(-pl nnUNetPlannerResEncM/L/XL for ResEnc plans), or pick existing plans with "
-        f"{'-spl' if config.variant == 'resenc' else '-p'}",
-    )
     dataset_json = _load_json(
         preprocessed_dir / "dataset.json", "dataset.json", "run nnUNetv2_plan_and_preprocess first"
     )
-    try:
-        student_plans = student.derive_student_plans(
-            base_plans, config.configuration, config.reduction_factor, config.block_strategy
-        )
-        student.check_compatible(
-            teacher_plans, teacher_dataset_json, student_plans, dataset_json, config.configuration
-        )
-    except (student.StudentPlansError, student.CompatibilityError) as exc:
-        raise DistillationError(str(exc)) from None
-    check_teacher_accepts_patch(teacher_plans, student_plans, config.configuration)
-    data_dir = (
-        preprocessed_dir / _resolved_configuration(student_plans, config.configuration)["data_identifier"]
+    student_plans = derive_checked_student_plans(
+        config, preprocessed_dir, teacher_plans, teacher_dataset_json, dataset_json
     )
-    if not data_dir.is_dir():
-        raise DistillationError(
-            f"preprocessed data {data_dir} does not exist: run nnUNetv2_preprocess -d "
-            f"{dataset_name[7:10].lstrip('0')} -c {config.configuration} -plans_name "
-            f"{config.student_base_plans}"
-        )
-
     output_folder = (
         contract.student_model_folder(
             results_dir / dataset_name, student_plans["plans_name"], config.configuration, config.use_da5
@@ -246,6 +221,51 @@ def prepare(config: DistillationConfig) -> PreparedRun:
         teacher_folds,
         output_folder,
     )
+
+
+def derive_checked_student_plans(
+    config: DistillationConfig,
+    preprocessed_dir: Path,
+    teacher_plans: dict,
+    teacher_dataset_json: dict,
+    dataset_json: dict,
+) -> dict:
+    """The student plans (every configuration reduced, named by config.student_plans_identifier), checked
+    against the teachers and the preprocessed data the configuration reads."""
+    from nnunet_distill import student
+
+    dataset_name = preprocessed_dir.name
+    base_plans = _load_json(
+        preprocessed_dir / f"{config.student_base_plans}.json",
+        "student base plans",
+        f"plan them with nnUNetv2_plan_experiment -d {dataset_name[7:10].lstrip('0')} "
+        f"(-pl nnUNetPlannerResEncM/L/XL for ResEnc plans), or pick existing plans with "
+        f"{'-spl' if config.variant == 'resenc' else '-p'}",
+    )
+    try:
+        student_plans = student.derive_student_plans(
+            base_plans,
+            config.configuration,
+            config.reduction_factor,
+            config.block_strategy,
+            teacher_plans_name=config.teacher_plans,
+        )
+        student.check_compatible(
+            teacher_plans, teacher_dataset_json, student_plans, dataset_json, config.configuration
+        )
+    except (student.StudentPlansError, student.CompatibilityError) as exc:
+        raise DistillationError(str(exc)) from None
+    check_teacher_accepts_patch(teacher_plans, student_plans, config.configuration)
+    data_dir = (
+        preprocessed_dir / _resolved_configuration(student_plans, config.configuration)["data_identifier"]
+    )
+    if not data_dir.is_dir():
+        raise DistillationError(
+            f"preprocessed data {data_dir} does not exist: run nnUNetv2_preprocess -d "
+            f"{dataset_name[7:10].lstrip('0')} -c {config.configuration} -plans_name "
+            f"{config.student_base_plans}"
+        )
+    return student_plans
 
 
 def check_test_cases(run: PreparedRun) -> None:
