@@ -326,6 +326,34 @@ def check_resume(run: PreparedRun) -> Path | None:
     return ckpt_path
 
 
+def check_fresh_run(run: PreparedRun) -> None:
+    """A fresh run never replaces another student silently: where this student's fold already holds a
+    checkpoint, only --overwrite lets a new training start there (-c_continue resumes it instead)."""
+    existing = pick_resume_checkpoint(run.output_folder)
+    if existing is None or run.config.continue_training:
+        return
+    if not run.config.overwrite:
+        raise DistillationError(
+            f"{run.output_folder} already holds a trained student ({existing.name}): pass -c_continue to "
+            "resume it, --overwrite to replace it with a fresh training, or change -r/-p/-c/-f for "
+            "another student"
+        )
+
+
+def resume_or_refuse(run: PreparedRun, log) -> Path | None:
+    """The checkpoint to resume from (-c_continue), None for a fresh start (refused over an existing
+    student without --overwrite)."""
+    check_fresh_run(run)
+    if not run.config.continue_training:
+        if pick_resume_checkpoint(run.output_folder) is not None:
+            log(f"--overwrite: {run.output_folder} already holds a checkpoint; it will be replaced")
+        return None
+    resume_from = check_resume(run)
+    if resume_from is None:
+        log(f"-c_continue: no checkpoint in {run.output_folder}; starting a new training")
+    return resume_from
+
+
 @dataclass
 class RunResult:
     output_folder: Path
@@ -377,14 +405,7 @@ def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
 
     run_ = prepare(config)
     check_test_cases(run_)
-    resume_from = check_resume(run_) if config.continue_training else None
-    if config.continue_training and resume_from is None:
-        log(f"-c_continue: no checkpoint in {run_.output_folder}; starting a new training")
-    elif not config.continue_training and pick_resume_checkpoint(run_.output_folder) is not None:
-        log(
-            f"note: {run_.output_folder} already holds a checkpoint; it will be overwritten "
-            "(pass -c_continue to resume it instead)"
-        )
+    resume_from = resume_or_refuse(run_, log)
 
     from nnunet_distill import student
     from nnunet_distill.held_out import write_distillation_summary
