@@ -180,7 +180,8 @@ def test_student_plans_change_only_the_architecture_width_and_depth(resenc_plans
     before = copy.deepcopy(base)
     student = derive_student_plans(base, CFG, 4, "reduce")
     assert base == before, "the base plans must not be modified"
-    assert student["plans_name"] == "nnUNetResEncUNetMPlans_r4_bsreduce"
+    # ResEnc M teachers (the base) with a ResEnc M student: the base is not their default plain student
+    assert student["plans_name"] == "nnUNetResEncUNetMPlans_r4_nnUNetResEncUNetMPlans_bsreduce"
     assert student["distillation"] == {
         "base_plans": "nnUNetResEncUNetMPlans",
         "teacher_plans": "nnUNetResEncUNetMPlans",

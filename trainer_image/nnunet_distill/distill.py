@@ -400,6 +400,35 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     return _run(config, device, ranks, log)
 
 
+def load_teacher_ensemble(run: PreparedRun, device):
+    """The selected teacher folds, loaded on `device` at the configured precision."""
+    from nnunet_distill.teachers import TeacherEnsemble, load_teacher, resolve_precision
+
+    cfg = run.config
+    return TeacherEnsemble(
+        [
+            load_teacher(f, run.teacher_plans, cfg.configuration, run.teacher_dataset_json, device)
+            for f in run.teacher_folds
+        ],
+        [f.fold for f in run.teacher_folds],
+        precision=resolve_precision(cfg.teacher_precision, device),
+    )
+
+
+def _start_or_resume(trainer, config: DistillationConfig, resume_from: Path | None, log) -> None:
+    """Load the checkpoint to resume, or initialise a fresh student (by default from the teachers)."""
+    if resume_from is not None:
+        trainer.load_checkpoint(str(resume_from))
+        log(
+            f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of "
+            f"{trainer.num_epochs}"
+        )
+    else:
+        trainer.initialize()
+        if config.student_init == "teacher":
+            log(trainer.inherit_teacher_weights())
+
+
 def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
     from nnunet_distill import distributed
 
@@ -410,7 +439,6 @@ def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
     from nnunet_distill import student
     from nnunet_distill.held_out import write_distillation_summary
     from nnunet_distill import progress_hooks
-    from nnunet_distill.teachers import TeacherEnsemble, load_teacher, resolve_precision
     from nnunet_distill.trainer import trainer_class
 
     _configure_threads(device, ranks.local_world_size)
@@ -423,29 +451,13 @@ def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
     trainer = trainer_class(config.use_da5)(
         plans, config.configuration, config.fold, run_.dataset_json, device
     )
-    teachers = TeacherEnsemble(
-        [
-            load_teacher(f, run_.teacher_plans, config.configuration, run_.teacher_dataset_json, device)
-            for f in run_.teacher_folds
-        ],
-        [f.fold for f in run_.teacher_folds],
-        precision=resolve_precision(config.teacher_precision, device),
-    )
+    teachers = load_teacher_ensemble(run_, device)
     meta = distillation_metadata(run_)
     meta["world_size"] = ranks.world_size
     meta["student_parameters"] = None
     meta["teacher_parameters"] = student.count_parameters(teachers.teachers[0])
     trainer.configure_distillation(config, teachers, meta)
-    if resume_from is not None:
-        trainer.load_checkpoint(str(resume_from))
-        log(
-            f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of "
-            f"{trainer.num_epochs}"
-        )
-    else:
-        trainer.initialize()
-        if config.student_init == "teacher":
-            log(trainer.inherit_teacher_weights())
+    _start_or_resume(trainer, config, resume_from, log)
     trainer.distillation_meta["student_parameters"] = student.count_parameters(trainer.network)
 
     # the same hooks as the teachers': progress.json, live status, restart count, resume checkpoint; rank 0

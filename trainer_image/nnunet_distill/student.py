@@ -251,6 +251,16 @@ def _reduce_architecture(architecture: dict, r: int, block_strategy: str | None)
     return arch
 
 
+def _check_reduction(reduction_factor: int, block_strategy: str | None) -> None:
+    if reduction_factor < 1:
+        raise StudentPlansError(f"reduction factor (-r) must be >= 1, got {reduction_factor}")
+    if block_strategy is not None and block_strategy not in contract.BLOCK_STRATEGIES:
+        raise StudentPlansError(
+            f"block strategy (-bs) must be one of {', '.join(contract.BLOCK_STRATEGIES)}, "
+            f"got {block_strategy!r}"
+        )
+
+
 def derive_student_plans(
     student_base_plans: dict,
     configuration: str,
@@ -273,13 +283,7 @@ def derive_student_plans(
     `network_class_name`). The name is `contract.student_plans_identifier` of the teacher plans (default:
     the base), unless `plans_name` is given. A `distillation` entry records r, the strategy and the base.
     """
-    if reduction_factor < 1:
-        raise StudentPlansError(f"reduction factor (-r) must be >= 1, got {reduction_factor}")
-    if block_strategy is not None and block_strategy not in contract.BLOCK_STRATEGIES:
-        raise StudentPlansError(
-            f"block strategy (-bs) must be one of {', '.join(contract.BLOCK_STRATEGIES)}, "
-            f"got {block_strategy!r}"
-        )
+    _check_reduction(reduction_factor, block_strategy)
     plans = copy.deepcopy(student_base_plans)
     configurations = plans.get("configurations")
     if not isinstance(configurations, dict) or configuration not in configurations:
