@@ -22,13 +22,16 @@ from nnunet_distill.contract import (
     DISTILL_TRAINER as DISTILL_TRAINER,
     DISTILL_TRAINER_DA5 as DISTILL_TRAINER_DA5,
     ONNX_FILENAME,
-    student_model_folder_name,
     student_plans_identifier as student_plans_identifier,
 )
 from nnunet_distill.contract import SUMMARY_NAME as DISTILLATION_SUMMARY
 
 from nnunet_distill_operator import api
 from nnunet_distill_operator.distributed import launch_argv, per_rank_env
+from nnunet_distill_operator.model_folders import (
+    student_model_folder as student_model_folder,
+    teacher_model_folder as teacher_model_folder,
+)
 from nnunet_distill_operator.status import EXIT_CODE_GATE_FAILED
 
 GATE_STAGE = "gate"
@@ -154,22 +157,6 @@ def _device(resources: StageResources, override: str | None) -> str:
 
 def _num(x: float) -> str:
     return repr(float(x))
-
-
-def student_model_folder(spec: api.DistillationJobSpec) -> str:
-    """`<trainer>__<studentPlans>__<configuration>`: the student's folder in nnUNet_results/DatasetXXX."""
-    block = spec.student.block_strategy if spec.student.architecture == "resenc" else None
-    return student_model_folder_name(
-        spec.student_base_plans,
-        spec.student.reduction_factor,
-        block,
-        spec.configuration,
-        spec.distillation.use_da5,
-    )
-
-
-def teacher_model_folder(spec: api.DistillationJobSpec) -> str:
-    return f"{spec.teachers.trainer}__{spec.teacher_plans}__{spec.configuration}"
 
 
 def export_paths(paths: DataPaths) -> tuple[str, str, str]:

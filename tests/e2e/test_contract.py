@@ -297,28 +297,31 @@ def test_the_pods_torchrun_line_and_env_make_the_planned_process_group(
         assert args.max_restarts == 0  # a failed rank fails the pod; Kubernetes restarts it (-c_continue)
 
 
-def test_student_folder_naming_agrees_with_the_trainer() -> None:
+def test_student_folder_naming_agrees_with_the_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder the operator globs for is the one the trainer derives from the distill command it is
+    given (parsed by the trainer's own parser, mapped by its own config_from_args)."""
     naming = importlib.import_module("nnunet_distill.contract")
+    cli_train = importlib.import_module("nnunet_distill.cli.train")
     assert (plan.DISTILL_TRAINER, plan.DISTILL_TRAINER_DA5) == (
         naming.DISTILL_TRAINER,
         naming.DISTILL_TRAINER_DA5,
     )
     assert api.DEFAULT_RESENC_TEACHER_PLANS == naming.DEFAULT_RESENC_TEACHER_PLANS
-    for base in ("nnUNetPlans", "nnUNetResEncUNetMPlans"):
-        for r in (1, 2, 4):
-            for bs in (None, "keep", "reduce", "adaptive"):
-                assert plan.student_plans_identifier(base, r, bs) == naming.student_plans_identifier(
-                    base, r, bs
-                )
+    assert plan.student_plans_identifier is naming.student_plans_identifier
+    folders = set()
     for overrides in SPECS.values():
         spec = _spec(overrides)
-        bs = spec.student.block_strategy if spec.student.architecture == "resenc" else None
+        stage = next(s for s in plan.plan(spec, name="job", paths=PATHS) if s.name == "distill")
+        argv = distributed.trainer_argv(stage.commands[0].argv)
+        variant = cli_train.RESENC if argv[0] == "nnUNetv2_resenc_distillation_train" else cli_train.STANDARD
+        config = cli_train.config_from_args(parse(tuple(argv), monkeypatch), variant)
         expected = naming.model_folder_name(
-            naming.distill_trainer_name(spec.distillation.use_da5),
-            naming.student_plans_identifier(spec.student_base_plans, spec.student.reduction_factor, bs),
-            spec.configuration,
+            config.trainer_name, config.student_plans_identifier, config.configuration
         )
         assert plan.student_model_folder(spec) == expected
+        assert config.student_plans_identifier.startswith(f"{spec.teacher_plans}_r")  # says its teachers
+        folders.add((spec.teacher_plans, spec.student_base_plans, expected))
+    assert len({f for *_, f in folders}) == len(folders)  # different teachers/bases, different folders
 
 
 def test_pod_env_contract_matches_the_trainers_reporter() -> None:

@@ -107,7 +107,8 @@ def test_resenc_uses_its_cli_plans_and_planner() -> None:
                 }
             )
         )
-        == "nnUNetDistillationTrainer__nnUNetResEncUNetMPlans_r4_bsadaptive__3d_fullres"
+        == "nnUNetDistillationTrainer__nnUNetResEncUNetLPlans_r4_nnUNetResEncUNetMPlans_bsadaptive"
+        "__3d_fullres"
     )
 
 
@@ -235,7 +236,7 @@ def test_quality_gate_thresholds_enforce_and_student_folder_follow_the_spec() ->
     ]
     assert gate.argv[-1] == "--no-enforce" and "reported only" in gate.description
     assert _flag(gate.argv, "--summary")[0].startswith(
-        "/res/Dataset027_*/nnUNetDistillationTrainerDA5__nnUNetPlans_r4_bsreduce__3d_fullres/fold_0/"
+        "/res/Dataset027_*/nnUNetDistillationTrainerDA5__nnUNetResEncUNetLPlans_r4_bsreduce__3d_fullres/fold_0/"
     )
     assert (gate.resources.cpu, gate.resources.memory) == ("1", "1Gi")
 

@@ -87,3 +87,25 @@ def test_label_names_for_labels_and_regions():
         {"labels": {"background": 0, "whole": [1, 2], "core": [2]}}, ["(1, 2)", "(2,)"]
     )
     assert regions == {"(1, 2)": "whole", "(2,)": "core"}
+
+
+def test_a_fresh_run_over_an_existing_student_needs_overwrite(tmp_path):
+    from nnunet_distill.config import DistillationConfig
+    from nnunet_distill.distill import DistillationError, PreparedRun, resume_or_refuse
+
+    fold = tmp_path / "nnUNetDistillationTrainer__nnUNetPlans_r2__2d" / "fold_0"
+
+    def prepared(**flags) -> PreparedRun:
+        config = DistillationConfig(dataset="901", fold=0, configuration="2d", **flags)
+        return PreparedRun(config, "Dataset901_Synth", tmp_path, tmp_path, {}, {}, {}, {}, [], fold)
+
+    logged: list[str] = []
+    assert resume_or_refuse(prepared(), logged.append) is None and logged == []  # nothing there yet
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_final.pth").write_bytes(b"trained")
+    with pytest.raises(DistillationError, match="--overwrite") as refused:
+        resume_or_refuse(prepared(), logged.append)
+    assert str(fold) in str(refused.value) and "-c_continue" in str(refused.value)
+    assert resume_or_refuse(prepared(overwrite=True), logged.append) is None
+    assert logged and "replaced" in logged[-1]
+    assert (fold / "checkpoint_final.pth").read_bytes() == b"trained"  # replaced only by the training itself

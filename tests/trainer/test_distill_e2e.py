@@ -44,6 +44,8 @@ class StandardRun:
     folder: Path  # .../nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres
     first: dict  # checkpoint_final.pth after the first run (2 epochs)
     first_stdout: str
+    again: object  # CompletedProcess of a second fresh run (no -c_continue, no --overwrite)
+    again_untouched: bool
     refused: object  # CompletedProcess of the -c_continue run with a changed alpha
     refused_untouched: bool
     resumed: dict  # checkpoint_final.pth after -c_continue -e 3
@@ -69,6 +71,9 @@ def standard_run(nnunet_teachers, tmp_path_factory) -> StandardRun:
     final = folder / "fold_0" / "checkpoint_final.pth"
     first_ckpt = load_checkpoint(final)
     stamp = final.stat().st_mtime_ns
+    # a second fresh run over this student is refused before anything is loaded or written
+    again = run_cli([exe, *BASE, *BUDGET], ds.env, log)
+    again_untouched = final.stat().st_mtime_ns == stamp
 
     changed = [a if a != "0.3" else "0.5" for a in BASE]
     refused = run_cli([exe, *changed, "-e", "3", "-c_continue"], ds.env, log)
@@ -112,6 +117,8 @@ def standard_run(nnunet_teachers, tmp_path_factory) -> StandardRun:
         folder,
         first_ckpt,
         first.stdout,
+        again,
+        again_untouched,
         refused,
         untouched,
         resumed_ckpt,
@@ -173,6 +180,14 @@ def test_every_epoch_logs_kd_hard_and_total_loss(standard_run):
     assert progress["pseudoDice"] == pytest.approx(logging["mean_fg_dice"][-1])
     log_text = "".join(p.read_text() for p in standard_run.fold.glob("training_log_*.txt"))
     assert log_text.count("train_loss_kd") == 3 and "mirroring TTA off" in log_text
+
+
+def test_a_second_fresh_run_is_refused_and_names_the_flag_that_allows_it(standard_run):
+    again = standard_run.again
+    assert again.returncode == 1 and standard_run.again_untouched
+    assert "already holds a trained student" in again.stderr and str(standard_run.fold) in again.stderr
+    assert "--overwrite" in again.stderr and "-c_continue" in again.stderr
+    assert again.stderr.strip().count("\n") == 0 and "Traceback" not in again.stderr
 
 
 def test_continue_refuses_changed_alpha_then_resumes(standard_run):

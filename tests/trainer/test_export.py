@@ -349,5 +349,9 @@ def test_parsers_accept_every_seed_flag():
         res.trt and res.batch_size == 1 and res.block_strategy == "adaptive" and res.output_dir == Path("dir")
     )
     request = cli.request_resenc(res, cli.build_parser_resenc())
-    assert request.plans_identifier == "nnUNetResEncUNetMPlans_r2_bsadaptive" and request.use_da5
+    # the teacher plans (-p) are part of the student's name: a student of L teachers with an M base
+    assert (
+        request.plans_identifier == "nnUNetResEncUNetLPlans_r2_nnUNetResEncUNetMPlans_bsadaptive"
+        and request.use_da5
+    )
     assert request.teacher_plans == "nnUNetResEncUNetLPlans" and not request.dynamic_batch

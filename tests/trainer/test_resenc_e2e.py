@@ -28,8 +28,10 @@ BUDGET = [
     "cpu",
     "-disable_mirroring",
 ]
-PLAIN_FOLDER = "nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres"
-RESENC_FOLDER = "nnUNetDistillationTrainer__nnUNetResEncUNetMPlans_r2_bsreduce__3d_fullres"
+PLAIN_FOLDER = "nnUNetDistillationTrainer__nnUNetResEncUNetMPlans_r2__3d_fullres"
+STANDARD_STUDENT_FOLDER = "nnUNetDistillationTrainer__nnUNetPlans_r2__3d_fullres"
+RESENC_PLANS = "nnUNetResEncUNetMPlans_r2_nnUNetResEncUNetMPlans_bsreduce"
+RESENC_FOLDER = f"nnUNetDistillationTrainer__{RESENC_PLANS}__3d_fullres"
 
 
 @dataclass
@@ -49,8 +51,7 @@ def resenc_run(resenc_teachers, tmp_path_factory) -> ResEncRun:
     tmp = tmp_path_factory.mktemp("resenc_distill")
     log = tmp / "commands.log"
     exe = console_script("nnUNetv2_resenc_distillation_train")
-    # (a) plain student (-spl defaults to nnUNetPlans) on fold 1: the standard e2e test owns fold 0 of that
-    # folder
+    # (a) plain student (-spl defaults to nnUNetPlans) on fold 1
     require_ok(
         run_cli([exe, "-d", "901", "-f", "1", "-tpl", TEACHER_PLANS, "-e", "1", *BUDGET], ds.env, log), log
     )
@@ -82,7 +83,7 @@ def resenc_run(resenc_teachers, tmp_path_factory) -> ResEncRun:
         out,
         ds.dataset_id,
         "nnUNetDistillationTrainer",
-        "nnUNetResEncUNetMPlans_r2_bsreduce",
+        RESENC_PLANS,
         0,
     )
     return ResEncRun(resenc_teachers, plain, first, load_checkpoint(final), resumed.stdout, out, pred.stdout)
@@ -95,6 +96,10 @@ def _arch(plans: dict) -> dict:
 def test_plain_student_from_resenc_teacher(resenc_run):
     ds = resenc_run.teachers.dataset
     plans = json.loads((ds.results_dataset / PLAIN_FOLDER / "plans.json").read_text())
+    # a plain student of ResEnc teachers is named for its teachers: it never shares the folder (or the
+    # plans file) of a plain student of nnUNetPlans teachers, nnUNetPlans_r2
+    assert plans["plans_name"] == "nnUNetResEncUNetMPlans_r2" and PLAIN_FOLDER != STANDARD_STUDENT_FOLDER
+    assert plans["distillation"]["teacher_plans"] == TEACHER_PLANS
     arch = _arch(plans)
     assert arch["network_class_name"].endswith("PlainConvUNet")
     base = _arch(ds.plans("nnUNetPlans"))["arch_kwargs"]["features_per_stage"]
@@ -130,7 +135,7 @@ def test_resenc_student_with_reduced_blocks(resenc_run):
         max(f // 2, 8) for f in teacher["arch_kwargs"]["features_per_stage"]
     ]
     d = resenc_run.resenc_first["distillation"]
-    assert d["block_strategy"] == "reduce" and d["student_plans"] == "nnUNetResEncUNetMPlans_r2_bsreduce"
+    assert d["block_strategy"] == "reduce" and d["student_plans"] == RESENC_PLANS
     assert d["student_parameters"] < 0.26 * d["teacher_parameters"]
 
 

@@ -180,10 +180,11 @@ def test_student_plans_change_only_the_architecture_width_and_depth(resenc_plans
     before = copy.deepcopy(base)
     student = derive_student_plans(base, CFG, 4, "reduce")
     assert base == before, "the base plans must not be modified"
-    assert student["plans_name"] == "nnUNetResEncUNetMPlans_r4_bsreduce"
+    # ResEnc M teachers (the base) with a ResEnc M student: the base is not their default plain student
+    assert student["plans_name"] == "nnUNetResEncUNetMPlans_r4_nnUNetResEncUNetMPlans_bsreduce"
     assert student["distillation"] == {
         "base_plans": "nnUNetResEncUNetMPlans",
-        "configuration": CFG,
+        "teacher_plans": "nnUNetResEncUNetMPlans",
         "reduction_factor": 4,
         "block_strategy": "reduce",
         "min_features": 8,
@@ -198,7 +199,14 @@ def test_student_plans_change_only_the_architecture_width_and_depth(resenc_plans
     assert {
         k: v for k, v in student.items() if k not in ("configurations", "plans_name", "distillation")
     } == {k: v for k, v in base.items() if k not in ("configurations", "plans_name")}
-    assert student["configurations"]["2d"] == base["configurations"]["2d"]
+    # one plans file for every configuration: 2d is reduced the same way, and only its architecture changes
+    s_2d, b_2d = student["configurations"]["2d"], base["configurations"]["2d"]
+    assert {k: v for k, v in s_2d.items() if k != "architecture"} == {
+        k: v for k, v in b_2d.items() if k != "architecture"
+    }
+    assert s_2d["architecture"]["arch_kwargs"]["features_per_stage"] == reduce_features(
+        b_2d["architecture"]["arch_kwargs"]["features_per_stage"], 4
+    )
 
 
 def test_plain_or_resenc_student_follows_the_network_class_not_the_name(nnunet_dataset, resenc_plans):
@@ -226,13 +234,30 @@ def test_inherited_architectures_are_reduced_consistently(nnunet_dataset):
     for cfg in (CFG, "3d_fullres_bs4", "3d_fullres_bs4_child"):
         assert arch(from_parent, cfg)["features_per_stage"] == reduce_features(teacher_features, 2), cfg
 
+    # the configuration being trained does not change the plans: 2d and 3d students share one plans file
     from_child = derive_student_plans(base, "3d_fullres_bs4", 2)
-    assert arch(from_child, CFG)["features_per_stage"] == teacher_features  # the parent stays the teacher's
-    assert arch(from_child, "3d_fullres_bs4")["features_per_stage"] == reduce_features(teacher_features, 2)
-    assert arch(from_child, "3d_fullres_bs4_child")["features_per_stage"] == reduce_features(
-        teacher_features, 2
-    )
+    assert from_child == from_parent == derive_student_plans(base, "2d", 2)
     assert from_child["configurations"]["3d_fullres_bs4"]["batch_size"] == 4
+
+
+def test_student_plans_name_says_the_teachers_and_r(nnunet_dataset, resenc_plans):
+    plain = nnunet_dataset.plans("nnUNetPlans")
+    of_resenc = derive_student_plans(plain, CFG, 2, teacher_plans_name="nnUNetResEncUNetLPlans")
+    assert of_resenc["plans_name"] == "nnUNetResEncUNetLPlans_r2"
+    assert of_resenc["distillation"]["teacher_plans"] == "nnUNetResEncUNetLPlans"
+    assert derive_student_plans(plain, CFG, 2)["plans_name"] == "nnUNetPlans_r2"
+    m = resenc_plans["nnUNetResEncUNetMPlans"]
+    names = {
+        derive_student_plans(plain, CFG, 2, teacher_plans_name="nnUNetResEncUNetLPlans")["plans_name"],
+        derive_student_plans(plain, CFG, 2)["plans_name"],
+        derive_student_plans(m, CFG, 2, "keep", teacher_plans_name="nnUNetResEncUNetLPlans")["plans_name"],
+        derive_student_plans(m, CFG, 2, "adaptive", teacher_plans_name="nnUNetResEncUNetLPlans")[
+            "plans_name"
+        ],
+        derive_student_plans(plain, CFG, 4, teacher_plans_name="nnUNetResEncUNetLPlans")["plans_name"],
+    }
+    assert len(names) == 5
+    assert "nnUNetResEncUNetLPlans_r2_nnUNetResEncUNetMPlans_bsadaptive" in names
 
 
 @pytest.mark.parametrize(

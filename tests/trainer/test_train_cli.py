@@ -91,7 +91,8 @@ def test_variant_defaults():
     assert std.teacher_plans == "nnUNetPlans" and std.student_base_plans == "nnUNetPlans"
     assert std.block_strategy is None and std.student_plans_identifier == "nnUNetPlans_r2"
     assert res.teacher_plans == "nnUNetResEncUNetLPlans" and res.student_base_plans == "nnUNetPlans"
-    assert res.block_strategy == "keep" and res.student_plans_identifier == "nnUNetPlans_r2"
+    # the student's plans name says its teachers: a ResEnc L teachers' student never shares nnUNetPlans_r2
+    assert res.block_strategy == "keep" and res.student_plans_identifier == "nnUNetResEncUNetLPlans_r2"
     assert std.epochs is None and std.iterations_per_epoch is None and std.val_iterations is None  # nnU-Net's
     assert std.teacher_trainer == "nnUNetTrainer" and std.teacher_checkpoint == "checkpoint_final.pth"
     assert std.teacher_precision == res.teacher_precision == "auto"
@@ -209,7 +210,11 @@ def test_both_commands_share_one_code_path(monkeypatch, capsys):
     assert type(std) is type(res) is DistillationConfig
     differing = {k for k, v in std.as_dict().items() if res.as_dict()[k] != v}
     assert differing == {"variant", "block_strategy"}  # None (no -bs) vs 'keep': same student plans
-    assert std.student_plans_identifier == res.student_plans_identifier == "nnUNetResEncUNetMPlans_r2"
+    assert (
+        std.student_plans_identifier
+        == res.student_plans_identifier
+        == "nnUNetResEncUNetMPlans_r2_nnUNetResEncUNetMPlans"
+    )
     assert "student saved in /out" in capsys.readouterr().out
 
 

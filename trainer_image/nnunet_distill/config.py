@@ -69,6 +69,7 @@ class DistillationConfig:
     disable_mirroring: bool = False
     device: str | None = None  # -d_device; None = cuda if available else cpu
     continue_training: bool = False  # -c_continue
+    overwrite: bool = False  # --overwrite: a fresh run may replace an existing student's checkpoints
     variant: str = "standard"  # which CLI built it (for logs and metadata only)
     kd_mode: str = "pixel"  # --kd_mode: pixel | channel (channel-wise KD) | both
     student_init: str = "teacher"  # --student_init: teacher (inherit sliced weights) | random
@@ -80,8 +81,13 @@ class DistillationConfig:
 
     @property
     def student_plans_identifier(self) -> str:
+        """The student's plans name (and folder): says its teacher plans, r, and base and block strategy
+        where they are not the default (contract.student_plans_identifier)."""
         return contract.student_plans_identifier(
-            self.student_base_plans, self.reduction_factor, self.block_strategy
+            self.teacher_plans,
+            self.reduction_factor,
+            self.block_strategy,
+            student_base_plans=self.student_base_plans,
         )
 
     @property

@@ -7,8 +7,10 @@ without torch, nnU-Net, pydantic or kopf: the operator image installs none of th
 
 Why the student gets a plans identifier of its own: the original tool wrote every reduction factor into the
 same results folder and left the teacher's plans.json beside the student, so artifacts were not
-self-describing. Here the identifier encodes r (and the ResEnc block strategy), so the folder name alone says
-which student it holds and stock nnU-Net tools rebuild the right network from its plans.json.
+self-describing. Here the identifier encodes the teacher plans, r (and the student base plans and ResEnc block
+strategy where they are not the default), so the folder name alone says which student it holds, two
+students of different teachers never share a folder, and stock nnU-Net tools rebuild the right network from
+its plans.json.
 """
 
 from __future__ import annotations
@@ -98,13 +100,35 @@ RESENC_PLANNERS = {
 }
 
 
+def default_student_base_plans(teacher_plans: str) -> str:
+    """The plans a student of these teachers is derived from when none is named: a stock ResEnc teacher's
+    student is a plain U-Net (`nnUNetPlans`, the ResEnc CLI's `-spl` default), any other teacher's student
+    shares its teachers' plans (the standard CLI has no `-spl`)."""
+    return DEFAULT_RESENC_STUDENT_PLANS if teacher_plans in RESENC_PLANNERS else teacher_plans
+
+
 def student_plans_identifier(
-    base_plans: str, reduction_factor: int, block_strategy: str | None = None
+    teacher_plans: str,
+    reduction_factor: int,
+    block_strategy: str | None = None,
+    *,
+    student_base_plans: str | None = None,
 ) -> str:
-    """`nnUNetPlans` + r=2 -> `nnUNetPlans_r2`; ResEnc students add the block strategy unless it is `keep`."""
+    """The student's plans name: what makes it a different student, so no two students share a folder.
+
+    `<teacher plans>_r<r>`, then `_<student base plans>` unless the base is the default for these teachers
+    (`default_student_base_plans`), then `_bs<strategy>` for a ResEnc student's block strategy unless it is
+    `keep`. `nnUNetPlans` teachers, r=2 -> `nnUNetPlans_r2`; `nnUNetResEncUNetLPlans` teachers and their
+    default plain student -> `nnUNetResEncUNetLPlans_r2`; the same teachers with a ResEnc M student and
+    `adaptive` blocks -> `nnUNetResEncUNetLPlans_r2_nnUNetResEncUNetMPlans_bsadaptive`. Each teacher plans
+    name omits at most one base, so different (teacher plans, base, r, strategy) never share a name.
+    """
     if reduction_factor < 1:
         raise ValueError(f"reduction factor must be >= 1, got {reduction_factor}")
-    name = f"{base_plans}_r{reduction_factor}"
+    name = f"{teacher_plans}_r{reduction_factor}"
+    base = student_base_plans or default_student_base_plans(teacher_plans)
+    if base != default_student_base_plans(teacher_plans):
+        name += f"_{base}"
     if block_strategy is not None and block_strategy != "keep":
         if block_strategy not in BLOCK_STRATEGIES:
             raise ValueError(f"block strategy must be one of {BLOCK_STRATEGIES}, got {block_strategy!r}")
@@ -122,14 +146,18 @@ def model_folder_name(trainer: str, plans: str, configuration: str) -> str:
 
 
 def student_model_folder_name(
-    base_plans: str,
+    teacher_plans: str,
     reduction_factor: int,
     block_strategy: str | None,
     configuration: str,
     use_da5: bool,
+    *,
+    student_base_plans: str | None = None,
 ) -> str:
     """The student's model folder name under `nnUNet_results/DatasetXXX_Name`."""
-    plans = student_plans_identifier(base_plans, reduction_factor, block_strategy)
+    plans = student_plans_identifier(
+        teacher_plans, reduction_factor, block_strategy, student_base_plans=student_base_plans
+    )
     return model_folder_name(distill_trainer_name(use_da5), plans, configuration)
 
 

@@ -173,7 +173,7 @@ class PreparedRun:
 
 
 def prepare(config: DistillationConfig) -> PreparedRun:
-    from nnunet_distill import student
+    """Resolve the dataset, the teachers and the student plans, and check they fit, before any training."""
     from nnunet_distill.teachers import TeacherError, default_teacher_folder, read_teacher_json, select_folds
 
     dataset_name = resolve_dataset(config.dataset)
@@ -197,37 +197,12 @@ def prepare(config: DistillationConfig) -> PreparedRun:
             f"{teacher_folder / 'plans.json'} (available: "
             f"{', '.join(teacher_plans.get('configurations', {}))})"
         )
-
-    base_plans = _load_json(
-        preprocessed_dir / f"{config.student_base_plans}.json",
-        "student base plans",
-        f"plan them with nnUNetv2_plan_experiment -d {dataset_name[7:10].lstrip('0')} "
-        f"(-pl nnUNetPlannerResEncM/L/XL for ResEnc plans), or pick existing plans with "
-        f"{'-spl' if config.variant == 'resenc' else '-p'}",
-    )
     dataset_json = _load_json(
         preprocessed_dir / "dataset.json", "dataset.json", "run nnUNetv2_plan_and_preprocess first"
     )
-    try:
-        student_plans = student.derive_student_plans(
-            base_plans, config.configuration, config.reduction_factor, config.block_strategy
-        )
-        student.check_compatible(
-            teacher_plans, teacher_dataset_json, student_plans, dataset_json, config.configuration
-        )
-    except (student.StudentPlansError, student.CompatibilityError) as exc:
-        raise DistillationError(str(exc)) from None
-    check_teacher_accepts_patch(teacher_plans, student_plans, config.configuration)
-    data_dir = (
-        preprocessed_dir / _resolved_configuration(student_plans, config.configuration)["data_identifier"]
+    student_plans = derive_checked_student_plans(
+        config, preprocessed_dir, teacher_plans, teacher_dataset_json, dataset_json
     )
-    if not data_dir.is_dir():
-        raise DistillationError(
-            f"preprocessed data {data_dir} does not exist: run nnUNetv2_preprocess -d "
-            f"{dataset_name[7:10].lstrip('0')} -c {config.configuration} -plans_name "
-            f"{config.student_base_plans}"
-        )
-
     output_folder = (
         contract.student_model_folder(
             results_dir / dataset_name, student_plans["plans_name"], config.configuration, config.use_da5
@@ -246,6 +221,51 @@ def prepare(config: DistillationConfig) -> PreparedRun:
         teacher_folds,
         output_folder,
     )
+
+
+def derive_checked_student_plans(
+    config: DistillationConfig,
+    preprocessed_dir: Path,
+    teacher_plans: dict,
+    teacher_dataset_json: dict,
+    dataset_json: dict,
+) -> dict:
+    """The student plans (every configuration reduced, named by config.student_plans_identifier), checked
+    against the teachers and the preprocessed data the configuration reads."""
+    from nnunet_distill import student
+
+    dataset_name = preprocessed_dir.name
+    base_plans = _load_json(
+        preprocessed_dir / f"{config.student_base_plans}.json",
+        "student base plans",
+        f"plan them with nnUNetv2_plan_experiment -d {dataset_name[7:10].lstrip('0')} "
+        f"(-pl nnUNetPlannerResEncM/L/XL for ResEnc plans), or pick existing plans with "
+        f"{'-spl' if config.variant == 'resenc' else '-p'}",
+    )
+    try:
+        student_plans = student.derive_student_plans(
+            base_plans,
+            config.configuration,
+            config.reduction_factor,
+            config.block_strategy,
+            teacher_plans_name=config.teacher_plans,
+        )
+        student.check_compatible(
+            teacher_plans, teacher_dataset_json, student_plans, dataset_json, config.configuration
+        )
+    except (student.StudentPlansError, student.CompatibilityError) as exc:
+        raise DistillationError(str(exc)) from None
+    check_teacher_accepts_patch(teacher_plans, student_plans, config.configuration)
+    data_dir = (
+        preprocessed_dir / _resolved_configuration(student_plans, config.configuration)["data_identifier"]
+    )
+    if not data_dir.is_dir():
+        raise DistillationError(
+            f"preprocessed data {data_dir} does not exist: run nnUNetv2_preprocess -d "
+            f"{dataset_name[7:10].lstrip('0')} -c {config.configuration} -plans_name "
+            f"{config.student_base_plans}"
+        )
+    return student_plans
 
 
 def check_test_cases(run: PreparedRun) -> None:
@@ -306,6 +326,34 @@ def check_resume(run: PreparedRun) -> Path | None:
     return ckpt_path
 
 
+def check_fresh_run(run: PreparedRun) -> None:
+    """A fresh run never replaces another student silently: where this student's fold already holds a
+    checkpoint, only --overwrite lets a new training start there (-c_continue resumes it instead)."""
+    existing = pick_resume_checkpoint(run.output_folder)
+    if existing is None or run.config.continue_training:
+        return
+    if not run.config.overwrite:
+        raise DistillationError(
+            f"{run.output_folder} already holds a trained student ({existing.name}): pass -c_continue to "
+            "resume it, --overwrite to replace it with a fresh training, or change -r/-p/-c/-f for "
+            "another student"
+        )
+
+
+def resume_or_refuse(run: PreparedRun, log) -> Path | None:
+    """The checkpoint to resume from (-c_continue), None for a fresh start (refused over an existing
+    student without --overwrite)."""
+    check_fresh_run(run)
+    if not run.config.continue_training:
+        if pick_resume_checkpoint(run.output_folder) is not None:
+            log(f"--overwrite: {run.output_folder} already holds a checkpoint; it will be replaced")
+        return None
+    resume_from = check_resume(run)
+    if resume_from is None:
+        log(f"-c_continue: no checkpoint in {run.output_folder}; starting a new training")
+    return resume_from
+
+
 @dataclass
 class RunResult:
     output_folder: Path
@@ -352,24 +400,45 @@ def run(config: DistillationConfig, log=print) -> RunResult:
     return _run(config, device, ranks, log)
 
 
+def load_teacher_ensemble(run: PreparedRun, device):
+    """The selected teacher folds, loaded on `device` at the configured precision."""
+    from nnunet_distill.teachers import TeacherEnsemble, load_teacher, resolve_precision
+
+    cfg = run.config
+    return TeacherEnsemble(
+        [
+            load_teacher(f, run.teacher_plans, cfg.configuration, run.teacher_dataset_json, device)
+            for f in run.teacher_folds
+        ],
+        [f.fold for f in run.teacher_folds],
+        precision=resolve_precision(cfg.teacher_precision, device),
+    )
+
+
+def _start_or_resume(trainer, config: DistillationConfig, resume_from: Path | None, log) -> None:
+    """Load the checkpoint to resume, or initialise a fresh student (by default from the teachers)."""
+    if resume_from is not None:
+        trainer.load_checkpoint(str(resume_from))
+        log(
+            f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of "
+            f"{trainer.num_epochs}"
+        )
+    else:
+        trainer.initialize()
+        if config.student_init == "teacher":
+            log(trainer.inherit_teacher_weights())
+
+
 def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
     from nnunet_distill import distributed
 
     run_ = prepare(config)
     check_test_cases(run_)
-    resume_from = check_resume(run_) if config.continue_training else None
-    if config.continue_training and resume_from is None:
-        log(f"-c_continue: no checkpoint in {run_.output_folder}; starting a new training")
-    elif not config.continue_training and pick_resume_checkpoint(run_.output_folder) is not None:
-        log(
-            f"note: {run_.output_folder} already holds a checkpoint; it will be overwritten "
-            "(pass -c_continue to resume it instead)"
-        )
+    resume_from = resume_or_refuse(run_, log)
 
     from nnunet_distill import student
     from nnunet_distill.held_out import write_distillation_summary
     from nnunet_distill import progress_hooks
-    from nnunet_distill.teachers import TeacherEnsemble, load_teacher, resolve_precision
     from nnunet_distill.trainer import trainer_class
 
     _configure_threads(device, ranks.local_world_size)
@@ -382,29 +451,13 @@ def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
     trainer = trainer_class(config.use_da5)(
         plans, config.configuration, config.fold, run_.dataset_json, device
     )
-    teachers = TeacherEnsemble(
-        [
-            load_teacher(f, run_.teacher_plans, config.configuration, run_.teacher_dataset_json, device)
-            for f in run_.teacher_folds
-        ],
-        [f.fold for f in run_.teacher_folds],
-        precision=resolve_precision(config.teacher_precision, device),
-    )
+    teachers = load_teacher_ensemble(run_, device)
     meta = distillation_metadata(run_)
     meta["world_size"] = ranks.world_size
     meta["student_parameters"] = None
     meta["teacher_parameters"] = student.count_parameters(teachers.teachers[0])
     trainer.configure_distillation(config, teachers, meta)
-    if resume_from is not None:
-        trainer.load_checkpoint(str(resume_from))
-        log(
-            f"-c_continue: resuming from {resume_from} at epoch {trainer.current_epoch} of "
-            f"{trainer.num_epochs}"
-        )
-    else:
-        trainer.initialize()
-        if config.student_init == "teacher":
-            log(trainer.inherit_teacher_weights())
+    _start_or_resume(trainer, config, resume_from, log)
     trainer.distillation_meta["student_parameters"] = student.count_parameters(trainer.network)
 
     # the same hooks as the teachers': progress.json, live status, restart count, resume checkpoint; rank 0

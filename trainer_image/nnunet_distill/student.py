@@ -132,6 +132,18 @@ def block_counts(
         )
     if r == 1:
         return blocks
+    return _adaptive_block_counts(blocks, teacher_features, r, kernel_sizes, minimum_features, max_blocks)
+
+
+def _adaptive_block_counts(
+    blocks: list[int],
+    teacher_features: Sequence[int],
+    r: int,
+    kernel_sizes: Sequence[Sequence[int]] | None,
+    minimum_features: int,
+    max_blocks: int,
+) -> list[int]:
+    """`adaptive` (see `block_counts`): round-robin, shallow stages first, within the teacher/r^2 budget."""
     student_features = reduce_features(teacher_features, r, minimum_features)
     volumes = (
         [math.prod(int(k) for k in ks) for ks in kernel_sizes]
@@ -193,19 +205,6 @@ def is_residual_encoder(architecture: dict) -> bool:
     )
 
 
-def _configuration_descendants(configurations: dict, configuration: str) -> list[str]:
-    """Configurations that inherit (directly or transitively) from `configuration`."""
-    out: list[str] = []
-    frontier = [configuration]
-    while frontier:
-        parent = frontier.pop()
-        for name, cfg in configurations.items():
-            if cfg.get("inherits_from") == parent and name not in out and name != configuration:
-                out.append(name)
-                frontier.append(name)
-    return out
-
-
 def _resolved_architecture(configurations: dict, configuration: str) -> dict:
     try:
         cfg = nnunet_env.resolved_configuration(configurations, configuration)
@@ -252,23 +251,7 @@ def _reduce_architecture(architecture: dict, r: int, block_strategy: str | None)
     return arch
 
 
-def derive_student_plans(
-    student_base_plans: dict,
-    configuration: str,
-    reduction_factor: int,
-    block_strategy: str | None = None,
-    plans_name: str | None = None,
-) -> dict:
-    """Student plans: the base plans with `configuration`'s channels divided by r.
-
-    Returns a new dict (the input is not modified). The configuration, and every configuration that
-    inherits from it, gets reduced `features_per_stage` (and, for a ResidualEncoderUNet, blocks per
-    stage from `block_strategy`, default `keep`); an architecture inherited from a parent is copied
-    into the configuration first so the parent stays as it was. Kernels, strides, convs per stage,
-    norm, non-linearity, deep supervision, data_identifier, patch, batch and spacing are untouched, so
-    the student reads the teacher's preprocessed data. Whether the student is plain or residual follows
-    the base plans' `network_class_name`. A `distillation` entry records r, the strategy and the base.
-    """
+def _check_reduction(reduction_factor: int, block_strategy: str | None) -> None:
     if reduction_factor < 1:
         raise StudentPlansError(f"reduction factor (-r) must be >= 1, got {reduction_factor}")
     if block_strategy is not None and block_strategy not in contract.BLOCK_STRATEGIES:
@@ -276,6 +259,31 @@ def derive_student_plans(
             f"block strategy (-bs) must be one of {', '.join(contract.BLOCK_STRATEGIES)}, "
             f"got {block_strategy!r}"
         )
+
+
+def derive_student_plans(
+    student_base_plans: dict,
+    configuration: str,
+    reduction_factor: int,
+    block_strategy: str | None = None,
+    plans_name: str | None = None,
+    teacher_plans_name: str | None = None,
+) -> dict:
+    """Student plans: the base plans with every configuration's channels divided by r.
+
+    Returns a new dict (the input is not modified). One student plans file serves every configuration
+    (2d, 3d_lowres, 3d_fullres, 3d_cascade_fullres...), so students of several configurations of one
+    dataset coexist under one plans name, as nnU-Net's own configurations do, and a cascade's stages share
+    it. Every configuration with an architecture of its own gets reduced `features_per_stage` (and, for a
+    ResidualEncoderUNet, blocks per stage from `block_strategy`, default `keep`); one that inherits its
+    architecture (`inherits_from`, e.g. 3d_cascade_fullres from 3d_fullres) inherits the reduced one.
+    Kernels, strides, convs per stage, norm, non-linearity, deep supervision, data_identifier, patch, batch
+    and spacing are untouched, so the student reads the teacher's preprocessed data. `configuration` (the
+    one being trained) must exist and decides whether the student is plain or residual (its
+    `network_class_name`). The name is `contract.student_plans_identifier` of the teacher plans (default:
+    the base), unless `plans_name` is given. A `distillation` entry records r, the strategy and the base.
+    """
+    _check_reduction(reduction_factor, block_strategy)
     plans = copy.deepcopy(student_base_plans)
     configurations = plans.get("configurations")
     if not isinstance(configurations, dict) or configuration not in configurations:
@@ -287,23 +295,24 @@ def derive_student_plans(
     base_name = plans.get("plans_name", contract.DEFAULT_PLANS)
     resenc = is_residual_encoder(_resolved_architecture(configurations, configuration))
     strategy = block_strategy if resenc else (None if block_strategy in (None, "keep") else block_strategy)
+    recorded_strategy = (strategy or "keep") if resenc else None
 
-    own = configurations[configuration]
-    if "architecture" not in own:
-        own["architecture"] = copy.deepcopy(_resolved_architecture(configurations, configuration))
-    for name in [configuration, *_configuration_descendants(configurations, configuration)]:
+    for name in configurations:
         cfg = configurations[name]
         if "architecture" in cfg:
             cfg["architecture"] = _reduce_architecture(cfg["architecture"], reduction_factor, strategy)
 
     plans["plans_name"] = plans_name or contract.student_plans_identifier(
-        base_name, reduction_factor, (strategy or "keep") if resenc else None
+        teacher_plans_name or base_name,
+        reduction_factor,
+        recorded_strategy,
+        student_base_plans=base_name,
     )
     plans["distillation"] = {
         "base_plans": base_name,
-        "configuration": configuration,
+        "teacher_plans": teacher_plans_name or base_name,
         "reduction_factor": reduction_factor,
-        "block_strategy": (strategy or "keep") if resenc else None,
+        "block_strategy": recorded_strategy,
         "min_features": MIN_FEATURES,
     }
     plans.pop("continue_training", None)
@@ -341,12 +350,8 @@ def check_compatible(
     """Raise CompatibilityError (one line, naming the mismatch and the fix) if the student cannot learn
     from the teachers: the KD loss compares logits voxel by voxel on one shared batch, so both must read
     the same preprocessed data and predict the same outputs from the same inputs."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    t_name = teacher_plans.get("plans_name", "teacher plans")
-    s_name = student_plans.get("plans_name", "student plans")
-    fix = _fix_command(student_plans)
     for plans, who in ((teacher_plans, "teacher"), (student_plans, "student")):
         if configuration not in plans.get("configurations", {}):
             raise CompatibilityError(
@@ -356,36 +361,49 @@ def check_compatible(
             )
     if teacher_plans.get("dataset_name") != student_plans.get("dataset_name"):
         raise CompatibilityError(
-            f"teacher plans {t_name} are for {teacher_plans.get('dataset_name')} but student "
-            f"plans {s_name} for {student_plans.get('dataset_name')}: use student plans of the "
-            "teacher's dataset "
+            f"teacher plans {teacher_plans.get('plans_name')} are for {teacher_plans.get('dataset_name')} "
+            f"but student plans {student_plans.get('plans_name')} for {student_plans.get('dataset_name')}: "
+            "use student plans of the teacher's dataset "
             f"({_fix_command({**student_plans, 'dataset_name': teacher_plans.get('dataset_name')})})"
         )
     t_pm, s_pm = PlansManager(teacher_plans), PlansManager(student_plans)
-    t_cm, s_cm = t_pm.get_configuration(configuration), s_pm.get_configuration(configuration)
+    _check_same_inputs_and_outputs(t_pm, s_pm, configuration, teacher_dataset_json, student_dataset_json)
+    _check_shared_data(t_pm, s_pm, configuration)
+    _check_patch_fits_network(s_pm, configuration)
 
-    t_in = determine_num_input_channels(t_pm, t_cm, teacher_dataset_json)
-    s_in = determine_num_input_channels(s_pm, s_cm, student_dataset_json)
+
+def _check_same_inputs_and_outputs(t_pm, s_pm, configuration: str, t_json: dict, s_json: dict) -> None:
+    """Same input channels (a cascade's previous-stage one-hot included), labels/regions and heads."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    t_cm, s_cm = t_pm.get_configuration(configuration), s_pm.get_configuration(configuration)
+    t_in = determine_num_input_channels(t_pm, t_cm, t_json)
+    s_in = determine_num_input_channels(s_pm, s_cm, s_json)
     if t_in != s_in:
         raise CompatibilityError(
             f"input channels differ: teacher {t_in}, student {s_in} (dataset.json "
             "channel_names): train the student on the teacher's dataset.json"
         )
-    if _labels_key(teacher_dataset_json) != _labels_key(student_dataset_json) or teacher_dataset_json.get(
+    if _labels_key(t_json) != _labels_key(s_json) or t_json.get("regions_class_order") != s_json.get(
         "regions_class_order"
-    ) != student_dataset_json.get("regions_class_order"):
+    ):
         raise CompatibilityError(
-            f"labels/regions differ: teacher {teacher_dataset_json.get('labels')}, student "
-            f"{student_dataset_json.get('labels')}: train the student on the teacher's "
-            "dataset.json"
+            f"labels/regions differ: teacher {t_json.get('labels')}, student {s_json.get('labels')}: "
+            "train the student on the teacher's dataset.json"
         )
-    t_heads = t_pm.get_label_manager(teacher_dataset_json).num_segmentation_heads
-    s_heads = s_pm.get_label_manager(student_dataset_json).num_segmentation_heads
+    t_heads = t_pm.get_label_manager(t_json).num_segmentation_heads
+    s_heads = s_pm.get_label_manager(s_json).num_segmentation_heads
     if t_heads != s_heads:
         raise CompatibilityError(
             f"output heads differ: teacher {t_heads}, student {s_heads}: "
             "train the student on the teacher's dataset.json"
         )
+
+
+def _check_shared_data(t_pm, s_pm, configuration: str) -> None:
+    """Teacher and student read the same preprocessed arrays: same dimensionality, data, spacing, norm."""
+    t_name, s_name = t_pm.plans.get("plans_name"), s_pm.plans.get("plans_name")
+    t_cm, s_cm = t_pm.get_configuration(configuration), s_pm.get_configuration(configuration)
     if len(t_cm.patch_size) != len(s_cm.patch_size):
         raise CompatibilityError(
             f"configuration dimensionality differs: teacher {len(t_cm.patch_size)}D "
@@ -403,15 +421,20 @@ def check_compatible(
             raise CompatibilityError(
                 f"teacher and student do not share preprocessed data: {configuration} "
                 f"{field} is {t_val} in {t_name} but {s_val} in {s_name}; make student "
-                f"plans from the teacher's fingerprint with {fix} (the ResEnc and default "
-                "planners share nnUNetPlans_3d_fullres data)"
+                f"plans from the teacher's fingerprint with {_fix_command(s_pm.plans)} (the ResEnc and "
+                "default planners share nnUNetPlans_3d_fullres data)"
             )
+
+
+def _check_patch_fits_network(s_pm, configuration: str) -> None:
+    s_cm = s_pm.get_configuration(configuration)
     dim = len(s_cm.patch_size)
     total = nnunet_env.total_stride(s_cm.network_arch_init_kwargs.get("strides", []), dim)
     if any(int(p) % t for p, t in zip(s_cm.patch_size, total, strict=False)):
         raise CompatibilityError(
             f"student patch size {list(s_cm.patch_size)} is not divisible by its total "
-            f"stride {total} ({s_name}, {configuration}): re-plan the student with {fix}"
+            f"stride {total} ({s_pm.plans.get('plans_name')}, {configuration}): re-plan the student "
+            f"with {_fix_command(s_pm.plans)}"
         )
 
 

@@ -222,11 +222,13 @@ def _tolerance(args):
     return Tolerance(atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
 
 
-def _student_plans(parser: argparse.ArgumentParser, base: str, r: int, block_strategy: str | None) -> str:
+def _student_plans(
+    parser: argparse.ArgumentParser, teacher: str, r: int, block_strategy: str | None, base: str | None = None
+) -> str:
     """The student's plans identifier exactly as the training CLIs derive it
-    (contract.student_plans_identifier)."""
+    (contract.student_plans_identifier of the teacher plans, r, the block strategy and the student base)."""
     try:
-        return contract.student_plans_identifier(base, r, block_strategy)
+        return contract.student_plans_identifier(teacher, r, block_strategy, student_base_plans=base)
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -268,7 +270,9 @@ def request_resenc(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     if args.batch_size < 0:
         parser.error(f"-b must be >= 0 (0 = dynamic batch), got {args.batch_size}")
-    plans_identifier = _student_plans(parser, args.student_plans, args.reduction_factor, args.block_strategy)
+    plans_identifier = _student_plans(
+        parser, args.plans, args.reduction_factor, args.block_strategy, args.student_plans
+    )
     dynamic_batch = args.batch_size == 0 and not args.trt
     output = args.output_dir / contract.ONNX_FILENAME if args.output_dir else None
     return ExportRequest(

@@ -148,6 +148,13 @@ _FLAGS_BEFORE_PLANS = (
         "checkpoint's; starts fresh (and says so) when there is no checkpoint",
     ),
     flag(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh training even where this student (same teacher plans, r, configuration and "
+        "fold) already has a checkpoint, replacing it; without it such a run is refused (use "
+        "-c_continue to resume it instead)",
+    ),
+    flag(
         "-disable_mirroring",
         action="store_true",
         help="no mirroring test-time augmentation in the final validation (student and teachers); "
@@ -362,6 +369,7 @@ def config_from_args(args: argparse.Namespace, variant: Variant) -> Distillation
         disable_mirroring=args.disable_mirroring,
         device=args.d_device,
         continue_training=args.continue_training,
+        overwrite=args.overwrite,
         variant=variant.name,
         kd_mode=args.kd_mode,
         student_init=args.student_init,
