@@ -233,6 +233,8 @@ def replacing(filename: str | os.PathLike, *, mode: int | None = None) -> Iterat
             os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
 # ---- an exported model's metadata file
 
 #: The metadata file beside an exported graph is named after it: `liver_3d.onnx` -> `liver_3d` + this suffix.
