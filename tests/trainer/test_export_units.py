@@ -463,14 +463,19 @@ def test_resenc_teacher_plans_flag_selects_the_student_and_is_optional():
         parser = cli.build_parser_resenc()
         return cli.request_resenc(parser.parse_args(["-d", "1", "-r", "2", *flags]), parser)
 
-    # -p and -tpl are one flag (as in nnUNetv2_resenc_distillation_train); what it names must be the student's
+    # -p and -tpl are one flag (as in nnUNetv2_resenc_distillation_train); the teachers it names are part of
+    # the student's plans name, so they select the student, and its checkpoint must record them
     for flag in ("-p", "-tpl"):
-        req = request(flag, "nnUNetResEncUNetMPlans", "-spl", "nnUNetResEncUNetMPlans")
+        req = request(flag, "nnUNetResEncUNetMPlans")
         assert req.expected_teacher_plans == req.teacher_plans == "nnUNetResEncUNetMPlans"
         assert req.plans_identifier == "nnUNetResEncUNetMPlans_r2"
-    # without it any student found by -spl/-r/-bs is exported, its checkpoint saying which teachers it had
+        req = request(flag, "nnUNetResEncUNetMPlans", "-spl", "nnUNetResEncUNetMPlans")
+        assert req.plans_identifier == "nnUNetResEncUNetMPlans_r2_nnUNetResEncUNetMPlans"
+    # without it: the training CLI's default teachers find the folder, and the checkpoint is not checked
     req = request()
-    assert req.expected_teacher_plans is None and req.teacher_plans is None
+    assert req.expected_teacher_plans is None
+    assert req.teacher_plans == "nnUNetResEncUNetLPlans"
+    assert req.plans_identifier == "nnUNetResEncUNetLPlans_r2"
 
 
 def test_a_student_of_other_teachers_is_refused_naming_the_flag(tmp_path):

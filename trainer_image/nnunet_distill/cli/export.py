@@ -181,7 +181,8 @@ def build_parser_resenc() -> argparse.ArgumentParser:
         default=None,
         help="teacher plans the student was distilled from (-tpl/-p of the training CLI, e.g. "
         f"{contract.DEFAULT_RESENC_TEACHER_PLANS}): a student distilled from other teachers is refused "
-        "(default: whichever the found student's checkpoint records)",
+        f"(default: {contract.DEFAULT_RESENC_TEACHER_PLANS}, as training; they are part of the student's "
+        "plans name, so they also find its folder)",
     )
     parser.add_argument(
         "-spl",
@@ -270,8 +271,10 @@ def request_resenc(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     if args.batch_size < 0:
         parser.error(f"-b must be >= 0 (0 = dynamic batch), got {args.batch_size}")
+    # The student's name says its teachers: without -tpl/-p, the ResEnc CLI's default teachers (as training).
+    teacher_plans = args.plans or contract.DEFAULT_RESENC_TEACHER_PLANS
     plans_identifier = _student_plans(
-        parser, args.plans, args.reduction_factor, args.block_strategy, args.student_plans
+        parser, teacher_plans, args.reduction_factor, args.block_strategy, args.student_plans
     )
     dynamic_batch = args.batch_size == 0 and not args.trt
     output = args.output_dir / contract.ONNX_FILENAME if args.output_dir else None
@@ -289,7 +292,7 @@ def request_resenc(args: argparse.Namespace, parser: argparse.ArgumentParser):
         simplify=args.simplify,
         opset=args.opset,
         tolerance=_tolerance(args),
-        teacher_plans=args.plans,
+        teacher_plans=teacher_plans,
         expected_teacher_plans=args.plans,
         verbose=args.verbose,
     )
