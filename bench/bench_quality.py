@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.workspace import BenchWorkspace
+from nnunet_distill import contract
 
 DATASET_ID = 984
 DATASET_NAME = "BenchOrgan"
@@ -222,6 +223,9 @@ class QualityBench(BenchWorkspace):
                 *STUDENT_BUDGET,
                 *METHOD,
                 *row.flags,
+                # Each row is a new student in the same folder (r=2 with and without KD): the previous row's
+                # figures are already read, so replacing its checkpoint is what the bench means.
+                "--overwrite",
                 "-d_device",
                 self.device,
             ]
@@ -229,7 +233,7 @@ class QualityBench(BenchWorkspace):
         summary = (
             self.ws.results
             / self.dataset
-            / f"nnUNetDistillationTrainer__nnUNetPlans_r{row.r}__{CONFIGURATION}"
+            / contract.student_model_folder_name("nnUNetPlans", row.r, None, CONFIGURATION, use_da5=False)
             / "fold_0"
             / "validation"
             / "distillation_summary.json"
