@@ -333,6 +333,13 @@ def test_write_student_plans_is_idempotent_and_never_overwrites_other_plans(nnun
         json.loads(path.read_text())["configurations"][CFG]["batch_size"]
         == plans["configurations"][CFG]["batch_size"]
     )
+    # a file of the same name written before plans files reduced every configuration: the message says so
+    older = copy.deepcopy(plans)
+    older["distillation"] = {"base_plans": "nnUNetPlans", "configuration": CFG, "reduction_factor": 2}
+    path.write_text(json.dumps(older))
+    with pytest.raises(StudentPlansError, match=f"earlier nnunet-distill that reduced only {CFG}.*remove"):
+        write_student_plans(folder, plans)
+    path.write_text(json.dumps(plans))
     with pytest.raises(StudentPlansError, match="nnUNetv2_plan_and_preprocess"):
         write_student_plans(tmp_path / "missing", plans)
     assert [p.name for p in folder.iterdir()] == [path.name]  # no temporary files left behind

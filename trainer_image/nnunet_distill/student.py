@@ -447,6 +447,22 @@ def _normalized(plans: dict) -> Any:
     return json.loads(json.dumps(plans))
 
 
+def _different_plans_message(path: Path, existing: dict) -> str:
+    """Why it is not ours, and the fix (files from before every configuration was reduced say which one was)."""
+    earlier = (existing.get("distillation") or {}).get("configuration")
+    if earlier:
+        return (
+            f"{path} was written by an earlier nnunet-distill that reduced only {earlier}; plans files now "
+            "reduce every configuration. Its students keep their own plans.json (prediction and export are "
+            f"unaffected): remove {path.name} to derive the new file (resuming such a student with "
+            "-c_continue needs the old file, so finish it first)"
+        )
+    return (
+        f"{path} already exists with different plans: remove it or choose another "
+        "reduction factor/block strategy/plans name"
+    )
+
+
 def write_student_plans(preprocessed_dataset_dir: str | os.PathLike, plans: dict) -> Path:
     """Write `<plans_name>.json` beside the teacher's plans (where nnU-Net's `-p` looks).
 
@@ -471,10 +487,7 @@ def write_student_plans(preprocessed_dataset_dir: str | os.PathLike, plans: dict
             raise StudentPlansError(f"{path} exists but cannot be read ({exc}): remove it") from exc
         if existing == content:
             return path
-        raise StudentPlansError(
-            f"{path} already exists with different plans: remove it or choose another "
-            "reduction factor/block strategy/plans name"
-        )
+        raise StudentPlansError(_different_plans_message(path, existing))
     return atomic_write_json(content, path, indent=4)
 
 
