@@ -448,7 +448,7 @@ def _normalized(plans: dict) -> Any:
 
 
 def _different_plans_message(path: Path, existing: dict) -> str:
-    """Why it is not ours, and the fix (files from before every configuration was reduced say which one was)."""
+    """Why it is not ours, and the fix (older files name the one configuration they reduced)."""
     earlier = (existing.get("distillation") or {}).get("configuration")
     if earlier:
         return (
