@@ -153,8 +153,13 @@ def test_resenc_cli_trt_graph_is_static_with_checkpoint_norm_weights(student, en
     from nnunet_distill.trt_graph import CONTROL_FLOW_OPS, TENSORRT_OPS, tensorrt_problems
 
     # the student was derived from plain nnUNetPlans (-spl default), as nnUNetv2_resenc_distillation_train
-    # does
-    assert cli.main_resenc(["-d", "901", "-f", "0", "-r", "2", "-fix", "-sim", "-o", str(tmp_path)]) == 0
+    # does, by nnUNetPlans teachers: -tpl names them, and with them the student's plans name
+    assert (
+        cli.main_resenc(
+            ["-d", "901", "-f", "0", "-r", "2", "-tpl", "nnUNetPlans", "-fix", "-sim", "-o", str(tmp_path)]
+        )
+        == 0
+    )
     model = onnx.load(str(tmp_path / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
     assert json.loads((tmp_path / "model.nnunet_inference.json").read_text()) == _props(model)
@@ -186,20 +191,22 @@ def test_resenc_cli_trt_graph_is_static_with_checkpoint_norm_weights(student, en
 
 
 def test_resenc_cli_dynamic_batch_by_default(student, env, tmp_path):
-    assert cli.main_resenc(["-d", "901", "-r", "2", "-o", str(tmp_path)]) == 0
+    args = ["-d", "901", "-r", "2", "-tpl", "nnUNetPlans"]
+    assert cli.main_resenc([*args, "-o", str(tmp_path)]) == 0
     assert _dims(onnx.load(str(tmp_path / "model.onnx")).graph.input[0]) == ["batch", 1, 48, 48, 48]
-    assert cli.main_resenc(["-d", "901", "-r", "2", "-b", "3", "-o", str(tmp_path / "b3")]) == 0
+    assert cli.main_resenc([*args, "-b", "3", "-o", str(tmp_path / "b3")]) == 0
     assert _dims(onnx.load(str(tmp_path / "b3" / "model.onnx")).graph.input[0]) == [3, 1, 48, 48, 48]
 
 
 def test_resenc_teacher_plans_flag_is_checked_against_the_student(student, env, tmp_path, capsys):
-    """-p/-tpl names the teachers the student was distilled from: another value is refused, not ignored."""
+    """-p/-tpl names the teachers the student was distilled from, and they are part of the student's plans
+    name: other teachers name another student (here none), never this one. (A folder of the right name whose
+    checkpoint records other teachers is refused too: test_export_units.)"""
     args = ["-d", "901", "-r", "2", "-o", str(tmp_path)]
-    assert cli.main_resenc([*args, "-p", "nnUNetResEncUNetLPlans"]) == 1
-    err = _error_line(capsys)
-    assert (
-        "distilled from nnUNetPlans teachers, not nnUNetResEncUNetLPlans" in err and "-tpl nnUNetPlans" in err
-    )
+    for flags in (["-p", "nnUNetResEncUNetLPlans"], []):  # without the flag: the training CLI's default
+        assert cli.main_resenc([*args, *flags]) == 1
+        err = _error_line(capsys)
+        assert "nnUNetResEncUNetLPlans_r2" in err and f"{support.STUDENT_FOLDER} (fold_0" in err, err
     assert list(tmp_path.iterdir()) == []
     assert cli.main_resenc([*args, "-tpl", "nnUNetPlans"]) == 0
     assert _props(onnx.load(str(tmp_path / "model.onnx")))["distillation"]["teacher_plans"] == "nnUNetPlans"
