@@ -4,12 +4,15 @@ Both students use one student plans file, `nnUNetPlans_r2.json`, that reduces ev
 second run neither refuses ("already exists with different plans") nor changes the first student's plans.
 Each is trained by the real console script, exported to ONNX, and run by stock `nnUNetv2_predict` without
 our package importable. The students live in their own nnUNet_results (the session's teacher folders are
-linked into it), so this module never meets the students of other modules.
+linked into it) and their own copy of nnUNet_preprocessed, where the 2d data is made: so this module never
+meets the students of other modules, and the session's dataset stays without 2d data (a train-teacher test
+relies on that).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,7 @@ STUDENT_PLANS = "nnUNetPlans_r2"
 class Coexisting:
     dataset: object
     results: Path  # this module's nnUNet_results/<Dataset>
+    preprocessed: Path  # this module's nnUNet_preprocessed/<Dataset>
     plans_after_first: dict  # nnUNetPlans_r2.json after the first (2d) student
     predictions: dict  # configuration -> folder of stock predictions
     exported: dict  # configuration -> model.onnx
@@ -47,9 +51,12 @@ def coexisting(nnunet_teachers, tmp_path_factory) -> Coexisting:
     log = tmp / "commands.log"
     results = tmp / "results" / ds.dataset_name
     results.mkdir(parents=True)
-    env = {**ds.env, "nnUNet_results": str(results.parent)}
+    preprocessed = tmp / "preprocessed" / ds.dataset_name
+    shutil.copytree(ds.preprocessed_dataset, preprocessed, symlinks=True)
+    env = {**ds.env, "nnUNet_results": str(results.parent), "nnUNet_preprocessed": str(preprocessed.parent)}
     # 2d data and one stock 2d teacher fold next to the session's 3d_fullres teachers
-    ds.run(nnunet("nnUNetv2_preprocess", "-d", str(ds.dataset_id), "-c", "2d", "-np", "1"), planning=True)
+    preprocess_2d = nnunet("nnUNetv2_preprocess", "-d", str(ds.dataset_id), "-c", "2d", "-np", "1")
+    require_ok(run_cli(preprocess_2d, {**env, "nnUNet_n_proc_DA": "1"}, log), log)
     (results / nnunet_teachers.folder.name).symlink_to(nnunet_teachers.folder)
     teacher_2d = python_module(
         "nnunet_distill.cli.train_teacher",
@@ -61,7 +68,7 @@ def coexisting(nnunet_teachers, tmp_path_factory) -> Coexisting:
 
     train = console_script("nnUNetv2_distillation_train")
     export = console_script("nnUNetv2_distillation_export_onnx")
-    plans_path = ds.preprocessed_dataset / f"{STUDENT_PLANS}.json"
+    plans_path = preprocessed / f"{STUDENT_PLANS}.json"
     first_plans: dict = {}
     predictions, exported = {}, {}
     for configuration in CONFIGURATIONS:
@@ -90,13 +97,15 @@ def coexisting(nnunet_teachers, tmp_path_factory) -> Coexisting:
             configuration=configuration,
         )
         predictions[configuration] = out
-    return Coexisting(ds, results, first_plans, predictions, exported)
+    return Coexisting(ds, results, preprocessed, first_plans, predictions, exported)
 
 
 def test_both_students_share_one_plans_file_that_reduces_every_configuration(coexisting):
     ds = coexisting.dataset
     teacher = ds.plans(TEACHER_PLANS)
-    on_disk = json.loads((ds.preprocessed_dataset / f"{STUDENT_PLANS}.json").read_text())
+    on_disk = json.loads((coexisting.preprocessed / f"{STUDENT_PLANS}.json").read_text())
+    # the session's dataset was left as it was: no 2d data made there
+    assert not (ds.preprocessed_dataset / f"{TEACHER_PLANS}_2d").exists()
     assert on_disk == coexisting.plans_after_first  # the second student left the first one's plans alone
     for configuration in CONFIGURATIONS:
         folder = coexisting.results / _folder(configuration)
