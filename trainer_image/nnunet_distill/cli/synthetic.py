@@ -53,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the labels are: 'spheres' (bright, dark, small; default) or 'organ' (organ, "
         "lesion, vessel: a large, a small and a thin structure)",
     )
+    parser.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        metavar="MM",
+        help="annotator noise in the training labels only: contours displaced by a smooth random field "
+        "of this standard deviation per axis, in mm (default 0: exact labels; 0.8 gives a noisy/exact "
+        "vessel Dice of about 0.63). The test labels stay exact.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--raw-dir", type=Path, default=None, help="nnU-Net raw folder (default $nnUNet_raw)")
     return parser
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             anisotropic=args.anisotropic,
             seed=args.seed,
             layout=args.layout,
+            label_noise=args.label_noise,
         )
         raw_dir = args.raw_dir if args.raw_dir is not None else env_dir("nnUNet_raw")
         start = time.perf_counter()
