@@ -721,6 +721,13 @@ async def test_each_job_gets_its_own_least_privilege_trainer_identity(
     await wait_for(lambda: exists(kmock, job_key(kmock, "ident-export", "ml-train")), what="export Job")
     export = get(kmock, job_key(kmock, "ident-export", "ml-train"))["spec"]["template"]["spec"]
     assert export["serviceAccountName"] == "ident-trainer" and export["automountServiceAccountToken"] is False
+    # Issue 13 (8): one create request each, with the first Job; the export Job (its distill Job runs under
+    # the identity, which proves it exists) sent none.
+    assert {
+        plural: count
+        for (plural, ns, name), count in kmock.creations.items()
+        if (ns, name) == ("ml-train", "ident-trainer")
+    } == {"serviceaccounts": 1, "roles": 1, "rolebindings": 1}
 
     await clients.delete_dj("ident", namespace="ml-train")
     await wait_for(lambda: not obj("rbac.authorization.k8s.io/v1/roles"), what="identity garbage-collected")
