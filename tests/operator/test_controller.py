@@ -355,6 +355,43 @@ async def test_killed_and_restarted_operator_continues_without_duplicate_jobs(
         await second.stop()
 
 
+def operator_writes(kmock: Any) -> list[tuple[str, str, str | None]]:
+    """Every write request of the operator so far, in order: (verb, resource[/subresource], object name)."""
+    out = []
+    for request in list(kmock):
+        agent = next((v for k, v in (request.headers or {}).items() if k.lower() == "user-agent"), "")
+        action = str(getattr(request.action, "value", request.action)).lower()
+        if agent.startswith(("nnunet-distill-operator", "kopf")) and action in ("create", "update", "delete"):
+            sub = f"/{request.subresource}" if request.subresource else ""
+            out.append((action, request.resource.plural + sub, request.name))
+    return out
+
+
+async def test_a_restarted_operator_writes_nothing_for_a_job_that_did_not_change(
+    kmock: Any, clients: Clients, operator_config: Any
+) -> None:
+    """Issue 13 (8): catching up after a restart costs no API write for a job whose Jobs and spec did not
+    change: no identity, Job or Event is sent again and the status is not rewritten; the only writes after the
+    restart are those of a later spec change (a new generation, a safe field: the accepted spec and the
+    status that reports it)."""
+    first = await OperatorRunner(operator_config).start()
+    await clients.create_dj(dj("calm", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "calm-distill")
+    await wait_for(
+        lambda: cond(kmock, "calm", "DistillComplete").get("reason") == "JobCreated", what="status"
+    )
+    await first.kill()
+    before = len(operator_writes(kmock))
+
+    second = await OperatorRunner(operator_config).start()
+    try:
+        await handled_a_later_change(clients, kmock, "calm")
+        after = operator_writes(kmock)[before:]
+        assert after == [("update", "distillationjobs/status", "calm")] * 2, after
+    finally:
+        await second.stop()
+
+
 async def test_invalid_spec_stalls_without_jobs_until_fixed(
     kmock: Any, clients: Clients, operator: OperatorRunner
 ) -> None:
