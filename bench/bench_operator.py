@@ -516,6 +516,7 @@ def report(runs: list[dict[str, Any]], n: int, load: tuple[str, str]) -> list[st
     lines = [
         "CR -> first Job latency: nnunet-distill-operator process (resync 60 s, INFO logs) vs kmock",
         f"runs: {len(runs)}; load before: {load[0]}",
+        f"emulator: {_emulator_settings()}",
         f"{'scenario':<24}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'goal p95':>12}",
     ]
 
@@ -560,6 +561,18 @@ def report(runs: list[dict[str, Any]], n: int, load: tuple[str, str]) -> list[st
     lines.append(f"duplicate Job creations: {sum(r['duplicate_posts'] for r in runs)}")
     lines.append(f"load after: {load[1]}")
     return lines
+
+
+def _emulator_settings() -> str:
+    """What the emulator ran with (its settings are part of every figure)."""
+    from importlib.metadata import version
+
+    return (
+        f"kmock {version('kmock')} (ApiServerLikeEmulator), aiohttp {version('aiohttp')}, one process and "
+        "thread, asyncio's default event loop (kmock offers no other), aiohttp access log off (WARNING), "
+        "request log kept to 1 entry; kmock scans every stored object per request, so each request costs "
+        "more as objects accumulate"
+    )
 
 
 def _uptime() -> str:
