@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -426,6 +427,11 @@ def trainer_service_account(
 def identity_name(cr_name: str) -> str:
     """Name of the per-job trainer ServiceAccount, Role and RoleBinding."""
     return job_name(cr_name, "trainer")
+
+
+def pod_service_account(job: Mapping[str, Any]) -> str | None:
+    """The ServiceAccount a Job's pods run under (what `operator_state.kept_job` keeps of the template)."""
+    return (((job.get("spec") or {}).get("template") or {}).get("spec") or {}).get("serviceAccountName")
 
 
 def trainer_identity(

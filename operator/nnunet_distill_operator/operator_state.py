@@ -103,13 +103,15 @@ class WatchOnlyDiffBase(kopf.DiffBaseStorage):
 def kept_job(body: Mapping[str, Any]) -> dict[str, Any]:
     """What the operator keeps of a stage Job: everything `reconcile.decide` reads (metadata, status, and the
     spec's scalars such as suspend and completions) without the pod template, most of a Job's size. The Jobs
-    of a thousand DistillationJobs would otherwise keep tens of MiB of templates no decision reads."""
+    of a thousand DistillationJobs would otherwise keep tens of MiB of templates no decision reads. Of the
+    template only the pods' ServiceAccount stays: a Job that runs under the trainer identity proves that the
+    identity was created (before it), so the next stage's Job needs no identity requests."""
     spec = body.get("spec") or {}
-    return {
-        "metadata": body.get("metadata") or {},
-        "spec": {k: v for k, v in spec.items() if k != "template"},
-        "status": body.get("status") or {},
-    }
+    kept_spec = {k: v for k, v in spec.items() if k != "template"}
+    account = ((spec.get("template") or {}).get("spec") or {}).get("serviceAccountName")
+    if account is not None:
+        kept_spec["template"] = {"spec": {"serviceAccountName": account}}
+    return {"metadata": body.get("metadata") or {}, "spec": kept_spec, "status": body.get("status") or {}}
 
 
 def _at_most_every(seconds: float, hook: Any) -> Any:

@@ -178,7 +178,7 @@ def decide(
     events, finished = _events(obs, states, actions, phase, stalled, gate_cond, gate_blocked, status)
     delete, requeue = _ttl(phase.phase, status.get("completionTime"), effective, now)
     return Decision(
-        identity=k8s.trainer_identity(owner, effective, defaults) if actions.create else (),
+        identity=_identity(owner, effective, defaults, own_jobs) if actions.create else (),
         create=tuple(actions.create),
         suspend=tuple(actions.suspend),
         resume=tuple(actions.resume),
@@ -192,6 +192,23 @@ def decide(
         requeue_after=requeue,
         stages=stages,
     )
+
+
+def _identity(
+    owner: k8s.Owner,
+    spec: api.DistillationJobSpec,
+    defaults: k8s.Defaults,
+    own_jobs: Mapping[str, Mapping[str, Any]],
+) -> tuple[dict[str, Any], ...]:
+    """The trainer identity to create before a stage's Job: none when one of this DistillationJob's Jobs
+    already runs under it. Effects create the identity before the Job that uses it, so such a Job proves it
+    exists, and the next stage's Job costs no identity requests (three 409s each, before). Without such a
+    Job (the first stage, a retry after a crash between the identity and the Job, or an earlier stage's Job
+    that its own TTL removed) the identity is created again; a 409 means it is there."""
+    account = k8s.identity_name(owner.name)
+    if any(k8s.pod_service_account(job) == account for job in own_jobs.values()):
+        return ()
+    return k8s.trainer_identity(owner, spec, defaults)
 
 
 def _result_fields(

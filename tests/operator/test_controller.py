@@ -355,6 +355,43 @@ async def test_killed_and_restarted_operator_continues_without_duplicate_jobs(
         await second.stop()
 
 
+def operator_writes(kmock: Any) -> list[tuple[str, str, str | None]]:
+    """Every write request of the operator so far, in order: (verb, resource[/subresource], object name)."""
+    out = []
+    for request in list(kmock):
+        agent = next((v for k, v in (request.headers or {}).items() if k.lower() == "user-agent"), "")
+        action = str(getattr(request.action, "value", request.action)).lower()
+        if agent.startswith(("nnunet-distill-operator", "kopf")) and action in ("create", "update", "delete"):
+            sub = f"/{request.subresource}" if request.subresource else ""
+            out.append((action, request.resource.plural + sub, request.name))
+    return out
+
+
+async def test_a_restarted_operator_writes_nothing_for_a_job_that_did_not_change(
+    kmock: Any, clients: Clients, operator_config: Any
+) -> None:
+    """Issue 13 (8): catching up after a restart costs no API write for a job whose Jobs and spec did not
+    change: no identity, Job or Event is sent again and the status is not rewritten; the only writes after the
+    restart are those of a later spec change (a new generation, a safe field: the accepted spec and the
+    status that reports it)."""
+    first = await OperatorRunner(operator_config).start()
+    await clients.create_dj(dj("calm", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "calm-distill")
+    await wait_for(
+        lambda: cond(kmock, "calm", "DistillComplete").get("reason") == "JobCreated", what="status"
+    )
+    await first.kill()
+    before = len(operator_writes(kmock))
+
+    second = await OperatorRunner(operator_config).start()
+    try:
+        await handled_a_later_change(clients, kmock, "calm")
+        after = operator_writes(kmock)[before:]
+        assert after == [("update", "distillationjobs/status", "calm")] * 2, after
+    finally:
+        await second.stop()
+
+
 async def test_invalid_spec_stalls_without_jobs_until_fixed(
     kmock: Any, clients: Clients, operator: OperatorRunner
 ) -> None:
@@ -721,6 +758,13 @@ async def test_each_job_gets_its_own_least_privilege_trainer_identity(
     await wait_for(lambda: exists(kmock, job_key(kmock, "ident-export", "ml-train")), what="export Job")
     export = get(kmock, job_key(kmock, "ident-export", "ml-train"))["spec"]["template"]["spec"]
     assert export["serviceAccountName"] == "ident-trainer" and export["automountServiceAccountToken"] is False
+    # Issue 13 (8): one create request each, with the first Job; the export Job (its distill Job runs under
+    # the identity, which proves it exists) sent none.
+    assert {
+        plural: count
+        for (plural, ns, name), count in kmock.creations.items()
+        if (ns, name) == ("ml-train", "ident-trainer")
+    } == {"serviceaccounts": 1, "roles": 1, "rolebindings": 1}
 
     await clients.delete_dj("ident", namespace="ml-train")
     await wait_for(lambda: not obj("rbac.authorization.k8s.io/v1/roles"), what="identity garbage-collected")

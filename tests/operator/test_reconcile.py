@@ -488,3 +488,25 @@ def test_event_names_are_deterministic_per_job_and_transition() -> None:
     other_uid = [event_name("liver", "uid-2", e) for e in first.events]
     assert not set(names) & set(other_uid)  # a re-created job of the same name gets its own Events
     assert all(len(n) <= 253 for n in names)
+
+
+def test_the_trainer_identity_is_created_with_the_first_job_and_not_again_while_a_job_runs_under_it() -> None:
+    """Issue 13 (8): the identity comes before the first Job that uses it, so a Job running under it proves
+    it exists and the next stage's Job makes no identity requests; without such a Job (a crash between the
+    identity and the Job, or an earlier stage's Job removed by its TTL) it is created again (409 if there)."""
+    from nnunet_distill_operator.operator_state import kept_job
+
+    first = decide(cr(), {}, {}, NOW)
+    assert [o["kind"] for o in first.identity] == ["ServiceAccount", "Role", "RoleBinding"]
+    assert decide(cr(), {}, {}, NOW).identity == first.identity  # nothing created yet: again
+    body = applied(cr(), first)
+    finished = kept_job(done(first.create[0]))  # what the operator keeps of the Job: its pods' account stays
+    assert finished["spec"]["template"] == {"spec": {"serviceAccountName": "liver-trainer"}}
+    nxt = decide(body, {"preprocess": finished}, {}, NOW)
+    assert [m["metadata"]["name"] for m in nxt.create] == ["liver-distill"] and nxt.identity == ()
+    gone = decide(body, {}, {}, NOW)  # the preprocess Job is gone (its TTL): status says it succeeded
+    assert gone.identity == first.identity
+    own_account = cr(
+        spec={"dataset": {"id": 27}, "storage": {"claimName": "data"}, "serviceAccountName": "me"}
+    )
+    assert decide(own_account, {}, {}, NOW).identity == ()
