@@ -35,16 +35,23 @@ def preprocess_configurations(spec: api.DistillationJobSpec) -> tuple[str, ...]:
     return CASCADE_DATA if is_cascade(spec) else (spec.configuration,)
 
 
-def lowres_spec(spec: api.DistillationJobSpec, fold: int | None = None) -> api.DistillationJobSpec:
-    """The same job for the cascade's lowres stage: every teacher fold (nnU-Net needs each case's lowres
-    segmentation), and, for a student fold, that fold on a single node."""
+def lowres_teachers_spec(spec: api.DistillationJobSpec) -> api.DistillationJobSpec:
+    """The job for the cascade's lowres teachers: every fold (nnU-Net needs each case's lowres segmentation,
+    and each case is validated by one fold)."""
     teachers = spec.teachers.model_copy(update={"folds": list(range(spec.teachers.num_folds))})
-    update: dict = {"configuration": LOWRES, "teachers": teachers}
-    if fold is not None:
-        update["distillation"] = spec.distillation.model_copy(update={"fold": fold})
-        distill = spec.resources.distill.model_copy(update={"nodes": None})
-        update["resources"] = spec.resources.model_copy(update={"distill": distill})
-    return spec.model_copy(update=update)
+    return spec.model_copy(update={"configuration": LOWRES, "teachers": teachers})
+
+
+def lowres_student_spec(spec: api.DistillationJobSpec, fold: int) -> api.DistillationJobSpec:
+    """The job for one fold of the cascade's lowres student: the same teacher folds as the cascade student
+    (those of the lowres teachers), on a single node."""
+    distillation = spec.distillation.model_copy(update={"fold": fold})
+    resources = spec.resources.model_copy(
+        update={"distill": spec.resources.distill.model_copy(update={"nodes": None})}
+    )
+    return spec.model_copy(
+        update={"configuration": LOWRES, "distillation": distillation, "resources": resources}
+    )
 
 
 def _renamed(stage, name: str, description: str):
@@ -52,22 +59,23 @@ def _renamed(stage, name: str, description: str):
 
 
 def lowres_teachers(spec: api.DistillationJobSpec, build: Callable):
-    """`teachers-lowres` (plan._teachers of the lowres spec), before the cascade teachers; None otherwise."""
+    """`teachers-lowres` (plan._teachers of the lowres teachers' spec), before the cascade teachers; None
+    when the job is no cascade or trains no teachers."""
     if not is_cascade(spec):
         return None
-    stage = build(lowres_spec(spec))
+    stage = build(lowres_teachers_spec(spec))
     if stage is None:
         return None
     return _renamed(stage, "teachers-lowres", f"{LOWRES} stage of the cascade: {stage.description}")
 
 
 def lowres_students(spec: api.DistillationJobSpec, build: Callable):
-    """`distill-lowres`: the lowres student on every fold (plan._distill of each fold's lowres spec), one
+    """`distill-lowres`: the lowres student on every fold (plan._distill of each fold's spec), one
     command after another; None when the job is no cascade."""
     if not is_cascade(spec):
         return None
     folds = range(spec.teachers.num_folds)
-    stages = [build(lowres_spec(spec, fold)) for fold in folds]
+    stages = [build(lowres_student_spec(spec, fold)) for fold in folds]
     commands = tuple(
         type(s.commands[-1])(f"distill-lowres-fold{fold}", s.commands[-1].argv)
         for fold, s in zip(folds, stages, strict=True)

@@ -323,7 +323,8 @@ def test_cascade_runs_nnunets_stages_in_order_lowres_on_every_fold_first() -> No
     assert [c.name for c in lowres.commands] == [f"distill-lowres-fold{f}" for f in range(5)]
     for fold, command in enumerate(lowres.commands):
         assert _flag(command.argv, "-c") == ["3d_lowres"] and _flag(command.argv, "-f") == [str(fold)]
-        assert _flag(command.argv, "-tf", 2) == ["0", "1"] and command.argv[-1] == "-c_continue"
+        assert _flag(command.argv, "-tf", 3) == ["0", "1", "-a"]  # the cascade's teacher folds
+        assert command.argv[-1] == "-c_continue"
         assert command.argv[0] == "torchrun"  # 2 GPUs
     assert lowres.resources.gpus == 2 and lowres.resources.nodes == 1
     distill = _stage(stages, "distill")
