@@ -83,8 +83,10 @@ class DistillationJobSpec(SpecModel):
     """Distill an nnU-Net teacher ensemble into one small student, export it to ONNX and publish it."""
 
     dataset: DatasetSpec = Field(description="The nnU-Net dataset.")
-    configuration: Literal["2d", "3d_fullres", "3d_lowres"] = Field(
-        "3d_fullres", description="nnU-Net configuration."
+    configuration: Literal["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"] = Field(
+        "3d_fullres",
+        description="nnU-Net configuration. 3d_cascade_fullres runs nnU-Net's cascade in order: the "
+        "3d_lowres teachers (when trained) and students on every fold, then the cascade's.",
     )
     storage: StorageSpec = Field(
         description="Volumes holding nnUNet_raw, nnUNet_preprocessed and nnUNet_results."
@@ -169,6 +171,7 @@ class DistillationJobSpec(SpecModel):
         self._storage_rules(problem)
         self._resource_rules(problem)
         self._scheduling_rules(problem)
+        self._cascade_rules(problem)
         if problems:
             raise SpecError(problems)
         return self
@@ -212,6 +215,22 @@ class DistillationJobSpec(SpecModel):
             )
         if self.distillation.rotate_frequency is not None and not self.distillation.rotate_folds:
             problem("distillation.rotateFrequency", "only applies with distillation.rotateFolds: true")
+
+    def _cascade_rules(self, problem: Any) -> None:
+        """A cascade finds its lowres stage beside it in nnUNet_results (nnU-Net's own lookup, by trainer and
+        plans name), so its teachers cannot come from elsewhere, and the clean teacher view has no
+        previous-stage channels."""
+        if self.configuration != "3d_cascade_fullres":
+            return
+        if self.teachers.folder:
+            problem(
+                "teachers.folder",
+                "is not supported with configuration 3d_cascade_fullres: the cascade teachers and their "
+                "3d_lowres folds are found under nnUNet_results by teachers.trainer and teachers.plans; "
+                "drop teachers.folder",
+            )
+        if self.distillation.teacher_view == "clean":
+            problem("distillation.teacherView", "clean does not support 3d_cascade_fullres: use augmented")
 
     def _architecture_rules(self, problem: Any) -> None:
         resenc = self.student.architecture == "resenc"

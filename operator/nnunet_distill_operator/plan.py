@@ -26,7 +26,7 @@ from nnunet_distill.contract import (
 )
 from nnunet_distill.contract import SUMMARY_NAME as DISTILLATION_SUMMARY
 
-from nnunet_distill_operator import api
+from nnunet_distill_operator import api, cascade_plan
 from nnunet_distill_operator.distributed import launch_argv, per_rank_env
 from nnunet_distill_operator.model_folders import (
     student_model_folder as student_model_folder,
@@ -175,7 +175,8 @@ def _preprocess(spec: api.DistillationJobSpec, paths: DataPaths) -> Stage | None
     res = stage_resources(spec, "preprocess")
     n = spec.preprocess.processes or _cpu_count(res.cpu) or 4
     d = str(spec.dataset.id)
-    argv = ["nnUNetv2_plan_and_preprocess", "-d", d, "-c", spec.configuration]
+    data = cascade_plan.preprocess_configurations(spec)  # a cascade: its lowres and its fullres data
+    argv = ["nnUNetv2_plan_and_preprocess", "-d", d, "-c", *data]
     if spec.preprocess.verify_dataset_integrity:
         argv.append("--verify_dataset_integrity")
     argv += ["-npfp", str(n), "-np", str(n)]
@@ -187,10 +188,10 @@ def _preprocess(spec: api.DistillationJobSpec, paths: DataPaths) -> Stage | None
     if spec.preprocess.mode == "IfMissing":
         ds = _dataset_glob(paths.preprocessed, spec.dataset.id)
         plans = sorted({api.DEFAULT_STANDARD_TEACHER_PLANS, spec.teacher_plans, spec.student_base_plans})
-        done = tuple(f"{ds}/{p}.json" for p in plans) + (f"{ds}/nnUNetPlans_{spec.configuration}",)
+        done = tuple(f"{ds}/{p}.json" for p in plans) + tuple(f"{ds}/nnUNetPlans_{c}" for c in data)
     return Stage(
         name="preprocess",
-        description=f"plan and preprocess Dataset{spec.dataset.id:03d} ({spec.configuration})"
+        description=f"plan and preprocess Dataset{spec.dataset.id:03d} ({' '.join(data)})"
         + (f" + {planner}" if planner else ""),
         commands=tuple(commands),
         resources=res,
@@ -457,7 +458,9 @@ def plan(
         s
         for s in (
             _preprocess(spec, paths),
+            cascade_plan.lowres_teachers(spec, lambda s: _teachers(s, paths, device)),
             _teachers(spec, paths, device),
+            cascade_plan.lowres_students(spec, lambda s: _distill(s, device)),
             _distill(spec, device),
             _export(spec, name, paths),
             _gate(spec, paths),

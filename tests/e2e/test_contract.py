@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from nnunet_distill_operator import api, distributed, k8s, plan
+from nnunet_distill_operator import api, cascade_plan, distributed, k8s, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 PATHS = plan.DataPaths.in_pod("job")
@@ -66,6 +66,11 @@ SPECS: dict[str, dict[str, Any]] = {
     "ddp-multi-node-resenc": {
         "student": {"architecture": "resenc"},
         "resources": {"distill": {"gpus": 2, "nodes": 3}},
+    },
+    "cascade-teachers-ddp": {
+        "configuration": "3d_cascade_fullres",
+        "teachers": {"train": True, "folds": [0, 1]},
+        "resources": {"distill": {"gpus": 2}},
     },
     "resenc-dynamic": {
         "student": {"architecture": "resenc", "blockStrategy": "reduce"},
@@ -146,7 +151,7 @@ def _check_values(
     d, e = spec.distillation, spec.export
     head = command.argv[0]
     if head == "nnUNetv2_plan_and_preprocess":
-        assert args.d == [spec.dataset.id] and args.c == [spec.configuration]
+        assert args.d == [spec.dataset.id] and args.c == list(cascade_plan.preprocess_configurations(spec))
         assert args.verify_dataset_integrity is spec.preprocess.verify_dataset_integrity
         n = spec.preprocess.processes or plan._cpu_count(stage.resources.cpu) or 4
         assert args.npfp == n and args.np == [n]
@@ -165,7 +170,7 @@ def _check_values(
         assert args.iterations_per_epoch == spec.teachers.training.iterations_per_epoch
         assert args.continue_training is True and args.device == "cuda"
         assert str(args.dataset) == str(spec.dataset.id)
-    elif command.name == "distill":
+    elif command.name == "distill" or command.name.startswith("distill-lowres-fold"):
         assert str(args.dataset_id) == str(spec.dataset.id) and args.configuration == spec.configuration
         assert (args.fold, args.alpha, args.temperature) == (d.fold, d.alpha, d.temperature)
         assert (args.reduction_factor, args.epochs) == (spec.student.reduction_factor, d.epochs)
@@ -227,7 +232,16 @@ def test_every_rendered_command_parses_with_the_trainers_parser(
     assert commands
     for stage, command in commands:
         args = parse(command.argv, monkeypatch)
-        _check_values(stage, command, args, spec)
+        _check_values(stage, command, args, _stage_spec(spec, stage, command))
+
+
+def _stage_spec(spec: api.DistillationJobSpec, stage: plan.Stage, command: plan.Command) -> Any:
+    """A cascade's lowres stages run the commands of the same job for 3d_lowres (cascade_plan's specs)."""
+    if stage.name == "teachers-lowres":
+        return cascade_plan.lowres_teachers_spec(spec)
+    if command.name.startswith("distill-lowres-fold"):
+        return cascade_plan.lowres_student_spec(spec, int(command.name.removeprefix("distill-lowres-fold")))
+    return spec
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))

@@ -281,3 +281,76 @@ def test_describe_lists_every_command() -> None:
         for command in stage.commands:
             assert command.argv[0] in text
     assert "2 pods (indexed)" in text
+
+
+def test_cascade_runs_nnunets_stages_in_order_lowres_on_every_fold_first() -> None:
+    stages = _plan(
+        configuration="3d_cascade_fullres",
+        teachers={"train": True, "folds": [0, 1]},
+        distillation={"fold": 2},
+        resources={"distill": {"gpus": 2}},
+    )
+    assert [s.name for s in stages] == [
+        "preprocess",
+        "teachers-lowres",
+        "teachers",
+        "distill-lowres",
+        "distill",
+        "export",
+        "gate",
+    ]
+    assert [s.needs for s in stages[1:5]] == [
+        ("preprocess",),
+        ("teachers-lowres",),
+        ("teachers",),
+        ("distill-lowres",),
+    ]
+    pre = stages[0]
+    assert _flag(pre.argv, "-c", 2) == ["3d_lowres", "3d_fullres"]  # the cascade reads 3d_fullres data
+    assert pre.done_when_exists[-2:] == (
+        "/p/Dataset027_*/nnUNetPlans_3d_lowres",
+        "/p/Dataset027_*/nnUNetPlans_3d_fullres",
+    )
+    # every lowres teacher fold (each case's lowres segmentation is some fold's validation), then the
+    # cascade teachers the spec asks for
+    lowres_teachers, teachers = _stage(stages, "teachers-lowres"), _stage(stages, "teachers")
+    assert _flag(lowres_teachers.argv, "-c") == ["3d_lowres"]
+    assert lowres_teachers.index_values == ("0", "1", "2", "3", "4")
+    assert "__nnUNetPlans__3d_lowres/fold_{value}/" in lowres_teachers.done_when_exists[0]
+    assert _flag(teachers.argv, "-c") == ["3d_cascade_fullres"] and teachers.index_values == ("0", "1")
+    # the lowres student on every fold, on the distill stage's GPUs, each with the cascade's teacher folds
+    lowres = _stage(stages, "distill-lowres")
+    assert [c.name for c in lowres.commands] == [f"distill-lowres-fold{f}" for f in range(5)]
+    for fold, command in enumerate(lowres.commands):
+        assert _flag(command.argv, "-c") == ["3d_lowres"] and _flag(command.argv, "-f") == [str(fold)]
+        assert _flag(command.argv, "-tf", 3) == ["0", "1", "-a"]  # the cascade's teacher folds
+        assert command.argv[-1] == "-c_continue"
+        assert command.argv[0] == "torchrun"  # 2 GPUs
+    assert lowres.resources.gpus == 2 and lowres.resources.nodes == 1
+    distill = _stage(stages, "distill")
+    assert _flag(distill.argv, "-c") == ["3d_cascade_fullres"] and _flag(distill.argv, "-f") == ["2"]
+    export = _stage(stages, "export")
+    assert _flag(export.commands[0].argv, "-c") == ["3d_cascade_fullres"]
+    assert "nnUNetPlans_r2__3d_cascade_fullres/fold_2/validation/" in _stage(stages, "gate").argv[3]
+
+
+def test_cascade_without_teacher_training_still_distills_lowres_first() -> None:
+    stages = _plan(configuration="3d_cascade_fullres", teachers={"numFolds": 3})
+    assert [s.name for s in stages] == ["preprocess", "distill-lowres", "distill", "export", "gate"]
+    lowres = _stage(stages, "distill-lowres")
+    assert [_flag(c.argv, "-f") for c in lowres.commands] == [["0"], ["1"], ["2"]]
+    assert all(c.argv[0] == "nnUNetv2_distillation_train" for c in lowres.commands)
+
+
+def test_cascade_refuses_a_teacher_folder_and_the_clean_teacher_view() -> None:
+    import pytest
+
+    with pytest.raises(api.InvalidSpec) as err:
+        _plan(
+            configuration="3d_cascade_fullres",
+            teachers={"folder": "/res/Dataset027_X/nnUNetTrainer__nnUNetPlans__3d_cascade_fullres"},
+            distillation={"teacherView": "clean"},
+        )
+    problems = " | ".join(err.value.problems)
+    assert "spec.teachers.folder: is not supported with configuration 3d_cascade_fullres" in problems
+    assert "spec.distillation.teacherView: clean does not support 3d_cascade_fullres" in problems

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -94,6 +95,7 @@ def stock_predict(
     plans: str,
     fold: int,
     configuration: str = "3d_fullres",
+    extra: Sequence[str] = (),
 ):
     script = tmp_dir / "stock_predict.py"
     script.write_text(_BLOCKED_PREDICT)
@@ -121,5 +123,6 @@ def stock_predict(
         "-nps",
         "1",
         "--disable_progress_bar",
+        *extra,
     ]
     return require_ok(run_cli(argv, env, log), log)

@@ -432,8 +432,11 @@ def _start_or_resume(trainer, config: DistillationConfig, resume_from: Path | No
 def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
     from nnunet_distill import distributed
 
+    from nnunet_distill import cascade
+
     run_ = prepare(config)
     check_test_cases(run_)
+    cascade.check_before_training(run_)  # a 3d_cascade_fullres student needs its lowres stage first
     resume_from = resume_or_refuse(run_, log)
 
     from nnunet_distill import student

@@ -229,6 +229,9 @@ def _verification_inputs(
         vlog("verify: no preprocessed case found under $nnUNet_preprocessed; verifying on random inputs only")
         return inputs, None
     patch, case = real
+    missing = spec.example[1] - patch.shape[0]
+    if missing > 0:  # a cascade also takes the previous stage's one-hot channels: here all background
+        patch = np.concatenate([patch, np.zeros((missing, *patch.shape[1:]), dtype=patch.dtype)])
     inputs[f"preprocessed:{case}"] = np.repeat(patch[None], spec.example[0], axis=0)
     return inputs, case
 

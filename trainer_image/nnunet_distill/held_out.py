@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nnunet_distill import cascade
 from nnunet_distill.evaluation import (
     NO_HONEST_BASELINE,
     SCHEMA_VERSION,
@@ -89,8 +90,11 @@ def make_predictor(
     return predictor
 
 
-def predict_cases(predictor, cases: Sequence[HeldOutCase], out_dir: Path) -> tuple[Path, float]:
-    """Segment every case from its raw images into ``out_dir`` (replaced), without worker processes.
+def predict_cases(
+    predictor, cases: Sequence[HeldOutCase], out_dir: Path, previous_stage: Path | None = None
+) -> tuple[Path, float]:
+    """Segment every case from its raw images into ``out_dir`` (replaced), without worker processes; a
+    cascade stage reads the previous stage's segmentation of each case from ``previous_stage``.
 
     Returns the folder and the wall-clock seconds nnU-Net's whole pipeline took (read, preprocess, sliding
     window, resample, write): the same work for student and ensemble, so their ratio is an honest speed-up.
@@ -100,9 +104,10 @@ def predict_cases(predictor, cases: Sequence[HeldOutCase], out_dir: Path) -> tup
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
+    previous = str(previous_stage) if previous_stage else None
     start = time.perf_counter()
     predictor.predict_from_files_sequential(
-        [list(c.images) for c in cases], [str(out_dir / c.identifier) for c in cases], False, True, None
+        [list(c.images) for c in cases], [str(out_dir / c.identifier) for c in cases], False, True, previous
     )
     return out_dir, time.perf_counter() - start
 
@@ -118,9 +123,8 @@ def score_cases(pred_dir: Path, cases: Sequence[HeldOutCase], dataset_json: dict
     if reference.exists():
         shutil.rmtree(reference)
     reference.mkdir(parents=True)
-    for (
-        c
-    ) in cases:  # the labels of imagesTs and imagesTr cases live in different folders: link them side by side
+    # the labels of imagesTs and imagesTr cases live in different folders: link them side by side
+    for c in cases:
         os.symlink(os.path.abspath(c.label), reference / f"{c.identifier}{ending}")
     lm = LabelManager(dataset_json["labels"], regions_class_order=dataset_json.get("regions_class_order"))
     compute_metrics_on_folder(
@@ -136,8 +140,9 @@ def score_cases(pred_dir: Path, cases: Sequence[HeldOutCase], dataset_json: dict
     return json.loads((pred_dir / "summary.json").read_text())
 
 
-def _predict_preprocessed(predictor, trainer, keys: Sequence[str], out_dir: Path) -> Path:
-    """Teacher-ensemble logits on preprocessed validation cases, exported like nnU-Net's final validation."""
+def _predict_preprocessed(predictor, trainer, keys: Sequence[str], out_dir: Path, segs: Path | None) -> Path:
+    """Teacher-ensemble logits on preprocessed validation cases, exported like nnU-Net's final validation
+    (a cascade's teachers get the one-hot previous-stage segmentation from ``segs``, as nnU-Net stacks it)."""
     import torch
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
@@ -147,11 +152,14 @@ def _predict_preprocessed(predictor, trainer, keys: Sequence[str], out_dir: Path
     dataset = trainer.dataset_class(
         trainer.preprocessed_dataset_folder,
         list(keys),
-        folder_with_segs_from_previous_stage=trainer.folder_with_segs_from_previous_stage,
+        folder_with_segs_from_previous_stage=str(segs) if segs else None,
     )
     for key in dataset.identifiers:
-        data, _, _, properties = dataset.load_case(key)
-        logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(data[:])).float().cpu()
+        data, _, seg_prev, properties = dataset.load_case(key)
+        data = data[:]
+        if seg_prev is not None:
+            data = cascade.with_previous_stage(data, seg_prev, trainer.label_manager.foreground_labels)
+        logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(data)).float().cpu()
         export_prediction_from_logits(
             logits,
             properties,
@@ -205,6 +213,7 @@ class _Run:
     teacher_params: list[dict]
     validation_student: dict | None
     student_summary_dir: Path
+    teacher_folder: str = ""
 
     def predictor(self, network: Any, plans: dict, dataset_json: dict, params: list[dict]):
         trainer = self.trainer
@@ -240,6 +249,7 @@ class _Scored:
     teacher_src: str | None
     timing: dict[str, Any] | None
     note: str
+    previous_stage: dict[str, Any] | None = None  # a cascade: which models made its previous-stage input
 
 
 def _score_test_set(run: _Run, cases: Sequence[HeldOutCase]) -> _Scored:
@@ -250,16 +260,19 @@ def _score_test_set(run: _Run, cases: Sequence[HeldOutCase]) -> _Scored:
     )
     student_network = _student_network(trainer)
     plans, dataset_json = trainer.plans_manager.plans, trainer.dataset_json
+    previous = cascade.test_set_inputs(run, cases)
     student_pred, student_seconds = predict_cases(
         run.predictor(student_network, plans, dataset_json, [student_network.state_dict()]),
         cases,
         run.output / "test_set" / "student",
+        previous and previous.student,
     )
     student_summary = score_cases(student_pred, cases, dataset_json, plans)
     teacher_pred, teacher_seconds = predict_cases(
         run.predictor(run.teacher_network, run.teacher_plans, run.teacher_dataset_json, run.teacher_params),
         cases,
         run.output / "test_set" / "teacher_ensemble",
+        previous and previous.teacher,
     )
     teacher_summary = score_cases(teacher_pred, cases, run.teacher_dataset_json, run.teacher_plans)
     case_record = {
@@ -288,6 +301,7 @@ def _score_test_set(run: _Run, cases: Sequence[HeldOutCase]) -> _Scored:
         str(teacher_pred),
         timing,
         note,
+        previous and previous.record,
     )
 
 
@@ -298,11 +312,13 @@ def _score_unseen_folds(run: _Run, unseen: list[int], leaky: list[int]) -> _Scor
         f"{trainer.fold}'s validation cases) on the same {len(run.val_keys)} cases"
     )
     unseen_params = [p for f, p in zip(run.teacher_folds, run.teacher_params, strict=False) if f in unseen]
+    previous = cascade.validation_inputs(run)
     teacher_pred = _predict_preprocessed(
         run.predictor(run.teacher_network, run.teacher_plans, run.teacher_dataset_json, unseen_params),
         trainer,
         run.val_keys,
         run.output / "validation_teachers" / "unseen_folds",
+        previous and previous.teacher,
     )
     note = (
         "no labelled test set (imagesTs+labelsTs): the student's validation cases, against only the "
@@ -319,6 +335,7 @@ def _score_unseen_folds(run: _Run, unseen: list[int], leaky: list[int]) -> _Scor
         str(teacher_pred),
         None,
         note,
+        previous and previous.record,
     )
 
 
@@ -389,6 +406,7 @@ def _summary_document(
         "retention": ret,
         "per_label": label_rows(student_dice, teacher_dice, ret) if scored.teacher_summary else [],
         "inference": scored.timing,
+        "previous_stage": scored.previous_stage,
         "validation": validation,
         "distillation": {k: meta.get(k) for k in _DISTILLATION_KEYS},
     }
@@ -458,6 +476,7 @@ def write_distillation_summary(
         check_unseen(cases, splits, teacher_folds, trainer.fold, train_keys)
 
     run = _prepare(trainer, teacher_plans, teacher_dataset_json, teacher_folds, val_keys)
+    run.teacher_folder = teacher_folder
     names = _label_names(trainer)
     leaky = folds_that_trained_on(splits, teacher_folds, val_keys)
     unseen = [f for f in teacher_folds if f not in leaky]

@@ -42,6 +42,7 @@ __all__ = [
 
 def _user_errors() -> dict[type[BaseException], str]:
     """Errors a user fixes by changing flags or files, with the reason the termination message reports."""
+    from nnunet_distill.cascade import CascadeError
     from nnunet_distill.distill import DistillationError
     from nnunet_distill.distributed import DistributedError
     from nnunet_distill.evaluation import EvaluationError
@@ -58,6 +59,7 @@ def _user_errors() -> dict[type[BaseException], str]:
         RotationError: "InvalidSplits",
         EvaluationError: "InvalidTestSet",
         DistributedError: "InvalidLaunch",
+        CascadeError: "MissingPreviousStage",
     }
 
 
