@@ -3,9 +3,9 @@
 Everything is built here, for real, in one run: a synthetic "organ" dataset (a large organ, a small lesion of
 about 4 mm radius inside it and a vessel of about 1.5 mm radius; 32^3 voxels, 16 training and 8 labelled test
 cases that no model trains on; exact labels unless --label-noise gives the training labels annotator noise),
-planned and preprocessed by nnU-Net, three stock nnU-Net teacher folds (`nnunet-distill train-teacher`), and students
-distilled from the ensemble of those folds with `nnUNetv2_distillation_train`, all with the same number of
-iterations:
+planned and preprocessed by nnU-Net, three stock nnU-Net teacher folds (`nnunet-distill train-teacher`), and
+students distilled from the ensemble of those folds with `nnUNetv2_distillation_train`, all with the same
+number of iterations:
 
 * r=2 with the default method (KD), r=2 with alpha=0 (no KD term, otherwise identical), r=4 with KD;
 * with ``--ablation``, also the earlier method (pixel-wise KD from a random initialisation) and each change
