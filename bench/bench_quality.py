@@ -59,8 +59,9 @@ GOALS = {"r2_retention": 0.99, "r4_retention": 0.98, "kd_minus_no_kd": 0.0, "min
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "quality.json"
 # Annotator noise in the training labels (mm per axis, `nnunet-distill synthetic --label-noise`). Exact labels
 # by default: with 0.8 mm of noise (the fourth session in docs/quality-experiments.md) KD still did not beat
-# the same student without KD (-0.008) and the ensemble itself lost 0.04 of Dice, so the noise adds a variable
-# without making distillation's case; `--label-noise 0.8` reproduces that run.
+# the same student without KD (-0.008 and +0.0002 in two runs, a tie) and the ensemble itself lost 0.04 of
+# Dice, so the noise adds a variable without making distillation's case; `--label-noise 0.8` reproduces that
+# run.
 LABEL_NOISE_MM = 0.0
 
 
