@@ -49,6 +49,7 @@ from nnunet_distill_operator import api, k8s, metrics
 from nnunet_distill_operator.effects import JobInvalid, JobRejected, apply_decision
 from nnunet_distill_operator.operator_state import Clients, Key, State, WatchOnlyDiffBase, kept_job
 from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, decide
+from nnunet_distill_operator.trees import copy_tree
 
 log = logging.getLogger("nnunet_distill_operator")
 REGISTRY = kopf.OperatorRegistry()
@@ -211,18 +212,8 @@ def on_pod(namespace: str, annotations: Mapping[str, str], memo: kopf.Memo, **_:
 
 
 def _plain(body: Any) -> dict[str, Any]:
-    """A private copy of a watched body (kopf may reuse its dicts). JSON trees only hold dicts, lists and
-    immutable scalars, so this plain recursion does what `copy.deepcopy` does at a fraction of its cost
-    (deepcopy's memo bookkeeping was the operator's largest single CPU cost under a burst)."""
-    return _tree_copy(dict(body))
-
-
-def _tree_copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _tree_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_tree_copy(v) for v in value]
-    return value
+    """A private copy of a watched body (kopf may reuse its dicts)."""
+    return copy_tree(dict(body))
 
 
 def _forget(state: State, namespace: str, name: str, uid: str) -> None:

@@ -14,10 +14,11 @@ rendezvous on 127.0.0.1 (:func:`local_node_envs`).
 
 from __future__ import annotations
 
-import copy
 import socket
 from collections.abc import Mapping
 from typing import Any
+
+from nnunet_distill_operator.trees import copy_tree
 
 TORCHRUN = "torchrun"
 RENDEZVOUS_PORT = 29500
@@ -125,7 +126,7 @@ def master_address(job_name: str, namespace: str) -> str:
 
 def with_rendezvous(job: Mapping[str, Any], gpus: int, nodes: int) -> dict[str, Any]:
     """A copy of a stage Job made multi-node: Indexed, M pods at once, subdomain, the PET_* env."""
-    out = copy.deepcopy(dict(job))
+    out: dict[str, Any] = copy_tree(dict(job))
     if nodes <= 1:
         return out
     name = out["metadata"]["name"]
@@ -174,7 +175,7 @@ def rendezvous_service(job: Mapping[str, Any]) -> dict[str, Any] | None:
             "namespace": meta["namespace"],
             "labels": dict(meta.get("labels") or {}),
             "annotations": dict(meta.get("annotations") or {}),
-            "ownerReferences": copy.deepcopy(list(meta.get("ownerReferences") or [])),
+            "ownerReferences": copy_tree(list(meta.get("ownerReferences") or [])),
         },
         "spec": {
             "clusterIP": "None",

@@ -295,7 +295,8 @@ def job_for(
         "spec": job_spec,
     }
     # Several nodes: Indexed, all pods at once, a subdomain for the rendezvous Service (distributed.py). Its
-    # deep copy also un-shares the dicts the containers share (env, mounts): `render` prints no YAML aliases.
+    # copy (trees.copy_tree) also un-shares the dicts the containers share (env, mounts): `render` prints no
+    # YAML aliases.
     return with_rendezvous(job, stage.resources.gpus, stage.resources.nodes)
 
 

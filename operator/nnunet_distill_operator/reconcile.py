@@ -51,6 +51,7 @@ from nnunet_distill_operator.status import (
 )
 from nnunet_distill_operator.status_model import build_status
 from nnunet_distill_operator.transitions import Event, event_name, gate_events, phase_events, stage_events
+from nnunet_distill_operator.trees import compact
 
 __all__ = ["OWNED_STATUS_FIELDS", "Decision", "Event", "decide", "event_name"]
 
@@ -422,15 +423,6 @@ def _ttl(
     return (True, None) if remaining <= 0 else (False, remaining)
 
 
-def _compact(value: Any) -> Any:
-    """Drop None values recursively: they mean 'absent' in a merge patch and in stored objects."""
-    if isinstance(value, dict):
-        return {k: _compact(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_compact(v) for v in value]
-    return value
-
-
 def _status_patch(prev: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
     """A merge patch turning the operator-owned part of `prev` into `new`; None when nothing changes.
 
@@ -443,7 +435,7 @@ def _status_patch(prev: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
             continue
         value = new[key]
         old = prev.get(key)
-        unchanged = old is None if value is None else _compact(value) == _compact(old)
+        unchanged = old is None if value is None else compact(value) == compact(old)
         if not unchanged:
             patch[key] = value
     return {"status": patch} if patch else None

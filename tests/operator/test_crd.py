@@ -133,7 +133,8 @@ def test_examples_validate_against_the_crd_and_the_operator(path: Path) -> None:
 def test_status_written_by_the_operator_validates_against_the_schema() -> None:
     from datetime import UTC, datetime
 
-    from nnunet_distill_operator.reconcile import _compact, decide
+    from nnunet_distill_operator.reconcile import decide
+    from nnunet_distill_operator.trees import compact
 
     cr = {
         "apiVersion": api.API_VERSION,
@@ -142,7 +143,7 @@ def test_status_written_by_the_operator_validates_against_the_schema() -> None:
         "spec": {"dataset": {"id": 3}, "storage": {"claimName": "data"}},
     }
     decision = decide(cr, {}, {}, datetime.now(UTC))
-    cr["status"] = _compact(decision.status)  # as stored: nulls in a merge patch delete fields
+    cr["status"] = compact(decision.status)  # as stored: nulls in a merge patch delete fields
     cr["status"]["progress"] = {
         "epoch": 3,
         "totalEpochs": 10,

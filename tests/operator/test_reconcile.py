@@ -8,7 +8,8 @@ from typing import Any
 
 from nnunet_distill_operator import k8s
 from nnunet_distill_operator.pod_issues import pod_issue
-from nnunet_distill_operator.reconcile import Decision, _compact, decide
+from nnunet_distill_operator.reconcile import Decision, decide
+from nnunet_distill_operator.trees import compact
 from nnunet_distill_operator.status import ANNOTATION_SUSPENDED_BY_OPERATOR, observe_job
 
 from tests.operator.harness import ended_pod, terminated_status
@@ -47,7 +48,7 @@ def applied(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
         out.setdefault("status", {})["acceptedSpec"] = decision.accepted_spec
     if decision.status_patch:
         merged = {**out.get("status", {}), **decision.status_patch["status"]}
-        out["status"] = _compact(merged)
+        out["status"] = compact(merged)
     return out
 
 
