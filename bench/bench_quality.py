@@ -49,7 +49,8 @@ CASES, TEST_CASES = 16, 8
 # training: with teachers trained for fewer iterations than the student (400 in the first run of this bench),
 # the student without KD outgrew the ensemble (retention 1.005) and KD pulled it towards a weaker model. In
 # practice the ensemble is the converged model and the student the cheaper one.
-TEACHER_BUDGET = ("-e", "20", "--iterations_per_epoch", "40", "--val_iterations", "5")
+TEACHER_EPOCHS = 20
+TEACHER_BUDGET = ("-e", str(TEACHER_EPOCHS), "--iterations_per_epoch", "40", "--val_iterations", "5")
 # Students: 800 iterations (r=4 retention rose from 0.971 at 400 to 0.979 at 800 iterations in the experiments
 # behind the defaults); a student step costs far less than a teacher step.
 STUDENT_BUDGET = ("-e", "20", "--iterations_per_epoch", "40", "--val_iterations", "5")
@@ -129,10 +130,17 @@ def _device() -> str:
 
 
 class QualityBench(BenchWorkspace):
-    def __init__(self, root: Path, device: str, label_noise: float = LABEL_NOISE_MM):
+    def __init__(
+        self,
+        root: Path,
+        device: str,
+        label_noise: float = LABEL_NOISE_MM,
+        teacher_budget: tuple[str, ...] = TEACHER_BUDGET,
+    ):
         super().__init__(root, DATASET_ID, DATASET_NAME)
         self.device = device
         self.label_noise = label_noise
+        self.teacher_budget = teacher_budget
 
     def _teachers_record(self) -> Path:
         return self.root / "teachers.json"
@@ -145,7 +153,7 @@ class QualityBench(BenchWorkspace):
             return None
         kept = json.loads(record.read_text())
         if (
-            kept.get("budget") != list(TEACHER_BUDGET)
+            kept.get("budget") != list(self.teacher_budget)
             or kept.get("folds") != list(TEACHER_FOLDS)
             or kept.get("label_noise_mm", 0.0) != self.label_noise
         ):
@@ -209,13 +217,13 @@ class QualityBench(BenchWorkspace):
                     CONFIGURATION,
                     "-f",
                     str(fold),
-                    *TEACHER_BUDGET,
+                    *self.teacher_budget,
                     "-device",
                     self.device,
                 ]
             )
         record = {
-            "budget": list(TEACHER_BUDGET),
+            "budget": list(self.teacher_budget),
             "folds": list(TEACHER_FOLDS),
             "label_noise_mm": self.label_noise,
             "seconds": round(seconds),
@@ -265,7 +273,9 @@ def _f(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def table(rows: list[Row], label_noise: float = LABEL_NOISE_MM) -> tuple[str, dict]:
+def table(
+    rows: list[Row], label_noise: float = LABEL_NOISE_MM, teacher_budget: tuple[str, ...] = TEACHER_BUDGET
+) -> tuple[str, dict]:
     """The printed table and the goal checks (pure, from the rows' summaries)."""
     first = rows[0].summary
     ensemble = first.get("teacher_ensemble") or {}
@@ -330,7 +340,7 @@ def table(rows: list[Row], label_noise: float = LABEL_NOISE_MM) -> tuple[str, di
         f"cases: {cases.get('count')} held-out {cases.get('source')} cases "
         f"({', '.join(cases.get('ids', []))}),"
         f" mirroring TTA {'on' if cases.get('mirroring_tta') else 'off'}; every student: fold 0, "
-        f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(TEACHER_BUDGET[:4])}; training labels: "
+        f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(teacher_budget[:4])}; training labels: "
         + (f"{label_noise} mm annotator noise" if label_noise else "exact")
         + ", test labels: exact"
     )
@@ -357,13 +367,24 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MM",
         help=f"annotator noise in the training labels, mm per axis (default {LABEL_NOISE_MM}; 0: exact)",
     )
+    parser.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=TEACHER_EPOCHS,
+        metavar="N",
+        help=f"teacher epochs of 40 iterations (default {TEACHER_EPOCHS}, a student's budget); more makes "
+        "the ensemble the stronger model, as converged teachers are in practice",
+    )
     args = parser.parse_args(argv if argv is not None else [])
+    if args.teacher_epochs < 1:
+        parser.error("--teacher-epochs must be >= 1")
+    teacher_budget = ("-e", str(args.teacher_epochs), *TEACHER_BUDGET[2:])
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-quality-"))
     root.mkdir(parents=True, exist_ok=True)
     device = _device()
     started = time.perf_counter()
     try:
-        bench = QualityBench(root, device, args.label_noise)
+        bench = QualityBench(root, device, args.label_noise, teacher_budget)
         print(
             f"bench quality: {DATASET_NAME} ({CASES} training + {TEST_CASES} held-out cases of "
             f"{'x'.join(SIZE)}; training labels with {args.label_noise} mm annotator noise, test labels "
@@ -378,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {row.title}: retention {_f(row.retention.get('mean'))} in {row.seconds:.0f} s", flush=True
             )
-        text, checks = table(rows, args.label_noise)
+        text, checks = table(rows, args.label_noise, teacher_budget)
         print()
         print(text)
         machine = f"{_cpu_model()}, {os.cpu_count()} CPUs" + (f", {device}" if device != "cpu" else "")
@@ -389,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - started),
             "teacher_seconds": round(teacher_seconds),
             "label_noise_mm": args.label_noise,
-            "teacher_budget": list(TEACHER_BUDGET),
+            "teacher_budget": list(teacher_budget),
             "student_budget": list(STUDENT_BUDGET),
             "goals": checks,
             "table": text,
