@@ -100,11 +100,17 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
             return False
         return "status" in (self.resources[resource].subresources or set())
 
-    def _stored(self, request: Any) -> dict[str, Any] | None:
+    def _by_key(self, request: Any) -> Any | None:
+        """The stored object (deleted or not) at the request's exact (resource, namespace, name)."""
         key = (request.resource, request.namespace, request.name)
-        if key in self._objects and not self._objects[key].deleted:
-            return self._objects[key].raw
-        return None
+        try:
+            return self._objects[key]  # kmock's ObjectsArray: a key lookup, no `get`
+        except KeyError:
+            return None
+
+    def _stored(self, request: Any) -> dict[str, Any] | None:
+        obj = self._by_key(request)
+        return obj.raw if obj is not None and not obj.deleted else None
 
     def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
         """kmock finds the objects a request addresses by scanning every stored object (O(objects) per
@@ -114,8 +120,8 @@ class ApiServerLikeEmulator(kmock.KubernetesEmulator):
         equal (None for cluster-scoped objects); otherwise a request without a namespace spans all of them,
         which stays a scan. Overrides kmock's private, name-mangled `__get_objs` (kmock is pinned)."""
         if request.resource is not None and request.name is not None and (strict or request.namespace):
-            key = (request.resource, request.namespace, request.name)
-            return [self._objects[key]] if key in self._objects else []
+            obj = self._by_key(request)
+            return [obj] if obj is not None else []
         return super()._KubernetesEmulator__get_objs(request, strict)  # type: ignore[misc]
 
     def _trim_request_log(self) -> None:
