@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -74,21 +76,74 @@ LABEL_NOISE_MM = 0.0
 
 
 @dataclass
+class Run:
+    """One training of a row's student: its `distillation_summary.json` and the seconds it took."""
+
+    summary: dict
+    seconds: float
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+@dataclass
 class Row:
+    """A student configuration, trained ``--repeat`` times: nnU-Net training is not seeded, so one run of
+    KD and one of no KD cannot tell a gain from the run-to-run spread (about 0.003 to 0.005 in retention on
+    this dataset). Every figure of a row is the mean over its runs."""
+
     key: str
     title: str
     r: int | None
     flags: tuple[str, ...]
-    seconds: float = 0.0
-    summary: dict = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def summary(self) -> dict:
+        """The first run's summary: the cases and the teacher ensemble, which every run shares."""
+        return self.runs[0].summary if self.runs else {}
+
+    @property
+    def seconds(self) -> float:
+        return _mean([r.seconds for r in self.runs]) if self.runs else 0.0
 
     @property
     def dice(self) -> dict[str, float]:
-        return (self.summary.get("student") or {}).get("dice") or {}
+        per_run = [(r.summary.get("student") or {}).get("dice") or {} for r in self.runs]
+        labels = [k for k in (per_run[0] if per_run else {}) if all(d.get(k) is not None for d in per_run)]
+        return {k: _mean([d[k] for d in per_run]) for k in labels}
+
+    @property
+    def mean_dice(self) -> float | None:
+        values = [(r.summary.get("student") or {}).get("mean_dice") for r in self.runs]
+        return _mean(values) if values and None not in values else None
+
+    @property
+    def retentions(self) -> list[float]:
+        """Each run's mean retention (the spread the KD - no-KD check weighs a difference against)."""
+        values = [(r.summary.get("retention") or {}).get("mean") for r in self.runs]
+        return [v for v in values if v is not None]
 
     @property
     def retention(self) -> dict:
-        return self.summary.get("retention") or {}
+        """Mean retention, per-label retention and the worst label, averaged over the runs."""
+        per_run = [r.summary.get("retention") or {} for r in self.runs]
+        if not per_run or not all(per_run) or len(self.retentions) != len(per_run):
+            return {}
+        labels = [
+            k
+            for k in per_run[0].get("per_label") or {}
+            if all((p.get("per_label") or {}).get(k) is not None for p in per_run)
+        ]
+        per_label = {k: _mean([p["per_label"][k] for p in per_run]) for k in labels}
+        worst_label = min(per_label, key=per_label.__getitem__) if per_label else None
+        return {
+            "mean": _mean(self.retentions),
+            "per_label": per_label,
+            "worst_label": worst_label,
+            "worst": per_label[worst_label] if worst_label else None,
+        }
 
 
 ROWS = [
@@ -238,10 +293,11 @@ class QualityBench(BenchWorkspace):
         self._teachers_record().write_text(json.dumps(record) + "\n")
         return seconds
 
-    def student(self, row: Row) -> Row:
+    def student(self, row: Row) -> Run:
+        """Train `row`'s student once more and add the run to the row."""
         from nnunet_distill.nnunet_env import nnunet_executable as exe
 
-        row.seconds = self.run(
+        seconds = self.run(
             [
                 exe("nnUNetv2_distillation_train"),
                 "-d",
@@ -272,12 +328,33 @@ class QualityBench(BenchWorkspace):
             / "validation"
             / "distillation_summary.json"
         )
-        row.summary = json.loads(summary.read_text())
-        return row
+        run = Run(json.loads(summary.read_text()), seconds)
+        row.runs.append(run)
+        return run
 
 
 def _f(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def _spread(values: list[float]) -> str:
+    """`` (n: min-max)`` of several runs' retention; nothing for one run."""
+    return f" ({len(values)}: {min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
+
+
+def _kd_check(kd: Row | None, no_kd: Row | None) -> tuple[bool, str]:
+    """(met, goal text) of KD - no-KD > 0. With two or more runs of each, the difference of the means must
+    also exceed twice its standard error (a one-sided test at about 95 %): a difference inside the
+    run-to-run spread is a tie, not a gain. One run each cannot be weighed against the spread, and says so."""
+    a, b = (kd.retentions if kd else []), (no_kd.retentions if no_kd else [])
+    if not a or not b:
+        return False, "> 0"
+    gain = _mean(a) - _mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return gain > GOALS["kd_minus_no_kd"], "> 0 (1 run each, not weighed against the spread: --repeat N)"
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    met = gain > GOALS["kd_minus_no_kd"] and gain > 2 * se
+    return met, f"> 0 and > 2 SE = {2 * se:.4f} ({len(a)} + {len(b)} runs)"
 
 
 def table(
@@ -287,7 +364,7 @@ def table(
     first = rows[0].summary
     ensemble = first.get("teacher_ensemble") or {}
     labels = list(ensemble.get("dice") or {})
-    header = ["model", *labels, "mean", "retention", "worst label", "params", "train s"]
+    header = ["model", *labels, "mean", "retention (runs)", "worst label", "params", "train s"]
     lines = [
         [
             f"teacher ensemble (folds {', '.join(map(str, ensemble.get('folds', [])))})",
@@ -305,8 +382,8 @@ def table(
             [
                 row.title,
                 *(_f(row.dice.get(k)) for k in labels),
-                _f((row.summary.get("student") or {}).get("mean_dice")),
-                _f(ret.get("mean")),
+                _f(row.mean_dice),
+                _f(ret.get("mean")) + _spread(row.retentions),
                 f"{ret.get('worst_label')} {_f(ret.get('worst'))}" if ret else "n/a",
                 f"{(row.summary.get('student') or {}).get('parameters') or 0:,}",
                 f"{row.seconds:.0f}",
@@ -323,11 +400,12 @@ def table(
 
     r2, r4, no_kd = ret("r2_kd"), ret("r4_kd"), ret("r2_no_kd")
     kd_gain = r2 - no_kd if r2 is not None and no_kd is not None else None
+    kd_met, kd_goal = _kd_check(by_key.get("r2_kd"), by_key.get("r2_no_kd"))
     worst = [w for w in (ret("r2_kd", "worst"), ret("r4_kd", "worst")) if w is not None]
     checks = {
         "r2_retention": (r2, r2 is not None and r2 >= GOALS["r2_retention"], f">= {GOALS['r2_retention']}"),
         "r4_retention": (r4, r4 is not None and r4 >= GOALS["r4_retention"], f">= {GOALS['r4_retention']}"),
-        "kd_minus_no_kd": (kd_gain, kd_gain is not None and kd_gain > GOALS["kd_minus_no_kd"], "> 0"),
+        "kd_minus_no_kd": (kd_gain, kd_met, kd_goal),
         "min_label_retention": (
             min(worst) if worst else None,
             bool(worst) and min(worst) >= GOALS["min_label_retention"],
@@ -382,9 +460,19 @@ def main(argv: list[str] | None = None) -> int:
         help=f"teacher epochs of 40 iterations (default {TEACHER_EPOCHS}, a student's budget); more makes "
         "the ensemble the stronger model, as converged teachers are in practice",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train every student N times and report the means (default 1); with N >= 2 the KD - no-KD "
+        "check weighs the difference against the run-to-run spread",
+    )
     args = parser.parse_args(argv if argv is not None else [])
     if args.teacher_epochs < 1:
         parser.error("--teacher-epochs must be >= 1")
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     teacher_budget = teacher_budget_of(args.teacher_epochs)
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-quality-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -400,12 +488,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         teacher_seconds = bench.build_teachers()
         print(f"  teachers trained in {teacher_seconds:.0f} s", flush=True)
-        rows = []
-        for row in [*ROWS, *(ABLATION if args.ablation else [])]:
-            rows.append(bench.student(row))
-            print(
-                f"  {row.title}: retention {_f(row.retention.get('mean'))} in {row.seconds:.0f} s", flush=True
-            )
+        rows = [*ROWS, *(ABLATION if args.ablation else [])]
+        for repeat in range(args.repeat):  # rows alternate, so a drift of the machine hits every row alike
+            for row in rows:
+                run = bench.student(row)
+                print(
+                    f"  {row.title} (run {repeat + 1}/{args.repeat}): retention "
+                    f"{_f((run.summary.get('retention') or {}).get('mean'))} in {run.seconds:.0f} s",
+                    flush=True,
+                )
         text, checks = table(rows, args.label_noise, teacher_budget)
         print()
         print(text)
@@ -419,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             "label_noise_mm": args.label_noise,
             "teacher_budget": list(teacher_budget),
             "student_budget": list(STUDENT_BUDGET),
+            "repeat": args.repeat,
             "goals": checks,
             "table": text,
             "rows": {
@@ -426,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                     "title": r.title,
                     "flags": list(r.flags),
                     "seconds": round(r.seconds),
-                    "summary": r.summary,
+                    "mean": {"dice": r.dice, "mean_dice": r.mean_dice, "retention": r.retention},
+                    "runs": [{"seconds": round(run.seconds), "summary": run.summary} for run in r.runs],
                 }
                 for r in rows
             },

@@ -1,0 +1,78 @@
+"""`bench quality`'s verdicts, from summaries shaped like the distill stage's: the table is pure, so the goal
+checks are tested here without training anything (the bench itself trains for real)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.bench_quality import Row, Run, table
+
+LABELS = ("organ", "lesion", "vessel")
+
+
+def _summary(retention: float, worst: float = 1.0) -> dict:
+    per_label = {"organ": retention, "lesion": retention, "vessel": worst}
+    return {
+        "cases": {"count": 8, "source": "imagesTs", "ids": ["t0"], "mirroring_tta": True},
+        "teacher_ensemble": {
+            "folds": [0, 1, 2],
+            "dice": dict.fromkeys(LABELS, 0.9),
+            "mean_dice": 0.9,
+            "parameters_per_fold": 10,
+        },
+        "student": {"dice": {k: 0.9 * v for k, v in per_label.items()}, "mean_dice": 0.9 * retention},
+        "retention": {
+            "mean": retention,
+            "per_label": per_label,
+            "worst_label": "vessel",
+            "worst": worst,
+        },
+    }
+
+
+def _rows(kd: list[float], no_kd: list[float], r4: float = 0.99) -> list[Row]:
+    rows = [Row("r2_kd", "KD", 2, ()), Row("r2_no_kd", "no KD", 2, ("-a", "0")), Row("r4_kd", "r4", 4, ())]
+    for row, values in zip(rows, (kd, no_kd, [r4]), strict=True):
+        row.runs = [Run(_summary(v, worst=v), 60.0) for v in values]
+    return rows
+
+
+def test_repeated_runs_are_averaged_and_their_spread_printed() -> None:
+    rows = _rows([0.99, 1.01], [0.98, 0.98])
+    assert abs(rows[0].retention["mean"] - 1.0) < 1e-12
+    assert abs(rows[0].dice["organ"] - 0.9) < 1e-12
+    text, checks = table(rows)
+    assert "(2: 0.990-1.010)" in text  # the KD row's spread
+    assert abs(checks["r2_retention"]["measured"] - 1.0) < 1e-12
+    assert abs(checks["kd_minus_no_kd"]["measured"] - 0.02) < 1e-12
+    json.dumps(checks)  # the JSON the bench writes
+
+
+def test_a_kd_gain_inside_the_run_to_run_spread_is_a_tie_not_a_gain() -> None:
+    _text, checks = table(_rows([0.990, 1.010], [0.995, 0.999]))  # +0.003 with a spread of 0.02
+    kd = checks["kd_minus_no_kd"]
+    assert kd["measured"] > 0
+    assert kd["met"] is False
+    assert "2 SE" in kd["goal"]
+
+
+def test_a_kd_gain_well_outside_the_spread_is_met() -> None:
+    _text, checks = table(_rows([1.000, 1.001, 1.002], [0.990, 0.991, 0.992]))
+    assert checks["kd_minus_no_kd"]["met"] is True
+    assert checks["kd_minus_no_kd"]["goal"].endswith("(3 + 3 runs)")
+
+
+def test_one_run_each_says_the_difference_was_not_weighed_against_the_spread() -> None:
+    _text, checks = table(_rows([0.999], [0.998]))
+    assert checks["kd_minus_no_kd"]["met"] is True
+    assert "not weighed against the spread" in checks["kd_minus_no_kd"]["goal"]
+    _text, checks = table(_rows([0.997], [0.998]))
+    assert checks["kd_minus_no_kd"]["met"] is False
+
+
+def test_worst_label_retention_is_the_lowest_mean_over_runs() -> None:
+    rows = _rows([0.99, 0.99], [0.99, 0.99], r4=0.97)
+    rows[0].runs = [Run(_summary(0.99, worst=0.94), 60.0), Run(_summary(0.99, worst=0.98), 60.0)]
+    _text, checks = table(rows)
+    assert abs(checks["min_label_retention"]["measured"] - 0.96) < 1e-12  # (0.94 + 0.98) / 2, below r4's 0.97
+    assert checks["min_label_retention"]["met"] is True
