@@ -16,9 +16,14 @@ predictor and metric code on the test cases, the teacher ensemble being the same
 mirroring. Goals, printed beside the figures: r=2 retention >= 0.99, r=4 >= 0.98, KD - no-KD > 0 and no
 label's retention below 0.95. The JSON goes to ``--json`` (default ``bench/results/quality.json``).
 
-Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation]``. CUDA is used
-when present (mixed precision), else the CPU (about 40 minutes on 2 cores). A ``--keep DIR`` that already
-holds teachers trained with this budget reuses them, so a method experiment retrains only the students.
+nnU-Net training is not seeded: ``--repeat N`` trains every student N times and reports the means, and with
+N >= 2 KD - no-KD counts as met only when the gain exceeds twice its standard error (a gain inside the
+run-to-run spread is a tie).
+
+Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation] [--repeat N]``.
+CUDA is used when present (mixed precision), else the CPU (about 40 minutes on 2 cores, and about 6 more per
+student and repeat). A ``--keep DIR`` that already holds teachers trained with this budget reuses them, so a
+method experiment retrains only the students.
 """
 
 from __future__ import annotations
