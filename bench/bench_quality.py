@@ -437,6 +437,52 @@ def table(
     return "\n".join(text), {k: {"measured": v, "met": ok, "goal": g} for k, (v, ok, g) in checks.items()}
 
 
+@dataclass
+class Report:
+    """The JSON of a run, rewritten after every student: ``complete`` is false until every repeat is in."""
+
+    args: argparse.Namespace
+    device: str
+    teacher_budget: tuple[str, ...]
+    teacher_seconds: float
+    started: float
+
+    def write(self, rows: list[Row], complete: bool) -> str:
+        """Write the JSON for the rows trained so far; the table's text."""
+        done = [r for r in rows if r.runs]
+        text, checks = table(done, self.args.label_noise, self.teacher_budget)
+        machine = f"{_cpu_model()}, {os.cpu_count()} CPUs" + (
+            f", {self.device}" if self.device != "cpu" else ""
+        )
+        result = {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "machine": machine,
+            "device": self.device,
+            "complete": complete,
+            "seconds": round(time.perf_counter() - self.started),
+            "teacher_seconds": round(self.teacher_seconds),
+            "label_noise_mm": self.args.label_noise,
+            "teacher_budget": list(self.teacher_budget),
+            "student_budget": list(STUDENT_BUDGET),
+            "repeat": self.args.repeat,
+            "goals": checks,
+            "table": text,
+            "rows": {
+                r.key: {
+                    "title": r.title,
+                    "flags": list(r.flags),
+                    "seconds": round(r.seconds),
+                    "mean": {"dice": r.dice, "mean_dice": r.mean_dice, "retention": r.retention},
+                    "runs": [{"seconds": round(run.seconds), "summary": run.summary} for run in r.runs],
+                }
+                for r in done
+            },
+        }
+        self.args.json.parent.mkdir(parents=True, exist_ok=True)
+        self.args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.bench_quality", description=__doc__.split("\n\n")[0]
@@ -494,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_seconds = bench.build_teachers()
         print(f"  teachers trained in {teacher_seconds:.0f} s", flush=True)
         rows = [*ROWS, *(ABLATION if args.ablation else [])]
+        report = Report(args, device, teacher_budget, teacher_seconds, started)
         for repeat in range(args.repeat):  # rows alternate, so a drift of the machine hits every row alike
             for row in rows:
                 run = bench.student(row)
@@ -502,35 +549,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{_f((run.summary.get('retention') or {}).get('mean'))} in {run.seconds:.0f} s",
                     flush=True,
                 )
-        text, checks = table(rows, args.label_noise, teacher_budget)
+                report.write(rows, complete=False)  # an interrupted run keeps what it measured
+        text = report.write(rows, complete=True)
         print()
         print(text)
-        machine = f"{_cpu_model()}, {os.cpu_count()} CPUs" + (f", {device}" if device != "cpu" else "")
-        result = {
-            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-            "machine": machine,
-            "device": device,
-            "seconds": round(time.perf_counter() - started),
-            "teacher_seconds": round(teacher_seconds),
-            "label_noise_mm": args.label_noise,
-            "teacher_budget": list(teacher_budget),
-            "student_budget": list(STUDENT_BUDGET),
-            "repeat": args.repeat,
-            "goals": checks,
-            "table": text,
-            "rows": {
-                r.key: {
-                    "title": r.title,
-                    "flags": list(r.flags),
-                    "seconds": round(r.seconds),
-                    "mean": {"dice": r.dice, "mean_dice": r.mean_dice, "retention": r.retention},
-                    "runs": [{"seconds": round(run.seconds), "summary": run.summary} for run in r.runs],
-                }
-                for r in rows
-            },
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nJSON: {args.json} (total {time.perf_counter() - started:.0f} s)")
     finally:
         if args.keep is None:

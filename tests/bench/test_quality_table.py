@@ -3,9 +3,12 @@ checks are tested here without training anything (the bench itself trains for re
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
+from pathlib import Path
 
-from bench.bench_quality import Row, Run, table
+from bench.bench_quality import Report, Row, Run, table
 
 LABELS = ("organ", "lesion", "vessel")
 
@@ -76,3 +79,16 @@ def test_worst_label_retention_is_the_lowest_mean_over_runs() -> None:
     _text, checks = table(rows)
     assert abs(checks["min_label_retention"]["measured"] - 0.96) < 1e-12  # (0.94 + 0.98) / 2, below r4's 0.97
     assert checks["min_label_retention"]["met"] is True
+
+
+def test_an_interrupted_run_keeps_the_students_trained_so_far(tmp_path: Path) -> None:
+    rows = _rows([0.99], [0.98])
+    rows[1].runs, rows[2].runs = [], []  # stopped after the first student
+    args = argparse.Namespace(json=tmp_path / "quality.json", label_noise=0.0, repeat=3)
+    report = Report(args, "cpu", ("-e", "40"), 100.0, time.perf_counter())
+    report.write(rows, complete=False)
+    written = json.loads(args.json.read_text())
+    assert written["complete"] is False and written["repeat"] == 3
+    assert list(written["rows"]) == ["r2_kd"]
+    assert written["goals"]["kd_minus_no_kd"]["met"] is False  # nothing to compare with yet
+    assert abs(written["rows"]["r2_kd"]["mean"]["retention"]["mean"] - 0.99) < 1e-12
