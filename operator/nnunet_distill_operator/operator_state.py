@@ -61,10 +61,9 @@ class Clients:
     ) -> dict[str, Any]:
         """One API call with a plain JSON body and a plain JSON answer; non-2xx raises ApiException.
 
-        For bodies the operator builds itself (status patches, Events, the trainer identity): the typed
-        methods would validate them into the client's models and serialize them back, which cost more CPU
-        than the request itself. Job manifests still go through the typed method: its models are what
-        names a malformed field (JobInvalid) before anything is sent.
+        For bodies the operator builds itself (status patches, Events, the trainer identity, the stage
+        Jobs): the typed methods would validate them into the client's models and serialize them back,
+        which cost more CPU than the request itself (`effects` says what checks a Job instead).
         """
         request = self.api_client.param_serialize(
             method=method,
