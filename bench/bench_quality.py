@@ -347,19 +347,21 @@ def _spread(values: list[float]) -> str:
     return f" ({len(values)}: {min(values):.3f}-{max(values):.3f})" if len(values) > 1 else ""
 
 
-def _kd_check(kd: Row | None, no_kd: Row | None) -> tuple[bool, str]:
-    """(met, goal text) of KD - no-KD > 0. With two or more runs of each, the difference of the means must
-    also exceed twice its standard error (a one-sided test at about 95 %): a difference inside the
-    run-to-run spread is a tie, not a gain. One run each cannot be weighed against the spread, and says so."""
+def _kd_check(kd: Row | None, no_kd: Row | None) -> tuple[float | None, bool, str]:
+    """(KD - no-KD, met, goal text) of KD - no-KD > 0. With two or more runs of each, the difference of the
+    means must also exceed twice its standard error (a one-sided test at about 95 %): a difference inside
+    the run-to-run spread is a tie, not a gain. One run each cannot be weighed against the spread, and says
+    so."""
     a, b = (kd.retentions if kd else []), (no_kd.retentions if no_kd else [])
     if not a or not b:
-        return False, "> 0"
+        return None, False, "> 0"
     gain = _mean(a) - _mean(b)
     if len(a) < 2 or len(b) < 2:
-        return gain > GOALS["kd_minus_no_kd"], "> 0 (1 run each, not weighed against the spread: --repeat N)"
+        met = gain > GOALS["kd_minus_no_kd"]
+        return gain, met, "> 0 (1 run each, not weighed against the spread: --repeat N)"
     se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
     met = gain > GOALS["kd_minus_no_kd"] and gain > 2 * se
-    return met, f"> 0 and > 2 SE = {2 * se:.4f} ({len(a)} + {len(b)} runs)"
+    return gain, met, f"> 0 and > 2 SE = {2 * se:.4f} ({len(a)} + {len(b)} runs)"
 
 
 def table(
@@ -403,9 +405,8 @@ def table(
     def ret(key: str, what: str = "mean") -> float | None:
         return by_key[key].retention.get(what) if key in by_key else None
 
-    r2, r4, no_kd = ret("r2_kd"), ret("r4_kd"), ret("r2_no_kd")
-    kd_gain = r2 - no_kd if r2 is not None and no_kd is not None else None
-    kd_met, kd_goal = _kd_check(by_key.get("r2_kd"), by_key.get("r2_no_kd"))
+    r2, r4 = ret("r2_kd"), ret("r4_kd")
+    kd_gain, kd_met, kd_goal = _kd_check(by_key.get("r2_kd"), by_key.get("r2_no_kd"))
     worst = [w for w in (ret("r2_kd", "worst"), ret("r4_kd", "worst")) if w is not None]
     checks = {
         "r2_retention": (r2, r2 is not None and r2 >= GOALS["r2_retention"], f">= {GOALS['r2_retention']}"),
