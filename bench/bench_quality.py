@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.workspace import BenchWorkspace
-from nnunet_distill import contract
+from nnunet_distill import contract, synthetic
 
 DATASET_ID = 984
 DATASET_NAME = "BenchOrgan"
@@ -78,6 +78,9 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "quality.json"
 # Dice, so the noise adds a variable without making distillation's case; `--label-noise 0.8` reproduces that
 # run.
 LABEL_NOISE_MM = 0.0
+# Training images without annotations (`--unlabelled N`): the KD students also train on them, learning them
+# from the teachers alone (`--unlabelled_cases`); the teachers and the no-KD student cannot use them.
+UNLABELLED = 0
 
 
 @dataclass
@@ -103,6 +106,12 @@ class Row:
     r: int | None
     flags: tuple[str, ...]
     runs: list[Run] = field(default_factory=list)
+
+    @property
+    def uses_kd(self) -> bool:
+        """False for an alpha=0 row: it cannot learn from unlabelled images (they have no labels)."""
+        flags = list(self.flags)
+        return not ("-a" in flags and float(flags[flags.index("-a") + 1]) == 0.0)
 
     @property
     def summary(self) -> dict:
@@ -203,11 +212,13 @@ class QualityBench(BenchWorkspace):
         device: str,
         label_noise: float = LABEL_NOISE_MM,
         teacher_budget: tuple[str, ...] = TEACHER_BUDGET,
+        unlabelled: int = UNLABELLED,
     ):
         super().__init__(root, DATASET_ID, DATASET_NAME)
         self.device = device
         self.label_noise = label_noise
         self.teacher_budget = teacher_budget
+        self.unlabelled = unlabelled
 
     def _teachers_record(self) -> Path:
         return self.root / "teachers.json"
@@ -223,6 +234,7 @@ class QualityBench(BenchWorkspace):
             kept.get("budget") != list(self.teacher_budget)
             or kept.get("folds") != list(TEACHER_FOLDS)
             or kept.get("label_noise_mm", 0.0) != self.label_noise
+            or kept.get("unlabelled", 0) != self.unlabelled
         ):
             return None
         return float(kept["seconds"])
@@ -255,6 +267,8 @@ class QualityBench(BenchWorkspace):
                 "1",
                 "--label-noise",
                 str(self.label_noise),
+                "--unlabelled-cases",
+                str(self.unlabelled),
             ]
         )
         self.run(
@@ -271,6 +285,7 @@ class QualityBench(BenchWorkspace):
             ],
             planning=True,
         )
+        self.write_labelled_splits()
         seconds = 0.0
         for fold in TEACHER_FOLDS:
             seconds += self.run(
@@ -293,10 +308,24 @@ class QualityBench(BenchWorkspace):
             "budget": list(self.teacher_budget),
             "folds": list(TEACHER_FOLDS),
             "label_noise_mm": self.label_noise,
+            "unlabelled": self.unlabelled,
             "seconds": round(seconds),
         }
         self._teachers_record().write_text(json.dumps(record) + "\n")
         return seconds
+
+    def unlabelled_cases(self) -> list[str]:
+        return [f"{synthetic.UNLABELLED_PREFIX}_{i:04d}" for i in range(self.unlabelled)]
+
+    def write_labelled_splits(self) -> None:
+        """nnU-Net's own seeded 5-fold split of the labelled cases only, written before any teacher trains,
+        so no teacher trains on a placeholder label; without unlabelled cases it is the split nnU-Net
+        writes itself."""
+        from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+        labelled = [f"case_{i:04d}" for i in range(CASES)]
+        splits = generate_crossval_split(labelled, seed=12345, n_splits=5)
+        (self.ws.preprocessed / self.dataset / "splits_final.json").write_text(json.dumps(splits, indent=2))
 
     def student(self, row: Row) -> Run:
         """Train `row`'s student once more and add the run to the row."""
@@ -318,6 +347,11 @@ class QualityBench(BenchWorkspace):
                 *STUDENT_BUDGET,
                 *METHOD,
                 *row.flags,
+                *(
+                    ["--unlabelled_cases", *self.unlabelled_cases()]
+                    if self.unlabelled and row.uses_kd
+                    else []
+                ),
                 # Each row is a new student in the same folder (r=2 with and without KD): the previous row's
                 # figures are already read, so replacing its checkpoint is what the bench means.
                 "--overwrite",
@@ -365,7 +399,10 @@ def _kd_check(kd: Row | None, no_kd: Row | None) -> tuple[float | None, bool, st
 
 
 def table(
-    rows: list[Row], label_noise: float = LABEL_NOISE_MM, teacher_budget: tuple[str, ...] = TEACHER_BUDGET
+    rows: list[Row],
+    label_noise: float = LABEL_NOISE_MM,
+    teacher_budget: tuple[str, ...] = TEACHER_BUDGET,
+    unlabelled: int = UNLABELLED,
 ) -> tuple[str, dict]:
     """The printed table and the goal checks (pure, from the rows' summaries)."""
     first = rows[0].summary
@@ -434,6 +471,12 @@ def table(
         f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(teacher_budget[:4])}; training labels: "
         + (f"{label_noise} mm annotator noise" if label_noise else "exact")
         + ", test labels: exact"
+        + (
+            f"; the KD students also train on {unlabelled} unlabelled images that only the teachers label "
+            f"(--unlabelled_cases), the no-KD student on the {CASES} labelled cases' fold-0 split"
+            if unlabelled
+            else ""
+        )
     )
     return "\n".join(text), {k: {"measured": v, "met": ok, "goal": g} for k, (v, ok, g) in checks.items()}
 
@@ -451,7 +494,8 @@ class Report:
     def write(self, rows: list[Row], complete: bool) -> str:
         """Write the JSON for the rows trained so far; the table's text."""
         done = [r for r in rows if r.runs]
-        text, checks = table(done, self.args.label_noise, self.teacher_budget)
+        unlabelled = getattr(self.args, "unlabelled", UNLABELLED)
+        text, checks = table(done, self.args.label_noise, self.teacher_budget, unlabelled)
         machine = f"{_cpu_model()}, {os.cpu_count()} CPUs" + (
             f", {self.device}" if self.device != "cpu" else ""
         )
@@ -463,6 +507,7 @@ class Report:
             "seconds": round(time.perf_counter() - self.started),
             "teacher_seconds": round(self.teacher_seconds),
             "label_noise_mm": self.args.label_noise,
+            "unlabelled_cases": unlabelled,
             "teacher_budget": list(self.teacher_budget),
             "student_budget": list(STUDENT_BUDGET),
             "repeat": self.args.repeat,
@@ -513,6 +558,14 @@ def main(argv: list[str] | None = None) -> int:
         "the ensemble the stronger model, as converged teachers are in practice",
     )
     parser.add_argument(
+        "--unlabelled",
+        type=int,
+        default=UNLABELLED,
+        metavar="N",
+        help=f"also write N training images without annotations; the KD students train on them too, "
+        f"learning them from the teachers alone, which the no-KD student cannot (default {UNLABELLED})",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -525,15 +578,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--teacher-epochs must be >= 1")
     if args.repeat < 1:
         parser.error("--repeat must be >= 1")
+    if args.unlabelled < 0:
+        parser.error("--unlabelled must be >= 0")
     teacher_budget = teacher_budget_of(args.teacher_epochs)
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-quality-"))
     root.mkdir(parents=True, exist_ok=True)
     device = _device()
     started = time.perf_counter()
     try:
-        bench = QualityBench(root, device, args.label_noise, teacher_budget)
+        bench = QualityBench(root, device, args.label_noise, teacher_budget, args.unlabelled)
+        extra = f" + {args.unlabelled} unlabelled" if args.unlabelled else ""
         print(
-            f"bench quality: {DATASET_NAME} ({CASES} training + {TEST_CASES} held-out cases of "
+            f"bench quality: {DATASET_NAME} ({CASES} training{extra} + {TEST_CASES} held-out cases of "
             f"{'x'.join(SIZE)}; training labels with {args.label_noise} mm annotator noise, test labels "
             f"exact), teachers folds {list(TEACHER_FOLDS)}, device {device}",
             flush=True,

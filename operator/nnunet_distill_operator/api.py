@@ -172,6 +172,7 @@ class DistillationJobSpec(SpecModel):
         self._resource_rules(problem)
         self._scheduling_rules(problem)
         self._cascade_rules(problem)
+        self._unlabelled_rules(problem)
         if problems:
             raise SpecError(problems)
         return self
@@ -231,6 +232,18 @@ class DistillationJobSpec(SpecModel):
             )
         if self.distillation.teacher_view == "clean":
             problem("distillation.teacherView", "clean does not support 3d_cascade_fullres: use augmented")
+
+    def _unlabelled_rules(self, problem: Any) -> None:
+        """Cases without labels teach the student only through KD, and a held-out case is never trained on."""
+        d = self.distillation
+        if d.unlabelled_cases and d.alpha == 0:
+            problem(
+                "distillation.unlabelledCases",
+                "needs KD: with alpha 0 the student learns nothing from a case without labels (set "
+                "distillation.alpha > 0 or drop unlabelledCases)",
+            )
+        if both := sorted(set(d.unlabelled_cases) & set(d.test_cases or [])):
+            problem("distillation.unlabelledCases", f"also in testCases: {', '.join(both)}")
 
     def _architecture_rules(self, problem: Any) -> None:
         resenc = self.student.architecture == "resenc"

@@ -264,6 +264,8 @@ def _kd_flags(d: api.DistillationSpec) -> list[str]:
     flags += ["--kd_mode", d.kd_mode, "--student_init", d.student_init, "--teacher_view", d.teacher_view]
     if d.test_cases:
         flags += ["--test_cases", *d.test_cases]
+    if d.unlabelled_cases:
+        flags += ["--unlabelled_cases", *d.unlabelled_cases]
     return flags
 
 

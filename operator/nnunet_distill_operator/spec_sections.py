@@ -271,7 +271,17 @@ class DistillationSpec(SpecModel):
         "case of imagesTs); a case of imagesTr is refused if any model trained on it.",
     )
 
-    @field_validator("test_cases")
+    unlabelled_cases: list[
+        Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    ] = Field(
+        default_factory=list,
+        max_length=100000,
+        description="Training cases without annotations that the student learns from the teachers alone "
+        "(KD only; needs alpha > 0): preprocessed like any training case with a placeholder label, and in "
+        "no fold of splits_final.json, so no teacher trained on a placeholder.",
+    )
+
+    @field_validator("test_cases", "unlabelled_cases")
     @classmethod
     def _distinct_cases(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and len(set(v)) != len(v):

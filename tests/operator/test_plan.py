@@ -176,6 +176,24 @@ def test_held_out_case_lists_are_checked_at_admission() -> None:
         )
 
 
+def test_unlabelled_cases_map_to_the_flag_and_need_kd() -> None:
+    import pytest
+
+    assert "--unlabelled_cases" not in _stage(_plan(), "distill").argv
+    argv = _stage(_plan(distillation={"unlabelledCases": ["scan_1", "scan_2"]}), "distill").argv
+    assert _flag(argv, "--unlabelled_cases", 2) == ["scan_1", "scan_2"]
+    base = {"dataset": {"id": 27}, "storage": {"claimName": "data"}}
+    for distillation, words in (
+        ({"alpha": 0, "unlabelledCases": ["scan_1"]}, "needs KD: with alpha 0"),
+        ({"unlabelledCases": ["scan_1"], "testCases": ["scan_1", "t"]}, "also in testCases: scan_1"),
+        ({"unlabelledCases": ["a", "a"]}, "lists a case twice"),
+    ):
+        with pytest.raises(api.InvalidSpec) as err:
+            api.parse_spec({**base, "distillation": distillation})
+        assert "spec.distillation.unlabelledCases" in str(err.value.problems), err.value.problems
+        assert words in str(err.value.problems)
+
+
 def test_export_then_package_in_one_cpu_stage() -> None:
     stages = _plan(
         export={"dynamicShape": True, "simplify": True, "modelName": "liver"}, distillation={"useDA5": True}

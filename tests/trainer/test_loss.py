@@ -211,6 +211,38 @@ def test_total_mixes_nnunet_hard_loss_and_kd(alpha):
     assert (outputs[1].grad.abs().sum() > 0) == (alpha < 1.0)
 
 
+def test_unlabelled_samples_get_kd_only_and_labelled_ones_both():
+    hard = _nnunet_hard_loss()
+    loss = DistillationLoss(hard, alpha=0.3, temperature=3.0, regions=False, ignore_label=None)
+    outputs = _ds_outputs(3, 3, seed=40)
+    seg = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=torch.Generator().manual_seed(2)).float()
+    targets = _ds_targets(seg, 3)
+    teacher = _logits(2, 3, 8, 8, 8, seed=50)
+    terms = loss(outputs, teacher, targets, labelled=torch.tensor([False, True]))
+    # the hard term is nnU-Net's loss of the labelled sample alone; KD still covers the whole batch
+    assert terms.hard.item() == pytest.approx(
+        hard([o[1:] for o in outputs], [t[1:] for t in targets]).item(), rel=1e-6
+    )
+    assert terms.hard.item() != pytest.approx(hard(outputs, targets).item(), rel=1e-3)
+    assert terms.kd.item() == pytest.approx(kd_loss(outputs[0], teacher, 3.0).item(), rel=1e-6)
+    terms.total.backward()
+    # the unlabelled sample's lower heads (hard loss only) get no gradient; its full-res head gets KD's
+    assert outputs[1].grad[0].abs().sum() == 0 and outputs[1].grad[1].abs().sum() > 0
+    assert outputs[0].grad[0].abs().sum() > 0
+
+
+def test_a_batch_of_unlabelled_samples_learns_from_kd_alone():
+    loss = DistillationLoss(_nnunet_hard_loss(), alpha=0.3, temperature=3.0, regions=False, ignore_label=None)
+    outputs = _ds_outputs(3, 3, seed=60)
+    targets = _ds_targets(torch.zeros(2, 1, 8, 8, 8), 3)  # the placeholders' all-background labels
+    teacher = _logits(2, 3, 8, 8, 8, seed=70)
+    terms = loss(outputs, teacher, targets, labelled=torch.tensor([False, False]))
+    assert terms.hard.item() == 0.0
+    assert terms.total.item() == pytest.approx(0.3 * kd_loss(outputs[0], teacher, 3.0).item(), rel=1e-6)
+    terms.total.backward()
+    assert outputs[1].grad.abs().sum() == 0 and outputs[0].grad.abs().sum() > 0
+
+
 def test_region_dataset_with_ignore_label_end_to_end():
     weights = np.array([1.0, 0.0])
     hard = DeepSupervisionWrapper(

@@ -141,6 +141,36 @@ def test_deterministic_by_seed_and_independent_of_case_count(tmp_path):
         assert not np.array_equal(read(a / sub / name)[0], read(c / sub / name)[0])
 
 
+def test_unlabelled_cases_are_extra_images_with_a_placeholder_label(tmp_path, capsys):
+    plain = write_dataset(
+        tmp_path / "a", SyntheticSpec(dataset_id=15, name="U", cases=2, test_cases=1, seed=4)
+    )
+    assert (
+        main(
+            ["-d", "15", "--name", "U", "--cases", "2", "--test-cases", "1", "--seed", "4"]
+            + ["--unlabelled-cases", "2", "--raw-dir", str(tmp_path / "b")]
+        )
+        == 0
+    )
+    assert "2 training + 1 test cases + 2 unlabelled" in capsys.readouterr().out
+    folder = tmp_path / "b" / "Dataset015_U"
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["numTraining"] == 4
+    assert meta["synthetic"]["unlabelled_cases"] == ["unlabelled_0000", "unlabelled_0001"]
+    labelled_image = read(folder / "imagesTr" / "case_0001_0000.nii.gz")[0]
+    # the labelled cases are the ones written without unlabelled cases, byte for byte
+    assert np.array_equal(labelled_image, read(plain / "imagesTr" / "case_0001_0000.nii.gz")[0])
+    assert np.array_equal(
+        read(folder / "labelsTr" / "case_0001.nii.gz")[0], read(plain / "labelsTr" / "case_0001.nii.gz")[0]
+    )
+    for case in meta["synthetic"]["unlabelled_cases"]:
+        image = read(folder / "imagesTr" / f"{case}_0000.nii.gz")[0]
+        assert image.std() > 0 and not np.array_equal(image, labelled_image)  # a real image of its own
+        assert not read(folder / "labelsTr" / f"{case}.nii.gz")[0].any()  # an all-background placeholder
+    with pytest.raises(ValueError, match="--unlabelled-cases must be >= 0"):
+        SyntheticSpec(dataset_id=15, name="U", unlabelled_cases=-1)
+
+
 def test_fast_enough_for_tests_and_demos(tmp_path):
     start = time.perf_counter()
     write_dataset(tmp_path, SyntheticSpec(dataset_id=12, name="Fast", cases=16, test_cases=0))

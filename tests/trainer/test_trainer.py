@@ -248,3 +248,22 @@ def test_disable_mirroring_really_removes_mirroring_from_the_final_validation(da
     assert len(calls) == n_val  # one pass per case (1 tile each); mirroring would need 8 per tile
     assert da5_trainer.inference_allowed_mirroring_axes == (0, 1, 2)  # checkpoints keep the trained axes
     assert (Path(da5_trainer.output_folder) / "validation" / "summary.json").is_file()
+
+
+def test_an_unlabelled_cases_placeholder_label_gets_no_hard_loss_in_the_training_step(nnunet_teachers, env):
+    dataset = nnunet_teachers.dataset
+    cases = sorted(p.stem for p in (dataset.preprocessed_dataset / "nnUNetPlans_3d_fullres").glob("*.pkl"))
+    trainer = _make_trainer(nnunet_teachers, env, unlabelled_cases=(cases[0],))
+    batch = next(trainer.get_dataloaders()[0])
+    assert len(batch["keys"]) >= 2
+    batch["keys"] = [cases[0], *cases[1 : len(batch["keys"])]]  # sample 0 is the unlabelled case
+    trainer.network.train()
+    with torch.no_grad():
+        output = trainer.network(batch["data"])
+        labelled_only = trainer.loss([o[1:] for o in output], [t[1:] for t in batch["target"]])
+        whole_batch = trainer.loss(output, batch["target"])
+    out = trainer.train_step(batch)
+    assert float(out["hard_loss"]) == pytest.approx(float(labelled_only), rel=1e-4)
+    assert float(out["hard_loss"]) != pytest.approx(float(whole_batch), rel=1e-3)
+    assert float(out["kd_loss"]) > 0
+    assert trainer.distillation_meta["unlabelled_cases"] == [cases[0]]

@@ -75,6 +75,7 @@ class DistillationConfig:
     student_init: str = "teacher"  # --student_init: teacher (inherit sliced weights) | random
     teacher_view: str = "augmented"  # --teacher_view: augmented | clean (before intensity augs)
     test_cases: tuple[str, ...] | None = None  # --test_cases: held-out case ids (default: all of imagesTs)
+    unlabelled_cases: tuple[str, ...] = ()  # --unlabelled_cases: training cases learnt by KD alone
 
     def __post_init__(self) -> None:
         validate(self)
@@ -98,6 +99,7 @@ class DistillationConfig:
         d = asdict(self)
         d["teacher_folds"] = list(self.teacher_folds) if self.teacher_folds is not None else None
         d["test_cases"] = list(self.test_cases) if self.test_cases is not None else None
+        d["unlabelled_cases"] = list(self.unlabelled_cases)
         return d
 
 
@@ -147,11 +149,25 @@ def validate(cfg: DistillationConfig) -> None:
             raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     if cfg.test_cases is not None and (not cfg.test_cases or len(set(cfg.test_cases)) != len(cfg.test_cases)):
         raise ConfigError(f"--test_cases needs distinct case identifiers, got {list(cfg.test_cases)}")
+    _validate_unlabelled_cases(cfg)
     if cfg.teacher_precision not in TEACHER_PRECISIONS:
         raise ConfigError(
             f"--teacher_precision must be one of {', '.join(TEACHER_PRECISIONS)}, "
             f"got {cfg.teacher_precision!r}"
         )
+
+
+def _validate_unlabelled_cases(cfg: DistillationConfig) -> None:
+    cases = cfg.unlabelled_cases
+    if len(set(cases)) != len(cases):
+        raise ConfigError(f"--unlabelled_cases lists a case twice: {list(cases)}")
+    if cases and cfg.alpha == 0:
+        raise ConfigError(
+            "--unlabelled_cases needs KD: with -a 0 the student learns nothing from a case without labels "
+            "(give -a > 0, or drop --unlabelled_cases)"
+        )
+    if cases and cfg.test_cases is not None and (both := sorted(set(cases) & set(cfg.test_cases))):
+        raise ConfigError(f"--unlabelled_cases and --test_cases both name {', '.join(both)}")
 
 
 def parse_device_string(text: str) -> tuple[str, int | None]:

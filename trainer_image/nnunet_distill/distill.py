@@ -39,6 +39,7 @@ RESUME_FIELDS = (
     ("block_strategy", "-bs"),
     ("student_plans", "-spl/-r/-bs"),
     ("kd_mode", "--kd_mode"),
+    ("unlabelled_cases", "--unlabelled_cases"),
 )
 
 
@@ -293,6 +294,17 @@ def check_test_cases(run: PreparedRun) -> None:
     check_unseen(cases, splits, [f.fold for f in run.teacher_folds], run.config.fold, student_train)
 
 
+def check_unlabelled_cases(run: PreparedRun) -> None:
+    """Fail before training when --unlabelled_cases cannot be used (see :mod:`nnunet_distill.unlabelled`)."""
+    from nnunet_distill import unlabelled
+
+    config = _resolved_configuration(run.student_plans, run.config.configuration)
+    if problems := unlabelled.check(
+        run.config.unlabelled_cases, run.preprocessed_dir, config["data_identifier"]
+    ):
+        raise DistillationError("; ".join(problems))
+
+
 def distillation_metadata(run: PreparedRun) -> dict:
     return {
         "teacher_folder": str(run.teacher_folder),
@@ -430,18 +442,16 @@ def _start_or_resume(trainer, config: DistillationConfig, resume_from: Path | No
 
 
 def _run(config: DistillationConfig, device, ranks, log) -> RunResult:
-    from nnunet_distill import distributed
-
-    from nnunet_distill import cascade
+    from nnunet_distill import cascade, distributed
 
     run_ = prepare(config)
     check_test_cases(run_)
+    check_unlabelled_cases(run_)
     cascade.check_before_training(run_)  # a 3d_cascade_fullres student needs its lowres stage first
     resume_from = resume_or_refuse(run_, log)
 
-    from nnunet_distill import student
+    from nnunet_distill import progress_hooks, student
     from nnunet_distill.held_out import write_distillation_summary
-    from nnunet_distill import progress_hooks
     from nnunet_distill.trainer import trainer_class
 
     _configure_threads(device, ranks.local_world_size)

@@ -39,17 +39,8 @@ from nnunet_distill.evaluation import (
 
 #: The checkpoint record of the distillation trainer copied into the summary.
 _DISTILLATION_KEYS = (
-    "alpha",
-    "temperature",
-    "reduction_factor",
-    "teacher_folds",
-    "block_strategy",
-    "student_plans",
-    "da5",
-    "rotate_folds",
-    "kd_mode",
-    "student_init",
-    "init_teacher_fold",
+    *("alpha", "temperature", "reduction_factor", "teacher_folds", "block_strategy", "student_plans"),
+    *("da5", "rotate_folds", "kd_mode", "student_init", "init_teacher_fold", "unlabelled_cases"),
 )
 
 

@@ -207,9 +207,14 @@ class DistillationLoss(nn.Module):
         student_output: torch.Tensor | Sequence[torch.Tensor],
         teacher_logits: torch.Tensor,
         target: torch.Tensor | Sequence[torch.Tensor],
+        labelled: torch.Tensor | None = None,
     ) -> LossTerms:
-        """``student_output``/``target`` as nnU-Net passes them (lists with deep supervision)."""
-        hard = self.hard_loss(student_output, target)
+        """``student_output``/``target`` as nnU-Net passes them (lists with deep supervision).
+
+        ``labelled`` (bool per sample, None: all) marks the samples whose labels count; the others are
+        unlabelled cases' placeholders and get KD only (:mod:`nnunet_distill.unlabelled`).
+        """
+        hard = self._hard(student_output, target, labelled)
         student_full = student_output[0] if isinstance(student_output, (list, tuple)) else student_output
         target_full = target[0] if isinstance(target, (list, tuple)) else target
         mask = kd_mask(target_full, regions=self.regions, ignore_label=self.ignore_label)
@@ -218,3 +223,19 @@ class DistillationLoss(nn.Module):
         )
         total = (1.0 - self.alpha) * hard + self.alpha * kd
         return LossTerms(total=total, hard=hard, kd=kd)
+
+    def _hard(self, output, target, labelled: torch.Tensor | None) -> torch.Tensor:
+        """nnU-Net's hard loss on the labelled samples only.
+
+        It is called exactly once per step whatever the batch holds: under DDP its batch Dice gathers across
+        ranks, so a rank whose batch is all placeholders still takes part, and its term is multiplied by 0.
+        """
+        if labelled is None or bool(labelled.all()):
+            return self.hard_loss(output, target)
+        if not bool(labelled.any()):
+            return self.hard_loss(output, target) * 0.0
+
+        def keep(x):
+            return [t[labelled] for t in x] if isinstance(x, (list, tuple)) else x[labelled]
+
+        return self.hard_loss(keep(output), keep(target))

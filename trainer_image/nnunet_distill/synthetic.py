@@ -8,7 +8,9 @@ field), optional anisotropic spacing and optional extra channels with different 
 held-out test set (imagesTs/labelsTs) is generated from its own random streams and is never listed in
 `numTraining`, so no teacher fold ever sees it. With `label_noise`, the training labels carry annotator noise
 (contours drawn up to a few millimetres off, smoothly, as inter-rater variability looks) while the test labels
-stay exact: the setting in which an ensemble knows more than any one set of labels.
+stay exact: the setting in which an ensemble knows more than any one set of labels. With `unlabelled_cases`,
+imagesTr also holds images without annotations (an all-background placeholder label each), which only the
+teachers can label for a student.
 
 Every case is drawn from its own generator seeded by (seed, split, index): the same seed gives
 byte-identical images, and case i does not depend on how many cases were asked for.
@@ -41,6 +43,9 @@ ANISOTROPIC_SPACING = (1.0, 1.0, 3.0)
 ANISOTROPIC_DEFAULT_SIZE = (48, 48, 16)
 DEFAULT_SIZE = (48, 48, 48)
 SYNTHETIC_MARKER = "nnunet-distill synthetic"
+#: Training cases without annotations (`unlabelled_cases`): images in imagesTr with an all-background
+#: placeholder label, for `--unlabelled_cases` (see nnunet_distill.unlabelled).
+UNLABELLED_PREFIX = "unlabelled"
 #: Annotator noise: the smoothing (mm) of the random displacement of a training label's contours. At an
 #: amplitude of 0.8 mm per axis, a noisy label overlaps the exact one with Dice about 0.87 for the organ, 0.74
 #: for the lesion and 0.63 for the vessel (organ layout, 32^3, 16 cases): inter-rater agreement as reported
@@ -62,6 +67,7 @@ class SyntheticSpec:
     seed: int = 0
     layout: str = "spheres"
     label_noise: float = 0.0
+    unlabelled_cases: int = 0
     spacing: tuple[float, float, float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +85,8 @@ class SyntheticSpec:
             raise ValueError(f"--channels must be >= 1, got {self.channels}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.unlabelled_cases < 0:
+            raise ValueError(f"--unlabelled-cases must be >= 0, got {self.unlabelled_cases}")
         if not 0.0 <= self.label_noise <= 5.0:
             raise ValueError(f"--label-noise must be in 0..5 (mm), got {self.label_noise}")
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
@@ -87,6 +95,10 @@ class SyntheticSpec:
     @property
     def folder_name(self) -> str:
         return dataset_folder_name(self.dataset_id, self.name)
+
+    @property
+    def unlabelled_case_ids(self) -> list[str]:
+        return [f"{UNLABELLED_PREFIX}_{i:04d}" for i in range(self.unlabelled_cases)]
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
@@ -312,7 +324,7 @@ def dataset_json(spec: SyntheticSpec) -> dict:
         + ", noise and bias field",
         "channel_names": channel_names(spec.channels),
         "labels": dict(ORGAN_LABELS if spec.layout == "organ" else LABELS),
-        "numTraining": spec.cases,
+        "numTraining": spec.cases + spec.unlabelled_cases,
         "file_ending": ".nii.gz",
         "synthetic": {
             "generator": SYNTHETIC_MARKER,
@@ -322,6 +334,8 @@ def dataset_json(spec: SyntheticSpec) -> dict:
             "test_cases": spec.test_cases,
             "layout": spec.layout,
             "label_noise_mm": spec.label_noise,
+            # placeholders: keep them out of the teachers' splits_final.json (nnunet_distill.unlabelled)
+            "unlabelled_cases": spec.unlabelled_case_ids,
         },
     }
 
@@ -362,6 +376,7 @@ def write_dataset(raw_dir: str | Path, spec: SyntheticSpec) -> Path:
     for split, count, prefix, images_dir, labels_dir in (
         (0, spec.cases, "case", "imagesTr", "labelsTr"),
         (1, spec.test_cases, "test", "imagesTs", "labelsTs"),
+        (2, spec.unlabelled_cases, UNLABELLED_PREFIX, "imagesTr", "labelsTr"),
     ):
         for i in range(count):
             rng = np.random.default_rng([spec.seed, split, i])
@@ -371,6 +386,8 @@ def write_dataset(raw_dir: str | Path, spec: SyntheticSpec) -> Path:
                 # its own stream, so the images (and the exact test labels) do not depend on the noise
                 noise_rng = np.random.default_rng([spec.seed, split, i, 1])
                 label = annotator_noise(noise_rng, label, spec.spacing, spec.label_noise)
+            if split == 2:  # drawn like any training case; only its label is a placeholder
+                label = np.zeros_like(label)
             case = f"{prefix}_{i:04d}"
             for c, image in enumerate(images):
                 _write_nifti(image, spec.spacing, tmp / images_dir / f"{case}_{c:04d}.nii.gz")

@@ -29,7 +29,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 from torch._dynamo import OptimizedModule
 
-from nnunet_distill import distributed, rotation
+from nnunet_distill import distributed, rotation, unlabelled
 from nnunet_distill.atomic import atomic_torch_save, atomic_write_json
 from nnunet_distill.augmentation import split_views, with_clean_teacher_view, with_da5_spatial
 from nnunet_distill.config import DistillationConfig
@@ -125,6 +125,7 @@ class nnUNetDistillationTrainer(PreemptionMixin, FoldSplitMixin, nnUNetTrainer):
             "kd_mode": config.kd_mode,
             "student_init": config.student_init,
             "teacher_view": config.teacher_view,
+            "unlabelled_cases": list(config.unlabelled_cases),
             "trainer_class": self.__class__.__name__,
             **(metadata or {}),
         }
@@ -240,7 +241,7 @@ class nnUNetDistillationTrainer(PreemptionMixin, FoldSplitMixin, nnUNetTrainer):
         )
         with amp:
             output = self.network(data)
-            terms = self.distillation_loss(output, teacher_logits, target)
+            terms = self.distillation_loss(output, teacher_logits, target, labelled=self._labelled(batch))
 
         if self.grad_scaler is not None:
             self.grad_scaler.scale(terms.total).backward()
@@ -257,6 +258,16 @@ class nnUNetDistillationTrainer(PreemptionMixin, FoldSplitMixin, nnUNetTrainer):
             "kd_loss": terms.kd.detach().cpu().numpy(),
             "hard_loss": terms.hard.detach().cpu().numpy(),
         }
+
+    def _labelled(self, batch: dict) -> torch.Tensor | None:
+        """Which samples' labels count (None: all of them), so placeholders of --unlabelled_cases get KD
+        only."""
+        cases = self._unlabelled_cases()
+        if not cases:
+            return None
+        if "keys" not in batch:  # pragma: no cover - nnU-Net's data loaders always return the case keys
+            raise RuntimeError("--unlabelled_cases needs the batch's case keys, which this data loader omits")
+        return torch.tensor(unlabelled.labelled_samples(batch["keys"], cases), device=self.device)
 
     # ------------------------------------------------------------------ augmentation
     def _clean_teacher_view(self) -> bool:

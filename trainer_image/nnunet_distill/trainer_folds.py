@@ -1,5 +1,6 @@
 """Fold rotation and DDP sharding of the distillation trainer's training split.
 
+The split is the fold's training cases plus any ``--unlabelled_cases`` (:mod:`nnunet_distill.unlabelled`).
 With ``-rotate_folds`` the student trains, every ``rotate_freq`` epochs, on the next fold's training split
 of splits_final.json minus this fold's validation cases (:mod:`nnunet_distill.rotation` holds the pure
 rules); under DDP each rank trains on a disjoint shard of it. A mixin of
@@ -13,7 +14,7 @@ from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAu
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 
-from nnunet_distill import distributed, rotation
+from nnunet_distill import distributed, rotation, unlabelled
 
 
 class FoldSplitMixin:
@@ -50,7 +51,22 @@ class FoldSplitMixin:
             tr_keys = distributed.shard(tr_keys, dist.get_rank(), dist.get_world_size())
         return tr_keys, val_keys
 
+    def _unlabelled_cases(self) -> tuple[str, ...]:
+        cfg = self.distillation_config
+        return cfg.unlabelled_cases if cfg is not None else ()
+
     def _fold_split(self):
+        tr_keys, val_keys = self._labelled_fold_split()
+        cases = self._unlabelled_cases()
+        if not cases:
+            return tr_keys, val_keys
+        self.print_to_log_file(
+            f"training split: {len(tr_keys)} labelled cases + {len(cases)} unlabelled cases "
+            f"(--unlabelled_cases: KD only, their labels are placeholders)"
+        )
+        return unlabelled.training_split(tr_keys, cases), val_keys
+
+    def _labelled_fold_split(self):
         tr_keys, val_keys = super().do_split()
         if not self._rotation_enabled() or self._rotation_source is None:
             return tr_keys, val_keys

@@ -15,13 +15,11 @@ from nnunet_distill.nnunet_env import NnUNetSetupError, env_dir
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="nnunet-distill synthetic",
-        description="Write $nnUNet_raw/DatasetXXX_NAME: imagesTr/labelsTr (training cases), "
-        "imagesTs/labelsTs "
-        "(a labelled held-out test set no teacher sees) and dataset.json. Labels (--layout spheres): bright "
-        "and dark ellipsoids and a small sphere; (--layout organ): an organ, a small lesion in it and "
-        "a thin vessel. Gaussian noise and a smooth bias field on top. Deterministic "
-        "for a given --seed. An earlier synthetic dataset of the same name is replaced; any other "
-        "folder is never touched.",
+        description="Write $nnUNet_raw/DatasetXXX_NAME: imagesTr/labelsTr (training cases), imagesTs/labelsTs"
+        " (a labelled held-out test set no teacher sees) and dataset.json. Labels (--layout spheres): bright "
+        "and dark ellipsoids and a small sphere; (--layout organ): an organ, a small lesion in it and a thin "
+        "vessel. Gaussian noise and a smooth bias field on top. Deterministic for a given --seed. An earlier "
+        "synthetic dataset of the same name is replaced; any other folder is never touched.",
     )
     parser.add_argument("-d", "--dataset_id", type=int, required=True, help="dataset id, 1..999")
     parser.add_argument("--name", required=True, help="dataset name (letters, digits, '-', '_')")
@@ -62,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         "of this standard deviation per axis, in mm (default 0: exact labels; 0.8 gives a noisy/exact "
         "vessel Dice of about 0.63). The test labels stay exact.",
     )
+    parser.add_argument(
+        "--unlabelled-cases",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write N training images without annotations (unlabelled_0000...: an all-background "
+        "placeholder label each, listed in dataset.json) for nnUNetv2_distillation_train "
+        "--unlabelled_cases; keep them out of the teachers' splits_final.json (default 0)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--raw-dir", type=Path, default=None, help="nnU-Net raw folder (default $nnUNet_raw)")
     return parser
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             layout=args.layout,
             label_noise=args.label_noise,
+            unlabelled_cases=args.unlabelled_cases,
         )
         raw_dir = args.raw_dir if args.raw_dir is not None else env_dir("nnUNet_raw")
         start = time.perf_counter()
@@ -94,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nnunet-distill synthetic: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"wrote {folder} ({spec.cases} training + {spec.test_cases} test cases, "
+        f"wrote {folder} ({spec.cases} training + {spec.test_cases} test cases"
+        f"{f' + {spec.unlabelled_cases} unlabelled' if spec.unlabelled_cases else ''}, "
         f"{'x'.join(map(str, spec.size))} voxels, {spec.channels} channel(s)) in "
         f"{time.perf_counter() - start:.2f} s"
     )

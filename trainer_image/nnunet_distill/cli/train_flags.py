@@ -266,6 +266,17 @@ _FLAGS_AFTER_PLANS = (
         "the student nor any teacher fold trained on it",
     ),
     flag(
+        "--unlabelled_cases",
+        nargs="+",
+        metavar="CASE",
+        default=None,
+        help="training cases without annotations that the student learns from the teachers alone: they "
+        "join its training split, and in every batch nnU-Net's Dice+CE sees only the labelled samples "
+        "while KD sees all of them (needs -a > 0). Each must be preprocessed like any training case, with "
+        "a placeholder label (e.g. all background), and be in no fold of splits_final.json, so that no "
+        "teacher trained on a placeholder (default: none)",
+    ),
+    flag(
         "-num_gpus",
         type=int_at_least(1),
         default=1,
@@ -375,4 +386,5 @@ def config_from_args(args: argparse.Namespace, variant: Variant) -> Distillation
         student_init=args.student_init,
         teacher_view=args.teacher_view,
         test_cases=tuple(args.test_cases) if args.test_cases else None,
+        unlabelled_cases=tuple(args.unlabelled_cases or ()),
     )

@@ -1,0 +1,64 @@
+"""Unlabelled training cases (--unlabelled_cases): the pure rules that keep placeholders out of the teachers'
+folds, the student's split and batch mask, and the flag's validation."""
+
+from __future__ import annotations
+
+import pytest
+from nnunet_distill import distill, unlabelled
+from nnunet_distill.cli.train_flags import STANDARD, build_parser_standard, config_from_args
+from nnunet_distill.config import ConfigError, DistillationConfig
+
+SPLITS = [{"train": ["case_0000", "case_0001"], "val": ["case_0002"]}, {"train": ["case_0002"], "val": []}]
+KEYS = ["case_0000", "case_0001", "case_0002", "unlabelled_0000", "unlabelled_0001"]
+
+
+def test_cases_outside_every_fold_are_accepted():
+    assert unlabelled.problems(["unlabelled_0000", "unlabelled_0001"], KEYS, SPLITS, "s.json") == []
+    assert unlabelled.problems([], KEYS, [], "s.json") == []
+
+
+def test_a_case_in_a_teacher_fold_or_missing_or_without_a_split_file_is_refused():
+    (in_fold,) = unlabelled.problems(["case_0001"], KEYS, SPLITS, "s.json")
+    assert in_fold.startswith(
+        "--unlabelled_cases names case_0001, which fold 0 of s.json trains or validates"
+    )
+    val, train = unlabelled.problems(["case_0002"], KEYS, SPLITS, "s.json")  # fold 0 validates, 1 trains
+    assert "fold 0" in val and "fold 1" in train
+    (missing,) = unlabelled.problems(["unlabelled_0009"], KEYS, SPLITS, "s.json")
+    assert "unlabelled_0009, not in the preprocessed dataset" in missing
+    (no_split,) = unlabelled.problems(["unlabelled_0000"], KEYS, [], "s.json")
+    assert "needs s.json listing the labelled cases only" in no_split
+
+
+def test_split_and_batch_mask():
+    assert unlabelled.training_split(["a", "b"], ["u", "a"]) == ["a", "b", "u"]
+    assert unlabelled.labelled_samples(["u", "a", "u"], ["u"]) == [False, True, False]
+
+
+def _config(**kwargs) -> DistillationConfig:
+    return DistillationConfig(dataset="901", fold=0, reduction_factor=2, **kwargs)
+
+
+def test_config_refuses_duplicates_no_kd_and_overlap_with_test_cases():
+    assert _config(unlabelled_cases=("u1", "u2")).as_dict()["unlabelled_cases"] == ["u1", "u2"]
+    with pytest.raises(ConfigError, match="lists a case twice"):
+        _config(unlabelled_cases=("u1", "u1"))
+    with pytest.raises(ConfigError, match=r"needs KD: with -a 0"):
+        _config(alpha=0.0, unlabelled_cases=("u1",))
+    with pytest.raises(ConfigError, match="--unlabelled_cases and --test_cases both name u1"):
+        _config(unlabelled_cases=("u1",), test_cases=("u1", "t1"))
+
+
+def build_config(argv: list[str]) -> DistillationConfig:
+    return config_from_args(build_parser_standard().parse_args(argv), STANDARD)
+
+
+def test_cli_flag_reaches_the_config_and_a_resume_with_other_cases_is_refused():
+    cfg = build_config(["-d", "901", "-f", "0", "-r", "2", "--unlabelled_cases", "u1", "u2"])
+    assert cfg.unlabelled_cases == ("u1", "u2")
+    assert build_config(["-d", "901", "-f", "0", "-r", "2"]).unlabelled_cases == ()
+    saved = {"unlabelled_cases": ["u1", "u2"]}
+    assert distill.resume_mismatches(saved, {"unlabelled_cases": ["u1", "u2"]}) == []
+    assert distill.resume_mismatches(saved, {"unlabelled_cases": []}) == [
+        "unlabelled_cases ['u1', 'u2'] (this run: --unlabelled_cases [])"
+    ]

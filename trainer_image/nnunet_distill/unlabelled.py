@@ -1,0 +1,75 @@
+"""Unlabelled training cases: images only the teachers label, so the student learns them by KD alone.
+
+Hospitals hold far more scans than annotations. Distillation can use them where a plain student cannot: the
+ensemble's soft targets exist on every image, labelled or not. ``--unlabelled_cases`` names training cases of
+the preprocessed dataset whose label files are placeholders (nnU-Net needs a label file for every training
+case; all background is the usual placeholder). They join the student's training split, and in every batch
+nnU-Net's hard loss sees only the labelled samples while KD sees all of them.
+
+The teachers must never have trained on a placeholder label, so an unlabelled case may not appear in any
+fold of ``splits_final.json`` (nnU-Net's split file, which the teachers' folds come from). Pure rules here,
+plus :func:`check`, the one read of the preprocessed dataset they need before training; the trainer applies
+them (:class:`nnunet_distill.trainer_folds.FoldSplitMixin`, ``train_step``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+FLAG = "--unlabelled_cases"
+
+
+def problems(
+    unlabelled: Sequence[str], dataset_keys: Iterable[str], splits: Sequence[dict], splits_file: str
+) -> list[str]:
+    """Why these cases cannot be used as unlabelled cases (empty when they can), one line each."""
+    if not unlabelled:
+        return []
+    known = set(dataset_keys)
+    out = []
+    missing = [c for c in unlabelled if c not in known]
+    if missing:
+        out.append(
+            f"{FLAG} names {', '.join(missing)}, not in the preprocessed dataset (run "
+            "nnUNetv2_plan_and_preprocess with their images in imagesTr and a placeholder label in labelsTr)"
+        )
+    if not splits:
+        out.append(
+            f"{FLAG} needs {splits_file} listing the labelled cases only: without it nnU-Net splits every "
+            "case, placeholders included, into the teachers' folds"
+        )
+    for fold, split in enumerate(splits):
+        used = sorted(set(unlabelled) & (set(split.get("train", [])) | set(split.get("val", []))))
+        if used:
+            out.append(
+                f"{FLAG} names {', '.join(used)}, which fold {fold} of {splits_file} trains or validates "
+                "on: a case in the teachers' folds is a labelled case (remove it from the flag, or from "
+                "every fold of the split file before the teachers train)"
+            )
+    return out
+
+
+def check(unlabelled: Sequence[str], preprocessed_dir: Path, data_identifier: str) -> list[str]:
+    """:func:`problems` of these cases in a preprocessed dataset: its case identifiers and split file."""
+    if not unlabelled:
+        return []
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    data_dir = str(preprocessed_dir / data_identifier)
+    keys = infer_dataset_class(data_dir).get_identifiers(data_dir)
+    splits_file = preprocessed_dir / "splits_final.json"
+    splits = json.loads(splits_file.read_text()) if splits_file.is_file() else []
+    return problems(unlabelled, keys, splits, str(splits_file))
+
+
+def training_split(train_keys: Sequence[str], unlabelled: Sequence[str]) -> list[str]:
+    """The student's training cases: the fold's (labelled) training cases, then the unlabelled ones."""
+    return [*train_keys, *(c for c in unlabelled if c not in set(train_keys))]
+
+
+def labelled_samples(batch_keys: Sequence[str], unlabelled: Sequence[str]) -> list[bool]:
+    """Per sample of a batch: does its label count (False for an unlabelled case's placeholder)?"""
+    skip = set(unlabelled)
+    return [str(k) not in skip for k in batch_keys]
