@@ -92,3 +92,27 @@ def test_an_interrupted_run_keeps_the_students_trained_so_far(tmp_path: Path) ->
     assert list(written["rows"]) == ["r2_kd"]
     assert written["goals"]["kd_minus_no_kd"]["met"] is False  # nothing to compare with yet
     assert abs(written["rows"]["r2_kd"]["mean"]["retention"]["mean"] - 0.99) < 1e-12
+
+
+def test_unlabelled_images_go_only_to_the_kd_rows_that_can_learn_from_them(tmp_path):
+    from bench.bench_quality import LABELLED_ONLY, ROWS, QualityBench
+
+    bench = QualityBench(tmp_path, "cpu", unlabelled=2)
+    by_key = {r.key: r for r in [*ROWS, LABELLED_ONLY]}
+
+    def unlabelled_of(key: str) -> list[str]:
+        argv = bench.student_argv(by_key[key])
+        return (
+            argv[argv.index("--unlabelled_cases") + 1 : argv.index("--overwrite")]
+            if ("--unlabelled_cases" in argv)
+            else []
+        )
+
+    assert unlabelled_of("r2_kd") == unlabelled_of("r4_kd") == ["unlabelled_0000", "unlabelled_0001"]
+    assert unlabelled_of("r2_no_kd") == [] and unlabelled_of("r2_kd_labelled") == []
+    assert "--unlabelled_cases" not in QualityBench(tmp_path / "none", "cpu").student_argv(by_key["r2_kd"])
+    assert (
+        "also train on 2 unlabelled images that only the teachers label"
+        in table(_rows([1.0], [1.0]), unlabelled=2)[0]
+    )
+    assert "unlabelled" not in table(_rows([1.0], [1.0]))[0]
