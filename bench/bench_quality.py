@@ -23,7 +23,8 @@ nnU-Net training is not seeded: ``--repeat N`` trains every student N times and 
 N >= 2 KD - no-KD counts as met only when the gain exceeds twice its standard error (a gain inside the
 run-to-run spread is a tie).
 
-Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation] [--repeat N]``.
+Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation] [--repeat N]
+[--unlabelled N] [--rows KEY,...]``.
 CUDA is used when present (mixed precision), else the CPU (about 40 minutes on 2 cores, and about 6 more per
 student and repeat). A ``--keep DIR`` that already holds teachers trained with this budget reuses them, so a
 method experiment retrains only the students.
@@ -577,6 +578,13 @@ def main(argv: list[str] | None = None) -> int:
         f"learning them from the teachers alone, which the no-KD student cannot (default {UNLABELLED})",
     )
     parser.add_argument(
+        "--rows",
+        default=None,
+        metavar="KEY,...",
+        help="train only these rows (keys as in the JSON, e.g. r2_kd,r2_no_kd; default: every row of this "
+        "run), for a method experiment on kept teachers",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -591,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat must be >= 1")
     if args.unlabelled < 0:
         parser.error("--unlabelled must be >= 0")
+    known = {r.key for r in [*ROWS, LABELLED_ONLY, *ABLATION]}
+    if args.rows and (unknown := sorted(set(args.rows.split(",")) - known)):
+        parser.error(f"--rows: unknown {', '.join(unknown)} (rows: {', '.join(sorted(known))})")
     teacher_budget = teacher_budget_of(args.teacher_epochs)
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-quality-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -613,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
             *ROWS[1:],
             *(ABLATION if args.ablation else []),
         ]
+        if args.rows:
+            rows = [r for r in [*ROWS, LABELLED_ONLY, *ABLATION] if r.key in args.rows.split(",")]
         report = Report(args, device, teacher_budget, teacher_seconds, started)
         for repeat in range(args.repeat):  # rows alternate, so a drift of the machine hits every row alike
             for row in rows:

@@ -116,3 +116,13 @@ def test_unlabelled_images_go_only_to_the_kd_rows_that_can_learn_from_them(tmp_p
         in table(_rows([1.0], [1.0]), unlabelled=2)[0]
     )
     assert "unlabelled" not in table(_rows([1.0], [1.0]))[0]
+
+
+def test_an_unknown_row_is_refused_before_anything_is_trained(capsys):
+    import pytest
+
+    from bench.bench_quality import main
+
+    with pytest.raises(SystemExit):
+        main(["--rows", "r2_kd,nope"])
+    assert "--rows: unknown nope (rows: r2_kd," in capsys.readouterr().err
