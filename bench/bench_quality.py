@@ -324,7 +324,7 @@ class QualityBench(BenchWorkspace):
         return seconds
 
     def unlabelled_cases(self) -> list[str]:
-        return [f"{synthetic.UNLABELLED_PREFIX}_{i:04d}" for i in range(self.unlabelled)]
+        return synthetic.unlabelled_case_ids(self.unlabelled)
 
     def write_labelled_splits(self) -> None:
         """nnU-Net's own seeded 5-fold split of the labelled cases only, written before any teacher trains,

@@ -98,7 +98,12 @@ class SyntheticSpec:
 
     @property
     def unlabelled_case_ids(self) -> list[str]:
-        return [f"{UNLABELLED_PREFIX}_{i:04d}" for i in range(self.unlabelled_cases)]
+        return unlabelled_case_ids(self.unlabelled_cases)
+
+
+def unlabelled_case_ids(count: int) -> list[str]:
+    """The identifiers `write_dataset` gives `count` unlabelled cases (what `--unlabelled_cases` names)."""
+    return [f"{UNLABELLED_PREFIX}_{i:04d}" for i in range(count)]
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:

@@ -66,7 +66,8 @@ def check(unlabelled: Sequence[str], preprocessed_dir: Path, data_identifier: st
 
 def training_split(train_keys: Sequence[str], unlabelled: Sequence[str]) -> list[str]:
     """The student's training cases: the fold's (labelled) training cases, then the unlabelled ones."""
-    return [*train_keys, *(c for c in unlabelled if c not in set(train_keys))]
+    labelled = set(train_keys)
+    return [*train_keys, *(c for c in unlabelled if c not in labelled)]
 
 
 def labelled_samples(batch_keys: Sequence[str], unlabelled: Sequence[str]) -> list[bool]:
