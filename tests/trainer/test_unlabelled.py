@@ -35,13 +35,21 @@ def test_split_and_batch_mask():
     assert unlabelled.labelled_samples(["u", "a", "u"], ["u"]) == [False, True, False]
 
 
+def test_the_spec_and_cli_rules_are_one_set_of_pure_functions():
+    assert unlabelled.repeated(["a", "b", "a", "c", "b"]) == ["a", "b"] and unlabelled.repeated(["a"]) == []
+    assert unlabelled.needs_kd(["u"], 0.0) and not unlabelled.needs_kd(["u"], 0.3)
+    assert not unlabelled.needs_kd([], 0.0)  # no unlabelled cases: nothing to learn by KD alone
+    assert unlabelled.held_out(["u2", "u1", "x"], ["x", "u1"]) == ["u1", "x"]
+    assert unlabelled.held_out(["u1"], None) == []
+
+
 def _config(**kwargs) -> DistillationConfig:
     return DistillationConfig(dataset="901", fold=0, reduction_factor=2, **kwargs)
 
 
 def test_config_refuses_duplicates_no_kd_and_overlap_with_test_cases():
     assert _config(unlabelled_cases=("u1", "u2")).as_dict()["unlabelled_cases"] == ["u1", "u2"]
-    with pytest.raises(ConfigError, match="lists a case twice"):
+    with pytest.raises(ConfigError, match="lists a case twice: u1$"):
         _config(unlabelled_cases=("u1", "u1"))
     with pytest.raises(ConfigError, match=r"needs KD: with -a 0"):
         _config(alpha=0.0, unlabelled_cases=("u1",))
