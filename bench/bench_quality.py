@@ -24,7 +24,7 @@ N >= 2 KD - no-KD counts as met only when the gain exceeds twice its standard er
 run-to-run spread is a tie).
 
 Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation] [--repeat N]
-[--unlabelled N] [--rows KEY,...]``.
+[--unlabelled N] [--labelled N] [--rows KEY,...]``.
 CUDA is used when present (mixed precision), else the CPU (about 40 minutes on 2 cores, and about 6 more per
 student and repeat). A ``--keep DIR`` that already holds teachers trained with this budget reuses them, so a
 method experiment retrains only the students.
@@ -222,12 +222,14 @@ class QualityBench(BenchWorkspace):
         label_noise: float = LABEL_NOISE_MM,
         teacher_budget: tuple[str, ...] = TEACHER_BUDGET,
         unlabelled: int = UNLABELLED,
+        labelled: int = CASES,
     ):
         super().__init__(root, DATASET_ID, DATASET_NAME)
         self.device = device
         self.label_noise = label_noise
         self.teacher_budget = teacher_budget
         self.unlabelled = unlabelled
+        self.labelled = labelled
 
     def _teachers_record(self) -> Path:
         return self.root / "teachers.json"
@@ -244,6 +246,7 @@ class QualityBench(BenchWorkspace):
             or kept.get("folds") != list(TEACHER_FOLDS)
             or kept.get("label_noise_mm", 0.0) != self.label_noise
             or kept.get("unlabelled", 0) != self.unlabelled
+            or kept.get("labelled", CASES) != self.labelled
         ):
             return None
         return float(kept["seconds"])
@@ -267,7 +270,7 @@ class QualityBench(BenchWorkspace):
                 "--layout",
                 "organ",
                 "--cases",
-                str(CASES),
+                str(self.labelled),
                 "--test-cases",
                 str(TEST_CASES),
                 "--size",
@@ -318,6 +321,7 @@ class QualityBench(BenchWorkspace):
             "folds": list(TEACHER_FOLDS),
             "label_noise_mm": self.label_noise,
             "unlabelled": self.unlabelled,
+            "labelled": self.labelled,
             "seconds": round(seconds),
         }
         self._teachers_record().write_text(json.dumps(record) + "\n")
@@ -332,7 +336,7 @@ class QualityBench(BenchWorkspace):
         writes itself."""
         from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-        labelled = [f"case_{i:04d}" for i in range(CASES)]
+        labelled = synthetic.labelled_case_ids(self.labelled)
         splits = generate_crossval_split(labelled, seed=12345, n_splits=5)
         (self.ws.preprocessed / self.dataset / "splits_final.json").write_text(json.dumps(splits, indent=2))
 
@@ -414,6 +418,7 @@ def table(
     label_noise: float = LABEL_NOISE_MM,
     teacher_budget: tuple[str, ...] = TEACHER_BUDGET,
     unlabelled: int = UNLABELLED,
+    labelled: int = CASES,
 ) -> tuple[str, dict]:
     """The printed table and the goal checks (pure, from the rows' summaries)."""
     first = rows[0].summary
@@ -479,13 +484,14 @@ def table(
         f"cases: {cases.get('count')} held-out {cases.get('source')} cases "
         f"({', '.join(cases.get('ids', []))}),"
         f" mirroring TTA {'on' if cases.get('mirroring_tta') else 'off'}; every student: fold 0, "
-        f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(teacher_budget[:4])}; training labels: "
+        f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(teacher_budget[:4])}; {labelled} labelled "
+        "training cases, labels: "
         + (f"{label_noise} mm annotator noise" if label_noise else "exact")
         + ", test labels: exact"
         + (
             f"; the KD students also train on {unlabelled} unlabelled images that only the teachers label "
             f"(--unlabelled_cases) except the one on labelled cases only, which trains like the no-KD "
-            f"student on the fold-0 split of the {CASES} labelled cases"
+            f"student on the fold-0 split of the {labelled} labelled cases"
             if unlabelled
             else ""
         )
@@ -507,7 +513,8 @@ class Report:
         """Write the JSON for the rows trained so far; the table's text."""
         done = [r for r in rows if r.runs]
         unlabelled = getattr(self.args, "unlabelled", UNLABELLED)
-        text, checks = table(done, self.args.label_noise, self.teacher_budget, unlabelled)
+        labelled = getattr(self.args, "labelled", CASES)
+        text, checks = table(done, self.args.label_noise, self.teacher_budget, unlabelled, labelled)
         machine = f"{_cpu_model()}, {os.cpu_count()} CPUs" + (
             f", {self.device}" if self.device != "cpu" else ""
         )
@@ -520,6 +527,7 @@ class Report:
             "teacher_seconds": round(self.teacher_seconds),
             "label_noise_mm": self.args.label_noise,
             "unlabelled_cases": unlabelled,
+            "labelled_cases": labelled,
             "teacher_budget": list(self.teacher_budget),
             "student_budget": list(STUDENT_BUDGET),
             "repeat": self.args.repeat,
@@ -578,6 +586,14 @@ def main(argv: list[str] | None = None) -> int:
         f"learning them from the teachers alone, which the no-KD student cannot (default {UNLABELLED})",
     )
     parser.add_argument(
+        "--labelled",
+        type=int,
+        default=CASES,
+        metavar="N",
+        help=f"labelled training cases (default {CASES}, at least 5 for nnU-Net's 5 folds); with few of them "
+        "and --unlabelled, the teachers' knowledge is what the student lacks most",
+    )
+    parser.add_argument(
         "--rows",
         default=None,
         metavar="KEY,...",
@@ -599,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat must be >= 1")
     if args.unlabelled < 0:
         parser.error("--unlabelled must be >= 0")
+    if args.labelled < 5:
+        parser.error("--labelled must be >= 5 (nnU-Net's 5-fold split needs a case per fold)")
     known = {r.key for r in [*ROWS, LABELLED_ONLY, *ABLATION]}
     if args.rows and (unknown := sorted(set(args.rows.split(",")) - known)):
         parser.error(f"--rows: unknown {', '.join(unknown)} (rows: {', '.join(sorted(known))})")
@@ -608,10 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     device = _device()
     started = time.perf_counter()
     try:
-        bench = QualityBench(root, device, args.label_noise, teacher_budget, args.unlabelled)
+        bench = QualityBench(root, device, args.label_noise, teacher_budget, args.unlabelled, args.labelled)
         extra = f" + {args.unlabelled} unlabelled" if args.unlabelled else ""
         print(
-            f"bench quality: {DATASET_NAME} ({CASES} training{extra} + {TEST_CASES} held-out cases of "
+            f"bench quality: {DATASET_NAME} ({args.labelled} training{extra} + {TEST_CASES} held-out cases "
+            f"of "
             f"{'x'.join(SIZE)}; training labels with {args.label_noise} mm annotator noise, test labels "
             f"exact), teachers folds {list(TEACHER_FOLDS)}, device {device}",
             flush=True,

@@ -126,3 +126,22 @@ def test_an_unknown_row_is_refused_before_anything_is_trained(capsys):
     with pytest.raises(SystemExit):
         main(["--rows", "r2_kd,nope"])
     assert "--rows: unknown nope (rows: r2_kd," in capsys.readouterr().err
+
+
+def test_scarce_labels_split_only_the_labelled_cases_and_are_refused_below_five_folds(tmp_path, capsys):
+    import pytest
+
+    from bench.bench_quality import QualityBench, main
+
+    bench = QualityBench(tmp_path, "cpu", unlabelled=3, labelled=5)
+    bench.ws.preprocessed.joinpath(bench.dataset).mkdir(parents=True)
+    bench.write_labelled_splits()
+    splits = json.loads((bench.ws.preprocessed / bench.dataset / "splits_final.json").read_text())
+    assert len(splits) == 5
+    for split in splits:  # nnU-Net's 5 folds over the 5 labelled cases: one validation case each
+        assert len(split["val"]) == 1 and len(split["train"]) == 4
+        assert sorted(split["train"] + split["val"]) == [f"case_{i:04d}" for i in range(5)]
+    assert "5 labelled training cases" in table(_rows([1.0], [1.0]), labelled=5)[0]
+    with pytest.raises(SystemExit):
+        main(["--labelled", "4"])
+    assert "--labelled must be >= 5" in capsys.readouterr().err

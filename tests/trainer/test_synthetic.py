@@ -13,7 +13,13 @@ import pytest
 import SimpleITK as sitk
 from nnunet_distill import synthetic
 from nnunet_distill.cli.synthetic import build_parser, main
-from nnunet_distill.synthetic import LABELS, SyntheticSpec, write_dataset
+from nnunet_distill.synthetic import (
+    LABELS,
+    SyntheticSpec,
+    labelled_case_ids,
+    unlabelled_case_ids,
+    write_dataset,
+)
 
 
 def read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -163,6 +169,8 @@ def test_unlabelled_cases_are_extra_images_with_a_placeholder_label(tmp_path, ca
     assert np.array_equal(
         read(folder / "labelsTr" / "case_0001.nii.gz")[0], read(plain / "labelsTr" / "case_0001.nii.gz")[0]
     )
+    written = sorted(p.name.removesuffix(".nii.gz") for p in (folder / "labelsTr").iterdir())
+    assert written == sorted(labelled_case_ids(2) + unlabelled_case_ids(2))  # the names splits must use
     for case in meta["synthetic"]["unlabelled_cases"]:
         image = read(folder / "imagesTr" / f"{case}_0000.nii.gz")[0]
         assert image.std() > 0 and not np.array_equal(image, labelled_image)  # a real image of its own

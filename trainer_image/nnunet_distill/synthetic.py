@@ -45,6 +45,7 @@ DEFAULT_SIZE = (48, 48, 48)
 SYNTHETIC_MARKER = "nnunet-distill synthetic"
 #: Training cases without annotations (`unlabelled_cases`): images in imagesTr with an all-background
 #: placeholder label, for `--unlabelled_cases` (see nnunet_distill.unlabelled).
+LABELLED_PREFIX = "case"
 UNLABELLED_PREFIX = "unlabelled"
 #: Annotator noise: the smoothing (mm) of the random displacement of a training label's contours. At an
 #: amplitude of 0.8 mm per axis, a noisy label overlaps the exact one with Dice about 0.87 for the organ, 0.74
@@ -99,6 +100,11 @@ class SyntheticSpec:
     @property
     def unlabelled_case_ids(self) -> list[str]:
         return unlabelled_case_ids(self.unlabelled_cases)
+
+
+def labelled_case_ids(count: int) -> list[str]:
+    """The identifiers `write_dataset` gives `count` labelled training cases (splits_final.json's)."""
+    return [f"{LABELLED_PREFIX}_{i:04d}" for i in range(count)]
 
 
 def unlabelled_case_ids(count: int) -> list[str]:
@@ -379,7 +385,7 @@ def write_dataset(raw_dir: str | Path, spec: SyntheticSpec) -> Path:
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (tmp / sub).mkdir(parents=True)
     for split, count, prefix, images_dir, labels_dir in (
-        (0, spec.cases, "case", "imagesTr", "labelsTr"),
+        (0, spec.cases, LABELLED_PREFIX, "imagesTr", "labelsTr"),
         (1, spec.test_cases, "test", "imagesTs", "labelsTs"),
         (2, spec.unlabelled_cases, UNLABELLED_PREFIX, "imagesTr", "labelsTr"),
     ):
