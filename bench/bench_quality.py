@@ -24,7 +24,7 @@ N >= 2 KD - no-KD counts as met only when the gain exceeds twice its standard er
 run-to-run spread is a tie).
 
 Run: ``python -m bench quality`` or ``python -m bench.bench_quality [--keep DIR] [--ablation] [--repeat N]
-[--unlabelled N] [--labelled N] [--rows KEY,...]``.
+[--unlabelled N] [--labelled N] [--image-noise SIGMA] [--rows KEY,...]``.
 CUDA is used when present (mixed precision), else the CPU (about 40 minutes on 2 cores, and about 6 more per
 student and repeat). A ``--keep DIR`` that already holds teachers trained with this budget reuses them, so a
 method experiment retrains only the students.
@@ -223,6 +223,7 @@ class QualityBench(BenchWorkspace):
         teacher_budget: tuple[str, ...] = TEACHER_BUDGET,
         unlabelled: int = UNLABELLED,
         labelled: int = CASES,
+        image_noise: float = synthetic.NOISE_SIGMA,
     ):
         super().__init__(root, DATASET_ID, DATASET_NAME)
         self.device = device
@@ -230,6 +231,7 @@ class QualityBench(BenchWorkspace):
         self.teacher_budget = teacher_budget
         self.unlabelled = unlabelled
         self.labelled = labelled
+        self.image_noise = image_noise
 
     def _teachers_record(self) -> Path:
         return self.root / "teachers.json"
@@ -247,6 +249,7 @@ class QualityBench(BenchWorkspace):
             or kept.get("label_noise_mm", 0.0) != self.label_noise
             or kept.get("unlabelled", 0) != self.unlabelled
             or kept.get("labelled", CASES) != self.labelled
+            or kept.get("image_noise", synthetic.NOISE_SIGMA) != self.image_noise
         ):
             return None
         return float(kept["seconds"])
@@ -281,6 +284,8 @@ class QualityBench(BenchWorkspace):
                 str(self.label_noise),
                 "--unlabelled-cases",
                 str(self.unlabelled),
+                "--image-noise",
+                str(self.image_noise),
             ]
         )
         self.run(
@@ -322,6 +327,7 @@ class QualityBench(BenchWorkspace):
             "label_noise_mm": self.label_noise,
             "unlabelled": self.unlabelled,
             "labelled": self.labelled,
+            "image_noise": self.image_noise,
             "seconds": round(seconds),
         }
         self._teachers_record().write_text(json.dumps(record) + "\n")
@@ -419,6 +425,7 @@ def table(
     teacher_budget: tuple[str, ...] = TEACHER_BUDGET,
     unlabelled: int = UNLABELLED,
     labelled: int = CASES,
+    image_noise: float = synthetic.NOISE_SIGMA,
 ) -> tuple[str, dict]:
     """The printed table and the goal checks (pure, from the rows' summaries)."""
     first = rows[0].summary
@@ -485,13 +492,18 @@ def table(
         f"({', '.join(cases.get('ids', []))}),"
         f" mirroring TTA {'on' if cases.get('mirroring_tta') else 'off'}; every student: fold 0, "
         f"{' '.join(STUDENT_BUDGET[:4])}; teachers: {' '.join(teacher_budget[:4])}; {labelled} labelled "
-        "training cases, labels: "
+        f"training cases, image noise sigma {image_noise}, labels: "
         + (f"{label_noise} mm annotator noise" if label_noise else "exact")
         + ", test labels: exact"
         + (
             f"; the KD students also train on {unlabelled} unlabelled images that only the teachers label "
-            f"(--unlabelled_cases) except the one on labelled cases only, which trains like the no-KD "
-            f"student on the fold-0 split of the {labelled} labelled cases"
+            f"(--unlabelled_cases)"
+            + (
+                f" except the one on labelled cases only, which trains like the no-KD student on the fold-0 "
+                f"split of the {labelled} labelled cases"
+                if LABELLED_ONLY.key in by_key
+                else ""
+            )
             if unlabelled
             else ""
         )
@@ -514,7 +526,10 @@ class Report:
         done = [r for r in rows if r.runs]
         unlabelled = getattr(self.args, "unlabelled", UNLABELLED)
         labelled = getattr(self.args, "labelled", CASES)
-        text, checks = table(done, self.args.label_noise, self.teacher_budget, unlabelled, labelled)
+        image_noise = getattr(self.args, "image_noise", synthetic.NOISE_SIGMA)
+        text, checks = table(
+            done, self.args.label_noise, self.teacher_budget, unlabelled, labelled, image_noise
+        )
         machine = f"{_cpu_model()}, {os.cpu_count()} CPUs" + (
             f", {self.device}" if self.device != "cpu" else ""
         )
@@ -528,6 +543,7 @@ class Report:
             "label_noise_mm": self.args.label_noise,
             "unlabelled_cases": unlabelled,
             "labelled_cases": labelled,
+            "image_noise_sigma": image_noise,
             "teacher_budget": list(self.teacher_budget),
             "student_budget": list(STUDENT_BUDGET),
             "repeat": self.args.repeat,
@@ -594,6 +610,14 @@ def main(argv: list[str] | None = None) -> int:
         "and --unlabelled, the teachers' knowledge is what the student lacks most",
     )
     parser.add_argument(
+        "--image-noise",
+        type=float,
+        default=synthetic.NOISE_SIGMA,
+        metavar="SIGMA",
+        help=f"Gaussian image noise (background 1, organ 2; default {synthetic.NOISE_SIGMA}): larger makes "
+        "the task hard enough that one model trained on few cases errs where the ensemble averages",
+    )
+    parser.add_argument(
         "--rows",
         default=None,
         metavar="KEY,...",
@@ -626,12 +650,15 @@ def main(argv: list[str] | None = None) -> int:
     device = _device()
     started = time.perf_counter()
     try:
-        bench = QualityBench(root, device, args.label_noise, teacher_budget, args.unlabelled, args.labelled)
+        bench = QualityBench(
+            root, device, args.label_noise, teacher_budget, args.unlabelled, args.labelled, args.image_noise
+        )
         extra = f" + {args.unlabelled} unlabelled" if args.unlabelled else ""
         print(
             f"bench quality: {DATASET_NAME} ({args.labelled} training{extra} + {TEST_CASES} held-out cases "
             f"of "
-            f"{'x'.join(SIZE)}; training labels with {args.label_noise} mm annotator noise, test labels "
+            f"{'x'.join(SIZE)}, image noise sigma {args.image_noise}; training labels with "
+            f"{args.label_noise} mm annotator noise, test labels "
             f"exact), teachers folds {list(TEACHER_FOLDS)}, device {device}",
             flush=True,
         )

@@ -4,6 +4,7 @@ checks are tested here without training anything (the bench itself trains for re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -116,6 +117,11 @@ def test_unlabelled_images_go_only_to_the_kd_rows_that_can_learn_from_them(tmp_p
         in table(_rows([1.0], [1.0]), unlabelled=2)[0]
     )
     assert "unlabelled" not in table(_rows([1.0], [1.0]))[0]
+    # the labelled-only student is described only where the table has it
+    assert "except the one on labelled cases only" not in table(_rows([1.0], [1.0]), unlabelled=2)[0]
+    labelled_only = dataclasses.replace(LABELLED_ONLY, runs=[Run(_summary(1.0), 60.0)])
+    text = table([*_rows([1.0], [1.0]), labelled_only], unlabelled=2)[0]
+    assert "except the one on labelled cases only" in text
 
 
 def test_an_unknown_row_is_refused_before_anything_is_trained(capsys):

@@ -340,3 +340,30 @@ def test_label_noise_perturbs_only_the_training_labels_and_hurts_thin_structures
 def test_label_noise_out_of_range_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--label-noise must be in 0\.\.5"):
         SyntheticSpec(dataset_id=17, name="X", label_noise=-1.0)
+
+
+def test_image_noise_scales_only_the_noise_and_leaves_every_label_as_it_was(tmp_path, capsys):
+    """`--image-noise`: the same cases, their noise drawn from the same streams at another strength."""
+    folders = {}
+    for sigma in (0.15, 0.6, 1.05):
+        raw = tmp_path / str(sigma)
+        argv = ["-d", "18", "--name", "N", "--layout", "organ", "--cases", "2", "--test-cases", "1"]
+        assert (
+            main([*argv, "--size", "16", "16", "16", "--image-noise", str(sigma), "--raw-dir", str(raw)]) == 0
+        )
+        folders[sigma] = raw / "Dataset018_N"
+    assert json.loads((folders[0.6] / "dataset.json").read_text())["synthetic"]["image_noise_sigma"] == 0.6
+    for sub, name in (("labelsTr", "case_0001.nii.gz"), ("labelsTs", "test_0000.nii.gz")):
+        assert np.array_equal(read(folders[0.15] / sub / name)[0], read(folders[1.05] / sub / name)[0])
+    image = {
+        s: read(f / "imagesTr" / "case_0001_0000.nii.gz")[0].astype(np.float64) for s, f in folders.items()
+    }
+    step_1, step_2 = image[0.6] - image[0.15], image[1.05] - image[0.6]  # (0.45 * noise) * bias, twice
+    assert np.allclose(step_1, step_2, atol=1e-4) and step_1.std() > 0.1
+    # the default is the generator's own noise, and a noise-free or absurd image is refused
+    assert SyntheticSpec(dataset_id=18, name="N").image_noise == synthetic.NOISE_SIGMA
+    for bad in (0.0, 4.0):
+        with pytest.raises(ValueError, match=r"--image-noise must be in \(0, 3\]"):
+            SyntheticSpec(dataset_id=18, name="N", image_noise=bad)
+    assert main(["-d", "18", "--name", "N", "--image-noise", "0", "--raw-dir", str(tmp_path / "z")]) == 2
+    assert "--image-noise must be in (0, 3]" in capsys.readouterr().err

@@ -69,6 +69,7 @@ class SyntheticSpec:
     layout: str = "spheres"
     label_noise: float = 0.0
     unlabelled_cases: int = 0
+    image_noise: float = NOISE_SIGMA
     spacing: tuple[float, float, float] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,8 @@ class SyntheticSpec:
             raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.unlabelled_cases < 0:
             raise ValueError(f"--unlabelled-cases must be >= 0, got {self.unlabelled_cases}")
+        if not 0.0 < self.image_noise <= 3.0:
+            raise ValueError(f"--image-noise must be in (0, 3] (intensity units), got {self.image_noise}")
         if not 0.0 <= self.label_noise <= 5.0:
             raise ValueError(f"--label-noise must be in 0..5 (mm), got {self.label_noise}")
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
@@ -192,6 +195,7 @@ def generate_case(
     size_xyz: tuple[int, int, int],
     spacing_xyz: tuple[float, float, float],
     channels: int,
+    noise_sigma: float = NOISE_SIGMA,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """One case: per-channel float32 images and a uint8 label map, both in numpy (z, y, x) order.
 
@@ -222,7 +226,7 @@ def generate_case(
     for c in range(channels):
         table = np.asarray(contrast_table(c), dtype=np.float32)
         tissue = table[label]
-        noise = rng.normal(0.0, NOISE_SIGMA, size=shape).astype(np.float32)
+        noise = rng.normal(0.0, noise_sigma, size=shape).astype(np.float32)
         images.append(((tissue + noise) * bias).astype(np.float32))
     return images, label
 
@@ -260,6 +264,7 @@ def generate_organ_case(
     size_xyz: tuple[int, int, int],
     spacing_xyz: tuple[float, float, float],
     channels: int,
+    noise_sigma: float = NOISE_SIGMA,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """One case of the "organ" layout, in numpy (z, y, x) order.
 
@@ -291,7 +296,7 @@ def generate_organ_case(
         # background, organ, lesion, vessel: the lesion is darker than the organ, the vessel brightest
         table = np.asarray((1.0, 2.0, 0.5, 3.0) if c % 2 == 0 else (1.0, 0.5, 2.0, 2.4), dtype=np.float32)
         tissue = table[label]
-        noise = rng.normal(0.0, NOISE_SIGMA, size=shape).astype(np.float32)
+        noise = rng.normal(0.0, noise_sigma, size=shape).astype(np.float32)
         images.append(((tissue + noise) * bias).astype(np.float32))
     return images, label
 
@@ -345,6 +350,7 @@ def dataset_json(spec: SyntheticSpec) -> dict:
             "test_cases": spec.test_cases,
             "layout": spec.layout,
             "label_noise_mm": spec.label_noise,
+            "image_noise_sigma": spec.image_noise,
             # placeholders: keep them out of the teachers' splits_final.json (nnunet_distill.unlabelled)
             "unlabelled_cases": spec.unlabelled_case_ids,
         },
@@ -392,7 +398,7 @@ def write_dataset(raw_dir: str | Path, spec: SyntheticSpec) -> Path:
         for i in range(count):
             rng = np.random.default_rng([spec.seed, split, i])
             generate = generate_organ_case if spec.layout == "organ" else generate_case
-            images, label = generate(rng, spec.size, spec.spacing, spec.channels)
+            images, label = generate(rng, spec.size, spec.spacing, spec.channels, spec.image_noise)
             if split == 0 and spec.label_noise > 0:
                 # its own stream, so the images (and the exact test labels) do not depend on the noise
                 noise_rng = np.random.default_rng([spec.seed, split, i, 1])

@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         "vessel Dice of about 0.63). The test labels stay exact.",
     )
     parser.add_argument(
+        "--image-noise",
+        type=float,
+        default=synthetic.NOISE_SIGMA,
+        metavar="SIGMA",
+        help=f"standard deviation of the Gaussian image noise, in intensity units where background is 1 and "
+        f"the organ 2 (default {synthetic.NOISE_SIGMA}; larger makes the task harder, so that a model "
+        "trained on few cases errs where an ensemble averages)",
+    )
+    parser.add_argument(
         "--unlabelled-cases",
         type=int,
         default=0,
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             layout=args.layout,
             label_noise=args.label_noise,
             unlabelled_cases=args.unlabelled_cases,
+            image_noise=args.image_noise,
         )
         raw_dir = args.raw_dir if args.raw_dir is not None else env_dir("nnUNet_raw")
         start = time.perf_counter()
