@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 # ---- the DistillationJob API
@@ -254,3 +255,21 @@ def sidecar_path(onnx_file: str | Path) -> Path:
     """
     path = Path(onnx_file)
     return path.with_name(path.stem + SIDECAR_SUFFIX)
+
+
+# Unlabelled training cases (nnunet_distill.unlabelled): the rules the spec and the CLI both check.
+
+
+def repeated(cases: Sequence[str]) -> list[str]:
+    """The cases named more than once (a typo, or a list pasted twice)."""
+    return sorted(case for case, n in Counter(cases).items() if n > 1)
+
+
+def needs_kd(cases: Sequence[str], alpha: float) -> bool:
+    """True when unlabelled cases are given without KD: a case without labels teaches nothing else."""
+    return bool(cases) and alpha == 0
+
+
+def held_out(cases: Sequence[str], test_cases: Iterable[str] | None) -> list[str]:
+    """The cases also named as held-out test cases: a test case is never trained on, labelled or not."""
+    return sorted(set(cases) & set(test_cases or ()))

@@ -7,10 +7,11 @@ case; all background is the usual placeholder). They join the student's training
 nnU-Net's hard loss sees only the labelled samples while KD sees all of them.
 
 The teachers must never have trained on a placeholder label, so an unlabelled case may not appear in any
-fold of ``splits_final.json`` (nnU-Net's split file, which the teachers' folds come from). Pure rules here
-(the spec's and the CLI's checks phrase :func:`repeated`, :func:`needs_kd` and :func:`held_out` for their
-own field names), plus :func:`check`, the one read of the preprocessed dataset they need before training;
-the trainer applies them (:class:`nnunet_distill.trainer_folds.FoldSplitMixin`, ``train_step``).
+fold of ``splits_final.json`` (nnU-Net's split file, which the teachers' folds come from). Pure rules here;
+``repeated``, ``needs_kd`` and ``held_out``, which the spec and the CLI both check, live in
+:mod:`nnunet_distill.contract` so that the operator can import them. :func:`check` is the one read of the
+preprocessed dataset the rules need before training; the trainer applies them
+(:class:`nnunet_distill.trainer_folds.FoldSplitMixin`, ``train_step``).
 """
 
 from __future__ import annotations
@@ -19,22 +20,9 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from nnunet_distill.contract import held_out, needs_kd, repeated  # noqa: F401 - the rules live there
+
 FLAG = "--unlabelled_cases"
-
-
-def repeated(cases: Sequence[str]) -> list[str]:
-    """The cases named more than once (a typo, or a list pasted twice)."""
-    return sorted({c for c in cases if list(cases).count(c) > 1})
-
-
-def needs_kd(cases: Sequence[str], alpha: float) -> bool:
-    """True when unlabelled cases are given without KD: a case without labels teaches nothing else."""
-    return bool(cases) and alpha == 0
-
-
-def held_out(cases: Sequence[str], test_cases: Iterable[str] | None) -> list[str]:
-    """The cases also named as held-out test cases: a test case is never trained on, labelled or not."""
-    return sorted(set(cases) & set(test_cases or ()))
 
 
 def problems(

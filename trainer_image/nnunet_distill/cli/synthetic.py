@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the labels are: 'spheres' (bright, dark, small; default) or 'organ' (organ, "
         "lesion, vessel: a large, a small and a thin structure)",
     )
+    _add_difficulty_flags(parser)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--raw-dir", type=Path, default=None, help="nnU-Net raw folder (default $nnUNet_raw)")
+    return parser
+
+
+def _add_difficulty_flags(parser: argparse.ArgumentParser) -> None:
+    """What makes the data harder than its default: noisy annotations and images, and unlabelled images."""
     parser.add_argument(
         "--label-noise",
         type=float,
@@ -78,9 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
         "placeholder label each, listed in dataset.json) for nnUNetv2_distillation_train "
         "--unlabelled_cases; keep them out of the teachers' splits_final.json (default 0)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--raw-dir", type=Path, default=None, help="nnU-Net raw folder (default $nnUNet_raw)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
