@@ -656,8 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = f" + {args.unlabelled} unlabelled" if args.unlabelled else ""
         print(
             f"bench quality: {DATASET_NAME} ({args.labelled} training{extra} + {TEST_CASES} held-out cases "
-            f"of "
-            f"{'x'.join(SIZE)}, image noise sigma {args.image_noise}; training labels with "
+            f"of {'x'.join(SIZE)}, image noise sigma {args.image_noise}; training labels with "
             f"{args.label_noise} mm annotator noise, test labels "
             f"exact), teachers folds {list(TEACHER_FOLDS)}, device {device}",
             flush=True,

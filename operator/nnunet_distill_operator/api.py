@@ -55,7 +55,7 @@ from nnunet_distill_operator.status_model import (  # noqa: F401 - the API's sta
 )
 
 # The names the trainer shares: one definition, in the contract (`X as X`: re-exported as api.X).
-from nnunet_distill import contract as contract_rules
+from nnunet_distill import contract
 from nnunet_distill.contract import (
     API_VERSION as API_VERSION,
     DEFAULT_PLANS,
@@ -237,13 +237,13 @@ class DistillationJobSpec(SpecModel):
     def _unlabelled_rules(self, problem: Any) -> None:
         """Cases without labels teach the student only through KD, and a held-out case is never trained on."""
         d = self.distillation
-        if contract_rules.needs_kd(d.unlabelled_cases, d.alpha):
+        if contract.needs_kd(d.unlabelled_cases, d.alpha):
             problem(
                 "distillation.unlabelledCases",
                 "needs KD: with alpha 0 the student learns nothing from a case without labels (set "
                 "distillation.alpha > 0 or drop unlabelledCases)",
             )
-        if both := contract_rules.held_out(d.unlabelled_cases, d.test_cases):
+        if both := contract.held_out(d.unlabelled_cases, d.test_cases):
             problem("distillation.unlabelledCases", f"also in testCases: {', '.join(both)}")
 
     def _architecture_rules(self, problem: Any) -> None:

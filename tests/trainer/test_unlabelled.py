@@ -4,7 +4,7 @@ folds, the student's split and batch mask, and the flag's validation."""
 from __future__ import annotations
 
 import pytest
-from nnunet_distill import distill, unlabelled
+from nnunet_distill import contract, distill, unlabelled
 from nnunet_distill.cli.train_flags import STANDARD, build_parser_standard, config_from_args
 from nnunet_distill.config import ConfigError, DistillationConfig
 
@@ -36,11 +36,11 @@ def test_split_and_batch_mask():
 
 
 def test_the_spec_and_cli_rules_are_one_set_of_pure_functions():
-    assert unlabelled.repeated(["a", "b", "a", "c", "b"]) == ["a", "b"] and unlabelled.repeated(["a"]) == []
-    assert unlabelled.needs_kd(["u"], 0.0) and not unlabelled.needs_kd(["u"], 0.3)
-    assert not unlabelled.needs_kd([], 0.0)  # no unlabelled cases: nothing to learn by KD alone
-    assert unlabelled.held_out(["u2", "u1", "x"], ["x", "u1"]) == ["u1", "x"]
-    assert unlabelled.held_out(["u1"], None) == []
+    assert contract.repeated(["a", "b", "a", "c", "b"]) == ["a", "b"] and contract.repeated(["a"]) == []
+    assert contract.needs_kd(["u"], 0.0) and not contract.needs_kd(["u"], 0.3)
+    assert not contract.needs_kd([], 0.0)  # no unlabelled cases: nothing to learn by KD alone
+    assert contract.held_out(["u2", "u1", "x"], ["x", "u1"]) == ["u1", "x"]
+    assert contract.held_out(["u1"], None) == []
 
 
 def _config(**kwargs) -> DistillationConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from nnunet_distill import contract, unlabelled
+from nnunet_distill import contract
 
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KD_MODES = ("pixel", "channel", "both")  # = loss.KD_MODES (kept torch-free here)
@@ -159,14 +159,14 @@ def validate(cfg: DistillationConfig) -> None:
 
 def _validate_unlabelled_cases(cfg: DistillationConfig) -> None:
     cases = cfg.unlabelled_cases
-    if twice := unlabelled.repeated(cases):
+    if twice := contract.repeated(cases):
         raise ConfigError(f"--unlabelled_cases lists a case twice: {', '.join(twice)}")
-    if unlabelled.needs_kd(cases, cfg.alpha):
+    if contract.needs_kd(cases, cfg.alpha):
         raise ConfigError(
             "--unlabelled_cases needs KD: with -a 0 the student learns nothing from a case without labels "
             "(give -a > 0, or drop --unlabelled_cases)"
         )
-    if both := unlabelled.held_out(cases, cfg.test_cases):
+    if both := contract.held_out(cases, cfg.test_cases):
         raise ConfigError(f"--unlabelled_cases and --test_cases both name {', '.join(both)}")
 
 

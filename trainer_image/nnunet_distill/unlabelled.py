@@ -20,8 +20,6 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from nnunet_distill.contract import held_out, needs_kd, repeated  # noqa: F401 - the rules live there
-
 FLAG = "--unlabelled_cases"
 
 
