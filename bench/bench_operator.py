@@ -570,7 +570,8 @@ def _emulator_settings() -> str:
     return (
         f"kmock {version('kmock')} (ApiServerLikeEmulator), aiohttp {version('aiohttp')}, one process and "
         "thread, asyncio's default event loop (kmock offers no other), aiohttp access log off (WARNING), "
-        "request log kept to 1 entry; a request that names one object finds it by key (kmock itself scans "
+        "request log kept to 1 entry (a request is matched against it and itself, not against the watches "
+        "and requests in flight); a request that names one object finds it by key (kmock itself scans "
         "every stored object, which made the emulator the bottleneck), lists and watches still scan"
     )
 

@@ -74,3 +74,7 @@ async def test_operator_process_reconciles_serves_metrics_and_liveness_and_stops
     text = log.read_text()
     assert code == 0, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+    # At INFO the log says what the operator did, without kopf's line for every watch event it handled.
+    assert "proc: StageStarted: created Job proc-distill" in text, text[-3000:]
+    assert "[kopf.activities.startup] Activity 'startup' succeeded." in text, text[-3000:]
+    assert "Handler 'on_distillationjob' succeeded." not in text, text[-3000:]
