@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from bench.machine import describe as describe_machine
+
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENTIAL = 200
 CLIENT_THREADS = 16
@@ -515,7 +517,7 @@ def report(runs: list[dict[str, Any]], n: int, load: tuple[str, str]) -> list[st
     """The table: pooled latencies with their run-to-run spread, CPU shares, RSS and catch-up."""
     lines = [
         "CR -> first Job latency: nnunet-distill-operator process (resync 60 s, INFO logs) vs kmock",
-        f"runs: {len(runs)}; load before: {load[0]}",
+        f"machine: {describe_machine()}; runs: {len(runs)}; load before: {load[0]}",
         f"emulator: {_emulator_settings()}",
         f"{'scenario':<24}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'goal p95':>12}",
     ]

@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -46,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.machine import describe as describe_machine
 from bench.workspace import BenchWorkspace
 from nnunet_distill import contract, synthetic
 
@@ -196,16 +195,6 @@ ABLATION = [
     ),
     Row("r4_no_kd", "r=4 alpha=0 (no KD)", 4, ("-a", "0")),
 ]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _device() -> str:
@@ -530,9 +519,7 @@ class Report:
         text, checks = table(
             done, self.args.label_noise, self.teacher_budget, unlabelled, labelled, image_noise
         )
-        machine = f"{_cpu_model()}, {os.cpu_count()} CPUs" + (
-            f", {self.device}" if self.device != "cpu" else ""
-        )
+        machine = describe_machine() + (f", {self.device}" if self.device != "cpu" else "")
         result = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "machine": machine,

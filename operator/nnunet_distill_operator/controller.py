@@ -6,6 +6,13 @@ Design (see reconcile.py for the logic, effects.py for the side effects):
 - kopf indexes hold the Jobs and pods by owner. kopf fills all indexes before any handler runs, so an
   operator that restarts mid-run sees the existing Jobs before it could create one: no duplicates.
   Job names are deterministic on top of that, so a race can only ever produce a 409, never a 2nd Job.
+- The DistillationJobs themselves are not a kopf index but `State.djs`, filled by their own event handler
+  (`on_distillationjob`): an index would add nothing to the no-duplicate promise above (a DistillationJob's
+  handler is what creates its Jobs), and each indexed object costs kopf's index-readiness wait: every object
+  that arrives while indexes fill waits on one condition that is notified whenever an object is indexed,
+  so the wake-ups grow with (waiting objects) x (indexed objects), seconds of CPU at a restart with a
+  thousand DistillationJobs. A Job's event whose owner has not been seen yet reconciles nothing: the owner's
+  own event, which follows, does.
 - One lock per DistillationJob serialises reconciliations (handlers run in kopf's thread pool).
 - Single writer: only the operator writes the status fields it owns, so the result of its own last
   status patch is always the newest value of those fields; it is overlaid on (possibly stale) bodies
@@ -102,7 +109,6 @@ async def startup(
     settings: kopf.OperatorSettings,
     memo: kopf.Memo,
     logger: logging.Logger,
-    distillationjobs_idx: Any,
     stage_jobs_idx: Any,
     stage_pods_idx: Any,
     **_: Any,
@@ -116,7 +122,7 @@ async def startup(
         retry_max_seconds=CONFIG.retry_max_seconds,
     )
     state.loop, state.wakeup = asyncio.get_running_loop(), asyncio.Event()
-    state.djs_index, state.jobs_index, state.pods_index = distillationjobs_idx, stage_jobs_idx, stage_pods_idx
+    state.jobs_index, state.pods_index = stage_jobs_idx, stage_pods_idx
     memo.state = state
     metrics.JOBS.clear()
     if CONFIG.metrics_port is not None:
@@ -145,12 +151,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.probe(id="distillationjobs", registry=REGISTRY)
 def probe_jobs(memo: kopf.Memo, **_: Any) -> int:
     state = getattr(memo, "state", None)
-    return len(state.djs_index) if state is not None and state.djs_index is not None else 0
-
-
-@kopf.index(api.GROUP, api.VERSION, api.PLURAL, registry=REGISTRY)
-def distillationjobs_idx(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): _plain(body)}
+    return len(state.djs) if state is not None else 0
 
 
 def _by_owning_job(
@@ -170,7 +171,7 @@ def _by_owning_job(
     labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
     registry=REGISTRY,
 )
-def stage_jobs_idx(
+async def stage_jobs_idx(
     namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body, **_: Any
 ) -> dict[Any, Any] | None:
     return _by_owning_job(namespace, annotations, labels, _plain(kept_job(body)))
@@ -179,7 +180,7 @@ def stage_jobs_idx(
 @kopf.index(
     "", "v1", "pods", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT}, registry=REGISTRY
 )
-def stage_pods_idx(
+async def stage_pods_idx(
     namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body, **_: Any
 ) -> dict[Any, Any] | None:
     return _by_owning_job(namespace, annotations, labels, _plain(body))
@@ -193,9 +194,9 @@ def on_distillationjob(
     if type == "DELETED" or (body.get("metadata") or {}).get("deletionTimestamp"):
         _forget(state, namespace, name, uid)
         return
-    # kopf updates the indexes before it calls the handlers: the index holds this event's body, copied.
-    indexed = list(state.djs_index.get((namespace, name), ())) if state.djs_index is not None else []
-    reconcile_one(state, indexed[-1] if indexed else _plain(body), trigger="distillationjob")
+    # kopf serialises the handlers of one object: this event's body is the newest one its Jobs' handlers see.
+    plain = state.djs[(namespace, name)] = _plain(body)
+    reconcile_one(state, plain, trigger="distillationjob")
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={k8s.LABEL_JOB: kopf.PRESENT}, registry=REGISTRY)
@@ -218,16 +219,15 @@ def _plain(body: Any) -> dict[str, Any]:
 
 def _forget(state: State, namespace: str, name: str, uid: str) -> None:
     metrics.JOBS.forget(namespace, name)
+    state.djs.pop((namespace, name), None)
     state.forget((namespace, name, uid))
 
 
 def _reconcile_owner(state: State, namespace: str, owner: str | None, trigger: str) -> None:
-    if not owner or state.djs_index is None:
-        return
-    bodies = list(state.djs_index.get((namespace, owner), ()))
-    if not bodies:
-        return  # the owner is gone; the garbage collector deletes its Jobs
-    reconcile_one(state, bodies[-1], trigger=trigger)
+    body = state.djs.get((namespace, owner)) if owner else None
+    if body is None:
+        return  # the owner is gone (the garbage collector deletes its Jobs), or its first event is to come
+    reconcile_one(state, body, trigger=trigger)
 
 
 def _indexed(index: Any, namespace: str, name: str) -> dict[str, list[dict[str, Any]]]:
@@ -432,16 +432,14 @@ async def _resync_forever(state: State) -> None:
             next_full = now + CONFIG.resync_seconds
         due = {(ns, n) for (ns, n, _uid), (_c, at, _w) in list(state.failures.items()) if at <= now}
         for key in list(state.failures):
-            if (key[0], key[1]) in due and not list((state.djs_index or {}).get((key[0], key[1]), ())):
+            if (key[0], key[1]) in due and (key[0], key[1]) not in state.djs:
                 state.failures.pop(key, None)  # gone meanwhile
-        for key in list(state.djs_index or ()):
+        for key in list(state.djs):
             if not (full or key in due):
                 continue
-            items = list(state.djs_index.get(key, ()))
-            if items:
-                await loop.run_in_executor(
-                    None, reconcile_one, state, items[-1], "resync" if full else "retry"
-                )
+            body = state.djs.get(key)
+            if body is not None:
+                await loop.run_in_executor(None, reconcile_one, state, body, "resync" if full else "retry")
         wake_at = min([next_full] + [at for (_c, at, _w) in list(state.failures.values())])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.wakeup.wait(), max(0.0, wake_at - time.monotonic()))

@@ -158,9 +158,10 @@ class State:
     loop: asyncio.AbstractEventLoop | None = None
     wakeup: asyncio.Event | None = None
     deleted: set[Key] = field(default_factory=set)
+    # The newest body of each DistillationJob, by (namespace, name) (controller.py says why not an index).
+    djs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     jobs_index: Any = None
     pods_index: Any = None
-    djs_index: Any = None
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self.locks_guard:

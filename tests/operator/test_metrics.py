@@ -211,4 +211,4 @@ async def test_liveness_endpoint_reports_the_operator(kmock: Any, clients: Any, 
 
 
 def operator_probe(runner: OperatorRunner) -> int:
-    return len(runner.state.djs_index)
+    return len(runner.state.djs)
