@@ -56,7 +56,6 @@ from nnunet_distill_operator import api, k8s, metrics
 from nnunet_distill_operator.effects import JobInvalid, JobRejected, apply_decision
 from nnunet_distill_operator.operator_state import Clients, Key, State, WatchOnlyDiffBase, kept_job
 from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, decide
-from nnunet_distill_operator.trees import copy_tree
 
 log = logging.getLogger("nnunet_distill_operator")
 REGISTRY = kopf.OperatorRegistry()
@@ -213,8 +212,10 @@ def on_pod(namespace: str, annotations: Mapping[str, str], memo: kopf.Memo, **_:
 
 
 def _plain(body: Any) -> dict[str, Any]:
-    """A private copy of a watched body (kopf may reuse its dicts)."""
-    return copy_tree(dict(body))
+    """A watched body as a plain dict, sharing the event's own nested dicts: kopf decodes every watch event
+    into new dicts and never changes them, and nothing here changes a body either (`decide` never mutates its
+    input). A deep copy of each event was 7 % of the operator's CPU in a profile of the burst."""
+    return dict(body)
 
 
 def _forget(state: State, namespace: str, name: str, uid: str) -> None:

@@ -63,16 +63,25 @@ class Clients:
 
         For bodies the operator builds itself (status patches, Events, the trainer identity, the stage
         Jobs): the typed methods would validate them into the client's models and serialize them back,
-        which cost more CPU than the request itself (`effects` says what checks a Job instead).
+        which cost more CPU than the request itself (`effects` says what checks a Job instead). The body is
+        not handed to the client either: it would walk the whole tree first (`sanitize_for_serialization`,
+        for its models and datetimes, which a JSON tree has none of), 18 % of a request's CPU in a profile
+        of the burst. The client still builds the URL and the authentication headers, and its own connection
+        pool (TLS, proxy) sends the request.
         """
-        request = self.api_client.param_serialize(
+        from kubernetes.client.rest import RESTResponse
+
+        method, url, headers, _body, _post = self.api_client.param_serialize(
             method=method,
             resource_path=path,
             header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api_client.call_api(*request)
+        payload = json.dumps(body).encode() if body is not None else None
+        pool = self.api_client.rest_client.pool_manager
+        response = RESTResponse(
+            pool.request(method, url, body=payload, headers=headers, preload_content=False)
+        )
         data = response.read()
         if not 200 <= response.status <= 299:
             raise self.ApiException.from_response(http_resp=response, body=None, data=None)
