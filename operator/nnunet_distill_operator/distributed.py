@@ -124,11 +124,12 @@ def master_address(job_name: str, namespace: str) -> str:
     return f"{job_name}-0.{service_name(job_name)}.{namespace}.svc"
 
 
-def with_rendezvous(job: Mapping[str, Any], gpus: int, nodes: int) -> dict[str, Any]:
-    """A copy of a stage Job made multi-node: Indexed, M pods at once, subdomain, the PET_* env."""
-    out: dict[str, Any] = copy_tree(dict(job))
+def with_rendezvous(job: dict[str, Any], gpus: int, nodes: int) -> dict[str, Any]:
+    """A stage Job made multi-node (Indexed, M pods at once, subdomain, the PET_* env), as a copy; a
+    single-node Job as it is."""
     if nodes <= 1:
-        return out
+        return job
+    out: dict[str, Any] = copy_tree(job)
     name = out["metadata"]["name"]
     namespace = out["metadata"]["namespace"]
     spec = out["spec"]

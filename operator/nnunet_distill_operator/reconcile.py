@@ -435,7 +435,8 @@ def _status_patch(prev: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
             continue
         value = new[key]
         old = prev.get(key)
-        unchanged = old is None if value is None else compact(value) == compact(old)
+        # Equal trees need no compacting (most passes change nothing; compacting both was 4 % of the CPU).
+        unchanged = old is None if value is None else (value == old or compact(value) == compact(old))
         if not unchanged:
             patch[key] = value
     return {"status": patch} if patch else None
