@@ -315,13 +315,8 @@ def _containers(
     image = spec.image or defaults.image
     pull_policy = spec.image_pull_policy or defaults.image_pull_policy
 
-    built: list[str] = []
-
-    def own(tree: Any) -> Any:  # a container after the first copies what they share: no YAML aliases
-        return copy_tree(tree) if built else tree
-
-    def container(name: str, argv: tuple[str, ...], guarded: bool) -> dict[str, Any]:
-        built.append(name)
+    def container(name: str, argv: tuple[str, ...], guarded: bool, shared: bool) -> dict[str, Any]:
+        own = (lambda tree: tree) if shared else copy_tree  # later containers copy: no YAML aliases
         c: dict[str, Any] = {
             "name": name,
             "image": image,
@@ -339,8 +334,8 @@ def _containers(
             c["imagePullPolicy"] = pull_policy
         return c
 
-    init = [container(c.name, c.argv, guarded=False) for c in stage.commands[:-1]]
-    main = container(CONTAINER_MAIN, stage.argv, guarded=True)
+    steps = [*((c.name, c.argv, False) for c in stage.commands[:-1]), (CONTAINER_MAIN, stage.argv, True)]
+    *init, main = [container(n, a, g, shared=i == 0) for i, (n, a, g) in enumerate(steps)]
     if init and stage.done_when_exists:
         # The guard must also protect the preparation steps: guard the first one instead.
         init[0]["args"] = container_command(stage, stage.commands[0].argv, guarded=True)
