@@ -201,6 +201,8 @@ ABLATION = [
         ("--kd_mode", "pixel", "--student_init", "teacher"),
     ),
     Row("r4_no_kd", "r=4 alpha=0 (no KD)", 4, ("-a", "0")),
+    Row("r2_kd_a08", "r=2 KD, alpha=0.8", 2, ("-a", "0.8")),
+    Row("r2_kd_a08_t1", "r=2 KD, alpha=0.8, T=1", 2, ("-a", "0.8", "-temp", "1")),
 ]
 
 
