@@ -11,8 +11,8 @@ number of iterations:
 * with ``--unlabelled N``, the dataset also holds N training images without annotations: the KD students
   train on them too (``--unlabelled_cases``: the teachers label them, nnU-Net's hard loss skips them), and a
   fourth row, r=2 with KD on the labelled cases only, separates what the images add from what KD does;
-* with ``--ablation``, also the earlier method (pixel-wise KD from a random initialisation) and each change
-  alone.
+* with ``--ablation``, also the earlier method (pixel-wise KD from a random initialisation), each change
+  alone, random-init students with and without KD, and KD-heavy students (alpha 0.8, at T 3 and T 1).
 
 Every figure comes from the distill stage's own held-out evaluation (`distillation_summary.json`): nnU-Net's
 predictor and metric code on the test cases, the teacher ensemble being the same three folds with the same
