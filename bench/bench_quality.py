@@ -201,8 +201,14 @@ ABLATION = [
         ("--kd_mode", "pixel", "--student_init", "teacher"),
     ),
     Row("r4_no_kd", "r=4 alpha=0 (no KD)", 4, ("-a", "0")),
-    Row("r2_kd_a08", "r=2 KD, alpha=0.8", 2, ("-a", "0.8")),
-    Row("r2_kd_a08_t1", "r=2 KD, alpha=0.8, T=1", 2, ("-a", "0.8", "-temp", "1")),
+    Row("r2_kd_a08", "r=2 KD, alpha=0.8, labelled cases only", 2, ("-a", "0.8"), unlabelled=False),
+    Row(
+        "r2_kd_a08_t1",
+        "r=2 KD, alpha=0.8, T=1, labelled cases only",
+        2,
+        ("-a", "0.8", "-temp", "1"),
+        unlabelled=False,
+    ),
 ]
 
 
@@ -497,6 +503,7 @@ def table(
             f"{goal}  {'MET' if ok else 'NOT MET'}"
         )
     cases = first.get("cases") or {}
+    labelled_only = [r.key for r in rows if r.uses_kd and not r.unlabelled]
     text.append("")
     text.append(
         f"cases: {cases.get('count')} held-out {cases.get('source')} cases "
@@ -510,9 +517,9 @@ def table(
             f"; the KD students also train on {unlabelled} unlabelled images that only the teachers label "
             f"(--unlabelled_cases)"
             + (
-                f" except the one on labelled cases only, which trains like the no-KD student on the fold-0 "
-                f"split of the {labelled} labelled cases"
-                if LABELLED_ONLY.key in by_key
+                f" except those on labelled cases only ({', '.join(labelled_only)}), which train like the no-KD "
+                f"student on the fold-0 split of the {labelled} labelled cases"
+                if labelled_only
                 else ""
             )
             if unlabelled

@@ -118,10 +118,10 @@ def test_unlabelled_images_go_only_to_the_kd_rows_that_can_learn_from_them(tmp_p
     )
     assert "unlabelled" not in table(_rows([1.0], [1.0]))[0]
     # the labelled-only student is described only where the table has it
-    assert "except the one on labelled cases only" not in table(_rows([1.0], [1.0]), unlabelled=2)[0]
+    assert "on labelled cases only" not in table(_rows([1.0], [1.0]), unlabelled=2)[0]
     labelled_only = dataclasses.replace(LABELLED_ONLY, runs=[Run(_summary(1.0), 60.0)])
     text = table([*_rows([1.0], [1.0]), labelled_only], unlabelled=2)[0]
-    assert "except the one on labelled cases only" in text
+    assert "except those on labelled cases only (r2_kd_labelled)" in text
 
 
 def test_an_unknown_row_is_refused_before_anything_is_trained(capsys):
