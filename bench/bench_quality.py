@@ -517,8 +517,8 @@ def table(
             f"; the KD students also train on {unlabelled} unlabelled images that only the teachers label "
             f"(--unlabelled_cases)"
             + (
-                f" except those on labelled cases only ({', '.join(labelled_only)}), which train like the no-KD "
-                f"student on the fold-0 split of the {labelled} labelled cases"
+                f" except those on labelled cases only ({', '.join(labelled_only)}), which train like the "
+                f"no-KD student on the fold-0 split of the {labelled} labelled cases"
                 if labelled_only
                 else ""
             )
