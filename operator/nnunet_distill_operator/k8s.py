@@ -334,8 +334,8 @@ def _containers(
             c["imagePullPolicy"] = pull_policy
         return c
 
-    steps = [*((c.name, c.argv, False) for c in stage.commands[:-1]), (CONTAINER_MAIN, stage.argv, True)]
-    *init, main = [container(n, a, g, shared=i == 0) for i, (n, a, g) in enumerate(steps)]
+    init = [container(c.name, c.argv, False, shared=i == 0) for i, c in enumerate(stage.commands[:-1])]
+    main = container(CONTAINER_MAIN, stage.argv, True, shared=not init)
     if init and stage.done_when_exists:
         # The guard must also protect the preparation steps: guard the first one instead.
         init[0]["args"] = container_command(stage, stage.commands[0].argv, guarded=True)

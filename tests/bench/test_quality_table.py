@@ -151,3 +151,18 @@ def test_scarce_labels_split_only_the_labelled_cases_and_are_refused_below_five_
     with pytest.raises(SystemExit):
         main(["--labelled", "4"])
     assert "--labelled must be >= 5" in capsys.readouterr().err
+
+
+def test_random_init_pairs_are_compared_apart_from_the_goal() -> None:
+    from bench.bench_quality import ABLATION
+
+    by_key = {r.key: r for r in ABLATION}
+    random_rows = []
+    for key, values in (("r2_pixel_random_labelled", [0.90, 0.76]), ("r2_no_kd_random", [0.69, 0.94])):
+        random_rows.append(dataclasses.replace(by_key[key], runs=[Run(_summary(v), 60.0) for v in values]))
+    text, checks = table([*_rows([1.0], [1.0]), *random_rows])
+    assert "r2_pixel_random_labelled - r2_no_kd_random: +0.0150" in text
+    assert "not a gain; random init" in text  # inside twice its standard error
+    assert "r2_pixel_random - r2_no_kd_random" not in text  # that row was not trained
+    assert set(checks) == {"r2_retention", "r4_retention", "kd_minus_no_kd", "min_label_retention"}
+    assert "random init" not in table(_rows([1.0], [1.0]))[0]
