@@ -149,11 +149,46 @@ def test_predictor_matches_in_process_on_logits(student, pipeline):
     ours = onnx_predictor.predict_logits_from_preprocessed_data(data).float().numpy()
     theirs = stock.predict_logits_from_preprocessed_data(data).float().numpy()
     assert ours.shape == theirs.shape
-    # nnU-Net's sliding window accumulates Gaussian-weighted logits in fp16, so single voxels differ by a few
-    # fp16 steps of the accumulator; on average the two are the same to well below that
-    assert np.abs(ours - theirs).max() < 0.1
-    assert np.abs(ours - theirs).mean() < 1e-3
+    # both accumulate in nnU-Net's fp16 arrays, so a voxel may differ by the rounding those arrays allow;
+    # on average the two are the same to well below that
+    difference = np.abs(ours - theirs)
+    largest = max(np.abs(ours).max(), np.abs(theirs).max())
+    bound = np.broadcast_to(_fp16_accumulation_bound(stock, data, largest), difference.shape)
+    worst = np.unravel_index(np.argmax(difference / bound), difference.shape)
+    assert (difference <= bound).all(), (worst, difference[worst], bound[worst])
+    assert difference.mean() < 1e-3
     assert (ours.argmax(0) == theirs.argmax(0)).mean() > 0.999
+
+
+def _fp16_accumulation_bound(predictor, data, largest_logit: float):
+    """Per voxel, how far two runs of nnU-Net's sliding window may drift apart when their networks agree to
+    float32 rounding.
+
+    nnU-Net sums Gaussian-weighted window logits and the weights in fp16 arrays, then divides. Each of the
+    n windows over a voxel may round its addition one fp16 step differently (2**-10 relative, and 2**-24
+    absolute where the sum is subnormal), and so may the division. At image borders only a window's corner
+    covers a voxel, the weight sum W is tiny, and the absolute term divided by W dominates: a fixed
+    tolerance failed CI there (0.20 at a border voxel) although both predictors were right. Windows may
+    predict beyond the averaged maximum, hence the factor 2 on L.
+    """
+    import numpy as np
+    import torch
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    patch = tuple(predictor.configuration_manager.patch_size)
+    padded, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+    gaussian = compute_gaussian(
+        patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu")
+    )
+    weight = np.zeros(padded.shape[1:])
+    windows = np.zeros(padded.shape[1:])
+    for slicer in predictor._internal_get_sliding_window_slicers(padded.shape[1:]):
+        weight[slicer[1:]] += gaussian.double().numpy()
+        windows[slicer[1:]] += 1
+    weight, windows = weight[revert[1:]], windows[revert[1:]]
+    ulp, tiniest = 2.0**-10, 2.0**-24
+    return (windows + 2) * ulp * 2 * largest_logit + 2 * windows * tiniest / weight + 1e-4 * largest_logit
 
 
 def test_tampered_or_missing_model_is_refused(student, pipeline, tmp_path):
