@@ -12,7 +12,9 @@ number of iterations:
   train on them too (``--unlabelled_cases``: the teachers label them, nnU-Net's hard loss skips them), and a
   fourth row, r=2 with KD on the labelled cases only, separates what the images add from what KD does;
 * with ``--ablation``, also the earlier method (pixel-wise KD from a random initialisation), each change
-  alone, random-init students with and without KD, and KD-heavy students (alpha 0.8, at T 3 and T 1).
+  alone, random-init students with and without KD, KD-heavy students (alpha 0.8, at T 3 and T 1), and KD
+  students that draw half their samples from the labelled cases (``--labelled_share 0.5``) beside the
+  unlabelled images.
 
 Every figure comes from the distill stage's own held-out evaluation (`distillation_summary.json`): nnU-Net's
 predictor and metric code on the test cases, the teacher ensemble being the same three folds with the same
@@ -111,6 +113,8 @@ class Row:
     runs: list[Run] = field(default_factory=list)
     #: trains on the unlabelled images too when the bench has some (--unlabelled) and the row uses KD
     unlabelled: bool = True
+    #: --labelled_share beside the unlabelled images (None: nnU-Net's uniform draw over all training cases)
+    labelled_share: float | None = None
 
     @property
     def uses_kd(self) -> bool:
@@ -188,6 +192,14 @@ ABLATION = [
         ("--kd_mode", "pixel", "--student_init", "random"),
         unlabelled=False,
     ),
+    Row(
+        "r2_pixel_random_share",
+        "r=2 pixel KD, random init, half the samples labelled",
+        2,
+        ("--kd_mode", "pixel", "--student_init", "random"),
+        labelled_share=0.5,
+    ),
+    Row("r2_kd_share", "student r=2, KD, half the samples labelled", 2, (), labelled_share=0.5),
     Row(
         "r2_pixel_teacher",
         "r=2 pixel KD, teacher init",
@@ -369,17 +381,19 @@ class QualityBench(BenchWorkspace):
             *STUDENT_BUDGET,
             *METHOD,
             *row.flags,
-            *(
-                ["--unlabelled_cases", *self.unlabelled_cases()]
-                if self.unlabelled and row.uses_kd and row.unlabelled
-                else []
-            ),
+            *self._unlabelled_flags(row),
             # Each row is a new student in the same folder (r=2 with and without KD): the previous row's
             # figures are already read, so replacing its checkpoint is what the bench means.
             "--overwrite",
             "-d_device",
             self.device,
         ]
+
+    def _unlabelled_flags(self, row: Row) -> list[str]:
+        if not (self.unlabelled and row.uses_kd and row.unlabelled):
+            return []
+        share = [] if row.labelled_share is None else ["--labelled_share", str(row.labelled_share)]
+        return ["--unlabelled_cases", *self.unlabelled_cases(), *share]
 
     def student(self, row: Row) -> Run:
         """Train `row`'s student once more and add the run to the row."""
@@ -423,15 +437,25 @@ def _kd_check(kd: Row | None, no_kd: Row | None) -> tuple[float | None, bool, st
     return gain, met, f"> 0 and > 2 SE = {2 * se:.4f} ({len(a)} + {len(b)} runs)"
 
 
-def _random_init_lines(by_key: dict[str, Row]) -> list[str]:
-    """KD - no-KD for students that start from random weights, where only the soft targets can carry what
-    the teachers learned; informational, as the goal is about the default student (teacher init)."""
+#: KD rows weighed against the no-KD row of the same init, printed apart from the goals: the goal is about
+#: the default student (r2_kd - r2_no_kd); these say whether KD gains where the teachers' soft targets carry
+#: the most (random init) or with more labelled draws (--labelled_share).
+INFORMATIONAL_PAIRS = (
+    ("r2_pixel_random", "r2_no_kd_random", "random init"),
+    ("r2_pixel_random_labelled", "r2_no_kd_random", "random init"),
+    ("r2_pixel_random_share", "r2_no_kd_random", "random init"),
+    ("r2_kd_share", "r2_no_kd", "teacher init"),
+)
+
+
+def _informational_lines(by_key: dict[str, Row]) -> list[str]:
+    """KD - no-KD of :data:`INFORMATIONAL_PAIRS` whose rows both ran."""
     lines = []
-    for kd_key in ("r2_pixel_random", "r2_pixel_random_labelled"):
-        gain, met, goal = _kd_check(by_key.get(kd_key), by_key.get("r2_no_kd_random"))
+    for kd_key, base_key, init in INFORMATIONAL_PAIRS:
+        gain, met, goal = _kd_check(by_key.get(kd_key), by_key.get(base_key))
         if gain is not None:
             verdict = "a gain" if met else "not a gain"
-            lines.append(f"{kd_key} - r2_no_kd_random: {gain:+.4f}  ({goal}: {verdict}; random init)")
+            lines.append(f"{kd_key} - {base_key}: {gain:+.4f}  ({goal}: {verdict}; {init})")
     return ["", *lines] if lines else []
 
 
@@ -494,7 +518,7 @@ def table(
             f">= {GOALS['min_label_retention']} (r=2 and r=4 KD students)",
         ),
     }
-    text.extend(_random_init_lines(by_key))
+    text.extend(_informational_lines(by_key))
     text.append("")
     text.append("goal                     measured   goal")
     for name, (value, ok, goal) in checks.items():

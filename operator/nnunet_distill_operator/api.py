@@ -245,6 +245,8 @@ class DistillationJobSpec(SpecModel):
             )
         if both := contract.held_out(d.unlabelled_cases, d.test_cases):
             problem("distillation.unlabelledCases", f"also in testCases: {', '.join(both)}")
+        if why := contract.labelled_share_problem(d.labelled_share, d.unlabelled_cases):
+            problem("distillation.labelledShare", why)
 
     def _architecture_rules(self, problem: Any) -> None:
         resenc = self.student.architecture == "resenc"

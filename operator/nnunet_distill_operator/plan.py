@@ -266,6 +266,8 @@ def _kd_flags(d: api.DistillationSpec) -> list[str]:
         flags += ["--test_cases", *d.test_cases]
     if d.unlabelled_cases:
         flags += ["--unlabelled_cases", *d.unlabelled_cases]
+    if d.labelled_share is not None:
+        flags += ["--labelled_share", str(d.labelled_share)]
     return flags
 
 

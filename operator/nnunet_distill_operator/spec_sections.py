@@ -280,6 +280,14 @@ class DistillationSpec(SpecModel):
         "(KD only; needs alpha > 0): preprocessed like any training case with a placeholder label, and in "
         "no fold of splits_final.json, so no teacher trained on a placeholder.",
     )
+    labelled_share: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="With unlabelledCases: the probability that a training sample comes from a labelled case "
+        "(nnU-Net draws cases uniformly, so few labelled cases beside many unlabelled ones leave most "
+        "samples without a hard loss); default: the uniform draw.",
+    )
 
     @field_validator("test_cases", "unlabelled_cases")
     @classmethod

@@ -53,6 +53,7 @@ SPECS: dict[str, dict[str, Any]] = {
             "rotateFrequency": 9,
             "disableMirroring": True,
             "unlabelledCases": ["scan_1", "scan_2"],
+            "labelledShare": 0.4,
         },
         "export": {"dynamicShape": True, "simplify": True, "modelName": "m"},
         "qualityGate": {"minRetention": 0.955, "minLabelRetention": 0.8, "enforce": False},
@@ -187,6 +188,7 @@ def _check_values(
         if d.rotate_frequency is not None:
             assert args.rotate_freq == d.rotate_frequency
         assert (args.unlabelled_cases or []) == d.unlabelled_cases
+        assert args.labelled_share == d.labelled_share
         assert args.d_device == "cuda" and args.continue_training is True  # automatic resume
         if spec.student.architecture == "resenc":
             assert (args.student_plans, args.block_strategy) == (

@@ -194,6 +194,24 @@ def test_unlabelled_cases_map_to_the_flag_and_need_kd() -> None:
         assert words in str(err.value.problems)
 
 
+def test_labelled_share_maps_to_the_flag_beside_unlabelled_cases_only() -> None:
+    import pytest
+
+    assert "--labelled_share" not in _stage(_plan(distillation={"unlabelledCases": ["u1"]}), "distill").argv
+    argv = _stage(_plan(distillation={"unlabelledCases": ["u1"], "labelledShare": 0.5}), "distill").argv
+    assert _flag(argv, "--labelled_share", 1) == ["0.5"]
+    base = {"dataset": {"id": 27}, "storage": {"claimName": "data"}}
+    for distillation, words in (
+        ({"labelledShare": 0.5}, "needs unlabelled cases"),
+        ({"unlabelledCases": ["u1"], "labelledShare": 1}, "less than 1"),
+        ({"unlabelledCases": ["u1"], "labelledShare": 0}, "greater than 0"),
+    ):
+        with pytest.raises(api.InvalidSpec) as err:
+            api.parse_spec({**base, "distillation": distillation})
+        assert "spec.distillation.labelledShare" in str(err.value.problems), err.value.problems
+        assert words in str(err.value.problems)
+
+
 def test_export_then_package_in_one_cpu_stage() -> None:
     stages = _plan(
         export={"dynamicShape": True, "simplify": True, "modelName": "liver"}, distillation={"useDA5": True}

@@ -70,3 +70,44 @@ def test_cli_flag_reaches_the_config_and_a_resume_with_other_cases_is_refused():
     assert distill.resume_mismatches(saved, {"unlabelled_cases": []}) == [
         "unlabelled_cases ['u1', 'u2'] (this run: --unlabelled_cases [])"
     ]
+
+
+def test_labelled_share_weighs_the_uniform_draw_exactly_and_evenly():
+    labelled = ["case_0000", "case_0001", "case_0002", "case_0003"]
+    cases = [f"unlabelled_{i:04d}" for i in range(16)]
+    assert sum(unlabelled.labelled_samples(labelled + cases, cases)) / 20 == 0.2  # nnU-Net's uniform draw
+    for share in (0.5, 0.3, 0.9, 0.1, 0.2, 0.33):
+        keys = unlabelled.weighted_identifiers(labelled + cases, cases, share)
+        drawn = unlabelled.labelled_samples(keys, cases)
+        assert sum(drawn) / len(keys) == pytest.approx(share, abs=1e-9), share
+        assert len({keys.count(k) for k in labelled}) == 1 and len({keys.count(k) for k in cases}) == 1
+        assert set(keys) == set(labelled + cases)
+    assert unlabelled.weighted_identifiers(labelled + cases, cases, 0.5).count("case_0000") == 4
+    # a DDP shard may hold one kind only: nothing to weigh
+    assert unlabelled.weighted_identifiers(labelled, cases, 0.5) == labelled
+    assert unlabelled.weighted_identifiers(cases[:3], cases, 0.5) == cases[:3]
+
+
+def test_labelled_share_is_a_probability_beside_unlabelled_cases():
+    assert contract.labelled_share_problem(None, []) is None
+    assert contract.labelled_share_problem(0.5, ["u"]) is None
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        assert contract.labelled_share_problem(bad, ["u"]) == f"must be in (0, 1), got {bad}"
+    assert "needs unlabelled cases" in contract.labelled_share_problem(0.5, [])
+    assert _config(unlabelled_cases=("u1",), labelled_share=0.5).as_dict()["labelled_share"] == 0.5
+    with pytest.raises(ConfigError, match=r"^--labelled_share needs unlabelled cases"):
+        _config(labelled_share=0.5)
+    with pytest.raises(ConfigError, match=r"^--labelled_share must be in \(0, 1\), got 1.0$"):
+        _config(unlabelled_cases=("u1",), labelled_share=1.0)
+
+
+def test_labelled_share_flag_reaches_the_config_and_a_resume_with_another_share_is_refused(capsys):
+    base = ["-d", "901", "-f", "0", "-r", "2", "--unlabelled_cases", "u1"]
+    assert build_config(base).labelled_share is None
+    assert build_config([*base, "--labelled_share", "0.4"]).labelled_share == 0.4
+    with pytest.raises(SystemExit):
+        build_parser_standard().parse_args([*base, "--labelled_share", "half"])
+    assert "--labelled_share: not a number: 'half'" in capsys.readouterr().err
+    assert distill.resume_mismatches({"labelled_share": 0.5}, {"labelled_share": None}) == [
+        "labelled_share 0.5 (this run: --labelled_share None)"
+    ]

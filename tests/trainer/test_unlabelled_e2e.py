@@ -49,13 +49,45 @@ def test_unlabelled_case_is_refused_in_a_teacher_fold_and_trained_on_outside_the
         for part in ("train", "val"):
             split[part] = [c for c in split[part] if c != case]
     splits_file.write_text(json.dumps(splits))
-    require_ok(run_cli(argv, env, log), log)
+    require_ok(run_cli([*argv, "--labelled_share", "0.5"], env, log), log)
     fold = student / "fold_0"
     training_log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert (
         f"training split: {len(splits[0]['train'])} labelled cases + 1 unlabelled cases (--unlabelled_cases"
         in training_log
     )
-    assert load_checkpoint(fold / "checkpoint_final.pth")["distillation"]["unlabelled_cases"] == [case]
+    assert "--labelled_share 0.5: a training sample comes from a labelled case with probability 0.50" in (
+        training_log
+    )
+    record = load_checkpoint(fold / "checkpoint_final.pth")["distillation"]
+    assert record["unlabelled_cases"] == [case] and record["labelled_share"] == 0.5
     summary = json.loads((fold / "validation" / "distillation_summary.json").read_text())
     assert summary["distillation"]["unlabelled_cases"] == [case]
+    assert summary["distillation"]["labelled_share"] == 0.5
+
+
+def test_nnunet_loader_draws_labelled_cases_at_the_weighted_share(nnunet_dataset):
+    """--labelled_share rests on nnU-Net's loader drawing uniformly from ``dataset.identifiers``: checked on
+    nnU-Net's own dataset and loader, so an nnU-Net that samples otherwise fails here."""
+    import numpy as np
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunet_distill import unlabelled
+    from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    preprocessed = nnunet_dataset.preprocessed_dataset
+    plans = PlansManager(load_json(str(preprocessed / "nnUNetPlans.json")))
+    folder = str(preprocessed / plans.get_configuration("3d_fullres").data_identifier)
+    dataset_class = infer_dataset_class(folder)
+    keys = sorted(dataset_class.get_identifiers(folder))
+    labelled, cases = keys[:1], keys[1:5]  # one "labelled" case beside four treated as unlabelled
+    dataset = dataset_class(folder, labelled + cases)
+    dataset.identifiers = unlabelled.weighted_identifiers(dataset.identifiers, cases, 0.5)
+    patch = plans.get_configuration("3d_fullres").patch_size
+    label_manager = plans.get_label_manager(load_json(str(preprocessed / "dataset.json")))
+    loader = nnUNetDataLoader(dataset, 2, patch, patch, label_manager)
+    np.random.seed(0)
+    drawn = [k for _ in range(2000) for k in loader.get_indices()]
+    share = sum(unlabelled.labelled_samples(drawn, cases)) / len(drawn)
+    assert abs(share - 0.5) < 0.03, share  # the uniform draw would give 0.2

@@ -76,6 +76,7 @@ class DistillationConfig:
     teacher_view: str = "augmented"  # --teacher_view: augmented | clean (before intensity augs)
     test_cases: tuple[str, ...] | None = None  # --test_cases: held-out case ids (default: all of imagesTs)
     unlabelled_cases: tuple[str, ...] = ()  # --unlabelled_cases: training cases learnt by KD alone
+    labelled_share: float | None = None  # --labelled_share: None = nnU-Net's uniform draw over all cases
 
     def __post_init__(self) -> None:
         validate(self)
@@ -168,6 +169,8 @@ def _validate_unlabelled_cases(cfg: DistillationConfig) -> None:
         )
     if both := contract.held_out(cases, cfg.test_cases):
         raise ConfigError(f"--unlabelled_cases and --test_cases both name {', '.join(both)}")
+    if problem := contract.labelled_share_problem(cfg.labelled_share, cases):
+        raise ConfigError(f"--labelled_share {problem}")
 
 
 def parse_device_string(text: str) -> tuple[str, int | None]:

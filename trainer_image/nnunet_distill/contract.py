@@ -273,3 +273,18 @@ def needs_kd(cases: Sequence[str], alpha: float) -> bool:
 def held_out(cases: Sequence[str], test_cases: Iterable[str] | None) -> list[str]:
     """The cases also named as held-out test cases: a test case is never trained on, labelled or not."""
     return sorted(set(cases) & set(test_cases or ()))
+
+
+def labelled_share_problem(share: float | None, cases: Sequence[str]) -> str | None:
+    """What is wrong with a labelled share (None when it is valid or unset): a share of the training samples
+    drawn from labelled cases is a probability, and only means something beside unlabelled cases."""
+    if share is None:
+        return None
+    if not 0.0 < share < 1.0:
+        return f"must be in (0, 1), got {share}"
+    if not cases:
+        return (
+            "needs unlabelled cases to weigh against: without them every sample comes from a labelled case "
+            "(give unlabelled cases, or drop the share)"
+        )
+    return None

@@ -40,6 +40,7 @@ RESUME_FIELDS = (
     ("student_plans", "-spl/-r/-bs"),
     ("kd_mode", "--kd_mode"),
     ("unlabelled_cases", "--unlabelled_cases"),
+    ("labelled_share", "--labelled_share"),
 )
 
 

@@ -41,6 +41,7 @@ from nnunet_distill.evaluation import (
 _DISTILLATION_KEYS = (
     *("alpha", "temperature", "reduction_factor", "teacher_folds", "block_strategy", "student_plans"),
     *("da5", "rotate_folds", "kd_mode", "student_init", "init_teacher_fold", "unlabelled_cases"),
+    "labelled_share",
 )
 
 

@@ -126,6 +126,7 @@ class nnUNetDistillationTrainer(PreemptionMixin, FoldSplitMixin, nnUNetTrainer):
             "student_init": config.student_init,
             "teacher_view": config.teacher_view,
             "unlabelled_cases": list(config.unlabelled_cases),
+            "labelled_share": config.labelled_share,
             "trainer_class": self.__class__.__name__,
             **(metadata or {}),
         }

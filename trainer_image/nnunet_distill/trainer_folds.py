@@ -39,9 +39,28 @@ class FoldSplitMixin:
         """
         self._shard_training = self.is_ddp
         try:
-            return super().get_tr_and_val_datasets()
+            dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         finally:
             self._shard_training = False
+        self._weigh_labelled_cases(dataset_tr)
+        return dataset_tr, dataset_val
+
+    def _weigh_labelled_cases(self, dataset_tr) -> None:
+        """--labelled_share: nnU-Net's loader draws uniformly from ``dataset.identifiers``, so repeating
+        identifiers there draws labelled cases more often (:func:`unlabelled.weighted_identifiers`)."""
+        cfg = self.distillation_config
+        if cfg is None or cfg.labelled_share is None:
+            return
+        keys = list(dataset_tr.identifiers)
+        dataset_tr.identifiers = unlabelled.weighted_identifiers(
+            keys, cfg.unlabelled_cases, cfg.labelled_share
+        )
+        drawn = unlabelled.labelled_samples(dataset_tr.identifiers, cfg.unlabelled_cases)
+        self.print_to_log_file(
+            f"--labelled_share {cfg.labelled_share}: a training sample comes from a labelled case with "
+            f"probability {sum(drawn) / len(drawn):.2f} (uniform draw: "
+            f"{sum(unlabelled.labelled_samples(keys, cfg.unlabelled_cases)) / len(keys):.2f})"
+        )
 
     def do_split(self):
         tr_keys, val_keys = self._fold_split()

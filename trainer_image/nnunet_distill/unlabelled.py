@@ -12,12 +12,20 @@ fold of ``splits_final.json`` (nnU-Net's split file, which the teachers' folds c
 :mod:`nnunet_distill.contract` so that the operator can import them. :func:`check` is the one read of the
 preprocessed dataset the rules need before training; the trainer applies them
 (:class:`nnunet_distill.trainer_folds.FoldSplitMixin`, ``train_step``).
+
+nnU-Net draws a batch's cases uniformly from the training dataset's identifiers, so 4 labelled cases beside
+16 unlabelled ones leave four samples in five without a hard loss. ``--labelled_share`` raises the share of
+labelled draws: :func:`weighted_identifiers` repeats identifiers so that the same uniform draw picks a
+labelled case with that probability (nnU-Net's loader samples ``dataset.identifiers``; nothing else of it
+changes).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from pathlib import Path
 
 FLAG = "--unlabelled_cases"
@@ -76,3 +84,23 @@ def labelled_samples(batch_keys: Sequence[str], unlabelled: Sequence[str]) -> li
     """Per sample of a batch: does its label count (False for an unlabelled case's placeholder)?"""
     skip = set(unlabelled)
     return [str(k) not in skip for k in batch_keys]
+
+
+def weighted_identifiers(keys: Sequence[str], unlabelled: Sequence[str], share: float) -> list[str]:
+    """``keys`` with repeats: a uniform draw from the result picks a labelled case with probability
+    ``share`` (to 1/100), every labelled case equally often and every unlabelled one equally often.
+
+    With L labelled and U unlabelled keys, each labelled key appears a times and each unlabelled one b
+    times, a·L / (a·L + b·U) = share. Without keys of either kind there is nothing to weigh (a DDP shard may
+    hold only one kind), and the keys come back unchanged.
+    """
+    skip = set(unlabelled)
+    labelled = [k for k in keys if k not in skip]
+    others = [k for k in keys if k in skip]
+    if not labelled or not others:
+        return list(keys)
+    target = Fraction(share).limit_denominator(100)
+    a = target.numerator * len(others)
+    b = (target.denominator - target.numerator) * len(labelled)
+    g = math.gcd(a, b)
+    return sorted([*labelled * (a // g), *others * (b // g)])

@@ -277,6 +277,16 @@ _FLAGS_AFTER_PLANS = (
         "teacher trained on a placeholder (default: none)",
     ),
     flag(
+        "--labelled_share",
+        type=number,
+        metavar="S",
+        default=None,
+        help="with --unlabelled_cases: the probability that a training sample comes from a labelled case, "
+        "in (0, 1). nnU-Net draws cases uniformly, so 4 labelled beside 16 unlabelled cases give a hard "
+        "loss to one sample in five; S = 0.5 draws each labelled case 4x as often (default: the uniform "
+        "draw)",
+    ),
+    flag(
         "-num_gpus",
         type=int_at_least(1),
         default=1,
@@ -387,4 +397,5 @@ def config_from_args(args: argparse.Namespace, variant: Variant) -> Distillation
         teacher_view=args.teacher_view,
         test_cases=tuple(args.test_cases) if args.test_cases else None,
         unlabelled_cases=tuple(args.unlabelled_cases or ()),
+        labelled_share=args.labelled_share,
     )
