@@ -166,3 +166,25 @@ def test_random_init_pairs_are_compared_apart_from_the_goal() -> None:
     assert "r2_pixel_random - r2_no_kd_random" not in text  # that row was not trained
     assert set(checks) == {"r2_retention", "r4_retention", "kd_minus_no_kd", "min_label_retention"}
     assert "random init" not in table(_rows([1.0], [1.0]))[0]
+
+
+def test_labelled_share_rows_pass_the_share_beside_the_unlabelled_images(tmp_path) -> None:
+    from bench.bench_quality import ABLATION, QualityBench
+
+    by_key = {r.key: r for r in ABLATION}
+    with_images = QualityBench(tmp_path / "a", "cpu", unlabelled=3, labelled=5)
+    argv = with_images.student_argv(by_key["r2_kd_share"])
+    start = argv.index("--unlabelled_cases")
+    assert argv[start + 1 : start + 6] == [*with_images.unlabelled_cases(), "--labelled_share", "0.5"]
+    assert "--student_init" not in argv  # the default student: teacher init
+    random_share = with_images.student_argv(by_key["r2_pixel_random_share"])
+    assert "--labelled_share" in random_share and random_share[random_share.index("--student_init") + 1] == (
+        "random"
+    )
+    # without unlabelled images there is nothing to weigh: the flag would be refused, so it is left out
+    assert "--labelled_share" not in QualityBench(tmp_path / "b", "cpu", unlabelled=0).student_argv(
+        by_key["r2_kd_share"]
+    )
+    share = dataclasses.replace(by_key["r2_kd_share"], runs=[Run(_summary(v), 60.0) for v in (1.01, 1.0)])
+    text, _ = table([*_rows([1.0, 1.0], [1.0, 1.0]), share])
+    assert "r2_kd_share - r2_no_kd: +0.0050" in text and "teacher init" in text
