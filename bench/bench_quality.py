@@ -459,6 +459,18 @@ def _informational_lines(by_key: dict[str, Row]) -> list[str]:
     return ["", *lines] if lines else []
 
 
+def _share_clause(rows: list[Row], labelled: int, unlabelled: int) -> str:
+    """Which rows draw labelled cases more often than nnU-Net's uniform draw, and what that draw gives."""
+    shares = [f"{r.key} {r.labelled_share}" for r in rows if r.labelled_share is not None and r.uses_kd]
+    if not shares:
+        return ""
+    train = labelled - math.ceil(labelled / 5)  # fold 0's training cases in nnU-Net's 5-fold split (KFold)
+    return (
+        f"; a sample comes from a labelled case with probability {', '.join(shares)} (--labelled_share), "
+        f"against {train}/{train + unlabelled} = {train / (train + unlabelled):.2f} for the uniform draw"
+    )
+
+
 def table(
     rows: list[Row],
     label_noise: float = LABEL_NOISE_MM,
@@ -546,6 +558,7 @@ def table(
                 if labelled_only
                 else ""
             )
+            + _share_clause(rows, labelled, unlabelled)
             if unlabelled
             else ""
         )

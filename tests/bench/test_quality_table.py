@@ -188,3 +188,7 @@ def test_labelled_share_rows_pass_the_share_beside_the_unlabelled_images(tmp_pat
     share = dataclasses.replace(by_key["r2_kd_share"], runs=[Run(_summary(v), 60.0) for v in (1.01, 1.0)])
     text, _ = table([*_rows([1.0, 1.0], [1.0, 1.0]), share])
     assert "r2_kd_share - r2_no_kd: +0.0050" in text and "teacher init" in text
+    assert "--labelled_share" not in text  # no unlabelled images in this table
+    text = table([*_rows([1.0], [1.0]), share], unlabelled=16, labelled=5)[0]
+    assert "probability r2_kd_share 0.5 (--labelled_share), against 4/20 = 0.20 for the uniform draw" in text
+    assert "against 12/28 = 0.43" in table([*_rows([1.0], [1.0]), share], unlabelled=16, labelled=16)[0]
