@@ -72,20 +72,33 @@ def test_cli_flag_reaches_the_config_and_a_resume_with_other_cases_is_refused():
     ]
 
 
-def test_labelled_share_weighs_the_uniform_draw_exactly_and_evenly():
+def test_labelled_share_weighs_the_uniform_draw_closely_and_evenly():
     labelled = ["case_0000", "case_0001", "case_0002", "case_0003"]
     cases = [f"unlabelled_{i:04d}" for i in range(16)]
     assert sum(unlabelled.labelled_samples(labelled + cases, cases)) / 20 == 0.2  # nnU-Net's uniform draw
-    for share in (0.5, 0.3, 0.9, 0.1, 0.2, 0.33):
+    for share in (0.5, 0.3, 0.9, 0.1, 0.2, 0.33, 0.05, 0.97):
         keys = unlabelled.weighted_identifiers(labelled + cases, cases, share)
         drawn = unlabelled.labelled_samples(keys, cases)
-        assert sum(drawn) / len(keys) == pytest.approx(share, abs=1e-9), share
+        assert abs(sum(drawn) / len(keys) - share) <= unlabelled.SHARE_TOLERANCE, share
         assert len({keys.count(k) for k in labelled}) == 1 and len({keys.count(k) for k in cases}) == 1
-        assert set(keys) == set(labelled + cases)
+        assert set(keys) == set(labelled + cases)  # neither kind is ever dropped
     assert unlabelled.weighted_identifiers(labelled + cases, cases, 0.5).count("case_0000") == 4
     # a DDP shard may hold one kind only: nothing to weigh
     assert unlabelled.weighted_identifiers(labelled, cases, 0.5) == labelled
     assert unlabelled.weighted_identifiers(cases[:3], cases, 0.5) == cases[:3]
+
+
+def test_labelled_share_of_a_large_dataset_stays_a_short_list():
+    labelled = [f"case_{i:04d}" for i in range(100)]
+    cases = [f"unlabelled_{i:05d}" for i in range(10000)]
+    keys = unlabelled.weighted_identifiers(labelled + cases, cases, 0.37)
+    share = sum(unlabelled.labelled_samples(keys, cases)) / len(keys)
+    assert abs(share - 0.37) <= unlabelled.SHARE_TOLERANCE and len(keys) < 20 * len(labelled + cases)
+    tiny = unlabelled.weighted_identifiers(labelled[:1] + cases[:1], cases, 0.001)
+    assert tiny.count("case_0000") == 1 and tiny.count("unlabelled_00000") == 999
+    # a share the bounded repeats cannot reach keeps both kinds, as close as they get
+    extreme = unlabelled.weighted_identifiers(labelled + cases[:1], cases, 1e-5)
+    assert extreme.count("unlabelled_00000") == unlabelled.MAX_REPEATS and extreme.count("case_0000") == 1
 
 
 def test_labelled_share_is_a_probability_beside_unlabelled_cases():

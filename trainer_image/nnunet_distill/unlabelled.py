@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from fractions import Fraction
 from pathlib import Path
 
 FLAG = "--unlabelled_cases"
@@ -88,19 +87,48 @@ def labelled_samples(batch_keys: Sequence[str], unlabelled: Sequence[str]) -> li
 
 def weighted_identifiers(keys: Sequence[str], unlabelled: Sequence[str], share: float) -> list[str]:
     """``keys`` with repeats: a uniform draw from the result picks a labelled case with probability
-    ``share`` (to 1/100), every labelled case equally often and every unlabelled one equally often.
+    ``share`` (within :data:`SHARE_TOLERANCE` where bounded repeats allow it), every labelled case equally often
+    and every unlabelled one equally often, and never drops either kind.
 
     With L labelled and U unlabelled keys, each labelled key appears a times and each unlabelled one b
-    times, a·L / (a·L + b·U) = share. Without keys of either kind there is nothing to weigh (a DDP shard may
-    hold only one kind), and the keys come back unchanged.
+    times, a·L / (a·L + b·U) ≈ share, with the fewest repeats that reach the tolerance: nnU-Net's loader
+    turns the list into an array for every batch, so an exact fraction over 10,000 cases is not worth its
+    million entries. Without keys of either kind there is nothing to weigh (a DDP shard may hold only one
+    kind), and the keys come back unchanged.
     """
     skip = set(unlabelled)
     labelled = [k for k in keys if k not in skip]
     others = [k for k in keys if k in skip]
     if not labelled or not others:
         return list(keys)
-    target = Fraction(share).limit_denominator(100)
-    a = target.numerator * len(others)
-    b = (target.denominator - target.numerator) * len(labelled)
-    g = math.gcd(a, b)
-    return sorted([*labelled * (a // g), *others * (b // g)])
+    a, b = _repeats(share, len(labelled), len(others))
+    return sorted([*labelled * a, *others * b])
+
+
+#: How far the labelled share of :func:`weighted_identifiers` may be from the one asked for.
+SHARE_TOLERANCE = 0.005
+#: The most times one identifier is repeated.
+MAX_REPEATS = 1000
+
+
+def _repeats(share: float, n_labelled: int, n_unlabelled: int) -> tuple[int, int]:
+    """The smallest repeats (a, b), 1 to :data:`MAX_REPEATS`, whose labelled share is within the
+    tolerance (the closest pair when none is)."""
+    ratio = share * n_unlabelled / ((1.0 - share) * n_labelled)  # the exact a / b
+
+    def error(a: int, b: int) -> float:
+        return abs(a * n_labelled / (a * n_labelled + b * n_unlabelled) - share)
+
+    best = (math.inf, 1, 1)
+    for n in range(1, 101):
+        for a, b in ((_clamp(ratio * n), n), (n, _clamp(n / ratio))):
+            if error(a, b) < best[0]:
+                best = (error(a, b), a, b)
+        if best[0] <= SHARE_TOLERANCE:
+            break
+    return best[1], best[2]
+
+
+def _clamp(repeats: float) -> int:
+    """1 to :data:`MAX_REPEATS`: a share near 0 or 1 keeps both kinds and a list of bounded length."""
+    return min(MAX_REPEATS, max(1, round(repeats)))
