@@ -87,8 +87,8 @@ def labelled_samples(batch_keys: Sequence[str], unlabelled: Sequence[str]) -> li
 
 def weighted_identifiers(keys: Sequence[str], unlabelled: Sequence[str], share: float) -> list[str]:
     """``keys`` with repeats: a uniform draw from the result picks a labelled case with probability
-    ``share`` (within :data:`SHARE_TOLERANCE` where bounded repeats allow it), every labelled case equally often
-    and every unlabelled one equally often, and never drops either kind.
+    ``share`` (within :data:`SHARE_TOLERANCE` where bounded repeats allow it), every labelled case equally
+    often and every unlabelled one equally often, and never drops either kind.
 
     With L labelled and U unlabelled keys, each labelled key appears a times and each unlabelled one b
     times, a·L / (a·L + b·U) ≈ share, with the fewest repeats that reach the tolerance: nnU-Net's loader
