@@ -219,9 +219,25 @@ def _plain(body: Any) -> dict[str, Any]:
 
 
 def _forget(state: State, namespace: str, name: str, uid: str) -> None:
-    metrics.JOBS.forget(namespace, name)
-    state.djs.pop((namespace, name), None)
-    state.forget((namespace, name, uid))
+    """Drop the DistillationJob under its lock: a reconcile in flight (a Job's event, the resync loop) ends
+    first, and a later one finds it gone (`_is_current`), so neither brings back its metrics series."""
+    with state.lock(namespace, name):
+        known = state.djs.get((namespace, name))
+        if known is not None and (known.get("metadata") or {}).get("uid", "") in ("", uid):
+            del state.djs[(namespace, name)]
+        state.forget((namespace, name, uid))
+        metrics.JOBS.forget(namespace, name)
+
+
+def _is_current(state: State, key: Key) -> bool:
+    """The body being reconciled is the DistillationJob the operator knows now: not deleted (by us or
+    anyone), and not an older object of the same name (the resync loop may hold a body from before)."""
+    known = state.djs.get((key[0], key[1]))
+    return (
+        key not in state.deleted
+        and known is not None
+        and (known.get("metadata") or {}).get("uid", "") == key[2]
+    )
 
 
 def _reconcile_owner(state: State, namespace: str, owner: str | None, trigger: str) -> None:
@@ -248,7 +264,8 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
     result = "ok"
     try:
         with state.lock(key[0], key[1]):
-            if key in state.deleted:
+            if not _is_current(state, key):
+                result = "gone"
                 return None
             if trigger != "retry" and state.backing_off(key, meta.get("generation")):
                 result = "backoff"

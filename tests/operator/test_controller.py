@@ -423,6 +423,65 @@ async def test_deleting_the_job_collects_its_jobs_and_drops_its_metrics(
     assert not get(kmock, dj_key(kmock, "brain")).get("metadata", {}).get("finalizers")
 
 
+async def test_a_deletion_during_a_reconcile_does_not_bring_back_its_metrics(
+    kmock: Any, clients: Clients, operator: OperatorRunner, monkeypatch: Any
+) -> None:
+    """A resync pass reconciles the DistillationJob while its DELETED event arrives: the pass in flight must
+    not re-add the metrics series (nor the status) that the deletion dropped: one leaked series per job."""
+    import threading
+
+    from nnunet_distill_operator import controller, metrics
+
+    await clients.create_dj(dj("heart", preprocess={"mode": "Never"}))
+    await job_appears(kmock, "heart-distill")
+    await wait_for(lambda: ("default", "heart") in metrics.JOBS._jobs, what="metrics entry")
+    body = operator.state.djs[("default", "heart")]
+    paused, go, forgotten, waiting = (threading.Event() for _ in range(4))
+    real_reconcile, real_forget, real_lock = (
+        controller._reconcile_locked,
+        controller._forget,
+        operator.state.lock,
+    )
+
+    def reconcile_paused(state: Any, body: dict[str, Any], key: Any, trigger: str) -> Any:
+        if trigger == "resync" and not go.is_set():  # the test's own pass, below
+            paused.set()
+            go.wait(timeout=30)  # until the deletion has reached the operator
+        return real_reconcile(state, body, key, trigger)
+
+    def forget_seen(state: Any, namespace: str, name: str, uid: str) -> None:
+        real_forget(state, namespace, name, uid)
+        forgotten.set()
+
+    def lock_seen(namespace: str, name: str) -> threading.Lock:
+        if name == "heart" and paused.is_set():
+            waiting.set()  # another handler now waits for the paused pass
+        return real_lock(namespace, name)
+
+    monkeypatch.setattr(controller, "_reconcile_locked", reconcile_paused)
+    monkeypatch.setattr(controller, "_forget", forget_seen)
+    monkeypatch.setattr(operator.state, "lock", lock_seen)
+    # A resync pass, as the resync loop runs one (in a thread: the API server shares this test's event loop).
+    # The job is settled, so the pass writes no status; it would only update the metrics.
+    in_flight = asyncio.ensure_future(
+        asyncio.to_thread(controller.reconcile_one, operator.state, body, "resync")
+    )
+    try:
+        await wait_for(paused.is_set, what="a reconcile in flight")
+        await clients.delete_dj("heart")
+        # The DELETED handler has run, or waits for the lock: either way the paused pass may go on.
+        await wait_for(lambda: forgotten.is_set() or waiting.is_set(), what="the deletion under way")
+    finally:
+        go.set()
+    await in_flight
+    await wait_for(lambda: ("default", "heart") not in operator.state.djs, what="the job forgotten")
+    await wait_for(lambda: ("default", "heart") not in metrics.JOBS._jobs, what="metrics dropped")
+    assert not [k for k in operator.state.owned_status if k[1] == "heart"]  # nothing kept for it either
+    # The resync loop may still hold the body from before the deletion: reconciling it now does nothing.
+    assert await asyncio.to_thread(controller.reconcile_one, operator.state, body, "resync") is None
+    assert ("default", "heart") not in metrics.JOBS._jobs
+
+
 async def test_ttl_after_finished_deletes_the_job(
     kmock: Any, clients: Clients, operator: OperatorRunner
 ) -> None:
