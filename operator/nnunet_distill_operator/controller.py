@@ -3,16 +3,15 @@
 Design (see reconcile.py for the logic, effects.py for the side effects):
 - Level-triggered. Every event of a DistillationJob, one of its Jobs or one of their pods runs the same
   reconciliation of the owning DistillationJob, plus a periodic resync (TTL, missed events).
-- kopf indexes hold the Jobs and pods by owner. kopf fills all indexes before any handler runs, so an
-  operator that restarts mid-run sees the existing Jobs before it could create one: no duplicates.
-  Job names are deterministic on top of that, so a race can only ever produce a 409, never a 2nd Job.
-- The DistillationJobs themselves are not a kopf index but `State.djs`, filled by their own event handler
-  (`on_distillationjob`): an index would add nothing to the no-duplicate promise above (a DistillationJob's
-  handler is what creates its Jobs), and each indexed object costs kopf's index-readiness wait: every object
-  that arrives while indexes fill waits on one condition that is notified whenever an object is indexed,
-  so the wake-ups grow with (waiting objects) x (indexed objects), seconds of CPU at a restart with a
-  thousand DistillationJobs. A Job's event whose owner has not been seen yet reconciles nothing: the owner's
-  own event, which follows, does.
+- The operator's own stores hold the Jobs and pods by owner (`stage_store.py`), filled by one LIST each at
+  startup, before kopf watches anything, so an operator that restarts mid-run sees the existing Jobs before
+  it could create one: no duplicates. Job names are deterministic on top of that, so a race can only ever
+  produce a 409, never a 2nd Job. They are not kopf indexes because of kopf's index-readiness wait: every
+  object that arrives while indexes fill waits on one condition that is notified whenever an object is
+  indexed, so the wake-ups grow with (waiting objects) x (indexed objects), seconds of CPU at a restart with
+  a thousand DistillationJobs.
+- The DistillationJobs are `State.djs`, filled by their own event handler (`on_distillationjob`). A Job's
+  event whose owner has not been seen yet reconciles nothing: the owner's own event, which follows, does.
 - One lock per DistillationJob serialises reconciliations (handlers run in kopf's thread pool).
 - Single writer: only the operator writes the status fields it owns, so the result of its own last
   status patch is always the newest value of those fields; it is overlaid on (possibly stale) bodies
@@ -21,7 +20,7 @@ Design (see reconcile.py for the logic, effects.py for the side effects):
   `kubectl delete`.
 
 What is kopf's and what is ours:
-- kopf: watching, indexes, the thread pool, login, liveness probe, settings (`startup`; its diff base stores
+- kopf: watching, the thread pool, login, liveness probe, settings (`startup`; its diff base stores
   and builds nothing, `WatchOnlyDiffBase`, as no handler here detects changes), startup/cleanup.
 - Ours, because kopf's does not fit:
   - retries with backoff (`State.failed`): kopf retries (`kopf.TemporaryError`, backoff) only change
@@ -54,8 +53,14 @@ import kopf
 
 from nnunet_distill_operator import api, k8s, metrics
 from nnunet_distill_operator.effects import JobInvalid, JobRejected, apply_decision
-from nnunet_distill_operator.operator_state import Clients, Key, State, WatchOnlyDiffBase, kept_job
+from nnunet_distill_operator.operator_state import Clients, Key, State, WatchOnlyDiffBase
 from nnunet_distill_operator.reconcile import OWNED_STATUS_FIELDS, Decision, decide
+from nnunet_distill_operator.stage_store import (
+    StageStore,
+    has_patterns,
+    list_stage_objects,
+    listing_namespaces,
+)
 
 log = logging.getLogger("nnunet_distill_operator")
 REGISTRY = kopf.OperatorRegistry()
@@ -71,6 +76,8 @@ class OperatorConfig:
     resync_seconds: float = 60.0
     retry_seconds: float = 1.0  # first retry after a transient failure; doubles up to retry_max_seconds
     retry_max_seconds: float = 300.0
+    # What kopf watches: namespaces or kopf's patterns; empty for every namespace (the startup LIST needs it).
+    watch_namespaces: tuple[str, ...] = ()
     kubeconfig: str | None = None
     context: str | None = None
 
@@ -108,8 +115,6 @@ async def startup(
     settings: kopf.OperatorSettings,
     memo: kopf.Memo,
     logger: logging.Logger,
-    stage_jobs_idx: Any,
-    stage_pods_idx: Any,
     **_: Any,
 ) -> None:
     settings.posting.enabled = False  # Events are posted by us (effects.post_event: deterministic names)
@@ -121,8 +126,9 @@ async def startup(
         retry_max_seconds=CONFIG.retry_max_seconds,
     )
     state.loop, state.wakeup = asyncio.get_running_loop(), asyncio.Event()
-    state.jobs_index, state.pods_index = stage_jobs_idx, stage_pods_idx
     memo.state = state
+    listed = await asyncio.to_thread(_fill_stage_stores, state, CONFIG.watch_namespaces)
+    logger.info("listed %d stage Jobs and %d stage pods before watching", *listed)
     metrics.JOBS.clear()
     if CONFIG.metrics_port is not None:
         server, port = metrics.serve(CONFIG.metrics_port, CONFIG.metrics_addr)
@@ -153,38 +159,6 @@ def probe_jobs(memo: kopf.Memo, **_: Any) -> int:
     return len(state.djs) if state is not None else 0
 
 
-def _by_owning_job(
-    namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body
-) -> dict[Any, Any] | None:
-    """Index entry keyed by the DistillationJob a stage Job/Pod belongs to (its annotation): its stage."""
-    owner = annotations.get(k8s.ANNOTATION_JOB_NAME)
-    if not owner:
-        return None
-    return {(namespace, owner): (labels[k8s.LABEL_STAGE], body)}
-
-
-@kopf.index(
-    "batch",
-    "v1",
-    "jobs",
-    labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT},
-    registry=REGISTRY,
-)
-async def stage_jobs_idx(
-    namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body, **_: Any
-) -> dict[Any, Any] | None:
-    return _by_owning_job(namespace, annotations, labels, _plain(kept_job(body)))
-
-
-@kopf.index(
-    "", "v1", "pods", labels={k8s.LABEL_JOB: kopf.PRESENT, k8s.LABEL_STAGE: kopf.PRESENT}, registry=REGISTRY
-)
-async def stage_pods_idx(
-    namespace: str, annotations: Mapping[str, str], labels: Mapping[str, str], body: kopf.Body, **_: Any
-) -> dict[Any, Any] | None:
-    return _by_owning_job(namespace, annotations, labels, _plain(body))
-
-
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=REGISTRY)
 def on_distillationjob(
     type: str | None, body: kopf.Body, namespace: str, name: str, uid: str, memo: kopf.Memo, **_: Any
@@ -199,13 +173,48 @@ def on_distillationjob(
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={k8s.LABEL_JOB: kopf.PRESENT}, registry=REGISTRY)
-def on_job(namespace: str, annotations: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+def on_job(
+    type: str | None,
+    body: kopf.Body,
+    namespace: str,
+    annotations: Mapping[str, str],
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    _store(memo.state.stage_jobs, type, body)
     _reconcile_owner(memo.state, namespace, annotations.get(k8s.ANNOTATION_JOB_NAME), trigger="job")
 
 
 @kopf.on.event("", "v1", "pods", labels={k8s.LABEL_JOB: kopf.PRESENT}, registry=REGISTRY)
-def on_pod(namespace: str, annotations: Mapping[str, str], memo: kopf.Memo, **_: Any) -> None:
+def on_pod(
+    type: str | None,
+    body: kopf.Body,
+    namespace: str,
+    annotations: Mapping[str, str],
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    _store(memo.state.stage_pods, type, body)
     _reconcile_owner(memo.state, namespace, annotations.get(k8s.ANNOTATION_JOB_NAME), trigger="pod")
+
+
+def _store(store: StageStore, type: str | None, body: kopf.Body) -> None:
+    if type == "DELETED":
+        store.drop(body)
+    else:
+        store.put(_plain(body))
+
+
+def _fill_stage_stores(state: State, scope: tuple[str, ...]) -> tuple[int, int]:
+    """The startup LIST (stage_store.py says why); the numbers of Jobs and pods listed."""
+    namespaces = listing_namespaces(state.clients.request, scope)
+    jobs = list_stage_objects(state.clients.request, namespaces, "batch/v1", "jobs")
+    pods = list_stage_objects(state.clients.request, namespaces, "v1", "pods")
+    for job in jobs:
+        state.stage_jobs.put(job, provisional=True)
+    for pod in pods:
+        state.stage_pods.put(pod, provisional=True)
+    return len(jobs), len(pods)
 
 
 # ------------------------------------------------------------------------------------ reconciliation
@@ -247,15 +256,6 @@ def _reconcile_owner(state: State, namespace: str, owner: str | None, trigger: s
     reconcile_one(state, body, trigger=trigger)
 
 
-def _indexed(index: Any, namespace: str, name: str) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = {}
-    if index is None:
-        return out
-    for stage, body in index.get((namespace, name), ()):
-        out.setdefault(stage, []).append(body)
-    return out
-
-
 def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision | None:
     """Reconcile one DistillationJob now (thread-safe; called from handlers and the resync loop)."""
     meta = body.get("metadata") or {}
@@ -285,9 +285,9 @@ def reconcile_one(state: State, body: dict[str, Any], trigger: str) -> Decision 
 
 
 def _observed_jobs(state: State, key: Key) -> dict[str, dict[str, Any]]:
-    """The stage Jobs in the index, plus those we created whose ADDED event has not arrived yet."""
+    """The stage Jobs in the store, plus those we created whose ADDED event has not arrived yet."""
     namespace, name, _uid = key
-    jobs = {stage: bodies[-1] for stage, bodies in _indexed(state.jobs_index, namespace, name).items()}
+    jobs = {stage: bodies[-1] for stage, bodies in state.stage_jobs.by_stage(namespace, name).items()}
     pending = state.created.get(key, {})
     for stage in list(pending):
         if stage in jobs:
@@ -303,7 +303,7 @@ def _reconcile_locked(
     """Decide and apply (holding the DistillationJob's lock); (metrics result, decision)."""
     cr = _with_own_writes(state, body, key)
     jobs = _observed_jobs(state, key)
-    pods = _indexed(state.pods_index, key[0], key[1])
+    pods = state.stage_pods.by_stage(key[0], key[1])
     now = datetime.now(UTC)
     generation = (body.get("metadata") or {}).get("generation")
     invalid = {stage: why for stage, (gen, why) in state.invalid.get(key, {}).items() if gen == generation}
@@ -414,7 +414,7 @@ def _without_creations(decision: Decision) -> Decision:
 
 def _with_own_writes(state: State, body: dict[str, Any], key: Key) -> dict[str, Any]:
     """The body with the operator-owned status fields it last wrote. Shallow: `decide` never mutates its
-    input, and neither the index's snapshot nor `owned_status` is changed in place.
+    input, and neither the watched body nor `owned_status` is changed in place.
 
     Once the watch stream has caught up (the body holds exactly what was written), the remembered write is
     re-pointed at the body's own values: the same content, held once instead of twice per job."""
@@ -448,6 +448,8 @@ async def _resync_forever(state: State) -> None:
         full = now >= next_full
         if full:
             next_full = now + CONFIG.resync_seconds
+            state.stage_jobs.drop_unconfirmed()  # only the first pass finds any (stage_store.py)
+            state.stage_pods.drop_unconfirmed()
         due = {(ns, n) for (ns, n, _uid), (_c, at, _w) in list(state.failures.items()) if at <= now}
         for key in list(state.failures):
             if (key[0], key[1]) in due and (key[0], key[1]) not in state.djs:
@@ -467,7 +469,7 @@ def operator_settings(namespaces: list[str]) -> kopf.OperatorSettings:
     """kopf settings for a watch scope. Exact namespace names need no namespace scanning, hence no
     cluster-wide list/watch permission on namespaces (only globs like `ml-*` do)."""
     settings = kopf.OperatorSettings()
-    if namespaces and not any(ch in ns for ns in namespaces for ch in "*?[!"):
+    if namespaces and not has_patterns(namespaces):
         settings.scanning.disabled = True
     return settings
 
@@ -482,7 +484,7 @@ def run(
     config: OperatorConfig,
 ) -> None:
     """Run the operator until SIGTERM (nnunet-distill-operator)."""
-    configure(config)
+    configure(dataclasses.replace(config, watch_namespaces=() if all_namespaces else tuple(namespaces)))
     kopf.run(
         registry=REGISTRY,
         settings=operator_settings(namespaces),

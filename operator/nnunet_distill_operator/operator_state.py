@@ -1,10 +1,10 @@
 """The operator process's memory: its API clients and what it knows beyond the watch streams.
 
-kopf keeps the watched objects (in its indexes); this keeps what kopf cannot know: the status fields the
-operator itself last wrote, the Jobs it created whose ADDED event has not arrived yet, refusals and
-transient failures with their backoff. It lives in kopf's memo, so a restarted operator starts empty and
-rebuilds everything from the cluster. Also here: what is kept of a Job (`kept_job`) and what kopf keeps of
-each object (`WatchOnlyDiffBase`: nothing).
+The watched objects are in `djs` and the stage stores (stage_store.py); besides them this keeps what the
+watch streams cannot tell: the status fields the operator itself last wrote, the Jobs it created whose
+ADDED event has not arrived yet, refusals and transient failures with their backoff. It lives in kopf's
+memo, so a restarted operator starts empty and rebuilds everything from the cluster. Also here: what is
+kept of a Job (`kept_job`) and what kopf keeps of each object (`WatchOnlyDiffBase`: nothing).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import kopf
 
 from nnunet_distill_operator import __version__
+from nnunet_distill_operator.stage_store import StageStore
 
 COMPONENT = "nnunet-distill-operator"
 # How often the client may re-check its token. The kubernetes client calls its refresh hook before every
@@ -56,7 +57,12 @@ class Clients:
         self.ApiException = client.exceptions.ApiException
 
     def request(
-        self, method: str, path: str, body: Any, content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        content_type: str = "application/json",
+        query: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """One API call with a plain JSON body and a plain JSON answer; non-2xx raises ApiException.
 
@@ -73,6 +79,7 @@ class Clients:
         method, url, headers, _body, _post = self.api_client.param_serialize(
             method=method,
             resource_path=path,
+            query_params=list(query.items()) if query else None,
             header_params={"Accept": "application/json", "Content-Type": content_type},
             auth_settings=["BearerToken"],
         )
@@ -92,7 +99,7 @@ class Clients:
 
 class WatchOnlyDiffBase(kopf.DiffBaseStorage):
     """No essence, no last-handled state: this operator has no change-detecting handlers (on.create/update/
-    field), only `on.event` and indexes, so kopf never diffs. kopf still builds each event's essence (a deep
+    field), only `on.event`, so kopf never diffs. kopf still builds each event's essence (a deep
     copy of the whole body, Jobs with their pod templates) and diffs it; under a burst that was a quarter of
     the operator's CPU for a result nothing reads. Storing nothing also keeps kopf's last-handled annotation
     off the objects, as before."""
@@ -168,8 +175,9 @@ class State:
     deleted: set[Key] = field(default_factory=set)
     # The newest body of each DistillationJob, by (namespace, name) (controller.py says why not an index).
     djs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    jobs_index: Any = None
-    pods_index: Any = None
+    # The stage Jobs and pods by owner (stage_store.py says why not kopf indexes).
+    stage_jobs: StageStore = field(default_factory=lambda: StageStore(keep=kept_job))
+    stage_pods: StageStore = field(default_factory=StageStore)
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self.locks_guard:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -140,7 +141,7 @@ class OperatorRunner:
         self._ignored: set[asyncio.Task[Any]] = set()
 
     async def start(self, timeout: float = 15) -> OperatorRunner:
-        controller.configure(self.config)
+        controller.configure(dataclasses.replace(self.config, watch_namespaces=tuple(self.namespaces)))
         self.memo = kopf.Memo()
         self._stop, ready = asyncio.Event(), asyncio.Event()
         self._ignored = set(asyncio.all_tasks())
